@@ -1,0 +1,182 @@
+"""Attach a task's adapters to a backbone: inject, train, extract, merge, unmerge, restore.
+
+LoRA on Linear and dense Conv2d layers is PEFT's (``inject_adapter_in_model``); depthwise convs
+get our ``ChannelScale``. Tensors a task replaces outright (its own norm affine / statistics,
+BitFit biases, or everything for ``full``) are *overrides*: the backbone's originals are kept
+so that removing the task restores the shared backbone bit for bit.
+
+Adapter tensors are stored under names that do not depend on PEFT internals:
+``<module>.lora_A``, ``<module>.lora_B`` and ``<module>.scale_delta``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn as nn
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+
+from petah.adapters.channel_scale import ChannelScale
+from petah.backbones import Backbone
+from petah.errors import PetahError
+from petah.plans import CHANNEL_SCALE, LORA, PlanConfig, Target, override_names, resolve_targets
+
+ADAPTER = "default"
+
+
+def _exact(names: list[str]) -> str:
+    return "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
+
+
+def _inject_lora(model: nn.Module, targets: list[Target], config: PlanConfig) -> None:
+    lora = [t for t in targets if t.method == LORA]
+    if not lora:
+        return
+    peft_config = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.dropout,
+        # A regex string is full-matched by PEFT; a list would also match name suffixes
+        # ("conv1" would catch "layer1.0.conv1").
+        target_modules=_exact([t.module for t in lora]),
+        # Keep alpha / rank constant across per-stage ranks so a stage's update scale is stable.
+        rank_pattern={"^" + re.escape(t.module): t.rank for t in lora if t.rank != config.rank},
+        alpha_pattern={
+            "^" + re.escape(t.module): config.lora_alpha * t.rank / config.rank
+            for t in lora
+            if t.rank != config.rank
+        },
+    )
+    inject_adapter_in_model(peft_config, model, adapter_name=ADAPTER)
+
+
+def _inject_channel_scale(model: nn.Module, targets: list[Target]) -> None:
+    for target in targets:
+        if target.method != CHANNEL_SCALE:
+            continue
+        parent_name, _, child = target.module.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, ChannelScale(getattr(parent, child)))
+
+
+def refresh_attention_caches(model: nn.Module) -> None:
+    """EfficientFormer(V2) caches attention biases in eval mode; drop them after weights change."""
+    for module in model.modules():
+        if getattr(module, "attention_bias_cache", None):
+            module.attention_bias_cache = {}
+
+
+class TaskAdapter:
+    """One task's adaptation of a backbone model (modified in place)."""
+
+    def __init__(self, backbone: Backbone, config: PlanConfig, targets: list[Target] | None = None):
+        self.backbone = backbone
+        self.config = config
+        model = backbone.model
+        self.targets = targets if targets is not None else resolve_targets(model, backbone.family, config, backbone.name)
+        self.override_keys = override_names(model, config)
+        tensors = self._named_tensors(model)
+        self._originals = {k: tensors[k].detach().clone() for k in self.override_keys}
+        _inject_lora(model, self.targets, config)
+        _inject_channel_scale(model, self.targets)
+        model.requires_grad_(False)
+        for param in self.trainable_parameters():
+            param.requires_grad_(True)
+        self.merged = False
+
+    @property
+    def model(self) -> nn.Module:
+        return self.backbone.model
+
+    @staticmethod
+    def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+        return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+    def _layer(self, target: Target) -> nn.Module:
+        layer = self.model.get_submodule(target.module)
+        expected = LoraLayer if target.method == LORA else ChannelScale
+        if not isinstance(layer, expected):
+            raise PetahError(f"layer {target.module} is not adapted ({target.method})")
+        return layer
+
+    def _adapter_params(self) -> dict[str, nn.Parameter]:
+        params: dict[str, nn.Parameter] = {}
+        for target in self.targets:
+            layer = self._layer(target)
+            if target.method == LORA:
+                params[f"{target.module}.lora_A"] = layer.lora_A[ADAPTER].weight
+                params[f"{target.module}.lora_B"] = layer.lora_B[ADAPTER].weight
+            else:
+                params[f"{target.module}.scale_delta"] = layer.delta
+        return params
+
+    def _override_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = self._named_tensors(self.model)
+        return {k: tensors[k] for k in self.override_keys}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        overrides = [t for t in self._override_tensors().values() if isinstance(t, nn.Parameter) and t.is_floating_point()]
+        return list(self._adapter_params().values()) + overrides
+
+    def norm_modes(self) -> dict[str, bool]:
+        """Which norm layers run in train mode while this task trains (the rest stay frozen)."""
+        trains_stats = self.config.preset == "full" or self.config.task_norm == "stats"
+        return {
+            name: trains_stats
+            for name, m in self.model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        }
+
+    # --- state -------------------------------------------------------------------------
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self._adapter_params().items()}
+
+    def override_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self._override_tensors().items()}
+
+    @torch.no_grad()
+    def load_state(self, adapters: dict[str, torch.Tensor], overrides: dict[str, torch.Tensor]) -> None:
+        for dest, source, what in ((self._adapter_params(), adapters, "adapter"), (self._override_tensors(), overrides, "override")):
+            missing = sorted(set(dest) - set(source))
+            extra = sorted(set(source) - set(dest))
+            if missing or extra:
+                raise PetahError(f"{what} tensors do not match the plan: missing {missing[:3]}, unexpected {extra[:3]}")
+            for key, tensor in dest.items():
+                if tuple(source[key].shape) != tuple(tensor.shape):
+                    raise PetahError(f"{what} tensor {key} has shape {tuple(source[key].shape)}, expected {tuple(tensor.shape)}")
+                tensor.copy_(source[key].to(tensor.dtype))
+        refresh_attention_caches(self.model)
+
+    # --- merge -------------------------------------------------------------------------
+    def merge(self) -> None:
+        """Fold adapters into the backbone weights: zero-overhead inference."""
+        for target in self.targets:
+            layer = self._layer(target)
+            layer.merge(adapter_names=[ADAPTER]) if target.method == LORA else layer.merge()
+        refresh_attention_caches(self.model)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        for target in self.targets:
+            self._layer(target).unmerge()
+        refresh_attention_caches(self.model)
+        self.merged = False
+
+    def backbone_weights(self) -> dict[str, torch.Tensor]:
+        """The (possibly merged) weights under the plain backbone's key names."""
+        out = {}
+        for key, value in self.model.state_dict().items():
+            if ".lora_" in key or key.endswith(".delta"):
+                continue
+            out[key.replace(".base_layer.", ".")] = value
+        return out
+
+    @torch.no_grad()
+    def restore_overrides(self) -> None:
+        """Put the shared backbone's own norm / bias tensors back."""
+        tensors = self._override_tensors()
+        for key, original in self._originals.items():
+            tensors[key].copy_(original)
+        refresh_attention_caches(self.model)

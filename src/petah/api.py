@@ -1,0 +1,221 @@
+"""The Python API: prepare a backbone, adapt a task, evaluate, predict. The CLI only calls these."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from petah.adapters import TaskAdapter
+from petah.backbones import Backbone, create_backbone, fingerprint, save_backbone
+from petah.data import Augment, LabeledImages, Preprocess, TrainingView
+from petah.errors import PetahError
+from petah.packages.format import TaskPackage, check_backbone, pack_tensors, read_package, write_package
+from petah.plans import PlanConfig, Target
+from petah.tasks import Classification, task_kind
+from petah.train import TrainConfig, Trainer, TrainResult
+
+EVAL_BATCH = 128
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def preprocess_for(backbone: Backbone) -> Preprocess:
+    return Preprocess(backbone.img_size, backbone.mean, backbone.std)
+
+
+def _views(backbone: Backbone, train: LabeledImages, cfg: TrainConfig, augment: Augment | None) -> TrainingView:
+    return TrainingView(train, preprocess_for(backbone), augment, seed=cfg.seed)
+
+
+def _eval_loader(data: LabeledImages, preprocess: Preprocess) -> DataLoader:
+    return DataLoader(TrainingView(data, preprocess), batch_size=EVAL_BATCH, shuffle=False)
+
+
+def _check_labels(train: LabeledImages, val: LabeledImages) -> None:
+    if len(train) == 0 or len(val) == 0:
+        raise PetahError(f"need training and validation images, got {len(train)} and {len(val)}")
+    if train.classes != val.classes:
+        raise PetahError("training and validation sets name different classes")
+
+
+def _freeze_norms(model: nn.Module, backbone: nn.Module, modes: dict[str, bool]) -> None:
+    """Train mode for ``model``, except the backbone norms that must not drift (eval mode)."""
+    model.train()
+    for name, module in backbone.named_modules():
+        if modes.get(name) is False:
+            module.eval()
+
+
+# --- step 1: prepare ---------------------------------------------------------------------
+def prepare(
+    name: str,
+    train: LabeledImages,
+    val: LabeledImages,
+    out: str | Path,
+    img_size: int | None = None,
+    weights: str = "none",
+    config: TrainConfig | None = None,
+    augment: Augment | None = Augment(),
+    save_dtype: str = "float32",
+    command: str = "",
+) -> tuple[Backbone, dict]:
+    """Fully train (or fine-tune) a backbone on a source dataset and save it as a backbone file."""
+    _check_labels(train, val)
+    config = config or TrainConfig()
+    backbone = create_backbone(name, img_size, weights)
+    backbone.model.requires_grad_(True)
+    head = Classification.build_head(backbone.num_features, len(train.classes))
+    model = Classification.build_model(backbone.model, head)
+    trainer = Trainer(
+        model, list(backbone.model.parameters()), list(head.parameters()),
+        Classification.loss(config.label_smoothing), _views(backbone, train, config, augment), config,
+    )
+    result = trainer.fit()
+    metrics = Classification.evaluate(model, _eval_loader(val, preprocess_for(backbone)), val.classes)
+    backbone.model.requires_grad_(False).eval()
+    extra = {
+        "source_data": {"train": train.source, "val": val.source, "classes": train.classes, "images": len(train)},
+        "command": command,
+        "metrics": {"accuracy": metrics["accuracy"]},
+        "training": {**config.to_dict(), "seconds": round(result.seconds, 1)},
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    save_backbone(backbone, out, extra, dtype=DTYPES[save_dtype])
+    return create_backbone(weights=str(out)), metrics
+
+
+# --- step 2: adapt -----------------------------------------------------------------------
+@dataclass
+class AdaptResult:
+    package: TaskPackage
+    metrics: dict
+    train: TrainResult
+
+
+def adapt(
+    backbone: Backbone,
+    train: LabeledImages,
+    val: LabeledImages,
+    plan: PlanConfig | None = None,
+    config: TrainConfig | None = None,
+    task_name: str = "task",
+    augment: Augment | None = Augment(),
+    adapter_dtype: str = "float16",
+) -> AdaptResult:
+    """Train one task's adapters and head on a copy of ``backbone``; the shared one is untouched."""
+    _check_labels(train, val)
+    plan, config = plan or PlanConfig(), config or TrainConfig()
+    work = replace(backbone, model=copy.deepcopy(backbone.model))
+    adapter = TaskAdapter(work, plan)
+    head = Classification.build_head(backbone.num_features, len(train.classes))
+    model = Classification.build_model(work.model, head)
+    modes = adapter.norm_modes()
+    trainer = Trainer(
+        model, adapter.trainable_parameters(), list(head.parameters()),
+        Classification.loss(config.label_smoothing), _views(backbone, train, config, augment), config,
+        set_train_mode=lambda m: _freeze_norms(m, work.model, modes),
+    )
+    result = trainer.fit()
+    # Evaluate what ships: adapters round-tripped through the package dtype.
+    tensors = pack_tensors(adapter.adapter_state(), adapter.override_state(), head.state_dict(), DTYPES[adapter_dtype])
+    package = TaskPackage({}, tensors)
+    adapter.load_state(package.section("adapter"), package.section("override"))
+    metrics = Classification.evaluate(model, _eval_loader(val, preprocess_for(backbone)), val.classes)
+    package.manifest = {
+        "task": {"name": task_name, "kind": Classification.kind, "labels": train.classes},
+        "backbone": backbone.identity(),
+        "preprocessing": backbone.preprocessing(),
+        "plan": {
+            "config": plan.to_dict(),
+            "targets": [[t.module, t.method, t.rank] for t in adapter.targets],
+            "overrides": adapter.override_keys,
+        },
+        "head": {"type": "linear", "in_features": backbone.num_features, "out_features": len(train.classes),
+                 "tensors": sorted(head.state_dict())},
+        "adapter_dtype": adapter_dtype,
+        "trainable_parameters": sum(p.numel() for p in adapter.trainable_parameters()) + sum(p.numel() for p in head.parameters()),
+        "metrics": metrics,
+        "training": {**config.to_dict(), "seconds": round(result.seconds, 2), "steps": result.steps,
+                     "images_per_second": round(result.images_per_second, 1),
+                     "train_data": train.source, "val_data": val.source, "train_images": len(train)},
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return AdaptResult(package, metrics, result)
+
+
+def save_package(result: AdaptResult | TaskPackage, path: str | Path) -> Path:
+    package = result.package if isinstance(result, AdaptResult) else result
+    return write_package(path, package)
+
+
+# --- loading, eval, predict --------------------------------------------------------------
+@dataclass
+class LoadedTask:
+    manifest: dict
+    model: nn.Module
+    adapter: TaskAdapter
+    preprocess: Preprocess
+
+    @property
+    def classes(self) -> list[str]:
+        return self.manifest["task"]["labels"]
+
+    @property
+    def name(self) -> str:
+        return self.manifest["task"]["name"]
+
+
+def load_task(backbone: Backbone, package: TaskPackage | str | Path) -> LoadedTask:
+    """Attach a package to a copy of ``backbone`` (refused unless it was trained on it)."""
+    origin = f"package {package}" if not isinstance(package, TaskPackage) else f"package {package.task_name}"
+    if not isinstance(package, TaskPackage):
+        package = read_package(package)
+    manifest = package.manifest
+    check_backbone(manifest, backbone, origin)
+    kind = task_kind(manifest["task"]["kind"])
+    plan = PlanConfig.from_dict(manifest["plan"]["config"])
+    targets = [Target(m, method, int(r)) for m, method, r in manifest["plan"]["targets"]]
+    work = replace(backbone, model=copy.deepcopy(backbone.model))
+    try:
+        adapter = TaskAdapter(work, plan, targets=targets)
+    except (AttributeError, ValueError) as exc:
+        raise PetahError(f"{origin} names layers this backbone lacks: {exc}") from exc
+    adapter.load_state(package.section("adapter"), package.section("override"))
+    head_info = manifest["head"]
+    head = kind.build_head(int(head_info["in_features"]), int(head_info["out_features"]))
+    try:
+        head.load_state_dict(package.section("head"))
+    except RuntimeError as exc:
+        raise PetahError(f"{origin}: head tensors do not fit: {str(exc).splitlines()[0]}") from exc
+    model = kind.build_model(work.model, head).eval()
+    return LoadedTask(manifest, model, adapter, Preprocess.from_dict(manifest["preprocessing"]))
+
+
+def evaluate(backbone: Backbone, package: TaskPackage | str | Path, data: LabeledImages) -> dict:
+    task = load_task(backbone, package)
+    if data.classes != task.classes:
+        raise PetahError(f"the evaluation data's classes {data.classes[:4]}… differ from the package's {task.classes[:4]}…")
+    return task_kind(task.manifest["task"]["kind"]).evaluate(task.model, _eval_loader(data, task.preprocess), data.classes)
+
+
+@torch.no_grad()
+def predict(backbone: Backbone, packages: list, images: list[torch.Tensor]) -> dict[str, list[dict]]:
+    """Per-task predictions for RGB uint8 image tensors; one entry per package, in image order."""
+    out: dict[str, list[dict]] = {}
+    for package in packages:
+        task = load_task(backbone, package)
+        kind = task_kind(task.manifest["task"]["kind"])
+        batch = task.preprocess.batch(images)
+        out[task.name] = kind.decode(task.model(batch), task.classes)
+    return out
+
+
+__all__ = [
+    "AdaptResult", "LoadedTask", "adapt", "create_backbone", "evaluate", "fingerprint", "load_task",
+    "predict", "prepare", "save_package",
+]

@@ -1,0 +1,11 @@
+"""Backbones: timm creation, weight sources (hub, local file, none), fingerprint, files."""
+
+from petah.backbones.factory import (
+    Backbone,
+    create_backbone,
+    fingerprint,
+    read_backbone_metadata,
+    save_backbone,
+)
+
+__all__ = ["Backbone", "create_backbone", "fingerprint", "read_backbone_metadata", "save_backbone"]

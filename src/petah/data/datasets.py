@@ -1,0 +1,110 @@
+"""Labelled image sets in memory, the image-folder layout, splits, and the training view."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from petah.data.images import IMAGE_SUFFIXES, load_image
+from petah.data.transforms import Augment, Preprocess
+from petah.errors import PetahError
+
+
+@dataclass
+class LabeledImages:
+    """Images as (3, H, W) uint8 tensors (sizes may differ), integer labels, class names."""
+
+    images: list[torch.Tensor]
+    labels: torch.Tensor
+    classes: list[str]
+    source: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, indices: list[int] | torch.Tensor, source: str | None = None) -> "LabeledImages":
+        idx = [int(i) for i in indices]
+        return LabeledImages([self.images[i] for i in idx], self.labels[idx], self.classes, source or self.source)
+
+    def split(self, val_fraction: float, seed: int = 0) -> tuple["LabeledImages", "LabeledImages"]:
+        """Stratified split: every class keeps ~val_fraction of its images for validation."""
+        if not 0.0 < val_fraction < 1.0:
+            raise PetahError(f"--val-split must be between 0 and 1, got {val_fraction}")
+        gen = torch.Generator().manual_seed(seed)
+        train, val = [], []
+        for c in range(len(self.classes)):
+            members = torch.nonzero(self.labels == c).flatten()
+            members = members[torch.randperm(len(members), generator=gen)]
+            n_val = int(math.floor(len(members) * val_fraction + 0.5)) if len(members) > 1 else 0
+            val += members[:n_val].tolist()
+            train += members[n_val:].tolist()
+        return self.subset(sorted(train), f"{self.source}[train]"), self.subset(sorted(val), f"{self.source}[val]")
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def load_image_folder(root: str | Path, classes: list[str] | None = None) -> LabeledImages:
+    """``root/<class>/<image>``; ``classes`` fixes the label order (for a val folder)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise PetahError(f"image folder not found: {root}")
+    dirs = _class_dirs(root)
+    names = [d.name for d in dirs]
+    if classes is None:
+        classes = names
+    elif set(names) - set(classes):
+        raise PetahError(f"{root} has classes not in the training set: {sorted(set(names) - set(classes))}")
+    if len(classes) < 2:
+        raise PetahError(f"{root} needs at least two class folders, found {len(classes)}")
+    images, labels = [], []
+    for d in dirs:
+        files = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise PetahError(f"class folder {d} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        for f in files:
+            images.append(load_image(f))
+            labels.append(classes.index(d.name))
+    return LabeledImages(images, torch.tensor(labels, dtype=torch.long), list(classes), str(root))
+
+
+def load_folder_splits(root: str | Path, val_split: float | None, seed: int) -> tuple[LabeledImages, LabeledImages]:
+    """``root/train`` + ``root/val`` when present, else one folder split by ``val_split``."""
+    root = Path(root)
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        train = load_image_folder(root / "train")
+        return train, load_image_folder(root / "val", classes=train.classes)
+    if val_split is None:
+        raise PetahError(f"{root} has no train/ and val/ folders; pass --val-split (e.g. 0.2)")
+    return load_image_folder(root).split(val_split, seed)
+
+
+class TrainingView(Dataset):
+    """Preprocessed (and, for training, augmented) samples; augmentation is seeded per sample.
+
+    The random stream of sample i in epoch e depends only on (seed, e, i), so a resumed or a
+    sharded run sees exactly the augmentations of an uninterrupted one.
+    """
+
+    def __init__(self, data: LabeledImages, preprocess: Preprocess, augment: Augment | None = None, seed: int = 0):
+        self.data, self.preprocess, self.augment, self.seed = data, preprocess, augment, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.data.images[index]
+        if self.augment is not None:
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            image = self.augment(image, gen)
+        return self.preprocess(image), self.data.labels[index]

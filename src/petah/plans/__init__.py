@@ -1,0 +1,32 @@
+"""Adapter plans: one file per backbone family, looked up by timm model name."""
+
+from petah.plans import efficientformer, efficientformer_v2, mobilenet, resnet, vit
+from petah.plans.base import (
+    CHANNEL_SCALE,
+    LORA,
+    PRESETS,
+    Family,
+    PlanConfig,
+    Target,
+    override_names,
+    resolve_targets,
+)
+
+FAMILIES: tuple[Family, ...] = (
+    efficientformer.FAMILY,
+    efficientformer_v2.FAMILY,
+    mobilenet.FAMILY,
+    resnet.FAMILY,
+    vit.FAMILY,
+)
+
+
+def family_for(model_name: str) -> Family | None:
+    """The family of a timm model name, or None when petah has no plan for it."""
+    return next((f for f in FAMILIES if f.matches(model_name)), None)
+
+
+__all__ = [
+    "CHANNEL_SCALE", "FAMILIES", "LORA", "PRESETS", "Family", "PlanConfig", "Target",
+    "family_for", "override_names", "resolve_targets",
+]

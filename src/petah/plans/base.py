@@ -1,0 +1,168 @@
+"""Adapter plans: which backbone layers a task adapts, with which method and rank.
+
+A family (one file each in this folder) names its layers by *role* with regular expressions:
+``attn`` (attention projections), ``mlp`` (MLP / pointwise layers), ``conv`` (dense k x k
+convolutions such as stem and downsampling). Depthwise convolutions are found by type.
+A preset then says which roles get low-rank adapters; the resolved plan is a flat list of
+``Target(module, method, rank)`` that is stored in every package, so loading never has to
+re-derive it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch.nn as nn
+
+from petah.errors import PetahError
+
+LORA = "lora"
+CHANNEL_SCALE = "channel_scale"
+
+PRESETS = ("petah", "attn-lora", "bitfit", "linear-probe", "full")
+TASK_NORM_CHOICES = ("none", "affine", "stats")
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What petah knows about one timm model family."""
+
+    name: str
+    models: str  # regex over timm model names
+    roles: dict[str, str]  # role -> regex over module names
+    stage: str | None = None  # regex whose first group is the stage index of a module
+    fixed_img_size: int | None = None  # the family ignores img_size (EfficientFormer V1)
+    img_size_kwarg: bool = False  # the input size is fixed when the model is built
+    img_size_multiple: int = 32
+    has_attention: bool = True
+
+    def matches(self, model_name: str) -> bool:
+        return re.match(self.models, model_name) is not None
+
+    def stage_of(self, module_name: str) -> int:
+        if self.stage is None:
+            return 0
+        found = re.search(self.stage, module_name)
+        return int(found.group(1)) if found else 0
+
+
+@dataclass
+class PlanConfig:
+    """A task's adaptation recipe; stored in the package manifest."""
+
+    preset: str = "petah"
+    rank: int = 8  # LoRA rank
+    alpha: float | None = None  # LoRA alpha; None means 2 * rank
+    stage_ranks: dict[int, int] = field(default_factory=dict)  # per-stage rank; 0 skips a stage
+    task_norm: str = "none"  # none | affine (task-owned norm affine) | stats (affine + running stats)
+    targets: list[str] = field(default_factory=list)  # regexes naming layers (generic plan)
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise PetahError(f"unknown plan {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.task_norm not in TASK_NORM_CHOICES:
+            raise PetahError(
+                f"unknown task_norm {self.task_norm!r}; choose one of {', '.join(TASK_NORM_CHOICES)}"
+            )
+        if self.rank < 1:
+            raise PetahError(f"rank must be >= 1, got {self.rank}")
+        self.stage_ranks = {int(k): int(v) for k, v in self.stage_ranks.items()}
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.alpha) if self.alpha is not None else 2.0 * self.rank
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["stage_ranks"] = {str(k): v for k, v in self.stage_ranks.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PlanConfig":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class Target:
+    module: str
+    method: str  # LORA or CHANNEL_SCALE
+    rank: int  # 0 for CHANNEL_SCALE
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    return type(module) in (nn.Linear, nn.Conv2d) or isinstance(module, (nn.Linear, nn.Conv2d))
+
+
+PRESET_ROLES = {
+    "petah": ("attn", "mlp", "conv"),
+    "attn-lora": ("attn",),
+}
+
+
+def resolve_targets(model: nn.Module, family: Family | None, config: PlanConfig, model_name: str) -> list[Target]:
+    """Turn a plan config into the concrete list of adapted modules of ``model``."""
+    if config.preset not in PRESET_ROLES:
+        return []
+    modules = [(n, m) for n, m in model.named_modules() if is_adaptable(m)]
+    if config.targets:
+        patterns = [re.compile(p) for p in config.targets]
+        chosen = [(n, m) for n, m in modules if any(p.search(n) for p in patterns)]
+        if not chosen:
+            raise PetahError(f"no Linear/Conv2d layer of {model_name} matches {config.targets}")
+    else:
+        if family is None:
+            raise PetahError(
+                f"no adapter plan for {model_name}: petah knows no family for it; "
+                "name the layers to adapt with --target REGEX (a generic plan)"
+            )
+        roles = PRESET_ROLES[config.preset]
+        if config.preset == "attn-lora" and not family.has_attention:
+            raise PetahError(f"plan attn-lora needs attention layers, but {model_name} ({family.name}) has none")
+        role_res = [re.compile(family.roles[r]) for r in roles if r in family.roles]
+        chosen = [(n, m) for n, m in modules if any(p.search(n) for p in role_res)]
+        if config.preset == "petah":  # depthwise convs ride along with an exactly-mergeable scale
+            chosen += [(n, m) for n, m in modules if is_depthwise(m) and (n, m) not in chosen]
+            chosen.sort(key=lambda nm: nm[0])
+        if not chosen:
+            raise PetahError(f"plan {config.preset} finds no layer to adapt in {model_name}")
+    targets = []
+    for name, module in chosen:
+        stage = family.stage_of(name) if family else 0
+        rank = config.stage_ranks.get(stage, config.rank)
+        if rank == 0:
+            continue
+        if is_depthwise(module):
+            targets.append(Target(name, CHANNEL_SCALE, 0))
+        elif isinstance(module, nn.Conv2d) and module.groups > 1:
+            # PEFT refuses LoRA on grouped (not depthwise) convs unless rank % groups == 0.
+            targets.append(Target(name, CHANNEL_SCALE, 0))
+        else:
+            targets.append(Target(name, LORA, rank))
+    return targets
+
+
+def override_names(model: nn.Module, config: PlanConfig) -> list[str]:
+    """Backbone tensors a task replaces with its own copy (norms, biases, or everything)."""
+    if config.preset == "full":
+        return sorted(model.state_dict().keys())
+    names: list[str] = []
+    norm_affine = config.preset == "bitfit" or config.task_norm in ("affine", "stats")
+    for mod_name, module in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        if isinstance(module, NORM_TYPES):
+            if norm_affine:
+                names += [prefix + p for p, _ in module.named_parameters(recurse=False)]
+            if config.task_norm == "stats" and isinstance(module, nn.modules.batchnorm._BatchNorm):
+                names += [prefix + b for b, _ in module.named_buffers(recurse=False)]
+        elif config.preset == "bitfit" and getattr(module, "bias", None) is not None:
+            if isinstance(module.bias, nn.Parameter):
+                names.append(prefix + "bias")
+    return sorted(set(names))

@@ -1,0 +1,237 @@
+"""The one training loop shared by every task kind (and by ``petah prepare``).
+
+Ready for torchrun: the sampler is chosen in ``make_sampler`` only, and only the main process
+writes checkpoints or shows progress (``is_main_process``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch.utils.data import DataLoader, Sampler
+
+from petah.data import TrainingView
+from petah.errors import PetahError
+from petah.packages.atomic import atomic_write_bytes
+
+CHECKPOINT_NAME = "last.ckpt"
+stderr = Console(stderr=True)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 2e-3  # adapters / backbone
+    head_lr: float | None = None  # None: same as lr
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.05  # of all steps, linear warm-up before the cosine decay
+    label_smoothing: float = 0.1
+    seed: int = 0
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0  # steps; 0: only at epoch ends
+    resume: bool = False
+    num_workers: int = 0
+    progress: bool = True
+    max_steps: int | None = None  # stop early (tests, quick looks)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch that can start mid-epoch (the resume point)."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch, self.start = size, seed, 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        return iter(torch.randperm(self.size, generator=gen)[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return self.size - self.start
+
+
+def make_sampler(dataset: TrainingView, seed: int) -> EpochSampler:
+    """The one place the training sampler is chosen (a distributed sampler goes here)."""
+    return EpochSampler(len(dataset), seed)
+
+
+def warmup_cosine(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
+    warmup = max(1, int(total_steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epochs: int
+    seconds: float
+    images_per_second: float
+    last_loss: float
+
+
+class Trainer:
+    """Trains ``model`` on ``data``; only ``params`` (and ``head_params``) are optimised.
+
+    ``set_train_mode(model)`` puts the model in its training mode: a frozen backbone keeps its
+    BatchNorm layers in eval mode so the shared statistics never drift.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: list[nn.Parameter],
+        head_params: list[nn.Parameter],
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        data: TrainingView,
+        config: TrainConfig,
+        set_train_mode: Callable[[nn.Module], None] | None = None,
+    ):
+        self.model, self.loss_fn, self.data, self.config = model, loss_fn, data, config
+        self.set_train_mode = set_train_mode or (lambda m: m.train())
+        groups = [{"params": params, "lr": config.lr}] if params else []
+        groups.append({"params": head_params, "lr": config.head_lr or config.lr})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+        self.steps_per_epoch = math.ceil(len(data) / config.batch_size)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(self.total_steps, config.warmup_fraction)
+        )
+        self.sampler = make_sampler(data, config.seed)
+        self.global_step = 0
+        self.epoch = 0
+        self.step_in_epoch = 0
+
+    # --- checkpoints -------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return Path(self.config.checkpoint_dir) / CHECKPOINT_NAME if self.config.checkpoint_dir else None
+
+    def save_checkpoint(self) -> None:
+        if self.checkpoint_path is None or not is_main_process():
+            return
+        import io
+
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "config": self.config.to_dict(),
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(self.checkpoint_path, buffer.getvalue())
+
+    def load_checkpoint(self) -> bool:
+        path = self.checkpoint_path
+        if path is None or not path.is_file():
+            return False
+        try:  # our own file, still read with weights_only: no arbitrary pickle
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, KeyError, ValueError, EOFError) as exc:
+            raise PetahError(f"cannot resume from {path}: {str(exc).splitlines()[0]}") from exc
+        torch.set_rng_state(state["torch_rng"])
+        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        self.global_step = int(state["global_step"])
+        if self.step_in_epoch >= self.steps_per_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        return True
+
+    # --- loop --------------------------------------------------------------------------
+    def _loader(self) -> DataLoader:
+        return DataLoader(
+            self.data,
+            batch_size=self.config.batch_size,
+            sampler=self.sampler,
+            num_workers=self.config.num_workers,
+            persistent_workers=False,
+        )
+
+    def fit(self) -> TrainResult:
+        cfg = self.config
+        if cfg.resume and self.load_checkpoint() and is_main_process():
+            stderr.print(f"resumed from {self.checkpoint_path} at epoch {self.epoch + 1}, step {self.step_in_epoch}")
+        start, seen, loss_value = time.perf_counter(), 0, float("nan")
+        show = cfg.progress and is_main_process() and not os.environ.get("PETAH_NO_PROGRESS")
+        progress = Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("{task.fields[ips]:.0f} img/s"),
+            TimeElapsedColumn(),
+            console=stderr,
+            disable=not show,
+            transient=True,
+        )
+        with progress:
+            bar = progress.add_task("train", total=self.total_steps, completed=self.global_step, epoch=self.epoch + 1, loss=float("nan"), ips=0.0)
+            while self.epoch < cfg.epochs and self.global_step < self.total_steps:
+                self.data.set_epoch(self.epoch)
+                self.sampler.set_epoch(self.epoch, self.step_in_epoch * cfg.batch_size)
+                self.set_train_mode(self.model)
+                for images, targets in self._loader():
+                    loss = self.loss_fn(self.model(images), targets)
+                    if not torch.isfinite(loss):
+                        where = f"epoch {self.epoch + 1}, step {self.step_in_epoch + 1}"
+                        kept = f"; last good checkpoint: {self.checkpoint_path}" if self.checkpoint_path and self.checkpoint_path.is_file() else ""
+                        raise PetahError(f"training stopped: loss became {loss.item()} at {where}{kept}")
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.global_step += 1
+                    self.step_in_epoch += 1
+                    seen += len(targets)
+                    loss_value = loss.item()
+                    ips = seen / max(1e-9, time.perf_counter() - start)
+                    progress.update(bar, advance=1, epoch=self.epoch + 1, loss=loss_value, ips=ips)
+                    if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
+                        self.save_checkpoint()
+                    if self.global_step >= self.total_steps:
+                        break
+                else:
+                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                    self.save_checkpoint()
+                    continue
+                if self.step_in_epoch >= self.steps_per_epoch:
+                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                self.save_checkpoint()
+                break
+        self.model.eval()
+        seconds = time.perf_counter() - start
+        return TrainResult(self.global_step, self.epoch, seconds, seen / max(seconds, 1e-9), loss_value)
