@@ -204,18 +204,52 @@ def evaluate(backbone: Backbone, package: TaskPackage | str | Path, data: Labele
 
 
 @torch.no_grad()
-def predict(backbone: Backbone, packages: list, images: list[torch.Tensor]) -> dict[str, list[dict]]:
+def predict(backbone: Backbone, packages: list, images: list[torch.Tensor], top_k: int = 3) -> dict[str, list[dict]]:
     """Per-task predictions for RGB uint8 image tensors; one entry per package, in image order."""
     out: dict[str, list[dict]] = {}
     for package in packages:
         task = load_task(backbone, package)
         kind = task_kind(task.manifest["task"]["kind"])
         batch = task.preprocess.batch(images)
-        out[task.name] = kind.decode(task.model(batch), task.classes)
+        out[task.name] = kind.decode(task.model(batch), task.classes, top_k)
     return out
 
 
+def inspect_package(path: str | Path) -> dict:
+    """Manifest summary and sizes of a package file (validated as on load)."""
+    path = Path(path)
+    package = read_package(path)
+    manifest = package.manifest
+    package_bytes = path.stat().st_size
+    backbone_bytes = int(manifest["backbone"].get("weights_bytes") or 0)
+    sections = {
+        name: {"tensors": len(part), "parameters": sum(t.numel() for t in part.values()),
+               "bytes": sum(t.numel() * t.element_size() for t in part.values())}
+        for name in ("adapter", "override", "head")
+        for part in [package.section(name)]
+    }
+    return {
+        "package": str(path),
+        "package_bytes": package_bytes,
+        "backbone_bytes": backbone_bytes,
+        "ratio": round(package_bytes / backbone_bytes, 6) if backbone_bytes else None,
+        "backbone": manifest["backbone"]["name"],
+        "img_size": manifest["backbone"]["img_size"],
+        "fingerprint": manifest["backbone"]["fingerprint"],
+        "plan": manifest["plan"]["config"],
+        "adapted_layers": len(manifest["plan"]["targets"]),
+        "task": manifest["task"],
+        "metrics": {k: v for k, v in manifest["metrics"].items() if k in ("accuracy", "samples")},
+        "sections": sections,
+        "adapter_dtype": manifest.get("adapter_dtype"),
+        "format_version": manifest["format_version"],
+        "petah_version": manifest.get("petah_version"),
+        "created_at": manifest.get("created_at"),
+        "training": manifest.get("training", {}),
+    }
+
+
 __all__ = [
-    "AdaptResult", "LoadedTask", "adapt", "create_backbone", "evaluate", "fingerprint", "load_task",
+    "AdaptResult", "LoadedTask", "adapt", "create_backbone", "evaluate", "fingerprint", "inspect_package", "load_task",
     "predict", "prepare", "save_package",
 ]

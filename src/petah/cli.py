@@ -117,6 +117,203 @@ def prepare(
         out.print(f"wrote {output} ({summary['output_bytes']:,} bytes): {backbone.describe()}, source accuracy {metrics['accuracy']:.4f}")
 
 
+def _plan(plan, rank, alpha, stage_rank, task_norm, target, dropout):
+    from petah.plans import PlanConfig
+
+    stages = {}
+    for item in stage_rank or []:
+        stage, sep, value = item.partition("=")
+        if not sep or not stage.strip().isdigit() or not value.strip().isdigit():
+            raise PetahError(f"--stage-rank wants STAGE=RANK (e.g. 0=0 to leave stage 0 unadapted), got {item!r}")
+        stages[int(stage)] = int(value)
+    return PlanConfig(preset=plan, rank=rank, alpha=alpha, stage_ranks=stages, task_norm=task_norm, targets=list(target or []), dropout=dropout)
+
+
+def _metrics_table(title: str, report: dict) -> Table:
+    table = Table(title=f"{title}: accuracy {report['accuracy']:.4f} on {report['samples']} images")
+    for col in ("class", "precision", "recall"):
+        table.add_column(col, justify="right" if col != "class" else "left")
+    for name, values in report["per_class"].items():
+        table.add_row(name, f"{values['precision']:.3f}", f"{values['recall']:.3f}")
+    return table
+
+
+@app.command()
+def adapt(
+    data: DataArg,
+    backbone: BackboneOpt,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Package file to write (.petah).")],
+    task: Annotated[Optional[str], typer.Option(help="Task name (default: the output file's stem).")] = None,
+    plan: Annotated[str, typer.Option(help="petah | attn-lora | bitfit | linear-probe | full")] = "petah",
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default 2 x rank).")] = None,
+    stage_rank: Annotated[Optional[list[str]], typer.Option("--stage-rank", help="Per-stage rank, STAGE=RANK; 0 leaves a stage unadapted. Repeatable.")] = None,
+    task_norm: Annotated[str, typer.Option("--task-norm", help="none | affine | stats: what of the norm layers the task owns.")] = "none",
+    target: Annotated[Optional[list[str]], typer.Option("--target", help="Regex naming layers to adapt (a generic plan for any timm model). Repeatable.")] = None,
+    dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.0,
+    weights: WeightsOpt = "none",
+    img_size: SizeOpt = None,
+    epochs: EpochsOpt = 10,
+    batch_size: BatchOpt = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate of the adapters.")] = 2e-3,
+    head_lr: Annotated[Optional[float], typer.Option("--head-lr", help="Peak learning rate of the head (default: --lr).")] = None,
+    seed: SeedOpt = 0,
+    val_split: ValSplitOpt = None,
+    hflip: Annotated[bool, typer.Option("--hflip", help="Random horizontal flips.")] = False,
+    no_augment: Annotated[bool, typer.Option("--no-augment")] = False,
+    adapter_dtype: Annotated[str, typer.Option("--adapter-dtype", help="Stored adapter precision: float16 | bfloat16 | float32.")] = "float16",
+    checkpoint_dir: CkptOpt = None,
+    checkpoint_every: CkptEveryOpt = 0,
+    resume: ResumeOpt = False,
+    label_smoothing: SmoothOpt = 0.1,
+    max_steps: MaxStepsOpt = None,
+    workers: WorkersOpt = 0,
+    confusion_png: Annotated[Optional[Path], typer.Option("--confusion-png", help="Write the confusion matrix as a PNG.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Step 2: train one task's adapters + head on a frozen backbone; write a .petah package."""
+    import torch
+
+    from petah import api
+    from petah.data import load_dataset
+    from petah.tasks import plot_confusion
+
+    if adapter_dtype not in api.DTYPES:
+        raise PetahError(f"--adapter-dtype must be one of {', '.join(api.DTYPES)}")
+    plan_config = _plan(plan, rank, alpha, stage_rank, task_norm, target, dropout)
+    torch.manual_seed(seed)
+    bb = _backbone(backbone, weights, img_size)
+    train, val = load_dataset(data, val_split, seed)
+    config = _train_config(epochs, batch_size, lr, head_lr, seed, checkpoint_dir, checkpoint_every, resume, label_smoothing, max_steps, workers)
+    result = api.adapt(bb, train, val, plan_config, config, task or output.stem, _augment(no_augment, hflip), adapter_dtype)
+    api.save_package(result, output)
+    if confusion_png:
+        plot_confusion(result.metrics, confusion_png, f"{task or output.stem} ({plan})")
+    info = api.inspect_package(output)
+    summary = {
+        "package": str(output), "task": info["task"]["name"], "plan": plan, "accuracy": result.metrics["accuracy"],
+        "package_bytes": info["package_bytes"], "backbone_bytes": info["backbone_bytes"], "ratio": info["ratio"],
+        "train_seconds": round(result.train.seconds, 2), "images_per_second": round(result.train.images_per_second, 1),
+        "metrics": result.metrics,
+    }
+    if json_out:
+        emit_json(summary)
+        return
+    out.print(_metrics_table(summary["task"], result.metrics))
+    out.print(f"wrote {output}: {info['package_bytes']:,} bytes = {100 * info['ratio']:.2f} % of the backbone; "
+              f"trained {summary['train_seconds']:.1f} s")
+
+
+@app.command("eval")
+def eval_(
+    package: Annotated[Path, typer.Argument(help="A .petah task package.")],
+    data: DataArg,
+    backbone: BackboneOpt,
+    weights: WeightsOpt = "none",
+    img_size: SizeOpt = None,
+    val_split: ValSplitOpt = None,
+    seed: SeedOpt = 0,
+    confusion_png: Annotated[Optional[Path], typer.Option("--confusion-png", help="Write the confusion matrix as a PNG.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Evaluate a package on the validation part of DATA (top-1, per-class precision / recall, confusion)."""
+    from petah import api
+    from petah.data import load_dataset
+    from petah.tasks import plot_confusion
+
+    bb = _backbone(backbone, weights, img_size)
+    _train, val = load_dataset(data, val_split, seed)
+    report = api.evaluate(bb, package, val)
+    if confusion_png:
+        plot_confusion(report, confusion_png, package.stem)
+    if json_out:
+        emit_json({"package": str(package), "metrics": report})
+    else:
+        out.print(_metrics_table(package.stem, report))
+
+
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    backbone: BackboneOpt,
+    package: Annotated[list[Path], typer.Option("--package", "-p", help="A .petah package; repeat for several tasks.")],
+    weights: WeightsOpt = "none",
+    img_size: SizeOpt = None,
+    top_k: Annotated[int, typer.Option("--top-k")] = 3,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run one or more task packages on image files with one shared backbone."""
+    from petah import api
+    from petah.data import load_image
+
+    bb = _backbone(backbone, weights, img_size)
+    tensors = [load_image(p) for p in images]
+    results = api.predict(bb, list(package), tensors, top_k=top_k)
+    if json_out:
+        emit_json({"images": [str(p) for p in images], "tasks": results})
+        return
+    table = Table(title="predictions")
+    table.add_column("image")
+    for name in results:
+        table.add_column(name)
+    for i, path in enumerate(images):
+        table.add_row(str(path), *[f"{r[i]['label']} ({r[i]['score']:.2f})" for r in results.values()])
+    out.print(table)
+
+
+@app.command()
+def inspect(
+    package: Annotated[Path, typer.Argument(help="A .petah task package.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Show a package's manifest and sizes (validates it, as loading does)."""
+    from petah import api
+
+    info = api.inspect_package(package)
+    if json_out:
+        emit_json(info)
+        return
+    table = Table(title=str(package), show_header=False)
+    table.add_column("field")
+    table.add_column("value")
+    rows = [
+        ("task", f"{info['task']['name']} ({info['task']['kind']}, {len(info['task']['labels'])} classes)"),
+        ("backbone", f"{info['backbone']}@{info['img_size']}px  {info['fingerprint'][:16]}"),
+        ("plan", json.dumps(info["plan"])),
+        ("adapted layers", str(info["adapted_layers"])),
+        ("package", f"{info['package_bytes']:,} bytes"),
+        ("backbone", f"{info['backbone_bytes']:,} bytes (fp32, no classifier)"),
+        ("ratio", f"{100 * info['ratio']:.3f} %" if info["ratio"] else "?"),
+        ("accuracy", str(info["metrics"].get("accuracy"))),
+        ("sections", ", ".join(f"{k}: {v['parameters']:,} params" for k, v in info["sections"].items())),
+        ("created", f"{info['created_at']} by petah {info['petah_version']}"),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+
+
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the demo's task packages.")] = Path("demo-out"),
+    json_out: JsonOpt = False,
+) -> None:
+    """Offline demo: adapt the bundled backbone to several tasks with two plans; print a table."""
+    from petah.demo import run_demo
+
+    rows = run_demo(output)
+    if json_out:
+        emit_json({"tasks": rows})
+        return
+    table = Table(title=f"petah demo: packages in {output}/")
+    for col in ("task", "plan", "accuracy", "package", "% of backbone", "train s"):
+        table.add_column(col, justify="left" if col in ("task", "plan") else "right")
+    for r in rows:
+        table.add_row(r["task"], r["plan"], f"{r['accuracy']:.4f}", f"{r['package_bytes']:,} B",
+                      f"{100 * r['package_bytes'] / r['backbone_bytes']:.2f}", f"{r['train_seconds']:.1f}")
+    out.print(table)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

@@ -41,7 +41,8 @@ class Backbone:
         return int(self.model.num_features)
 
     def identity(self) -> dict:
-        return {"name": self.name, "img_size": self.img_size, "fingerprint": self.fingerprint}
+        return {"name": self.name, "img_size": self.img_size, "fingerprint": self.fingerprint,
+                "weights_bytes": self.weights_bytes}
 
     def describe(self) -> str:
         return f"{self.name}@{self.img_size}px (fingerprint {self.fingerprint[:12]})"

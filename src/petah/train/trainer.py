@@ -185,7 +185,7 @@ class Trainer:
         cfg = self.config
         if cfg.resume and self.load_checkpoint() and is_main_process():
             stderr.print(f"resumed from {self.checkpoint_path} at epoch {self.epoch + 1}, step {self.step_in_epoch}")
-        start, seen, loss_value = time.perf_counter(), 0, float("nan")
+        start, seen, loss_value, ips = time.perf_counter(), 0, float("nan"), 0.0
         show = cfg.progress and is_main_process() and not os.environ.get("PETAH_NO_PROGRESS")
         progress = Progress(
             TextColumn("[bold]epoch {task.fields[epoch]}"),
@@ -227,6 +227,8 @@ class Trainer:
                 else:
                     self.epoch, self.step_in_epoch = self.epoch + 1, 0
                     self.save_checkpoint()
+                    if show and not stderr.is_terminal:  # logs get one line per epoch instead of a bar
+                        stderr.print(f"epoch {self.epoch}/{cfg.epochs} step {self.global_step} loss {loss_value:.4f} {ips:.0f} img/s")
                     continue
                 if self.step_in_epoch >= self.steps_per_epoch:
                     self.epoch, self.step_in_epoch = self.epoch + 1, 0

@@ -1,0 +1,67 @@
+"""The offline demo: the bundled backbone, adapted to several built-in tasks with two plans.
+
+The bundled backbone was made by petah itself (``petah prepare``, see ``assets/README.md`` for
+the exact command); preparing it here would not fit the demo's five minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from petah import api
+from petah.backbones import create_backbone
+from petah.data import Augment, load_builtin
+from petah.plans import PlanConfig
+from petah.train import TrainConfig
+
+DEMO_BACKBONE = "efficientformerv2_s0-64-fashion.safetensors"
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    name: str
+    dataset: str
+    epochs: int
+    batch_size: int = 64
+
+
+DEMO_TASKS = (
+    DemoTask("digits", "digits", epochs=4),
+    DemoTask("faces", "faces", epochs=12, batch_size=32),
+)
+DEMO_PLANS = {
+    "petah": dict(lr=2e-3, head_lr=1e-2),
+    "linear-probe": dict(lr=1e-2, head_lr=1e-2),
+}
+
+
+def demo_backbone_path() -> Path:
+    return Path(str(resources.files("petah") / "assets" / DEMO_BACKBONE))
+
+
+def run_demo(output: str | Path, tasks=DEMO_TASKS, plans=DEMO_PLANS, backbone_path: str | Path | None = None) -> list[dict]:
+    """Adapt every demo task with every plan, write the packages, return one row each."""
+    output = Path(output)
+    backbone = create_backbone(weights=str(backbone_path or demo_backbone_path()))
+    rows = []
+    for task in tasks:
+        train, val = load_builtin(task.dataset)
+        for plan, rates in plans.items():
+            torch.manual_seed(0)
+            config = TrainConfig(epochs=task.epochs, batch_size=task.batch_size, **rates)
+            result = api.adapt(backbone, train, val, PlanConfig(preset=plan), config, task.name, Augment())
+            path = api.save_package(result, output / f"{task.name}-{plan}.petah")
+            rows.append({
+                "task": task.name,
+                "plan": plan,
+                "accuracy": result.metrics["accuracy"],
+                "package_bytes": path.stat().st_size,
+                "backbone_bytes": backbone.weights_bytes,
+                "train_seconds": round(result.train.seconds, 2),
+                "package": str(path),
+            })
+    return rows
