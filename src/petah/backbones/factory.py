@@ -76,9 +76,12 @@ def _check_img_size(name: str, family: Family | None, img_size: int | None, defa
                 f"{name} runs only at {family.fixed_img_size} px (timm ignores img_size for it); got {size}"
             )
         return size
-    multiple = family.img_size_multiple if family is not None else 32
-    if size < multiple or size % multiple:
-        raise PetahError(f"input size for {name} must be a multiple of {multiple}, got {size}")
+    if family is not None and family.img_size_kwarg:  # the size shapes the model (position tables)
+        multiple = family.img_size_multiple
+        if size < multiple or size % multiple:
+            raise PetahError(f"input size for {name} must be a multiple of {multiple}, got {size}")
+    elif size < 16:
+        raise PetahError(f"input size for {name} must be at least 16, got {size}")
     return size
 
 

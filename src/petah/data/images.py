@@ -37,7 +37,7 @@ def array_to_rgb(array: np.ndarray) -> torch.Tensor:
         raise PetahError(f"image array of dtype {arr.dtype} is not supported")
     if out.shape[-1] == 1:
         out = np.repeat(out, 3, axis=-1)
-    return torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(out)).permute(2, 0, 1).contiguous()
 
 
 def pil_to_rgb(image: Image.Image) -> torch.Tensor:
