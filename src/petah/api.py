@@ -209,6 +209,8 @@ def predict(backbone: Backbone, packages: list, images: list[torch.Tensor], top_
     out: dict[str, list[dict]] = {}
     for package in packages:
         task = load_task(backbone, package)
+        if task.name in out:
+            raise PetahError(f"two packages are named task {task.name!r}; give each task its own name")
         kind = task_kind(task.manifest["task"]["kind"])
         batch = task.preprocess.batch(images)
         out[task.name] = kind.decode(task.model(batch), task.classes, top_k)

@@ -296,12 +296,13 @@ def inspect(
 @app.command()
 def demo(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the demo's task packages.")] = Path("demo-out"),
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Cap each training run (a quick look; accuracy suffers).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Offline demo: adapt the bundled backbone to several tasks with two plans; print a table."""
     from petah.demo import run_demo
 
-    rows = run_demo(output)
+    rows = run_demo(output, max_steps=max_steps)
     if json_out:
         emit_json({"tasks": rows})
         return

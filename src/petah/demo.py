@@ -43,7 +43,8 @@ def demo_backbone_path() -> Path:
     return Path(str(resources.files("petah") / "assets" / DEMO_BACKBONE))
 
 
-def run_demo(output: str | Path, tasks=DEMO_TASKS, plans=DEMO_PLANS, backbone_path: str | Path | None = None) -> list[dict]:
+def run_demo(output: str | Path, tasks=DEMO_TASKS, plans=DEMO_PLANS, backbone_path: str | Path | None = None,
+             max_steps: int | None = None) -> list[dict]:
     """Adapt every demo task with every plan, write the packages, return one row each."""
     output = Path(output)
     backbone = create_backbone(weights=str(backbone_path or demo_backbone_path()))
@@ -52,7 +53,7 @@ def run_demo(output: str | Path, tasks=DEMO_TASKS, plans=DEMO_PLANS, backbone_pa
         train, val = load_builtin(task.dataset)
         for plan, rates in plans.items():
             torch.manual_seed(0)
-            config = TrainConfig(epochs=task.epochs, batch_size=task.batch_size, **rates)
+            config = TrainConfig(epochs=task.epochs, batch_size=task.batch_size, max_steps=max_steps, **rates)
             result = api.adapt(backbone, train, val, PlanConfig(preset=plan), config, task.name, Augment())
             path = api.save_package(result, output / f"{task.name}-{plan}.petah")
             rows.append({

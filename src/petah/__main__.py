@@ -1,0 +1,3 @@
+from petah.cli import main
+
+main()

@@ -1,0 +1,132 @@
+"""The CLI as a user runs it: real processes, --json output, one-line errors and exit codes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_pattern
+
+ENV = {**os.environ, "PETAH_NO_PROGRESS": "1"}
+
+
+def petah(*args, ok=True):
+    proc = subprocess.run([sys.executable, "-m", "petah", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=600)
+    if ok:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def one_json(proc) -> dict:
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stdout
+    return json.loads(lines[0])
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    folder = root / "shapes"
+    for label, name in enumerate(["hstripes", "vstripes", "square"]):
+        (folder / name).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(make_pattern(label, seed=50 * label + i)).save(folder / name / f"{i}.png")
+    backbone = root / "bb.safetensors"
+    prepared = one_json(petah("prepare", "efficientformerv2_s0", folder, "-o", backbone, "--img-size", "32",
+                              "--val-split", "0.25", "--max-steps", "2", "--batch-size", "8", "--json"))
+    package = root / "shapes.petah"
+    adapted = one_json(petah("adapt", folder, "-b", backbone, "-o", package, "--val-split", "0.25", "--max-steps", "2",
+                             "--batch-size", "8", "--confusion-png", root / "cm.png", "--json"))
+    return {"root": root, "folder": folder, "backbone": backbone, "package": package, "prepared": prepared, "adapted": adapted}
+
+
+def test_prepare_and_adapt_json(workspace):
+    prepared, adapted = workspace["prepared"], workspace["adapted"]
+    assert prepared["backbone"] == "efficientformerv2_s0" and prepared["img_size"] == 32 and len(prepared["fingerprint"]) == 64
+    assert 0 <= adapted["accuracy"] <= 1 and adapted["package_bytes"] == workspace["package"].stat().st_size
+    assert (workspace["root"] / "cm.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_inspect_json(workspace):
+    info = one_json(petah("inspect", workspace["package"], "--json"))
+    for key in ("package_bytes", "backbone_bytes", "ratio", "backbone", "fingerprint", "plan", "task", "metrics"):
+        assert key in info
+    assert info["ratio"] == pytest.approx(info["package_bytes"] / info["backbone_bytes"], rel=1e-4)
+    assert info["fingerprint"] == workspace["prepared"]["fingerprint"] and info["plan"]["preset"] == "petah"
+
+
+def test_eval_and_predict_json(workspace):
+    report = one_json(petah("eval", workspace["package"], workspace["folder"], "-b", workspace["backbone"], "--val-split", "0.25", "--json"))
+    assert report["metrics"]["accuracy"] == workspace["adapted"]["accuracy"]
+    image = next((workspace["folder"] / "square").iterdir())
+    result = one_json(petah("predict", image, image, "-b", workspace["backbone"], "-p", workspace["package"], "--json"))
+    predictions = result["tasks"]["shapes"]
+    assert len(predictions) == 2 and predictions[0]["label"] in ("hstripes", "vstripes", "square")
+
+
+def _assert_one_line_error(proc, *fragments):
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_package_for_another_backbone_is_refused(workspace):
+    proc = petah("eval", workspace["package"], workspace["folder"], "-b", "efficientformerv2_s0", "--img-size", "64",
+                 "--val-split", "0.25", ok=False)
+    _assert_one_line_error(proc, "efficientformerv2_s0@32px", "efficientformerv2_s0@64px")
+
+
+def test_corrupt_package_is_refused(workspace, tmp_path):
+    bad = tmp_path / "bad.petah"
+    data = bytearray(workspace["package"].read_bytes())
+    data[-3] ^= 0x55
+    bad.write_bytes(bytes(data))
+    _assert_one_line_error(petah("inspect", bad, ok=False), "corrupt")
+
+
+def test_unreadable_image_is_reported(workspace, tmp_path):
+    bad = tmp_path / "oops.jpg"
+    bad.write_text("nope")
+    _assert_one_line_error(petah("predict", bad, "-b", workspace["backbone"], "-p", workspace["package"], ok=False), "oops.jpg")
+
+
+def test_attn_lora_on_a_cnn_is_an_error(workspace, tmp_path):
+    proc = petah("adapt", workspace["folder"], "-b", "resnet10t", "--img-size", "32", "--plan", "attn-lora",
+                 "-o", tmp_path / "x.petah", "--val-split", "0.25", ok=False)
+    _assert_one_line_error(proc, "attn-lora needs attention layers")
+    assert not (tmp_path / "x.petah").exists()
+
+
+def test_debug_shows_traceback(workspace, tmp_path):
+    proc = petah("--debug", "inspect", tmp_path / "absent.petah", ok=False)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_efficientformer_l1_rank8_ratio_is_below_3_percent(tmp_path):
+    folder = tmp_path / "ten"
+    for c in range(10):
+        (folder / f"c{c}").mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(make_pattern(c % 3, size=16, seed=c * 10 + i)).save(folder / f"c{c}" / f"{i}.png")
+    package = tmp_path / "l1.petah"
+    petah("adapt", folder, "-b", "efficientformer_l1", "--rank", "8", "-o", package, "--val-split", "0.5",
+          "--max-steps", "1", "--batch-size", "4")
+    info = one_json(petah("inspect", package, "--json"))
+    assert info["ratio"] <= 0.03 and info["task"]["labels"] == [f"c{c}" for c in range(10)]
+
+
+def test_demo_json_quick(tmp_path):
+    result = one_json(petah("demo", "-o", tmp_path / "demo", "--max-steps", "2", "--json"))
+    rows = result["tasks"]
+    assert {(r["task"], r["plan"]) for r in rows} >= {("digits", "petah"), ("digits", "linear-probe")}
+    for row in rows:
+        assert set(row) >= {"task", "plan", "accuracy", "package_bytes", "backbone_bytes", "train_seconds"}
+        assert (tmp_path / "demo" / f"{row['task']}-{row['plan']}.petah").stat().st_size == row["package_bytes"]
+    assert torch  # noqa

@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+from petah import api
+from petah.backbones import create_backbone
+from petah.data import load_dataset
+from petah.demo import demo_backbone_path
+from petah.errors import PetahError
+from petah.plans import PlanConfig
+from petah.train import TrainConfig, Trainer
+
+
+@pytest.fixture
+def backbone():
+    torch.manual_seed(0)
+    return create_backbone("efficientformerv2_s0", 32)
+
+
+def _adapt(backbone, folder, **config):
+    train, val = load_dataset(str(folder), val_split=0.25)
+    torch.manual_seed(0)
+    return api.adapt(backbone, train, val, PlanConfig(), TrainConfig(batch_size=8, **config), adapter_dtype="float32")
+
+
+def test_runs_are_deterministic(backbone, image_folder):
+    a = _adapt(backbone, image_folder, epochs=1)
+    b = _adapt(backbone, image_folder, epochs=1)
+    assert all(torch.equal(a.package.tensors[k], b.package.tensors[k]) for k in a.package.tensors)
+
+
+def test_kill_and_resume_matches_uninterrupted_run(backbone, image_folder, tmp_path, monkeypatch):
+    full = _adapt(backbone, image_folder, epochs=2)  # 27 images / 8 -> 4 steps per epoch, 8 in all
+
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def dies_at_step_6(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt  # a kill mid-epoch, after the step-5 checkpoint
+        return real_step(self, *args, **kwargs)
+
+    ckpt = tmp_path / "ckpt"
+    monkeypatch.setattr(torch.optim.AdamW, "step", dies_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        _adapt(backbone, image_folder, epochs=2, checkpoint_dir=str(ckpt), checkpoint_every=1)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    state = torch.load(ckpt / "last.ckpt", weights_only=True)
+    assert (state["global_step"], state["epoch"], state["step_in_epoch"]) == (5, 1, 1)
+
+    resumed = _adapt(backbone, image_folder, epochs=2, checkpoint_dir=str(ckpt), resume=True)
+    assert resumed.train.steps == 8
+    for key, value in full.package.tensors.items():
+        torch.testing.assert_close(resumed.package.tensors[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_nan_loss_stops_with_message_and_keeps_checkpoint(backbone, image_folder, tmp_path, monkeypatch):
+    from petah.tasks import Classification
+
+    calls = {"n": 0}
+    real_loss = Classification.loss
+
+    def loss_that_explodes(smoothing=0.0):
+        inner = real_loss(smoothing)
+
+        def fn(logits, targets):
+            calls["n"] += 1
+            value = inner(logits, targets)
+            return value * float("nan") if calls["n"] >= 3 else value
+
+        return fn
+
+    monkeypatch.setattr(Classification, "loss", staticmethod(loss_that_explodes))
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(PetahError, match=r"loss became nan at epoch 1, step 3; last good checkpoint"):
+        _adapt(backbone, image_folder, epochs=1, checkpoint_dir=str(ckpt), checkpoint_every=1)
+    assert torch.load(ckpt / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+def test_warmup_cosine_schedule():
+    from petah.train.trainer import warmup_cosine
+
+    f = warmup_cosine(100, 0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5, abs=0.02) and f(99) < 0.01
+
+
+def test_end_to_end_adapt_beats_chance_on_real_digits():
+    backbone = create_backbone(weights=str(demo_backbone_path()))
+    train, val = load_dataset("builtin:digits")
+    train = train.subset(range(0, len(train), 2))  # 719 images keep the test short
+    torch.manual_seed(0)
+    result = api.adapt(backbone, train, val, PlanConfig(), TrainConfig(epochs=2, lr=2e-3, head_lr=1e-2))
+    assert result.metrics["accuracy"] > 0.6  # chance is 0.1
+    assert len(result.metrics["confusion_matrix"]) == 10 and result.metrics["samples"] == len(val)
+    assert Trainer  # the trainer is what ran
