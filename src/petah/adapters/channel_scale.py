@@ -33,21 +33,19 @@ class ChannelScale(nn.Module):
         return out * self._scale().to(out.dtype).view(1, -1, 1, 1)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
+    def _rescale(self, op) -> None:
         scale = self._scale()
-        self.base_layer.weight.mul_(scale.view(-1, 1, 1, 1).to(self.base_layer.weight.dtype))
-        if self.base_layer.bias is not None:
-            self.base_layer.bias.mul_(scale.to(self.base_layer.bias.dtype))
-        self.merged = True
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        op(weight, scale.view(-1, 1, 1, 1).to(weight.dtype))
+        if bias is not None:
+            op(bias, scale.to(bias.dtype))
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
+    def merge(self) -> None:
         if not self.merged:
-            return
-        scale = self._scale()
-        self.base_layer.weight.div_(scale.view(-1, 1, 1, 1).to(self.base_layer.weight.dtype))
-        if self.base_layer.bias is not None:
-            self.base_layer.bias.div_(scale.to(self.base_layer.bias.dtype))
-        self.merged = False
+            self._rescale(torch.Tensor.mul_)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self._rescale(torch.Tensor.div_)
+            self.merged = False
