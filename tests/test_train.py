@@ -94,3 +94,10 @@ def test_end_to_end_adapt_beats_chance_on_real_digits():
     assert result.metrics["accuracy"] > 0.6  # chance is 0.1
     assert len(result.metrics["confusion_matrix"]) == 10 and result.metrics["samples"] == len(val)
     assert Trainer  # the trainer is what ran
+
+
+def test_resume_with_other_settings_is_refused(backbone, image_folder, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    _adapt(backbone, image_folder, epochs=1, checkpoint_dir=str(ckpt))
+    with pytest.raises(PetahError, match=r"other settings \(epochs\)"):
+        _adapt(backbone, image_folder, epochs=3, checkpoint_dir=str(ckpt), resume=True)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -23,6 +26,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON ob
 BackboneOpt = Annotated[str, typer.Option("--backbone", "-b", help="A petah backbone file, or a timm model name.")]
 WeightsOpt = Annotated[str, typer.Option(help="Weights for a timm name: none | hub | FILE (.safetensors or torch state dict).")]
 SizeOpt = Annotated[Optional[int], typer.Option("--img-size", help="Input size (fixed when the backbone is built).")]
+DataArg = Annotated[str, typer.Argument(help="An image folder (class sub-folders; train/ + val/ or --val-split) or builtin:NAME.")]
 
 
 @app.callback()
@@ -44,57 +48,93 @@ def _backbone(spec: str, weights: str, img_size: Optional[int]):
     return create_backbone(spec, img_size, weights)
 
 
-def _train_config(epochs, batch_size, lr, head_lr, seed, checkpoint_dir, checkpoint_every, resume, label_smoothing, max_steps, workers):
-    from petah.train import TrainConfig
+@dataclass
+class TrainingArgs:
+    """The options every training command shares (filled in by ``training_options``)."""
 
-    return TrainConfig(
-        epochs=epochs, batch_size=batch_size, lr=lr, head_lr=head_lr, seed=seed,
-        checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, checkpoint_every=checkpoint_every,
-        resume=resume, label_smoothing=label_smoothing, max_steps=max_steps, num_workers=workers,
-    )
+    weights: str
+    img_size: Optional[int]
+    epochs: int
+    batch_size: int
+    lr: float
+    seed: int
+    val_split: Optional[float]
+    hflip: bool
+    no_augment: bool
+    checkpoint_dir: Optional[Path]
+    checkpoint_every: int
+    resume: bool
+    label_smoothing: float
+    max_steps: Optional[int]
+    workers: int
+
+    def config(self, head_lr: Optional[float] = None):
+        from petah.train import TrainConfig
+
+        return TrainConfig(
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, head_lr=head_lr, seed=self.seed,
+            checkpoint_dir=str(self.checkpoint_dir) if self.checkpoint_dir else None,
+            checkpoint_every=self.checkpoint_every, resume=self.resume, label_smoothing=self.label_smoothing,
+            max_steps=self.max_steps, num_workers=self.workers,
+        )
+
+    def augment(self):
+        from petah.data import Augment
+
+        return None if self.no_augment else Augment(hflip=self.hflip)
 
 
-EpochsOpt = Annotated[int, typer.Option(help="Training epochs.")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per step.")]
-SeedOpt = Annotated[int, typer.Option(help="Seed for data order, augmentation and init.")]
-CkptOpt = Annotated[Optional[Path], typer.Option("--checkpoint-dir", help="Write resumable checkpoints here.")]
-CkptEveryOpt = Annotated[int, typer.Option("--checkpoint-every", help="Also checkpoint every N steps.")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint in --checkpoint-dir.")]
-SmoothOpt = Annotated[float, typer.Option("--label-smoothing")]
-MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many steps.")]
-WorkersOpt = Annotated[int, typer.Option("--workers", help="Data loader worker processes.")]
-ValSplitOpt = Annotated[Optional[float], typer.Option("--val-split", help="Hold out this fraction for validation.")]
-DataArg = Annotated[str, typer.Argument(help="An image folder (class sub-folders; train/ + val/ or --val-split) or builtin:NAME.")]
+TRAINING_OPTIONS = [  # name, annotation, default
+    ("weights", WeightsOpt, "none"),
+    ("img_size", SizeOpt, None),
+    ("epochs", Annotated[int, typer.Option(help="Training epochs.")], 10),
+    ("batch_size", Annotated[int, typer.Option("--batch-size", help="Images per step.")], 64),
+    ("lr", Annotated[float, typer.Option(help="Peak learning rate.")], 2e-3),
+    ("seed", Annotated[int, typer.Option(help="Seed for data order, augmentation and init.")], 0),
+    ("val_split", Annotated[Optional[float], typer.Option("--val-split", help="Hold out this fraction for validation.")], None),
+    ("hflip", Annotated[bool, typer.Option("--hflip", help="Random horizontal flips.")], False),
+    ("no_augment", Annotated[bool, typer.Option("--no-augment", help="No augmentation.")], False),
+    ("checkpoint_dir", Annotated[Optional[Path], typer.Option("--checkpoint-dir", help="Write resumable checkpoints here.")], None),
+    ("checkpoint_every", Annotated[int, typer.Option("--checkpoint-every", help="Also checkpoint every N steps.")], 0),
+    ("resume", Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint in --checkpoint-dir.")], False),
+    ("label_smoothing", Annotated[float, typer.Option("--label-smoothing")], 0.1),
+    ("max_steps", Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many steps.")], None),
+    ("workers", Annotated[int, typer.Option("--workers", help="Data loader worker processes.")], 0),
+]
 
 
-def _augment(no_augment: bool, hflip: bool):
-    from petah.data import Augment
+def training_options(**defaults):
+    """Add the shared training options to a command; it receives them as ``training: TrainingArgs``."""
 
-    return None if no_augment else Augment(hflip=hflip)
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)  # real types: typer reads them
+        own = [p for p in signature.parameters.values() if p.name != "training"]
+        extra = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=defaults.get(name, default), annotation=annotation)
+            for name, annotation, default in TRAINING_OPTIONS
+        ]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            shared = {name: kwargs.pop(name) for name, _, _ in TRAINING_OPTIONS}
+            return command(training=TrainingArgs(**shared), **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=own + extra)
+        wrapper.__annotations__ = {k: v for k, v in command.__annotations__.items() if k != "training"}
+        return wrapper
+
+    return decorate
 
 
 @app.command()
+@training_options(epochs=5, batch_size=128)
 def prepare(
     model: Annotated[str, typer.Argument(help="timm model name, e.g. efficientformerv2_s0.")],
     data: DataArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Backbone file to write (.safetensors).")],
-    weights: WeightsOpt = "none",
-    img_size: SizeOpt = None,
-    epochs: EpochsOpt = 5,
-    batch_size: BatchOpt = 128,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-3,
-    seed: SeedOpt = 0,
-    val_split: ValSplitOpt = None,
-    hflip: Annotated[bool, typer.Option("--hflip", help="Random horizontal flips.")] = False,
-    no_augment: Annotated[bool, typer.Option("--no-augment")] = False,
     save_dtype: Annotated[str, typer.Option("--save-dtype", help="float32 | float16 | bfloat16")] = "float32",
-    checkpoint_dir: CkptOpt = None,
-    checkpoint_every: CkptEveryOpt = 0,
-    resume: ResumeOpt = False,
-    label_smoothing: SmoothOpt = 0.1,
-    max_steps: MaxStepsOpt = None,
-    workers: WorkersOpt = 0,
     json_out: JsonOpt = False,
+    training: TrainingArgs = None,
 ) -> None:
     """Step 1: fully train (or fine-tune) a backbone on a source dataset; save it as a backbone file."""
     import torch
@@ -104,11 +144,11 @@ def prepare(
 
     if save_dtype not in api.DTYPES:
         raise PetahError(f"--save-dtype must be one of {', '.join(api.DTYPES)}")
-    torch.manual_seed(seed)
-    train, val = load_dataset(data, val_split, seed)
-    config = _train_config(epochs, batch_size, lr, None, seed, checkpoint_dir, checkpoint_every, resume, label_smoothing, max_steps, workers)
+    torch.manual_seed(training.seed)
+    train, val = load_dataset(data, training.val_split, training.seed)
     command = "petah " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    backbone, metrics = api.prepare(model, train, val, output, img_size, weights, config, _augment(no_augment, hflip), save_dtype, command)
+    backbone, metrics = api.prepare(model, train, val, output, training.img_size, training.weights, training.config(),
+                                    training.augment(), save_dtype, command)
     summary = {"backbone": backbone.name, "img_size": backbone.img_size, "fingerprint": backbone.fingerprint,
                "output": str(output), "output_bytes": output.stat().st_size, "accuracy": metrics["accuracy"]}
     if json_out:
@@ -139,6 +179,7 @@ def _metrics_table(title: str, report: dict) -> Table:
 
 
 @app.command()
+@training_options()
 def adapt(
     data: DataArg,
     backbone: BackboneOpt,
@@ -151,25 +192,11 @@ def adapt(
     task_norm: Annotated[str, typer.Option("--task-norm", help="none | affine | stats: what of the norm layers the task owns.")] = "none",
     target: Annotated[Optional[list[str]], typer.Option("--target", help="Regex naming layers to adapt (a generic plan for any timm model). Repeatable.")] = None,
     dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.0,
-    weights: WeightsOpt = "none",
-    img_size: SizeOpt = None,
-    epochs: EpochsOpt = 10,
-    batch_size: BatchOpt = 64,
-    lr: Annotated[float, typer.Option(help="Peak learning rate of the adapters.")] = 2e-3,
     head_lr: Annotated[Optional[float], typer.Option("--head-lr", help="Peak learning rate of the head (default: --lr).")] = None,
-    seed: SeedOpt = 0,
-    val_split: ValSplitOpt = None,
-    hflip: Annotated[bool, typer.Option("--hflip", help="Random horizontal flips.")] = False,
-    no_augment: Annotated[bool, typer.Option("--no-augment")] = False,
     adapter_dtype: Annotated[str, typer.Option("--adapter-dtype", help="Stored adapter precision: float16 | bfloat16 | float32.")] = "float16",
-    checkpoint_dir: CkptOpt = None,
-    checkpoint_every: CkptEveryOpt = 0,
-    resume: ResumeOpt = False,
-    label_smoothing: SmoothOpt = 0.1,
-    max_steps: MaxStepsOpt = None,
-    workers: WorkersOpt = 0,
     confusion_png: Annotated[Optional[Path], typer.Option("--confusion-png", help="Write the confusion matrix as a PNG.")] = None,
     json_out: JsonOpt = False,
+    training: TrainingArgs = None,
 ) -> None:
     """Step 2: train one task's adapters + head on a frozen backbone; write a .petah package."""
     import torch
@@ -181,11 +208,10 @@ def adapt(
     if adapter_dtype not in api.DTYPES:
         raise PetahError(f"--adapter-dtype must be one of {', '.join(api.DTYPES)}")
     plan_config = _plan(plan, rank, alpha, stage_rank, task_norm, target, dropout)
-    torch.manual_seed(seed)
-    bb = _backbone(backbone, weights, img_size)
-    train, val = load_dataset(data, val_split, seed)
-    config = _train_config(epochs, batch_size, lr, head_lr, seed, checkpoint_dir, checkpoint_every, resume, label_smoothing, max_steps, workers)
-    result = api.adapt(bb, train, val, plan_config, config, task or output.stem, _augment(no_augment, hflip), adapter_dtype)
+    torch.manual_seed(training.seed)
+    bb = _backbone(backbone, training.weights, training.img_size)
+    train, val = load_dataset(data, training.val_split, training.seed)
+    result = api.adapt(bb, train, val, plan_config, training.config(head_lr), task or output.stem, training.augment(), adapter_dtype)
     api.save_package(result, output)
     if confusion_png:
         plot_confusion(result.metrics, confusion_png, f"{task or output.stem} ({plan})")
@@ -211,8 +237,8 @@ def eval_(
     backbone: BackboneOpt,
     weights: WeightsOpt = "none",
     img_size: SizeOpt = None,
-    val_split: ValSplitOpt = None,
-    seed: SeedOpt = 0,
+    val_split: Annotated[Optional[float], typer.Option("--val-split", help="Evaluate on this held-out fraction.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the --val-split.")] = 0,
     confusion_png: Annotated[Optional[Path], typer.Option("--confusion-png", help="Write the confusion matrix as a PNG.")] = None,
     json_out: JsonOpt = False,
 ) -> None:

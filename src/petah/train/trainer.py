@@ -24,6 +24,8 @@ from petah.errors import PetahError
 from petah.packages.atomic import atomic_write_bytes
 
 CHECKPOINT_NAME = "last.ckpt"
+# A resumed run must continue the same schedule over the same data order.
+RESUME_MUST_MATCH = ("epochs", "batch_size", "lr", "head_lr", "seed", "max_steps")
 stderr = Console(stderr=True)
 
 
@@ -159,6 +161,10 @@ class Trainer:
             return False
         try:  # our own file, still read with weights_only: no arbitrary pickle
             state = torch.load(str(path), map_location="cpu", weights_only=True)
+            saved = state.get("config", {})
+            changed = [k for k in RESUME_MUST_MATCH if saved.get(k) != getattr(self.config, k)]
+            if changed:
+                raise PetahError(f"cannot resume from {path}: it was written with other settings ({', '.join(changed)})")
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -195,7 +201,7 @@ class Trainer:
             TextColumn("{task.fields[ips]:.0f} img/s"),
             TimeElapsedColumn(),
             console=stderr,
-            disable=not show,
+            disable=not show or not stderr.is_terminal,  # logs get one line per epoch instead
             transient=True,
         )
         with progress:
@@ -227,7 +233,7 @@ class Trainer:
                 else:
                     self.epoch, self.step_in_epoch = self.epoch + 1, 0
                     self.save_checkpoint()
-                    if show and not stderr.is_terminal:  # logs get one line per epoch instead of a bar
+                    if show and not stderr.is_terminal:
                         stderr.print(f"epoch {self.epoch}/{cfg.epochs} step {self.global_step} loss {loss_value:.4f} {ips:.0f} img/s")
                     continue
                 if self.step_in_epoch >= self.steps_per_epoch:
