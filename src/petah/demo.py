@@ -17,6 +17,7 @@ from petah.backbones import create_backbone
 from petah.data import Augment, load_builtin
 from petah.plans import PlanConfig
 from petah.train import TrainConfig
+from petah.train.trainer import stderr
 
 DEMO_BACKBONE = "efficientformerv2_s0-64-fashion.safetensors"
 
@@ -31,7 +32,7 @@ class DemoTask:
 
 DEMO_TASKS = (
     DemoTask("digits", "digits", epochs=4),
-    DemoTask("faces", "faces", epochs=12, batch_size=32),
+    DemoTask("textures", "textures", epochs=6),
 )
 DEMO_PLANS = {
     "petah": dict(lr=2e-3, head_lr=1e-2),
@@ -53,7 +54,8 @@ def run_demo(output: str | Path, tasks=DEMO_TASKS, plans=DEMO_PLANS, backbone_pa
         train, val = load_builtin(task.dataset)
         for plan, rates in plans.items():
             torch.manual_seed(0)
-            config = TrainConfig(epochs=task.epochs, batch_size=task.batch_size, max_steps=max_steps, **rates)
+            config = TrainConfig(epochs=task.epochs, batch_size=task.batch_size, max_steps=max_steps, progress=False, **rates)
+            stderr.print(f"adapting {task.name} ({len(train)} images) with plan {plan} ...")
             result = api.adapt(backbone, train, val, PlanConfig(preset=plan), config, task.name, Augment())
             path = api.save_package(result, output / f"{task.name}-{plan}.petah")
             rows.append({

@@ -57,8 +57,8 @@ def faces() -> tuple[LabeledImages, LabeledImages]:
     return _fixed_split(_from_arrays(arrays, labels, ["face", "non-face"], "faces"))
 
 
-def textures(patch: int = 32) -> tuple[LabeledImages, LabeledImages]:
-    """Patches of scikit-image's brick / grass / gravel photos, 3 classes."""
+def textures(patch: int = 16) -> tuple[LabeledImages, LabeledImages]:
+    """16x16 patches of scikit-image's brick / grass / gravel photos: a surface-inspection-like task, 3 classes."""
     from skimage import data as skdata
 
     arrays, labels = [], []

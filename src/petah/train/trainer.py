@@ -230,16 +230,11 @@ class Trainer:
                         self.save_checkpoint()
                     if self.global_step >= self.total_steps:
                         break
-                else:
+                if self.step_in_epoch >= self.steps_per_epoch:  # the epoch is complete
                     self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                    self.save_checkpoint()
-                    if show and not stderr.is_terminal:
+                    if show and not stderr.is_terminal:  # logs get a line per epoch, not a bar
                         stderr.print(f"epoch {self.epoch}/{cfg.epochs} step {self.global_step} loss {loss_value:.4f} {ips:.0f} img/s")
-                    continue
-                if self.step_in_epoch >= self.steps_per_epoch:
-                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
                 self.save_checkpoint()
-                break
         self.model.eval()
         seconds = time.perf_counter() - start
         return TrainResult(self.global_step, self.epoch, seconds, seen / max(seconds, 1e-9), loss_value)
