@@ -287,8 +287,8 @@ def predict(
     out.print(table)
 
 
-@app.command()
-def inspect(
+@app.command("inspect")
+def inspect_(
     package: Annotated[Path, typer.Argument(help="A .petah task package.")],
     json_out: JsonOpt = False,
 ) -> None:
