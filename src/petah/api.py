@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from petah.adapters import TaskAdapter
 from petah.backbones import Backbone, create_backbone, fingerprint, save_backbone
@@ -18,7 +19,8 @@ from petah.errors import PetahError
 from petah.packages.format import TaskPackage, check_backbone, pack_tensors, read_package, write_package
 from petah.plans import PlanConfig, Target
 from petah.tasks import Classification, task_kind
-from petah.train import TrainConfig, Trainer, TrainResult
+from petah.train import TrainConfig, Trainer, TrainResult, barrier, is_main_process, setup
+from petah.train.distributed import check_ranks_agree, eval_indices
 
 EVAL_BATCH = 128
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -33,7 +35,20 @@ def _views(backbone: Backbone, train: LabeledImages, cfg: TrainConfig, augment: 
 
 
 def _eval_loader(data: LabeledImages, preprocess: Preprocess) -> DataLoader:
-    return DataLoader(TrainingView(data, preprocess), batch_size=EVAL_BATCH, shuffle=False)
+    """This rank's share of the evaluation set (all of it in one process); metrics sync on compute."""
+    view = TrainingView(data, preprocess)
+    return DataLoader(Subset(view, eval_indices(len(view), setup())), batch_size=EVAL_BATCH, shuffle=False)
+
+
+def _data_identity(data: LabeledImages) -> dict:
+    labels = hashlib.sha256(data.labels.numpy().tobytes()).hexdigest()
+    return {"source": data.source, "images": len(data), "classes": data.classes, "labels_sha256": labels}
+
+
+def _check_ranks(config: TrainConfig, train: LabeledImages, val: LabeledImages, **settings) -> None:
+    setup()  # join the process group torchrun describes, if any
+    check_ranks_agree("configuration", {"train": config.to_dict(), **settings})
+    check_ranks_agree("data", {"train": _data_identity(train), "val": _data_identity(val)})
 
 
 def _check_labels(train: LabeledImages, val: LabeledImages) -> None:
@@ -67,6 +82,7 @@ def prepare(
     """Fully train (or fine-tune) a backbone on a source dataset and save it as a backbone file."""
     _check_labels(train, val)
     config = config or TrainConfig()
+    _check_ranks(config, train, val, name=name, img_size=img_size, weights=weights, save_dtype=save_dtype)
     backbone = create_backbone(name, img_size, weights)
     backbone.model.requires_grad_(True)
     head = Classification.build_head(backbone.num_features, len(train.classes))
@@ -74,10 +90,11 @@ def prepare(
     trainer = Trainer(
         model, list(backbone.model.parameters()), list(head.parameters()),
         Classification.loss(config.label_smoothing), _views(backbone, train, config, augment), config,
+        sync_batchnorm=True,
     )
     result = trainer.fit()
-    metrics = Classification.evaluate(model, _eval_loader(val, preprocess_for(backbone)), val.classes)
-    backbone.model.requires_grad_(False).eval()
+    metrics = Classification.evaluate(trainer.model, _eval_loader(val, preprocess_for(backbone)), val.classes)
+    backbone.model = trainer.model.backbone.cpu().requires_grad_(False).eval()
     extra = {
         "source_data": {"train": train.source, "val": val.source, "classes": train.classes, "images": len(train)},
         "command": command,
@@ -85,7 +102,9 @@ def prepare(
         "training": {**config.to_dict(), "seconds": round(result.seconds, 1)},
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    save_backbone(backbone, out, extra, dtype=DTYPES[save_dtype])
+    if is_main_process():
+        save_backbone(backbone, out, extra, dtype=DTYPES[save_dtype])
+    barrier()
     return create_backbone(weights=str(out)), metrics
 
 
@@ -110,6 +129,7 @@ def adapt(
     """Train one task's adapters and head on a copy of ``backbone``; the shared one is untouched."""
     _check_labels(train, val)
     plan, config = plan or PlanConfig(), config or TrainConfig()
+    _check_ranks(config, train, val, plan=plan.to_dict(), task=task_name, backbone=backbone.identity(), dtype=adapter_dtype)
     work = replace(backbone, model=copy.deepcopy(backbone.model))
     adapter = TaskAdapter(work, plan)
     head = Classification.build_head(backbone.num_features, len(train.classes))
@@ -125,7 +145,7 @@ def adapt(
     tensors = pack_tensors(adapter.adapter_state(), adapter.override_state(), head.state_dict(), DTYPES[adapter_dtype])
     package = TaskPackage({}, tensors)
     adapter.load_state(package.section("adapter"), package.section("override"))
-    metrics = Classification.evaluate(model, _eval_loader(val, preprocess_for(backbone)), val.classes)
+    metrics = Classification.evaluate(trainer.model, _eval_loader(val, preprocess_for(backbone)), val.classes)
     package.manifest = {
         "task": {"name": task_name, "kind": Classification.kind, "labels": train.classes},
         "backbone": backbone.identity(),
@@ -149,8 +169,12 @@ def adapt(
 
 
 def save_package(result: AdaptResult | TaskPackage, path: str | Path) -> Path:
+    """Write the package (only the main process writes; the others wait for it)."""
     package = result.package if isinstance(result, AdaptResult) else result
-    return write_package(path, package)
+    if is_main_process():
+        write_package(path, package)
+    barrier()
+    return Path(path)
 
 
 # --- loading, eval, predict --------------------------------------------------------------

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from petah.errors import PetahError
+from petah.train.distributed import is_main_process
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Parameter-efficient task adaptation of hybrid vision transformers.")
 out = Console()
@@ -149,6 +150,8 @@ def prepare(
     command = "petah " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     backbone, metrics = api.prepare(model, train, val, output, training.img_size, training.weights, training.config(),
                                     training.augment(), save_dtype, command)
+    if not is_main_process():  # under torchrun, rank 0 alone reports
+        return
     summary = {"backbone": backbone.name, "img_size": backbone.img_size, "fingerprint": backbone.fingerprint,
                "output": str(output), "output_bytes": output.stat().st_size, "accuracy": metrics["accuracy"]}
     if json_out:
@@ -213,6 +216,8 @@ def adapt(
     train, val = load_dataset(data, training.val_split, training.seed)
     result = api.adapt(bb, train, val, plan_config, training.config(head_lr), task or output.stem, training.augment(), adapter_dtype)
     api.save_package(result, output)
+    if not is_main_process():  # under torchrun, rank 0 alone writes and reports
+        return
     if confusion_png:
         plot_confusion(result.metrics, confusion_png, f"{task or output.stem} ({plan})")
     info = api.inspect_package(output)

@@ -42,9 +42,9 @@ class TaskPackage:
 
 def pack_tensors(adapters: dict, overrides: dict, head: dict, adapter_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Adapters may be stored in a smaller float type; overrides and head stay as trained."""
-    out = {f"adapter/{k}": v.detach().to(adapter_dtype).contiguous() for k, v in adapters.items()}
-    out.update({f"override/{k}": v.detach().contiguous() for k, v in overrides.items()})
-    out.update({f"head/{k}": v.detach().contiguous() for k, v in head.items()})
+    out = {f"adapter/{k}": v.detach().cpu().to(adapter_dtype).contiguous() for k, v in adapters.items()}
+    out.update({f"override/{k}": v.detach().cpu().contiguous() for k, v in overrides.items()})
+    out.update({f"head/{k}": v.detach().cpu().contiguous() for k, v in head.items()})
     return out
 
 

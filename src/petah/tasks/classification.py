@@ -55,9 +55,13 @@ class Classification:
             "recall": MulticlassRecall(n, average=None, zero_division=0),
             "confusion": MulticlassConfusionMatrix(n),
         }
+        device = next(model.parameters()).device
+        for metric in metrics.values():
+            metric.to(device)
         model.eval()
-        for images, targets in loader:
-            preds = model(images).argmax(dim=1)
+        for images, targets in loader:  # a rank's shard; compute() sums the states over ranks
+            preds = model(images.to(device)).argmax(dim=1)
+            targets = targets.to(device)
             for metric in metrics.values():
                 metric.update(preds, targets)
         values = {k: m.compute() for k, m in metrics.items()}

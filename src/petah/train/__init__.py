@@ -1,5 +1,6 @@
 """The shared training loop."""
 
-from petah.train.trainer import TrainConfig, Trainer, TrainResult, is_main_process
+from petah.train.distributed import barrier, is_main_process, setup
+from petah.train.trainer import TrainConfig, Trainer, TrainResult
 
-__all__ = ["TrainConfig", "TrainResult", "Trainer", "is_main_process"]
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "barrier", "is_main_process", "setup"]

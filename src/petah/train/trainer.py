@@ -6,6 +6,7 @@ writes checkpoints or shows progress (``is_main_process``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -17,11 +18,12 @@ import torch
 import torch.nn as nn
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from petah.data import TrainingView
 from petah.errors import PetahError
 from petah.packages.atomic import atomic_write_bytes
+from petah.train.distributed import DistContext, ResumableDistributedSampler, is_main_process, setup
 
 CHECKPOINT_NAME = "last.ckpt"
 # A resumed run must continue the same schedule over the same data order.
@@ -50,30 +52,9 @@ class TrainConfig:
         return asdict(self)
 
 
-def is_main_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
-
-
-class EpochSampler(Sampler[int]):
-    """A seeded permutation per epoch that can start mid-epoch (the resume point)."""
-
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.epoch, self.start = size, seed, 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
-        return iter(torch.randperm(self.size, generator=gen)[self.start :].tolist())
-
-    def __len__(self) -> int:
-        return self.size - self.start
-
-
-def make_sampler(dataset: TrainingView, seed: int) -> EpochSampler:
-    """The one place the training sampler is chosen (a distributed sampler goes here)."""
-    return EpochSampler(len(dataset), seed)
+def make_sampler(dataset: TrainingView, seed: int, ctx: DistContext) -> ResumableDistributedSampler:
+    """The one place the training sampler is chosen: torch's DistributedSampler (1 rank or many)."""
+    return ResumableDistributedSampler(dataset, ctx.world_size, ctx.rank, seed)
 
 
 def warmup_cosine(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
@@ -113,23 +94,56 @@ class Trainer:
         data: TrainingView,
         config: TrainConfig,
         set_train_mode: Callable[[nn.Module], None] | None = None,
+        sync_batchnorm: bool = False,
     ):
-        self.model, self.loss_fn, self.data, self.config = model, loss_fn, data, config
+        self.ctx = setup()
+        self.loss_fn, self.data, self.config = loss_fn, data, config
         self.set_train_mode = set_train_mode or (lambda m: m.train())
+        if config.batch_size % self.ctx.world_size:
+            raise PetahError(f"--batch-size {config.batch_size} (the global batch) must divide by the {self.ctx.world_size} processes")
+        self.rank_batch = config.batch_size // self.ctx.world_size
+        self.model = model.to(self.ctx.device)  # the plain module: checkpoints hold its keys
+        self.forward_model = self._wrap(self.model, sync_batchnorm)
         groups = [{"params": params, "lr": config.lr}] if params else []
         groups.append({"params": head_params, "lr": config.head_lr or config.lr})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-        self.steps_per_epoch = math.ceil(len(data) / config.batch_size)
+        self.sampler = make_sampler(data, config.seed, self.ctx)
+        self.steps_per_epoch = math.ceil(self.sampler.num_samples / self.rank_batch)
         self.total_steps = self.steps_per_epoch * config.epochs
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(self.total_steps, config.warmup_fraction)
         )
-        self.sampler = make_sampler(data, config.seed)
         self.global_step = 0
         self.epoch = 0
         self.step_in_epoch = 0
+
+    def _wrap(self, model: nn.Module, sync_batchnorm: bool) -> nn.Module:
+        """DDP across ranks: it all-reduces gradients of trainable parameters only."""
+        if not self.ctx.distributed:
+            return model
+        if sync_batchnorm and self.ctx.device.type == "cuda":
+            # torch's SyncBatchNorm runs on GPUs only; on CPU each rank normalises its own batch.
+            from timm.layers import convert_sync_batchnorm
+
+            model = convert_sync_batchnorm(model)
+            self.model = model
+        device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Every rank stops together: one rank's NaN would otherwise leave the others waiting."""
+        finite = torch.isfinite(loss.detach()).float().reshape(1)
+        if self.ctx.distributed:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        return bool(finite.item())
+
+    def _autocast(self):
+        """bf16 autocast on GPU; fp32 on CPU."""
+        if self.ctx.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     # --- checkpoints -------------------------------------------------------------------
     @property
@@ -160,7 +174,7 @@ class Trainer:
         if path is None or not path.is_file():
             return False
         try:  # our own file, still read with weights_only: no arbitrary pickle
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            state = torch.load(str(path), map_location=self.ctx.device, weights_only=True)
             saved = state.get("config", {})
             changed = [k for k in RESUME_MUST_MATCH if saved.get(k) != getattr(self.config, k)]
             if changed:
@@ -170,7 +184,7 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         except (RuntimeError, KeyError, ValueError, EOFError) as exc:
             raise PetahError(f"cannot resume from {path}: {str(exc).splitlines()[0]}") from exc
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         self.global_step = int(state["global_step"])
         if self.step_in_epoch >= self.steps_per_epoch:
@@ -181,7 +195,7 @@ class Trainer:
     def _loader(self) -> DataLoader:
         return DataLoader(
             self.data,
-            batch_size=self.config.batch_size,
+            batch_size=self.rank_batch,
             sampler=self.sampler,
             num_workers=self.config.num_workers,
             persistent_workers=False,
@@ -208,11 +222,13 @@ class Trainer:
             bar = progress.add_task("train", total=self.total_steps, completed=self.global_step, epoch=self.epoch + 1, loss=float("nan"), ips=0.0)
             while self.epoch < cfg.epochs and self.global_step < self.total_steps:
                 self.data.set_epoch(self.epoch)
-                self.sampler.set_epoch(self.epoch, self.step_in_epoch * cfg.batch_size)
+                self.sampler.set_epoch(self.epoch, self.step_in_epoch * self.rank_batch)
                 self.set_train_mode(self.model)
                 for images, targets in self._loader():
-                    loss = self.loss_fn(self.model(images), targets)
-                    if not torch.isfinite(loss):
+                    images, targets = images.to(self.ctx.device, non_blocking=True), targets.to(self.ctx.device)
+                    with self._autocast():
+                        loss = self.loss_fn(self.forward_model(images), targets)
+                    if not self._all_finite(loss):
                         where = f"epoch {self.epoch + 1}, step {self.step_in_epoch + 1}"
                         kept = f"; last good checkpoint: {self.checkpoint_path}" if self.checkpoint_path and self.checkpoint_path.is_file() else ""
                         raise PetahError(f"training stopped: loss became {loss.item()} at {where}{kept}")
@@ -224,7 +240,7 @@ class Trainer:
                     self.step_in_epoch += 1
                     seen += len(targets)
                     loss_value = loss.item()
-                    ips = seen / max(1e-9, time.perf_counter() - start)
+                    ips = seen * self.ctx.world_size / max(1e-9, time.perf_counter() - start)
                     progress.update(bar, advance=1, epoch=self.epoch + 1, loss=loss_value, ips=ips)
                     if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
                         self.save_checkpoint()
@@ -237,4 +253,4 @@ class Trainer:
                 self.save_checkpoint()
         self.model.eval()
         seconds = time.perf_counter() - start
-        return TrainResult(self.global_step, self.epoch, seconds, seen / max(seconds, 1e-9), loss_value)
+        return TrainResult(self.global_step, self.epoch, seconds, seen * self.ctx.world_size / max(seconds, 1e-9), loss_value)
