@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from petah.data import TrainingView
 from petah.errors import PetahError
 from petah.packages.atomic import atomic_write_bytes
-from petah.train.distributed import DistContext, ResumableDistributedSampler, is_main_process, setup
+from petah.train.distributed import DistContext, ResumableDistributedSampler, check_ranks_agree, is_main_process, setup
 
 CHECKPOINT_NAME = "last.ckpt"
 # A resumed run must continue the same schedule over the same data order.
@@ -203,8 +203,12 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         cfg = self.config
-        if cfg.resume and self.load_checkpoint() and is_main_process():
-            stderr.print(f"resumed from {self.checkpoint_path} at epoch {self.epoch + 1}, step {self.step_in_epoch}")
+        if cfg.resume:
+            resumed = self.load_checkpoint()
+            # every rank must read the same checkpoint (on several nodes: a shared checkpoint dir)
+            check_ranks_agree("resume point (is --checkpoint-dir shared by all nodes?)", [resumed, self.global_step])
+            if resumed and is_main_process():
+                stderr.print(f"resumed from {self.checkpoint_path} at epoch {self.epoch + 1}, step {self.step_in_epoch}")
         start, seen, loss_value, ips = time.perf_counter(), 0, float("nan"), 0.0
         show = cfg.progress and is_main_process() and not os.environ.get("PETAH_NO_PROGRESS")
         progress = Progress(
