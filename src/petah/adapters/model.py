@@ -23,14 +23,14 @@ from petah.backbones import Backbone
 from petah.errors import PetahError
 from petah.plans import CHANNEL_SCALE, LORA, PlanConfig, Target, override_names, resolve_targets
 
-ADAPTER = "default"
+ADAPTER = "default"  # the adapter name of a model that holds a single task
 
 
 def _exact(names: list[str]) -> str:
     return "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
 
 
-def _inject_lora(model: nn.Module, targets: list[Target], config: PlanConfig) -> None:
+def _inject_lora(model: nn.Module, targets: list[Target], config: PlanConfig, name: str) -> None:
     lora = [t for t in targets if t.method == LORA]
     if not lora:
         return
@@ -49,16 +49,23 @@ def _inject_lora(model: nn.Module, targets: list[Target], config: PlanConfig) ->
             if t.rank != config.rank
         },
     )
-    inject_adapter_in_model(peft_config, model, adapter_name=ADAPTER)
+    inject_adapter_in_model(peft_config, model, adapter_name=name)
 
 
-def _inject_channel_scale(model: nn.Module, targets: list[Target]) -> None:
+def _replace(model: nn.Module, module_name: str, new: nn.Module) -> None:
+    parent_name, _, child = module_name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _inject_channel_scale(model: nn.Module, targets: list[Target], name: str) -> None:
     for target in targets:
         if target.method != CHANNEL_SCALE:
             continue
-        parent_name, _, child = target.module.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, ChannelScale(getattr(parent, child)))
+        layer = model.get_submodule(target.module)
+        if not isinstance(layer, ChannelScale):
+            layer = ChannelScale(layer)
+            _replace(model, target.module, layer)
+        layer.add(name)
 
 
 def refresh_attention_caches(model: nn.Module) -> None:
@@ -69,18 +76,23 @@ def refresh_attention_caches(model: nn.Module) -> None:
 
 
 class TaskAdapter:
-    """One task's adaptation of a backbone model (modified in place)."""
+    """One task's adaptation of a backbone model (modified in place), as the adapter ``name``.
 
-    def __init__(self, backbone: Backbone, config: PlanConfig, targets: list[Target] | None = None):
+    Several tasks may live in one model under different names (the runtime); ``activate``
+    selects one, ``remove`` takes one out again.
+    """
+
+    def __init__(self, backbone: Backbone, config: PlanConfig, targets: list[Target] | None = None, name: str = ADAPTER):
         self.backbone = backbone
         self.config = config
+        self.name = name
         model = backbone.model
         self.targets = targets if targets is not None else resolve_targets(model, backbone.family, config, backbone.name)
         self.override_keys = override_names(model, config)
         tensors = self._named_tensors(model)
         self._originals = {k: tensors[k].detach().clone() for k in self.override_keys}
-        _inject_lora(model, self.targets, config)
-        _inject_channel_scale(model, self.targets)
+        _inject_lora(model, self.targets, config, name)
+        _inject_channel_scale(model, self.targets, name)
         model.requires_grad_(False)
         for param in self.trainable_parameters():
             param.requires_grad_(True)
@@ -106,10 +118,10 @@ class TaskAdapter:
         for target in self.targets:
             layer = self._layer(target)
             if target.method == LORA:
-                params[f"{target.module}.lora_A"] = layer.lora_A[ADAPTER].weight
-                params[f"{target.module}.lora_B"] = layer.lora_B[ADAPTER].weight
+                params[f"{target.module}.lora_A"] = layer.lora_A[self.name].weight
+                params[f"{target.module}.lora_B"] = layer.lora_B[self.name].weight
             else:
-                params[f"{target.module}.scale_delta"] = layer.delta
+                params[f"{target.module}.scale_delta"] = layer.deltas[self.name]
         return params
 
     def _override_tensors(self) -> dict[str, torch.Tensor]:
@@ -149,12 +161,41 @@ class TaskAdapter:
                 tensor.copy_(source[key].to(tensor.dtype))
         refresh_attention_caches(self.model)
 
-    # --- merge -------------------------------------------------------------------------
-    def merge(self) -> None:
-        """Fold adapters into the backbone weights: zero-overhead inference."""
+    # --- several tasks in one model ------------------------------------------------------
+    def adapted_layers(self) -> list[nn.Module]:
+        return [m for m in self.model.modules() if isinstance(m, (LoraLayer, ChannelScale))]
+
+    def activate(self) -> None:
+        """Make this task the one every adapted layer runs (a pointer switch, no weight copies)."""
+        for layer in self.adapted_layers():
+            if isinstance(layer, LoraLayer):
+                layer._active_adapter = [self.name]
+            else:
+                layer.active = self.name
+
+    def remove(self) -> None:
+        """Take this task's adapters out; layers left without any adapter become plain again."""
+        if self.merged:
+            self.unmerge()
+        self.restore_overrides()
         for target in self.targets:
             layer = self._layer(target)
-            layer.merge(adapter_names=[ADAPTER]) if target.method == LORA else layer.merge()
+            if target.method == LORA:
+                layer.delete_adapter(self.name)
+                empty = not layer.lora_A
+            else:
+                layer.delete(self.name)
+                empty = not layer.deltas
+            if empty:
+                _replace(self.model, target.module, layer.get_base_layer() if isinstance(layer, LoraLayer) else layer.base_layer)
+        refresh_attention_caches(self.model)
+
+    # --- merge ---------------------------------------------------------------------------
+    def merge(self) -> None:
+        """Fold this task's adapters into the backbone weights: zero-overhead inference."""
+        for target in self.targets:
+            layer = self._layer(target)
+            layer.merge(adapter_names=[self.name]) if target.method == LORA else layer.merge(self.name)
         refresh_attention_caches(self.model)
         self.merged = True
 
@@ -168,15 +209,19 @@ class TaskAdapter:
         """The (possibly merged) weights under the plain backbone's key names."""
         out = {}
         for key, value in self.model.state_dict().items():
-            if ".lora_" in key or key.endswith(".delta"):
+            if ".lora_" in key or ".deltas." in key:
                 continue
             out[key.replace(".base_layer.", ".")] = value
         return out
 
     @torch.no_grad()
+    def apply_overrides(self, values: dict[str, torch.Tensor]) -> None:
+        tensors = self._override_tensors()
+        for key, value in values.items():
+            tensors[key].copy_(value)
+        refresh_attention_caches(self.model)
+
+    @torch.no_grad()
     def restore_overrides(self) -> None:
         """Put the shared backbone's own norm / bias tensors back."""
-        tensors = self._override_tensors()
-        for key, original in self._originals.items():
-            tensors[key].copy_(original)
-        refresh_attention_caches(self.model)
+        self.apply_overrides(self._originals)
