@@ -227,18 +227,17 @@ def evaluate(backbone: Backbone, package: TaskPackage | str | Path, data: Labele
     return task_kind(task.manifest["task"]["kind"]).evaluate(task.model, _eval_loader(data, task.preprocess), data.classes)
 
 
-@torch.no_grad()
 def predict(backbone: Backbone, packages: list, images: list[torch.Tensor], top_k: int = 3) -> dict[str, list[dict]]:
-    """Per-task predictions for RGB uint8 image tensors; one entry per package, in image order."""
-    out: dict[str, list[dict]] = {}
+    """Per-task predictions for RGB uint8 image tensors, all packages on one resident backbone."""
+    from petah.runtime import Runtime
+
+    runtime = Runtime(backbone)
     for package in packages:
-        task = load_task(backbone, package)
-        if task.name in out:
-            raise PetahError(f"two packages are named task {task.name!r}; give each task its own name")
-        kind = task_kind(task.manifest["task"]["kind"])
-        batch = task.preprocess.batch(images)
-        out[task.name] = kind.decode(task.model(batch), task.classes, top_k)
-    return out
+        name = read_package(package).task_name if not isinstance(package, TaskPackage) else package.task_name
+        if name in runtime.tasks:
+            raise PetahError(f"two packages are named task {name!r}; give each task its own name")
+        runtime.load(package)
+    return runtime.run(images, top_k=top_k)
 
 
 def inspect_package(path: str | Path) -> dict:

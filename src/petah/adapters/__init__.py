@@ -1,6 +1,6 @@
 """Adapter layers and their life cycle on a backbone (inject / merge / unmerge / restore)."""
 
 from petah.adapters.channel_scale import ChannelScale
-from petah.adapters.model import TaskAdapter, refresh_attention_caches
+from petah.adapters.model import TaskAdapter, refresh_attention_caches, remove_adapter
 
-__all__ = ["ChannelScale", "TaskAdapter", "refresh_attention_caches"]
+__all__ = ["ChannelScale", "TaskAdapter", "refresh_attention_caches", "remove_adapter"]

@@ -12,6 +12,7 @@ Adapter tensors are stored under names that do not depend on PEFT internals:
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,7 @@ from petah.adapters.channel_scale import ChannelScale
 from petah.backbones import Backbone
 from petah.errors import PetahError
 from petah.plans import CHANNEL_SCALE, LORA, PlanConfig, Target, override_names, resolve_targets
+from petah.plans.base import plain_name
 
 ADAPTER = "default"  # the adapter name of a model that holds a single task
 
@@ -49,7 +51,9 @@ def _inject_lora(model: nn.Module, targets: list[Target], config: PlanConfig, na
             if t.rank != config.rank
         },
     )
-    inject_adapter_in_model(peft_config, model, adapter_name=name)
+    with warnings.catch_warnings():  # several named adapters in one model is the runtime's design
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(peft_config, model, adapter_name=name)
 
 
 def _replace(model: nn.Module, module_name: str, new: nn.Module) -> None:
@@ -66,6 +70,22 @@ def _inject_channel_scale(model: nn.Module, targets: list[Target], name: str) ->
             layer = ChannelScale(layer)
             _replace(model, target.module, layer)
         layer.add(name)
+
+
+def remove_adapter(model: nn.Module, name: str) -> None:
+    """Delete adapter ``name`` from every layer holding it (also a half-done injection)."""
+    for module_name, layer in list(model.named_modules()):
+        if isinstance(layer, LoraLayer) and name in layer.lora_A:
+            with warnings.catch_warnings():  # PEFT notes the active adapter moved; activate() sets it
+                warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+                layer.delete_adapter(name)
+            if not layer.lora_A:
+                _replace(model, module_name, layer.get_base_layer())
+        elif isinstance(layer, ChannelScale) and name in layer.deltas:
+            layer.delete(name)
+            if not layer.deltas:
+                _replace(model, module_name, layer.base_layer)
+    refresh_attention_caches(model)
 
 
 def refresh_attention_caches(model: nn.Module) -> None:
@@ -104,7 +124,9 @@ class TaskAdapter:
 
     @staticmethod
     def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-        return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        """Backbone tensors under their plain names, wherever adapter wrappers moved them."""
+        named = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        return {plain: t for key, t in named.items() if (plain := plain_name(key))}
 
     def _layer(self, target: Target) -> nn.Module:
         layer = self.model.get_submodule(target.module)
@@ -178,17 +200,7 @@ class TaskAdapter:
         if self.merged:
             self.unmerge()
         self.restore_overrides()
-        for target in self.targets:
-            layer = self._layer(target)
-            if target.method == LORA:
-                layer.delete_adapter(self.name)
-                empty = not layer.lora_A
-            else:
-                layer.delete(self.name)
-                empty = not layer.deltas
-            if empty:
-                _replace(self.model, target.module, layer.get_base_layer() if isinstance(layer, LoraLayer) else layer.base_layer)
-        refresh_attention_caches(self.model)
+        remove_adapter(self.model, self.name)
 
     # --- merge ---------------------------------------------------------------------------
     def merge(self) -> None:
@@ -207,12 +219,7 @@ class TaskAdapter:
 
     def backbone_weights(self) -> dict[str, torch.Tensor]:
         """The (possibly merged) weights under the plain backbone's key names."""
-        out = {}
-        for key, value in self.model.state_dict().items():
-            if ".lora_" in key or ".deltas." in key:
-                continue
-            out[key.replace(".base_layer.", ".")] = value
-        return out
+        return {plain: v for key, v in self.model.state_dict().items() if (plain := plain_name(key))}
 
     @torch.no_grad()
     def apply_overrides(self, values: dict[str, torch.Tensor]) -> None:

@@ -151,10 +151,17 @@ def resolve_targets(model: nn.Module, family: Family | None, config: PlanConfig,
     return targets
 
 
+def plain_name(key: str) -> str | None:
+    """A tensor's name in the plain backbone (adapter wrappers removed); None for adapter tensors."""
+    if ".lora_" in key or ".deltas." in key:
+        return None
+    return key.replace(".base_layer.", ".")
+
+
 def override_names(model: nn.Module, config: PlanConfig) -> list[str]:
     """Backbone tensors a task replaces with its own copy (norms, biases, or everything)."""
     if config.preset == "full":
-        return sorted(model.state_dict().keys())
+        return sorted({n for n in map(plain_name, model.state_dict().keys()) if n})
     names: list[str] = []
     norm_affine = config.preset == "bitfit" or config.task_norm in ("affine", "stats")
     for mod_name, module in model.named_modules():
@@ -164,7 +171,6 @@ def override_names(model: nn.Module, config: PlanConfig) -> list[str]:
                 names += [prefix + p for p, _ in module.named_parameters(recurse=False)]
             if config.task_norm == "stats" and isinstance(module, nn.modules.batchnorm._BatchNorm):
                 names += [prefix + b for b, _ in module.named_buffers(recurse=False)]
-        elif config.preset == "bitfit" and getattr(module, "bias", None) is not None:
-            if isinstance(module.bias, nn.Parameter):
-                names.append(prefix + "bias")
-    return sorted(set(names))
+        elif config.preset == "bitfit" and isinstance(module._parameters.get("bias"), nn.Parameter):
+            names.append(prefix + "bias")
+    return sorted({n for n in map(plain_name, names) if n})

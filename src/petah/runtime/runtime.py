@@ -1,0 +1,162 @@
+"""Many tasks on one resident backbone: load / reload / unload packages, switch, run, merge.
+
+The backbone is loaded once. Each package adds its adapters to the same model under its own
+adapter name (PEFT's named LoRA adapters, petah's ChannelScale), its head, and — when the plan
+owns norm tensors — their values. Switching tasks is a pointer switch on the adapted layers
+(plus copying task-owned norm tensors, if any); no backbone weight is copied or reloaded.
+In merged mode the active task's adapters are folded into the weights (zero overhead per call)
+and a switch costs an unmerge and a merge.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from petah.adapters import TaskAdapter, remove_adapter
+from petah.backbones import Backbone
+from petah.data import Preprocess
+from petah.errors import PetahError
+from petah.packages.format import TaskPackage, check_backbone, read_package
+from petah.plans import PlanConfig, Target
+from petah.tasks import task_kind
+
+MODES = ("unmerged", "merged")
+
+
+@dataclass
+class RuntimeTask:
+    name: str
+    manifest: dict
+    adapter: TaskAdapter
+    head: nn.Module
+    overrides: dict[str, torch.Tensor]
+    package_bytes: int
+
+    @property
+    def classes(self) -> list[str]:
+        return self.manifest["task"]["labels"]
+
+    @property
+    def kind(self):
+        return task_kind(self.manifest["task"]["kind"])
+
+
+class Runtime:
+    """One resident backbone serving any number of task packages."""
+
+    def __init__(self, backbone: Backbone, mode: str = "unmerged"):
+        self.backbone = replace(backbone, model=copy.deepcopy(backbone.model).eval())
+        self.preprocess = Preprocess(backbone.img_size, backbone.mean, backbone.std)
+        self.tasks: dict[str, RuntimeTask] = {}
+        self.active: str | None = None
+        self._ids = itertools.count()
+        self.set_mode(mode)
+
+    # --- packages ------------------------------------------------------------------------
+    def load(self, package: TaskPackage | str | Path, name: str | None = None) -> RuntimeTask:
+        """Add (or atomically replace) a task. On any failure the previous version keeps serving."""
+        origin = f"package {package}" if not isinstance(package, TaskPackage) else "package"
+        size = Path(package).stat().st_size if not isinstance(package, TaskPackage) and Path(package).is_file() else 0
+        if not isinstance(package, TaskPackage):
+            package = read_package(package)
+        manifest = package.manifest
+        check_backbone(manifest, self.backbone, origin)
+        name = name or manifest["task"]["name"]
+        was_active = self.active
+        self._deactivate()
+        adapter_id = f"{name}#{next(self._ids)}"
+        try:
+            task = self._build(package, name, adapter_id, size)
+        except Exception as exc:
+            remove_adapter(self.backbone.model, adapter_id)  # roll back a half-done injection
+            if was_active is not None:
+                self.activate(was_active)
+            if isinstance(exc, PetahError):
+                raise
+            raise PetahError(f"{origin} cannot be loaded: {type(exc).__name__}: {exc}") from exc
+        old = self.tasks.get(name)
+        self.tasks[name] = task  # the swap: from here on the new version serves
+        if old is not None:
+            old.adapter.remove()
+        if was_active is not None and was_active in self.tasks:
+            self.activate(was_active)
+        return task
+
+    def _build(self, package: TaskPackage, name: str, adapter_id: str, size: int) -> RuntimeTask:
+        manifest = package.manifest
+        kind = task_kind(manifest["task"]["kind"])
+        plan = PlanConfig.from_dict(manifest["plan"]["config"])
+        targets = [Target(m, method, int(r)) for m, method, r in manifest["plan"]["targets"]]
+        adapter = TaskAdapter(self.backbone, plan, targets=targets, name=adapter_id)
+        overrides = package.section("override")
+        adapter.load_state(package.section("adapter"), overrides)
+        adapter.restore_overrides()  # task-owned norm values go in only while the task is active
+        head_info = manifest["head"]
+        head = kind.build_head(int(head_info["in_features"]), int(head_info["out_features"]))
+        head.load_state_dict(package.section("head"))
+        return RuntimeTask(name, manifest, adapter, head.eval(), overrides, size)
+
+    def unload(self, name: str) -> None:
+        task = self._task(name)
+        if self.active == name:
+            self._deactivate()
+        task.adapter.remove()
+        del self.tasks[name]
+
+    def _task(self, name: str) -> RuntimeTask:
+        if name not in self.tasks:
+            raise PetahError(f"no task {name!r} is loaded (loaded: {', '.join(self.tasks) or 'none'})")
+        return self.tasks[name]
+
+    # --- switching -----------------------------------------------------------------------
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise PetahError(f"unknown runtime mode {mode!r}; choose {' or '.join(MODES)}")
+        active = self.active
+        self._deactivate()
+        self.mode = mode
+        if active is not None:
+            self.activate(active)
+
+    def activate(self, name: str) -> None:
+        task = self._task(name)
+        if self.active == name:
+            return
+        self._deactivate()
+        task.adapter.activate()
+        if task.overrides:
+            task.adapter.apply_overrides(task.overrides)
+        if self.mode == "merged":
+            task.adapter.merge()
+        self.active = name
+
+    def _deactivate(self) -> None:
+        if self.active is None:
+            return
+        task = self.tasks.get(self.active)
+        if task is not None:
+            if task.adapter.merged:
+                task.adapter.unmerge()
+            if task.overrides:
+                task.adapter.restore_overrides()
+        self.active = None
+
+    # --- inference -----------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, batch: torch.Tensor, task: str) -> torch.Tensor:
+        """Raw task outputs (logits) for a preprocessed batch."""
+        self.activate(task)
+        return self.tasks[task].head(self.backbone.model(batch))
+
+    @torch.no_grad()
+    def run(self, images: list[torch.Tensor], tasks: list[str] | None = None, top_k: int = 3) -> dict[str, list[dict]]:
+        """Per-task decoded predictions for RGB uint8 images; preprocessing is done once."""
+        names = list(tasks) if tasks is not None else list(self.tasks)
+        batch = self.preprocess.batch(images)
+        return {name: self.tasks[name].kind.decode(self.forward(batch, name), self.tasks[name].classes, top_k) for name in names}

@@ -1,0 +1,141 @@
+"""The multi-task runtime: one backbone, several packages, switching, merged mode, rollback."""
+
+import pytest
+import torch
+
+from petah import api
+from petah.backbones import create_backbone
+from petah.data import load_dataset
+from petah.errors import PetahError
+from petah.plans import PlanConfig
+from petah.runtime import Runtime
+from petah.train import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import make_pattern
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("runtime")
+    folder = root / "shapes"
+    for label, name in enumerate(["hstripes", "vstripes", "square"]):
+        (folder / name).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(make_pattern(label, seed=7 * label + i)).save(folder / name / f"{i}.png")
+    torch.manual_seed(0)
+    backbone = create_backbone("efficientformerv2_s0", 32)
+    train, val = load_dataset(str(folder), val_split=0.25)
+    packages = {}
+    for name, plan in [("a", PlanConfig()), ("b", PlanConfig(rank=4, task_norm="stats")), ("c", PlanConfig(preset="bitfit"))]:
+        torch.manual_seed(1)
+        result = api.adapt(backbone, train, val, plan, TrainConfig(max_steps=3, batch_size=8, lr=1e-2), name, adapter_dtype="float32")
+        with torch.no_grad():  # make every adapter clearly non-zero
+            for key, value in result.package.tensors.items():
+                if key.startswith("adapter/") and value.is_floating_point():
+                    value.add_(torch.randn_like(value) * 0.05)
+        packages[name] = api.save_package(result, root / f"{name}.petah")
+    return {"backbone": backbone, "packages": packages, "val": val, "root": root}
+
+
+def _reference(backbone, package, x):
+    task = api.load_task(backbone, package)
+    with torch.no_grad():
+        return task.model(x)
+
+
+def test_switching_tasks_matches_each_task_alone(setup):
+    backbone, packages = setup["backbone"], setup["packages"]
+    runtime = Runtime(backbone)
+    for path in packages.values():
+        runtime.load(path)
+    x = torch.randn(3, 3, 32, 32)
+    expected = {name: _reference(backbone, path, x) for name, path in packages.items()}
+    for name in ["a", "b", "c", "a", "c", "b"]:  # back and forth
+        torch.testing.assert_close(runtime.forward(x, name), expected[name], rtol=1e-4, atol=1e-5)
+    # the resident backbone is shared, not copied per task
+    before = sum(p.numel() for p in backbone.model.parameters())
+    assert sum(p.numel() for p in runtime.backbone.model.parameters()) < before * 1.3
+
+
+def test_merged_mode_equals_unmerged(setup):
+    backbone, packages = setup["backbone"], setup["packages"]
+    runtime = Runtime(backbone)
+    for path in packages.values():
+        runtime.load(path)
+    x = torch.randn(2, 3, 32, 32)
+    unmerged = {name: runtime.forward(x, name) for name in packages}
+    runtime.set_mode("merged")
+    for name in ["b", "a", "c", "a"]:
+        out = runtime.forward(x, name)
+        assert runtime.tasks[name].adapter.merged or not runtime.tasks[name].adapter.targets
+        torch.testing.assert_close(out, unmerged[name], rtol=1e-4, atol=1e-4)
+    runtime.set_mode("unmerged")
+    torch.testing.assert_close(runtime.forward(x, "a"), unmerged["a"], rtol=1e-5, atol=1e-5)
+
+
+def test_unload_restores_the_plain_backbone(setup):
+    backbone, packages = setup["backbone"], setup["packages"]
+    runtime = Runtime(backbone)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = runtime.backbone.model(x)
+    for path in packages.values():
+        runtime.load(path)
+    runtime.forward(x, "b")
+    for name in list(runtime.tasks):
+        runtime.unload(name)
+    assert not any(hasattr(m, "lora_A") or hasattr(m, "deltas") for m in runtime.backbone.model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(runtime.backbone.model(x), plain, rtol=0, atol=0)
+
+
+def test_mismatched_package_is_refused_while_others_serve(setup, tmp_path):
+    backbone, packages = setup["backbone"], setup["packages"]
+    other = create_backbone("efficientformerv2_s0", 64)
+    train, val = load_dataset(str(setup["root"] / "shapes"), val_split=0.25)
+    foreign = api.save_package(api.adapt(other, train, val, PlanConfig(), TrainConfig(max_steps=1, batch_size=8), "foreign"), tmp_path / "f.petah")
+    runtime = Runtime(backbone)
+    runtime.load(packages["a"])
+    x = torch.randn(1, 3, 32, 32)
+    before = runtime.forward(x, "a")
+    with pytest.raises(PetahError, match="trained on efficientformerv2_s0@64px"):
+        runtime.load(foreign)
+    assert list(runtime.tasks) == ["a"]
+    torch.testing.assert_close(runtime.forward(x, "a"), before, rtol=0, atol=0)
+
+
+def test_failed_reload_rolls_back_and_good_reload_replaces(setup, tmp_path):
+    from petah.packages.format import read_package
+
+    backbone, packages = setup["backbone"], setup["packages"]
+    runtime = Runtime(backbone)
+    runtime.load(packages["a"])
+    x = torch.randn(1, 3, 32, 32)
+    before = runtime.forward(x, "a")
+    # a newer "a" whose adapter tensors do not fit the layers: the load fails half-way
+    broken = read_package(packages["a"])
+    key = next(k for k in broken.tensors if k.endswith("lora_A"))
+    broken.tensors[key] = torch.zeros(3, 3)
+    with pytest.raises(PetahError):
+        runtime.load(broken)
+    torch.testing.assert_close(runtime.forward(x, "a"), before, rtol=0, atol=0)
+    assert all(len(m.lora_A) == 1 for m in runtime.backbone.model.modules() if hasattr(m, "lora_A"))
+    # a good newer version (here: package b under the name a) replaces it
+    runtime.load(packages["b"], name="a")
+    torch.testing.assert_close(runtime.forward(x, "a"), _reference(backbone, packages["b"], x), rtol=1e-4, atol=1e-5)
+
+
+def test_run_decodes_every_task(setup):
+    runtime = Runtime(setup["backbone"])
+    for path in setup["packages"].values():
+        runtime.load(path)
+    images = setup["val"].images[:4]
+    results = runtime.run(images)
+    assert set(results) == {"a", "b", "c"} and all(len(v) == 4 for v in results.values())
+    with pytest.raises(PetahError, match="no task 'zzz'"):
+        runtime.activate("zzz")
