@@ -346,6 +346,37 @@ def demo(
     out.print(table)
 
 
+@app.command()
+def export(
+    packages: Annotated[list[Path], typer.Argument(help="One or more .petah task packages.")],
+    backbone: BackboneOpt,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the ONNX files (<task>.onnx).")] = Path("export"),
+    weights: WeightsOpt = "none",
+    img_size: SizeOpt = None,
+    parity_images: Annotated[Optional[list[Path]], typer.Option("--parity-image", help="Real images to check ONNX against PyTorch on (repeatable).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Export each task as one ONNX model with its adapters merged (dynamic batch, metadata, parity check)."""
+    from petah.data import load_image
+    from petah.export import export_merged
+    from petah.data import Preprocess
+
+    bb = _backbone(backbone, weights, img_size)
+    real = None
+    if parity_images:
+        real = Preprocess(bb.img_size, bb.mean, bb.std).batch([load_image(p) for p in parity_images])
+    results = [export_merged(bb, pkg, output / f"{pkg.stem}.onnx", real).to_dict() for pkg in packages]
+    if json_out:
+        emit_json({"exports": results})
+        return
+    table = Table(title=f"ONNX exports in {output}/ (opset 17, adapters merged)")
+    for col in ("task", "file", "bytes", "max |onnx - torch|"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r["task"], r["path"], f"{r['onnx_bytes']:,}", f"{r['max_abs_error']:.2e}")
+    out.print(table)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

@@ -2,10 +2,11 @@
 
 from petah.backbones.factory import (
     Backbone,
+    build_plain,
     create_backbone,
     fingerprint,
     read_backbone_metadata,
     save_backbone,
 )
 
-__all__ = ["Backbone", "create_backbone", "fingerprint", "read_backbone_metadata", "save_backbone"]
+__all__ = ["Backbone", "build_plain", "create_backbone", "fingerprint", "read_backbone_metadata", "save_backbone"]

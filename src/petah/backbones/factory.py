@@ -92,6 +92,14 @@ def _build(name: str, family: Family | None, img_size: int, pretrained: bool = F
     return timm.create_model(name, **kwargs)
 
 
+def build_plain(backbone: "Backbone", weights: dict[str, torch.Tensor]) -> nn.Module:
+    """A fresh, wrapper-free copy of ``backbone``'s architecture holding ``weights`` (e.g. merged)."""
+    model = _build(backbone.name, backbone.family, backbone.img_size)
+    _reparameterize(model)
+    model.load_state_dict(weights, strict=True)
+    return model.eval().requires_grad_(False)
+
+
 def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
     classifier = model.pretrained_cfg.get("classifier") or ()
     return (classifier,) if isinstance(classifier, str) else tuple(classifier)

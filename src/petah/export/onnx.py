@@ -1,0 +1,144 @@
+"""ONNX export of a task with its adapters merged: one self-contained model per task.
+
+The exporter is torch's TorchScript-based one (``dynamo=False``): torch 2.14's default dynamo
+exporter needs ``onnxscript``, and the traced graph of a merged, wrapper-free timm model is
+plain convolutions and matmuls that the legacy path exports exactly. The batch axis is dynamic;
+preprocessing, labels and the backbone identity go into the model's metadata, so a device needs
+nothing else.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from petah import __version__
+from petah.api import load_task
+from petah.backbones import Backbone, build_plain
+from petah.errors import PetahError
+from petah.packages.atomic import atomic_write_bytes
+from petah.packages.format import TaskPackage, read_package
+
+OPSET = 17
+INPUT, OUTPUT = "image", "logits"
+
+
+@dataclass
+class ExportResult:
+    task: str
+    path: Path
+    onnx_bytes: int
+    max_abs_error: float  # ONNX Runtime vs the unmerged PyTorch task on the parity inputs
+
+    def to_dict(self) -> dict:
+        return {"task": self.task, "path": str(self.path), "onnx_bytes": self.onnx_bytes, "max_abs_error": self.max_abs_error}
+
+
+def merged_task_module(backbone: Backbone, package: TaskPackage | str | Path) -> tuple[nn.Module, dict]:
+    """The task as a plain module: backbone with adapters merged (no wrappers) + head."""
+    task = load_task(backbone, package)
+    task.adapter.merge()
+    plain = build_plain(backbone, task.adapter.backbone_weights())
+    module = type(task.model)(plain, task.model.head).eval()
+    return module, task.manifest
+
+
+class _LayerTracker:
+    """Remembers which module was running, so an export failure can name the layer."""
+
+    def __init__(self, model: nn.Module):
+        self.stack: list[str] = []
+        self.handles = []
+        for name, module in model.named_modules():
+            self.handles.append(module.register_forward_pre_hook(self._enter(name)))
+            self.handles.append(module.register_forward_hook(self._leave))
+
+    def _enter(self, name: str):
+        def hook(module, args) -> None:  # a hook that returns something would replace the input
+            self.stack.append(name)
+
+        return hook
+
+    def _leave(self, module, args, output) -> None:
+        self.stack.pop()
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def to_onnx_bytes(module: nn.Module, example: torch.Tensor, what: str) -> bytes:
+    tracker = _LayerTracker(module)
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():  # the legacy exporter is chosen deliberately (see the module doc)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                module, (example,), buffer, dynamo=False, opset_version=OPSET,
+                input_names=[INPUT], output_names=[OUTPUT],
+                dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+            )
+    except Exception as exc:  # the exporter raises many types
+        layer = tracker.stack[-1] if tracker.stack else "(model)"
+        kind = type(module.get_submodule(layer)).__name__ if tracker.stack else ""
+        raise PetahError(f"cannot export {what} to ONNX: layer {layer} ({kind}) failed: {str(exc).splitlines()[0]}") from exc
+    finally:
+        tracker.close()
+    return buffer.getvalue()
+
+
+def with_metadata(onnx_bytes: bytes, metadata: dict[str, object]) -> bytes:
+    import onnx
+
+    model = onnx.load_from_string(onnx_bytes)
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    return model.SerializeToString()
+
+
+def max_onnx_error(onnx_bytes: bytes, module: nn.Module, inputs: list[torch.Tensor]) -> float:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    worst = 0.0
+    with torch.no_grad():
+        for x in inputs:
+            got = session.run(None, {INPUT: x.numpy()})[0]
+            worst = max(worst, float(np.abs(got - module(x).numpy()).max()))
+    return worst
+
+
+def export_merged(
+    backbone: Backbone, package: TaskPackage | str | Path, output: str | Path, real_inputs: torch.Tensor | None = None
+) -> ExportResult:
+    """Write one ONNX model for a task (adapters merged) and check it against PyTorch."""
+    if not isinstance(package, TaskPackage):
+        package = read_package(package)
+    module, manifest = merged_task_module(backbone, package)
+    size = backbone.img_size
+    gen = torch.Generator().manual_seed(0)
+    example = torch.randn(2, 3, size, size, generator=gen)
+    onnx_bytes = to_onnx_bytes(module, example, f"task {manifest['task']['name']} on {backbone.name}")
+    onnx_bytes = with_metadata(onnx_bytes, {
+        "petah.format": "petah-onnx-merged/1",
+        "petah.version": __version__,
+        "petah.task": {k: manifest["task"][k] for k in ("name", "kind", "labels")},
+        "petah.backbone": {k: manifest["backbone"][k] for k in ("name", "img_size", "fingerprint")},
+        "petah.preprocessing": manifest["preprocessing"],
+        "petah.input": "float32 [batch, 3, H, W], RGB, (pixel / 255 - mean) / std",
+    })
+    parity_inputs = [torch.randn(b, 3, size, size, generator=gen) for b in (1, 3)]
+    if real_inputs is not None:
+        parity_inputs.append(real_inputs)
+    # the reference is the task as trained: unmerged adapters, PyTorch
+    error = max_onnx_error(onnx_bytes, load_task(backbone, package).model, parity_inputs)
+    path = atomic_write_bytes(Path(output), onnx_bytes)
+    return ExportResult(manifest["task"]["name"], path, len(onnx_bytes), error)
