@@ -75,3 +75,37 @@ def test_export_failure_names_the_layer(task, monkeypatch):
     with pytest.raises(PetahError, match=r"layer backbone\.stages\.2\.blocks\.0 \(Unexportable\) failed"):
         export_merged(task["backbone"], task["packages"]["lora"], task["root"] / "x.onnx")
     assert not (task["root"] / "x.onnx").exists()
+
+
+def test_base_onnx_with_ort_adapters_matches_every_task(task, tmp_path):
+    import onnxruntime as ort
+
+    from petah.export import export_base_and_adapters
+
+    with pytest.raises(PetahError, match="owns norm / bias tensors"):
+        export_base_and_adapters(task["backbone"], [task["packages"]["lora"], task["packages"]["norms"]], tmp_path)
+    # a second task with the same plan shape but other values and fewer classes (padded head)
+    train, val = load_builtin("digits")
+    keep = [i for i in range(200) if int(train.labels[i]) < 4][:40]
+    small = train.subset(keep)
+    small.classes = small.classes[:4]
+    torch.manual_seed(3)
+    other = api.adapt(task["backbone"], small, small, PlanConfig(rank=4), TrainConfig(max_steps=2, batch_size=8), "four", adapter_dtype="float32")
+    other_path = api.save_package(other, tmp_path / "four.petah")
+    result = export_base_and_adapters(task["backbone"], [task["packages"]["lora"], other_path], tmp_path / "out", task["real"])
+    assert [r["task"] for r in result.tasks] == ["lora", "four"]
+    assert all(r["max_abs_error"] < 1e-4 for r in result.tasks)
+    # a device: one session, the adapter chosen per call
+    session = ort.InferenceSession(str(result.base_path), providers=["CPUExecutionProvider"])
+    for name, path in [("lora", task["packages"]["lora"]), ("four", other_path)]:
+        adapter = ort.LoraAdapter()
+        adapter.Load(str(tmp_path / "out" / f"{name}.onnx_adapter"))
+        options = ort.RunOptions()
+        options.add_active_adapter(adapter)
+        logits = session.run(None, {"image": task["real"].numpy()}, options)[0]
+        expected = api.load_task(task["backbone"], path).model(task["real"]).detach().numpy()
+        classes = expected.shape[1]
+        assert np.abs(logits[:, :classes] - expected).max() < 1e-4
+        assert (logits[:, classes:] < -1e8).all()  # padded classes never win
+        labels = json.loads((tmp_path / "out" / f"{name}.json").read_text())["labels"]
+        assert len(labels) == classes

@@ -354,17 +354,29 @@ def export(
     weights: WeightsOpt = "none",
     img_size: SizeOpt = None,
     parity_images: Annotated[Optional[list[Path]], typer.Option("--parity-image", help="Real images to check ONNX against PyTorch on (repeatable).")] = None,
+    ort_adapters: Annotated[bool, typer.Option("--ort-adapters", help="One base.onnx for all tasks + one ONNX Runtime adapter file per task.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Export each task as one ONNX model with its adapters merged (dynamic batch, metadata, parity check)."""
-    from petah.data import load_image
-    from petah.export import export_merged
-    from petah.data import Preprocess
+    """Export tasks for a device: one merged ONNX model each, or (--ort-adapters) one base + adapter files."""
+    from petah.data import Preprocess, load_image
+    from petah.export import export_base_and_adapters, export_merged
 
     bb = _backbone(backbone, weights, img_size)
     real = None
     if parity_images:
         real = Preprocess(bb.img_size, bb.mean, bb.std).batch([load_image(p) for p in parity_images])
+    if ort_adapters:
+        result = export_base_and_adapters(bb, list(packages), output, real).to_dict()
+        if json_out:
+            emit_json(result)
+            return
+        table = Table(title=f"{result['base']} ({result['base_bytes']:,} bytes) + ONNX Runtime adapters")
+        for col in ("task", "adapter file", "bytes", "% of base", "max |onnx - torch|"):
+            table.add_column(col)
+        for r in result["tasks"]:
+            table.add_row(r["task"], r["adapter"], f"{r['adapter_bytes']:,}", f"{r['percent_of_base']:.2f}", f"{r['max_abs_error']:.2e}")
+        out.print(table)
+        return
     results = [export_merged(bb, pkg, output / f"{pkg.stem}.onnx", real).to_dict() for pkg in packages]
     if json_out:
         emit_json({"exports": results})

@@ -1,0 +1,247 @@
+"""A base ONNX model exported once + one ONNX Runtime adapter file per task.
+
+The base graph carries every adapted layer as ``base(x) + B(A(x))`` (LoRA, scale folded into B)
+or ``base(x) * s`` (ChannelScale), plus a head padded to the largest class count. Exactly those
+tensors are made graph inputs with initializers — ONNX Runtime's overridable parameters — and
+all other weights stay plain initializers, so constant folding and prepacking still apply to
+the backbone. A task's adapter file (``onnxruntime.AdapterFormat``) holds its values; a device
+activates it per call with ``RunOptions.add_active_adapter``. Padded head rows get a bias of
+-1e9, so argmax / softmax over the padded logits are the task's own.
+
+All tasks of one base must share the plan's layers and ranks (tensor shapes must match
+exactly); a task that owns norm tensors cannot ride on a base graph (export it merged).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from petah import __version__
+from petah.api import load_task
+from petah.backbones import Backbone
+from petah.errors import PetahError
+from petah.export.onnx import INPUT, OUTPUT, to_onnx_bytes, with_metadata
+from petah.packages.atomic import atomic_write_bytes
+from petah.packages.format import TaskPackage, read_package
+from petah.plans import LORA
+from petah.tasks import ClassificationModel
+
+PAD_BIAS = -1e9
+
+
+class ConvLoraSlot(nn.Module):
+    def __init__(self, base: nn.Conv2d, rank: int):
+        super().__init__()
+        self.base = base
+        kh, kw = base.kernel_size
+        self.lora_a = nn.Parameter(torch.zeros(rank, base.in_channels, kh, kw))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_channels, rank, 1, 1))
+
+    def forward(self, x):
+        low = F.conv2d(x, self.lora_a, None, self.base.stride, self.base.padding, self.base.dilation)
+        return self.base(x) + F.conv2d(low, self.lora_b)
+
+
+class LinearLoraSlot(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int):
+        super().__init__()
+        self.base = base
+        # stored transposed so the exported MatMul uses the tensor as is (its name survives)
+        self.lora_a = nn.Parameter(torch.zeros(base.in_features, rank))
+        self.lora_b = nn.Parameter(torch.zeros(rank, base.out_features))
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.lora_a) @ self.lora_b
+
+
+class ScaleSlot(nn.Module):
+    def __init__(self, base: nn.Conv2d):
+        super().__init__()
+        self.base = base
+        # (C, 1, 1) broadcasts as is: a reshape in the graph would be folded into a renamed constant
+        self.scale = nn.Parameter(torch.ones(base.out_channels, 1, 1))
+
+    def forward(self, x):
+        return self.base(x) * self.scale
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _signature(manifest: dict) -> list:
+    return [list(t) for t in manifest["plan"]["targets"]]
+
+
+def task_values(backbone: Backbone, package: TaskPackage, classes: int) -> dict[str, np.ndarray]:
+    """A task's values for every overridable tensor of the base graph (names as in the graph)."""
+    task = load_task(backbone, package)
+    values: dict[str, np.ndarray] = {}
+    for module, method, _rank in package.manifest["plan"]["targets"]:
+        layer = task.model.backbone.get_submodule(module)
+        key = f"backbone.{module}"
+        if method == LORA:
+            name = task.adapter.name
+            a, b = layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach()
+            b = b * layer.scaling[name]
+            if isinstance(layer.get_base_layer(), nn.Linear):
+                a, b = a.t(), b.t()
+            values[f"{key}.lora_a"], values[f"{key}.lora_b"] = a.numpy(), b.numpy()
+        else:
+            values[f"{key}.scale"] = (1.0 + layer.deltas[task.adapter.name].detach()).view(-1, 1, 1).numpy()
+    head = task.model.head
+    weight = torch.zeros(classes, head.in_features)
+    bias = torch.full((classes,), PAD_BIAS)
+    weight[: head.out_features] = head.weight.detach()
+    bias[: head.out_features] = head.bias.detach()
+    values["head.weight"], values["head.bias"] = weight.numpy(), bias.numpy()
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in values.items()}
+
+
+def base_module(backbone: Backbone, manifest: dict, classes: int) -> nn.Module:
+    model = copy.deepcopy(backbone.model).eval()
+    for module, method, rank in manifest["plan"]["targets"]:
+        base = model.get_submodule(module)
+        if method == LORA:
+            slot = ConvLoraSlot(base, int(rank)) if isinstance(base, nn.Conv2d) else LinearLoraSlot(base, int(rank))
+        else:
+            slot = ScaleSlot(base)
+        _set(model, module, slot)
+    head = nn.Linear(backbone.num_features, classes)
+    template = ClassificationModel(model, head).eval().requires_grad_(False)
+    # Distinct values while exporting: the exporter merges identical initializers (all-zero
+    # adapters would collapse into one tensor). make_overridable writes the neutral values.
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in template.named_parameters():
+            if _overridable(name):
+                param.copy_(torch.randn(param.shape, generator=gen))
+    return template
+
+
+def _overridable(name: str) -> bool:
+    return name.endswith((".lora_a", ".lora_b", ".scale")) or name.startswith("head.")
+
+
+def neutral_values(template: nn.Module) -> dict[str, np.ndarray]:
+    """What the base graph holds when no adapter is active: the plain backbone, a padded head."""
+    out = {}
+    for name, param in template.named_parameters():
+        if not _overridable(name):
+            continue
+        value = torch.ones_like(param) if name.endswith(".scale") else torch.zeros_like(param)
+        if name == "head.bias":
+            value.fill_(PAD_BIAS)
+        out[name] = value.numpy()
+    return out
+
+
+def make_overridable(onnx_bytes: bytes, values: dict[str, np.ndarray]) -> bytes:
+    """List exactly these initializers as graph inputs (ONNX Runtime lets adapters override
+    them) and give them ``values``."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(onnx_bytes)
+    initializers = {init.name: init for init in model.graph.initializer}
+    missing = [n for n in values if n not in initializers]
+    if missing:
+        raise PetahError(f"the exported graph renamed adapter tensors (e.g. {missing[0]}); cannot make them overridable")
+    for name, value in values.items():
+        init = initializers[name]
+        init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value, dtype=np.float32), name))
+        model.graph.input.append(onnx.helper.make_tensor_value_info(name, init.data_type, list(init.dims)))
+    return model.SerializeToString()
+
+
+@dataclass
+class AdapterExport:
+    base_path: Path
+    base_bytes: int
+    tasks: list[dict]
+
+    def to_dict(self) -> dict:
+        return {"base": str(self.base_path), "base_bytes": self.base_bytes, "tasks": self.tasks}
+
+
+def export_base_and_adapters(backbone: Backbone, packages: list, output: str | Path, real_inputs: torch.Tensor | None = None) -> AdapterExport:
+    """Write ``base.onnx`` + ``<task>.onnx_adapter`` (+ ``<task>.json`` labels) and check parity."""
+    import onnxruntime as ort
+
+    output = Path(output)
+    loaded = [(p, read_package(p) if not isinstance(p, TaskPackage) else p) for p in packages]
+    if not loaded:
+        raise PetahError("no packages to export")
+    first = loaded[0][1].manifest
+    for path, package in loaded:
+        manifest = package.manifest
+        if manifest["plan"]["overrides"]:
+            raise PetahError(f"{path}: its plan owns norm / bias tensors, which a shared base graph cannot switch; export it merged")
+        if _signature(manifest) != _signature(first):
+            raise PetahError(f"{path}: its adapted layers or ranks differ from {loaded[0][0]}; one base serves one plan shape")
+    classes = max(int(p.manifest["head"]["out_features"]) for _, p in loaded)
+    template = base_module(backbone, first, classes)
+    gen = torch.Generator().manual_seed(0)
+    example = torch.randn(2, 3, backbone.img_size, backbone.img_size, generator=gen)
+    neutral = neutral_values(template)
+    names = sorted(neutral)
+    onnx_bytes = to_onnx_bytes(template, example, f"the base graph of {backbone.name}")
+    onnx_bytes = make_overridable(onnx_bytes, neutral)
+    onnx_bytes = with_metadata(onnx_bytes, {
+        "petah.format": "petah-onnx-base/1",
+        "petah.version": __version__,
+        "petah.backbone": backbone.identity(),
+        "petah.preprocessing": first["preprocessing"],
+        "petah.adapter_tensors": names,
+        "petah.padded_classes": classes,
+    })
+    base_path = atomic_write_bytes(output / "base.onnx", onnx_bytes)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # ORT warns about every overridable initializer: that is the design
+    session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+    inputs = [torch.randn(b, 3, backbone.img_size, backbone.img_size, generator=gen) for b in (1, 3)]
+    if real_inputs is not None:
+        inputs.append(real_inputs)
+    rows = []
+    for path, package in loaded:
+        name = package.task_name
+        values = task_values(backbone, package, classes)
+        adapter = ort.AdapterFormat()
+        adapter.set_adapter_version(1)
+        adapter.set_model_version(1)
+        adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in values.items()})
+        adapter_path = output / f"{name}.onnx_adapter"
+        tmp = output / f".{name}.onnx_adapter.tmp"
+        adapter.export_adapter(str(tmp))
+        tmp.replace(adapter_path)
+        labels = package.manifest["task"]["labels"]
+        atomic_write_bytes(output / f"{name}.json", json.dumps({"task": name, "labels": labels, "adapter": adapter_path.name}).encode())
+        error = adapter_parity(session, adapter_path, load_task(backbone, package).model, inputs, len(labels))
+        size = adapter_path.stat().st_size
+        rows.append({"task": name, "adapter": str(adapter_path), "adapter_bytes": size,
+                     "percent_of_base": round(100 * size / len(onnx_bytes), 3), "max_abs_error": error})
+    return AdapterExport(base_path, len(onnx_bytes), rows)
+
+
+def adapter_parity(session, adapter_path: Path, reference: nn.Module, inputs: list[torch.Tensor], classes: int) -> float:
+    import onnxruntime as ort
+
+    lora = ort.LoraAdapter()
+    lora.Load(str(adapter_path))
+    options = ort.RunOptions()
+    options.add_active_adapter(lora)
+    worst = 0.0
+    with torch.no_grad():
+        for x in inputs:
+            got = session.run([OUTPUT], {INPUT: x.numpy()}, options)[0][:, :classes]
+            worst = max(worst, float(np.abs(got - reference(x).numpy()).max()))
+    return worst
