@@ -130,3 +130,16 @@ def test_demo_json_quick(tmp_path):
         assert set(row) >= {"task", "plan", "accuracy", "package_bytes", "backbone_bytes", "train_seconds"}
         assert (tmp_path / "demo" / f"{row['task']}-{row['plan']}.petah").stat().st_size == row["package_bytes"]
     assert torch  # noqa
+
+
+def test_predict_jsonl_over_a_folder_keeps_going_past_bad_files(workspace, tmp_path):
+    import shutil
+
+    folder = tmp_path / "mixed"
+    shutil.copytree(workspace["folder"] / "square", folder)
+    (folder / "zz_broken.png").write_bytes(b"\x89PNG not really")
+    proc = petah("predict", folder, "-b", workspace["backbone"], "-p", workspace["package"], "--jsonl", ok=False)
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 9 and proc.returncode == 1
+    assert "zz_broken.png" in lines[-1]["image"] and "cannot read image" in lines[-1]["error"]
+    assert all(line["tasks"]["shapes"]["label"] for line in lines[:-1])

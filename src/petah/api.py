@@ -240,6 +240,36 @@ def predict(backbone: Backbone, packages: list, images: list[torch.Tensor], top_
     return runtime.run(images, top_k=top_k)
 
 
+def image_files(paths: list[str | Path]) -> list[Path]:
+    """Files as given, folders expanded to the images inside them (sorted)."""
+    from petah.data.images import IMAGE_SUFFIXES
+
+    out: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            out += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            out.append(path)
+    return out
+
+
+def predict_files(backbone: Backbone, packages: list, paths: list[str | Path], top_k: int = 3):
+    """Yield one result per image file, on one resident backbone; a bad file yields an error entry."""
+    from petah.data import load_image
+    from petah.runtime import Runtime
+
+    runtime = Runtime(backbone)
+    for package in packages:
+        runtime.load(package)
+    for path in image_files(paths):
+        try:
+            image = load_image(path)
+        except PetahError as exc:
+            yield {"image": str(path), "error": str(exc)}
+            continue
+        yield {"image": str(path), "tasks": {name: preds[0] for name, preds in runtime.run([image], top_k=top_k).items()}}
+
+
 def inspect_package(path: str | Path) -> dict:
     """Manifest summary and sizes of a package file (validated as on load)."""
     path = Path(path)
@@ -275,6 +305,6 @@ def inspect_package(path: str | Path) -> dict:
 
 
 __all__ = [
-    "AdaptResult", "LoadedTask", "adapt", "create_backbone", "evaluate", "fingerprint", "inspect_package", "load_task",
-    "predict", "prepare", "save_package",
+    "AdaptResult", "LoadedTask", "adapt", "create_backbone", "evaluate", "fingerprint", "image_files", "inspect_package", "load_task",
+    "predict", "predict_files", "prepare", "save_package",
 ]

@@ -265,29 +265,39 @@ def eval_(
 
 @app.command()
 def predict(
-    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
     backbone: BackboneOpt,
     package: Annotated[list[Path], typer.Option("--package", "-p", help="A .petah package; repeat for several tasks.")],
     weights: WeightsOpt = "none",
     img_size: SizeOpt = None,
     top_k: Annotated[int, typer.Option("--top-k")] = 3,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help="One JSON line per image; a bad file gets an error line and the rest go on.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Run one or more task packages on image files with one shared backbone."""
+    """Run one or more task packages on images with one shared backbone."""
     from petah import api
     from petah.data import load_image
 
     bb = _backbone(backbone, weights, img_size)
-    tensors = [load_image(p) for p in images]
-    results = api.predict(bb, list(package), tensors, top_k=top_k)
+    if jsonl:
+        failed = 0
+        for entry in api.predict_files(bb, list(package), images, top_k=top_k):
+            failed += "error" in entry
+            emit_json(entry)
+        if failed:
+            err.print(f"[red]error:[/red] {failed} file(s) could not be read (see their JSON lines)", highlight=False)
+            raise typer.Exit(1)
+        return
+    files = api.image_files(images)
+    results = api.predict(bb, list(package), [load_image(p) for p in files], top_k=top_k)
     if json_out:
-        emit_json({"images": [str(p) for p in images], "tasks": results})
+        emit_json({"images": [str(p) for p in files], "tasks": results})
         return
     table = Table(title="predictions")
     table.add_column("image")
     for name in results:
         table.add_column(name)
-    for i, path in enumerate(images):
+    for i, path in enumerate(files):
         table.add_row(str(path), *[f"{r[i]['label']} ({r[i]['score']:.2f})" for r in results.values()])
     out.print(table)
 
@@ -391,7 +401,9 @@ def export(
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer.Exit(n) comes back as n here
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except PetahError as exc:
         if STATE["debug"]:
             raise
