@@ -139,3 +139,31 @@ def test_run_decodes_every_task(setup):
     assert set(results) == {"a", "b", "c"} and all(len(v) == 4 for v in results.values())
     with pytest.raises(PetahError, match="no task 'zzz'"):
         runtime.activate("zzz")
+
+
+def test_shared_trunk_runs_unadapted_stages_once_with_equal_results(setup, tmp_path, monkeypatch):
+    backbone = setup["backbone"]
+    train, val = load_dataset(str(setup["root"] / "shapes"), val_split=0.25)
+    runtime = Runtime(backbone)
+    for name, stages in [("late1", {0: 0, 1: 0}), ("late2", {0: 0, 1: 0, 2: 0})]:
+        torch.manual_seed(2)
+        result = api.adapt(backbone, train, val, PlanConfig(stage_ranks=stages), TrainConfig(max_steps=2, batch_size=8), name, adapter_dtype="float32")
+        with torch.no_grad():
+            for key, value in result.package.tensors.items():
+                if key.startswith("adapter/"):
+                    value.add_(torch.randn_like(value) * 0.05)
+        runtime.load(api.save_package(result, tmp_path / f"{name}.petah"))
+    runtime.load(setup["packages"]["a"])  # adapts every stage: not loaded for the shared run
+    assert runtime.shared_stages(["late1", "late2"]) == 2
+    assert runtime.shared_stages(["late1", "a"]) == 0
+    x = torch.randn(3, 3, 32, 32)
+    runtime.activate("a")  # the trunk must not run with another task's adapters
+    calls = {"n": 0}
+    stem_forward = runtime.backbone.model.stem.forward
+    monkeypatch.setattr(runtime.backbone.model.stem, "forward", lambda t: (calls.__setitem__("n", calls["n"] + 1), stem_forward(t))[1])
+    shared = runtime.forward_many(x, ["late1", "late2"])
+    assert calls["n"] == 1
+    for mode in ("unmerged", "merged"):
+        runtime.set_mode(mode)
+        for name in ("late1", "late2"):
+            torch.testing.assert_close(shared[name], runtime.forward(x, name), rtol=1e-4, atol=1e-4)

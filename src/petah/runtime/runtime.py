@@ -154,9 +154,43 @@ class Runtime:
         self.activate(task)
         return self.tasks[task].head(self.backbone.model(batch))
 
+    # --- shared trunk ----------------------------------------------------------------------
+    def _first_adapted_stage(self, task: RuntimeTask) -> int:
+        family = self.backbone.family
+        plan = task.manifest["plan"]
+        stages = [family.stage_of(t[0]) for t in plan["targets"]] + [family.stage_of(k) for k in plan["overrides"]]
+        return min(stages, default=len(self.backbone.model.stages))
+
+    def shared_stages(self, names: list[str]) -> int:
+        """How many leading stages no task in ``names`` adapts: computed once per image for all."""
+        model = self.backbone.model
+        if self.backbone.family is None or not all(hasattr(model, a) for a in ("stem", "stages", "norm", "forward_head")):
+            return 0  # the trunk split needs the stem / stages / norm layout (EfficientFormer V1 / V2)
+        return min(self._first_adapted_stage(self._task(n)) for n in names)
+
+    @torch.no_grad()
+    def forward_many(self, batch: torch.Tensor, names: list[str], share_trunk: bool = True) -> dict[str, torch.Tensor]:
+        """Raw outputs of several tasks; the unadapted leading stages run once for all of them."""
+        shared = self.shared_stages(names) if share_trunk and names else 0
+        if shared == 0:
+            return {name: self.forward(batch, name) for name in names}
+        model = self.backbone.model
+        self.activate(names[0])  # layers in the trunk hold no adapter of it: they run plain
+        trunk = model.stem(batch)
+        for stage in model.stages[:shared]:
+            trunk = stage(trunk)
+        outputs = {}
+        for name in names:
+            self.activate(name)
+            x = trunk
+            for stage in model.stages[shared:]:
+                x = stage(x)
+            outputs[name] = self.tasks[name].head(model.forward_head(model.norm(x)))
+        return outputs
+
     @torch.no_grad()
     def run(self, images: list[torch.Tensor], tasks: list[str] | None = None, top_k: int = 3) -> dict[str, list[dict]]:
-        """Per-task decoded predictions for RGB uint8 images; preprocessing is done once."""
+        """Per-task decoded predictions for RGB uint8 images; preprocessing (and trunk) done once."""
         names = list(tasks) if tasks is not None else list(self.tasks)
-        batch = self.preprocess.batch(images)
-        return {name: self.tasks[name].kind.decode(self.forward(batch, name), self.tasks[name].classes, top_k) for name in names}
+        outputs = self.forward_many(self.preprocess.batch(images), names)
+        return {name: self.tasks[name].kind.decode(outputs[name], self.tasks[name].classes, top_k) for name in names}
