@@ -399,6 +399,41 @@ def export(
     out.print(table)
 
 
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: side-by-side measurements in one run.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("latency")
+def bench_latency(
+    model: Annotated[str, typer.Option("--model", help="timm backbone name.")] = "efficientformerv2_s0",
+    img_size: Annotated[int, typer.Option("--img-size")] = 224,
+    batch: Annotated[int, typer.Option("--batch")] = 1,
+    repeats: Annotated[int, typer.Option(help="Interleaved repeats per variant (median reported).")] = 20,
+    trunk_stages: Annotated[int, typer.Option("--trunk-stages", help="Leading stages the shared-trunk tasks leave unadapted.")] = 3,
+    json_out: JsonOpt = False,
+) -> None:
+    """Plain vs unmerged vs merged (torch, ONNX, ORT adapters), shared trunk, task switching."""
+    from petah.bench.latency import run_latency
+
+    result = run_latency(model, img_size, batch, repeats, trunk_stages)
+    if json_out:
+        emit_json(result)
+        return
+    table = Table(title=f"{model} @ {img_size}px, batch {batch}, {result['threads']} threads: median of {repeats}")
+    table.add_column("variant")
+    table.add_column("ms", justify="right")
+    for key, value in result["latency_ms"].items():
+        table.add_row(key, f"{value:.2f}")
+    for key, value in result["switch_ms"].items():
+        table.add_row(f"switch: {key}", f"{value:.3f}")
+    for n, row in result["shared_trunk"].items():
+        if n != "stages":
+            table.add_row(f"{n} task(s): naive / shared trunk ({result['shared_trunk']['stages']} stages)",
+                          f"{row['naive_s']:.1f} / {row['shared_s']:.1f} ({row['speedup']:.2f}x)")
+    out.print(table)
+    out.print(", ".join(f"{k} = {v}" for k, v in result["ratios"].items()))
+
+
 def main() -> None:
     try:
         code = app(standalone_mode=False)  # typer.Exit(n) comes back as n here

@@ -187,9 +187,12 @@ class TaskAdapter:
     def adapted_layers(self) -> list[nn.Module]:
         return [m for m in self.model.modules() if isinstance(m, (LoraLayer, ChannelScale))]
 
-    def activate(self) -> None:
-        """Make this task the one every adapted layer runs (a pointer switch, no weight copies)."""
-        for layer in self.adapted_layers():
+    def activate(self, layers: list[nn.Module] | None = None) -> None:
+        """Make this task the one every adapted layer runs (a pointer switch, no weight copies).
+
+        ``layers``: the model's adapted layers, when the caller keeps them (saves a module walk).
+        """
+        for layer in self.adapted_layers() if layers is None else layers:
             if isinstance(layer, LoraLayer):
                 layer._active_adapter = [self.name]
             else:

@@ -56,6 +56,7 @@ class Runtime:
         self.tasks: dict[str, RuntimeTask] = {}
         self.active: str | None = None
         self._ids = itertools.count()
+        self._layers: list[nn.Module] = []  # every adapted layer of the model, kept for fast switching
         self.set_mode(mode)
 
     # --- packages ------------------------------------------------------------------------
@@ -84,6 +85,7 @@ class Runtime:
         self.tasks[name] = task  # the swap: from here on the new version serves
         if old is not None:
             old.adapter.remove()
+        self._layers = task.adapter.adapted_layers()
         if was_active is not None and was_active in self.tasks:
             self.activate(was_active)
         return task
@@ -108,6 +110,7 @@ class Runtime:
             self._deactivate()
         task.adapter.remove()
         del self.tasks[name]
+        self._layers = task.adapter.adapted_layers()
 
     def _task(self, name: str) -> RuntimeTask:
         if name not in self.tasks:
@@ -129,7 +132,7 @@ class Runtime:
         if self.active == name:
             return
         self._deactivate()
-        task.adapter.activate()
+        task.adapter.activate(self._layers)
         if task.overrides:
             task.adapter.apply_overrides(task.overrides)
         if self.mode == "merged":

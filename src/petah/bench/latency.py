@@ -1,0 +1,169 @@
+"""`petah bench latency`: side-by-side latencies in one run (ratios, not timed unit tests).
+
+Every variant sees the same input; after a warm-up, the variants run interleaved (round-robin)
+``repeats`` times and the median of each is reported, so drift of the machine hits all alike.
+Task packages are synthesised on the backbone with random non-zero adapters: latency does not
+depend on the values, and the bench then needs no training and no data.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from petah.adapters import TaskAdapter
+from petah.backbones import Backbone, create_backbone
+from petah.packages.format import TaskPackage, pack_tensors
+from petah.plans import PlanConfig
+from petah.runtime import Runtime
+from petah.tasks import Classification
+
+
+def synthetic_package(backbone: Backbone, name: str, plan: PlanConfig, classes: int = 10, seed: int = 0) -> TaskPackage:
+    """A package with random non-zero adapters (for speed measurements only)."""
+    from dataclasses import replace
+    import copy
+
+    work = replace(backbone, model=copy.deepcopy(backbone.model))
+    adapter = TaskAdapter(work, plan)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    head = Classification.build_head(backbone.num_features, classes)
+    tensors = pack_tensors(adapter.adapter_state(), adapter.override_state(), head.state_dict(), torch.float32)
+    manifest = {
+        "task": {"name": name, "kind": "classification", "labels": [str(i) for i in range(classes)]},
+        "backbone": backbone.identity(),
+        "preprocessing": backbone.preprocessing(),
+        "plan": {"config": plan.to_dict(), "targets": [[t.module, t.method, t.rank] for t in adapter.targets],
+                 "overrides": adapter.override_keys},
+        "head": {"type": "linear", "in_features": backbone.num_features, "out_features": classes, "tensors": sorted(head.state_dict())},
+        "metrics": {},
+    }
+    return TaskPackage(manifest, tensors)
+
+
+def interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call of each variant, run round-robin on the same inputs."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(repeats):
+        for key, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            samples[key].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def run_latency(name: str = "efficientformerv2_s0", img_size: int = 224, batch: int = 1, repeats: int = 20,
+                trunk_stages: int = 3, weights: str = "none") -> dict:
+    import onnxruntime as ort
+
+    from petah.export import export_base_and_adapters, export_merged
+    from petah.export.onnx import INPUT, to_onnx_bytes
+
+    torch.manual_seed(0)
+    backbone = create_backbone(name, img_size, weights)
+    x = torch.randn(batch, 3, img_size, img_size)
+    feed = {INPUT: x.numpy()}
+    full = synthetic_package(backbone, "task0", PlanConfig())
+    late_plan = PlanConfig(stage_ranks={s: 0 for s in range(trunk_stages)})
+    late = [synthetic_package(backbone, f"late{i}", late_plan, seed=i + 1) for i in range(4)]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        pkg_path = tmp / "task0.petah"
+        from petah.packages.format import write_package
+
+        write_package(pkg_path, full)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        # ORT's worker threads spin after a run and would steal the cores from the next torch call
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.intra_op_num_threads = torch.get_num_threads()
+        plain_onnx = ort.InferenceSession(to_onnx_bytes(backbone.model, x, name), options, providers=["CPUExecutionProvider"])
+        merged_onnx_path = export_merged(backbone, full, tmp / "merged.onnx").path
+        merged_onnx = ort.InferenceSession(str(merged_onnx_path), options, providers=["CPUExecutionProvider"])
+        base = export_base_and_adapters(backbone, [pkg_path], tmp / "ort")
+        base_session = ort.InferenceSession(str(base.base_path), options, providers=["CPUExecutionProvider"])
+        lora = ort.LoraAdapter()
+        lora.Load(base.tasks[0]["adapter"])
+        run_options = ort.RunOptions()
+        run_options.add_active_adapter(lora)
+
+        unmerged = Runtime(backbone)
+        unmerged.load(full)
+        merged = Runtime(backbone, mode="merged")
+        merged.load(full)
+        plain = backbone.model
+        with torch.no_grad():
+            single = interleaved_medians({
+                "plain backbone (torch)": lambda: plain(x),
+                "task unmerged (torch)": lambda: unmerged.forward(x, "task0"),
+                "task merged (torch)": lambda: merged.forward(x, "task0"),
+                "plain backbone (onnx)": lambda: plain_onnx.run(None, feed),
+                "task merged (onnx)": lambda: merged_onnx.run(None, feed),
+                "task base + ort adapter (onnx)": lambda: base_session.run(None, feed, run_options),
+            }, repeats)
+
+        multi = Runtime(backbone)
+        for package in late:
+            multi.load(package)
+        throughput = {}
+        with torch.no_grad():
+            for n in range(1, 5):
+                names = [f"late{i}" for i in range(n)]
+                medians = interleaved_medians({
+                    "naive": lambda names=names: multi.forward_many(x, names, share_trunk=False),
+                    "shared": lambda names=names: multi.forward_many(x, names, share_trunk=True),
+                }, max(5, repeats // 2))
+                throughput[n] = {"naive_s": medians["naive"], "shared_s": medians["shared"],
+                                 "speedup": medians["naive"] / medians["shared"]}
+
+        switch_rt = Runtime(backbone)
+        switch_rt.load(full)
+        switch_rt.load(late[0])
+        merged_rt = Runtime(backbone, mode="merged")
+        merged_rt.load(full)
+        merged_rt.load(late[0])
+        calls = {id(switch_rt): 0, id(merged_rt): 0}
+
+        def swap(runtime):  # alternate between two tasks, so every call is a real switch
+            calls[id(runtime)] += 1
+            runtime.activate("task0" if calls[id(runtime)] % 2 else "late0")
+
+        backbone_file = tmp / "full_model.safetensors"
+        from petah.backbones import save_backbone
+
+        save_backbone(backbone, backbone_file)
+        switches = interleaved_medians({
+            "unmerged swap": lambda: swap(switch_rt),
+            "merged swap (unmerge + merge)": lambda: swap(merged_rt),
+            "reload a full fine-tuned model": lambda: create_backbone(weights=str(backbone_file)),
+        }, max(5, repeats // 2), warmup=1)
+
+    base_time = single["plain backbone (torch)"]
+    onnx_base = single["plain backbone (onnx)"]
+    return {
+        "backbone": name, "img_size": img_size, "batch": batch, "repeats": repeats, "threads": torch.get_num_threads(),
+        "latency_ms": {k: round(v * 1e3, 3) for k, v in single.items()},
+        "ratios": {
+            "unmerged_torch / plain_torch": round(single["task unmerged (torch)"] / base_time, 3),
+            "merged_torch / plain_torch": round(single["task merged (torch)"] / base_time, 3),
+            "merged_onnx / plain_onnx": round(single["task merged (onnx)"] / onnx_base, 3),
+            "ort_adapter / merged_onnx": round(single["task base + ort adapter (onnx)"] / single["task merged (onnx)"], 3),
+        },
+        "shared_trunk": {"stages": trunk_stages, **{str(n): {k: round(v * 1e3, 3) if k.endswith("_s") else round(v, 3) for k, v in r.items()} for n, r in throughput.items()}},
+        "switch_ms": {k: round(v * 1e3, 4) for k, v in switches.items()},
+        "switch_speedup_vs_reload": round(switches["reload a full fine-tuned model"] / switches["unmerged swap"], 1),
+        "package_bytes": sum(t.numel() * t.element_size() for t in full.tensors.values()),
+        "backbone_bytes": backbone.weights_bytes,
+    }
