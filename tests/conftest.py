@@ -22,12 +22,33 @@ def make_pattern(label: int, size: int = 24, seed: int = 0) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-@pytest.fixture
-def image_folder(tmp_path):
-    """root/<class>/<n>.png with three visually distinct classes, 12 images each."""
-    root = tmp_path / "shapes"
+def write_pattern_folder(root, per_class: int, seed: int = 100):
+    """root/<class>/<n>.png with three visually distinct classes."""
     for label, name in enumerate(["hstripes", "vstripes", "square"]):
         (root / name).mkdir(parents=True)
-        for i in range(12):
-            Image.fromarray(make_pattern(label, seed=100 * label + i)).save(root / name / f"{i}.png")
+        for i in range(per_class):
+            Image.fromarray(make_pattern(label, seed=seed * label + i)).save(root / name / f"{i}.png")
     return root
+
+
+def perturb_adapters(package, scale: float = 0.05) -> None:
+    """Make every adapter tensor clearly non-zero (fresh LoRA B matrices are exactly zero)."""
+    with torch.no_grad():
+        for key, value in package.tensors.items():
+            if key.startswith("adapter/") and value.is_floating_point():
+                value.add_(torch.randn_like(value) * scale)
+
+
+def open_runtime(backbone, packages):
+    from petah.runtime import Runtime
+
+    runtime = Runtime(backbone)
+    for path in packages:
+        runtime.load(path)
+    return runtime
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """Three visually distinct classes, 12 images each."""
+    return write_pattern_folder(tmp_path / "shapes", 12)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_pattern
+from conftest import make_pattern, write_pattern_folder
 
 ENV = {**os.environ, "PETAH_NO_PROGRESS": "1"}
 
@@ -30,11 +30,7 @@ def one_json(proc) -> dict:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    folder = root / "shapes"
-    for label, name in enumerate(["hstripes", "vstripes", "square"]):
-        (folder / name).mkdir(parents=True)
-        for i in range(8):
-            Image.fromarray(make_pattern(label, seed=50 * label + i)).save(folder / name / f"{i}.png")
+    folder = write_pattern_folder(root / "shapes", 8, seed=50)
     backbone = root / "bb.safetensors"
     prepared = one_json(petah("prepare", "efficientformerv2_s0", folder, "-o", backbone, "--img-size", "32",
                               "--val-split", "0.25", "--max-steps", "2", "--batch-size", "8", "--json"))

@@ -9,9 +9,8 @@ import time
 
 import pytest
 import torch
-from PIL import Image
 
-from conftest import make_pattern
+from conftest import write_pattern_folder
 from petah.packages.format import read_package
 
 ENV = {**os.environ, "PETAH_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PETAH_DEVICE": "cpu"}
@@ -28,11 +27,7 @@ def torchrun(nproc, *args, **popen):
 @pytest.fixture(scope="module")
 def setup_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    folder = root / "shapes"
-    for label, name in enumerate(["hstripes", "vstripes", "square"]):
-        (folder / name).mkdir(parents=True)
-        for i in range(16):  # 36 train / 12 val: 9 global batches of 4 per epoch, no padding
-            Image.fromarray(make_pattern(label, seed=100 * label + i)).save(folder / name / f"{i}.png")
+    folder = write_pattern_folder(root / "shapes", 16)  # 36 train / 12 val: 9 global batches of 4 per epoch
     backbone = root / "bb.safetensors"
     proc = subprocess.run([sys.executable, "-m", "petah", "prepare", "efficientformerv2_s0", folder, "-o", backbone,
                            "--img-size", "64", "--val-split", "0.25", "--max-steps", "2", "--batch-size", "8"],

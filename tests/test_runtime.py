@@ -11,22 +11,13 @@ from petah.plans import PlanConfig
 from petah.runtime import Runtime
 from petah.train import TrainConfig
 
+from conftest import open_runtime, perturb_adapters, write_pattern_folder
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import make_pattern
-    from PIL import Image
-
     root = tmp_path_factory.mktemp("runtime")
-    folder = root / "shapes"
-    for label, name in enumerate(["hstripes", "vstripes", "square"]):
-        (folder / name).mkdir(parents=True)
-        for i in range(8):
-            Image.fromarray(make_pattern(label, seed=7 * label + i)).save(folder / name / f"{i}.png")
+    folder = write_pattern_folder(root / "shapes", 8, seed=7)
     torch.manual_seed(0)
     backbone = create_backbone("efficientformerv2_s0", 32)
     train, val = load_dataset(str(folder), val_split=0.25)
@@ -34,10 +25,7 @@ def setup(tmp_path_factory):
     for name, plan in [("a", PlanConfig()), ("b", PlanConfig(rank=4, task_norm="stats")), ("c", PlanConfig(preset="bitfit"))]:
         torch.manual_seed(1)
         result = api.adapt(backbone, train, val, plan, TrainConfig(max_steps=3, batch_size=8, lr=1e-2), name, adapter_dtype="float32")
-        with torch.no_grad():  # make every adapter clearly non-zero
-            for key, value in result.package.tensors.items():
-                if key.startswith("adapter/") and value.is_floating_point():
-                    value.add_(torch.randn_like(value) * 0.05)
+        perturb_adapters(result.package)
         packages[name] = api.save_package(result, root / f"{name}.petah")
     return {"backbone": backbone, "packages": packages, "val": val, "root": root}
 
@@ -50,9 +38,7 @@ def _reference(backbone, package, x):
 
 def test_switching_tasks_matches_each_task_alone(setup):
     backbone, packages = setup["backbone"], setup["packages"]
-    runtime = Runtime(backbone)
-    for path in packages.values():
-        runtime.load(path)
+    runtime = open_runtime(backbone, packages.values())
     x = torch.randn(3, 3, 32, 32)
     expected = {name: _reference(backbone, path, x) for name, path in packages.items()}
     for name in ["a", "b", "c", "a", "c", "b"]:  # back and forth
@@ -64,9 +50,7 @@ def test_switching_tasks_matches_each_task_alone(setup):
 
 def test_merged_mode_equals_unmerged(setup):
     backbone, packages = setup["backbone"], setup["packages"]
-    runtime = Runtime(backbone)
-    for path in packages.values():
-        runtime.load(path)
+    runtime = open_runtime(backbone, packages.values())
     x = torch.randn(2, 3, 32, 32)
     unmerged = {name: runtime.forward(x, name) for name in packages}
     runtime.set_mode("merged")
@@ -131,9 +115,7 @@ def test_failed_reload_rolls_back_and_good_reload_replaces(setup, tmp_path):
 
 
 def test_run_decodes_every_task(setup):
-    runtime = Runtime(setup["backbone"])
-    for path in setup["packages"].values():
-        runtime.load(path)
+    runtime = open_runtime(setup["backbone"], setup["packages"].values())
     images = setup["val"].images[:4]
     results = runtime.run(images)
     assert set(results) == {"a", "b", "c"} and all(len(v) == 4 for v in results.values())
@@ -148,10 +130,7 @@ def test_shared_trunk_runs_unadapted_stages_once_with_equal_results(setup, tmp_p
     for name, stages in [("late1", {0: 0, 1: 0}), ("late2", {0: 0, 1: 0, 2: 0})]:
         torch.manual_seed(2)
         result = api.adapt(backbone, train, val, PlanConfig(stage_ranks=stages), TrainConfig(max_steps=2, batch_size=8), name, adapter_dtype="float32")
-        with torch.no_grad():
-            for key, value in result.package.tensors.items():
-                if key.startswith("adapter/"):
-                    value.add_(torch.randn_like(value) * 0.05)
+        perturb_adapters(result.package)
         runtime.load(api.save_package(result, tmp_path / f"{name}.petah"))
     runtime.load(setup["packages"]["a"])  # adapts every stage: not loaded for the shared run
     assert runtime.shared_stages(["late1", "late2"]) == 2
