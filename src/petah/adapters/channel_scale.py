@@ -42,10 +42,15 @@ class ChannelScale(nn.Module):
             self.active = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
+        base = self.base_layer
         if self.merged_name is not None or self.active not in self.deltas:
-            return out
-        return out * (1.0 + self.deltas[self.active]).to(out.dtype).view(1, -1, 1, 1)
+            return base(x)
+        scale = 1.0 + self.deltas[self.active]
+        if type(base) is nn.Conv2d:  # scale the (tiny) kernel, not the (large) feature map: same result
+            bias = base.bias * scale if base.bias is not None else None
+            return base._conv_forward(x, base.weight * scale.view(-1, 1, 1, 1), bias)
+        out = base(x)  # convs with their own padding logic (timm's Conv2dSame): scale the output
+        return out * scale.to(out.dtype).view(1, -1, 1, 1)
 
     @torch.no_grad()
     def _rescale(self, name: str, op) -> None:
