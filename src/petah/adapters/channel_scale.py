@@ -46,7 +46,9 @@ class ChannelScale(nn.Module):
         if self.merged_name is not None or self.active not in self.deltas:
             return base(x)
         scale = 1.0 + self.deltas[self.active]
-        if type(base) is nn.Conv2d:  # scale the (tiny) kernel, not the (large) feature map: same result
+        if type(base) is nn.Conv2d and not torch.is_grad_enabled():
+            # inference: scale the (tiny) kernel, not the (large) feature map — same result, and
+            # faster at large maps; training keeps the output scaling (measured faster at 64 px)
             bias = base.bias * scale if base.bias is not None else None
             return base._conv_forward(x, base.weight * scale.view(-1, 1, 1, 1), bias)
         out = base(x)  # convs with their own padding logic (timm's Conv2dSame): scale the output
