@@ -11,4 +11,6 @@ def test_bench_latency_reports_every_variant():
     }
     assert all(v > 0 for v in result["latency_ms"].values())
     assert set(result["shared_trunk"]) == {"stages", "1", "2", "3", "4"}
+    memory = result["resident_bytes_by_tasks"]
+    assert memory["0"] < memory["1"] < memory["4"] < memory["0"] * 1.5  # tasks add small diffs, not copies
     assert set(result["switch_ms"]) == {"unmerged swap", "merged swap (unmerge + merge)", "reload a full fine-tuned model"}

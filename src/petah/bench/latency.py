@@ -49,6 +49,15 @@ def synthetic_package(backbone: Backbone, name: str, plan: PlanConfig, classes: 
     return TaskPackage(manifest, tensors)
 
 
+def resident_bytes(runtime: Runtime) -> int:
+    """Bytes of every tensor the runtime keeps: the model (with all adapters), heads, task norms."""
+    model = runtime.backbone.model
+    tensors = list(model.parameters()) + list(model.buffers())
+    for task in runtime.tasks.values():
+        tensors += list(task.head.parameters()) + list(task.overrides.values())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, float]:
     """Median seconds per call of each variant, run round-robin on the same inputs."""
     for fn in variants.values():
@@ -115,8 +124,10 @@ def run_latency(name: str = "efficientformerv2_s0", img_size: int = 224, batch: 
             }, repeats)
 
         multi = Runtime(backbone)
-        for package in late:
+        memory = {"0": resident_bytes(multi)}
+        for i, package in enumerate(late):
             multi.load(package)
+            memory[str(i + 1)] = resident_bytes(multi)
         throughput = {}
         with torch.no_grad():
             for n in range(1, 5):
@@ -164,6 +175,7 @@ def run_latency(name: str = "efficientformerv2_s0", img_size: int = 224, batch: 
         "shared_trunk": {"stages": trunk_stages, **{str(n): {k: round(v * 1e3, 3) if k.endswith("_s") else round(v, 3) for k, v in r.items()} for n, r in throughput.items()}},
         "switch_ms": {k: round(v * 1e3, 4) for k, v in switches.items()},
         "switch_speedup_vs_reload": round(switches["reload a full fine-tuned model"] / switches["unmerged swap"], 1),
+        "resident_bytes_by_tasks": memory,  # backbone + N packages (tensor bytes, fp32 in memory)
         "package_bytes": sum(t.numel() * t.element_size() for t in full.tensors.values()),
         "backbone_bytes": backbone.weights_bytes,
     }
