@@ -39,15 +39,6 @@ def perturb_adapters(package, scale: float = 0.05) -> None:
                 value.add_(torch.randn_like(value) * scale)
 
 
-def open_runtime(backbone, packages):
-    from petah.runtime import Runtime
-
-    runtime = Runtime(backbone)
-    for path in packages:
-        runtime.load(path)
-    return runtime
-
-
 @pytest.fixture
 def image_folder(tmp_path):
     """Three visually distinct classes, 12 images each."""

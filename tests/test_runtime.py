@@ -11,7 +11,7 @@ from petah.plans import PlanConfig
 from petah.runtime import Runtime
 from petah.train import TrainConfig
 
-from conftest import open_runtime, perturb_adapters, write_pattern_folder
+from conftest import perturb_adapters, write_pattern_folder
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def _reference(backbone, package, x):
 
 def test_switching_tasks_matches_each_task_alone(setup):
     backbone, packages = setup["backbone"], setup["packages"]
-    runtime = open_runtime(backbone, packages.values())
+    runtime = api.open_runtime(backbone, packages.values())
     x = torch.randn(3, 3, 32, 32)
     expected = {name: _reference(backbone, path, x) for name, path in packages.items()}
     for name in ["a", "b", "c", "a", "c", "b"]:  # back and forth
@@ -50,7 +50,7 @@ def test_switching_tasks_matches_each_task_alone(setup):
 
 def test_merged_mode_equals_unmerged(setup):
     backbone, packages = setup["backbone"], setup["packages"]
-    runtime = open_runtime(backbone, packages.values())
+    runtime = api.open_runtime(backbone, packages.values())
     x = torch.randn(2, 3, 32, 32)
     unmerged = {name: runtime.forward(x, name) for name in packages}
     runtime.set_mode("merged")
@@ -115,7 +115,7 @@ def test_failed_reload_rolls_back_and_good_reload_replaces(setup, tmp_path):
 
 
 def test_run_decodes_every_task(setup):
-    runtime = open_runtime(setup["backbone"], setup["packages"].values())
+    runtime = api.open_runtime(setup["backbone"], setup["packages"].values())
     images = setup["val"].images[:4]
     results = runtime.run(images)
     assert set(results) == {"a", "b", "c"} and all(len(v) == 4 for v in results.values())

@@ -13,6 +13,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
 from petah.adapters import TaskAdapter
+from petah.adapters.model import ADAPTER
 from petah.backbones import Backbone, create_backbone, fingerprint, save_backbone
 from petah.data import Augment, LabeledImages, Preprocess, TrainingView
 from petah.errors import PetahError
@@ -109,6 +110,22 @@ def prepare(
 
 
 # --- step 2: adapt -----------------------------------------------------------------------
+def package_manifest(backbone: Backbone, adapter: TaskAdapter, head: nn.Linear, task_name: str, labels: list[str]) -> dict:
+    """What a package must record to be attached again: task, backbone identity, plan, head."""
+    return {
+        "task": {"name": task_name, "kind": Classification.kind, "labels": list(labels)},
+        "backbone": backbone.identity(),
+        "preprocessing": backbone.preprocessing(),
+        "plan": {
+            "config": adapter.config.to_dict(),
+            "targets": [[t.module, t.method, t.rank] for t in adapter.targets],
+            "overrides": adapter.override_keys,
+        },
+        "head": {"type": "linear", "in_features": head.in_features, "out_features": head.out_features,
+                 "tensors": sorted(head.state_dict())},
+    }
+
+
 @dataclass
 class AdaptResult:
     package: TaskPackage
@@ -147,16 +164,7 @@ def adapt(
     adapter.load_state(package.section("adapter"), package.section("override"))
     metrics = Classification.evaluate(trainer.model, _eval_loader(val, preprocess_for(backbone)), val.classes)
     package.manifest = {
-        "task": {"name": task_name, "kind": Classification.kind, "labels": train.classes},
-        "backbone": backbone.identity(),
-        "preprocessing": backbone.preprocessing(),
-        "plan": {
-            "config": plan.to_dict(),
-            "targets": [[t.module, t.method, t.rank] for t in adapter.targets],
-            "overrides": adapter.override_keys,
-        },
-        "head": {"type": "linear", "in_features": backbone.num_features, "out_features": len(train.classes),
-                 "tensors": sorted(head.state_dict())},
+        **package_manifest(backbone, adapter, head, task_name, train.classes),
         "adapter_dtype": adapter_dtype,
         "trainable_parameters": sum(p.numel() for p in adapter.trainable_parameters()) + sum(p.numel() for p in head.parameters()),
         "metrics": metrics,
@@ -194,19 +202,14 @@ class LoadedTask:
         return self.manifest["task"]["name"]
 
 
-def load_task(backbone: Backbone, package: TaskPackage | str | Path) -> LoadedTask:
-    """Attach a package to a copy of ``backbone`` (refused unless it was trained on it)."""
-    origin = f"package {package}" if not isinstance(package, TaskPackage) else f"package {package.task_name}"
-    if not isinstance(package, TaskPackage):
-        package = read_package(package)
+def attach_package(backbone: Backbone, package: TaskPackage, origin: str, name: str = ADAPTER) -> tuple[TaskAdapter, nn.Module]:
+    """Add a package's adapters (as adapter ``name``) to ``backbone.model`` in place; build its head."""
     manifest = package.manifest
-    check_backbone(manifest, backbone, origin)
     kind = task_kind(manifest["task"]["kind"])
     plan = PlanConfig.from_dict(manifest["plan"]["config"])
     targets = [Target(m, method, int(r)) for m, method, r in manifest["plan"]["targets"]]
-    work = replace(backbone, model=copy.deepcopy(backbone.model))
     try:
-        adapter = TaskAdapter(work, plan, targets=targets)
+        adapter = TaskAdapter(backbone, plan, targets=targets, name=name)
     except (AttributeError, ValueError) as exc:
         raise PetahError(f"{origin} names layers this backbone lacks: {exc}") from exc
     adapter.load_state(package.section("adapter"), package.section("override"))
@@ -216,7 +219,19 @@ def load_task(backbone: Backbone, package: TaskPackage | str | Path) -> LoadedTa
         head.load_state_dict(package.section("head"))
     except RuntimeError as exc:
         raise PetahError(f"{origin}: head tensors do not fit: {str(exc).splitlines()[0]}") from exc
-    model = kind.build_model(work.model, head).eval()
+    return adapter, head.eval()
+
+
+def load_task(backbone: Backbone, package: TaskPackage | str | Path) -> LoadedTask:
+    """Attach a package to a copy of ``backbone`` (refused unless it was trained on it)."""
+    origin = f"package {package}" if not isinstance(package, TaskPackage) else f"package {package.task_name}"
+    if not isinstance(package, TaskPackage):
+        package = read_package(package)
+    manifest = package.manifest
+    check_backbone(manifest, backbone, origin)
+    work = replace(backbone, model=copy.deepcopy(backbone.model))
+    adapter, head = attach_package(work, package, origin)
+    model = task_kind(manifest["task"]["kind"]).build_model(work.model, head).eval()
     return LoadedTask(manifest, model, adapter, Preprocess.from_dict(manifest["preprocessing"]))
 
 
@@ -227,17 +242,22 @@ def evaluate(backbone: Backbone, package: TaskPackage | str | Path, data: Labele
     return task_kind(task.manifest["task"]["kind"]).evaluate(task.model, _eval_loader(data, task.preprocess), data.classes)
 
 
-def predict(backbone: Backbone, packages: list, images: list[torch.Tensor], top_k: int = 3) -> dict[str, list[dict]]:
-    """Per-task predictions for RGB uint8 image tensors, all packages on one resident backbone."""
+def open_runtime(backbone: Backbone, packages: list):
+    """A runtime holding every package once; two packages of the same task name are refused."""
     from petah.runtime import Runtime
 
     runtime = Runtime(backbone)
     for package in packages:
-        name = read_package(package).task_name if not isinstance(package, TaskPackage) else package.task_name
-        if name in runtime.tasks:
-            raise PetahError(f"two packages are named task {name!r}; give each task its own name")
-        runtime.load(package)
-    return runtime.run(images, top_k=top_k)
+        loaded = len(runtime.tasks)
+        task = runtime.load(package)
+        if len(runtime.tasks) == loaded:  # load() replaced a task of that name
+            raise PetahError(f"two packages are named task {task.name!r}; give each task its own name")
+    return runtime
+
+
+def predict(backbone: Backbone, packages: list, images: list[torch.Tensor], top_k: int = 3) -> dict[str, list[dict]]:
+    """Per-task predictions for RGB uint8 image tensors, all packages on one resident backbone."""
+    return open_runtime(backbone, packages).run(images, top_k=top_k)
 
 
 def image_files(paths: list[str | Path]) -> list[Path]:
@@ -256,11 +276,8 @@ def image_files(paths: list[str | Path]) -> list[Path]:
 def predict_files(backbone: Backbone, packages: list, paths: list[str | Path], top_k: int = 3):
     """Yield one result per image file, on one resident backbone; a bad file yields an error entry."""
     from petah.data import load_image
-    from petah.runtime import Runtime
 
-    runtime = Runtime(backbone)
-    for package in packages:
-        runtime.load(package)
+    runtime = open_runtime(backbone, packages)
     for path in image_files(paths):
         try:
             image = load_image(path)
@@ -305,6 +322,6 @@ def inspect_package(path: str | Path) -> dict:
 
 
 __all__ = [
-    "AdaptResult", "LoadedTask", "adapt", "create_backbone", "evaluate", "fingerprint", "image_files", "inspect_package", "load_task",
-    "predict", "predict_files", "prepare", "save_package",
+    "AdaptResult", "LoadedTask", "adapt", "attach_package", "package_manifest", "create_backbone", "evaluate", "fingerprint", "image_files", "inspect_package", "load_task",
+    "open_runtime", "predict", "predict_files", "prepare", "save_package",
 ]

@@ -8,15 +8,18 @@ depend on the values, and the bench then needs no training and no data.
 
 from __future__ import annotations
 
+import copy
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from petah.adapters import TaskAdapter
+from petah.api import package_manifest
 from petah.backbones import Backbone, create_backbone
 from petah.packages.format import TaskPackage, pack_tensors
 from petah.plans import PlanConfig
@@ -26,9 +29,6 @@ from petah.tasks import Classification
 
 def synthetic_package(backbone: Backbone, name: str, plan: PlanConfig, classes: int = 10, seed: int = 0) -> TaskPackage:
     """A package with random non-zero adapters (for speed measurements only)."""
-    from dataclasses import replace
-    import copy
-
     work = replace(backbone, model=copy.deepcopy(backbone.model))
     adapter = TaskAdapter(work, plan)
     gen = torch.Generator().manual_seed(seed)
@@ -37,15 +37,7 @@ def synthetic_package(backbone: Backbone, name: str, plan: PlanConfig, classes: 
             p.add_(torch.randn(p.shape, generator=gen) * 0.02)
     head = Classification.build_head(backbone.num_features, classes)
     tensors = pack_tensors(adapter.adapter_state(), adapter.override_state(), head.state_dict(), torch.float32)
-    manifest = {
-        "task": {"name": name, "kind": "classification", "labels": [str(i) for i in range(classes)]},
-        "backbone": backbone.identity(),
-        "preprocessing": backbone.preprocessing(),
-        "plan": {"config": plan.to_dict(), "targets": [[t.module, t.method, t.rank] for t in adapter.targets],
-                 "overrides": adapter.override_keys},
-        "head": {"type": "linear", "in_features": backbone.num_features, "out_features": classes, "tensors": sorted(head.state_dict())},
-        "metrics": {},
-    }
+    manifest = {**package_manifest(backbone, adapter, head, name, [str(i) for i in range(classes)]), "metrics": {}}
     return TaskPackage(manifest, tensors)
 
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from petah import __version__
-from petah.api import load_task
+from petah.api import LoadedTask, load_task
 from petah.backbones import Backbone
 from petah.errors import PetahError
 from petah.export.onnx import INPUT, OUTPUT, to_onnx_bytes, with_metadata
@@ -82,11 +82,10 @@ def _signature(manifest: dict) -> list:
     return [list(t) for t in manifest["plan"]["targets"]]
 
 
-def task_values(backbone: Backbone, package: TaskPackage, classes: int) -> dict[str, np.ndarray]:
+def task_values(task: LoadedTask, classes: int) -> dict[str, np.ndarray]:
     """A task's values for every overridable tensor of the base graph (names as in the graph)."""
-    task = load_task(backbone, package)
     values: dict[str, np.ndarray] = {}
-    for module, method, _rank in package.manifest["plan"]["targets"]:
+    for module, method, _rank in task.manifest["plan"]["targets"]:
         layer = task.model.backbone.get_submodule(module)
         key = f"backbone.{module}"
         if method == LORA:
@@ -214,7 +213,8 @@ def export_base_and_adapters(backbone: Backbone, packages: list, output: str | P
     rows = []
     for path, package in loaded:
         name = package.task_name
-        values = task_values(backbone, package, classes)
+        task = load_task(backbone, package)
+        values = task_values(task, classes)
         adapter = ort.AdapterFormat()
         adapter.set_adapter_version(1)
         adapter.set_model_version(1)
@@ -225,7 +225,7 @@ def export_base_and_adapters(backbone: Backbone, packages: list, output: str | P
         tmp.replace(adapter_path)
         labels = package.manifest["task"]["labels"]
         atomic_write_bytes(output / f"{name}.json", json.dumps({"task": name, "labels": labels, "adapter": adapter_path.name}).encode())
-        error = adapter_parity(session, adapter_path, load_task(backbone, package).model, inputs, len(labels))
+        error = adapter_parity(session, adapter_path, task.model, inputs, len(labels))
         size = adapter_path.stat().st_size
         rows.append({"task": name, "adapter": str(adapter_path), "adapter_bytes": size,
                      "percent_of_base": round(100 * size / len(onnx_bytes), 3), "max_abs_error": error})

@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 
 from petah.adapters import TaskAdapter, remove_adapter
+from petah.api import attach_package
 from petah.backbones import Backbone
 from petah.data import Preprocess
 from petah.errors import PetahError
 from petah.packages.format import TaskPackage, check_backbone, read_package
-from petah.plans import PlanConfig, Target
 from petah.tasks import task_kind
 
 MODES = ("unmerged", "merged")
@@ -58,7 +58,7 @@ class RuntimeTask:
     adapter: TaskAdapter
     head: nn.Module
     overrides: dict[str, torch.Tensor]
-    package_bytes: int
+    first_adapted_stage: int  # the leading stages before it can be shared with other tasks
 
     @property
     def classes(self) -> list[str]:
@@ -84,8 +84,7 @@ class Runtime:
     # --- packages ------------------------------------------------------------------------
     def load(self, package: TaskPackage | str | Path, name: str | None = None) -> RuntimeTask:
         """Add (or atomically replace) a task. On any failure the previous version keeps serving."""
-        origin = f"package {package}" if not isinstance(package, TaskPackage) else "package"
-        size = Path(package).stat().st_size if not isinstance(package, TaskPackage) and Path(package).is_file() else 0
+        origin = f"package {package}" if not isinstance(package, TaskPackage) else f"package {package.task_name}"
         if not isinstance(package, TaskPackage):
             package = read_package(package)
         manifest = package.manifest
@@ -95,7 +94,7 @@ class Runtime:
         self._deactivate()
         adapter_id = f"{name}#{next(self._ids)}"
         try:
-            task = self._build(package, name, adapter_id, size)
+            task = self._build(package, name, adapter_id, origin)
         except Exception as exc:
             remove_adapter(self.backbone.model, adapter_id)  # roll back a half-done injection
             if was_active is not None:
@@ -112,19 +111,11 @@ class Runtime:
             self.activate(was_active)
         return task
 
-    def _build(self, package: TaskPackage, name: str, adapter_id: str, size: int) -> RuntimeTask:
-        manifest = package.manifest
-        kind = task_kind(manifest["task"]["kind"])
-        plan = PlanConfig.from_dict(manifest["plan"]["config"])
-        targets = [Target(m, method, int(r)) for m, method, r in manifest["plan"]["targets"]]
-        adapter = TaskAdapter(self.backbone, plan, targets=targets, name=adapter_id)
-        overrides = package.section("override")
-        adapter.load_state(package.section("adapter"), overrides)
+    def _build(self, package: TaskPackage, name: str, adapter_id: str, origin: str) -> RuntimeTask:
+        adapter, head = attach_package(self.backbone, package, origin, name=adapter_id)
         adapter.restore_overrides()  # task-owned norm values go in only while the task is active
-        head_info = manifest["head"]
-        head = kind.build_head(int(head_info["in_features"]), int(head_info["out_features"]))
-        head.load_state_dict(package.section("head"))
-        return RuntimeTask(name, manifest, adapter, head.eval(), overrides, size)
+        manifest = package.manifest
+        return RuntimeTask(name, manifest, adapter, head, package.section("override"), self._first_adapted_stage(manifest))
 
     def _refresh_layers(self, adapter: TaskAdapter) -> None:
         self._layers = adapter.adapted_layers()
@@ -186,18 +177,21 @@ class Runtime:
         return self.tasks[task].head(self.backbone.model(batch))
 
     # --- shared trunk ----------------------------------------------------------------------
-    def _first_adapted_stage(self, task: RuntimeTask) -> int:
-        family = self.backbone.family
-        plan = task.manifest["plan"]
+    def _first_adapted_stage(self, manifest: dict) -> int:
+        """Computed once at load: ``run`` asks for it on every call."""
+        family, model = self.backbone.family, self.backbone.model
+        if family is None or not hasattr(model, "stages"):
+            return 0
+        plan = manifest["plan"]
         stages = [family.stage_of(t[0]) for t in plan["targets"]] + [family.stage_of(k) for k in plan["overrides"]]
-        return min(stages, default=len(self.backbone.model.stages))
+        return min(stages, default=len(model.stages))
 
     def shared_stages(self, names: list[str]) -> int:
         """How many leading stages no task in ``names`` adapts: computed once per image for all."""
         model = self.backbone.model
         if self.backbone.family is None or not all(hasattr(model, a) for a in ("stem", "stages", "norm", "forward_head")):
             return 0  # the trunk split needs the stem / stages / norm layout (EfficientFormer V1 / V2)
-        return min(self._first_adapted_stage(self._task(n)) for n in names)
+        return min(self._task(n).first_adapted_stage for n in names)
 
     @torch.no_grad()
     def forward_many(self, batch: torch.Tensor, names: list[str], share_trunk: bool = True) -> dict[str, torch.Tensor]:
