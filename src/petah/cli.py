@@ -40,9 +40,9 @@ def emit_json(payload: dict) -> None:
 
 
 def _backbone(spec: str, weights: str, img_size: Optional[int]):
-    from petah.backbones import create_backbone, read_backbone_metadata
+    from petah.backbones import create_backbone
 
-    if Path(spec).suffix == ".safetensors" or read_backbone_metadata(spec):
+    if Path(spec).suffix == ".safetensors":  # a petah backbone file carries its name and size
         if not Path(spec).is_file():
             raise PetahError(f"backbone file not found: {spec}")
         return create_backbone(img_size=img_size, weights=spec)

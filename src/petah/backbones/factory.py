@@ -155,7 +155,8 @@ def create_backbone(name: str | None = None, img_size: int | None = None, weight
     if not timm.is_model(name):
         raise PetahError(f"unknown timm model {name!r}")
     family = family_for(name)
-    default_size = timm.get_pretrained_cfg(name).input_size[-1] if timm.get_pretrained_cfg(name) else 224
+    pretrained_cfg = timm.get_pretrained_cfg(name)
+    default_size = pretrained_cfg.input_size[-1] if pretrained_cfg else 224
     size = _check_img_size(name, family, img_size, default_size)
 
     model = _build(name, family, size)

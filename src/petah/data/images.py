@@ -49,9 +49,8 @@ def pil_to_rgb(image: Image.Image) -> torch.Tensor:
         arr = np.asarray(image, dtype=np.float64)
         top = 1.0 if arr.max(initial=0) <= 1.0 else (255.0 if arr.max() <= 255 else 65535.0)
         return array_to_rgb(arr / top)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-    return array_to_rgb(np.asarray(image.convert("RGB") if image.mode not in ("RGBA",) else image))
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    return array_to_rgb(np.asarray(image.convert("RGBA" if has_alpha else "RGB")))  # alpha is dropped there
 
 
 def load_image(path: str | Path) -> torch.Tensor:

@@ -30,10 +30,6 @@ class DistContext:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 def _device(local_rank: int) -> torch.device:
     if torch.cuda.is_available() and os.environ.get("PETAH_DEVICE", "auto") != "cpu":

@@ -7,6 +7,7 @@ writes checkpoints or shows progress (``is_main_process``).
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import time
@@ -153,8 +154,6 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if self.checkpoint_path is None or not is_main_process():
             return
-        import io
-
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
