@@ -60,6 +60,7 @@ def test_merge_unmerge_exact(name, size, preset):
         merged = backbone.model(x)
         adapter.unmerge()
         again = backbone.model(x)
+    activation_space = backbone.model(x).detach()  # grad enabled: PEFT's forward, not weight space
     delta = (unmerged - base).norm()
     if preset == "linear-probe":
         assert delta == 0 and torch.equal(merged, unmerged)
@@ -67,6 +68,7 @@ def test_merge_unmerge_exact(name, size, preset):
         assert delta > 1e-4, "non-zero adapters must change the features"
         assert ((merged - unmerged).norm() / delta) < 1e-3
         assert ((again - unmerged).norm() / delta) < 1e-3
+        assert ((activation_space - unmerged).norm() / delta) < 1e-3
     adapter.restore_overrides()
     restored = adapter.backbone_weights()
     assert set(restored) == set(original)
@@ -100,3 +102,24 @@ def test_lora_targets_match_exact_names_only():
     adapted = {n for n, m in backbone.model.named_modules() if hasattr(m, "lora_A")}
     assert adapted == {t.module for t in adapter.targets}
     assert not any(n.startswith("layer") for n in adapted)
+
+
+def test_inference_builds_weights_once_per_lora_layer_and_training_keeps_peft(monkeypatch):
+    import petah.adapters.inference as inference
+    from peft.tuners.lora import LoraLayer
+
+    backbone = create_backbone("efficientformerv2_s0", 64)
+    adapter = TaskAdapter(backbone, PlanConfig())
+    assert not any(layer.training for layer in adapter.adapted_layers()), "new layers follow the model's eval mode"
+    calls = []
+    real = inference.delta_weight
+    monkeypatch.setattr(inference, "delta_weight", lambda layer, name: calls.append(name) or real(layer, name))
+    lora_layers = sum(isinstance(m, LoraLayer) for m in backbone.model.modules())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        backbone.model(x)
+    assert len(calls) == lora_layers > 0
+    backbone.model.train()
+    backbone.model(x).sum().backward()  # training: PEFT's activation-space branch, gradients reach A and B
+    assert len(calls) == lora_layers
+    assert all(p.grad is not None for p in adapter.trainable_parameters() if p.ndim > 1)

@@ -45,14 +45,16 @@ class ChannelScale(nn.Module):
         base = self.base_layer
         if self.merged_name is not None or self.active not in self.deltas:
             return base(x)
-        scale = 1.0 + self.deltas[self.active]
+        delta = self.deltas[self.active]
         if type(base) is nn.Conv2d and not torch.is_grad_enabled():
             # inference: scale the (tiny) kernel, not the (large) feature map — same result, and
-            # faster at large maps; training keeps the output scaling (measured faster at 64 px)
-            bias = base.bias * scale if base.bias is not None else None
-            return base._conv_forward(x, base.weight * scale.view(-1, 1, 1, 1), bias)
+            # faster at large maps; training keeps the output scaling (measured faster at 64 px).
+            # addcmul: w + w·δ = w·(1 + δ) in one op (per-call op count matters on CPU).
+            weight = torch.addcmul(base.weight, base.weight, delta.view(-1, 1, 1, 1))
+            bias = torch.addcmul(base.bias, base.bias, delta) if base.bias is not None else None
+            return base._conv_forward(x, weight, bias)
         out = base(x)  # convs with their own padding logic (timm's Conv2dSame): scale the output
-        return out * scale.to(out.dtype).view(1, -1, 1, 1)
+        return out * (1.0 + delta).to(out.dtype).view(1, -1, 1, 1)
 
     @torch.no_grad()
     def _rescale(self, name: str, op) -> None:

@@ -20,6 +20,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
 from petah.adapters.channel_scale import ChannelScale
+from petah.adapters.inference import use_weight_space_inference
 from petah.backbones import Backbone
 from petah.errors import PetahError
 from petah.plans import CHANNEL_SCALE, LORA, PlanConfig, Target, override_names, resolve_targets
@@ -54,6 +55,7 @@ def _inject_lora(model: nn.Module, targets: list[Target], config: PlanConfig, na
     with warnings.catch_warnings():  # several named adapters in one model is the runtime's design
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         inject_adapter_in_model(peft_config, model, adapter_name=name)
+    use_weight_space_inference(model)
 
 
 def _replace(model: nn.Module, module_name: str, new: nn.Module) -> None:
@@ -113,6 +115,8 @@ class TaskAdapter:
         self._originals = {k: tensors[k].detach().clone() for k in self.override_keys}
         _inject_lora(model, self.targets, config, name)
         _inject_channel_scale(model, self.targets, name)
+        for layer in self.adapted_layers():  # new modules start in train mode: follow the model's
+            layer.train(model.training)
         model.requires_grad_(False)
         for param in self.trainable_parameters():
             param.requires_grad_(True)

@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import copy
 import itertools
-import types
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from peft.tuners.lora import LoraLayer
 
 from petah.adapters import TaskAdapter, remove_adapter
 from petah.api import attach_package
@@ -30,25 +27,6 @@ from petah.packages.format import TaskPackage, check_backbone, read_package
 from petah.tasks import task_kind
 
 MODES = ("unmerged", "merged")
-
-
-def weight_space_forward(layer: LoraLayer, x: torch.Tensor) -> torch.Tensor:
-    """One conv / matmul with W0 + s·BA of the active adapter, built per call.
-
-    PEFT's forward adds the low-rank branch in activation space: two extra convolutions over
-    the full feature map. The delta weight is tiny to build, so at inference this path costs
-    about what the plain layer costs (measured by `petah bench latency`).
-    """
-    base = layer.get_base_layer()
-    active = layer.active_adapters[0] if layer.active_adapters else None
-    if layer.merged or active not in layer.lora_A:
-        return base(x)
-    weight = base.weight + layer.get_delta_weight(active)
-    if type(base) is nn.Conv2d:
-        return base._conv_forward(x, weight, base.bias)
-    if type(base) is nn.Linear:
-        return F.linear(x, weight, base.bias)
-    return layer.__class__.forward(layer, x)  # a conv with its own padding logic: PEFT's path
 
 
 @dataclass
@@ -119,9 +97,6 @@ class Runtime:
 
     def _refresh_layers(self, adapter: TaskAdapter) -> None:
         self._layers = adapter.adapted_layers()
-        for layer in self._layers:  # inference only: the weight-space path (see weight_space_forward)
-            if isinstance(layer, LoraLayer) and "forward" not in vars(layer):
-                layer.forward = types.MethodType(weight_space_forward, layer)
 
     def unload(self, name: str) -> None:
         task = self._task(name)
