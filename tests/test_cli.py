@@ -139,3 +139,16 @@ def test_predict_jsonl_over_a_folder_keeps_going_past_bad_files(workspace, tmp_p
     assert len(lines) == 9 and proc.returncode == 1
     assert "zz_broken.png" in lines[-1]["image"] and "cannot read image" in lines[-1]["error"]
     assert all(line["tasks"]["shapes"]["label"] for line in lines[:-1])
+
+
+def test_export_peft_and_import_peft(workspace, tmp_path):
+    exported = one_json(petah("export", workspace["package"], "-b", workspace["backbone"], "--peft", tmp_path / "peft", "--json"))
+    assert exported["exports"][0]["max_abs_error"] < 1e-4
+    imported = one_json(petah("import-peft", tmp_path / "peft", "-b", workspace["backbone"], "-o", tmp_path / "back.petah", "--json"))
+    assert imported["backbone_checked"] and imported["max_abs_error"] < 1e-2  # adapters stored in float16
+    original = one_json(petah("inspect", workspace["package"], "--json"))
+    shown = one_json(petah("inspect", tmp_path / "back.petah", "--json"))
+    assert shown["task"] == original["task"] and shown["fingerprint"] == original["fingerprint"]
+    bad = petah("import-peft", tmp_path, "-b", workspace["backbone"], "-o", tmp_path / "x.petah", ok=False)
+    assert bad.returncode == 2 and "adapter_config.json is missing" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.petah").exists()

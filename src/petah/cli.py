@@ -365,13 +365,17 @@ def export(
     img_size: SizeOpt = None,
     parity_images: Annotated[Optional[list[Path]], typer.Option("--parity-image", help="Real images to check ONNX against PyTorch on (repeatable).")] = None,
     ort_adapters: Annotated[bool, typer.Option("--ort-adapters", help="One base.onnx for all tasks + one ONNX Runtime adapter file per task.")] = False,
+    peft_dir: Annotated[Optional[Path], typer.Option("--peft", help="Write PEFT LoRA folders instead of ONNX: DIR for one package, DIR/<task> for several.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Export tasks for a device: one merged ONNX model each, or (--ort-adapters) one base + adapter files."""
+    """Export tasks: one merged ONNX model each, (--ort-adapters) one base + adapter files, or (--peft) PEFT folders."""
     from petah.data import Preprocess, load_image
     from petah.export import export_base_and_adapters, export_merged
 
     bb = _backbone(backbone, weights, img_size)
+    if peft_dir is not None:
+        _export_peft(bb, packages, peft_dir, json_out)
+        return
     real = None
     if parity_images:
         real = Preprocess(bb.img_size, bb.mean, bb.std).batch([load_image(p) for p in parity_images])
@@ -397,6 +401,59 @@ def export(
     for r in results:
         table.add_row(r["task"], r["path"], f"{r['onnx_bytes']:,}", f"{r['max_abs_error']:.2e}")
     out.print(table)
+
+
+def _export_peft(bb, packages: list[Path], folder: Path, json_out: bool) -> None:
+    from petah.export.peft_interop import export_peft
+    from petah.packages.format import read_package
+
+    loaded = [read_package(p) for p in packages]
+    names = [p.task_name for p in loaded]
+    if len(set(names)) != len(names):
+        raise PetahError(f"two packages share a task name ({', '.join(names)}); export them one at a time")
+    results = [export_peft(bb, pkg, folder if len(loaded) == 1 else folder / pkg.task_name) for pkg in loaded]
+    if json_out:
+        emit_json({"exports": results})
+        return
+    table = Table(title="PEFT LoRA folders (load with PeftModel.from_pretrained on the timm model with its classifier)")
+    for col in ("task", "folder", "adapter_model.safetensors bytes", "max |peft - petah|"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r["task"], r["folder"], f"{r['files']['adapter_model.safetensors']:,}", f"{r['max_abs_error']:.2e}")
+    out.print(table)
+
+
+@app.command("import-peft")
+def import_peft_cmd(
+    folder: Annotated[Path, typer.Argument(help="A PEFT LoRA folder (adapter_config.json + adapter_model.safetensors).")],
+    backbone: BackboneOpt,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The .petah package to write.")],
+    weights: WeightsOpt = "none",
+    img_size: SizeOpt = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="Task name (default: from the folder).")] = None,
+    labels: Annotated[Optional[str], typer.Option("--labels", help="Comma-separated class names (default: from the folder, else 0..N-1).")] = None,
+    adapter_dtype: Annotated[str, typer.Option("--adapter-dtype", help="Stored adapter precision: float16 | bfloat16 | float32.")] = "float16",
+    json_out: JsonOpt = False,
+) -> None:
+    """Turn a PEFT LoRA folder trained on the same timm backbone into a .petah package."""
+    from petah import api
+    from petah.export.peft_interop import import_peft
+    from petah.packages.format import write_package
+
+    if adapter_dtype not in api.DTYPES:
+        raise PetahError(f"--adapter-dtype must be one of {', '.join(api.DTYPES)}")
+    bb = _backbone(backbone, weights, img_size)
+    names = [x.strip() for x in labels.split(",")] if labels else None
+    package, info = import_peft(bb, folder, task, names, api.DTYPES[adapter_dtype])
+    path = write_package(output, package)
+    info = {**info, "package": str(path), "package_bytes": path.stat().st_size}
+    if json_out:
+        emit_json(info)
+        return
+    out.print(f"[bold]{path}[/bold]: task {info['task']}, {info['lora_layers']} LoRA layers, "
+              f"{len(info['owned_modules'])} owned modules, {info['classes']} classes, {info['package_bytes']:,} bytes; "
+              f"max |petah - peft| {info['max_abs_error']:.2e}" + ("" if info["backbone_checked"] else
+              " (the folder names no backbone fingerprint: make sure it was trained on these weights)"))
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: side-by-side measurements in one run.")

@@ -33,11 +33,12 @@ def _exact(names: list[str]) -> str:
     return "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
 
 
-def _inject_lora(model: nn.Module, targets: list[Target], config: PlanConfig, name: str) -> None:
+def lora_config(targets: list[Target], config: PlanConfig) -> LoraConfig | None:
+    """PEFT's LoraConfig for the plan's LoRA targets (None when it has none)."""
     lora = [t for t in targets if t.method == LORA]
     if not lora:
-        return
-    peft_config = LoraConfig(
+        return None
+    return LoraConfig(
         r=config.rank,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.dropout,
@@ -52,6 +53,12 @@ def _inject_lora(model: nn.Module, targets: list[Target], config: PlanConfig, na
             if t.rank != config.rank
         },
     )
+
+
+def _inject_lora(model: nn.Module, targets: list[Target], config: PlanConfig, name: str) -> None:
+    peft_config = lora_config(targets, config)
+    if peft_config is None:
+        return
     with warnings.catch_warnings():  # several named adapters in one model is the runtime's design
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         inject_adapter_in_model(peft_config, model, adapter_name=name)

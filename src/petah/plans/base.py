@@ -61,6 +61,8 @@ class PlanConfig:
     task_norm: str = "none"
     targets: list[str] = field(default_factory=list)  # regexes naming layers (generic plan)
     dropout: float = 0.0
+    # modules whose every tensor the task owns (PEFT's modules_to_save, kept by import-peft)
+    override_modules: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -160,9 +162,15 @@ def plain_name(key: str) -> str | None:
 
 def override_names(model: nn.Module, config: PlanConfig) -> list[str]:
     """Backbone tensors a task replaces with its own copy (norms, biases, or everything)."""
+    keys = sorted({n for n in map(plain_name, model.state_dict().keys()) if n})
     if config.preset == "full":
-        return sorted({n for n in map(plain_name, model.state_dict().keys()) if n})
+        return keys
     names: list[str] = []
+    for module in config.override_modules:
+        owned = [k for k in keys if k.startswith(module + ".")]
+        if not owned:
+            raise PetahError(f"the plan owns module {module!r}, which this backbone lacks or which holds no tensors")
+        names += owned
     norm_affine = config.preset == "bitfit" or config.task_norm in ("affine", "stats")
     for mod_name, module in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
