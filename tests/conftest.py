@@ -8,6 +8,22 @@ from PIL import Image
 os.environ.setdefault("PETAH_NO_PROGRESS", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# one small model per family with a plan, at the smallest size its tests need
+FAMILY_MODELS = [
+    ("efficientformer_l1", 224),  # V1 runs only at 224
+    ("efficientformerv2_s0", 64),
+    ("mobilevit_xxs", 64),
+    ("mobilevitv2_050", 64),
+    ("fastvit_sa12", 64),
+    ("fastvit_t8", 64),
+    ("efficientvit_b0", 64),
+    ("efficientvit_m0", 64),
+    ("mobilenetv3_small_050", 64),
+    ("mobilenetv2_050", 64),
+    ("resnet10t", 64),
+    ("vit_tiny_patch16_224", 32),
+]
+
 
 def make_pattern(label: int, size: int = 24, seed: int = 0) -> np.ndarray:
     """Class 0: horizontal stripes, class 1: vertical stripes, class 2: a bright square; plus noise."""
@@ -43,3 +59,13 @@ def perturb_adapters(package, scale: float = 0.05) -> None:
 def image_folder(tmp_path):
     """Three visually distinct classes, 12 images each."""
     return write_pattern_folder(tmp_path / "shapes", 12)
+
+
+def wake_zero_init_scales(model) -> None:
+    """Random-init timm models zero (or 1e-5) some branch scales — EfficientViT-MSRA's attention
+    BN, FastViT's layer scales — so an adapter there could not change the output; make them O(1)."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not name.endswith("bias") and param.is_floating_point() and param.abs().max() < 1e-4:
+                param.copy_(torch.rand(param.shape, generator=gen) * 0.5 + 0.5)

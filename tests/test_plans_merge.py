@@ -7,16 +7,10 @@ from petah.adapters import TaskAdapter, refresh_attention_caches
 from petah.backbones import create_backbone
 from petah.errors import PetahError
 from petah.plans import CHANNEL_SCALE, FAMILIES, LORA, PlanConfig, family_for
-from petah.plans.base import is_depthwise
+from petah.plans.base import is_grouped
 
-FAMILY_MODELS = [
-    ("efficientformer_l1", 224),  # V1 runs only at 224
-    ("efficientformerv2_s0", 64),
-    ("mobilenetv3_small_050", 64),
-    ("mobilenetv2_050", 64),
-    ("resnet10t", 64),
-    ("vit_tiny_patch16_224", 32),
-]
+from conftest import FAMILY_MODELS, wake_zero_init_scales
+
 PRESETS = ["petah", "attn-lora", "bitfit", "linear-probe", "full"]
 
 
@@ -37,6 +31,7 @@ def _perturb(adapter: TaskAdapter, scale: float = 0.05) -> None:
 def test_merge_unmerge_exact(name, size, preset):
     torch.manual_seed(0)
     backbone = create_backbone(name, size)
+    wake_zero_init_scales(backbone.model)
     family = family_for(name)
     original = {k: v.clone() for k, v in backbone.model.state_dict().items()}
     x = torch.randn(2, 3, size, size)
@@ -50,8 +45,8 @@ def test_merge_unmerge_exact(name, size, preset):
     if preset == "petah":
         methods = {t.method for t in adapter.targets}
         assert LORA in methods
-        has_depthwise = any(is_depthwise(m) for m in backbone.model.modules())
-        assert (CHANNEL_SCALE in methods) == has_depthwise
+        has_grouped = any(is_grouped(m) for m in backbone.model.modules())
+        assert (CHANNEL_SCALE in methods) == has_grouped
     _perturb(adapter)
     backbone.model.eval()
     with torch.no_grad():

@@ -325,3 +325,30 @@ __all__ = [
     "AdaptResult", "LoadedTask", "adapt", "attach_package", "package_manifest", "create_backbone", "evaluate", "fingerprint", "image_files", "inspect_package", "load_task",
     "open_runtime", "predict", "predict_files", "prepare", "save_package",
 ]
+
+
+def plan_summary(backbone: Backbone, plan: PlanConfig, classes: int = 10) -> dict:
+    """Which layers a plan adapts on ``backbone`` and what it trains — before any training."""
+    work = replace(backbone, model=copy.deepcopy(backbone.model))
+    adapter = TaskAdapter(work, plan)
+    adapters = adapter.adapter_state()
+    layers = []
+    for target in adapter.targets:
+        params = sum(v.numel() for k, v in adapters.items() if k.rpartition(".")[0] == target.module)
+        layer = backbone.model.get_submodule(target.module)
+        layers.append({"module": target.module, "type": type(layer).__name__, "method": target.method,
+                       "rank": target.rank, "parameters": params})
+    owned = sum(t.numel() for t in adapter.override_state().values())
+    head = Classification.build_head(backbone.num_features, classes)
+    head_params = sum(p.numel() for p in head.parameters())
+    backbone_params = sum(p.numel() for p in backbone.model.parameters())
+    trainable = sum(layer["parameters"] for layer in layers) + owned
+    return {
+        "backbone": backbone.name, "img_size": backbone.img_size,
+        "family": backbone.family.name if backbone.family else None,
+        "plan": plan.to_dict(), "layers": layers,
+        "adapter_parameters": trainable - owned, "owned_parameters": owned, "owned_tensors": len(adapter.override_keys),
+        "head_parameters": head_params, "head_classes": classes,
+        "backbone_parameters": backbone_params,
+        "trainable_percent": round(100 * (trainable + head_params) / backbone_params, 3),
+    }

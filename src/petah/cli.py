@@ -27,6 +27,12 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON ob
 BackboneOpt = Annotated[str, typer.Option("--backbone", "-b", help="A petah backbone file, or a timm model name.")]
 WeightsOpt = Annotated[str, typer.Option(help="Weights for a timm name: none | hub | FILE (.safetensors or torch state dict).")]
 SizeOpt = Annotated[Optional[int], typer.Option("--img-size", help="Input size (fixed when the backbone is built).")]
+PlanOpt = Annotated[str, typer.Option(help="petah | attn-lora | bitfit | linear-probe | full")]
+RankOpt = Annotated[int, typer.Option(help="LoRA rank.")]
+AlphaOpt = Annotated[Optional[float], typer.Option(help="LoRA alpha (default 2 x rank).")]
+StageRankOpt = Annotated[Optional[list[str]], typer.Option("--stage-rank", help="Per-stage rank, STAGE=RANK; 0 leaves a stage unadapted. Repeatable.")]
+TaskNormOpt = Annotated[str, typer.Option("--task-norm", help="none | affine | stats: what of the norm layers the task owns.")]
+TargetOpt = Annotated[Optional[list[str]], typer.Option("--target", help="Regex naming layers to adapt (a generic plan for any timm model). Repeatable.")]
 DataArg = Annotated[str, typer.Argument(help="An image folder (class sub-folders; train/ + val/ or --val-split) or builtin:NAME.")]
 
 
@@ -188,12 +194,12 @@ def adapt(
     backbone: BackboneOpt,
     output: Annotated[Path, typer.Option("--output", "-o", help="Package file to write (.petah).")],
     task: Annotated[Optional[str], typer.Option(help="Task name (default: the output file's stem).")] = None,
-    plan: Annotated[str, typer.Option(help="petah | attn-lora | bitfit | linear-probe | full")] = "petah",
-    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
-    alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default 2 x rank).")] = None,
-    stage_rank: Annotated[Optional[list[str]], typer.Option("--stage-rank", help="Per-stage rank, STAGE=RANK; 0 leaves a stage unadapted. Repeatable.")] = None,
-    task_norm: Annotated[str, typer.Option("--task-norm", help="none | affine | stats: what of the norm layers the task owns.")] = "none",
-    target: Annotated[Optional[list[str]], typer.Option("--target", help="Regex naming layers to adapt (a generic plan for any timm model). Repeatable.")] = None,
+    plan: PlanOpt = "petah",
+    rank: RankOpt = 8,
+    alpha: AlphaOpt = None,
+    stage_rank: StageRankOpt = None,
+    task_norm: TaskNormOpt = "none",
+    target: TargetOpt = None,
     dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.0,
     head_lr: Annotated[Optional[float], typer.Option("--head-lr", help="Peak learning rate of the head (default: --lr).")] = None,
     adapter_dtype: Annotated[str, typer.Option("--adapter-dtype", help="Stored adapter precision: float16 | bfloat16 | float32.")] = "float16",
@@ -454,6 +460,43 @@ def import_peft_cmd(
               f"{len(info['owned_modules'])} owned modules, {info['classes']} classes, {info['package_bytes']:,} bytes; "
               f"max |petah - peft| {info['max_abs_error']:.2e}" + ("" if info["backbone_checked"] else
               " (the folder names no backbone fingerprint: make sure it was trained on these weights)"))
+
+
+plan_app = typer.Typer(no_args_is_help=True, help="Adapter plans: what a task would adapt.")
+app.add_typer(plan_app, name="plan")
+
+
+@plan_app.command("show")
+def plan_show(
+    backbone: Annotated[str, typer.Argument(help="A petah backbone file, or a timm model name.")],
+    plan: PlanOpt = "petah",
+    rank: RankOpt = 8,
+    alpha: AlphaOpt = None,
+    stage_rank: StageRankOpt = None,
+    task_norm: TaskNormOpt = "none",
+    target: TargetOpt = None,
+    classes: Annotated[int, typer.Option(help="Classes of the head counted in the trainable total.")] = 10,
+    weights: WeightsOpt = "none",
+    img_size: SizeOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """List the layers a plan adapts on a backbone and the trainable parameters, before training."""
+    from petah import api
+
+    summary = api.plan_summary(_backbone(backbone, weights, img_size), _plan(plan, rank, alpha, stage_rank, task_norm, target, 0.0), classes)
+    if json_out:
+        emit_json(summary)
+        return
+    table = Table(title=f"plan {plan} on {summary['backbone']} @ {summary['img_size']} px (family: {summary['family'] or 'generic'})")
+    for col in ("layer", "type", "method", "rank", "parameters"):
+        table.add_column(col, justify="right" if col in ("rank", "parameters") else "left", overflow="fold")
+    for layer in summary["layers"]:
+        table.add_row(layer["module"], layer["type"], layer["method"], str(layer["rank"] or "-"), f"{layer['parameters']:,}")
+    out.print(table)
+    out.print(f"{len(summary['layers'])} adapted layers, {summary['adapter_parameters']:,} adapter + "
+              f"{summary['owned_parameters']:,} owned ({summary['owned_tensors']} tensors) + {summary['head_parameters']:,} head "
+              f"({summary['head_classes']} classes) parameters = {summary['trainable_percent']:.2f} % of the backbone's "
+              f"{summary['backbone_parameters']:,}")
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: side-by-side measurements in one run.")

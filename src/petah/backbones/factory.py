@@ -38,7 +38,9 @@ class Backbone:
 
     @property
     def num_features(self) -> int:
-        return int(self.model.num_features)
+        """Width of the pooled output a head sees: timm's ``head_hidden_size`` where the model
+        keeps a pre-logits layer (MobileNetV3's conv_head, EfficientViT's head MLP)."""
+        return int(getattr(self.model, "head_hidden_size", None) or self.model.num_features)
 
     def identity(self) -> dict:
         return {"name": self.name, "img_size": self.img_size, "fingerprint": self.fingerprint,

@@ -1,6 +1,6 @@
 """Adapter plans: one file per backbone family, looked up by timm model name."""
 
-from petah.plans import efficientformer, efficientformer_v2, mobilenet, resnet, vit
+from petah.plans import efficientformer, efficientformer_v2, efficientvit, fastvit, mobilenet, mobilevit, resnet, vit
 from petah.plans.base import (
     CHANNEL_SCALE,
     LORA,
@@ -15,6 +15,11 @@ from petah.plans.base import (
 FAMILIES: tuple[Family, ...] = (
     efficientformer.FAMILY,
     efficientformer_v2.FAMILY,
+    mobilevit.FAMILY,
+    fastvit.FAMILY,
+    fastvit.CONV_FAMILY,
+    efficientvit.FAMILY,
+    efficientvit.MSRA_FAMILY,
     mobilenet.FAMILY,
     resnet.FAMILY,
     vit.FAMILY,

@@ -97,8 +97,8 @@ class Target:
     rank: int  # 0 for CHANNEL_SCALE
 
 
-def is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+def is_grouped(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups > 1
 
 
 def is_adaptable(module: nn.Module) -> bool:
@@ -111,16 +111,32 @@ PRESET_ROLES = {
 }
 
 
+def _generic_targets(model: nn.Module, modules: list, patterns: list[str], model_name: str) -> list:
+    """Layers named by the user's regexes; each pattern must name at least one adaptable layer."""
+    chosen = []
+    for pattern in patterns:
+        try:
+            regex = re.compile(pattern)
+        except re.error as exc:
+            raise PetahError(f"--target {pattern!r} is not a valid regular expression: {exc}") from exc
+        hits = [(n, m) for n, m in modules if regex.search(n)]
+        if not hits:
+            other = next(((n, m) for n, m in model.named_modules() if n and regex.search(n)), None)
+            if other is None:
+                raise PetahError(f"--target {pattern!r} matches no layer of {model_name}")
+            raise PetahError(f"--target {pattern!r} matches {other[0]} ({type(other[1]).__name__}), which petah cannot "
+                             "adapt: LoRA / channel scales go on Linear and Conv2d layers")
+        chosen += [hit for hit in hits if hit not in chosen]
+    return chosen
+
+
 def resolve_targets(model: nn.Module, family: Family | None, config: PlanConfig, model_name: str) -> list[Target]:
     """Turn a plan config into the concrete list of adapted modules of ``model``."""
     if config.preset not in PRESET_ROLES:
         return []
     modules = [(n, m) for n, m in model.named_modules() if is_adaptable(m)]
     if config.targets:
-        patterns = [re.compile(p) for p in config.targets]
-        chosen = [(n, m) for n, m in modules if any(p.search(n) for p in patterns)]
-        if not chosen:
-            raise PetahError(f"no Linear/Conv2d layer of {model_name} matches {config.targets}")
+        chosen = _generic_targets(model, modules, config.targets, model_name)
     else:
         if family is None:
             raise PetahError(
@@ -132,8 +148,8 @@ def resolve_targets(model: nn.Module, family: Family | None, config: PlanConfig,
             raise PetahError(f"plan attn-lora needs attention layers, but {model_name} ({family.name}) has none")
         role_res = [re.compile(family.roles[r]) for r in roles if r in family.roles]
         chosen = [(n, m) for n, m in modules if any(p.search(n) for p in role_res)]
-        if config.preset == "petah":  # depthwise convs ride along with an exactly-mergeable scale
-            chosen += [(n, m) for n, m in modules if is_depthwise(m) and (n, m) not in chosen]
+        if config.preset == "petah":  # depthwise / grouped convs ride along with an exactly-mergeable scale
+            chosen += [(n, m) for n, m in modules if is_grouped(m) and (n, m) not in chosen]
             chosen.sort(key=lambda nm: nm[0])
         if not chosen:
             raise PetahError(f"plan {config.preset} finds no layer to adapt in {model_name}")
@@ -143,10 +159,9 @@ def resolve_targets(model: nn.Module, family: Family | None, config: PlanConfig,
         rank = config.stage_ranks.get(stage, config.rank)
         if rank == 0:
             continue
-        if is_depthwise(module):
-            targets.append(Target(name, CHANNEL_SCALE, 0))
-        elif isinstance(module, nn.Conv2d) and module.groups > 1:
-            # PEFT refuses LoRA on grouped (not depthwise) convs unless rank % groups == 0.
+        if is_grouped(module):
+            # depthwise: a scale per channel is the natural adapter; other grouped convs: PEFT
+            # refuses LoRA on them unless rank % groups == 0 and cannot merge it.
             targets.append(Target(name, CHANNEL_SCALE, 0))
         else:
             targets.append(Target(name, LORA, rank))

@@ -1,0 +1,95 @@
+"""Every family through the same checks: package round trip, ONNX parity, multi-scale features, plan summary."""
+
+import numpy as np
+import pytest
+import torch
+
+from petah.adapters import TaskAdapter
+from petah.api import load_task, plan_summary
+from petah.backbones import create_backbone
+from petah.backbones.features import multi_scale_features
+from petah.bench.latency import synthetic_package
+from petah.errors import PetahError
+from petah.export import export_merged
+from petah.packages.format import read_package, write_package
+from petah.plans import PlanConfig
+
+from conftest import FAMILY_MODELS
+
+NO_STRIDE_8 = {"vit_tiny_patch16_224", "efficientvit_m0"}  # plain ViT: stride 16 only; MSRA starts at 16
+
+
+@pytest.fixture(scope="module", params=FAMILY_MODELS, ids=[name for name, _ in FAMILY_MODELS])
+def family_task(request, tmp_path_factory):
+    name, size = request.param
+    torch.manual_seed(0)
+    backbone = create_backbone(name, size)
+    path = write_package(tmp_path_factory.mktemp(name) / "task.petah", synthetic_package(backbone, "task", PlanConfig(), classes=4))
+    return backbone, path
+
+
+def test_package_round_trip_reproduces_the_adapted_model(family_task):
+    backbone, path = family_task
+    package = read_package(path)
+    x = torch.randn(2, 3, backbone.img_size, backbone.img_size)
+    first, second = load_task(backbone, path), load_task(backbone, package)
+    with torch.no_grad():
+        out, plain = first.model(x), backbone.model(x)
+        assert torch.equal(out, second.model(x))
+        assert not torch.allclose(first.model.backbone(x), plain), "the package's adapters must change the features"
+    assert [list(t) for t in first.manifest["plan"]["targets"]] == [
+        [t.module, t.method, t.rank] for t in first.adapter.targets]
+
+
+def test_merged_onnx_matches_pytorch(family_task, tmp_path):
+    import onnxruntime as ort
+
+    backbone, path = family_task
+    result = export_merged(backbone, path, tmp_path / "task.onnx")
+    assert result.max_abs_error < 1e-4
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, backbone.img_size, backbone.img_size)
+    with torch.no_grad():
+        expected = load_task(backbone, path).model(x).numpy()
+    assert np.abs(session.run(None, {"image": x.numpy()})[0] - expected).max() < 1e-4
+
+
+def test_multi_scale_features_on_the_adapted_model(family_task):
+    backbone, path = family_task
+    task = load_task(backbone, path)
+    size = backbone.img_size
+    x = torch.randn(1, 3, size, size)
+    if backbone.name in NO_STRIDE_8:
+        with pytest.raises(PetahError, match="no features at stride 8"):
+            multi_scale_features(task.model.backbone, x)
+        return
+    with torch.no_grad():
+        adapted = multi_scale_features(task.model.backbone, x)
+        plain = multi_scale_features(backbone.model, x)
+    assert [tuple(f.shape[-2:]) for f in adapted] == [(size // s, size // s) for s in (8, 16, 32)]
+    assert all(a.shape == p.shape for a, p in zip(adapted, plain))
+    assert not torch.allclose(adapted[-1], plain[-1]), "features come from the adapted model"
+
+
+def test_plan_summary_counts_what_the_adapter_trains(family_task):
+    backbone, _ = family_task
+    for preset in ("petah", "bitfit"):
+        summary = plan_summary(backbone, PlanConfig(preset=preset), classes=4)
+        adapter = TaskAdapter(create_backbone(backbone.name, backbone.img_size), PlanConfig(preset=preset))
+        trainable = sum(p.numel() for p in adapter.trainable_parameters())
+        assert summary["adapter_parameters"] + summary["owned_parameters"] == trainable > 0
+        assert summary["head_parameters"] == 4 * (backbone.num_features + 1)
+        assert [layer["module"] for layer in summary["layers"]] == [t.module for t in adapter.targets]
+        assert (preset == "bitfit") == (summary["adapter_parameters"] == 0)
+
+
+def test_generic_plan_errors_name_the_pattern():
+    backbone = create_backbone("resnet10t", 32)
+    with pytest.raises(PetahError, match=r"'bn1\$' matches bn1 \(BatchNorm2d\), which petah cannot adapt"):
+        TaskAdapter(backbone, PlanConfig(targets=["bn1$"]))
+    with pytest.raises(PetahError, match="'nothing' matches no layer of resnet10t"):
+        TaskAdapter(backbone, PlanConfig(targets=["conv1$", "nothing"]))
+    with pytest.raises(PetahError, match="not a valid regular expression"):
+        TaskAdapter(backbone, PlanConfig(targets=["(("]))
+    adapter = TaskAdapter(backbone, PlanConfig(targets=[r"^layer4\.0\.conv\d$"]))
+    assert [t.module for t in adapter.targets] == ["layer4.0.conv1", "layer4.0.conv2"]
