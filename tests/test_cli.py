@@ -152,3 +152,12 @@ def test_export_peft_and_import_peft(workspace, tmp_path):
     bad = petah("import-peft", tmp_path, "-b", workspace["backbone"], "-o", tmp_path / "x.petah", ok=False)
     assert bad.returncode == 2 and "adapter_config.json is missing" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.petah").exists()
+
+
+def test_plan_show_lists_layers_and_refuses_what_a_family_lacks():
+    shown = one_json(petah("plan", "show", "mobilevitv2_050", "--img-size", "64", "--rank", "4", "--json"))
+    assert shown["family"] == "mobilevit" and shown["layers"] and shown["trainable_percent"] > 0
+    assert {layer["method"] for layer in shown["layers"]} == {"lora", "channel_scale"}
+    assert all(layer["rank"] == 4 for layer in shown["layers"] if layer["method"] == "lora")
+    bad = petah("plan", "show", "fastvit_t8", "--plan", "attn-lora", ok=False)
+    assert bad.returncode == 2 and "has none" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
