@@ -19,7 +19,7 @@ from petah.data import Augment, LabeledImages, Preprocess, TrainingView
 from petah.errors import PetahError
 from petah.packages.format import TaskPackage, check_backbone, pack_tensors, read_package, write_package
 from petah.plans import PlanConfig, Target
-from petah.tasks import Classification, task_kind
+from petah.tasks import Classification, kind_for_data, task_kind
 from petah.train import TrainConfig, Trainer, TrainResult, barrier, is_main_process, setup
 from petah.train.distributed import check_ranks_agree, eval_indices
 
@@ -31,18 +31,15 @@ def preprocess_for(backbone: Backbone) -> Preprocess:
     return Preprocess(backbone.img_size, backbone.mean, backbone.std)
 
 
-def _views(backbone: Backbone, train: LabeledImages, cfg: TrainConfig, augment: Augment | None) -> TrainingView:
-    return TrainingView(train, preprocess_for(backbone), augment, seed=cfg.seed)
-
-
-def _eval_loader(data: LabeledImages, preprocess: Preprocess) -> DataLoader:
+def _eval_loader(data, preprocess: Preprocess, kind=Classification) -> DataLoader:
     """This rank's share of the evaluation set (all of it in one process); metrics sync on compute."""
-    view = TrainingView(data, preprocess)
-    return DataLoader(Subset(view, eval_indices(len(view), setup())), batch_size=EVAL_BATCH, shuffle=False)
+    view = kind.view(data, preprocess)
+    return DataLoader(Subset(view, eval_indices(len(view), setup())), batch_size=EVAL_BATCH, shuffle=False,
+                      collate_fn=getattr(view, "collate", None))
 
 
-def _data_identity(data: LabeledImages) -> dict:
-    labels = hashlib.sha256(data.labels.numpy().tobytes()).hexdigest()
+def _data_identity(data) -> dict:
+    labels = hashlib.sha256(data.label_digest()).hexdigest()
     return {"source": data.source, "images": len(data), "classes": data.classes, "labels_sha256": labels}
 
 
@@ -81,6 +78,8 @@ def prepare(
     command: str = "",
 ) -> tuple[Backbone, dict]:
     """Fully train (or fine-tune) a backbone on a source dataset and save it as a backbone file."""
+    if kind_for_data(train) is not Classification:
+        raise PetahError("prepare trains a backbone on a classification set (class folders or a built-in one)")
     _check_labels(train, val)
     config = config or TrainConfig()
     _check_ranks(config, train, val, name=name, img_size=img_size, weights=weights, save_dtype=save_dtype)
@@ -90,7 +89,7 @@ def prepare(
     model = Classification.build_model(backbone.model, head)
     trainer = Trainer(
         model, list(backbone.model.parameters()), list(head.parameters()),
-        Classification.loss(config.label_smoothing), _views(backbone, train, config, augment), config,
+        Classification.loss(config.label_smoothing), TrainingView(train, preprocess_for(backbone), augment, config.seed), config,
         sync_batchnorm=True,
     )
     result = trainer.fit()
@@ -110,10 +109,11 @@ def prepare(
 
 
 # --- step 2: adapt -----------------------------------------------------------------------
-def package_manifest(backbone: Backbone, adapter: TaskAdapter, head: nn.Linear, task_name: str, labels: list[str]) -> dict:
+def package_manifest(backbone: Backbone, adapter: TaskAdapter, head: nn.Module, task_name: str, labels: list[str],
+                     kind=Classification) -> dict:
     """What a package must record to be attached again: task, backbone identity, plan, head."""
     return {
-        "task": {"name": task_name, "kind": Classification.kind, "labels": list(labels)},
+        "task": {"name": task_name, "kind": kind.kind, "labels": list(labels)},
         "backbone": backbone.identity(),
         "preprocessing": backbone.preprocessing(),
         "plan": {
@@ -121,8 +121,7 @@ def package_manifest(backbone: Backbone, adapter: TaskAdapter, head: nn.Linear, 
             "targets": [[t.module, t.method, t.rank] for t in adapter.targets],
             "overrides": adapter.override_keys,
         },
-        "head": {"type": "linear", "in_features": head.in_features, "out_features": head.out_features,
-                 "tensors": sorted(head.state_dict())},
+        "head": {**kind.head_manifest(head), "tensors": sorted(head.state_dict())},
     }
 
 
@@ -142,19 +141,27 @@ def adapt(
     task_name: str = "task",
     augment: Augment | None = Augment(),
     adapter_dtype: str = "float16",
+    dice: bool = False,
 ) -> AdaptResult:
-    """Train one task's adapters and head on a copy of ``backbone``; the shared one is untouched."""
+    """Train one task's adapters and head on a copy of ``backbone``; the shared one is untouched.
+
+    The task kind follows the data: class labels (classification) or per-pixel masks
+    (segmentation; ``dice`` adds a soft-dice term to the cross-entropy).
+    """
     _check_labels(train, val)
+    kind = kind_for_data(train)
     plan, config = plan or PlanConfig(), config or TrainConfig()
-    _check_ranks(config, train, val, plan=plan.to_dict(), task=task_name, backbone=backbone.identity(), dtype=adapter_dtype)
+    _check_ranks(config, train, val, plan=plan.to_dict(), task=task_name, backbone=backbone.identity(), dtype=adapter_dtype,
+                 kind=kind.kind, dice=dice)
     work = replace(backbone, model=copy.deepcopy(backbone.model))
     adapter = TaskAdapter(work, plan)
-    head = Classification.build_head(backbone.num_features, len(train.classes))
-    model = Classification.build_model(work.model, head)
+    head = kind.head_for(backbone, len(train.classes))
+    model = kind.build_model(work.model, head)
     modes = adapter.norm_modes()
     trainer = Trainer(
         model, adapter.trainable_parameters(), list(head.parameters()),
-        Classification.loss(config.label_smoothing), _views(backbone, train, config, augment), config,
+        kind.loss(config.label_smoothing, dice, head=head, img_size=backbone.img_size),
+        kind.view(train, preprocess_for(backbone), augment, config.seed), config,
         set_train_mode=lambda m: _freeze_norms(m, work.model, modes),
     )
     result = trainer.fit()
@@ -162,9 +169,9 @@ def adapt(
     tensors = pack_tensors(adapter.adapter_state(), adapter.override_state(), head.state_dict(), DTYPES[adapter_dtype])
     package = TaskPackage({}, tensors)
     adapter.load_state(package.section("adapter"), package.section("override"))
-    metrics = Classification.evaluate(trainer.model, _eval_loader(val, preprocess_for(backbone)), val.classes)
+    metrics = kind.evaluate(trainer.model, _eval_loader(val, preprocess_for(backbone), kind), val.classes)
     package.manifest = {
-        **package_manifest(backbone, adapter, head, task_name, train.classes),
+        **package_manifest(backbone, adapter, head, task_name, train.classes, kind),
         "adapter_dtype": adapter_dtype,
         "trainable_parameters": sum(p.numel() for p in adapter.trainable_parameters()) + sum(p.numel() for p in head.parameters()),
         "metrics": metrics,
@@ -214,7 +221,7 @@ def attach_package(backbone: Backbone, package: TaskPackage, origin: str, name: 
         raise PetahError(f"{origin} names layers this backbone lacks: {exc}") from exc
     adapter.load_state(package.section("adapter"), package.section("override"))
     head_info = manifest["head"]
-    head = kind.build_head(int(head_info["in_features"]), int(head_info["out_features"]))
+    head = kind.head_from_manifest(head_info)
     try:
         head.load_state_dict(package.section("head"))
     except RuntimeError as exc:
@@ -237,9 +244,12 @@ def load_task(backbone: Backbone, package: TaskPackage | str | Path) -> LoadedTa
 
 def evaluate(backbone: Backbone, package: TaskPackage | str | Path, data: LabeledImages) -> dict:
     task = load_task(backbone, package)
+    kind = task_kind(task.manifest["task"]["kind"])
+    if kind is not kind_for_data(data):
+        raise PetahError(f"package {task.name} is a {kind.kind} task; the evaluation data is labelled for {kind_for_data(data).kind}")
     if data.classes != task.classes:
         raise PetahError(f"the evaluation data's classes {data.classes[:4]}… differ from the package's {task.classes[:4]}…")
-    return task_kind(task.manifest["task"]["kind"]).evaluate(task.model, _eval_loader(data, task.preprocess), data.classes)
+    return kind.evaluate(task.model, _eval_loader(data, task.preprocess, kind), data.classes)
 
 
 def open_runtime(backbone: Backbone, packages: list):
@@ -273,18 +283,51 @@ def image_files(paths: list[str | Path]) -> list[Path]:
     return out
 
 
-def predict_files(backbone: Backbone, packages: list, paths: list[str | Path], top_k: int = 3):
-    """Yield one result per image file, on one resident backbone; a bad file yields an error entry."""
+def predict_files(backbone: Backbone, packages: list, paths: list[str | Path], top_k: int = 3, out_dir: str | Path | None = None):
+    """Yield one JSON-ready result per image file, on one resident backbone; a bad file yields an
+    error entry. With ``out_dir``, segmentation masks (class-index PNG + overlay) and detection
+    overlays (boxes drawn) are written there; boxes are in the JSON either way."""
     from petah.data import load_image
+    from petah.tasks.detection import save_box_overlay
+    from petah.tasks.segmentation import save_mask, save_overlay
 
     runtime = open_runtime(backbone, packages)
-    for path in image_files(paths):
+    files = image_files(paths)
+    names = _unique_stems(files)
+    for path in files:
         try:
             image = load_image(path)
         except PetahError as exc:
             yield {"image": str(path), "error": str(exc)}
             continue
-        yield {"image": str(path), "tasks": {name: preds[0] for name, preds in runtime.run([image], top_k=top_k).items()}}
+        tasks = {}
+        for name, preds in runtime.run([image], top_k=top_k).items():
+            result = dict(preds[0])
+            mask = result.pop("mask", None)
+            if mask is not None and out_dir is not None:
+                base = Path(out_dir) / f"{names[path]}.{name}"
+                base.parent.mkdir(parents=True, exist_ok=True)
+                save_mask(mask, f"{base}.mask.png")
+                save_overlay(image, mask, f"{base}.overlay.png")
+                result.update({"mask": f"{base}.mask.png", "overlay": f"{base}.overlay.png"})
+            if "boxes" in result and out_dir is not None:
+                base = Path(out_dir) / f"{names[path]}.{name}"
+                base.parent.mkdir(parents=True, exist_ok=True)
+                save_box_overlay(image, result["boxes"], f"{base}.boxes.png")
+                result["overlay"] = f"{base}.boxes.png"
+            tasks[name] = result
+        yield {"image": str(path), "tasks": tasks}
+
+
+def _unique_stems(files: list[Path]) -> dict[Path, str]:
+    """Output names per input file: the stem, or the stem with a counter when two files share it."""
+    seen: dict[str, int] = {}
+    names = {}
+    for path in files:
+        count = seen.get(path.stem, 0)
+        seen[path.stem] = count + 1
+        names[path] = path.stem if count == 0 else f"{path.stem}-{count}"
+    return names
 
 
 def inspect_package(path: str | Path) -> dict:
@@ -311,7 +354,7 @@ def inspect_package(path: str | Path) -> dict:
         "plan": manifest["plan"]["config"],
         "adapted_layers": len(manifest["plan"]["targets"]),
         "task": manifest["task"],
-        "metrics": {k: v for k, v in manifest["metrics"].items() if k in ("accuracy", "samples")},
+        "metrics": {k: v for k, v in manifest["metrics"].items() if k in ("accuracy", "miou", "samples")},
         "sections": sections,
         "adapter_dtype": manifest.get("adapter_dtype"),
         "format_version": manifest["format_version"],

@@ -166,6 +166,22 @@ def prepare(
         out.print(f"wrote {output} ({summary['output_bytes']:,} bytes): {backbone.describe()}, source accuracy {metrics['accuracy']:.4f}")
 
 
+def _check_task(task: Optional[str], train, data: str):
+    """The task kind the data is labelled for; --task, when given, must agree."""
+    from petah.tasks import TASK_KINDS, kind_for_data
+
+    kind = kind_for_data(train)
+    if task is not None and task not in TASK_KINDS:
+        raise PetahError(f"unknown --task {task!r}; choose one of {', '.join(TASK_KINDS)}")
+    if task is not None and task != kind.kind:
+        raise PetahError(f"--task {task}: {data} is labelled for {kind.kind} (segmentation: images/ + masks/ + "
+                         "classes.txt, or builtin:defects; detection: a COCO annotations.json, or builtin:digit-boxes)")
+    skipped = getattr(train, "skipped", [])
+    if skipped:
+        err.print(f"[yellow]warning:[/yellow] skipped {len(skipped)} bad sample(s) (--strict fails instead); first: {skipped[0]}", highlight=False)
+    return kind
+
+
 def _plan(plan, rank, alpha, stage_rank, task_norm, target, dropout):
     from petah.plans import PlanConfig
 
@@ -179,6 +195,13 @@ def _plan(plan, rank, alpha, stage_rank, task_norm, target, dropout):
 
 
 def _metrics_table(title: str, report: dict) -> Table:
+    if "miou" in report:  # segmentation
+        table = Table(title=f"{title}: mIoU {report['miou']:.4f}, pixel accuracy {report['accuracy']:.4f} on {report['samples']} images")
+        table.add_column("class")
+        table.add_column("IoU", justify="right")
+        for name, iou in report["per_class_iou"].items():
+            table.add_row(name, f"{iou:.3f}")
+        return table
     table = Table(title=f"{title}: accuracy {report['accuracy']:.4f} on {report['samples']} images")
     for col in ("class", "precision", "recall"):
         table.add_column(col, justify="right" if col != "class" else "left")
@@ -193,7 +216,10 @@ def adapt(
     data: DataArg,
     backbone: BackboneOpt,
     output: Annotated[Path, typer.Option("--output", "-o", help="Package file to write (.petah).")],
-    task: Annotated[Optional[str], typer.Option(help="Task name (default: the output file's stem).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Task name (default: the output file's stem).")] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="classification | segmentation | detection (default: what DATA is labelled for).")] = None,
+    dice: Annotated[bool, typer.Option("--dice", help="Segmentation: add a soft-dice term to the cross-entropy.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on the first bad sample instead of skipping it (dense data).")] = False,
     plan: PlanOpt = "petah",
     rank: RankOpt = 8,
     alpha: AlphaOpt = None,
@@ -219,16 +245,19 @@ def adapt(
     plan_config = _plan(plan, rank, alpha, stage_rank, task_norm, target, dropout)
     torch.manual_seed(training.seed)
     bb = _backbone(backbone, training.weights, training.img_size)
-    train, val = load_dataset(data, training.val_split, training.seed)
-    result = api.adapt(bb, train, val, plan_config, training.config(head_lr), task or output.stem, training.augment(), adapter_dtype)
+    train, val = load_dataset(data, training.val_split, training.seed, strict)
+    kind = _check_task(task, train, data)
+    result = api.adapt(bb, train, val, plan_config, training.config(head_lr), name or output.stem, training.augment(), adapter_dtype, dice)
     api.save_package(result, output)
     if not is_main_process():  # under torchrun, rank 0 alone writes and reports
         return
-    if confusion_png:
-        plot_confusion(result.metrics, confusion_png, f"{task or output.stem} ({plan})")
+    if confusion_png and kind.kind == "classification":
+        plot_confusion(result.metrics, confusion_png, f"{name or output.stem} ({plan})")
     info = api.inspect_package(output)
     summary = {
-        "package": str(output), "task": info["task"]["name"], "plan": plan, "accuracy": result.metrics["accuracy"],
+        "package": str(output), "task": info["task"]["name"], "kind": kind.kind, "plan": plan,
+        "accuracy": result.metrics["accuracy"], kind.primary_metric: result.metrics[kind.primary_metric],
+        "skipped_samples": len(getattr(train, "skipped", [])),
         "package_bytes": info["package_bytes"], "backbone_bytes": info["backbone_bytes"], "ratio": info["ratio"],
         "train_seconds": round(result.train.seconds, 2), "images_per_second": round(result.train.images_per_second, 1),
         "metrics": result.metrics,
@@ -250,18 +279,20 @@ def eval_(
     img_size: SizeOpt = None,
     val_split: Annotated[Optional[float], typer.Option("--val-split", help="Evaluate on this held-out fraction.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the --val-split.")] = 0,
-    confusion_png: Annotated[Optional[Path], typer.Option("--confusion-png", help="Write the confusion matrix as a PNG.")] = None,
+    confusion_png: Annotated[Optional[Path], typer.Option("--confusion-png", help="Write the confusion matrix as a PNG (classification).")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on the first bad sample instead of skipping it (dense data).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Evaluate a package on the validation part of DATA (top-1, per-class precision / recall, confusion)."""
+    """Evaluate a package on the validation part of DATA (classification: top-1, per-class precision /
+    recall, confusion; segmentation: mIoU, per-class IoU, pixel accuracy)."""
     from petah import api
     from petah.data import load_dataset
     from petah.tasks import plot_confusion
 
     bb = _backbone(backbone, weights, img_size)
-    _train, val = load_dataset(data, val_split, seed)
+    _train, val = load_dataset(data, val_split, seed, strict)
     report = api.evaluate(bb, package, val)
-    if confusion_png:
+    if confusion_png and "confusion_matrix" in report:
         plot_confusion(report, confusion_png, package.stem)
     if json_out:
         emit_json({"package": str(package), "metrics": report})
@@ -278,34 +309,49 @@ def predict(
     img_size: SizeOpt = None,
     top_k: Annotated[int, typer.Option("--top-k")] = 3,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="One JSON line per image; a bad file gets an error line and the rest go on.")] = False,
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Dense tasks: where mask PNGs and overlays (masks, boxes) go.")] = Path("predictions"),
     json_out: JsonOpt = False,
 ) -> None:
-    """Run one or more task packages on images with one shared backbone."""
+    """Run one or more task packages on images with one shared backbone (segmentation masks and
+    mask / box overlays are written to --out-dir)."""
     from petah import api
-    from petah.data import load_image
 
     bb = _backbone(backbone, weights, img_size)
+    entries = api.predict_files(bb, list(package), images, top_k=top_k, out_dir=out_dir)
     if jsonl:
         failed = 0
-        for entry in api.predict_files(bb, list(package), images, top_k=top_k):
+        for entry in entries:
             failed += "error" in entry
             emit_json(entry)
         if failed:
             err.print(f"[red]error:[/red] {failed} file(s) could not be read (see their JSON lines)", highlight=False)
             raise typer.Exit(1)
         return
-    files = api.image_files(images)
-    results = api.predict(bb, list(package), [load_image(p) for p in files], top_k=top_k)
+    entries = list(entries)
+    bad = next((e for e in entries if "error" in e), None)
+    if bad is not None:
+        raise PetahError(bad["error"])
+    names = list(entries[0]["tasks"]) if entries else []
     if json_out:
-        emit_json({"images": [str(p) for p in files], "tasks": results})
+        emit_json({"images": [e["image"] for e in entries], "tasks": {n: [e["tasks"][n] for e in entries] for n in names}})
         return
     table = Table(title="predictions")
     table.add_column("image")
-    for name in results:
+    for name in names:
         table.add_column(name)
-    for i, path in enumerate(files):
-        table.add_row(str(path), *[f"{r[i]['label']} ({r[i]['score']:.2f})" for r in results.values()])
+    for entry in entries:
+        table.add_row(entry["image"], *[_describe(entry["tasks"][n]) for n in names])
     out.print(table)
+
+
+def _describe(result: dict) -> str:
+    if "label" in result:
+        return f"{result['label']} ({result['score']:.2f})"
+    if "boxes" in result:
+        found = ", ".join(f"{b['label']} ({b['score']:.2f})" for b in result["boxes"][:5])
+        return f"{len(result['boxes'])} boxes: {found}" if found else "no boxes"
+    shares = ", ".join(f"{c} {100 * f:.1f}%" for c, f in sorted(result["pixels"].items(), key=lambda cf: -cf[1]))
+    return shares + (f" → {result['mask']}" if "mask" in result else "")
 
 
 @app.command("inspect")
@@ -331,6 +377,7 @@ def inspect_(
         ("package", f"{info['package_bytes']:,} bytes"),
         ("backbone", f"{info['backbone_bytes']:,} bytes (fp32, no classifier)"),
         ("ratio", f"{100 * info['ratio']:.3f} %" if info["ratio"] else "?"),
+        *([("mIoU", str(info["metrics"]["miou"]))] if "miou" in info["metrics"] else []),
         ("accuracy", str(info["metrics"].get("accuracy"))),
         ("sections", ", ".join(f"{k}: {v['parameters']:,} params" for k, v in info["sections"].items())),
         ("created", f"{info['created_at']} by petah {info['petah_version']}"),
@@ -346,7 +393,7 @@ def demo(
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Cap each training run (a quick look; accuracy suffers).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Offline demo: adapt the bundled backbone to several tasks with two plans; print a table."""
+    """Offline demo: adapt the bundled backbone to classification and segmentation tasks with two plans; print a table."""
     from petah.demo import run_demo
 
     rows = run_demo(output, max_steps=max_steps)
@@ -354,10 +401,10 @@ def demo(
         emit_json({"tasks": rows})
         return
     table = Table(title=f"petah demo: packages in {output}/")
-    for col in ("task", "plan", "accuracy", "package", "% of backbone", "train s"):
-        table.add_column(col, justify="left" if col in ("task", "plan") else "right")
+    for col in ("task", "plan", "metric", "score", "package", "% of backbone", "train s"):
+        table.add_column(col, justify="left" if col in ("task", "plan", "metric") else "right")
     for r in rows:
-        table.add_row(r["task"], r["plan"], f"{r['accuracy']:.4f}", f"{r['package_bytes']:,} B",
+        table.add_row(r["task"], r["plan"], r["metric"], f"{r['score']:.4f}", f"{r['package_bytes']:,} B",
                       f"{100 * r['package_bytes'] / r['backbone_bytes']:.2f}", f"{r['train_seconds']:.1f}")
     out.print(table)
 

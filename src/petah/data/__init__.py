@@ -7,12 +7,20 @@ from pathlib import Path
 from petah.data.builtin import BUILTIN, load_builtin
 from petah.data.datasets import LabeledImages, TrainingView, load_folder_splits, load_image_folder
 from petah.data.images import array_to_rgb, load_image, pil_to_rgb
+from petah.data.detection import BoxedImages, is_coco_folder, load_coco_splits
+from petah.data.segmentation import MaskedImages, is_mask_folder, load_mask_splits
 from petah.data.transforms import Augment, Preprocess
 from petah.errors import PetahError
 
 
-def load_dataset(spec: str, val_split: float | None = None, seed: int = 0) -> tuple[LabeledImages, LabeledImages]:
-    """``builtin:NAME`` (or a bare built-in name) or an image folder -> (train, val)."""
+def load_dataset(spec: str, val_split: float | None = None, seed: int = 0, strict: bool = False) -> tuple:
+    """``builtin:NAME`` (or a bare built-in name) or a folder -> (train, val).
+
+    A folder of class sub-folders is a classification set (``LabeledImages``); one with
+    ``images/`` + ``masks/`` (+ ``classes.txt``) a segmentation set (``MaskedImages``); a COCO JSON
+    (or a folder with ``annotations.json``) a detection set (``BoxedImages``). Bad samples of the
+    dense sets are skipped and counted unless ``strict``.
+    """
     name = spec.removeprefix("builtin:")
     if spec.startswith("builtin:") or (name in BUILTIN and not Path(spec).exists()):
         train, val = load_builtin(name)
@@ -21,10 +29,14 @@ def load_dataset(spec: str, val_split: float | None = None, seed: int = 0) -> tu
         return train, val
     if not Path(spec).exists():
         raise PetahError(f"dataset not found: {spec} (an image folder, or builtin:{'|'.join(BUILTIN)})")
+    if is_mask_folder(Path(spec)):
+        return load_mask_splits(spec, val_split, seed, strict)
+    if is_coco_folder(Path(spec)):
+        return load_coco_splits(spec, val_split, seed, strict)
     return load_folder_splits(spec, val_split, seed)
 
 
 __all__ = [
-    "BUILTIN", "Augment", "LabeledImages", "Preprocess", "TrainingView", "array_to_rgb",
+    "BUILTIN", "Augment", "BoxedImages", "LabeledImages", "MaskedImages", "Preprocess", "TrainingView", "array_to_rgb",
     "load_builtin", "load_dataset", "load_folder_splits", "load_image", "load_image_folder", "pil_to_rgb",
 ]

@@ -92,16 +92,126 @@ def fashion_mnist(root: Path | None = None) -> tuple[LabeledImages, LabeledImage
     return parts[0], parts[1]
 
 
-BUILTIN: dict[str, Callable[[], tuple[LabeledImages, LabeledImages]]] = {
+DEFECT_CLASSES = ["background", "scratch", "spot", "crack"]
+
+
+def _thicken(rr: np.ndarray, cc: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A 1-px line drawn ``width`` px wide (shifted copies down and right)."""
+    shifts = [(dr, dc) for dr in range(width) for dc in range(width)]
+    return np.concatenate([rr + dr for dr, _ in shifts]), np.concatenate([cc + dc for _, dc in shifts])
+
+
+def _paint_defect(image: np.ndarray, mask: np.ndarray, kind: int, rng: np.random.Generator) -> None:
+    """Paint one defect in place: a straight scratch, a round spot, or a branching-free crack."""
+    from skimage.draw import ellipse, line
+
+    size = image.shape[0]
+    shade = rng.choice([-1, 1]) * rng.uniform(60, 110)
+    if kind == 1:  # scratch: a straight line 1-2 px wide
+        length, angle = rng.uniform(0.3, 0.8) * size, rng.uniform(0, np.pi)
+        r0, c0 = rng.uniform(0.1, 0.9, 2) * size
+        r1, c1 = r0 + length * np.sin(angle), c0 + length * np.cos(angle)
+        rr, cc = _thicken(*line(int(r0), int(c0), int(np.clip(r1, 0, size - 1)), int(np.clip(c1, 0, size - 1))), int(rng.integers(2, 4)))
+    elif kind == 2:  # spot: a filled ellipse
+        r, c = rng.uniform(0.15, 0.85, 2) * size
+        rr, cc = ellipse(r, c, rng.uniform(0.05, 0.12) * size, rng.uniform(0.05, 0.12) * size, rotation=rng.uniform(0, np.pi))
+    else:  # crack: a dark random walk with small turns
+        shade = -rng.uniform(80, 130)
+        r, c, angle = *(rng.uniform(0.2, 0.8, 2) * size), rng.uniform(0, 2 * np.pi)
+        rows, cols = [], []
+        for _ in range(int(rng.integers(4, 9))):
+            angle += rng.normal(0, 0.6)
+            step = rng.uniform(0.06, 0.14) * size
+            r1, c1 = np.clip(r + step * np.sin(angle), 0, size - 1), np.clip(c + step * np.cos(angle), 0, size - 1)
+            lr, lc = line(int(r), int(c), int(r1), int(c1))
+            rows.append(lr)
+            cols.append(lc)
+            r, c = r1, c1
+        rr, cc = _thicken(np.concatenate(rows), np.concatenate(cols), 2)
+    keep = (rr >= 0) & (rr < size) & (cc >= 0) & (cc < size)
+    rr, cc = rr[keep], cc[keep]
+    image[rr, cc] = np.clip(image[rr, cc] + shade, 0, 255)
+    mask[rr, cc] = kind
+
+
+def defects(count: int = 480, size: int = 64, seed: int = 0):
+    """Camera-inspection stand-in for segmentation: scratches, spots and cracks painted onto crops
+    of scikit-image's brick / grass / gravel photos, with their masks (4 classes incl. background).
+
+    Deterministic (seeded): each image is a random 64 px crop (random quarter turn) with 0-3
+    defects of random kind, size, position and shade; 1 in 8 images is defect-free. The last
+    20 % are the validation part.
+    """
+    from skimage import data as skdata
+
+    from petah.data.segmentation import MaskedImages
+
+    rng = np.random.default_rng(seed)
+    photos = [getattr(skdata, name)().astype(np.float64) for name in ("brick", "grass", "gravel")]
+    images, masks = [], []
+    for _ in range(count):
+        photo = photos[int(rng.integers(len(photos)))]
+        top, left = (int(rng.integers(0, photo.shape[i] - size)) for i in (0, 1))
+        image = np.rot90(photo[top : top + size, left : left + size], int(rng.integers(4))).copy()
+        mask = np.zeros((size, size), dtype=np.uint8)
+        for _ in range(0 if rng.random() < 0.125 else int(rng.integers(1, 4))):
+            _paint_defect(image, mask, int(rng.integers(1, 4)), rng)
+        images.append(array_to_rgb(image.astype(np.uint8)))
+        masks.append(torch.from_numpy(mask))
+    data = MaskedImages(images, masks, list(DEFECT_CLASSES), "defects")
+    n_val = count // 5
+    return data.subset(range(count - n_val), "defects[train]"), data.subset(range(count - n_val, count), "defects[val]")
+
+
+def digit_boxes(count: int = 480, size: int = 64, seed: int = 0):
+    """Detection stand-in: 1-4 real handwritten digits (scikit-learn's 8x8 scans, scaled to 16-28 px)
+    placed without overlap on a noisy 64 px canvas, with their boxes; 10 classes. Deterministic
+    (seeded); the last 20 % are the validation part."""
+    from sklearn.datasets import load_digits
+
+    from petah.data.detection import BoxedImages
+
+    bunch = load_digits()
+    rng = np.random.default_rng(seed)
+    images, boxes, labels = [], [], []
+    for _ in range(count):
+        canvas = rng.normal(40, 12, (size, size))
+        placed: list[list[float]] = []
+        classes = []
+        for _ in range(int(rng.integers(1, 5))):
+            pick = int(rng.integers(len(bunch.images)))
+            side = int(rng.integers(16, 29))
+            for _attempt in range(10):  # find a free spot; give up on this digit if none
+                top, left = (int(v) for v in rng.integers(0, size - side + 1, 2))
+                box = [left, top, left + side, top + side]
+                if all(box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1] for b in placed):
+                    glyph = np.kron(bunch.images[pick] / 16.0, np.ones((4, 4)))  # 32 px, then resized below
+                    glyph = np.array(torch.nn.functional.interpolate(torch.tensor(glyph)[None, None], size=(side, side),
+                                                                     mode="bilinear", align_corners=False)[0, 0])
+                    canvas[top : top + side, left : left + side] += glyph * rng.uniform(150, 210)
+                    placed.append([float(v) for v in box])
+                    classes.append(int(bunch.target[pick]))
+                    break
+        images.append(array_to_rgb(np.clip(canvas, 0, 255).astype(np.uint8)))
+        boxes.append(torch.tensor(placed, dtype=torch.float32).reshape(-1, 4))
+        labels.append(torch.tensor(classes, dtype=torch.long))
+    data = BoxedImages(images, boxes, labels, [str(i) for i in range(10)], "digit-boxes")
+    n_val = count // 5
+    return data.subset(range(count - n_val), "digit-boxes[train]"), data.subset(range(count - n_val, count), "digit-boxes[val]")
+
+
+BUILTIN: dict[str, Callable[[], tuple]] = {
     "digits": digits,
     "mnist5k": mnist5k,
     "faces": faces,
     "textures": textures,
     "fashion-mnist": fashion_mnist,
+    "defects": defects,  # segmentation
+    "digit-boxes": digit_boxes,  # detection
 }
 
 
-def load_builtin(name: str) -> tuple[LabeledImages, LabeledImages]:
+def load_builtin(name: str) -> tuple:
     if name not in BUILTIN:
         raise PetahError(f"unknown built-in dataset {name!r}; choose one of {', '.join(BUILTIN)}")
     return BUILTIN[name]()

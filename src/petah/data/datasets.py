@@ -27,6 +27,9 @@ class LabeledImages:
     def __len__(self) -> int:
         return len(self.images)
 
+    def label_digest(self) -> bytes:
+        return self.labels.numpy().tobytes()
+
     def subset(self, indices: list[int] | torch.Tensor, source: str | None = None) -> "LabeledImages":
         idx = [int(i) for i in indices]
         return LabeledImages([self.images[i] for i in idx], self.labels[idx], self.classes, source or self.source)

@@ -43,6 +43,10 @@ class Augment:
     jitter: float = 0.2
 
     def __call__(self, image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return self.pair(image, None, gen)[0]
+
+    def pair(self, image: torch.Tensor, mask: torch.Tensor | None, gen: torch.Generator):
+        """Augment an image and (for dense tasks) its (H, W) mask with the same crop and flip."""
         u = lambda: float(torch.rand((), generator=gen))  # noqa: E731
         _, h, w = image.shape
         area = h * w * (self.min_scale + (1.0 - self.min_scale) * u())
@@ -51,8 +55,11 @@ class Augment:
         cw = max(1, min(w, int(round(math.sqrt(area * ratio)))))
         top, left = int(u() * (h - ch + 1)), int(u() * (w - cw + 1))
         out = image[:, top : top + ch, left : left + cw]
+        if mask is not None:
+            mask = mask[top : top + ch, left : left + cw]
         if self.hflip and u() < 0.5:
             out = out.flip(-1)
+            mask = mask.flip(-1) if mask is not None else None
         if self.jitter > 0:
             bright = 1.0 + self.jitter * (2 * u() - 1)
             contrast = 1.0 + self.jitter * (2 * u() - 1)
@@ -60,4 +67,4 @@ class Augment:
             mean = x.mean()
             x = (x - mean) * contrast + mean * bright
             out = x.clamp_(0, 255).round_().to(torch.uint8)
-        return out
+        return out, mask

@@ -131,6 +131,7 @@ def export_merged(
         "petah.format": "petah-onnx-merged/1",
         "petah.version": __version__,
         "petah.task": {k: manifest["task"][k] for k in ("name", "kind", "labels")},
+        "petah.head": {k: v for k, v in manifest["head"].items() if k != "tensors"},  # dense outputs: strides, layout
         "petah.backbone": {k: manifest["backbone"][k] for k in ("name", "img_size", "fingerprint")},
         "petah.preprocessing": manifest["preprocessing"],
         "petah.input": "float32 [batch, 3, H, W], RGB, (pixel / 255 - mean) / std",

@@ -183,6 +183,8 @@ def export_base_and_adapters(backbone: Backbone, packages: list, output: str | P
     first = loaded[0][1].manifest
     for path, package in loaded:
         manifest = package.manifest
+        if manifest["task"]["kind"] != "classification":
+            raise PetahError(f"{path}: a {manifest['task']['kind']} task; the shared base graph holds classification heads — export it merged")
         if manifest["plan"]["overrides"]:
             raise PetahError(f"{path}: its plan owns norm / bias tensors, which a shared base graph cannot switch; export it merged")
         if _signature(manifest) != _signature(first):

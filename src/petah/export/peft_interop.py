@@ -95,6 +95,8 @@ def export_peft(backbone: Backbone, package: TaskPackage | str | Path, output: s
     manifest = package.manifest
     plan = manifest["plan"]
     config = PlanConfig.from_dict(plan["config"])
+    if manifest["task"]["kind"] != "classification":
+        raise PetahError(f"{origin}: a {manifest['task']['kind']} task; a PEFT folder carries timm's classifier as the head, so only classification exports")
     if config.preset == "full":
         raise PetahError(f"{origin}: a full fine-tune is not an adapter; export it merged to ONNX instead")
     targets = [Target(m, method, int(r)) for m, method, r in plan["targets"]]

@@ -37,6 +37,7 @@ class RuntimeTask:
     head: nn.Module
     overrides: dict[str, torch.Tensor]
     first_adapted_stage: int  # the leading stages before it can be shared with other tasks
+    model: nn.Module  # the task's model around the shared backbone module (no copy)
 
     @property
     def classes(self) -> list[str]:
@@ -93,7 +94,8 @@ class Runtime:
         adapter, head = attach_package(self.backbone, package, origin, name=adapter_id)
         adapter.restore_overrides()  # task-owned norm values go in only while the task is active
         manifest = package.manifest
-        return RuntimeTask(name, manifest, adapter, head, package.section("override"), self._first_adapted_stage(manifest))
+        model = task_kind(manifest["task"]["kind"]).build_model(self.backbone.model, head).eval()
+        return RuntimeTask(name, manifest, adapter, head, package.section("override"), self._first_adapted_stage(manifest), model)
 
     def _refresh_layers(self, adapter: TaskAdapter) -> None:
         self._layers = adapter.adapted_layers()
@@ -149,7 +151,7 @@ class Runtime:
     def forward(self, batch: torch.Tensor, task: str) -> torch.Tensor:
         """Raw task outputs (logits) for a preprocessed batch."""
         self.activate(task)
-        return self.tasks[task].head(self.backbone.model(batch))
+        return self.tasks[task].model(batch)
 
     # --- shared trunk ----------------------------------------------------------------------
     def _first_adapted_stage(self, manifest: dict) -> int:
@@ -166,6 +168,8 @@ class Runtime:
         model = self.backbone.model
         if self.backbone.family is None or not all(hasattr(model, a) for a in ("stem", "stages", "norm", "forward_head")):
             return 0  # the trunk split needs the stem / stages / norm layout (EfficientFormer V1 / V2)
+        if any(self._task(n).kind.kind != "classification" for n in names):
+            return 0  # dense heads read several stages: they run the whole backbone per task
         return min(self._task(n).first_adapted_stage for n in names)
 
     @torch.no_grad()
@@ -193,4 +197,6 @@ class Runtime:
         """Per-task decoded predictions for RGB uint8 images; preprocessing (and trunk) done once."""
         names = list(tasks) if tasks is not None else list(self.tasks)
         outputs = self.forward_many(self.preprocess.batch(images), names)
-        return {name: self.tasks[name].kind.decode(outputs[name], self.tasks[name].classes, top_k) for name in names}
+        sizes = [tuple(image.shape[-2:]) for image in images]  # dense outputs go back to each image's size
+        return {name: self.tasks[name].kind.decode(outputs[name], self.tasks[name].classes, top_k, sizes,
+                                                   head=self.tasks[name].head, img_size=self.backbone.img_size) for name in names}

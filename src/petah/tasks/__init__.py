@@ -2,8 +2,10 @@
 
 from petah.errors import PetahError
 from petah.tasks.classification import Classification, ClassificationModel, plot_confusion
+from petah.tasks.detection import Detection, DetectionModel
+from petah.tasks.segmentation import Segmentation, SegmentationModel
 
-TASK_KINDS = {Classification.kind: Classification}
+TASK_KINDS = {kind.kind: kind for kind in (Classification, Segmentation, Detection)}
 
 
 def task_kind(name: str):
@@ -12,4 +14,15 @@ def task_kind(name: str):
     return TASK_KINDS[name]
 
 
-__all__ = ["Classification", "ClassificationModel", "TASK_KINDS", "plot_confusion", "task_kind"]
+def kind_for_data(data):
+    """The task kind a dataset is labelled for (per-pixel masks: segmentation; boxes: detection)."""
+    from petah.data.detection import BoxedImages
+    from petah.data.segmentation import MaskedImages
+
+    if isinstance(data, MaskedImages):
+        return Segmentation
+    return Detection if isinstance(data, BoxedImages) else Classification
+
+
+__all__ = ["Classification", "ClassificationModel", "Detection", "DetectionModel", "Segmentation", "SegmentationModel", "TASK_KINDS",
+           "kind_for_data", "plot_confusion", "task_kind"]

@@ -31,17 +31,36 @@ class Classification:
     """The classification task kind: head builder, loss, metrics, decode."""
 
     kind = "classification"
+    primary_metric = "accuracy"
 
     @staticmethod
     def build_head(num_features: int, num_classes: int) -> nn.Module:
         return nn.Linear(num_features, num_classes)
+
+    @classmethod
+    def head_for(cls, backbone, classes: int) -> nn.Module:
+        return cls.build_head(backbone.num_features, classes)
+
+    @staticmethod
+    def head_manifest(head: nn.Linear) -> dict:
+        return {"type": "linear", "in_features": head.in_features, "out_features": head.out_features}
+
+    @classmethod
+    def head_from_manifest(cls, info: dict) -> nn.Module:
+        return cls.build_head(int(info["in_features"]), int(info["out_features"]))
+
+    @staticmethod
+    def view(data, preprocess, augment=None, seed: int = 0):
+        from petah.data import TrainingView
+
+        return TrainingView(data, preprocess, augment, seed)
 
     @staticmethod
     def build_model(backbone: nn.Module, head: nn.Module) -> nn.Module:
         return ClassificationModel(backbone, head)
 
     @staticmethod
-    def loss(label_smoothing: float = 0.0):
+    def loss(label_smoothing: float = 0.0, dice: bool = False, **_context):  # dice: segmentation only
         return lambda logits, targets: F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
     @staticmethod
@@ -78,7 +97,7 @@ class Classification:
 
     @staticmethod
     @torch.no_grad()
-    def decode(logits: torch.Tensor, classes: list[str], top_k: int = 3) -> list[dict]:
+    def decode(logits: torch.Tensor, classes: list[str], top_k: int = 3, sizes=None, **_context) -> list[dict]:
         probs = logits.softmax(dim=1)
         k = min(top_k, probs.shape[1])
         scores, idx = probs.topk(k, dim=1)

@@ -79,6 +79,13 @@ class TrainResult:
     last_loss: float
 
 
+
+def to_device(targets, device):
+    """Class indices or masks (a tensor), or detection targets (a list of dicts of tensors)."""
+    if isinstance(targets, torch.Tensor):
+        return targets.to(device)
+    return [{k: v.to(device) for k, v in t.items()} for t in targets]
+
 class Trainer:
     """Trains ``model`` on ``data``; only ``params`` (and ``head_params``) are optimised.
 
@@ -198,6 +205,7 @@ class Trainer:
             sampler=self.sampler,
             num_workers=self.config.num_workers,
             persistent_workers=False,
+            collate_fn=getattr(self.data, "collate", None),  # detection: targets are lists of boxes
         )
 
     def fit(self) -> TrainResult:
@@ -228,7 +236,7 @@ class Trainer:
                 self.sampler.set_epoch(self.epoch, self.step_in_epoch * self.rank_batch)
                 self.set_train_mode(self.model)
                 for images, targets in self._loader():
-                    images, targets = images.to(self.ctx.device, non_blocking=True), targets.to(self.ctx.device)
+                    images, targets = images.to(self.ctx.device, non_blocking=True), to_device(targets, self.ctx.device)
                     with self._autocast():
                         loss = self.loss_fn(self.forward_model(images), targets)
                     if not self._all_finite(loss):
