@@ -69,3 +69,15 @@ def wake_zero_init_scales(model) -> None:
         for name, param in model.named_parameters():
             if not name.endswith("bias") and param.is_floating_point() and param.abs().max() < 1e-4:
                 param.copy_(torch.rand(param.shape, generator=gen) * 0.5 + 0.5)
+
+
+def untrained_and_trained(backbone, train, val, config, name="task"):
+    """Metrics of a fresh head on the frozen backbone, and after adapting with the petah plan."""
+    from petah import api
+    from petah.plans import PlanConfig
+    from petah.tasks import kind_for_data
+
+    kind = kind_for_data(train)
+    fresh = kind.build_model(backbone.model, kind.head_for(backbone, len(train.classes)))
+    untrained = kind.evaluate(fresh, api._eval_loader(val, api.preprocess_for(backbone), kind), val.classes)
+    return untrained, api.adapt(backbone, train, val, PlanConfig(), config, name).metrics

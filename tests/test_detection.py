@@ -94,7 +94,7 @@ def test_bad_annotations_are_skipped_and_counted_or_fail_with_strict(tmp_path):
 
 def test_adapted_detector_outputs_boxes_and_map(det):
     metrics = det["metrics"]
-    assert {"map", "map50", "map75", "per_class_ap"} <= set(metrics) and 0.0 <= metrics["map50"] <= 1.0
+    assert {"mAP", "mAP50", "mAP75", "per_class_ap"} <= set(metrics) and 0.0 <= metrics["mAP50"] <= 1.0
     task = api.load_task(det["backbone"], det["package"])
     head = task.manifest["head"]
     assert task.manifest["task"]["kind"] == "detection" and head["type"] == "fcos" and head["strides"] == [8, 16, 32]
@@ -147,11 +147,12 @@ def test_cli_adapt_eval_predict_on_a_coco_folder(tmp_path):
 
     data = _write_coco(tmp_path / "parts")
     bb = save_backbone(create_backbone("efficientformerv2_s0", SIZE), tmp_path / "bb.safetensors")
-    adapted = one_json(petah("adapt", data, "-b", bb, "--task", "detection", "--val-split", "0.3", "--max-steps", "2",
+    adapted = one_json(petah("adapt", "--data", data / "annotations.json", "-b", bb, "--task", "detection", "--val-split", "0.3", "--max-steps", "2",
                              "--batch-size", "4", "-o", tmp_path / "parts.petah", "--json"))
-    assert adapted["kind"] == "detection" and "map50" in adapted
+    assert adapted["kind"] == "detection" and "mAP50" in adapted
     report = one_json(petah("eval", tmp_path / "parts.petah", data / "annotations.json", "-b", bb, "--val-split", "0.3", "--json"))
-    assert "map" in report["metrics"]
+    assert {"mAP", "mAP50"} <= set(report["metrics"])
     line = json.loads(petah("predict", data / "images" / "im0.png", "-b", bb, "-p", tmp_path / "parts.petah", "--jsonl",
                             "--out-dir", tmp_path / "out").stdout.splitlines()[0])
     assert isinstance(line["tasks"]["parts"]["boxes"], list) and Image.open(line["tasks"]["parts"]["overlay"]).size == (40, 36)
+

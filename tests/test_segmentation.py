@@ -80,7 +80,7 @@ def test_bad_samples_are_skipped_and_counted_or_fail_with_strict(tmp_path):
 
 def test_adapted_task_outputs_masks_and_metrics(seg):
     metrics = seg["metrics"]
-    assert set(metrics["per_class_iou"]) == set(DEFECT_CLASSES) and 0.0 <= metrics["miou"] <= 1.0
+    assert set(metrics["per_class_iou"]) == set(DEFECT_CLASSES) and 0.0 <= metrics["mIoU"] <= 1.0
     task = api.load_task(seg["backbone"], seg["package"])
     assert task.manifest["task"]["kind"] == "segmentation" and task.manifest["head"]["strides"] == [4, 8, 16, 32]
     with torch.no_grad():
@@ -127,9 +127,9 @@ def test_cli_adapt_eval_predict_on_a_mask_folder(tmp_path):
     bb = save_backbone(create_backbone("efficientformerv2_s0", SIZE), tmp_path / "bb.safetensors")
     adapted = one_json(petah("adapt", data, "-b", bb, "--task", "segmentation",
                              "--val-split", "0.25", "--max-steps", "2", "--batch-size", "4", "-o", tmp_path / "sq.petah", "--json"))
-    assert adapted["kind"] == "segmentation" and "miou" in adapted and adapted["skipped_samples"] == 0
+    assert adapted["kind"] == "segmentation" and "mIoU" in adapted and adapted["skipped_samples"] == 0
     report = one_json(petah("eval", tmp_path / "sq.petah", data, "-b", bb, "--val-split", "0.25", "--json"))
-    assert set(report["metrics"]["per_class_iou"]) == {"background", "square"}
+    assert set(report["metrics"]["per_class_iou"]) == {"background", "square"} and "mIoU" in report["metrics"]
     lines = petah("predict", data / "images", "-b", bb, "-p", tmp_path / "sq.petah",
                   "--jsonl", "--out-dir", tmp_path / "out").stdout.splitlines()
     first = json.loads(lines[0])["tasks"]["sq"]
@@ -138,3 +138,4 @@ def test_cli_adapt_eval_predict_on_a_mask_folder(tmp_path):
     wrong = petah("adapt", "builtin:digits", "-b", bb, "--task", "segmentation",
                   "-o", tmp_path / "x.petah", ok=False)
     assert wrong.returncode == 2 and "labelled for classification" in wrong.stderr
+

@@ -60,8 +60,8 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(backbone, image_folder
     calls = {"n": 0}
     real_loss = Classification.loss
 
-    def loss_that_explodes(smoothing=0.0):
-        inner = real_loss(smoothing)
+    def loss_that_explodes(smoothing=0.0, dice=False, **context):
+        inner = real_loss(smoothing, dice, **context)
 
         def fn(logits, targets):
             calls["n"] += 1

@@ -354,7 +354,7 @@ def inspect_package(path: str | Path) -> dict:
         "plan": manifest["plan"]["config"],
         "adapted_layers": len(manifest["plan"]["targets"]),
         "task": manifest["task"],
-        "metrics": {k: v for k, v in manifest["metrics"].items() if k in ("accuracy", "miou", "samples")},
+        "metrics": {k: v for k, v in manifest["metrics"].items() if k in ("accuracy", "mIoU", "mAP", "mAP50", "samples")},
         "sections": sections,
         "adapter_dtype": manifest.get("adapter_dtype"),
         "format_version": manifest["format_version"],

@@ -33,7 +33,10 @@ AlphaOpt = Annotated[Optional[float], typer.Option(help="LoRA alpha (default 2 x
 StageRankOpt = Annotated[Optional[list[str]], typer.Option("--stage-rank", help="Per-stage rank, STAGE=RANK; 0 leaves a stage unadapted. Repeatable.")]
 TaskNormOpt = Annotated[str, typer.Option("--task-norm", help="none | affine | stats: what of the norm layers the task owns.")]
 TargetOpt = Annotated[Optional[list[str]], typer.Option("--target", help="Regex naming layers to adapt (a generic plan for any timm model). Repeatable.")]
-DataArg = Annotated[str, typer.Argument(help="An image folder (class sub-folders; train/ + val/ or --val-split) or builtin:NAME.")]
+_DATA_HELP = ("An image folder (class sub-folders; train/ + val/ or --val-split), a segmentation folder (images/ + masks/ + "
+              "classes.txt), a COCO JSON (or a folder with annotations.json), or builtin:NAME.")
+DataArg = Annotated[Optional[str], typer.Argument(help=_DATA_HELP, show_default=False)]
+DataOpt = Annotated[Optional[str], typer.Option("--data", help="The same as the DATA argument.", show_default=False)]
 
 
 @app.callback()
@@ -137,8 +140,9 @@ def training_options(**defaults):
 @training_options(epochs=5, batch_size=128)
 def prepare(
     model: Annotated[str, typer.Argument(help="timm model name, e.g. efficientformerv2_s0.")],
-    data: DataArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Backbone file to write (.safetensors).")],
+    data: DataArg = None,
+    data_opt: DataOpt = None,
     save_dtype: Annotated[str, typer.Option("--save-dtype", help="float32 | float16 | bfloat16")] = "float32",
     json_out: JsonOpt = False,
     training: TrainingArgs = None,
@@ -152,7 +156,7 @@ def prepare(
     if save_dtype not in api.DTYPES:
         raise PetahError(f"--save-dtype must be one of {', '.join(api.DTYPES)}")
     torch.manual_seed(training.seed)
-    train, val = load_dataset(data, training.val_split, training.seed)
+    train, val = load_dataset(_data(data, data_opt), training.val_split, training.seed)
     command = "petah " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     backbone, metrics = api.prepare(model, train, val, output, training.img_size, training.weights, training.config(),
                                     training.augment(), save_dtype, command)
@@ -164,6 +168,15 @@ def prepare(
         emit_json(summary)
     else:
         out.print(f"wrote {output} ({summary['output_bytes']:,} bytes): {backbone.describe()}, source accuracy {metrics['accuracy']:.4f}")
+
+
+def _data(argument: Optional[str], option: Optional[str]) -> str:
+    """DATA as an argument or as --data (one of them)."""
+    if argument is not None and option is not None and argument != option:
+        raise PetahError(f"two datasets given: {argument} and --data {option}")
+    if argument is None and option is None:
+        raise PetahError("no dataset given: pass DATA (or --data DATA)")
+    return argument if argument is not None else option
 
 
 def _check_task(task: Optional[str], train, data: str):
@@ -195,8 +208,8 @@ def _plan(plan, rank, alpha, stage_rank, task_norm, target, dropout):
 
 
 def _metrics_table(title: str, report: dict) -> Table:
-    if "miou" in report:  # segmentation
-        table = Table(title=f"{title}: mIoU {report['miou']:.4f}, pixel accuracy {report['accuracy']:.4f} on {report['samples']} images")
+    if "mIoU" in report:  # segmentation
+        table = Table(title=f"{title}: mIoU {report['mIoU']:.4f}, pixel accuracy {report['accuracy']:.4f} on {report['samples']} images")
         table.add_column("class")
         table.add_column("IoU", justify="right")
         for name, iou in report["per_class_iou"].items():
@@ -213,9 +226,10 @@ def _metrics_table(title: str, report: dict) -> Table:
 @app.command()
 @training_options()
 def adapt(
-    data: DataArg,
     backbone: BackboneOpt,
     output: Annotated[Path, typer.Option("--output", "-o", help="Package file to write (.petah).")],
+    data: DataArg = None,
+    data_opt: DataOpt = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Task name (default: the output file's stem).")] = None,
     task: Annotated[Optional[str], typer.Option("--task", help="classification | segmentation | detection (default: what DATA is labelled for).")] = None,
     dice: Annotated[bool, typer.Option("--dice", help="Segmentation: add a soft-dice term to the cross-entropy.")] = False,
@@ -245,6 +259,7 @@ def adapt(
     plan_config = _plan(plan, rank, alpha, stage_rank, task_norm, target, dropout)
     torch.manual_seed(training.seed)
     bb = _backbone(backbone, training.weights, training.img_size)
+    data = _data(data, data_opt)
     train, val = load_dataset(data, training.val_split, training.seed, strict)
     kind = _check_task(task, train, data)
     result = api.adapt(bb, train, val, plan_config, training.config(head_lr), name or output.stem, training.augment(), adapter_dtype, dice)
@@ -273,8 +288,9 @@ def adapt(
 @app.command("eval")
 def eval_(
     package: Annotated[Path, typer.Argument(help="A .petah task package.")],
-    data: DataArg,
     backbone: BackboneOpt,
+    data: DataArg = None,
+    data_opt: DataOpt = None,
     weights: WeightsOpt = "none",
     img_size: SizeOpt = None,
     val_split: Annotated[Optional[float], typer.Option("--val-split", help="Evaluate on this held-out fraction.")] = None,
@@ -284,13 +300,14 @@ def eval_(
     json_out: JsonOpt = False,
 ) -> None:
     """Evaluate a package on the validation part of DATA (classification: top-1, per-class precision /
-    recall, confusion; segmentation: mIoU, per-class IoU, pixel accuracy)."""
+    recall, confusion; segmentation: mIoU, per-class IoU, pixel accuracy; detection: mAP, mAP50,
+    mAP75, per-class AP)."""
     from petah import api
     from petah.data import load_dataset
     from petah.tasks import plot_confusion
 
     bb = _backbone(backbone, weights, img_size)
-    _train, val = load_dataset(data, val_split, seed, strict)
+    _train, val = load_dataset(_data(data, data_opt), val_split, seed, strict)
     report = api.evaluate(bb, package, val)
     if confusion_png and "confusion_matrix" in report:
         plot_confusion(report, confusion_png, package.stem)
@@ -377,7 +394,7 @@ def inspect_(
         ("package", f"{info['package_bytes']:,} bytes"),
         ("backbone", f"{info['backbone_bytes']:,} bytes (fp32, no classifier)"),
         ("ratio", f"{100 * info['ratio']:.3f} %" if info["ratio"] else "?"),
-        *([("mIoU", str(info["metrics"]["miou"]))] if "miou" in info["metrics"] else []),
+        *[(k, str(info["metrics"][k])) for k in ("mIoU", "mAP", "mAP50") if k in info["metrics"]],
         ("accuracy", str(info["metrics"].get("accuracy"))),
         ("sections", ", ".join(f"{k}: {v['parameters']:,} params" for k, v in info["sections"].items())),
         ("created", f"{info['created_at']} by petah {info['petah_version']}"),

@@ -88,7 +88,7 @@ def _anchors(outputs: torch.Tensor, img_size: int, strides: tuple[int, ...]) -> 
 
 class Detection:
     kind = "detection"
-    primary_metric = "map50"
+    primary_metric = "mAP50"
 
     @staticmethod
     def head_for(backbone, classes: int) -> DetectionHead:
@@ -160,9 +160,9 @@ class Detection:
         per_class = values.get("map_per_class")
         ids = values.get("classes")
         return {
-            "map": round(float(values["map"]), 6),
-            "map50": round(float(values["map_50"]), 6),
-            "map75": round(float(values["map_75"]), 6),
+            "mAP": round(float(values["map"]), 6),
+            "mAP50": round(float(values["map_50"]), 6),
+            "mAP75": round(float(values["map_75"]), 6),
             "per_class_ap": {classes[int(i)]: round(float(v), 6) for i, v in zip(ids.flatten(), per_class.flatten())}
             if per_class is not None and per_class.numel() == ids.numel() else {},
             "accuracy": round(float(values["map_50"]), 6),  # the headline number where a single one is asked for

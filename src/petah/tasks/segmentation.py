@@ -63,7 +63,7 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 class Segmentation:
     kind = "segmentation"
-    primary_metric = "miou"
+    primary_metric = "mIoU"
 
     @staticmethod
     def head_for(backbone, classes: int) -> FPNSegHead:
@@ -119,7 +119,7 @@ class Segmentation:
             images += len(target)
         iou = metrics["iou"].compute()
         return {
-            "miou": round(float(iou.mean()), 6),
+            "mIoU": round(float(iou.mean()), 6),
             "accuracy": round(float(metrics["accuracy"].compute()), 6),  # pixel accuracy
             "per_class_iou": {c: round(float(v), 6) for c, v in zip(classes, iou)},
             "classes": list(classes),
