@@ -152,6 +152,8 @@ def test_cli_adapt_eval_predict_on_a_coco_folder(tmp_path):
     assert adapted["kind"] == "detection" and "mAP50" in adapted
     report = one_json(petah("eval", tmp_path / "parts.petah", data / "annotations.json", "-b", bb, "--val-split", "0.3", "--json"))
     assert {"mAP", "mAP50"} <= set(report["metrics"])
+    shown = petah("eval", tmp_path / "parts.petah", "--data", data, "-b", bb, "--val-split", "0.3").stdout
+    assert "mAP@.5" in shown and "AP" in shown
     line = json.loads(petah("predict", data / "images" / "im0.png", "-b", bb, "-p", tmp_path / "parts.petah", "--jsonl",
                             "--out-dir", tmp_path / "out").stdout.splitlines()[0])
     assert isinstance(line["tasks"]["parts"]["boxes"], list) and Image.open(line["tasks"]["parts"]["overlay"]).size == (40, 36)

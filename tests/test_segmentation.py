@@ -130,6 +130,7 @@ def test_cli_adapt_eval_predict_on_a_mask_folder(tmp_path):
     assert adapted["kind"] == "segmentation" and "mIoU" in adapted and adapted["skipped_samples"] == 0
     report = one_json(petah("eval", tmp_path / "sq.petah", data, "-b", bb, "--val-split", "0.25", "--json"))
     assert set(report["metrics"]["per_class_iou"]) == {"background", "square"} and "mIoU" in report["metrics"]
+    assert "mIoU" in petah("eval", tmp_path / "sq.petah", data, "-b", bb, "--val-split", "0.25").stdout
     lines = petah("predict", data / "images", "-b", bb, "-p", tmp_path / "sq.petah",
                   "--jsonl", "--out-dir", tmp_path / "out").stdout.splitlines()
     first = json.loads(lines[0])["tasks"]["sq"]

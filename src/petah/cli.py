@@ -208,6 +208,13 @@ def _plan(plan, rank, alpha, stage_rank, task_norm, target, dropout):
 
 
 def _metrics_table(title: str, report: dict) -> Table:
+    if "mAP" in report:  # detection
+        table = Table(title=f"{title}: mAP {report['mAP']:.4f}, mAP@.5 {report['mAP50']:.4f} on {report['samples']} images")
+        table.add_column("class")
+        table.add_column("AP", justify="right")
+        for name, ap in report["per_class_ap"].items():
+            table.add_row(name, f"{ap:.3f}")
+        return table
     if "mIoU" in report:  # segmentation
         table = Table(title=f"{title}: mIoU {report['mIoU']:.4f}, pixel accuracy {report['accuracy']:.4f} on {report['samples']} images")
         table.add_column("class")
