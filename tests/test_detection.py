@@ -158,3 +158,31 @@ def test_cli_adapt_eval_predict_on_a_coco_folder(tmp_path):
                             "--out-dir", tmp_path / "out").stdout.splitlines()[0])
     assert isinstance(line["tasks"]["parts"]["boxes"], list) and Image.open(line["tasks"]["parts"]["overlay"]).size == (40, 36)
 
+
+
+def test_malformed_entries_and_missing_val_are_clear_errors(tmp_path):
+    root = _write_coco(tmp_path / "c", count=2)
+    coco = json.loads((root / "annotations.json").read_text())
+    broken = {**coco, "images": [{"id": 1, "file_name": "im0.png"}]}  # no width / height
+    (root / "annotations.json").write_text(json.dumps(broken))
+    with pytest.raises(PetahError, match="malformed 'categories' or 'images' entry"):
+        load_coco(root / "annotations.json")
+    coco["annotations"][0]["bbox"] = ["a", 1, 2, 3]
+    (root / "annotations.json").write_text(json.dumps(coco))
+    assert "annotation #0 is malformed" in load_coco(root / "annotations.json").skipped[0]
+    (tmp_path / "split" / "train").mkdir(parents=True)
+    (tmp_path / "split" / "train" / "annotations.json").write_text(json.dumps(coco))
+    with pytest.raises(PetahError, match="val/ has none"):
+        load_dataset(str(tmp_path / "split"), val_split=0.5)
+
+
+def test_head_uses_the_real_map_sizes_of_backbones_that_round_them():
+    from petah.tasks import Detection
+
+    backbone = create_backbone("mobilevitv2_050", 96)  # its stride-32 map is 4x4 at 96 px, not 3x3
+    head = Detection.head_for(backbone, 3)
+    model = Detection.build_model(backbone.model, head).eval()
+    with torch.no_grad():
+        outputs = model(torch.randn(1, 3, 96, 96))
+    assert outputs.shape[1] == sum(g * g for g in head.grids)
+    assert isinstance(Detection.decode(outputs, ["a", "b", "c"], sizes=[(96, 96)], head=head, img_size=96)[0]["boxes"], list)

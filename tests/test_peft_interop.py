@@ -118,3 +118,13 @@ def test_classifier_must_be_saved(backbone, tmp_path):
     peft_model.save_pretrained(str(tmp_path / "half"))  # head without head_dist: V2 averages both
     with pytest.raises(PetahError, match=r"classifier \(head, head_dist\) must be in modules_to_save; found head"):
         import_peft(backbone, tmp_path / "half")
+
+
+def test_export_never_overwrites_a_folder_that_is_not_a_peft_folder(backbone, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    package = synthetic_package(backbone, "parts", PlanConfig(preset="attn-lora"), classes=3)
+    with pytest.raises(PetahError, match="is not a PEFT adapter folder"):
+        export_peft(backbone, package, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]  # no temp folder left behind

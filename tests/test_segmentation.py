@@ -140,3 +140,25 @@ def test_cli_adapt_eval_predict_on_a_mask_folder(tmp_path):
                   "-o", tmp_path / "x.petah", ok=False)
     assert wrong.returncode == 2 and "labelled for classification" in wrong.stderr
 
+
+
+def test_classes_absent_from_a_split_leave_the_mean_and_folder_detection_needs_a_class_list(tmp_path):
+    from petah.tasks import Segmentation
+    from petah.tasks.segmentation import SegmentationModel
+
+    class Perfect(SegmentationModel):  # predicts the target itself: IoU 1 for the classes present
+        def forward(self, x):
+            return self.logits
+
+    backbone = create_backbone("efficientformerv2_s0", SIZE)
+    target = torch.zeros(2, SIZE, SIZE, dtype=torch.long)
+    target[:, :8] = 1
+    model = Perfect(backbone.model, Segmentation.head_for(backbone, 4))
+    model.logits = torch.nn.functional.one_hot(target, 4).permute(0, 3, 1, 2).float()
+    report = Segmentation.evaluate(model, [(torch.zeros(2, 3, SIZE, SIZE), target)], ["a", "b", "c", "d"])
+    assert report["mIoU"] == 1.0 and report["per_class_iou"]["c"] is None
+
+    (tmp_path / "cls" / "masks").mkdir(parents=True)  # a classification set with a class called "masks"
+    (tmp_path / "cls" / "images").mkdir()
+    from petah.data.segmentation import is_mask_folder
+    assert not is_mask_folder(tmp_path / "cls") and is_mask_folder(_write_mask_folder(tmp_path / "seg", count=2))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import hashlib
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -162,7 +163,7 @@ def adapt(
         model, adapter.trainable_parameters(), list(head.parameters()),
         kind.loss(config.label_smoothing, dice, head=head, img_size=backbone.img_size),
         kind.view(train, preprocess_for(backbone), augment, config.seed), config,
-        set_train_mode=lambda m: _freeze_norms(m, work.model, modes),
+        set_train_mode=lambda m: _freeze_norms(m, work.model, modes), unused_parameters=kind is not Classification,
     )
     result = trainer.fit()
     # Evaluate what ships: adapters round-tripped through the package dtype.
@@ -304,14 +305,15 @@ def predict_files(backbone: Backbone, packages: list, paths: list[str | Path], t
         for name, preds in runtime.run([image], top_k=top_k).items():
             result = dict(preds[0])
             mask = result.pop("mask", None)
+            safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)  # a task name never leaves --out-dir
             if mask is not None and out_dir is not None:
-                base = Path(out_dir) / f"{names[path]}.{name}"
+                base = Path(out_dir) / f"{names[path]}.{safe}"
                 base.parent.mkdir(parents=True, exist_ok=True)
                 save_mask(mask, f"{base}.mask.png")
                 save_overlay(image, mask, f"{base}.overlay.png")
                 result.update({"mask": f"{base}.mask.png", "overlay": f"{base}.overlay.png"})
             if "boxes" in result and out_dir is not None:
-                base = Path(out_dir) / f"{names[path]}.{name}"
+                base = Path(out_dir) / f"{names[path]}.{safe}"
                 base.parent.mkdir(parents=True, exist_ok=True)
                 save_box_overlay(image, result["boxes"], f"{base}.boxes.png")
                 result["overlay"] = f"{base}.boxes.png"

@@ -102,7 +102,7 @@ def _thicken(rr: np.ndarray, cc: np.ndarray, width: int) -> tuple[np.ndarray, np
 
 
 def _paint_defect(image: np.ndarray, mask: np.ndarray, kind: int, rng: np.random.Generator) -> None:
-    """Paint one defect in place: a straight scratch, a round spot, or a branching-free crack."""
+    """Paint one defect in place: a straight scratch 2-3 px wide, an elliptical spot, or a 2 px random-walk crack."""
     from skimage.draw import ellipse, line
 
     size = image.shape[0]

@@ -68,6 +68,10 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def _numbers(*values: float) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in values) + "]"
+
+
 def _image_path(json_path: Path, file_name: str) -> Path:
     for root in (json_path.parent, json_path.parent / "images"):
         if (root / file_name).is_file():
@@ -79,12 +83,12 @@ def load_coco(json_path: str | Path, classes: list[str] | None = None, strict: b
     json_path = Path(json_path)
     data = _read_json(json_path)
     try:
-        categories = sorted(data["categories"], key=lambda c: c["id"])
-        index = {c["id"]: i for i, c in enumerate(categories)}
+        categories = sorted(data["categories"], key=lambda c: int(c["id"]))
+        index = {int(c["id"]): i for i, c in enumerate(categories)}
         names = [str(c["name"]) for c in categories]
-        entries = {img["id"]: img for img in data["images"]}
-    except (KeyError, TypeError) as exc:
-        raise PetahError(f"{json_path}: malformed 'categories' or 'images' entry ({exc!r})") from exc
+        entries = {int(img["id"]): {**img, "width": float(img["width"]), "height": float(img["height"])} for img in data["images"]}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PetahError(f"{json_path}: malformed 'categories' or 'images' entry (each needs id, name / file_name, width, height): {exc!r}") from exc
     if classes is not None and names != classes:
         raise PetahError(f"{json_path}: categories {names[:4]}… differ from the training set's {classes[:4]}…")
     if not names:
@@ -93,7 +97,8 @@ def load_coco(json_path: str | Path, classes: list[str] | None = None, strict: b
     problems: dict = {}  # image id (or None) -> first problem
     for n, ann in enumerate(data["annotations"]):
         try:
-            image_id, category, (x, y, w, h) = ann["image_id"], ann["category_id"], ann["bbox"]
+            image_id, category = int(ann["image_id"]), int(ann["category_id"])
+            x, y, w, h = (float(v) for v in ann["bbox"])
         except (KeyError, TypeError, ValueError) as exc:
             problems.setdefault(None, f"{json_path}: annotation #{n} is malformed ({exc!r})")
             continue
@@ -105,9 +110,10 @@ def load_coco(json_path: str | Path, classes: list[str] | None = None, strict: b
         if category not in index:
             problems.setdefault(image_id, f"{where}: unknown category id {category}")
         elif w <= 0 or h <= 0:
-            problems.setdefault(image_id, f"{where}: box {[x, y, w, h]} has no area")
+            problems.setdefault(image_id, f"{where}: box {_numbers(x, y, w, h)} has no area")
         elif x < -BOX_TOLERANCE or y < -BOX_TOLERANCE or x + w > entry["width"] + BOX_TOLERANCE or y + h > entry["height"] + BOX_TOLERANCE:
-            problems.setdefault(image_id, f"{where}: box {[x, y, w, h]} lies outside the {entry['width']}x{entry['height']} image")
+            problems.setdefault(image_id, f"{where}: box {_numbers(x, y, w, h)} lies outside the "
+                                          f"{entry['width']:g}x{entry['height']:g} image")
         else:
             per_image[image_id].append(([x, y, x + w, y + h], index[category]))
     if strict and problems:
@@ -157,6 +163,8 @@ def load_coco_splits(spec: str | Path, val_split: float | None, seed: int, stric
         train = load_coco(coco_json(root / "train"), strict=strict)
         return train, load_coco(coco_json(root / "val"), train.classes, strict)
     path = root if root.suffix == ".json" else coco_json(root)
+    if path is None:
+        raise PetahError(f"{root}: train/ holds a COCO set but val/ has none (annotations.json)")
     if val_split is None:
         raise PetahError(f"{spec} has no train/ and val/ COCO sets; pass --val-split (e.g. 0.2)")
     data = load_coco(path, strict=strict)

@@ -81,6 +81,8 @@ def read_mask(path: Path) -> torch.Tensor:
 
     try:
         with Image.open(path) as handle:
+            if handle.mode == "1":  # a saved boolean array: 0 / 1
+                handle = handle.convert("L").point(lambda v: 1 if v else 0)
             if handle.mode not in ("P", "L", "I", "I;16"):
                 raise PetahError(f"{path}: a mask must be a single-channel PNG of class indices, got mode {handle.mode}")
             array = np.array(handle)
@@ -140,7 +142,14 @@ def load_mask_splits(root: str | Path, val_split: float | None, seed: int, stric
 
 
 def is_mask_folder(root: Path) -> bool:
-    return (root / "masks").is_dir() or (root / "train" / "masks").is_dir()
+    """images/ + masks/ + a class list (a classification set may well have a class called "masks")."""
+    def layout(folder: Path) -> bool:
+        return (folder / "images").is_dir() and (folder / "masks").is_dir()
+
+    def listed(folder: Path) -> bool:
+        return any((folder / n).is_file() for n in ("classes.txt", "classes.json"))
+
+    return (layout(root) and listed(root)) or (layout(root / "train") and (listed(root) or listed(root / "train")))
 
 
 class SegmentationView(Dataset):

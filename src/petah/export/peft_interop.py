@@ -74,10 +74,20 @@ def _max_error(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
     return float((a.eval()(x) - b.eval()(x)).abs().max())
 
 
+PARITY = 1e-3  # max |Δ| of logits between petah and PEFT on the test inputs
+
+
+def _check_parity(error: float, what: str, tolerance: float = PARITY) -> None:
+    if not error <= tolerance:
+        raise PetahError(f"{what} differs from the other side by {error:.2e} (> {tolerance:g}); not written")
+
+
 def _replace_dir(tmp: Path, output: Path) -> None:
     """Move a finished folder into place; an older one at ``output`` goes only after that."""
     old = None
     if output.exists():
+        if not (output / "adapter_config.json").is_file() and any(output.iterdir()):
+            raise PetahError(f"{output} exists and is not a PEFT adapter folder; choose a new folder (it is never overwritten)")
         old = output.with_name(f".{output.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         output.rename(old)
@@ -133,6 +143,7 @@ def export_peft(backbone: Backbone, package: TaskPackage | str | Path, output: s
             copy_ = inner.get_submodule(module).modules_to_save[PEFT_ADAPTER]
             copy_.load_state_dict({k: weights[f"{module}.{k}"] for k in copy_.state_dict()})
     error = _max_error(peft_model, task.model, _test_inputs(backbone))
+    _check_parity(error, f"{origin}: PEFT's model")
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -167,6 +178,8 @@ def _read_peft_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise PetahError(f"{config_path}: peft_type {config.get('peft_type')!r}; petah imports LoRA adapters only")
     if config.get("use_dora"):
         raise PetahError(f"{config_path}: DoRA adapters have no petah equivalent")
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        raise PetahError(f"{config_path}: trained biases (bias={config.get('bias')!r}, lora_bias) have no petah equivalent")
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:
@@ -243,5 +256,7 @@ def import_peft(backbone: Backbone, folder: str | Path, task_name: str | None = 
                 "source": {"peft_folder": folder.name, "backbone_checked": bool(info)}}
     package = TaskPackage(manifest, pack_tensors(adapter.adapter_state(), adapter.override_state(), head.state_dict(), adapter_dtype))
     error = _max_error(peft_model, load_task(backbone, package).model, _test_inputs(backbone))
+    # adapters stored in 16 bits round B·A to ~3 significant digits
+    _check_parity(error, f"{folder}: the package", tolerance=5e-2 if adapter_dtype != torch.float32 else PARITY)
     return package, {"task": task_name, "lora_layers": len(targets), "owned_modules": owned,
                      "classes": classes, "backbone_checked": bool(info), "max_abs_error": error}

@@ -21,3 +21,12 @@ def atomic_write_bytes(path: Path, payload: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_image(image, path: Path) -> Path:
+    """A PIL image as PNG, written like every other file petah writes (temp file, then rename)."""
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return atomic_write_bytes(Path(path), buffer.getvalue())

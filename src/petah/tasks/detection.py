@@ -15,7 +15,6 @@ outside the graph and is done by ``decode``.
 from __future__ import annotations
 
 import functools
-import math
 from collections import OrderedDict
 
 import torch
@@ -28,6 +27,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from petah.backbones.features import DENSE_STRIDES, feature_levels, level_indices, multi_scale_features
 from petah.data.detection import DetectionView
 from petah.errors import PetahError
+from petah.packages.atomic import atomic_write_image
 
 HEAD_WIDTH = 32  # torchvision's FCOS towers use GroupNorm(32, width)
 TOWER_CONVS = 2
@@ -35,10 +35,11 @@ SCORE_THRESHOLD = 0.2
 
 
 class DetectionHead(nn.Module):
-    def __init__(self, in_channels: list[int], classes: int, width: int = HEAD_WIDTH, convs: int = TOWER_CONVS,
+    def __init__(self, in_channels: list[int], classes: int, grids: list[int], width: int = HEAD_WIDTH, convs: int = TOWER_CONVS,
                  strides: tuple[int, ...] = DENSE_STRIDES):
         super().__init__()
         self.in_channels, self.classes, self.width, self.convs, self.strides = list(in_channels), classes, width, convs, tuple(strides)
+        self.grids = list(grids)  # feature-map side per level (MobileViT v2 rounds maps up: not always ceil(size / stride))
         self.fpn = FeaturePyramidNetwork(self.in_channels, width)
         self.fcos = FCOSHead(width, num_anchors=1, num_classes=classes, num_convs=convs)
 
@@ -75,11 +76,11 @@ def _split(outputs: torch.Tensor, classes: int) -> dict[str, torch.Tensor]:
             "bbox_ctrness": outputs[..., classes + 4 :]}
 
 
-def _anchors(outputs: torch.Tensor, img_size: int, strides: tuple[int, ...]) -> tuple[list[torch.Tensor], list[int]]:
-    grids = [math.ceil(img_size / s) for s in strides]
+def _anchors(outputs: torch.Tensor, img_size: int, head: DetectionHead) -> tuple[list[torch.Tensor], list[int]]:
+    grids, strides = head.grids, head.strides
     per_level = [g * g for g in grids]
     if sum(per_level) != outputs.shape[1]:
-        raise ValueError(f"{outputs.shape[1]} locations do not match strides {strides} at {img_size} px")
+        raise PetahError(f"{outputs.shape[1]} locations do not match the head's feature maps {grids} at {img_size} px")
     n = outputs.shape[0]
     images = ImageList(outputs.new_zeros(n, 1, img_size, img_size), [(img_size, img_size)] * n)
     maps = [outputs.new_zeros(n, 0, g, g) for g in grids]
@@ -92,23 +93,27 @@ class Detection:
 
     @staticmethod
     def head_for(backbone, classes: int) -> DetectionHead:
-        coarsest = backbone.img_size // DENSE_STRIDES[-1]
-        if coarsest < 2:  # GroupNorm(32, 32) over a 1x1 map of one image has one value per group
+        size = backbone.img_size
+        with torch.no_grad():  # the real map sizes at this input size, once
+            maps = multi_scale_features(backbone.model, torch.zeros(1, 3, size, size), DENSE_STRIDES)
+        if min(m.shape[-1] for m in maps) < 2 or any(m.shape[-1] != m.shape[-2] for m in maps):
+            # GroupNorm(32, 32) over a 1x1 map of one image has one value per group
             raise PetahError(f"detection needs an input of at least {2 * DENSE_STRIDES[-1]} px (the stride-32 level must be "
-                             f"2x2 or more); {backbone.name} runs at {backbone.img_size} px")
+                             f"2x2 or more); {backbone.name} runs at {size} px")
         levels = feature_levels(backbone.model)
-        return DetectionHead([levels[i]["num_chs"] for i in level_indices(backbone.model, DENSE_STRIDES)], classes)
+        channels = [levels[i]["num_chs"] for i in level_indices(backbone.model, DENSE_STRIDES)]
+        return DetectionHead(channels, classes, [m.shape[-1] for m in maps])
 
     @staticmethod
     def head_manifest(head: DetectionHead) -> dict:
-        return {"type": "fcos", "in_channels": head.in_channels, "width": head.width, "convs": head.convs,
+        return {"type": "fcos", "in_channels": head.in_channels, "grids": head.grids, "width": head.width, "convs": head.convs,
                 "out_features": head.classes, "strides": list(head.strides), "score_threshold": SCORE_THRESHOLD,
                 "output_layout": "[N, locations, classes logits | 4 ltrb box regression | 1 centerness]"}
 
     @staticmethod
     def head_from_manifest(info: dict) -> DetectionHead:
-        return DetectionHead([int(c) for c in info["in_channels"]], int(info["out_features"]), int(info["width"]),
-                             int(info["convs"]), tuple(int(s) for s in info["strides"]))
+        return DetectionHead([int(c) for c in info["in_channels"]], int(info["out_features"]), [int(g) for g in info["grids"]],
+                             int(info["width"]), int(info["convs"]), tuple(int(s) for s in info["strides"]))
 
     @staticmethod
     def build_model(backbone: nn.Module, head: nn.Module) -> nn.Module:
@@ -121,11 +126,9 @@ class Detection:
     @staticmethod
     def loss(label_smoothing: float = 0.0, dice: bool = False, *, head: DetectionHead, img_size: int):
         """FCOS's losses (focal classification + GIoU box + centerness BCE), summed."""
-        strides = head.strides
-
         def loss_fn(outputs: torch.Tensor, targets: list[dict]) -> torch.Tensor:
-            anchors, per_level = _anchors(outputs, img_size, strides)
-            engine = _engine(outputs.shape[2] - 5, strides)
+            anchors, per_level = _anchors(outputs, img_size, head)
+            engine = _engine(outputs.shape[2] - 5, head.strides)
             losses = engine.compute_loss(targets, _split(outputs.float(), outputs.shape[2] - 5), anchors, per_level)
             return sum(losses.values())
 
@@ -133,10 +136,10 @@ class Detection:
 
     @staticmethod
     @torch.no_grad()
-    def detections(outputs: torch.Tensor, img_size: int, strides: tuple[int, ...]) -> list[dict[str, torch.Tensor]]:
+    def detections(outputs: torch.Tensor, img_size: int, head: DetectionHead) -> list[dict[str, torch.Tensor]]:
         """Boxes (xyxy, in input pixels), scores and labels per image: threshold, top-k, NMS."""
-        classes = outputs.shape[2] - 5
-        anchors, per_level = _anchors(outputs, img_size, strides)
+        classes, strides = outputs.shape[2] - 5, head.strides
+        anchors, per_level = _anchors(outputs, img_size, head)
         parts = _split(outputs.float(), classes)
         by_level = {k: list(v.split(per_level, dim=1)) for k, v in parts.items()}
         split_anchors = [list(a.split(per_level)) for a in anchors]
@@ -153,7 +156,7 @@ class Detection:
         head = model.head
         images = 0
         for batch, targets in loader:
-            found = Detection.detections(model(batch.to(device)), batch.shape[-1], head.strides)
+            found = Detection.detections(model(batch.to(device)), batch.shape[-1], head)
             metric.update([{k: v.cpu() for k, v in d.items()} for d in found], targets)
             images += len(batch)
         values = metric.compute()
@@ -175,7 +178,7 @@ class Detection:
     def decode(outputs: torch.Tensor, classes: list[str], top_k: int = 3, sizes=None, *, head: DetectionHead, img_size: int) -> list[dict]:
         """Per image: boxes in the image's own pixels (xyxy), label and score, best first."""
         rows = []
-        for i, found in enumerate(Detection.detections(outputs, img_size, head.strides)):
+        for i, found in enumerate(Detection.detections(outputs, img_size, head)):
             h, w = sizes[i] if sizes is not None else (img_size, img_size)
             scale = torch.tensor([w / img_size, h / img_size, w / img_size, h / img_size])
             rows.append({"boxes": [
@@ -195,4 +198,4 @@ def save_box_overlay(image: torch.Tensor, boxes: list[dict], path) -> None:
         x0, y0, x1, y1 = found["box"]
         draw.rectangle([x0, y0, x1, y1], outline=(255, 40, 40), width=max(1, round(min(canvas.size) / 100)))
         draw.text((x0 + 1, max(0, y0 - 10)), f"{found['label']} {found['score']:.2f}", fill=(255, 255, 0))
-    canvas.save(path)
+    atomic_write_image(canvas, path)

@@ -18,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from petah.backbones.features import DENSE_STRIDES, feature_levels, level_indices, multi_scale_features
 from petah.data.segmentation import IGNORE, SegmentationView
+from petah.packages.atomic import atomic_write_image
 
 HEAD_WIDTH = 64
 SEG_STRIDES = (4,) + DENSE_STRIDES
@@ -103,7 +104,8 @@ class Segmentation:
     @torch.no_grad()
     def evaluate(model: nn.Module, loader, classes: list[str]) -> dict:
         n = len(classes)
-        metrics = {"iou": MulticlassJaccardIndex(n, average=None, ignore_index=IGNORE),
+        # classes absent from both predictions and targets have no IoU (nan), not 0: they leave the mean
+        metrics = {"iou": MulticlassJaccardIndex(n, average=None, ignore_index=IGNORE, zero_division=float("nan")),
                    "accuracy": MulticlassAccuracy(n, average="micro", ignore_index=IGNORE)}
         device = next(model.parameters()).device
         for metric in metrics.values():
@@ -119,9 +121,9 @@ class Segmentation:
             images += len(target)
         iou = metrics["iou"].compute()
         return {
-            "mIoU": round(float(iou.mean()), 6),
+            "mIoU": round(float(iou.nanmean()), 6) if not iou.isnan().all() else 0.0,
             "accuracy": round(float(metrics["accuracy"].compute()), 6),  # pixel accuracy
-            "per_class_iou": {c: round(float(v), 6) for c, v in zip(classes, iou)},
+            "per_class_iou": {c: None if v.isnan() else round(float(v), 6) for c, v in zip(classes, iou)},
             "classes": list(classes),
             "samples": images,
             "pixels": pixels,
@@ -154,7 +156,7 @@ def save_mask(mask: torch.Tensor, path) -> None:
     palette = np.zeros((256, 3), dtype=np.uint8)
     palette[: len(PALETTE)] = PALETTE
     image.putpalette(palette.flatten().tolist())
-    image.save(path)
+    atomic_write_image(image, path)
 
 
 def save_overlay(image: torch.Tensor, mask: torch.Tensor, path, alpha: float = 0.5) -> None:
@@ -166,4 +168,4 @@ def save_overlay(image: torch.Tensor, mask: torch.Tensor, path, alpha: float = 0
     colours = PALETTE[index % len(PALETTE)].astype(np.float32)
     tint = (index > 0)[..., None]
     blended = np.where(tint, (1 - alpha) * rgb + alpha * colours, rgb)
-    Image.fromarray(blended.clip(0, 255).astype(np.uint8)).save(path)
+    atomic_write_image(Image.fromarray(blended.clip(0, 255).astype(np.uint8)), path)

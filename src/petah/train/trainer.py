@@ -103,8 +103,10 @@ class Trainer:
         config: TrainConfig,
         set_train_mode: Callable[[nn.Module], None] | None = None,
         sync_batchnorm: bool = False,
+        unused_parameters: bool = False,
     ):
         self.ctx = setup()
+        self.unused_parameters = unused_parameters
         self.loss_fn, self.data, self.config = loss_fn, data, config
         self.set_train_mode = set_train_mode or (lambda m: m.train())
         if config.batch_size % self.ctx.world_size:
@@ -138,7 +140,8 @@ class Trainer:
             model = convert_sync_batchnorm(model)
             self.model = model
         device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        # dense heads read intermediate stages: adapters after the last one get no gradient
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=self.unused_parameters)
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         """Every rank stops together: one rank's NaN would otherwise leave the others waiting."""
