@@ -136,6 +136,13 @@ def test_cli_adapt_eval_predict_on_a_mask_folder(tmp_path):
     first = json.loads(lines[0])["tasks"]["sq"]
     mask = np.array(Image.open(first["mask"]))
     assert mask.shape == (24, 28) and Image.open(first["mask"]).mode == "P" and Image.open(first["overlay"]).size == (28, 24)
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    failed = petah("predict", data / "images" / "s0.png", bad, "-b", bb, "-p", tmp_path / "sq.petah", "--out-dir", tmp_path / "none", ok=False)
+    assert failed.returncode == 2 and "bad.png" in failed.stderr and not (tmp_path / "none").exists()
+    Image.fromarray(np.zeros((5, 5), dtype=np.uint8)).save(data / "masks" / "s1.png")
+    warned = petah("eval", tmp_path / "sq.petah", data, "-b", bb, "--val-split", "0.25", "--json")
+    assert "skipped 1 bad sample" in warned.stderr and "s1.png" in warned.stderr
     wrong = petah("adapt", "builtin:digits", "-b", bb, "--task", "segmentation",
                   "-o", tmp_path / "x.petah", ok=False)
     assert wrong.returncode == 2 and "labelled for classification" in wrong.stderr

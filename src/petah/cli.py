@@ -189,10 +189,15 @@ def _check_task(task: Optional[str], train, data: str):
     if task is not None and task != kind.kind:
         raise PetahError(f"--task {task}: {data} is labelled for {kind.kind} (segmentation: images/ + masks/ + "
                          "classes.txt, or builtin:defects; detection: a COCO annotations.json, or builtin:digit-boxes)")
-    skipped = getattr(train, "skipped", [])
-    if skipped:
-        err.print(f"[yellow]warning:[/yellow] skipped {len(skipped)} bad sample(s) (--strict fails instead); first: {skipped[0]}", highlight=False)
+    _warn_skipped(train)
     return kind
+
+
+def _warn_skipped(data) -> None:
+    skipped = getattr(data, "skipped", [])
+    if skipped:
+        err.print(f"[yellow]warning:[/yellow] skipped {len(skipped)} bad sample(s) (--strict fails instead); first: {skipped[0]}",
+                  highlight=False, soft_wrap=True)  # one line, however long the path
 
 
 def _plan(plan, rank, alpha, stage_rank, task_norm, target, dropout):
@@ -315,6 +320,7 @@ def eval_(
 
     bb = _backbone(backbone, weights, img_size)
     _train, val = load_dataset(_data(data, data_opt), val_split, seed, strict)
+    _warn_skipped(val)
     report = api.evaluate(bb, package, val)
     if confusion_png and "confusion_matrix" in report:
         plot_confusion(report, confusion_png, package.stem)
@@ -341,6 +347,11 @@ def predict(
     from petah import api
 
     bb = _backbone(backbone, weights, img_size)
+    if not jsonl:  # all or nothing: a bad file fails before any overlay is written
+        from petah.data import load_image
+
+        for path in api.image_files(images):
+            load_image(path)
     entries = api.predict_files(bb, list(package), images, top_k=top_k, out_dir=out_dir)
     if jsonl:
         failed = 0

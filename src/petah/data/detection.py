@@ -169,7 +169,7 @@ def load_coco_splits(spec: str | Path, val_split: float | None, seed: int, stric
         raise PetahError(f"{spec} has no train/ and val/ COCO sets; pass --val-split (e.g. 0.2)")
     data = load_coco(path, strict=strict)
     train, val = data.split(val_split, seed)
-    train.skipped = data.skipped
+    train.skipped = val.skipped = data.skipped  # left out of both parts: each reports them
     return train, val
 
 

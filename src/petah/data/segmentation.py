@@ -137,7 +137,7 @@ def load_mask_splits(root: str | Path, val_split: float | None, seed: int, stric
         raise PetahError(f"{root} has no train/ and val/ folders; pass --val-split (e.g. 0.2)")
     data = load_mask_folder(root, strict=strict)
     train, val = data.split(val_split, seed)
-    train.skipped = data.skipped
+    train.skipped = val.skipped = data.skipped  # left out of both parts: each reports them
     return train, val
 
 
