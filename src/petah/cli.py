@@ -212,21 +212,23 @@ def _plan(plan, rank, alpha, stage_rank, task_norm, target, dropout):
     return PlanConfig(preset=plan, rank=rank, alpha=alpha, stage_ranks=stages, task_norm=task_norm, targets=list(target or []), dropout=dropout)
 
 
+def _score_table(title: str, column: str, scores: dict) -> Table:
+    """One score per class; a class absent from the data has none (shown as -)."""
+    table = Table(title=title)
+    table.add_column("class")
+    table.add_column(column, justify="right")
+    for name, score in scores.items():
+        table.add_row(name, "-" if score is None else f"{score:.3f}")
+    return table
+
+
 def _metrics_table(title: str, report: dict) -> Table:
     if "mAP" in report:  # detection
-        table = Table(title=f"{title}: mAP {report['mAP']:.4f}, mAP@.5 {report['mAP50']:.4f} on {report['samples']} images")
-        table.add_column("class")
-        table.add_column("AP", justify="right")
-        for name, ap in report["per_class_ap"].items():
-            table.add_row(name, f"{ap:.3f}")
-        return table
+        return _score_table(f"{title}: mAP {report['mAP']:.4f}, mAP@.5 {report['mAP50']:.4f} on {report['samples']} images",
+                            "AP", report["per_class_ap"])
     if "mIoU" in report:  # segmentation
-        table = Table(title=f"{title}: mIoU {report['mIoU']:.4f}, pixel accuracy {report['accuracy']:.4f} on {report['samples']} images")
-        table.add_column("class")
-        table.add_column("IoU", justify="right")
-        for name, iou in report["per_class_iou"].items():
-            table.add_row(name, f"{iou:.3f}")
-        return table
+        return _score_table(f"{title}: mIoU {report['mIoU']:.4f}, pixel accuracy {report['accuracy']:.4f} on {report['samples']} images",
+                            "IoU", report["per_class_iou"])
     table = Table(title=f"{title}: accuracy {report['accuracy']:.4f} on {report['samples']} images")
     for col in ("class", "precision", "recall"):
         table.add_column(col, justify="right" if col != "class" else "left")
