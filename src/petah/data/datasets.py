@@ -49,6 +49,16 @@ class LabeledImages:
         return self.subset(sorted(train), f"{self.source}[train]"), self.subset(sorted(val), f"{self.source}[val]")
 
 
+def random_split(data, val_fraction: float, seed: int = 0):
+    """(train, val) parts of a dense set, ~val_fraction for validation (at least one image)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise PetahError(f"--val-split must be between 0 and 1, got {val_fraction}")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, round(len(data) * val_fraction))
+    return (data.subset(sorted(order[n_val:]), f"{data.source}[train]"),
+            data.subset(sorted(order[:n_val]), f"{data.source}[val]"))
+
+
 def _class_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
@@ -105,9 +115,12 @@ class TrainingView(Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
+    def generator(self, index: int) -> torch.Generator:
+        """The random stream of sample ``index`` in this epoch."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.data.images[index]
         if self.augment is not None:
-            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
-            image = self.augment(image, gen)
+            image = self.augment(image, self.generator(index))
         return self.preprocess(image), self.data.labels[index]

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 import torchvision.transforms.v2.functional as TF
-from torch.utils.data import Dataset
 
+from petah.data.datasets import TrainingView, random_split
 from petah.data.images import load_image
-from petah.data.transforms import Preprocess
 from petah.errors import PetahError
 
 BOX_TOLERANCE = 1.0  # px a box may poke out of its image (rounding in exporters)
@@ -46,12 +45,7 @@ class BoxedImages:
                            self.classes, source or self.source)
 
     def split(self, val_fraction: float, seed: int = 0) -> tuple["BoxedImages", "BoxedImages"]:
-        if not 0.0 < val_fraction < 1.0:
-            raise PetahError(f"--val-split must be between 0 and 1, got {val_fraction}")
-        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).tolist()
-        n_val = max(1, round(len(self) * val_fraction))
-        return (self.subset(sorted(order[n_val:]), f"{self.source}[train]"),
-                self.subset(sorted(order[:n_val]), f"{self.source}[val]"))
+        return random_split(self, val_fraction, seed)
 
     def label_digest(self) -> bytes:
         return b"".join(b.numpy().tobytes() + y.numpy().tobytes() for b, y in zip(self.boxes, self.labels))
@@ -178,20 +172,10 @@ def collate(batch):
     return torch.stack([x for x, _ in batch]), [t for _, t in batch]
 
 
-class DetectionView(Dataset):
+class DetectionView(TrainingView):
     """(image, {"boxes", "labels"}) with boxes scaled to the backbone's square input; optional flip."""
 
-    def __init__(self, data: BoxedImages, preprocess: Preprocess, augment=None, seed: int = 0):
-        self.data, self.preprocess, self.augment, self.seed = data, preprocess, augment, seed
-        self.epoch = 0
-
     collate = staticmethod(collate)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.data)
 
     def __getitem__(self, index: int):
         image, boxes = self.data.images[index], self.data.boxes[index].clone()
@@ -201,8 +185,7 @@ class DetectionView(Dataset):
         boxes[:, 1::2] *= size / h
         x = self.preprocess(image)
         if self.augment is not None and self.augment.hflip:
-            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
-            if float(torch.rand((), generator=gen)) < 0.5:
+            if float(torch.rand((), generator=self.generator(index))) < 0.5:
                 x = TF.horizontal_flip(x)
                 boxes[:, [0, 2]] = size - boxes[:, [2, 0]]
         return x, {"boxes": boxes, "labels": self.data.labels[index]}

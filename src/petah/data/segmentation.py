@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from torch.utils.data import Dataset
 
+from petah.data.datasets import TrainingView, random_split
 from petah.data.images import IMAGE_SUFFIXES, load_image
-from petah.data.transforms import Augment, Preprocess
 from petah.errors import PetahError
 
 IGNORE = 255
@@ -48,12 +47,7 @@ class MaskedImages:
         return MaskedImages([self.images[i] for i in idx], [self.masks[i] for i in idx], self.classes, source or self.source)
 
     def split(self, val_fraction: float, seed: int = 0) -> tuple["MaskedImages", "MaskedImages"]:
-        if not 0.0 < val_fraction < 1.0:
-            raise PetahError(f"--val-split must be between 0 and 1, got {val_fraction}")
-        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).tolist()
-        n_val = max(1, round(len(self) * val_fraction))
-        return (self.subset(sorted(order[n_val:]), f"{self.source}[train]"),
-                self.subset(sorted(order[:n_val]), f"{self.source}[val]"))
+        return random_split(self, val_fraction, seed)
 
     def label_digest(self) -> bytes:
         return b"".join(m.numpy().tobytes() for m in self.masks)
@@ -152,24 +146,13 @@ def is_mask_folder(root: Path) -> bool:
     return (layout(root) and listed(root)) or (layout(root / "train") and (listed(root) or listed(root / "train")))
 
 
-class SegmentationView(Dataset):
+class SegmentationView(TrainingView):
     """(image, mask) pairs resized to the backbone's input; crops and flips hit both alike."""
-
-    def __init__(self, data: MaskedImages, preprocess: Preprocess, augment: Augment | None = None, seed: int = 0):
-        self.data, self.preprocess, self.augment, self.seed = data, preprocess, augment, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.data)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.data.images[index], self.data.masks[index]
         if self.augment is not None:
-            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
-            image, mask = self.augment.pair(image, mask, gen)
+            image, mask = self.augment.pair(image, mask, self.generator(index))
         size = self.preprocess.img_size
         mask = TF.resize(mask[None], [size, size], interpolation=TF.InterpolationMode.NEAREST_EXACT)[0]
         return self.preprocess(image), mask.long()
