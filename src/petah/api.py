@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Subset
 from petah.adapters import TaskAdapter
 from petah.adapters.model import ADAPTER
 from petah.backbones import Backbone, create_backbone, fingerprint, save_backbone
+from petah.backbones.factory import fp32_safetensors_bytes
 from petah.data import Augment, LabeledImages, Preprocess, TrainingView
 from petah.errors import PetahError
 from petah.packages.format import TaskPackage, check_backbone, pack_tensors, read_package, write_package
@@ -193,6 +194,88 @@ def save_package(result: AdaptResult | TaskPackage, path: str | Path) -> Path:
     return Path(path)
 
 
+# --- step 3: prune -----------------------------------------------------------------------
+def _image_loaders(backbone: Backbone, datasets: list, batch_size: int, seed: int) -> list[DataLoader]:
+    """One shuffled loader per task's data; batches start with the images whatever the task kind."""
+    loaders = []
+    for index, data in enumerate(datasets):
+        view = kind_for_data(data).view(data, preprocess_for(backbone), Augment(), seed + index)
+        loaders.append(DataLoader(view, batch_size=batch_size, shuffle=True, collate_fn=getattr(view, "collate", None),
+                                  generator=torch.Generator().manual_seed(seed + index)))
+    return loaders
+
+
+def backbone_cost(model: nn.Module, img_size: int) -> dict:
+    """Parameters and multiply-accumulates of one image at the working size (Torch-Pruning's counter)."""
+    import torch_pruning as tp
+
+    macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, 3, img_size, img_size))
+    return {"params": int(params), "macs": int(macs)}
+
+
+def prune_backbone(backbone: Backbone, config, datasets: list | None = None) -> tuple[Backbone, dict]:
+    """A pruned copy of ``backbone`` (the original is untouched) and a report of what it cost and saved.
+
+    ``datasets``: the data of every task the backbone will serve (images only are used): Taylor
+    importance is measured on all of them together, and recovery distils on them.
+    """
+    from petah.prune import describe_changes, prune_model, recover
+    from petah.prune.pruner import check_prunable
+
+    family = backbone.family
+    if backbone.pruned:
+        raise PetahError(f"{backbone.describe()} is already pruned; prune the original backbone again at the new ratio")
+    if family is None or not family.prunable:
+        check_prunable(backbone.model)  # names an attention layer without a pruner, if there is one
+        raise PetahError(f"petah cannot prune {backbone.name} (family {family.name if family else 'unknown'}); "
+                         "supported: EfficientFormer, EfficientFormerV2, MobileNet and ResNet")
+    datasets = list(datasets or [])
+    torch.manual_seed(config.seed)
+    loaders = _image_loaders(backbone, datasets, config.batch_size, config.seed)
+    example = torch.zeros(1, 3, backbone.img_size, backbone.img_size)
+    model = copy.deepcopy(backbone.model)
+    before = backbone_cost(backbone.model, backbone.img_size)
+    report = prune_model(model, example, config, loaders)
+    report["recovery"] = recover(model, backbone.model, loaders, config, example)
+    pruned = replace(backbone, model=model, architecture=describe_changes(backbone.model, model),
+                     fingerprint=fingerprint(model), weights_bytes=fp32_safetensors_bytes(model))
+    after = backbone_cost(model, backbone.img_size)
+    report.update({
+        "config": config.to_dict(),
+        "data": [d.source for d in datasets],
+        "base": {"fingerprint": backbone.fingerprint, **before, "weights_bytes": backbone.weights_bytes},
+        "pruned": {"fingerprint": pruned.fingerprint, **after, "weights_bytes": pruned.weights_bytes},
+    })
+    pruned.source = {**backbone.source, "pruning": report}
+    return pruned, report
+
+
+def save_pruned(pruned: Backbone, report: dict, path: str | Path, command: str = "") -> Path:
+    """Write a pruned backbone file: weights + the architecture + how it was pruned (JSON, no pickle)."""
+    extra = {k: pruned.source[k] for k in ("source_data", "metrics") if k in pruned.source}
+    extra.update({"pruning": {**report, "command": command}, "command": command,
+                  "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+    return save_backbone(pruned, path, extra)
+
+
+def inspect_backbone(path: str | Path) -> dict:
+    """Identity, parameters, MACs and file size of a backbone file (pruned or not)."""
+    path = Path(path)
+    backbone = create_backbone(weights=str(path))
+    pruning = backbone.source.get("pruning") or {}
+    return {
+        "backbone": backbone.name,
+        "img_size": backbone.img_size,
+        "fingerprint": backbone.fingerprint,
+        "pruned": backbone.pruned,
+        "file_bytes": path.stat().st_size,
+        "weights_bytes": backbone.weights_bytes,
+        **backbone_cost(backbone.model, backbone.img_size),
+        "num_features": backbone.num_features,
+        "pruning": {k: pruning[k] for k in ("config", "base", "heads_removed", "recovery", "data") if k in pruning},
+    }
+
+
 # --- loading, eval, predict --------------------------------------------------------------
 @dataclass
 class LoadedTask:
@@ -367,8 +450,9 @@ def inspect_package(path: str | Path) -> dict:
 
 
 __all__ = [
-    "AdaptResult", "LoadedTask", "adapt", "attach_package", "package_manifest", "create_backbone", "evaluate", "fingerprint", "image_files", "inspect_package", "load_task",
-    "open_runtime", "predict", "predict_files", "prepare", "save_package",
+    "AdaptResult", "LoadedTask", "adapt", "attach_package", "package_manifest", "create_backbone", "evaluate", "fingerprint", "image_files", "inspect_backbone",
+    "inspect_package", "load_task", "open_runtime", "predict", "predict_files", "prepare", "prune_backbone", "save_package",
+    "save_pruned",
 ]
 
 

@@ -157,9 +157,8 @@ def prepare(
         raise PetahError(f"--save-dtype must be one of {', '.join(api.DTYPES)}")
     torch.manual_seed(training.seed)
     train, val = load_dataset(_data(data, data_opt), training.val_split, training.seed)
-    command = "petah " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     backbone, metrics = api.prepare(model, train, val, output, training.img_size, training.weights, training.config(),
-                                    training.augment(), save_dtype, command)
+                                    training.augment(), save_dtype, _command_line())
     if not is_main_process():  # under torchrun, rank 0 alone reports
         return
     summary = {"backbone": backbone.name, "img_size": backbone.img_size, "fingerprint": backbone.fingerprint,
@@ -168,6 +167,11 @@ def prepare(
         emit_json(summary)
     else:
         out.print(f"wrote {output} ({summary['output_bytes']:,} bytes): {backbone.describe()}, source accuracy {metrics['accuracy']:.4f}")
+
+
+def _command_line() -> str:
+    """How this run was invoked, recorded in the files it writes."""
+    return "petah " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def _data(argument: Optional[str], option: Optional[str]) -> str:
@@ -391,14 +395,64 @@ def _describe(result: dict) -> str:
     return shares + (f" → {result['mask']}" if "mask" in result else "")
 
 
-@app.command("inspect")
-def inspect_(
-    package: Annotated[Path, typer.Argument(help="A .petah task package.")],
+@app.command()
+def prune(
+    backbone: BackboneOpt,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Pruned backbone file to write (.safetensors).")],
+    ratio: Annotated[float, typer.Option(help="Fraction of the channels of every prunable group to remove, in [0, 1).")] = 0.5,
+    head_ratio: Annotated[Optional[float], typer.Option("--head-ratio", help="Fraction of attention heads to remove (default: --ratio).")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", help="Images of a task the backbone serves (any DATA form); repeat for several tasks.")] = None,
+    importance: Annotated[str, typer.Option(help="taylor (needs --data) | magnitude (data-free).")] = "taylor",
+    calibration_batches: Annotated[int, typer.Option("--calibration-batches", help="Batches per task for Taylor importance.")] = 8,
+    round_to: Annotated[Optional[int], typer.Option("--round-to", help="Keep channel counts multiples of this.")] = None,
+    recover_epochs: Annotated[int, typer.Option("--recover-epochs", help="Epochs of feature distillation from the unpruned backbone.")] = 0,
+    recover_lr: Annotated[float, typer.Option("--recover-lr", help="Learning rate of the recovery.")] = 5e-4,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = 32,
+    seed: Annotated[int, typer.Option(help="Seed for data order.")] = 0,
+    weights: WeightsOpt = "none",
+    img_size: SizeOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Show a package's manifest and sizes (validates it, as loading does)."""
+    """Step 3: structurally prune the shared backbone (channels and heads) for the device; write a backbone file."""
+    from petah import api
+    from petah.data import load_dataset
+    from petah.prune import PruneConfig
+
+    if output.suffix != ".safetensors":
+        raise PetahError(f"the pruned backbone is a .safetensors file, got {output}")
+    config = PruneConfig(ratio=ratio, head_ratio=head_ratio, importance=importance, calibration_batches=calibration_batches,
+                         round_to=round_to, recover_epochs=recover_epochs, recover_lr=recover_lr, batch_size=batch_size, seed=seed)
+    if config.importance == "taylor" and not data:
+        raise PetahError("taylor importance needs images: give --data (repeat it per task), or use --importance magnitude")
+    if config.recover_epochs and not data:
+        raise PetahError("--recover-epochs distils on images: give --data")
+    bb = _backbone(backbone, weights, img_size)
+    datasets = [load_dataset(spec, seed=seed)[0] for spec in data or []]
+    pruned, report = api.prune_backbone(bb, config, datasets)
+    api.save_pruned(pruned, report, output, command=_command_line())
+    info = api.inspect_backbone(output)
+    summary = {"backbone": str(output), **{k: info[k] for k in ("fingerprint", "params", "macs", "file_bytes")},
+               "base": report["base"], "heads_removed": sum(report["heads_removed"].values()),
+               "recovery": report["recovery"], "config": config.to_dict()}
+    if json_out:
+        emit_json(summary)
+        return
+    base = report["base"]
+    out.print(f"wrote {output}: {info['params']:,} parameters ({100 * info['params'] / base['params']:.1f} % of {bb.name}), "
+              f"{info['macs'] / 1e6:.1f} M MACs ({100 * info['macs'] / base['macs']:.1f} %), "
+              f"{summary['heads_removed']} heads removed, {info['file_bytes']:,} bytes")
+
+
+@app.command("inspect")
+def inspect_(
+    package: Annotated[Path, typer.Argument(help="A .petah task package, or a petah backbone file (.safetensors).")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Show a package's manifest and sizes, or a backbone file's parameters, MACs and size."""
     from petah import api
 
+    if package.suffix == ".safetensors":
+        return _inspect_backbone(package, json_out)
     info = api.inspect_package(package)
     if json_out:
         emit_json(info)
@@ -419,6 +473,35 @@ def inspect_(
         ("sections", ", ".join(f"{k}: {v['parameters']:,} params" for k, v in info["sections"].items())),
         ("created", f"{info['created_at']} by petah {info['petah_version']}"),
     ]
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+
+
+def _inspect_backbone(path: Path, json_out: bool) -> None:
+    from petah import api
+
+    if not path.is_file():
+        raise PetahError(f"backbone file not found: {path}")
+    info = api.inspect_backbone(path)
+    if json_out:
+        emit_json(info)
+        return
+    table = Table(title=str(path), show_header=False)
+    table.add_column("field")
+    table.add_column("value")
+    pruning = info["pruning"]
+    rows = [
+        ("backbone", f"{'pruned ' if info['pruned'] else ''}{info['backbone']}@{info['img_size']}px  {info['fingerprint'][:16]}"),
+        ("parameters", f"{info['params']:,}"),
+        ("MACs", f"{info['macs']:,} per image"),
+        ("file", f"{info['file_bytes']:,} bytes"),
+        ("features", str(info["num_features"])),
+    ]
+    if pruning:
+        base = pruning["base"]
+        rows += [("pruned from", f"{base['fingerprint'][:16]}: {base['params']:,} parameters, {base['macs']:,} MACs"),
+                 ("pruning", json.dumps(pruning["config"]))]
     for row in rows:
         table.add_row(*row)
     out.print(table)

@@ -31,6 +31,11 @@ class Backbone:
     fingerprint: str
     source: dict = field(default_factory=dict)
     weights_bytes: int = 0  # the weights (no classifier) as an fp32 safetensors file
+    architecture: dict | None = None  # a pruned backbone: its size changes against the timm model
+
+    @property
+    def pruned(self) -> bool:
+        return self.architecture is not None
 
     @property
     def family(self) -> Family | None:
@@ -44,10 +49,11 @@ class Backbone:
 
     def identity(self) -> dict:
         return {"name": self.name, "img_size": self.img_size, "fingerprint": self.fingerprint,
-                "weights_bytes": self.weights_bytes}
+                "weights_bytes": self.weights_bytes, "pruned": self.pruned}
 
     def describe(self) -> str:
-        return f"{self.name}@{self.img_size}px (fingerprint {self.fingerprint[:12]})"
+        pruned = "pruned " if self.pruned else ""
+        return f"{pruned}{self.name}@{self.img_size}px (fingerprint {self.fingerprint[:12]})"
 
     def preprocessing(self) -> dict:
         return {
@@ -94,10 +100,23 @@ def _build(name: str, family: Family | None, img_size: int, pretrained: bool = F
     return timm.create_model(name, **kwargs)
 
 
+def _build_pruned(name: str, family: Family | None, img_size: int, architecture: dict,
+                  weights: dict[str, torch.Tensor]) -> nn.Module:
+    """The timm model, reparameterized, then cut down to a pruned architecture (no weights yet)."""
+    from petah.prune.architecture import apply_changes
+
+    model = _build(name, family, img_size)
+    _reparameterize(model)
+    return apply_changes(model, architecture, weights)
+
+
 def build_plain(backbone: "Backbone", weights: dict[str, torch.Tensor]) -> nn.Module:
     """A fresh, wrapper-free copy of ``backbone``'s architecture holding ``weights`` (e.g. merged)."""
-    model = _build(backbone.name, backbone.family, backbone.img_size)
-    _reparameterize(model)
+    if backbone.architecture is not None:
+        model = _build_pruned(backbone.name, backbone.family, backbone.img_size, backbone.architecture, weights)
+    else:
+        model = _build(backbone.name, backbone.family, backbone.img_size)
+        _reparameterize(model)
     model.load_state_dict(weights, strict=True)
     return model.eval().requires_grad_(False)
 
@@ -161,22 +180,30 @@ def create_backbone(name: str | None = None, img_size: int | None = None, weight
     default_size = pretrained_cfg.input_size[-1] if pretrained_cfg else 224
     size = _check_img_size(name, family, img_size, default_size)
 
-    model = _build(name, family, size)
+    architecture = meta.get("architecture") if meta is not None else None
+    if architecture is not None:  # a pruned backbone: rebuilt from its size changes, never unpickled
+        if size != meta["img_size"]:
+            raise PetahError(f"pruned backbone {weights} runs at {meta['img_size']} px only, got {size}")
+        state = read_state_dict(weights)
+        model = _build_pruned(name, family, size, architecture, state)
+        _load_into(model, state, f"in {weights}")
+    else:
+        model = _build(name, family, size)
+        if weights == "hub":
+            try:
+                # Built at the hub size: the bias tables of V2 are then resized to `size`.
+                hub = _build(name, family, default_size, pretrained=True)
+            except Exception as exc:  # network or hub errors come in many types
+                raise PetahError(
+                    f"cannot fetch hub weights for {name} ({type(exc).__name__}); "
+                    "offline? pass --weights FILE or --weights none"
+                ) from exc
+            _load_into(model, hub.state_dict(), "from the hub")
+        elif weights != "none":
+            _load_into(model, read_state_dict(weights), f"in {weights}")
     source: dict = {"weights": weights}
-    if weights == "hub":
-        try:
-            # Built at the hub size: the bias tables of V2 are then resized to `size`.
-            hub = _build(name, family, default_size, pretrained=True)
-        except Exception as exc:  # network or hub errors come in many types
-            raise PetahError(
-                f"cannot fetch hub weights for {name} ({type(exc).__name__}); "
-                "offline? pass --weights FILE or --weights none"
-            ) from exc
-        _load_into(model, hub.state_dict(), "from the hub")
-    elif weights != "none":
-        _load_into(model, read_state_dict(weights), f"in {weights}")
-        if meta is not None:
-            source.update({k: meta[k] for k in ("source_data", "command", "metrics") if k in meta})
+    if meta is not None:
+        source.update({k: meta[k] for k in ("source_data", "command", "metrics", "pruning") if k in meta})
     _reparameterize(model)
     model.eval()
     model.requires_grad_(False)
@@ -190,6 +217,7 @@ def create_backbone(name: str | None = None, img_size: int | None = None, weight
         fingerprint=fingerprint(model),
         source=source,
         weights_bytes=fp32_safetensors_bytes(model),
+        architecture=architecture,
     )
 
 
@@ -210,6 +238,8 @@ def save_backbone(backbone: Backbone, path: str | Path, extra: dict | None = Non
         for k, v in backbone.model.state_dict().items()
     }
     meta = {"name": backbone.name, "img_size": backbone.img_size, **(extra or {})}
+    if backbone.architecture is not None:
+        meta["architecture"] = backbone.architecture
     # The fingerprint is of the weights as they load back (after any dtype round trip).
     reloaded = {k: v.to(backbone.model.state_dict()[k].dtype) for k, v in state.items()}
     meta["fingerprint"] = tensors_sha256(reloaded)

@@ -110,5 +110,6 @@ def check_backbone(manifest: dict, backbone: Backbone, origin: str = "package") 
     """Refuse a package trained on another backbone, naming both."""
     want = manifest["backbone"]
     if (want["name"], int(want["img_size"]), want["fingerprint"]) != (backbone.name, backbone.img_size, backbone.fingerprint):
-        trained = f"{want['name']}@{want['img_size']}px (fingerprint {want['fingerprint'][:12]})"
+        pruned = "pruned " if want.get("pruned") else ""
+        trained = f"{pruned}{want['name']}@{want['img_size']}px (fingerprint {want['fingerprint'][:12]})"
         raise PetahError(f"{origin} was trained on {trained}, but the backbone is {backbone.describe()}")

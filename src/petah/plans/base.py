@@ -37,6 +37,7 @@ class Family:
     img_size_kwarg: bool = False  # the input size is fixed when the model is built
     img_size_multiple: int = 32
     has_attention: bool = True
+    prunable: bool = False  # petah prune handles it (Torch-Pruning + petah's attention pruners)
 
     def matches(self, model_name: str) -> bool:
         return re.match(self.models, model_name) is not None

@@ -16,4 +16,5 @@ FAMILY = Family(
     },
     stage=r"^stages\.(\d+)\.",
     fixed_img_size=224,
+    prunable=True,
 )

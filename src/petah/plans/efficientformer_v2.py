@@ -16,4 +16,5 @@ FAMILY = Family(
     },
     stage=r"^stages\.(\d+)\.",
     img_size_kwarg=True,
+    prunable=True,
 )

@@ -11,4 +11,5 @@ FAMILY = Family(
     },
     stage=r"^blocks\.(\d+)\.",
     has_attention=False,
+    prunable=True,
 )

@@ -10,4 +10,5 @@ FAMILY = Family(
     },
     stage=r"^layer(\d)\.",
     has_attention=False,
+    prunable=True,
 )

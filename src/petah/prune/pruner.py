@@ -1,0 +1,197 @@
+"""Structured pruning of a shared backbone with Torch-Pruning (DepGraph), hybrid-aware.
+
+Channels: Torch-Pruning groups every set of coupled channels (a residual stream with its norms
+and layer scales, an MLP's hidden width with its depthwise conv) and removes ``ratio`` of each
+group. Attention blocks of the hybrid families are opaque to it (see ``attention.py``); their
+heads are removed here first, at the same ratio unless told otherwise.
+
+Importance: ``magnitude`` (data-free, L2 of the group's weights) or ``taylor`` (|weight x grad|,
+with the gradient of every stage's feature energy on images of *all* the tasks the backbone
+serves, each task weighted equally), so one pruned backbone keeps what each task uses.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from petah.errors import PetahError
+from petah.prune.attention import ATTENTION_PRUNERS, prune_all_heads, unsupported_attention
+
+IMPORTANCES = ("magnitude", "taylor")
+
+
+@dataclass
+class PruneConfig:
+    ratio: float = 0.5  # fraction of the channels of every prunable group to remove
+    head_ratio: float | None = None  # fraction of the heads of every attention block (default: ratio)
+    importance: str = "taylor"  # "taylor" needs images; "magnitude" is data-free
+    calibration_batches: int = 8  # per task, for Taylor importance
+    round_to: int | None = None  # keep channel counts multiples of this (SIMD-friendly widths)
+    recover_epochs: int = 0  # distillation from the unpruned backbone's features afterwards
+    recover_lr: float = 5e-4
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for label, value in (("ratio", self.ratio), ("head ratio", self.head_ratio)):
+            if value is not None and not (0.0 <= float(value) < 1.0):
+                raise PetahError(f"pruning {label} must be in [0, 1), got {value}")
+        if self.importance not in IMPORTANCES:
+            raise PetahError(f"unknown importance {self.importance!r}; choose from {', '.join(IMPORTANCES)}")
+        if self.round_to is not None and self.round_to < 1:
+            raise PetahError(f"--round-to must be at least 1, got {self.round_to}")
+        if self.recover_epochs < 0 or self.calibration_batches < 1:
+            raise PetahError("recovery epochs must be >= 0 and calibration batches >= 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_prunable(model: nn.Module) -> None:
+    """A family petah cannot prune is refused before anything changes, naming the layer."""
+    found = unsupported_attention(model)
+    if found is not None:
+        name, module = found
+        raise PetahError(
+            f"petah cannot prune {type(model).__name__}: layer {name} ({type(module).__name__}) has attention "
+            "heads without a pruner (supported: EfficientFormer, EfficientFormerV2 and convolution-only models)"
+        )
+
+
+def stage_features(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """Every stage's output map: what dense heads and the pooled classifier features are built from."""
+    return model.forward_intermediates(images, intermediates_only=True)
+
+
+def _feature_energy(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Sum over stages of mean squared activation, each stage scaled to 1 (so none dominates)."""
+    loss = images.new_zeros(())
+    for feature in stage_features(model, images):
+        energy = feature.pow(2).mean()
+        loss = loss + energy / energy.detach().clamp_min(1e-12)
+    return loss
+
+
+def round_robin(loaders: list[Iterable], batches_per_task: int | None = None) -> Iterator[torch.Tensor]:
+    """Image batches from several tasks in turn (one from each), so every task counts equally."""
+    iterators = [iter(loader) for loader in loaders]
+    count = 0
+    while iterators and (batches_per_task is None or count < batches_per_task):
+        alive = []
+        for it in iterators:
+            batch = next(it, None)
+            if batch is not None:
+                alive.append(it)
+                yield batch[0]
+        iterators = alive
+        count += 1
+
+
+def accumulate_taylor_gradients(model: nn.Module, loaders: list[Iterable], batches_per_task: int) -> int:
+    """Gradients of the feature energy on every task's images, summed into ``.grad``; returns images seen."""
+    model.requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    seen = 0
+    for images in round_robin(loaders, batches_per_task):
+        model.eval()  # fixed BN statistics; also clears V2's eval-mode bias cache before each backward
+        _feature_energy(model, images).backward()
+        seen += images.shape[0]
+    return seen
+
+
+def _layer_scale_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+    """Parameters outside any layer Torch-Pruning knows (timm's layer-scale gammas): channel dim 0."""
+    known = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, *ATTENTION_PRUNERS)
+    wrapped = {id(p) for m in model.modules() if isinstance(m, known) for p in m.parameters()}
+    return [(p, 0) for p in model.parameters() if id(p) not in wrapped and p.ndim == 1]
+
+
+def refresh_widths(model: nn.Module, example: torch.Tensor) -> None:
+    """Update timm's model-level widths (num_features, head_hidden_size, feature_info) after pruning."""
+    with torch.no_grad():
+        maps = stage_features(model, example)
+        for info, feature in zip(getattr(model, "feature_info", []), maps):
+            info["num_chs"] = int(feature.shape[1])
+        features = model.forward_features(example)
+        width = int(features.shape[1] if features.ndim == 4 else features.shape[-1])
+        pooled = model.forward_head(features, pre_logits=True)
+    if isinstance(getattr(model, "num_features", None), int):
+        model.num_features = width
+    if isinstance(getattr(model, "head_hidden_size", None), int):
+        model.head_hidden_size = int(pooled.shape[-1])
+
+
+def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
+                loaders: list[Iterable] | None = None) -> dict:
+    """Prune ``model`` in place; returns what was removed. ``loaders`` yield image batches (Taylor)."""
+    check_prunable(model)
+    model.eval()
+    taylor = config.importance == "taylor"
+    report: dict = {"heads_removed": {}, "images_seen": 0}
+    if taylor:
+        if not loaders:
+            raise PetahError("taylor importance needs images: give --data, or use --importance magnitude")
+        report["images_seen"] = accumulate_taylor_gradients(model, loaders, config.calibration_batches)
+    head_ratio = config.ratio if config.head_ratio is None else config.head_ratio
+    if head_ratio > 0:
+        report["heads_removed"] = prune_all_heads(model, head_ratio, taylor)
+    if config.ratio > 0:
+        importance = tp.importance.GroupTaylorImportance() if taylor else tp.importance.GroupMagnitudeImportance(p=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Torch-Pruning warns about recursion depth in shape inference
+            pruner = tp.pruner.BasePruner(
+                model, example, importance=importance, pruning_ratio=config.ratio, round_to=config.round_to,
+                customized_pruners=dict(ATTENTION_PRUNERS), unwrapped_parameters=_layer_scale_parameters(model),
+            )
+            pruner.step()
+    model.zero_grad(set_to_none=True)
+    model.requires_grad_(False).eval()
+    refresh_widths(model, example)
+    return report
+
+
+def recover(student: nn.Module, teacher: nn.Module, loaders: list[Iterable], config: PruneConfig,
+            example: torch.Tensor) -> dict:
+    """Short distillation: the pruned backbone learns to reproduce the unpruned one's stage features.
+
+    Channel counts differ after pruning, so a 1x1 projection per stage (dropped afterwards) maps
+    the student's maps onto the teacher's; the loss is their MSE over the teacher's energy.
+    """
+    if config.recover_epochs <= 0:
+        return {}
+    teacher.eval().requires_grad_(False)
+    with torch.no_grad():
+        pairs = list(zip(stage_features(student, example), stage_features(teacher, example)))
+    projections = nn.ModuleList(nn.Conv2d(s.shape[1], t.shape[1], 1) for s, t in pairs)
+    student.requires_grad_(True).train()
+    params = list(student.parameters()) + list(projections.parameters())
+    steps = config.recover_epochs * sum(len(loader) for loader in loaders)
+    optimizer = torch.optim.AdamW(params, lr=config.recover_lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
+    first = last = None
+    for _ in range(config.recover_epochs):
+        for images in round_robin(loaders):
+            with torch.no_grad():
+                targets = stage_features(teacher, images)
+            loss = sum(
+                (proj(s) - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12)
+                for proj, s, t in zip(projections, stage_features(student, images), targets)
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            first = float(loss) if first is None else first
+            last = float(loss)
+    student.requires_grad_(False).eval()
+    return {"epochs": config.recover_epochs, "steps": steps, "first_loss": first, "last_loss": last}
+
+
+__all__ = ["IMPORTANCES", "PruneConfig", "check_prunable", "prune_model", "recover", "refresh_widths",
+           "round_robin"]
