@@ -701,6 +701,52 @@ def bench_latency(
     out.print(", ".join(f"{k} = {v}" for k, v in result["ratios"].items()))
 
 
+@bench_app.command("prune")
+def bench_prune(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the JSON and the PNG plot.")] = Path("bench-prune"),
+    ratios: Annotated[str, typer.Option(help="Comma-separated pruning ratios (0 is always included).")] = "0,0.25,0.5",
+    backbone: Annotated[Optional[Path], typer.Option("--backbone", "-b", help="Backbone file (default: the demo's).")] = None,
+    recover_epochs: Annotated[int, typer.Option("--recover-epochs", help="Feature distillation after pruning.")] = 3,
+    repeats: Annotated[int, typer.Option(help="Interleaved ONNX Runtime repeats per ratio (median reported).")] = 50,
+    structural: Annotated[str, typer.Option(help="Comma-separated timm models measured for size and latency only.")] = "efficientformer_l1",
+    quick: Annotated[bool, typer.Option("--quick", help="A smoke run: one task, a few steps, no recovery, no structural models.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Pruning ratio vs params, MACs, bytes, ONNX Runtime latency and demo-task accuracy after adaptation."""
+    from petah.bench.prune import run_prune_bench
+    from petah.demo import DEMO_TASKS
+    from petah.prune import PruneConfig
+
+    try:
+        ratio_list = [float(r) for r in ratios.split(",") if r.strip()]
+    except ValueError:
+        raise PetahError(f"--ratios must be comma-separated numbers, got {ratios!r}") from None
+    if backbone is not None and not backbone.is_file():
+        raise PetahError(f"backbone file not found: {backbone}")
+    models = tuple(m for m in structural.split(",") if m.strip())
+    config = PruneConfig(recover_epochs=recover_epochs)
+    tasks, max_steps = DEMO_TASKS, None
+    if quick:
+        config = PruneConfig(recover_epochs=0, calibration_batches=1, batch_size=16)
+        tasks, max_steps, repeats, models = DEMO_TASKS[:1], 2, 5, ()
+    result = run_prune_bench(output, ratio_list, backbone, tasks, config, repeats, max_steps, models)
+    (output / "bench-prune.json").write_text(json.dumps(result, indent=2))
+    if json_out:
+        emit_json(result)
+        return
+    table = Table(title=f"{result['backbone']}, ONNX Runtime CPU, {result['threads']} threads, median of {result['repeats']}")
+    for col in ("ratio", "params", "MACs", "bytes", "ms", "speedup", "mean score", "loss (pts)"):
+        table.add_column(col, justify="right")
+    for r in result["rows"]:
+        table.add_row(str(r["ratio"]), f"{r['params']:,}", f"{r['macs'] / 1e6:.1f} M", f"{r['backbone_bytes']:,}",
+                      f"{r['ort_ms']:.2f}", f"{r['speedup']:.2f}x", f"{r['mean_score']:.4f}", f"{r['loss_points']:.2f}")
+    out.print(table)
+    for name, rows in result["structural"].items():
+        out.print(f"{name}: " + "; ".join(f"ratio {r['ratio']}: {r['params']:,} params, {r['macs'] / 1e6:.0f} M MACs, "
+                                          f"{r['ort_ms']:.1f} ms ({r['speedup']:.2f}x)" for r in rows))
+    out.print(f"plot: {result['plot']}")
+
+
 def main() -> None:
     try:
         code = app(standalone_mode=False)  # typer.Exit(n) comes back as n here

@@ -64,6 +64,18 @@ def interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int,
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def ort_session(model: "str | bytes"):
+    """An ONNX Runtime CPU session set up for fair side-by-side timing."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # ORT's worker threads spin after a run and would steal the cores from the next torch call
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.intra_op_num_threads = torch.get_num_threads()
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
 def run_latency(name: str = "efficientformerv2_s0", img_size: int = 224, batch: int = 1, repeats: int = 20,
                 trunk_stages: int = 3, weights: str = "none") -> dict:
     import onnxruntime as ort
@@ -85,16 +97,10 @@ def run_latency(name: str = "efficientformerv2_s0", img_size: int = 224, batch: 
         from petah.packages.format import write_package
 
         write_package(pkg_path, full)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        # ORT's worker threads spin after a run and would steal the cores from the next torch call
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.intra_op_num_threads = torch.get_num_threads()
-        plain_onnx = ort.InferenceSession(to_onnx_bytes(backbone.model, x, name), options, providers=["CPUExecutionProvider"])
-        merged_onnx_path = export_merged(backbone, full, tmp / "merged.onnx").path
-        merged_onnx = ort.InferenceSession(str(merged_onnx_path), options, providers=["CPUExecutionProvider"])
+        plain_onnx = ort_session(to_onnx_bytes(backbone.model, x, name))
+        merged_onnx = ort_session(str(export_merged(backbone, full, tmp / "merged.onnx").path))
         base = export_base_and_adapters(backbone, [pkg_path], tmp / "ort")
-        base_session = ort.InferenceSession(str(base.base_path), options, providers=["CPUExecutionProvider"])
+        base_session = ort_session(str(base.base_path))
         lora = ort.LoraAdapter()
         lora.Load(base.tasks[0]["adapter"])
         run_options = ort.RunOptions()

@@ -187,8 +187,8 @@ def recover(student: nn.Module, teacher: nn.Module, loaders: list[Iterable], con
             loss.backward()
             optimizer.step()
             schedule.step()
-            first = float(loss) if first is None else first
-            last = float(loss)
+            last = float(loss.detach())
+            first = last if first is None else first
     student.requires_grad_(False).eval()
     return {"epochs": config.recover_epochs, "steps": steps, "first_loss": first, "last_loss": last}
 
