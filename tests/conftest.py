@@ -1,4 +1,7 @@
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -23,6 +26,23 @@ FAMILY_MODELS = [
     ("resnet10t", 64),
     ("vit_tiny_patch16_224", 32),
 ]
+
+
+CLI_ENV = {**os.environ, "PETAH_NO_PROGRESS": "1"}
+
+
+def petah_process(*args, ok=True):
+    """The CLI as a user runs it: a real process (exit codes, stderr and stdout as they are)."""
+    proc = subprocess.run([sys.executable, "-m", "petah", *map(str, args)], capture_output=True, text=True, env=CLI_ENV, timeout=600)
+    if ok:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def one_json(proc) -> dict:
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stdout
+    return json.loads(lines[0])
 
 
 def make_pattern(label: int, size: int = 24, seed: int = 0) -> np.ndarray:

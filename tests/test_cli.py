@@ -1,31 +1,13 @@
 """The CLI as a user runs it: real processes, --json output, one-line errors and exit codes."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import make_pattern, write_pattern_folder
-
-ENV = {**os.environ, "PETAH_NO_PROGRESS": "1"}
-
-
-def petah(*args, ok=True):
-    proc = subprocess.run([sys.executable, "-m", "petah", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=600)
-    if ok:
-        assert proc.returncode == 0, proc.stderr
-    return proc
-
-
-def one_json(proc) -> dict:
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stdout
-    return json.loads(lines[0])
-
+from conftest import make_pattern, one_json, write_pattern_folder
+from conftest import petah_process as petah
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):

@@ -326,6 +326,19 @@ def load_task(backbone: Backbone, package: TaskPackage | str | Path) -> LoadedTa
     return LoadedTask(manifest, model, adapter, Preprocess.from_dict(manifest["preprocessing"]))
 
 
+def merged_backbone(backbone: Backbone, package: TaskPackage | str | Path) -> tuple[Backbone, LoadedTask]:
+    """The task's adapters folded into a plain copy of the backbone: a task-specific backbone
+    (its own fingerprint), e.g. to prune per task after adapting."""
+    from petah.backbones import build_plain
+
+    task = load_task(backbone, package)
+    task.adapter.merge()
+    plain = build_plain(backbone, task.adapter.backbone_weights())
+    merged = replace(backbone, model=plain, fingerprint=fingerprint(plain),
+                     source={**backbone.source, "merged_task": task.manifest["task"]["name"]})
+    return merged, task
+
+
 def evaluate(backbone: Backbone, package: TaskPackage | str | Path, data: LabeledImages) -> dict:
     task = load_task(backbone, package)
     kind = task_kind(task.manifest["task"]["kind"])
@@ -451,7 +464,7 @@ def inspect_package(path: str | Path) -> dict:
 
 __all__ = [
     "AdaptResult", "LoadedTask", "adapt", "attach_package", "package_manifest", "create_backbone", "evaluate", "fingerprint", "image_files", "inspect_backbone",
-    "inspect_package", "load_task", "open_runtime", "predict", "predict_files", "prepare", "prune_backbone", "save_package",
+    "inspect_package", "load_task", "merged_backbone", "open_runtime", "predict", "predict_files", "prepare", "prune_backbone", "save_package",
     "save_pruned",
 ]
 

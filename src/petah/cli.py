@@ -741,6 +741,9 @@ def bench_prune(
         table.add_row(str(r["ratio"]), f"{r['params']:,}", f"{r['macs'] / 1e6:.1f} M", f"{r['backbone_bytes']:,}",
                       f"{r['ort_ms']:.2f}", f"{r['speedup']:.2f}x", f"{r['mean_score']:.4f}", f"{r['loss_points']:.2f}")
     out.print(table)
+    for order, row in result["orders"].items():
+        out.print(f"{order.replace('_', ' ')} at ratio {row['ratio']}: mean score {row['mean_score']:.4f}, "
+                  f"{row['stored_bytes']:,} bytes stored for {len(row['tasks'])} task(s)")
     for name, rows in result["structural"].items():
         out.print(f"{name}: " + "; ".join(f"ratio {r['ratio']}: {r['params']:,} params, {r['macs'] / 1e6:.0f} M MACs, "
                                           f"{r['ort_ms']:.1f} ms ({r['speedup']:.2f}x)" for r in rows))

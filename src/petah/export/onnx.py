@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 
 from petah import __version__
-from petah.api import load_task
-from petah.backbones import Backbone, build_plain
+from petah.api import load_task, merged_backbone
+from petah.backbones import Backbone
 from petah.errors import PetahError
 from petah.packages.atomic import atomic_write_bytes
 from petah.packages.format import TaskPackage, read_package
@@ -43,10 +43,8 @@ class ExportResult:
 
 def merged_task_module(backbone: Backbone, package: TaskPackage | str | Path) -> tuple[nn.Module, dict]:
     """The task as a plain module: backbone with adapters merged (no wrappers) + head."""
-    task = load_task(backbone, package)
-    task.adapter.merge()
-    plain = build_plain(backbone, task.adapter.backbone_weights())
-    module = type(task.model)(plain, task.model.head).eval()
+    merged, task = merged_backbone(backbone, package)
+    module = type(task.model)(merged.model, task.model.head).eval()
     return module, task.manifest
 
 

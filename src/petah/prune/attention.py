@@ -54,10 +54,12 @@ class _OpaqueAttention(tp.BasePruningFunc):
     """An attention block as Torch-Pruning sees it: input and output channels only."""
 
     def get_in_channels(self, layer):
-        return self.input_convs(layer)[0].in_channels
+        first = self.input_layers(layer)[0]
+        return first.in_features if isinstance(first, nn.Linear) else first.in_channels
 
     def get_out_channels(self, layer):
-        return self.output_layer(layer).out_channels
+        last = self.output_layer(layer)
+        return last.out_features if isinstance(last, nn.Linear) else last.out_channels
 
 
 class EfficientFormerV2AttentionPruner(_OpaqueAttention):
@@ -66,7 +68,7 @@ class EfficientFormerV2AttentionPruner(_OpaqueAttention):
     TARGET_MODULES = (Attention2d, Attention2dDownsample)
 
     @staticmethod
-    def input_convs(layer) -> list[nn.Conv2d]:
+    def input_layers(layer) -> list[nn.Conv2d]:
         q = layer.q.proj.conv if isinstance(layer, Attention2dDownsample) else layer.q.conv
         return [q, layer.k.conv, layer.v.conv]
 
@@ -75,7 +77,7 @@ class EfficientFormerV2AttentionPruner(_OpaqueAttention):
         return layer.proj.conv
 
     def prune_in_channels(self, layer, idxs):
-        for conv in self.input_convs(layer):
+        for conv in self.input_layers(layer):
             tp.prune_conv_in_channels(conv, idxs)
         if isinstance(layer, Attention2dDownsample):  # the local query path is depthwise on the input
             tp.prune_depthwise_conv_out_channels(layer.q.local, idxs)
@@ -95,11 +97,13 @@ class EfficientFormerAttentionPruner(_OpaqueAttention):
 
     TARGET_MODULES = (EfficientFormerAttention,)
 
-    def get_in_channels(self, layer):
-        return layer.qkv.in_features
+    @staticmethod
+    def input_layers(layer) -> list[nn.Linear]:
+        return [layer.qkv]
 
-    def get_out_channels(self, layer):
-        return layer.proj.out_features
+    @staticmethod
+    def output_layer(layer) -> nn.Linear:
+        return layer.proj
 
     def prune_in_channels(self, layer, idxs):
         tp.prune_linear_in_channels(layer.qkv, idxs)

@@ -131,7 +131,7 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
                 loaders: list[Iterable] | None = None) -> dict:
     """Prune ``model`` in place; returns what was removed. ``loaders`` yield image batches (Taylor)."""
     check_prunable(model)
-    model.eval()
+    model.eval().requires_grad_(True)  # Torch-Pruning traces the autograd graph: frozen weights would not appear
     taylor = config.importance == "taylor"
     report: dict = {"heads_removed": {}, "images_seen": 0}
     if taylor:
@@ -189,6 +189,7 @@ def recover(student: nn.Module, teacher: nn.Module, loaders: list[Iterable], con
             schedule.step()
             last = float(loss.detach())
             first = last if first is None else first
+    student.zero_grad(set_to_none=True)
     student.requires_grad_(False).eval()
     return {"epochs": config.recover_epochs, "steps": steps, "first_loss": first, "last_loss": last}
 
