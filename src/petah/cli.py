@@ -750,6 +750,40 @@ def bench_prune(
     out.print(f"plot: {result['plot']}")
 
 
+@bench_app.command("methods")
+def bench_methods(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for JSON, markdown and PNG plots.")] = Path("bench-methods"),
+    backbone: Annotated[Optional[Path], typer.Option("--backbone", "-b", help="Source backbone file (default: the demo's).")] = None,
+    seeds: Annotated[int, typer.Option(help="Seeds per method and task.")] = 3,
+    epochs: Annotated[int, typer.Option(help="Training epochs per run.")] = 3,
+    max_train: Annotated[int, typer.Option("--max-train", help="Training images per task (the first N of the split).")] = 600,
+    quick: Annotated[bool, typer.Option("--quick", help="A smoke run: one task, four methods, a few steps.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Adaptation methods side by side: accuracy, stored bytes, training speed, peak memory, latency."""
+    from petah.bench.methods import METHODS, Grid, markdown, plots, run_grid
+    from petah.demo import demo_backbone_path
+
+    if backbone is not None and not backbone.is_file():
+        raise PetahError(f"backbone file not found: {backbone}")
+    source = str(backbone or demo_backbone_path())
+    if quick:
+        grid = Grid(source, ("linear-probe", "attn-lora", "peft-by-hand", "petah-r8", "full"), ("digits",), seeds=1,
+                    epochs=1, max_train=128, max_steps=3, choose_rate=False)
+    else:
+        grid = Grid(source, tuple(METHODS), seeds=seeds, epochs=epochs, max_train=max_train, shots=(10, 50, 100))
+    result = run_grid(grid)
+    output.mkdir(parents=True, exist_ok=True)
+    result["plots"] = [str(p) for p in plots(result, output)]
+    (output / "bench-methods.json").write_text(json.dumps(result, indent=1))
+    (output / "bench-methods.md").write_text(markdown(result))
+    if json_out:
+        emit_json(result)
+        return
+    out.print(markdown(result))
+    out.print(json.dumps(result["targets"], indent=1))
+
+
 def main() -> None:
     try:
         code = app(standalone_mode=False)  # typer.Exit(n) comes back as n here
