@@ -422,10 +422,6 @@ def prune(
         raise PetahError(f"the pruned backbone is a .safetensors file, got {output}")
     config = PruneConfig(ratio=ratio, head_ratio=head_ratio, importance=importance, calibration_batches=calibration_batches,
                          round_to=round_to, recover_epochs=recover_epochs, recover_lr=recover_lr, batch_size=batch_size, seed=seed)
-    if config.importance == "taylor" and not data:
-        raise PetahError("taylor importance needs images: give --data (repeat it per task), or use --importance magnitude")
-    if config.recover_epochs and not data:
-        raise PetahError("--recover-epochs distils on images: give --data")
     bb = _backbone(backbone, weights, img_size)
     datasets = [load_dataset(spec, seed=seed)[0] for spec in data or []]
     pruned, report = api.prune_backbone(bb, config, datasets)
@@ -457,10 +453,7 @@ def inspect_(
     if json_out:
         emit_json(info)
         return
-    table = Table(title=str(package), show_header=False)
-    table.add_column("field")
-    table.add_column("value")
-    rows = [
+    _print_fields(str(package), [
         ("task", f"{info['task']['name']} ({info['task']['kind']}, {len(info['task']['labels'])} classes)"),
         ("backbone", f"{info['backbone']}@{info['img_size']}px  {info['fingerprint'][:16]}"),
         ("plan", json.dumps(info["plan"])),
@@ -472,7 +465,14 @@ def inspect_(
         ("accuracy", str(info["metrics"].get("accuracy"))),
         ("sections", ", ".join(f"{k}: {v['parameters']:,} params" for k, v in info["sections"].items())),
         ("created", f"{info['created_at']} by petah {info['petah_version']}"),
-    ]
+    ])
+
+
+def _print_fields(title: str, rows: list[tuple[str, str]]) -> None:
+    """A two-column field / value table (what `inspect` shows)."""
+    table = Table(title=title, show_header=False)
+    table.add_column("field")
+    table.add_column("value")
     for row in rows:
         table.add_row(*row)
     out.print(table)
@@ -487,9 +487,6 @@ def _inspect_backbone(path: Path, json_out: bool) -> None:
     if json_out:
         emit_json(info)
         return
-    table = Table(title=str(path), show_header=False)
-    table.add_column("field")
-    table.add_column("value")
     pruning = info["pruning"]
     rows = [
         ("backbone", f"{'pruned ' if info['pruned'] else ''}{info['backbone']}@{info['img_size']}px  {info['fingerprint'][:16]}"),
@@ -502,9 +499,7 @@ def _inspect_backbone(path: Path, json_out: bool) -> None:
         base = pruning["base"]
         rows += [("pruned from", f"{base['fingerprint'][:16]}: {base['params']:,} parameters, {base['macs']:,} MACs"),
                  ("pruning", json.dumps(pruning["config"]))]
-    for row in rows:
-        table.add_row(*row)
-    out.print(table)
+    _print_fields(str(path), rows)
 
 
 @app.command()

@@ -75,7 +75,7 @@ def _splits(task: str, shots: int | None, max_train: int | None):
     return train, val, test
 
 
-def _peft_by_hand(backbone, train, val, config):
+def _peft_by_hand(backbone, train, config):
     """The baseline: PEFT wired onto timm's classifier model by hand, trained by the same loop."""
     import peft
     import timm
@@ -139,7 +139,7 @@ def run_one(spec: dict) -> dict:
     method = METHODS[spec["method"]]
     unshipped = None
     if method.plan is None:
-        model, result, trainable, stored, unshipped = _peft_by_hand(backbone, train, val, config)
+        model, result, trainable, stored, unshipped = _peft_by_hand(backbone, train, config)
     else:
         adapted = api.adapt(backbone, train, val, PlanConfig(**method.plan), config, spec["task"])
         with tempfile.TemporaryDirectory() as tmp:

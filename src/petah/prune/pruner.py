@@ -131,12 +131,14 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
                 loaders: list[Iterable] | None = None) -> dict:
     """Prune ``model`` in place; returns what was removed. ``loaders`` yield image batches (Taylor)."""
     check_prunable(model)
-    model.eval().requires_grad_(True)  # Torch-Pruning traces the autograd graph: frozen weights would not appear
     taylor = config.importance == "taylor"
+    if taylor and not loaders:
+        raise PetahError("taylor importance needs images: give --data (repeat it per task), or use --importance magnitude")
+    if config.recover_epochs and not loaders:
+        raise PetahError("recovery distils on images: give --data, or set recover epochs to 0")
+    model.eval().requires_grad_(True)  # Torch-Pruning traces the autograd graph: frozen weights would not appear
     report: dict = {"heads_removed": {}, "images_seen": 0}
     if taylor:
-        if not loaders:
-            raise PetahError("taylor importance needs images: give --data, or use --importance magnitude")
         report["images_seen"] = accumulate_taylor_gradients(model, loaders, config.calibration_batches)
     head_ratio = config.ratio if config.head_ratio is None else config.head_ratio
     if head_ratio > 0:
