@@ -25,7 +25,8 @@ def test_methods_pareto_front_and_targets_from_a_table():
     assert pareto([(10, 0.5), (5, 0.6), (20, 0.55), (40, 0.9), (30, 0.9)]) == [(5, 0.6), (30, 0.9)]
 
     def row(acc, stored, step, rss):
-        return {"test_mean": acc, "stored_bytes": stored, "step_seconds": step, "peak_rss_bytes": rss}
+        return {"test_mean": acc, "stored_bytes": stored, "step_seconds": step, "peak_rss_bytes": rss,
+                "train_rss_rise_bytes": rss / 2}
 
     table = {"a": {"full": row(0.90, 1000, 1.0, 100), "attn-lora": row(0.80, 20, 0.5, 60), "petah-r8": row(0.895, 25, 0.5, 60),
                    "petah-r2": row(0.85, 10, 0.4, 55), "peft-by-hand": row(0.88, 40, 0.7, 65)},
@@ -36,19 +37,48 @@ def test_methods_pareto_front_and_targets_from_a_table():
     assert near["b"]["within_1_point"] is False and near["b"]["gap_points"] == 10.0
     beats = {r["task"]: r for r in found["petah_vs_attn_lora_at_equal_or_fewer_bytes"]}
     assert beats["a"]["method"] == "petah-r2" and beats["a"]["margin_points"] == 5.0
-    assert "b" not in beats  # no petah run as small as attn-lora there
+    # no petah run as small as attn-lora there: the smallest one is reported with its size
+    assert beats["b"]["method"] == "petah-r8" and beats["b"]["bytes_vs_attn_lora"] == 1.25 and beats["b"]["margin_points"] == -6.0
     speed = {r["task"]: r for r in found["training_speed"]}
     assert speed["a"]["step_vs_full"] == 0.5 and speed["a"]["step_vs_peft_by_hand"] == round(0.5 / 0.7, 3)
+    assert speed["a"]["training_rss_rise_vs_full"] == 0.6 and speed["a"]["peft_by_hand_rss_rise_vs_full"] == 0.65
     assert "step_vs_peft_by_hand" not in speed["b"]
 
 
 def test_bench_methods_quick(tmp_path):
     report = one_json(petah_process("bench", "methods", "--quick", "-o", tmp_path, "--json"))
-    rows = report["table"]["digits"]
+    main, reference = report["backbones"]["efficientformerv2_s0@64px"], report["backbones"]["mobilenetv2_100@32px"]
+    rows = main["table"]["digits"]
     assert set(rows) == {"linear-probe", "attn-lora", "peft-by-hand", "petah-r8", "full"}
     assert rows["linear-probe"]["trainable_params"] < rows["petah-r8"]["trainable_params"] < rows["full"]["trainable_params"]
     assert rows["petah-r8"]["stored_bytes"] < 0.2 * rows["full"]["stored_bytes"]
-    assert all(r["peak_rss_bytes"] > 50 * 2**20 and r["images_per_second"] > 0 and r["latency_ms"] > 0 for r in rows.values())
-    assert len(report["runs"]) == 5 and all(r["max_steps"] == 3 for r in report["runs"])
-    assert (tmp_path / "bench-methods.md").read_text().count("| digits |") == 5
+    assert all(r["peak_rss_bytes"] > 50 * 2**20 and r["train_peak_rss_bytes"] <= r["peak_rss_bytes"] and r["train_rss_rise_bytes"] > 0
+               and r["images_per_second"] > 0 and r["latency_ms"] > 0 for r in rows.values())
+    assert len(main["runs"]) == 5 and all(r["max_steps"] == 3 for r in main["runs"])
+    # the reference backbone was trained by the bench first; MobileNetV2 has no attention, so no attn-lora
+    assert main["source"] is None and reference["source"]["source"]["model"] == "mobilenetv2_100"
+    assert Path(reference["source"]["path"]).parent == tmp_path / "sources" and Path(reference["source"]["path"]).is_file()
+    assert reference["skipped"] == ["attn-lora"] and set(reference["table"]["digits"]) == {"linear-probe", "petah-r4", "full"}
+    for name in ("linear-probe", "full"):  # the reference reuses the rate chosen on the main backbone
+        assert reference["table"]["digits"][name]["rates"] == rows[name]["rates"]
+    text = (tmp_path / "bench-methods.md").read_text()
+    assert text.count("| digits |") == 8 and "| mobilenetv2_100@32px |" in text and "Not run (no attention layers): attn-lora" in text
     assert all(Path(p).stat().st_size > 1000 for p in report["plots"])
+
+
+def test_bench_methods_suites():
+    import pytest
+
+    from petah.bench.methods import FULL_SOURCE, METHODS, REFERENCE_METHODS, REFERENCES, suite
+    from petah.errors import PetahError
+
+    default = suite("default", "main.safetensors")
+    assert default[0].backbone == "main.safetensors" and default[0].methods == tuple(METHODS) and default[0].seeds == 3
+    assert [g.source.model for g in default[1:]] == list(REFERENCES)
+    assert all(g.backbone is None and g.methods == REFERENCE_METHODS and g.seeds == 1 and not g.choose_rate for g in default[1:])
+    full = suite("full", "main.safetensors", "fastvit_sa12", seeds=2)
+    assert len(full) == 2 and full[1].choose_rate and full[1].seeds == 2 and "peft-by-hand" not in full[1].methods
+    assert full[1].source.images == FULL_SOURCE["images"] and None in full[0].shots
+    assert len(suite("default", "m", "none")) == 1
+    with pytest.raises(PetahError, match="unknown reference backbone 'resnet50'"):
+        suite("default", "m", "resnet50,fastvit_sa12")

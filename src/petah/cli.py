@@ -748,26 +748,27 @@ def bench_prune(
 @bench_app.command("methods")
 def bench_methods(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for JSON, markdown and PNG plots.")] = Path("bench-methods"),
-    backbone: Annotated[Optional[Path], typer.Option("--backbone", "-b", help="Source backbone file (default: the demo's).")] = None,
-    seeds: Annotated[int, typer.Option(help="Seeds per method and task.")] = 3,
-    epochs: Annotated[int, typer.Option(help="Training epochs per run.")] = 3,
-    max_train: Annotated[int, typer.Option("--max-train", help="Training images per task (the first N of the split).")] = 600,
-    quick: Annotated[bool, typer.Option("--quick", help="A smoke run: one task, four methods, a few steps.")] = False,
+    backbone: Annotated[Optional[Path], typer.Option("--backbone", "-b", help="Main backbone file (default: the demo's).")] = None,
+    references: Annotated[str, typer.Option("--references", help="Comma-separated reference backbones the bench trains "
+                                                               "itself, 'all' or 'none'.")] = "all",
+    sources: Annotated[Optional[Path], typer.Option("--sources", help="Folder caching the trained reference sources "
+                                                                       "(default: OUTPUT/sources).")] = None,
+    seeds: Annotated[int, typer.Option(help="Seeds per method and task on the main backbone.")] = 3,
+    full: Annotated[bool, typer.Option("--full", help="The whole grid: every backbone x every method x seeds, each "
+                                                      "choosing its rate, bigger sources (a bigger machine's job).")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="A smoke run: one task, a few methods and steps, one tiny reference.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Adaptation methods side by side: accuracy, stored bytes, training speed, peak memory, latency."""
-    from petah.bench.methods import METHODS, Grid, markdown, plots, run_grid
+    """Adaptation methods side by side across backbones: accuracy, stored bytes, training speed, peak memory, latency."""
+    from petah.bench.methods import markdown, plots, run_suite, suite
     from petah.demo import demo_backbone_path
 
     if backbone is not None and not backbone.is_file():
         raise PetahError(f"backbone file not found: {backbone}")
-    source = str(backbone or demo_backbone_path())
-    if quick:
-        grid = Grid(source, ("linear-probe", "attn-lora", "peft-by-hand", "petah-r8", "full"), ("digits",), seeds=1,
-                    epochs=1, max_train=128, max_steps=3, choose_rate=False)
-    else:
-        grid = Grid(source, tuple(METHODS), seeds=seeds, epochs=epochs, max_train=max_train, shots=(10, 50, 100))
-    result = run_grid(grid)
+    if quick and full:
+        raise PetahError("--quick and --full exclude each other")
+    grids = suite("quick" if quick else "full" if full else "default", str(backbone or demo_backbone_path()), references, seeds)
+    result = run_suite(grids, sources or output / "sources")
     output.mkdir(parents=True, exist_ok=True)
     result["plots"] = [str(p) for p in plots(result, output)]
     (output / "bench-methods.json").write_text(json.dumps(result, indent=1))
@@ -776,7 +777,7 @@ def bench_methods(
         emit_json(result)
         return
     out.print(markdown(result))
-    out.print(json.dumps(result["targets"], indent=1))
+    out.print(json.dumps({label: r["targets"] for label, r in result["backbones"].items()}, indent=1))
 
 
 def main() -> None:

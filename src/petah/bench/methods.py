@@ -1,9 +1,14 @@
-"""`petah bench methods`: accuracy vs stored bytes vs speed across adaptation methods.
+"""`petah bench methods`: accuracy vs stored bytes vs speed across backbones and adaptation methods.
 
 Every run is a separate process (``python -m petah.bench.methods RUN_JSON``), so its peak RSS is
 its own. All methods see the same split: the built-in set's training part is split once
 (seed 0) into train / val, and its own val part is the test set. A method's learning rate is
-chosen on val with seed 0; the other seeds reuse it; test accuracy is reported.
+chosen on val with seed 0; the other seeds reuse it; test accuracy is reported. The reference
+backbones (1 seed) reuse the rate the main backbone chose for the same task and method.
+
+No pretrained weights download here, so every backbone but the demo's is first trained by the
+bench itself on a built-in source set (:class:`Source`), from random initialisation, in its own
+process; the file is cached and reused by later runs.
 
 The baseline "peft-by-hand" is what a user writes without petah: timm's classifier model,
 ``peft.get_peft_model`` with LoRA rank 8 on attention + MLP + stem / downsample convs and the
@@ -46,13 +51,73 @@ METHODS = {m.name: m for m in [
     Method("full", {"preset": "full"}, ((3e-4, 1e-2), (1e-3, 1e-2))),
 ]}
 TASKS = ("digits", "textures", "faces")
+REFERENCE_METHODS = ("linear-probe", "attn-lora", "petah-r4", "full")
 SHOTS_METHODS = ("linear-probe", "petah-r8", "full")
 # LoRA targets a user writes for EfficientFormerV2 by hand: attention, MLP, stem and downsample convs
 PEFT_BY_HAND_TARGETS = (r".*(token_mixer\.(q|k|v|proj)(\.proj)?|mlp\.fc[12]|stem\.conv[12]|"
                         r"downsample\.(conv|attn\.(q\.proj|k|v|proj)))\.conv")
 
 
+@dataclass(frozen=True)
+class Source:
+    """A source backbone the bench trains itself: from random initialisation on a built-in set."""
+
+    model: str
+    img_size: int | None = 64  # None: the family's fixed size
+    data: str = "fashion-mnist"
+    images: int = 6000  # the first N training images of `data`
+    epochs: int = 1
+    batch_size: int = 64
+    lr: float = 2e-3
+    max_steps: int | None = None
+
+    def file_name(self) -> str:
+        steps = f"-{self.max_steps}steps" if self.max_steps else ""
+        return f"{self.model}-{self.img_size or 'fixed'}-{self.data}-{self.images}x{self.epochs}{steps}.safetensors"
+
+
 # --- one run (inside its own process) ------------------------------------------------------
+class _TrainingMemory:
+    """Peak RSS while training, and its rise over the RSS at the start (Linux: VmHWM reset)."""
+
+    @staticmethod
+    def _status(field: str) -> int:
+        import re
+
+        return 1024 * int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+    def __enter__(self):
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        self.start = self._status("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        self.peak = self._status("VmHWM")
+        self.rise = self.peak - self.start
+
+
+def _prepare_source(spec: dict) -> dict:
+    """Train a source backbone (run as its own process, like the grid's runs)."""
+    import torch
+
+    from petah import api
+    from petah.data import load_builtin
+    from petah.train import TrainConfig
+
+    source = Source(**spec["prepare"])
+    torch.manual_seed(0)
+    train, val = load_builtin(source.data)
+    train = train.subset(list(range(min(source.images, len(train)))), f"{train.source} (first {source.images})")
+    val = val.subset(list(range(min(2000, len(val)))), f"{val.source} (first 2000)")
+    config = TrainConfig(epochs=source.epochs, batch_size=source.batch_size, lr=source.lr, seed=0,
+                         max_steps=source.max_steps, progress=False)
+    start = time.perf_counter()
+    backbone, metrics = api.prepare(source.model, train, val, spec["out"], source.img_size, config=config,
+                                    command="petah bench methods (source)")
+    return {"path": spec["out"], "source": spec["prepare"], "seconds": round(time.perf_counter() - start, 1),
+            "source_accuracy": round(metrics["accuracy"], 4), "backbone": backbone.describe()}
+
+
 def _splits(task: str, shots: int | None, max_train: int | None):
     from petah.data import load_builtin
 
@@ -139,9 +204,11 @@ def run_one(spec: dict) -> dict:
     method = METHODS[spec["method"]]
     unshipped = None
     if method.plan is None:
-        model, result, trainable, stored, unshipped = _peft_by_hand(backbone, train, config)
+        with _TrainingMemory() as memory:
+            model, result, trainable, stored, unshipped = _peft_by_hand(backbone, train, config)
     else:
-        adapted = api.adapt(backbone, train, val, PlanConfig(**method.plan), config, spec["task"])
+        with _TrainingMemory() as memory:
+            adapted = api.adapt(backbone, train, val, PlanConfig(**method.plan), config, spec["task"])
         with tempfile.TemporaryDirectory() as tmp:
             stored = api.save_package(adapted, Path(tmp) / "t.petah").stat().st_size
         model = api.load_task(backbone, adapted.package).model
@@ -152,12 +219,52 @@ def run_one(spec: dict) -> dict:
     if unshipped is not None:  # the in-process model, with BatchNorm statistics its folder lacks
         scores["test_in_process"] = Classification.evaluate(unshipped, api._eval_loader(test, preprocess), test.classes)["accuracy"]
     return {
-        **spec, **scores, "trainable_params": int(trainable), "stored_bytes": int(stored),
-        "backbone_bytes": backbone.weights_bytes, "train_images": len(train),
+        **spec, **scores, "backbone_label": f"{backbone.name}@{backbone.img_size}px", "trainable_params": int(trainable),
+        "stored_bytes": int(stored), "backbone_bytes": backbone.weights_bytes, "train_images": len(train),
         "images_per_second": round(result.images_per_second, 1), "step_seconds": result.seconds / max(result.steps, 1),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "train_peak_rss_bytes": memory.peak, "train_rss_rise_bytes": memory.rise,
         "latency_ms": round(_latency_ms(model, backbone.img_size), 3),
     }
+
+
+# --- the suites ----------------------------------------------------------------------------
+# The reference backbones of the default mode, each with a source and a grid budget chosen so that
+# the whole default run fits 60 minutes on 2 CPU cores (measured; see docs/benchmarks.md).
+REFERENCES: dict[str, tuple[Source, dict]] = {
+    "efficientformer_l1": (Source("efficientformer_l1", None, images=2000), {"max_train": 200, "epochs": 2}),
+    "mobilevitv2_050": (Source("mobilevitv2_050"), {}),
+    "fastvit_sa12": (Source("fastvit_sa12"), {}),
+    "vit_tiny_patch16_224": (Source("vit_tiny_patch16_224"), {}),
+    "mobilenetv2_100": (Source("mobilenetv2_100"), {}),
+}
+# --full: the sources get the demo backbone's recipe (all 60,000 images, 5 epochs)
+FULL_SOURCE = {"images": 60000, "epochs": 5, "batch_size": 128}
+
+
+def suite(mode: str, main_backbone: str, references: str = "all", seeds: int = 3) -> list[Grid]:
+    """The grids of `petah bench methods` in mode quick, default or full."""
+    from petah.errors import PetahError
+
+    names = list(REFERENCES) if references == "all" else [] if references == "none" else \
+        [n.strip() for n in references.split(",") if n.strip()]
+    unknown = [n for n in names if n not in REFERENCES]
+    if unknown:
+        raise PetahError(f"unknown reference backbone {unknown[0]!r}; choose from {', '.join(REFERENCES)}, 'all' or 'none'")
+    if seeds < 1:
+        raise PetahError("--seeds must be at least 1")
+    if mode == "quick":  # CI smoke: the structure, not the numbers
+        return [Grid(main_backbone, ("linear-probe", "attn-lora", "peft-by-hand", "petah-r8", "full"), ("digits",),
+                     seeds=1, epochs=1, max_train=128, max_steps=3, choose_rate=False),
+                Grid(None, REFERENCE_METHODS, ("digits",), seeds=1, epochs=1, max_train=64, max_steps=2, choose_rate=False,
+                     source=Source("mobilenetv2_100", 32, data="mnist5k", images=256, max_steps=2))]
+    main = Grid(main_backbone, tuple(METHODS), seeds=seeds, shots=(10, 50, 100) + ((None,) if mode == "full" else ()))
+    if mode == "full":  # every method that is not tied to the main backbone's module names
+        every = tuple(m for m in METHODS if m != "peft-by-hand")
+        return [main, *[Grid(None, every, seeds=seeds, shots=main.shots, source=Source(n, REFERENCES[n][0].img_size, **FULL_SOURCE))
+                        for n in names]]
+    return [main, *[Grid(None, REFERENCE_METHODS, seeds=1, choose_rate=False, source=REFERENCES[n][0], **REFERENCES[n][1])
+                     for n in names]]
 
 
 # --- the grid (the parent process) ---------------------------------------------------------
@@ -175,7 +282,7 @@ def _run_process(spec: dict) -> dict:
 
 @dataclass
 class Grid:
-    backbone: str
+    backbone: str | None  # a backbone file; None: the bench trains `source` first
     methods: tuple[str, ...]
     tasks: tuple[str, ...] = TASKS
     seeds: int = 3
@@ -183,9 +290,10 @@ class Grid:
     batch_size: int = 64
     max_train: int | None = 600
     max_steps: int | None = None
-    shots: tuple[int, ...] = ()
+    shots: tuple[int | None, ...] = ()  # per class; None: every training image
     shots_task: str = "digits"
-    choose_rate: bool = True
+    choose_rate: bool = True  # False: the rate an earlier backbone chose for the task and method, else the first
+    source: Source | None = None
 
 
 def _summary(runs: list[dict]) -> dict:
@@ -200,38 +308,92 @@ def _summary(runs: list[dict]) -> dict:
         "seeds": len(runs), "rates": first["rates"],
         **{k: first[k] for k in ("trainable_params", "stored_bytes", "backbone_bytes", "train_images")},
         **{k: round(statistics.fmean(r[k] for r in runs), 4)
-           for k in ("images_per_second", "step_seconds", "peak_rss_bytes", "latency_ms")},
+           for k in ("images_per_second", "step_seconds", "peak_rss_bytes", "train_peak_rss_bytes",
+                     "train_rss_rise_bytes", "latency_ms")},
     }
 
 
-def run_grid(grid: Grid, log=lambda message: print(message, file=sys.stderr, flush=True)) -> dict:
-    base = {"backbone": grid.backbone, "epochs": grid.epochs, "batch_size": grid.batch_size,
+def _applicable(methods: tuple[str, ...], model: str) -> tuple[tuple[str, ...], list[str]]:
+    """Drop attn-lora where the family has no attention (the plain-CNN references)."""
+    from petah.plans import family_for
+
+    family = family_for(model)
+    skipped = [m for m in methods if m == "attn-lora" and family is not None and not family.has_attention]
+    return tuple(m for m in methods if m not in skipped), skipped
+
+
+def _source_backbone(source: Source, folder: Path, log) -> dict:
+    """The cached source backbone file for `source`, trained in its own process if missing."""
+    path = folder / source.file_name()
+    if path.is_file():
+        from petah.backbones import read_backbone_metadata
+
+        meta = read_backbone_metadata(path)
+        log(f"source {path.name}: reusing the file trained earlier")
+        return {"path": str(path), "source": source.__dict__, "reused": True,
+                "seconds": meta.get("training", {}).get("seconds"), "source_accuracy": meta.get("metrics", {}).get("accuracy")}
+    folder.mkdir(parents=True, exist_ok=True)
+    prep = _run_process({"prepare": source.__dict__, "out": str(path)})
+    log(f"source {path.name}: trained in {prep['seconds']:.0f} s, source accuracy {prep['source_accuracy']:.4f}")
+    return prep
+
+
+def run_grid(grid: Grid, log=lambda message: print(message, file=sys.stderr, flush=True),
+             chosen: dict | None = None, sources: Path = Path("bench-sources")) -> dict:
+    """One backbone's methods x tasks x seeds. `chosen`: {"task/method": rates} from an earlier backbone."""
+    start = time.perf_counter()
+    prep = _source_backbone(grid.source, sources, log) if grid.backbone is None else None
+    backbone = grid.backbone or prep["path"]
+    methods, skipped = _applicable(grid.methods, grid.source.model if grid.source else _model_name(backbone))
+    base = {"backbone": backbone, "epochs": grid.epochs, "batch_size": grid.batch_size,
             "max_train": grid.max_train, "max_steps": grid.max_steps}
     runs, table = [], {}
-    start = time.perf_counter()
     for task in grid.tasks:
-        for name in grid.methods:
-            rates = METHODS[name].rates if grid.choose_rate else METHODS[name].rates[:1]
-            trials = [_run_process({**base, "task": task, "method": name, "seed": 0, "rates": list(r)}) for r in rates]
+        for name in methods:
+            if grid.choose_rate:
+                rates = [list(r) for r in METHODS[name].rates]
+            else:
+                rates = [(chosen or {}).get(f"{task}/{name}") or list(METHODS[name].rates[0])]
+            trials = [_run_process({**base, "task": task, "method": name, "seed": 0, "rates": r}) for r in rates]
             best = max(trials, key=lambda r: r["val"])
             seeds = [best] + [_run_process({**base, "task": task, "method": name, "seed": s, "rates": best["rates"]})
                               for s in range(1, grid.seeds)]
             runs += trials + seeds[1:]
             table.setdefault(task, {})[name] = _summary(seeds)
-            log(f"{task} {name}: test {table[task][name]['test_mean']:.4f} ± {table[task][name]['test_std']:.4f} "
-                f"(lr {best['rates'][0]}) {time.perf_counter() - start:.0f} s")
+            log(f"{best['backbone_label']} {task} {name}: test {table[task][name]['test_mean']:.4f} ± "
+                f"{table[task][name]['test_std']:.4f} (lr {best['rates'][0]}) {time.perf_counter() - start:.0f} s")
     shots = {}
     for n in grid.shots:
         for name in SHOTS_METHODS:
-            if name not in grid.methods:
+            if name not in methods:
                 continue
             rates = table.get(grid.shots_task, {}).get(name, {}).get("rates") or list(METHODS[name].rates[0])
             run = _run_process({**base, "task": grid.shots_task, "method": name, "seed": 0, "rates": rates,
                                 "shots": n, "max_train": None})
-            shots.setdefault(str(n), {})[name] = run["test"]
-            log(f"{grid.shots_task} {n} shots {name}: {run['test']:.4f}")
-    return {"grid": {k: v for k, v in grid.__dict__.items()}, "table": table, "shots": shots, "runs": runs,
+            shots.setdefault(str(n or "all"), {})[name] = run["test"]
+            log(f"{grid.shots_task} {n or 'all'} shots {name}: {run['test']:.4f}")
+    return {"label": runs[0]["backbone_label"], "grid": {k: v for k, v in grid.__dict__.items() if k != "source"},
+            "source": prep, "skipped": skipped, "table": table, "shots": shots, "runs": runs,
             "seconds": round(time.perf_counter() - start, 1), "targets": targets(table)}
+
+
+def _model_name(backbone_file: str) -> str:
+    from petah.backbones import read_backbone_metadata
+
+    return read_backbone_metadata(backbone_file)["name"]
+
+
+def run_suite(grids: list[Grid], sources: Path, log=lambda message: print(message, file=sys.stderr, flush=True)) -> dict:
+    """Backbones one after another; later ones reuse the rates the earlier ones chose on val."""
+    start = time.perf_counter()
+    results, chosen = {}, {}
+    for grid in grids:
+        result = run_grid(grid, log, chosen, sources)
+        results[result["label"]] = result
+        for task, rows in result["table"].items():
+            for name, row in rows.items():
+                chosen.setdefault(f"{task}/{name}", row["rates"])
+    return {"backbones": results, "seconds": round(time.perf_counter() - start, 1)}
 
 
 def targets(table: dict) -> dict:
@@ -253,45 +415,88 @@ def targets(table: dict) -> dict:
         if "attn-lora" not in rows:
             continue
         attn = rows["attn-lora"]
-        cands = [(n, r) for n, r in rows.items() if n.startswith("petah") and r["stored_bytes"] <= attn["stored_bytes"]]
+        petah = [(n, r) for n, r in rows.items() if n.startswith("petah")]
+        cands = [(n, r) for n, r in petah if r["stored_bytes"] <= attn["stored_bytes"]]
+        if not cands and petah:  # no petah plan that small here: report the smallest one and its size
+            cands = [min(petah, key=lambda nr: nr[1]["stored_bytes"])]
         if cands:
             name, best = max(cands, key=lambda nr: nr[1]["test_mean"])
-            beats.append({"task": task, "method": name, "margin_points": round(100 * (best["test_mean"] - attn["test_mean"]), 2)})
+            beats.append({"task": task, "method": name, "margin_points": round(100 * (best["test_mean"] - attn["test_mean"]), 2),
+                          "bytes_vs_attn_lora": round(best["stored_bytes"] / attn["stored_bytes"], 3)})
     out["petah_vs_attn_lora_at_equal_or_fewer_bytes"] = beats
     speed = []
+    adapter = next((n for n in ("petah-r8", "petah-r4") if any(n in rows for rows in table.values())), None)
     for task, rows in table.items():
-        if "full" in rows and "petah-r8" in rows:
-            row = {"task": task,
-                   "step_vs_full": round(rows["petah-r8"]["step_seconds"] / rows["full"]["step_seconds"], 3),
-                   "peak_rss_vs_full": round(rows["petah-r8"]["peak_rss_bytes"] / rows["full"]["peak_rss_bytes"], 3)}
+        if "full" in rows and adapter in rows:
+            mine, full = rows[adapter], rows["full"]
+            row = {"task": task, "method": adapter, "step_vs_full": round(mine["step_seconds"] / full["step_seconds"], 3),
+                   "peak_rss_vs_full": round(mine["peak_rss_bytes"] / full["peak_rss_bytes"], 3),
+                   "training_rss_rise_vs_full": round(mine["train_rss_rise_bytes"] / full["train_rss_rise_bytes"], 3)}
             if "peft-by-hand" in rows:
-                row["step_vs_peft_by_hand"] = round(rows["petah-r8"]["step_seconds"] / rows["peft-by-hand"]["step_seconds"], 3)
-                row["peft_by_hand_step_vs_full"] = round(rows["peft-by-hand"]["step_seconds"] / rows["full"]["step_seconds"], 3)
+                hand = rows["peft-by-hand"]
+                row["step_vs_peft_by_hand"] = round(mine["step_seconds"] / hand["step_seconds"], 3)
+                row["peft_by_hand_step_vs_full"] = round(hand["step_seconds"] / full["step_seconds"], 3)
+                row["peft_by_hand_rss_rise_vs_full"] = round(hand["train_rss_rise_bytes"] / full["train_rss_rise_bytes"], 3)
             speed.append(row)
     out["training_speed"] = speed
     return out
 
 
 # --- report ------------------------------------------------------------------------------
-def markdown(result: dict) -> str:
+def _table_markdown(result: dict) -> list[str]:
     lines = ["| task | method | test acc (mean ± std) | seeds | trainable params | stored bytes | % of backbone | "
-             "train img/s | step ms | peak RSS MB | latency ms |", "|" + "---|" * 11]
+             "train img/s | step ms | peak RSS MB | training RSS rise MB | latency ms |", "|" + "---|" * 12]
     for task, rows in result["table"].items():
         for name, r in rows.items():
             lines.append(
                 f"| {task} | {name} | {r['test_mean']:.4f} ± {r['test_std']:.4f} | {r['seeds']} | {r['trainable_params']:,} | "
                 f"{r['stored_bytes']:,} | {100 * r['stored_bytes'] / r['backbone_bytes']:.2f} | {r['images_per_second']:.0f} | "
-                f"{1e3 * r['step_seconds']:.0f} | {r['peak_rss_bytes'] / 2**20:.0f} | {r['latency_ms']:.2f} |")
+                f"{1e3 * r['step_seconds']:.0f} | {r['peak_rss_bytes'] / 2**20:.0f} | {r['train_rss_rise_bytes'] / 2**20:.0f} | "
+                f"{r['latency_ms']:.2f} |")
     unshipped = [f"{task} {name}: {r['test_in_process_mean']:.4f}" for task, rows in result["table"].items()
                  for name, r in rows.items() if "test_in_process_mean" in r]
     if unshipped:
         lines += ["", "Test accuracy in the training process, with BatchNorm statistics the saved folder does not hold "
                   "(not what ships): " + "; ".join(unshipped) + "."]
+    if result["skipped"]:
+        lines += ["", f"Not run (no attention layers): {', '.join(result['skipped'])}."]
     if result["shots"]:
         methods = sorted({m for row in result["shots"].values() for m in row})
-        lines += ["", "| shots per class | " + " | ".join(methods) + " |", "|" + "---|" * (len(methods) + 1)]
+        lines += ["", f"Shots per class ({result['grid']['shots_task']}):", "",
+                  "| shots per class | " + " | ".join(methods) + " |", "|" + "---|" * (len(methods) + 1)]
         for n, row in result["shots"].items():
             lines.append(f"| {n} | " + " | ".join(f"{row[m]:.4f}" if m in row else "-" for m in methods) + " |")
+    return lines
+
+
+def _source_line(result: dict) -> str:
+    prep = result["source"]
+    if prep is None:
+        return "Source: the backbone file given (for the default, the demo's: trained by petah on Fashion-MNIST)."
+    s = prep["source"]
+    steps = f" (at most {s['max_steps']} steps)" if s["max_steps"] else ""
+    return (f"Source: trained by the bench from random initialisation on the first {s['images']:,} images of {s['data']}, "
+            f"{s['epochs']} epoch(s){steps}: source accuracy {prep['source_accuracy']:.4f}, {prep['seconds'] or 0:.0f} s.")
+
+
+def overview(suite: dict) -> list[str]:
+    """Mean test accuracy over the tasks, one row per backbone, one column per method."""
+    methods = list(dict.fromkeys(m for r in suite["backbones"].values() for rows in r["table"].values() for m in rows))
+    lines = ["| backbone | " + " | ".join(methods) + " |", "|" + "---|" * (len(methods) + 1)]
+    for label, result in suite["backbones"].items():
+        cells = []
+        for m in methods:
+            rows = [rows[m] for rows in result["table"].values() if m in rows]
+            cells.append(f"{statistics.fmean(r['test_mean'] for r in rows):.3f} "
+                         f"({100 * statistics.fmean(r['stored_bytes'] / r['backbone_bytes'] for r in rows):.1f} %)" if rows else "-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(suite: dict) -> str:
+    lines = ["Mean test accuracy over the tasks (stored bytes as % of the backbone file):", "", *overview(suite)]
+    for label, result in suite["backbones"].items():
+        lines += ["", f"### {label}", "", _source_line(result), "", *_table_markdown(result)]
     return "\n".join(lines) + "\n"
 
 
@@ -305,38 +510,42 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return front
 
 
-def plots(result: dict, folder: Path) -> list[Path]:
+def plots(suite: dict, folder: Path) -> list[Path]:
+    """Accuracy vs stored bytes (with each panel's Pareto front) and vs latency: a row per backbone."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
+    results = list(suite["backbones"].values())
+    tasks = list(dict.fromkeys(t for r in results for t in r["table"]))
     for key, label, log_x in (("stored_bytes", "stored bytes per task (log)", True), ("latency_ms", "latency, batch 1 (ms)", False)):
-        tasks = list(result["table"])
-        fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
-        for ax, task in zip(axes[0], tasks):
-            rows = result["table"][task]
-            for name, r in rows.items():
-                ax.errorbar(r[key], r["test_mean"], yerr=r["test_std"], fmt="o", capsize=2, label=name)
-            if key == "stored_bytes":
-                front = pareto([(r[key], r["test_mean"]) for r in rows.values()])
-                ax.plot(*zip(*front), "k--", lw=0.8, label="Pareto front")
-            if log_x:
-                ax.set_xscale("log")
-            ax.set_title(task)
-            ax.set_xlabel(label)
-            ax.set_ylabel("test accuracy")
-            ax.grid(alpha=0.3)
-        axes[0][-1].legend(fontsize=7, loc="lower right")
-        fig.suptitle(f"{Path(result['grid']['backbone']).name}: accuracy vs {label.split(' (')[0]}", fontsize=10)
+        fig, axes = plt.subplots(len(results), len(tasks), figsize=(4.2 * len(tasks), 3.4 * len(results)), squeeze=False)
+        for axes_row, result in zip(axes, results):
+            for ax, task in zip(axes_row, tasks):
+                rows = result["table"].get(task, {})
+                for name, r in rows.items():
+                    ax.errorbar(r[key], r["test_mean"], yerr=r["test_std"], fmt="o", capsize=2, label=name)
+                if key == "stored_bytes" and rows:
+                    front = pareto([(r[key], r["test_mean"]) for r in rows.values()])
+                    ax.plot(*zip(*front), "k--", lw=0.8, label="Pareto front")
+                if log_x:
+                    ax.set_xscale("log")
+                ax.set_title(f"{result['label']}: {task}", fontsize=9)
+                ax.set_xlabel(label)
+                ax.set_ylabel("test accuracy")
+                ax.grid(alpha=0.3)
+            axes_row[-1].legend(fontsize=6, loc="lower right")
+        fig.suptitle(f"accuracy vs {label.split(' (')[0]}", fontsize=10)
         fig.tight_layout()
         path = folder / f"methods-accuracy-vs-{key.split('_')[0]}.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
     return written
 
 
 if __name__ == "__main__":  # one run, as its own process: JSON spec in, one JSON line out
-    print(json.dumps(run_one(json.loads(sys.argv[1]))))
+    _spec = json.loads(sys.argv[1])
+    print(json.dumps(_prepare_source(_spec) if "prepare" in _spec else run_one(_spec)))
