@@ -163,7 +163,7 @@ def create_backbone(name: str | None = None, img_size: int | None = None, weight
     or a path to a safetensors / torch state-dict file. A petah backbone file (from
     ``petah prepare``) also carries the timm name and input size, so ``name`` may be omitted.
     """
-    meta = None
+    meta, folded = None, False
     if weights not in ("none", "hub"):
         meta = read_backbone_metadata(weights)
         if meta is not None:
@@ -200,11 +200,15 @@ def create_backbone(name: str | None = None, img_size: int | None = None, weight
                 ) from exc
             _load_into(model, hub.state_dict(), "from the hub")
         elif weights != "none":
+            if meta is not None:  # a petah file holds the model as saved: already reparameterized
+                _reparameterize(model)
+                folded = True
             _load_into(model, read_state_dict(weights), f"in {weights}")
     source: dict = {"weights": weights}
     if meta is not None:
         source.update({k: meta[k] for k in ("source_data", "command", "metrics", "pruning") if k in meta})
-    _reparameterize(model)
+    if not folded:  # timm's reparameterize is not idempotent (RepMixer drops its branches)
+        _reparameterize(model)
     model.eval()
     model.requires_grad_(False)
     cfg = model.pretrained_cfg
