@@ -1,7 +1,7 @@
 """`petah bench methods`: accuracy vs stored bytes vs speed across backbones and adaptation methods.
 
-Every run is a separate process (``python -m petah.bench.methods RUN_JSON``), so its peak RSS is
-its own. All methods see the same split: the built-in set's training part is split once
+Every run is a separate process (forked from a server that has done the imports), so its peak
+RSS is its own. All methods see the same split: the built-in set's training part is split once
 (seed 0) into train / val, and its own val part is the test set. A method's learning rate is
 chosen on val with seed 0; the other seeds reuse it; test accuracy is reported. The reference
 backbones (1 seed) reuse the rate the main backbone chose for the same task and method.
@@ -268,16 +268,69 @@ def suite(mode: str, main_backbone: str, references: str = "all", seeds: int = 3
 
 
 # --- the grid (the parent process) ---------------------------------------------------------
-def _run_process(spec: dict) -> dict:
-    env = {**os.environ, "PETAH_NO_PROGRESS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "petah.bench.methods", json.dumps(spec)],
-                          capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
+def _run(spec: dict) -> dict:
+    return _prepare_source(spec) if "prepare" in spec else run_one(spec)
+
+
+_PRELOAD = ("petah.api", "petah.data", "petah.backbones", "timm", "peft", "sklearn.datasets", "skimage.data")
+
+
+def _serve() -> None:
+    """The fork server: import once, then run each JSON spec from stdin in a forked child.
+
+    A plain ``python -m`` per run spent about 6 of its ~15 s importing (measured); a forked child
+    still has its own peak RSS and training-memory window. (multiprocessing's forkserver re-runs
+    the caller's main module in every child, which the ``petah`` entry point does not survive.)
+    """
+    import importlib
+
+    for module in _PRELOAD:  # imports only: no torch op may run here, or its thread pools would be forked
+        importlib.import_module(module)
+    for line in sys.stdin:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the run
+            os.close(read)
+            os.dup2(2, 1)  # stray prints must not reach the reply channel
+            try:
+                reply, code = {"result": _run(json.loads(line))}, 0
+            except BaseException as exc:  # reported to the parent, which raises it as a PetahError
+                lines = str(exc).strip().splitlines()
+                reply, code = {"error": f"{type(exc).__name__}: {lines[-1] if lines else ''}"}, 1
+            with os.fdopen(write, "w") as channel:
+                channel.write(json.dumps(reply))
+            os._exit(code)
+        os.close(write)
+        with os.fdopen(read) as channel:
+            text = channel.read()
+        _, status = os.waitpid(pid, 0)
+        print(text or json.dumps({"error": f"the run's process died (wait status {status})"}), flush=True)
+
+
+class Runner:
+    """Runs specs in fresh processes through one fork server; a context manager that stops it."""
+
+    def __enter__(self):
+        env = {**os.environ, "PETAH_NO_PROGRESS": "1"}
+        self.server = subprocess.Popen([sys.executable, "-m", "petah.bench.methods", "--serve"], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.stdin.close()
+        self.server.wait()
+
+    def __call__(self, spec: dict) -> dict:
         from petah.errors import PetahError
 
-        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-        raise PetahError(f"bench run {spec['method']} on {spec['task']} failed: {tail}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        self.server.stdin.write(json.dumps(spec) + "\n")
+        self.server.stdin.flush()
+        line = self.server.stdout.readline()
+        reply = json.loads(line) if line else {"error": "the bench's fork server stopped"}
+        if "error" in reply:
+            what = "source " + spec["prepare"]["model"] if "prepare" in spec else f"{spec['method']} on {spec['task']}"
+            raise PetahError(f"bench run {what} failed: {reply['error']}")
+        return reply["result"]
 
 
 @dataclass
@@ -322,7 +375,7 @@ def _applicable(methods: tuple[str, ...], model: str) -> tuple[tuple[str, ...], 
     return tuple(m for m in methods if m not in skipped), skipped
 
 
-def _source_backbone(source: Source, folder: Path, log) -> dict:
+def _source_backbone(source: Source, folder: Path, run: Runner, log) -> dict:
     """The cached source backbone file for `source`, trained in its own process if missing."""
     path = folder / source.file_name()
     if path.is_file():
@@ -333,16 +386,16 @@ def _source_backbone(source: Source, folder: Path, log) -> dict:
         return {"path": str(path), "source": source.__dict__, "reused": True,
                 "seconds": meta.get("training", {}).get("seconds"), "source_accuracy": meta.get("metrics", {}).get("accuracy")}
     folder.mkdir(parents=True, exist_ok=True)
-    prep = _run_process({"prepare": source.__dict__, "out": str(path)})
+    prep = run({"prepare": source.__dict__, "out": str(path)})
     log(f"source {path.name}: trained in {prep['seconds']:.0f} s, source accuracy {prep['source_accuracy']:.4f}")
     return prep
 
 
-def run_grid(grid: Grid, log=lambda message: print(message, file=sys.stderr, flush=True),
+def run_grid(grid: Grid, run: Runner, log=lambda message: print(message, file=sys.stderr, flush=True),
              chosen: dict | None = None, sources: Path = Path("bench-sources")) -> dict:
     """One backbone's methods x tasks x seeds. `chosen`: {"task/method": rates} from an earlier backbone."""
     start = time.perf_counter()
-    prep = _source_backbone(grid.source, sources, log) if grid.backbone is None else None
+    prep = _source_backbone(grid.source, sources, run, log) if grid.backbone is None else None
     backbone = grid.backbone or prep["path"]
     methods, skipped = _applicable(grid.methods, grid.source.model if grid.source else _model_name(backbone))
     base = {"backbone": backbone, "epochs": grid.epochs, "batch_size": grid.batch_size,
@@ -354,9 +407,9 @@ def run_grid(grid: Grid, log=lambda message: print(message, file=sys.stderr, flu
                 rates = [list(r) for r in METHODS[name].rates]
             else:
                 rates = [(chosen or {}).get(f"{task}/{name}") or list(METHODS[name].rates[0])]
-            trials = [_run_process({**base, "task": task, "method": name, "seed": 0, "rates": r}) for r in rates]
+            trials = [run({**base, "task": task, "method": name, "seed": 0, "rates": r}) for r in rates]
             best = max(trials, key=lambda r: r["val"])
-            seeds = [best] + [_run_process({**base, "task": task, "method": name, "seed": s, "rates": best["rates"]})
+            seeds = [best] + [run({**base, "task": task, "method": name, "seed": s, "rates": best["rates"]})
                               for s in range(1, grid.seeds)]
             runs += trials + seeds[1:]
             table.setdefault(task, {})[name] = _summary(seeds)
@@ -368,10 +421,10 @@ def run_grid(grid: Grid, log=lambda message: print(message, file=sys.stderr, flu
             if name not in methods:
                 continue
             rates = table.get(grid.shots_task, {}).get(name, {}).get("rates") or list(METHODS[name].rates[0])
-            run = _run_process({**base, "task": grid.shots_task, "method": name, "seed": 0, "rates": rates,
-                                "shots": n, "max_train": None})
-            shots.setdefault(str(n or "all"), {})[name] = run["test"]
-            log(f"{grid.shots_task} {n or 'all'} shots {name}: {run['test']:.4f}")
+            few = run({**base, "task": grid.shots_task, "method": name, "seed": 0, "rates": rates,
+                       "shots": n, "max_train": None})
+            shots.setdefault(str(n or "all"), {})[name] = few["test"]
+            log(f"{grid.shots_task} {n or 'all'} shots {name}: {few['test']:.4f}")
     return {"label": runs[0]["backbone_label"], "grid": {k: v for k, v in grid.__dict__.items() if k != "source"},
             "source": prep, "skipped": skipped, "table": table, "shots": shots, "runs": runs,
             "seconds": round(time.perf_counter() - start, 1), "targets": targets(table)}
@@ -387,12 +440,13 @@ def run_suite(grids: list[Grid], sources: Path, log=lambda message: print(messag
     """Backbones one after another; later ones reuse the rates the earlier ones chose on val."""
     start = time.perf_counter()
     results, chosen = {}, {}
-    for grid in grids:
-        result = run_grid(grid, log, chosen, sources)
-        results[result["label"]] = result
-        for task, rows in result["table"].items():
-            for name, row in rows.items():
-                chosen.setdefault(f"{task}/{name}", row["rates"])
+    with Runner() as run:
+        for grid in grids:
+            result = run_grid(grid, run, log, chosen, sources)
+            results[result["label"]] = result
+            for task, rows in result["table"].items():
+                for name, row in rows.items():
+                    chosen.setdefault(f"{task}/{name}", row["rates"])
     return {"backbones": results, "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -546,6 +600,8 @@ def plots(suite: dict, folder: Path) -> list[Path]:
     return written
 
 
-if __name__ == "__main__":  # one run, as its own process: JSON spec in, one JSON line out
-    _spec = json.loads(sys.argv[1])
-    print(json.dumps(_prepare_source(_spec) if "prepare" in _spec else run_one(_spec)))
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--serve"]:
+        _serve()
+    else:  # one run by hand, to reproduce a grid entry: JSON spec in, one JSON line out
+        print(json.dumps(_run(json.loads(sys.argv[1]))))
