@@ -59,8 +59,6 @@ def test_bench_methods_quick(tmp_path):
     assert main["source"] is None and reference["source"]["source"]["model"] == "mobilenetv2_100"
     assert Path(reference["source"]["path"]).parent == tmp_path / "sources" and Path(reference["source"]["path"]).is_file()
     assert reference["skipped"] == ["attn-lora"] and set(reference["table"]["digits"]) == {"linear-probe", "petah-r4", "full"}
-    for name in ("linear-probe", "full"):  # the reference reuses the rate chosen on the main backbone
-        assert reference["table"]["digits"][name]["rates"] == rows[name]["rates"]
     text = (tmp_path / "bench-methods.md").read_text()
     assert text.count("| digits |") == 8 and "| mobilenetv2_100@32px |" in text and "Not run (no attention layers): attn-lora" in text
     assert all(Path(p).stat().st_size > 1000 for p in report["plots"])
@@ -69,16 +67,17 @@ def test_bench_methods_quick(tmp_path):
 def test_bench_methods_suites():
     import pytest
 
-    from petah.bench.methods import FULL_SOURCE, METHODS, REFERENCE_METHODS, REFERENCES, suite
+    from petah.bench.methods import DEFAULT_REFERENCES, FULL_SOURCE, METHODS, REFERENCE_METHODS, REFERENCES, suite
     from petah.errors import PetahError
 
     default = suite("default", "main.safetensors")
     assert default[0].backbone == "main.safetensors" and default[0].methods == tuple(METHODS) and default[0].seeds == 3
-    assert [g.source.model for g in default[1:]] == list(REFERENCES)
-    assert all(g.backbone is None and g.methods == REFERENCE_METHODS and g.seeds == 1 and not g.choose_rate for g in default[1:])
+    assert [g.source.model for g in default[1:]] == list(DEFAULT_REFERENCES) and "efficientformer_l1" not in DEFAULT_REFERENCES
+    assert all(g.backbone is None and g.methods == REFERENCE_METHODS and g.seeds == 1 and g.choose_rate for g in default[1:])
+    assert [g.source.model for g in suite("default", "m", "all")[1:]] == list(REFERENCES)
     full = suite("full", "main.safetensors", "fastvit_sa12", seeds=2)
     assert len(full) == 2 and full[1].choose_rate and full[1].seeds == 2 and "peft-by-hand" not in full[1].methods
-    assert full[1].source.images == FULL_SOURCE["images"] and None in full[0].shots
+    assert full[1].source.images == FULL_SOURCE["images"] and full[1].source.img_size == 64 and full[1].shots == (10, 50, 100, None)
     assert len(suite("default", "m", "none")) == 1
     with pytest.raises(PetahError, match="unknown reference backbone 'resnet50'"):
         suite("default", "m", "resnet50,fastvit_sa12")

@@ -3,8 +3,7 @@
 Every run is a separate process (forked from a server that has done the imports), so its peak
 RSS is its own. All methods see the same split: the built-in set's training part is split once
 (seed 0) into train / val, and its own val part is the test set. A method's learning rate is
-chosen on val with seed 0; the other seeds reuse it; test accuracy is reported. The reference
-backbones (1 seed) reuse the rate the main backbone chose for the same task and method.
+chosen on val with seed 0; the other seeds reuse it; test accuracy is reported.
 
 No pretrained weights download here, so every backbone but the demo's is first trained by the
 bench itself on a built-in source set (:class:`Source`), from random initialisation, in its own
@@ -229,28 +228,33 @@ def run_one(spec: dict) -> dict:
 
 
 # --- the suites ----------------------------------------------------------------------------
-# The reference backbones of the default mode, each with a source and a grid budget chosen so that
-# the whole default run fits 60 minutes on 2 CPU cores (measured; see docs/benchmarks.md).
-REFERENCES: dict[str, tuple[Source, dict]] = {
-    "efficientformer_l1": (Source("efficientformer_l1", None, images=2000), {"max_train": 200, "epochs": 2}),
-    "mobilevitv2_050": (Source("mobilevitv2_050"), {}),
-    "fastvit_sa12": (Source("fastvit_sa12"), {}),
-    "vit_tiny_patch16_224": (Source("vit_tiny_patch16_224"), {}),
-    "mobilenetv2_100": (Source("mobilenetv2_100"), {}),
+# The reference backbones and the sources the bench trains for them. The default mode's sources
+# are small (6,000 Fashion-MNIST images): about 30-80 s each here, so that the whole default run
+# fits 60 minutes on 2 CPU cores (measured; see docs/benchmarks.md).
+REFERENCES: dict[str, Source] = {
+    "mobilevitv2_050": Source("mobilevitv2_050"),
+    "fastvit_sa12": Source("fastvit_sa12"),
+    "vit_tiny_patch16_224": Source("vit_tiny_patch16_224", epochs=2, lr=5e-4),  # from scratch, a ViT diverges at 2e-3
+    "mobilenetv2_100": Source("mobilenetv2_100"),
+    # EfficientFormer-V1 runs at 224 px only (~40x the MACs of V2 at 64 px): a source of 1,000
+    # images took 186 s and each run 80-90 s on 200 images, at chance. Not in the default mode.
+    "efficientformer_l1": Source("efficientformer_l1", None),
 }
+DEFAULT_REFERENCES = ("mobilevitv2_050", "fastvit_sa12", "vit_tiny_patch16_224", "mobilenetv2_100")
 # --full: the sources get the demo backbone's recipe (all 60,000 images, 5 epochs)
 FULL_SOURCE = {"images": 60000, "epochs": 5, "batch_size": 128}
 
 
-def suite(mode: str, main_backbone: str, references: str = "all", seeds: int = 3) -> list[Grid]:
+def suite(mode: str, main_backbone: str, references: str = "default", seeds: int = 3) -> list[Grid]:
     """The grids of `petah bench methods` in mode quick, default or full."""
     from petah.errors import PetahError
 
-    names = list(REFERENCES) if references == "all" else [] if references == "none" else \
-        [n.strip() for n in references.split(",") if n.strip()]
+    chosen = {"default": DEFAULT_REFERENCES, "all": tuple(REFERENCES), "none": ()}.get(references)
+    names = list(chosen) if chosen is not None else [n.strip() for n in references.split(",") if n.strip()]
     unknown = [n for n in names if n not in REFERENCES]
     if unknown:
-        raise PetahError(f"unknown reference backbone {unknown[0]!r}; choose from {', '.join(REFERENCES)}, 'all' or 'none'")
+        raise PetahError(f"unknown reference backbone {unknown[0]!r}; choose from {', '.join(REFERENCES)}, "
+                         "'default', 'all' or 'none'")
     if seeds < 1:
         raise PetahError("--seeds must be at least 1")
     if mode == "quick":  # CI smoke: the structure, not the numbers
@@ -258,13 +262,12 @@ def suite(mode: str, main_backbone: str, references: str = "all", seeds: int = 3
                      seeds=1, epochs=1, max_train=128, max_steps=3, choose_rate=False),
                 Grid(None, REFERENCE_METHODS, ("digits",), seeds=1, epochs=1, max_train=64, max_steps=2, choose_rate=False,
                      source=Source("mobilenetv2_100", 32, data="mnist5k", images=256, max_steps=2))]
-    main = Grid(main_backbone, tuple(METHODS), seeds=seeds, shots=(10, 50, 100) + ((None,) if mode == "full" else ()))
+    main = Grid(main_backbone, tuple(METHODS), seeds=seeds, shots=(10, 50, 100, None))
     if mode == "full":  # every method that is not tied to the main backbone's module names
         every = tuple(m for m in METHODS if m != "peft-by-hand")
-        return [main, *[Grid(None, every, seeds=seeds, shots=main.shots, source=Source(n, REFERENCES[n][0].img_size, **FULL_SOURCE))
+        return [main, *[Grid(None, every, seeds=seeds, shots=main.shots, source=Source(**{**REFERENCES[n].__dict__, **FULL_SOURCE}))
                         for n in names]]
-    return [main, *[Grid(None, REFERENCE_METHODS, seeds=1, choose_rate=False, source=REFERENCES[n][0], **REFERENCES[n][1])
-                     for n in names]]
+    return [main, *[Grid(None, REFERENCE_METHODS, seeds=1, source=REFERENCES[n]) for n in names]]
 
 
 # --- the grid (the parent process) ---------------------------------------------------------
@@ -345,7 +348,7 @@ class Grid:
     max_steps: int | None = None
     shots: tuple[int | None, ...] = ()  # per class; None: every training image
     shots_task: str = "digits"
-    choose_rate: bool = True  # False: the rate an earlier backbone chose for the task and method, else the first
+    choose_rate: bool = True  # False: each method's first candidate rate
     source: Source | None = None
 
 
@@ -391,9 +394,8 @@ def _source_backbone(source: Source, folder: Path, run: Runner, log) -> dict:
     return prep
 
 
-def run_grid(grid: Grid, run: Runner, log=lambda message: print(message, file=sys.stderr, flush=True),
-             chosen: dict | None = None, sources: Path = Path("bench-sources")) -> dict:
-    """One backbone's methods x tasks x seeds. `chosen`: {"task/method": rates} from an earlier backbone."""
+def run_grid(grid: Grid, run: Runner, sources: Path, log=lambda message: print(message, file=sys.stderr, flush=True)) -> dict:
+    """One backbone's methods x tasks x seeds (trains its source first where it has none)."""
     start = time.perf_counter()
     prep = _source_backbone(grid.source, sources, run, log) if grid.backbone is None else None
     backbone = grid.backbone or prep["path"]
@@ -403,10 +405,7 @@ def run_grid(grid: Grid, run: Runner, log=lambda message: print(message, file=sy
     runs, table = [], {}
     for task in grid.tasks:
         for name in methods:
-            if grid.choose_rate:
-                rates = [list(r) for r in METHODS[name].rates]
-            else:
-                rates = [(chosen or {}).get(f"{task}/{name}") or list(METHODS[name].rates[0])]
+            rates = [list(r) for r in (METHODS[name].rates if grid.choose_rate else METHODS[name].rates[:1])]
             trials = [run({**base, "task": task, "method": name, "seed": 0, "rates": r}) for r in rates]
             best = max(trials, key=lambda r: r["val"])
             seeds = [best] + [run({**base, "task": task, "method": name, "seed": s, "rates": best["rates"]})
@@ -437,16 +436,13 @@ def _model_name(backbone_file: str) -> str:
 
 
 def run_suite(grids: list[Grid], sources: Path, log=lambda message: print(message, file=sys.stderr, flush=True)) -> dict:
-    """Backbones one after another; later ones reuse the rates the earlier ones chose on val."""
+    """The backbones one after another, through one fork server."""
     start = time.perf_counter()
-    results, chosen = {}, {}
+    results = {}
     with Runner() as run:
         for grid in grids:
-            result = run_grid(grid, run, log, chosen, sources)
+            result = run_grid(grid, run, sources, log)
             results[result["label"]] = result
-            for task, rows in result["table"].items():
-                for name, row in rows.items():
-                    chosen.setdefault(f"{task}/{name}", row["rates"])
     return {"backbones": results, "seconds": round(time.perf_counter() - start, 1)}
 
 
