@@ -81,3 +81,25 @@ def test_bench_methods_suites():
     assert len(suite("default", "m", "none")) == 1
     with pytest.raises(PetahError, match="unknown reference backbone 'resnet50'"):
         suite("default", "m", "resnet50,fastvit_sa12")
+
+
+def test_bench_source_is_trained_once_per_recipe(tmp_path):
+    from dataclasses import replace
+
+    from petah.backbones import create_backbone, save_backbone
+    from petah.bench.methods import Source, _source_backbone
+
+    calls = []
+
+    def fake_run(spec):  # stands in for the fork server's prepare run: writes a real backbone file
+        calls.append(spec)
+        save_backbone(create_backbone("mobilenetv3_small_050", 32), spec["out"],
+                      {"metrics": {"accuracy": 0.5}, "training": {"seconds": 1.0}})
+        return {"path": spec["out"], "source": spec["prepare"], "seconds": 1.0, "source_accuracy": 0.5}
+
+    source = Source("mobilenetv3_small_050", 32, data="mnist5k", images=64)
+    first = _source_backbone(source, tmp_path, fake_run, log=lambda message: None)
+    again = _source_backbone(source, tmp_path, fake_run, log=lambda message: None)
+    assert len(calls) == 1 and again["reused"] and again["path"] == first["path"] and again["source_accuracy"] == 0.5
+    other = _source_backbone(replace(source, lr=1e-3), tmp_path, fake_run, log=lambda message: None)
+    assert len(calls) == 2 and other["path"] != first["path"]  # another recipe is another file
