@@ -573,13 +573,14 @@ def plots(suite: dict, folder: Path) -> list[Path]:
     written = []
     results = list(suite["backbones"].values())
     tasks = list(dict.fromkeys(t for r in results for t in r["table"]))
+    colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(METHODS)}  # one colour per method everywhere
     for key, label, log_x in (("stored_bytes", "stored bytes per task (log)", True), ("latency_ms", "latency, batch 1 (ms)", False)):
         fig, axes = plt.subplots(len(results), len(tasks), figsize=(4.2 * len(tasks), 3.4 * len(results)), squeeze=False)
         for axes_row, result in zip(axes, results):
             for ax, task in zip(axes_row, tasks):
                 rows = result["table"].get(task, {})
                 for name, r in rows.items():
-                    ax.errorbar(r[key], r["test_mean"], yerr=r["test_std"], fmt="o", capsize=2, label=name)
+                    ax.errorbar(r[key], r["test_mean"], yerr=r["test_std"], fmt="o", capsize=2, label=name, color=colours.get(name))
                 if key == "stored_bytes" and rows:
                     front = pareto([(r[key], r["test_mean"]) for r in rows.values()])
                     ax.plot(*zip(*front), "k--", lw=0.8, label="Pareto front")
@@ -591,7 +592,7 @@ def plots(suite: dict, folder: Path) -> list[Path]:
                 ax.grid(alpha=0.3)
             axes_row[-1].legend(fontsize=6, loc="lower right")
         fig.suptitle(f"accuracy vs {label.split(' (')[0]}", fontsize=10)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 0.985))
         path = folder / f"methods-accuracy-vs-{key.split('_')[0]}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
