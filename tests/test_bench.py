@@ -78,6 +78,7 @@ def test_bench_methods_suites():
     full = suite("full", "main.safetensors", "fastvit_sa12", seeds=2)
     assert len(full) == 2 and full[1].choose_rate and full[1].seeds == 2 and "peft-by-hand" not in full[1].methods
     assert full[1].source.images == FULL_SOURCE["images"] and full[1].source.img_size == 64 and full[1].shots == (10, 50, 100, None)
+    assert [g.source.model for g in suite("full", "m")[1:]] == list(REFERENCES)  # --full includes efficientformer_l1
     assert len(suite("default", "m", "none")) == 1
     with pytest.raises(PetahError, match="unknown reference backbone 'resnet50'"):
         suite("default", "m", "resnet50,fastvit_sa12")

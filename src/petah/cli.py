@@ -750,8 +750,8 @@ def bench_methods(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for JSON, markdown and PNG plots.")] = Path("bench-methods"),
     backbone: Annotated[Optional[Path], typer.Option("--backbone", "-b", help="Main backbone file (default: the demo's).")] = None,
     references: Annotated[str, typer.Option("--references", help="Comma-separated reference backbones the bench trains "
-                                                               "itself; 'default', 'all' (adds efficientformer_l1) or "
-                                                               "'none'.")] = "default",
+                                                               "itself; 'default' (with --full: all), 'all' (adds "
+                                                               "efficientformer_l1) or 'none'.")] = "default",
     sources: Annotated[Optional[Path], typer.Option("--sources", help="Folder caching the trained reference sources "
                                                                        "(default: OUTPUT/sources).")] = None,
     seeds: Annotated[int, typer.Option(help="Seeds per method and task on the main backbone.")] = 3,

@@ -252,7 +252,8 @@ def suite(mode: str, main_backbone: str, references: str = "default", seeds: int
     """The grids of `petah bench methods` in mode quick, default or full."""
     from petah.errors import PetahError
 
-    chosen = {"default": DEFAULT_REFERENCES, "all": tuple(REFERENCES), "none": ()}.get(references)
+    default = tuple(REFERENCES) if mode == "full" else DEFAULT_REFERENCES  # --full: the whole grid
+    chosen = {"default": default, "all": tuple(REFERENCES), "none": ()}.get(references)
     names = list(chosen) if chosen is not None else [n.strip() for n in references.split(",") if n.strip()]
     unknown = [n for n in names if n not in REFERENCES]
     if unknown:
