@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 SPLIT_SEED = 0
@@ -152,8 +152,13 @@ def _peft_by_hand(backbone, train, config):
     from petah.train import Trainer
 
     kwargs = {"img_size": backbone.img_size} if backbone.family and backbone.family.img_size_kwarg else {}
-    model = timm.create_model(backbone.name, num_classes=len(train.classes), **kwargs)
-    model.load_state_dict(backbone.model.state_dict(), strict=False)  # the classifier stays fresh
+
+    def on_backbone():  # timm's classifier model holding the shared backbone's weights; the classifier stays fresh
+        model = timm.create_model(backbone.name, num_classes=len(train.classes), **kwargs)
+        model.load_state_dict(backbone.model.state_dict(), strict=False)
+        return model
+
+    model = on_backbone()
     classifier = model.pretrained_cfg.get("classifier")
     lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules=PEFT_BY_HAND_TARGETS,
                            modules_to_save=[classifier] if isinstance(classifier, str) else list(classifier))
@@ -170,9 +175,7 @@ def _peft_by_hand(backbone, train, config):
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         stored = sum(f.stat().st_size for f in Path(tmp).iterdir())
-        fresh = timm.create_model(backbone.name, num_classes=len(train.classes), **kwargs)
-        fresh.load_state_dict(backbone.model.state_dict(), strict=False)
-        shipped = peft.PeftModel.from_pretrained(fresh, tmp)
+        shipped = peft.PeftModel.from_pretrained(on_backbone(), tmp)
     return shipped, result, sum(p.numel() for p in params + head), stored, model
 
 
@@ -269,7 +272,7 @@ def suite(mode: str, main_backbone: str, references: str = "default", seeds: int
     main = Grid(main_backbone, tuple(METHODS), seeds=seeds, shots=(10, 50, 100, None))
     if mode == "full":  # every method that is not tied to the main backbone's module names
         every = tuple(m for m in METHODS if m != "peft-by-hand")
-        return [main, *[Grid(None, every, seeds=seeds, shots=main.shots, source=Source(**{**REFERENCES[n].__dict__, **FULL_SOURCE}))
+        return [main, *[Grid(None, every, seeds=seeds, shots=main.shots, source=replace(REFERENCES[n], **FULL_SOURCE))
                         for n in names]]
     return [main, *[Grid(None, REFERENCE_METHODS, seeds=1, source=REFERENCES[n]) for n in names]]
 
@@ -398,7 +401,11 @@ def _source_backbone(source: Source, folder: Path, run: Runner, log) -> dict:
     return prep
 
 
-def run_grid(grid: Grid, run: Runner, sources: Path, log=lambda message: print(message, file=sys.stderr, flush=True)) -> dict:
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_grid(grid: Grid, run: Runner, sources: Path, log=_log) -> dict:
     """One backbone's methods x tasks x seeds (trains its source first where it has none)."""
     start = time.perf_counter()
     prep = _source_backbone(grid.source, sources, run, log) if grid.backbone is None else None
@@ -439,7 +446,7 @@ def _model_name(backbone_file: str) -> str:
     return read_backbone_metadata(backbone_file)["name"]
 
 
-def run_suite(grids: list[Grid], sources: Path, log=lambda message: print(message, file=sys.stderr, flush=True)) -> dict:
+def run_suite(grids: list[Grid], sources: Path, log=_log) -> dict:
     """The backbones one after another, through one fork server."""
     start = time.perf_counter()
     results = {}
@@ -448,6 +455,10 @@ def run_suite(grids: list[Grid], sources: Path, log=lambda message: print(messag
             result = run_grid(grid, run, sources, log)
             results[result["label"]] = result
     return {"backbones": results, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _ratio(a: float, b: float) -> float:
+    return round(a / b, 3)
 
 
 def targets(table: dict) -> dict:
@@ -476,21 +487,21 @@ def targets(table: dict) -> dict:
         if cands:
             name, best = max(cands, key=lambda nr: nr[1]["test_mean"])
             beats.append({"task": task, "method": name, "margin_points": round(100 * (best["test_mean"] - attn["test_mean"]), 2),
-                          "bytes_vs_attn_lora": round(best["stored_bytes"] / attn["stored_bytes"], 3)})
+                          "bytes_vs_attn_lora": _ratio(best["stored_bytes"], attn["stored_bytes"])})
     out["petah_vs_attn_lora_at_equal_or_fewer_bytes"] = beats
     speed = []
     adapter = next((n for n in ("petah-r8", "petah-r4") if any(n in rows for rows in table.values())), None)
     for task, rows in table.items():
         if "full" in rows and adapter in rows:
             mine, full = rows[adapter], rows["full"]
-            row = {"task": task, "method": adapter, "step_vs_full": round(mine["step_seconds"] / full["step_seconds"], 3),
-                   "peak_rss_vs_full": round(mine["peak_rss_bytes"] / full["peak_rss_bytes"], 3),
-                   "training_rss_rise_vs_full": round(mine["train_rss_rise_bytes"] / full["train_rss_rise_bytes"], 3)}
+            row = {"task": task, "method": adapter, "step_vs_full": _ratio(mine["step_seconds"], full["step_seconds"]),
+                   "peak_rss_vs_full": _ratio(mine["peak_rss_bytes"], full["peak_rss_bytes"]),
+                   "training_rss_rise_vs_full": _ratio(mine["train_rss_rise_bytes"], full["train_rss_rise_bytes"])}
             if "peft-by-hand" in rows:
                 hand = rows["peft-by-hand"]
-                row["step_vs_peft_by_hand"] = round(mine["step_seconds"] / hand["step_seconds"], 3)
-                row["peft_by_hand_step_vs_full"] = round(hand["step_seconds"] / full["step_seconds"], 3)
-                row["peft_by_hand_rss_rise_vs_full"] = round(hand["train_rss_rise_bytes"] / full["train_rss_rise_bytes"], 3)
+                row["step_vs_peft_by_hand"] = _ratio(mine["step_seconds"], hand["step_seconds"])
+                row["peft_by_hand_step_vs_full"] = _ratio(hand["step_seconds"], full["step_seconds"])
+                row["peft_by_hand_rss_rise_vs_full"] = _ratio(hand["train_rss_rise_bytes"], full["train_rss_rise_bytes"])
             speed.append(row)
     out["training_speed"] = speed
     return out
