@@ -50,7 +50,8 @@ def main() -> None:
     train, val = load_dataset(args.data, None, 0)
     rows = {}
     for label, backbone in backbones.items():
-        result = api.adapt(backbone, train, val, EVERY_LAYER, TrainConfig(epochs=args.epochs, seed=0), "digits", adapter_dtype="float32")
+        result = api.adapt(backbone, train, val, plan=EVERY_LAYER, config=TrainConfig(epochs=args.epochs, seed=0),
+                           task_name="digits", adapter_dtype="float32")
         task = api.load_task(backbone, result.package)
         rows[label] = {
             "adapted_layers": len(task.adapter.targets),

@@ -34,7 +34,7 @@ def _adapt(backbone, task, plan: PlanConfig, dtype="float16", max_steps=None):
     train, val = load_builtin(task.dataset)
     torch.manual_seed(0)
     config = TrainConfig(epochs=task.epochs, batch_size=task.batch_size, max_steps=max_steps, **DEMO_PLANS["petah"])
-    result = api.adapt(backbone, train, val, plan, config, task.name, adapter_dtype=dtype)
+    result = api.adapt(backbone, train, val, plan=plan, config=config, task_name=task.name, adapter_dtype=dtype)
     with tempfile.TemporaryDirectory() as tmp:
         size = api.save_package(result, Path(tmp) / "p.petah").stat().st_size
     return {"accuracy": result.metrics["accuracy"], "package_bytes": size, "train_seconds": round(result.train.seconds, 1)}
@@ -60,7 +60,8 @@ def ratios():
     for name, size, rank in [("efficientformerv2_s0", 64, 4), ("efficientformerv2_s0", 64, 8), ("efficientformerv2_s0", 224, 4),
                              ("efficientformerv2_s0", 224, 8), ("efficientformer_l1", 224, 4), ("efficientformer_l1", 224, 8)]:
         backbone = create_backbone(name, size)
-        result = api.adapt(backbone, train, val, PlanConfig(rank=rank), TrainConfig(max_steps=1, batch_size=4))
+        result = api.adapt(backbone, train, val, plan=PlanConfig(rank=rank), config=TrainConfig(max_steps=1,
+                           batch_size=4))
         with tempfile.TemporaryDirectory() as tmp:
             info = api.inspect_package(api.save_package(result, Path(tmp) / "p.petah"))
         rows.append({"backbone": name, "img_size": size, "rank": rank, "package_bytes": info["package_bytes"],

@@ -99,5 +99,5 @@ def untrained_and_trained(backbone, train, val, config, name="task"):
 
     kind = kind_for_data(train)
     fresh = kind.build_model(backbone.model, kind.head_for(backbone, len(train.classes)))
-    untrained = kind.evaluate(fresh, api._eval_loader(val, api.preprocess_for(backbone), kind), val.classes)
-    return untrained, api.adapt(backbone, train, val, PlanConfig(), config, name).metrics
+    untrained = kind.evaluate(fresh, api.eval_loader(val, api.preprocess_for(backbone), kind), val.classes)
+    return untrained, api.adapt(backbone, train, val, plan=PlanConfig(), config=config, task_name=name).metrics

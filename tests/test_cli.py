@@ -8,6 +8,8 @@ from PIL import Image
 
 from conftest import make_pattern, one_json, write_pattern_folder
 from conftest import petah_process as petah
+from petah.errors import PetahError
+
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
@@ -25,7 +27,13 @@ def workspace(tmp_path_factory):
 def test_prepare_and_adapt_json(workspace):
     prepared, adapted = workspace["prepared"], workspace["adapted"]
     assert prepared["backbone"] == "efficientformerv2_s0" and prepared["img_size"] == 32 and len(prepared["fingerprint"]) == 64
-    assert 0 <= adapted["accuracy"] <= 1 and adapted["package_bytes"] == workspace["package"].stat().st_size
+    # the documented contract of `adapt --json` (docs/format.md), and the numbers are the package's own
+    assert set(adapted) >= {"package", "task", "kind", "plan", "accuracy", "metrics", "package_bytes", "backbone_bytes",
+                            "train_seconds"}
+    assert adapted["package_bytes"] == workspace["package"].stat().st_size and adapted["kind"] == "classification"
+    recorded = one_json(petah("inspect", workspace["package"], "--json"))
+    assert adapted["accuracy"] == recorded["metrics"]["accuracy"] == adapted["metrics"]["accuracy"]
+    assert adapted["backbone_bytes"] == recorded["backbone_bytes"] and adapted["task"] == "shapes"
     assert (workspace["root"] / "cm.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -107,7 +115,6 @@ def test_demo_json_quick(tmp_path):
     for row in rows:
         assert set(row) >= {"task", "plan", "accuracy", "package_bytes", "backbone_bytes", "train_seconds"}
         assert (tmp_path / "demo" / f"{row['task']}-{row['plan']}.petah").stat().st_size == row["package_bytes"]
-    assert torch  # noqa
 
 
 def test_predict_jsonl_over_a_folder_keeps_going_past_bad_files(workspace, tmp_path):
@@ -143,3 +150,33 @@ def test_plan_show_lists_layers_and_refuses_what_a_family_lacks():
     assert all(layer["rank"] == 4 for layer in shown["layers"] if layer["method"] == "lora")
     bad = petah("plan", "show", "fastvit_t8", "--plan", "attn-lora", ok=False)
     assert bad.returncode == 2 and "has none" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("top_k", ["-1", "0"])
+def test_predict_refuses_a_top_k_below_one(workspace, top_k):
+    image = next((workspace["folder"] / "square").iterdir())
+    proc = petah("predict", image, "-b", workspace["backbone"], "-p", workspace["package"], "--top-k", top_k, ok=False)
+    assert proc.returncode == 2
+    _assert_one_line_error(proc, "top_k (--top-k) must be a whole number >= 1")
+
+
+def test_predict_on_a_folder_without_images_is_an_error(workspace, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    for extra in ([], ["--jsonl"]):
+        proc = petah("predict", empty, "-b", workspace["backbone"], "-p", workspace["package"],
+                     "--out-dir", tmp_path / "out", *extra, ok=False)
+        assert proc.returncode == 2 and proc.stdout == ""
+        _assert_one_line_error(proc, f"no images found in {empty}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_api_predict_refuses_a_top_k_below_one(workspace):
+    from petah import api
+
+    backbone = api.resolve_backbone(workspace["backbone"])
+    with pytest.raises(PetahError, match="top_k"):
+        api.predict(backbone, [workspace["package"]], [torch.zeros(3, 32, 32, dtype=torch.uint8)], top_k=0)
+    with pytest.raises(PetahError, match="no images found"):
+        api.predict_files(backbone, [workspace["package"]], [])

@@ -27,7 +27,7 @@ def test_grayscale_rgba_and_sizes(tmp_path):
 
 def test_16bit_is_scaled_not_clipped(tmp_path):
     values = np.array([[0, 1000, 32768, 65535]], dtype=np.uint16)
-    out = load_image(_save(tmp_path, "d.png", Image.fromarray(values)))
+    out = load_image(_save(tmp_path, "d.png", Image.fromarray(values)), intensity="dtype")
     assert out[0, 0].tolist() == [0, 4, 128, 255]  # PIL's convert("RGB") would give 255 for all but 0
 
 

@@ -3,11 +3,10 @@
 import pytest
 import torch
 
+from conftest import untrained_and_trained
 from petah.backbones import create_backbone
 from petah.data import load_dataset
 from petah.train import TrainConfig
-
-from conftest import untrained_and_trained
 from test_detection import _write_coco
 from test_segmentation import _write_mask_folder
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import perturb_adapters
 from petah import api
 from petah.backbones import create_backbone
 from petah.data import Preprocess, load_builtin
@@ -14,8 +15,6 @@ from petah.errors import PetahError
 from petah.export import export_merged
 from petah.plans import PlanConfig
 from petah.train import TrainConfig
-
-from conftest import perturb_adapters
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,8 @@ def task(tmp_path_factory):
     train, val = train.subset(range(60)), val.subset(range(40))
     packages = {}
     for name, plan in [("lora", PlanConfig(rank=4)), ("norms", PlanConfig(task_norm="stats"))]:
-        result = api.adapt(backbone, train, val, plan, TrainConfig(max_steps=2, batch_size=16), name, adapter_dtype="float32")
+        result = api.adapt(backbone, train, val, plan=plan, config=TrainConfig(max_steps=2, batch_size=16),
+                           task_name=name, adapter_dtype="float32")
         perturb_adapters(result.package)
         packages[name] = api.save_package(result, root / f"{name}.petah")
     real = Preprocess(32, backbone.mean, backbone.std).batch(val.images[:8])
@@ -89,7 +89,8 @@ def test_base_onnx_with_ort_adapters_matches_every_task(task, tmp_path):
     small = train.subset(keep)
     small.classes = small.classes[:4]
     torch.manual_seed(3)
-    other = api.adapt(task["backbone"], small, small, PlanConfig(rank=4), TrainConfig(max_steps=2, batch_size=8), "four", adapter_dtype="float32")
+    other = api.adapt(task["backbone"], small, small, plan=PlanConfig(rank=4), config=TrainConfig(max_steps=2,
+                      batch_size=8), task_name="four", adapter_dtype="float32")
     other_path = api.save_package(other, tmp_path / "four.petah")
     result = export_base_and_adapters(task["backbone"], [task["packages"]["lora"], other_path], tmp_path / "out", task["real"])
     assert [r["task"] for r in result.tasks] == ["lora", "four"]

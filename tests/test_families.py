@@ -4,17 +4,16 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import FAMILY_MODELS
 from petah.adapters import TaskAdapter
 from petah.api import load_task, plan_summary
 from petah.backbones import create_backbone
 from petah.backbones.features import multi_scale_features
-from petah.bench.latency import synthetic_package
 from petah.errors import PetahError
 from petah.export import export_merged
 from petah.packages.format import read_package, write_package
 from petah.plans import PlanConfig
-
-from conftest import FAMILY_MODELS
+from petah.testing import synthetic_package
 
 NO_STRIDE_8 = {"vit_tiny_patch16_224", "efficientvit_m0"}  # plain ViT: stride 16 only; MSRA starts at 16
 
@@ -37,7 +36,7 @@ def test_package_round_trip_reproduces_the_adapted_model(family_task):
         out, plain = first.model(x), backbone.model(x)
         assert torch.equal(out, second.model(x))
         assert not torch.allclose(first.model.backbone(x), plain), "the package's adapters must change the features"
-    assert [list(t) for t in first.manifest["plan"]["targets"]] == [
+    assert first.manifest.plan.to_dict()["targets"] == [
         [t.module, t.method, t.rank] for t in first.adapter.targets]
 
 
@@ -74,7 +73,7 @@ def test_multi_scale_features_on_the_adapted_model(family_task):
 def test_plan_summary_counts_what_the_adapter_trains(family_task):
     backbone, _ = family_task
     for preset in ("petah", "bitfit"):
-        summary = plan_summary(backbone, PlanConfig(preset=preset), classes=4)
+        summary = plan_summary(backbone, plan=PlanConfig(preset=preset), classes=4)
         adapter = TaskAdapter(create_backbone(backbone.name, backbone.img_size), PlanConfig(preset=preset))
         trainable = sum(p.numel() for p in adapter.trainable_parameters())
         assert summary["adapter_parameters"] + summary["owned_parameters"] == trainable > 0

@@ -9,10 +9,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from petah.api import load_task
 from petah.backbones import create_backbone
-from petah.bench.latency import synthetic_package
 from petah.errors import PetahError
 from petah.export.peft_interop import export_peft, import_peft
 from petah.plans import PlanConfig
+from petah.testing import synthetic_package
 
 SIZE = 64
 
@@ -50,9 +50,9 @@ def test_round_trip_through_peft(backbone, plan, tmp_path):
     by_peft = _logits(_peft_model(backbone, tmp_path / "parts", 5), x)  # PEFT alone, as a user would load it
     assert torch.allclose(by_peft, reference, atol=1e-5)
 
-    imported, info = import_peft(backbone, tmp_path / "parts", adapter_dtype=torch.float32)
+    imported, info = import_peft(backbone, tmp_path / "parts", adapter_dtype="float32")
     assert info["backbone_checked"] and info["max_abs_error"] < 1e-5
-    assert imported.manifest["task"]["labels"] == package.manifest["task"]["labels"]
+    assert imported.manifest.labels == package.manifest.labels
     assert torch.allclose(_logits(load_task(backbone, imported).model, x), reference, atol=1e-5)
 
 
@@ -77,11 +77,11 @@ def test_import_a_folder_made_with_peft_by_hand(name, size, lora, tmp_path):
     peft_model.save_pretrained(str(tmp_path / "by-hand"))
     x = torch.randn(2, 3, size, size)
 
-    package, info = import_peft(backbone, tmp_path / "by-hand", labels=list("abcd"), adapter_dtype=torch.float32)
+    package, info = import_peft(backbone, tmp_path / "by-hand", labels=list("abcd"), adapter_dtype="float32")
     assert not info["backbone_checked"]  # a hand-made folder names no fingerprint
     assert info["lora_layers"] == sum(1 for k in peft_model.state_dict() if k.endswith("lora_A.default.weight"))
     assert torch.allclose(_logits(load_task(backbone, package).model, x), _logits(peft_model, x), atol=1e-5)
-    assert package.manifest["task"]["labels"] == list("abcd")
+    assert package.manifest.labels == list("abcd")
 
 
 def test_bad_folders_and_plans_are_refused(backbone, tmp_path):

@@ -3,15 +3,12 @@
 import pytest
 import torch
 
+from conftest import FAMILY_MODELS, wake_zero_init_scales
 from petah.adapters import TaskAdapter, refresh_attention_caches
 from petah.backbones import create_backbone
 from petah.errors import PetahError
-from petah.plans import CHANNEL_SCALE, FAMILIES, LORA, PlanConfig, family_for
+from petah.plans import CHANNEL_SCALE, FAMILIES, LORA, PRESETS, PlanConfig, family_for
 from petah.plans.base import is_grouped
-
-from conftest import FAMILY_MODELS, wake_zero_init_scales
-
-PRESETS = ["petah", "attn-lora", "bitfit", "linear-probe", "full"]
 
 
 def test_every_family_is_covered():
@@ -100,8 +97,9 @@ def test_lora_targets_match_exact_names_only():
 
 
 def test_inference_builds_weights_once_per_lora_layer_and_training_keeps_peft(monkeypatch):
-    import petah.adapters.inference as inference
     from peft.tuners.lora import LoraLayer
+
+    import petah.adapters.inference as inference
 
     backbone = create_backbone("efficientformerv2_s0", 64)
     adapter = TaskAdapter(backbone, PlanConfig())

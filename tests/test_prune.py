@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+
 from conftest import one_json, petah_process
 from petah import api
 from petah.backbones import create_backbone
@@ -36,7 +37,7 @@ def test_pruned_backbone_rebuilds_from_its_file_bit_exactly(name, size, tmp_path
     backbone = create_backbone(name, size)
     x = torch.randn(2, 3, size, size)
     for ratio in (0.25, 0.5):
-        pruned, report = api.prune_backbone(backbone, PruneConfig(ratio=ratio, importance="magnitude"))
+        pruned, report = api.prune_backbone(backbone, config=PruneConfig(ratio=ratio, importance="magnitude"))
         assert report["pruned"]["params"] < report["base"]["params"] and report["pruned"]["macs"] < report["base"]["macs"]
         path = api.save_pruned(pruned, report, tmp_path / f"{name}-{ratio}.safetensors")
         with safe_open(str(path), framework="pt") as handle:  # the architecture is JSON in the header
@@ -127,7 +128,7 @@ def test_attention_channel_pruners_cut_the_residual_stream_consistently(case):
 
 def test_heads_removed_at_the_ratio_and_channels_per_group():
     backbone = create_backbone("efficientformerv2_s0", 64)
-    pruned, report = api.prune_backbone(backbone, PruneConfig(ratio=0.5, importance="magnitude"))
+    pruned, report = api.prune_backbone(backbone, config=PruneConfig(ratio=0.5, importance="magnitude"))
     heads = {n: m.num_heads for n, m in backbone.model.named_modules() if hasattr(m, "attention_biases")}
     assert report["heads_removed"] == {n: h // 2 for n, h in heads.items()}
     for name, module in pruned.model.named_modules():
@@ -135,7 +136,8 @@ def test_heads_removed_at_the_ratio_and_channels_per_group():
             assert module.num_heads == heads[name] - heads[name] // 2
     fc1 = dict(backbone.model.named_modules())["stages.0.blocks.0.mlp.fc1.conv"]
     assert dict(pruned.model.named_modules())["stages.0.blocks.0.mlp.fc1.conv"].out_channels == fc1.out_channels // 2
-    only_channels, report = api.prune_backbone(backbone, PruneConfig(ratio=0.5, head_ratio=0.0, importance="magnitude"))
+    only_channels, report = api.prune_backbone(backbone, config=PruneConfig(ratio=0.5, head_ratio=0.0,
+                                               importance="magnitude"))
     assert report["heads_removed"] == {}
 
 
@@ -145,13 +147,13 @@ def test_multi_task_taylor_importance_and_recovery(image_folder):
     shapes = load_dataset(str(image_folder), val_split=0.25)[0]
     defects = load_builtin("defects")[0].split(0.95, 0)[1]  # a few images are enough here
     config = PruneConfig(ratio=0.25, calibration_batches=2, batch_size=8, recover_epochs=2)
-    pruned, report = api.prune_backbone(backbone, config, [shapes, defects])
+    pruned, report = api.prune_backbone(backbone, config=config, datasets=[shapes, defects])
     assert report["images_seen"] == 2 * 8 + min(len(defects), 16)
     assert report["data"] == [shapes.source, defects.source]
     recovery = report["recovery"]
     assert recovery["steps"] > 0 and recovery["last_loss"] < recovery["first_loss"]
     assert not any(p.requires_grad or p.grad is not None for p in pruned.model.parameters())
-    magnitude, _ = api.prune_backbone(backbone, PruneConfig(ratio=0.25, importance="magnitude"))
+    magnitude, _ = api.prune_backbone(backbone, config=PruneConfig(ratio=0.25, importance="magnitude"))
     assert magnitude.fingerprint != pruned.fingerprint  # the data chose other channels
 
 
@@ -159,16 +161,18 @@ def test_adapt_and_export_on_a_pruned_backbone(image_folder, tmp_path):
     from petah.export import export_merged
 
     backbone = create_backbone("efficientformerv2_s0", 64)
-    pruned, report = api.prune_backbone(backbone, PruneConfig(ratio=0.5, importance="magnitude"))
+    pruned, report = api.prune_backbone(backbone, config=PruneConfig(ratio=0.5, importance="magnitude"))
     path = api.save_pruned(pruned, report, tmp_path / "pruned.safetensors")
     pruned = create_backbone(weights=str(path))
     train, val = load_dataset(str(image_folder), val_split=0.25)
     for kind_data in ((train, val), load_builtin("defects")):  # a classification and a dense head
-        result = api.adapt(pruned, kind_data[0], kind_data[1], PlanConfig(), TrainConfig(epochs=1, batch_size=8, max_steps=2, progress=False), "t")
+        result = api.adapt(pruned, kind_data[0], kind_data[1], plan=PlanConfig(), config=TrainConfig(epochs=1,
+                           batch_size=8, max_steps=2, progress=False), task_name="t")
         package = api.save_package(result, tmp_path / "task.petah")
     with pytest.raises(PetahError, match="trained on pruned efficientformerv2_s0.*but the backbone is efficientformerv2_s0"):
         api.load_task(backbone, package)
-    cls = api.adapt(pruned, train, val, PlanConfig(), TrainConfig(epochs=1, batch_size=8, max_steps=2, progress=False), "t")
+    cls = api.adapt(pruned, train, val, plan=PlanConfig(), config=TrainConfig(epochs=1, batch_size=8, max_steps=2,
+                    progress=False), task_name="t")
     exported = export_merged(pruned, cls.package, tmp_path / "task.onnx")
     assert exported.max_abs_error < 1e-4
 
@@ -182,7 +186,7 @@ def test_unsupported_families_are_refused_naming_the_layer(name, size, match):
     backbone = create_backbone(name, size)
     before = backbone.fingerprint
     with pytest.raises(PetahError, match=match):
-        api.prune_backbone(backbone, PruneConfig(ratio=0.5, importance="magnitude"))
+        api.prune_backbone(backbone, config=PruneConfig(ratio=0.5, importance="magnitude"))
     assert api.fingerprint(backbone.model) == before
 
 
@@ -196,10 +200,10 @@ def test_bad_settings_and_files(tmp_path):
         PruneConfig(importance="random")
     backbone = create_backbone("efficientformerv2_s0", 64)
     with pytest.raises(PetahError, match="taylor importance needs images"):
-        api.prune_backbone(backbone, PruneConfig(ratio=0.5))
-    pruned, report = api.prune_backbone(backbone, PruneConfig(ratio=0.25, importance="magnitude"))
+        api.prune_backbone(backbone, config=PruneConfig(ratio=0.5))
+    pruned, report = api.prune_backbone(backbone, config=PruneConfig(ratio=0.25, importance="magnitude"))
     with pytest.raises(PetahError, match="already pruned"):
-        api.prune_backbone(pruned, PruneConfig(ratio=0.25, importance="magnitude"))
+        api.prune_backbone(pruned, config=PruneConfig(ratio=0.25, importance="magnitude"))
     # an architecture may only change existing size attributes: nothing else is set from a file
     bad = copy.deepcopy(pruned)
     bad.architecture = {**pruned.architecture, "modules": {"stem.conv1.conv": {"forward": 1}}}

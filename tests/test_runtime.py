@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import perturb_adapters, write_pattern_folder
 from petah import api
 from petah.backbones import create_backbone
 from petah.data import load_dataset
@@ -10,8 +11,6 @@ from petah.errors import PetahError
 from petah.plans import PlanConfig
 from petah.runtime import Runtime
 from petah.train import TrainConfig
-
-from conftest import perturb_adapters, write_pattern_folder
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +23,8 @@ def setup(tmp_path_factory):
     packages = {}
     for name, plan in [("a", PlanConfig()), ("b", PlanConfig(rank=4, task_norm="stats")), ("c", PlanConfig(preset="bitfit"))]:
         torch.manual_seed(1)
-        result = api.adapt(backbone, train, val, plan, TrainConfig(max_steps=3, batch_size=8, lr=1e-2), name, adapter_dtype="float32")
+        result = api.adapt(backbone, train, val, plan=plan, config=TrainConfig(max_steps=3, batch_size=8, lr=1e-2),
+                           task_name=name, adapter_dtype="float32")
         perturb_adapters(result.package)
         packages[name] = api.save_package(result, root / f"{name}.petah")
     return {"backbone": backbone, "packages": packages, "val": val, "root": root}
@@ -82,7 +82,8 @@ def test_mismatched_package_is_refused_while_others_serve(setup, tmp_path):
     backbone, packages = setup["backbone"], setup["packages"]
     other = create_backbone("efficientformerv2_s0", 64)
     train, val = load_dataset(str(setup["root"] / "shapes"), val_split=0.25)
-    foreign = api.save_package(api.adapt(other, train, val, PlanConfig(), TrainConfig(max_steps=1, batch_size=8), "foreign"), tmp_path / "f.petah")
+    foreign = api.save_package(api.adapt(other, train, val, plan=PlanConfig(), config=TrainConfig(max_steps=1,
+                               batch_size=8), task_name="foreign"), tmp_path / "f.petah")
     runtime = Runtime(backbone)
     runtime.load(packages["a"])
     x = torch.randn(1, 3, 32, 32)
@@ -129,7 +130,8 @@ def test_shared_trunk_runs_unadapted_stages_once_with_equal_results(setup, tmp_p
     runtime = Runtime(backbone)
     for name, stages in [("late1", {0: 0, 1: 0}), ("late2", {0: 0, 1: 0, 2: 0})]:
         torch.manual_seed(2)
-        result = api.adapt(backbone, train, val, PlanConfig(stage_ranks=stages), TrainConfig(max_steps=2, batch_size=8), name, adapter_dtype="float32")
+        result = api.adapt(backbone, train, val, plan=PlanConfig(stage_ranks=stages), config=TrainConfig(max_steps=2,
+                           batch_size=8), task_name=name, adapter_dtype="float32")
         perturb_adapters(result.package)
         runtime.load(api.save_package(result, tmp_path / f"{name}.petah"))
     runtime.load(setup["packages"]["a"])  # adapts every stage: not loaded for the shared run

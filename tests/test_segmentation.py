@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import perturb_adapters
 from petah import api
 from petah.backbones import create_backbone
 from petah.data import load_dataset
@@ -16,8 +17,6 @@ from petah.export import export_base_and_adapters, export_merged
 from petah.plans import PlanConfig
 from petah.runtime import Runtime
 from petah.train import TrainConfig
-
-from conftest import perturb_adapters
 
 SIZE = 32
 
@@ -46,7 +45,8 @@ def seg(tmp_path_factory):
     torch.manual_seed(0)
     backbone = create_backbone("efficientformerv2_s0", SIZE)
     train, val = defects(count=40)
-    result = api.adapt(backbone, train, val, PlanConfig(rank=4), TrainConfig(max_steps=2, batch_size=8), "defects",
+    result = api.adapt(backbone, train, val, plan=PlanConfig(rank=4), config=TrainConfig(max_steps=2, batch_size=8),
+                       task_name="defects",
                        adapter_dtype="float32", dice=True)
     perturb_adapters(result.package)
     path = api.save_package(result, root / "defects.petah")
@@ -82,7 +82,7 @@ def test_adapted_task_outputs_masks_and_metrics(seg):
     metrics = seg["metrics"]
     assert set(metrics["per_class_iou"]) == set(DEFECT_CLASSES) and 0.0 <= metrics["mIoU"] <= 1.0
     task = api.load_task(seg["backbone"], seg["package"])
-    assert task.manifest["task"]["kind"] == "segmentation" and task.manifest["head"]["strides"] == [4, 8, 16, 32]
+    assert task.manifest.task.kind == "segmentation" and task.manifest.head["strides"] == [4, 8, 16, 32]
     with torch.no_grad():
         logits = task.model(torch.randn(2, 3, SIZE, SIZE))
     assert logits.shape == (2, len(DEFECT_CLASSES), SIZE, SIZE)
@@ -95,8 +95,8 @@ def test_adapted_task_outputs_masks_and_metrics(seg):
 def test_runtime_serves_classification_and_segmentation_together(seg, tmp_path):
     backbone = seg["backbone"]
     train, val = load_dataset("builtin:digits")
-    digits = api.adapt(backbone, train.subset(range(40)), val.subset(range(20)), PlanConfig(rank=4),
-                       TrainConfig(max_steps=1, batch_size=8), "digits")
+    digits = api.adapt(backbone, train.subset(range(40)), val.subset(range(20)), plan=PlanConfig(rank=4),
+                       config=TrainConfig(max_steps=1, batch_size=8), task_name="digits")
     runtime = Runtime(backbone)
     runtime.load(seg["package"])
     runtime.load(digits.package)
@@ -119,9 +119,8 @@ def test_merged_onnx_matches_and_base_graph_refuses(seg, tmp_path):
 
 
 def test_cli_adapt_eval_predict_on_a_mask_folder(tmp_path):
-    from test_cli import one_json, petah
-
     from petah.backbones import save_backbone
+    from test_cli import one_json, petah
 
     data = _write_mask_folder(tmp_path / "squares")
     bb = save_backbone(create_backbone("efficientformerv2_s0", SIZE), tmp_path / "bb.safetensors")

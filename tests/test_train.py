@@ -19,7 +19,8 @@ def backbone():
 def _adapt(backbone, folder, **config):
     train, val = load_dataset(str(folder), val_split=0.25)
     torch.manual_seed(0)
-    return api.adapt(backbone, train, val, PlanConfig(), TrainConfig(batch_size=8, **config), adapter_dtype="float32")
+    return api.adapt(backbone, train, val, plan=PlanConfig(), config=TrainConfig(batch_size=8, **config),
+                     adapter_dtype="float32")
 
 
 def test_runs_are_deterministic(backbone, image_folder):
@@ -90,7 +91,7 @@ def test_end_to_end_adapt_beats_chance_on_real_digits():
     train, val = load_dataset("builtin:digits")
     train = train.subset(range(0, len(train), 2))  # 719 images keep the test short
     torch.manual_seed(0)
-    result = api.adapt(backbone, train, val, PlanConfig(), TrainConfig(epochs=2, lr=2e-3, head_lr=1e-2))
+    result = api.adapt(backbone, train, val, plan=PlanConfig(), config=TrainConfig(epochs=2, lr=2e-3, head_lr=1e-2))
     assert result.metrics["accuracy"] > 0.6  # chance is 0.1
     assert len(result.metrics["confusion_matrix"]) == 10 and result.metrics["samples"] == len(val)
     assert Trainer  # the trainer is what ran

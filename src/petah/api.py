@@ -14,27 +14,38 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
 from petah.adapters import TaskAdapter
-from petah.adapters.model import ADAPTER
-from petah.backbones import Backbone, create_backbone, fingerprint, save_backbone
+from petah.backbones import Backbone, create_backbone, fingerprint, resolve_backbone, save_backbone
 from petah.backbones.factory import fp32_safetensors_bytes
 from petah.data import Augment, LabeledImages, Preprocess, TrainingView
 from petah.errors import PetahError
-from petah.packages.format import TaskPackage, check_backbone, pack_tensors, read_package, write_package
-from petah.plans import PlanConfig, Target
-from petah.tasks import Classification, kind_for_data, task_kind
+from petah.packages import (
+    DTYPES,
+    LoadedTask,
+    TaskPackage,
+    attach_package,
+    build_package,
+    check_task_name,
+    describe_package,
+    load_task,
+    merged_backbone,
+    write_package,
+)
+from petah.paths import check_writable
+from petah.plans import PlanConfig
+from petah.tasks import TASK_KINDS, Classification, kind_for_data
 from petah.train import TrainConfig, Trainer, TrainResult, barrier, is_main_process, setup
 from petah.train.distributed import check_ranks_agree, eval_indices
 
 EVAL_BATCH = 128
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def preprocess_for(backbone: Backbone) -> Preprocess:
     return Preprocess(backbone.img_size, backbone.mean, backbone.std)
 
 
-def _eval_loader(data, preprocess: Preprocess, kind=Classification) -> DataLoader:
-    """This rank's share of the evaluation set (all of it in one process); metrics sync on compute."""
+def eval_loader(data, preprocess: Preprocess, kind=Classification) -> DataLoader:
+    """Batches of ``data`` to evaluate a model of task ``kind`` on: this rank's share of the set
+    (all of it in one process); metrics sync on compute."""
     view = kind.view(data, preprocess)
     return DataLoader(Subset(view, eval_indices(len(view), setup())), batch_size=EVAL_BATCH, shuffle=False,
                       collate_fn=getattr(view, "collate", None))
@@ -58,6 +69,22 @@ def _check_labels(train: LabeledImages, val: LabeledImages) -> None:
         raise PetahError("training and validation sets name different classes")
 
 
+def _check_dtype(option: str, dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise PetahError(f"{option} must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def check_task(task: str | None, data: LabeledImages):
+    """The task kind ``data`` is labelled for; ``task`` (a kind name), when given, must agree."""
+    kind = kind_for_data(data)
+    if task is not None and task not in TASK_KINDS:
+        raise PetahError(f"unknown task kind {task!r}; choose one of {', '.join(TASK_KINDS)}")
+    if task is not None and task != kind.kind:
+        raise PetahError(f"task {task}: {data.source} is labelled for {kind.kind} (segmentation: images/ + masks/ + "
+                         "classes.txt, or builtin:defects; detection: a COCO annotations.json, or builtin:digit-boxes)")
+    return kind
+
+
 def _freeze_norms(model: nn.Module, backbone: nn.Module, modes: dict[str, bool]) -> None:
     """Train mode for ``model``, except the backbone norms that must not drift (eval mode)."""
     model.train()
@@ -72,6 +99,7 @@ def prepare(
     train: LabeledImages,
     val: LabeledImages,
     out: str | Path,
+    *,
     img_size: int | None = None,
     weights: str = "none",
     config: TrainConfig | None = None,
@@ -80,6 +108,8 @@ def prepare(
     command: str = "",
 ) -> tuple[Backbone, dict]:
     """Fully train (or fine-tune) a backbone on a source dataset and save it as a backbone file."""
+    _check_dtype("save_dtype", save_dtype)
+    check_writable(out)
     if kind_for_data(train) is not Classification:
         raise PetahError("prepare trains a backbone on a classification set (class folders or a built-in one)")
     _check_labels(train, val)
@@ -95,14 +125,14 @@ def prepare(
         sync_batchnorm=True,
     )
     result = trainer.fit()
-    metrics = Classification.evaluate(trainer.model, _eval_loader(val, preprocess_for(backbone)), val.classes)
+    metrics = Classification.evaluate(trainer.model, eval_loader(val, preprocess_for(backbone)), val.classes)
     backbone.model = trainer.model.backbone.cpu().requires_grad_(False).eval()
     extra = {
         "source_data": {"train": train.source, "val": val.source, "classes": train.classes, "images": len(train)},
         "command": command,
         "metrics": {"accuracy": metrics["accuracy"]},
         "training": {**config.to_dict(), "seconds": round(result.seconds, 1)},
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     if is_main_process():
         save_backbone(backbone, out, extra, dtype=DTYPES[save_dtype])
@@ -111,22 +141,6 @@ def prepare(
 
 
 # --- step 2: adapt -----------------------------------------------------------------------
-def package_manifest(backbone: Backbone, adapter: TaskAdapter, head: nn.Module, task_name: str, labels: list[str],
-                     kind=Classification) -> dict:
-    """What a package must record to be attached again: task, backbone identity, plan, head."""
-    return {
-        "task": {"name": task_name, "kind": kind.kind, "labels": list(labels)},
-        "backbone": backbone.identity(),
-        "preprocessing": backbone.preprocessing(),
-        "plan": {
-            "config": adapter.config.to_dict(),
-            "targets": [[t.module, t.method, t.rank] for t in adapter.targets],
-            "overrides": adapter.override_keys,
-        },
-        "head": {**kind.head_manifest(head), "tensors": sorted(head.state_dict())},
-    }
-
-
 @dataclass
 class AdaptResult:
     package: TaskPackage
@@ -138,20 +152,29 @@ def adapt(
     backbone: Backbone,
     train: LabeledImages,
     val: LabeledImages,
+    *,
     plan: PlanConfig | None = None,
     config: TrainConfig | None = None,
     task_name: str = "task",
     augment: Augment | None = Augment(),
     adapter_dtype: str = "float16",
     dice: bool = False,
+    task: str | None = None,
+    output: str | Path | None = None,
 ) -> AdaptResult:
     """Train one task's adapters and head on a copy of ``backbone``; the shared one is untouched.
 
     The task kind follows the data: class labels (classification) or per-pixel masks
-    (segmentation; ``dice`` adds a soft-dice term to the cross-entropy).
+    (segmentation; ``dice`` adds a soft-dice term to the cross-entropy). ``task``, when given, must
+    agree with it. With ``output`` the package is written there, and the path is checked before
+    any training.
     """
+    _check_dtype("adapter_dtype", adapter_dtype)
+    if output is not None:
+        check_writable(output)
+    check_task_name(task_name)
     _check_labels(train, val)
-    kind = kind_for_data(train)
+    kind = check_task(task, train)
     plan, config = plan or PlanConfig(), config or TrainConfig()
     _check_ranks(config, train, val, plan=plan.to_dict(), task=task_name, backbone=backbone.identity(), dtype=adapter_dtype,
                  kind=kind.kind, dice=dice)
@@ -167,22 +190,21 @@ def adapt(
         set_train_mode=lambda m: _freeze_norms(m, work.model, modes), unused_parameters=kind is not Classification,
     )
     result = trainer.fit()
+    trainable = sum(p.numel() for p in adapter.trainable_parameters()) + sum(p.numel() for p in head.parameters())
+    package = build_package(backbone, adapter, head, task_name=task_name, labels=train.classes, kind=kind,
+                            adapter_dtype=adapter_dtype, trainable_parameters=trainable,
+                            preprocessing={**backbone.preprocessing(), "intensity": train.intensity})
     # Evaluate what ships: adapters round-tripped through the package dtype.
-    tensors = pack_tensors(adapter.adapter_state(), adapter.override_state(), head.state_dict(), DTYPES[adapter_dtype])
-    package = TaskPackage({}, tensors)
     adapter.load_state(package.section("adapter"), package.section("override"))
-    metrics = kind.evaluate(trainer.model, _eval_loader(val, preprocess_for(backbone), kind), val.classes)
-    package.manifest = {
-        **package_manifest(backbone, adapter, head, task_name, train.classes, kind),
-        "adapter_dtype": adapter_dtype,
-        "trainable_parameters": sum(p.numel() for p in adapter.trainable_parameters()) + sum(p.numel() for p in head.parameters()),
-        "metrics": metrics,
-        "training": {**config.to_dict(), "seconds": round(result.seconds, 2), "steps": result.steps,
-                     "images_per_second": round(result.images_per_second, 1),
-                     "train_data": train.source, "val_data": val.source, "train_images": len(train)},
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    return AdaptResult(package, metrics, result)
+    metrics = kind.evaluate(trainer.model, eval_loader(val, preprocess_for(backbone), kind), val.classes)
+    package.manifest.metrics = metrics
+    package.manifest.training = {**config.to_dict(), "seconds": round(result.seconds, 2), "steps": result.steps,
+                                 "images_per_second": round(result.images_per_second, 1),
+                                 "train_data": train.source, "val_data": val.source, "train_images": len(train)}
+    adapted = AdaptResult(package, metrics, result)
+    if output is not None:
+        save_package(adapted, output)
+    return adapted
 
 
 def save_package(result: AdaptResult | TaskPackage, path: str | Path) -> Path:
@@ -213,14 +235,23 @@ def backbone_cost(model: nn.Module, img_size: int) -> dict:
     return {"params": int(params), "macs": int(macs)}
 
 
-def prune_backbone(backbone: Backbone, config, datasets: list | None = None) -> tuple[Backbone, dict]:
+def prune_backbone(backbone: Backbone, *, config=None, datasets: list | None = None, output: str | Path | None = None,
+                   command: str = "") -> tuple[Backbone, dict]:
     """A pruned copy of ``backbone`` (the original is untouched) and a report of what it cost and saved.
 
-    ``datasets``: the data of every task the backbone will serve (images only are used): Taylor
-    importance is measured on all of them together, and recovery distils on them.
+    ``config``: a ``PruneConfig`` (default: its defaults). ``datasets``: the data of every task the
+    backbone will serve (images only are used): Taylor importance is measured on all of them
+    together, and recovery distils on them. With ``output`` (a ``.safetensors`` path, checked
+    before any work) the pruned backbone is written there (``save_pruned``, recording ``command``).
     """
-    from petah.prune import describe_changes, prune_model, recover
+    from petah.prune import PruneConfig, describe_changes, prune_model, recover
     from petah.prune.pruner import check_prunable
+
+    config = config or PruneConfig()
+    if output is not None:
+        if Path(output).suffix != ".safetensors":
+            raise PetahError(f"the pruned backbone is a .safetensors file, got {output}")
+        check_writable(output)
 
     family = backbone.family
     if backbone.pruned:
@@ -247,14 +278,16 @@ def prune_backbone(backbone: Backbone, config, datasets: list | None = None) -> 
         "pruned": {"fingerprint": pruned.fingerprint, **after, "weights_bytes": pruned.weights_bytes},
     })
     pruned.source = {**backbone.source, "pruning": report}
+    if output is not None:
+        save_pruned(pruned, report, output, command=command)
     return pruned, report
 
 
-def save_pruned(pruned: Backbone, report: dict, path: str | Path, command: str = "") -> Path:
+def save_pruned(pruned: Backbone, report: dict, path: str | Path, *, command: str = "") -> Path:
     """Write a pruned backbone file: weights + the architecture + how it was pruned (JSON, no pickle)."""
     extra = {k: pruned.source[k] for k in ("source_data", "metrics") if k in pruned.source}
     extra.update({"pruning": {**report, "command": command}, "command": command,
-                  "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+                  "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
     return save_backbone(pruned, path, extra)
 
 
@@ -277,76 +310,14 @@ def inspect_backbone(path: str | Path) -> dict:
 
 
 # --- loading, eval, predict --------------------------------------------------------------
-@dataclass
-class LoadedTask:
-    manifest: dict
-    model: nn.Module
-    adapter: TaskAdapter
-    preprocess: Preprocess
-
-    @property
-    def classes(self) -> list[str]:
-        return self.manifest["task"]["labels"]
-
-    @property
-    def name(self) -> str:
-        return self.manifest["task"]["name"]
-
-
-def attach_package(backbone: Backbone, package: TaskPackage, origin: str, name: str = ADAPTER) -> tuple[TaskAdapter, nn.Module]:
-    """Add a package's adapters (as adapter ``name``) to ``backbone.model`` in place; build its head."""
-    manifest = package.manifest
-    kind = task_kind(manifest["task"]["kind"])
-    plan = PlanConfig.from_dict(manifest["plan"]["config"])
-    targets = [Target(m, method, int(r)) for m, method, r in manifest["plan"]["targets"]]
-    try:
-        adapter = TaskAdapter(backbone, plan, targets=targets, name=name)
-    except (AttributeError, ValueError) as exc:
-        raise PetahError(f"{origin} names layers this backbone lacks: {exc}") from exc
-    adapter.load_state(package.section("adapter"), package.section("override"))
-    head_info = manifest["head"]
-    head = kind.head_from_manifest(head_info)
-    try:
-        head.load_state_dict(package.section("head"))
-    except RuntimeError as exc:
-        raise PetahError(f"{origin}: head tensors do not fit: {str(exc).splitlines()[0]}") from exc
-    return adapter, head.eval()
-
-
-def load_task(backbone: Backbone, package: TaskPackage | str | Path) -> LoadedTask:
-    """Attach a package to a copy of ``backbone`` (refused unless it was trained on it)."""
-    origin = f"package {package}" if not isinstance(package, TaskPackage) else f"package {package.task_name}"
-    if not isinstance(package, TaskPackage):
-        package = read_package(package)
-    manifest = package.manifest
-    check_backbone(manifest, backbone, origin)
-    work = replace(backbone, model=copy.deepcopy(backbone.model))
-    adapter, head = attach_package(work, package, origin)
-    model = task_kind(manifest["task"]["kind"]).build_model(work.model, head).eval()
-    return LoadedTask(manifest, model, adapter, Preprocess.from_dict(manifest["preprocessing"]))
-
-
-def merged_backbone(backbone: Backbone, package: TaskPackage | str | Path) -> tuple[Backbone, LoadedTask]:
-    """The task's adapters folded into a plain copy of the backbone: a task-specific backbone
-    (its own fingerprint), e.g. to prune per task after adapting."""
-    from petah.backbones import build_plain
-
-    task = load_task(backbone, package)
-    task.adapter.merge()
-    plain = build_plain(backbone, task.adapter.backbone_weights())
-    merged = replace(backbone, model=plain, fingerprint=fingerprint(plain),
-                     source={**backbone.source, "merged_task": task.manifest["task"]["name"]})
-    return merged, task
-
-
 def evaluate(backbone: Backbone, package: TaskPackage | str | Path, data: LabeledImages) -> dict:
     task = load_task(backbone, package)
-    kind = task_kind(task.manifest["task"]["kind"])
+    kind = task.kind
     if kind is not kind_for_data(data):
         raise PetahError(f"package {task.name} is a {kind.kind} task; the evaluation data is labelled for {kind_for_data(data).kind}")
     if data.classes != task.classes:
         raise PetahError(f"the evaluation data's classes {data.classes[:4]}… differ from the package's {task.classes[:4]}…")
-    return kind.evaluate(task.model, _eval_loader(data, task.preprocess, kind), data.classes)
+    return kind.evaluate(task.model, eval_loader(data, task.preprocess, kind), data.classes)
 
 
 def open_runtime(backbone: Backbone, packages: list):
@@ -362,8 +333,14 @@ def open_runtime(backbone: Backbone, packages: list):
     return runtime
 
 
-def predict(backbone: Backbone, packages: list, images: list[torch.Tensor], top_k: int = 3) -> dict[str, list[dict]]:
+def _check_top_k(top_k: int) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise PetahError(f"top_k (--top-k) must be a whole number >= 1, got {top_k!r}")
+
+
+def predict(backbone: Backbone, packages: list, images: list[torch.Tensor], *, top_k: int = 3) -> dict[str, list[dict]]:
     """Per-task predictions for RGB uint8 image tensors, all packages on one resident backbone."""
+    _check_top_k(top_k)
     return open_runtime(backbone, packages).run(images, top_k=top_k)
 
 
@@ -380,25 +357,47 @@ def image_files(paths: list[str | Path]) -> list[Path]:
     return out
 
 
-def predict_files(backbone: Backbone, packages: list, paths: list[str | Path], top_k: int = 3, out_dir: str | Path | None = None):
-    """Yield one JSON-ready result per image file, on one resident backbone; a bad file yields an
-    error entry. With ``out_dir``, segmentation masks (class-index PNG + overlay) and detection
-    overlays (boxes drawn) are written there; boxes are in the JSON either way."""
+def predict_files(backbone: Backbone, packages: list, paths: list[str | Path], *, top_k: int = 3,
+                  out_dir: str | Path | None = None, keep_going: bool = True):
+    """An iterator of one JSON-ready result per image file, on one resident backbone. A bad file
+    yields an error entry (``keep_going``) or, with ``keep_going=False``, fails the call before any
+    file is written. With ``out_dir``, segmentation masks (class-index PNG + overlay) and
+    detection overlays (boxes drawn) are written there; boxes are in the JSON either way.
+
+    Bad options, bad packages and paths holding no image are refused when called, not when iterated.
+    """
+    from petah.data import load_image
+
+    _check_top_k(top_k)
+    files = image_files(paths)
+    if not files:
+        raise PetahError(f"no images found in {', '.join(map(str, paths)) or 'the paths given'}")
+    if not keep_going:  # all or nothing: every file must read before the first result is written
+        for path in files:
+            load_image(path)
+    runtime = open_runtime(backbone, packages)
+    return _predict_each(runtime, files, top_k, out_dir)
+
+
+def _predict_each(runtime, files: list[Path], top_k: int, out_dir: str | Path | None):
     from petah.data import load_image
     from petah.tasks.detection import save_box_overlay
     from petah.tasks.segmentation import save_mask, save_overlay
 
-    runtime = open_runtime(backbone, packages)
-    files = image_files(paths)
     names = _unique_stems(files)
+    by_mode: dict[str, list[str]] = {}  # each task sees the image as its package was trained (intensity)
+    for name, task in runtime.tasks.items():
+        by_mode.setdefault(task.manifest.preprocessing.get("intensity", "dtype"), []).append(name)
     for path in files:
         try:
-            image = load_image(path)
+            images = {mode: load_image(path, mode) for mode in by_mode}
         except PetahError as exc:
             yield {"image": str(path), "error": str(exc)}
             continue
         tasks = {}
-        for name, preds in runtime.run([image], top_k=top_k).items():
+        outputs = [(name, preds, images[mode]) for mode, group in by_mode.items()
+                   for name, preds in runtime.run([images[mode]], tasks=group, top_k=top_k).items()]
+        for name, preds, image in outputs:
             result = dict(preds[0])
             mask = result.pop("mask", None)
             safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)  # a task name never leaves --out-dir
@@ -428,49 +427,20 @@ def _unique_stems(files: list[Path]) -> dict[Path, str]:
     return names
 
 
-def inspect_package(path: str | Path) -> dict:
-    """Manifest summary and sizes of a package file (validated as on load)."""
-    path = Path(path)
-    package = read_package(path)
-    manifest = package.manifest
-    package_bytes = path.stat().st_size
-    backbone_bytes = int(manifest["backbone"].get("weights_bytes") or 0)
-    sections = {
-        name: {"tensors": len(part), "parameters": sum(t.numel() for t in part.values()),
-               "bytes": sum(t.numel() * t.element_size() for t in part.values())}
-        for name in ("adapter", "override", "head")
-        for part in [package.section(name)]
-    }
-    return {
-        "package": str(path),
-        "package_bytes": package_bytes,
-        "backbone_bytes": backbone_bytes,
-        "ratio": round(package_bytes / backbone_bytes, 6) if backbone_bytes else None,
-        "backbone": manifest["backbone"]["name"],
-        "img_size": manifest["backbone"]["img_size"],
-        "fingerprint": manifest["backbone"]["fingerprint"],
-        "plan": manifest["plan"]["config"],
-        "adapted_layers": len(manifest["plan"]["targets"]),
-        "task": manifest["task"],
-        "metrics": {k: v for k, v in manifest["metrics"].items() if k in ("accuracy", "mIoU", "mAP", "mAP50", "samples")},
-        "sections": sections,
-        "adapter_dtype": manifest.get("adapter_dtype"),
-        "format_version": manifest["format_version"],
-        "petah_version": manifest.get("petah_version"),
-        "created_at": manifest.get("created_at"),
-        "training": manifest.get("training", {}),
-    }
+inspect_package = describe_package  # the name the CLI and scripts know
 
 
 __all__ = [
-    "AdaptResult", "LoadedTask", "adapt", "attach_package", "package_manifest", "create_backbone", "evaluate", "fingerprint", "image_files", "inspect_backbone",
+    "check_task", "check_writable", "eval_loader", "plan_summary", "preprocess_for", "resolve_backbone",
+    "AdaptResult", "LoadedTask", "adapt", "attach_package", "build_package", "create_backbone", "evaluate", "fingerprint", "image_files", "inspect_backbone",
     "inspect_package", "load_task", "merged_backbone", "open_runtime", "predict", "predict_files", "prepare", "prune_backbone", "save_package",
     "save_pruned",
 ]
 
 
-def plan_summary(backbone: Backbone, plan: PlanConfig, classes: int = 10) -> dict:
+def plan_summary(backbone: Backbone, *, plan: PlanConfig | None = None, classes: int = 10) -> dict:
     """Which layers a plan adapts on ``backbone`` and what it trains — before any training."""
+    plan = plan or PlanConfig()
     work = replace(backbone, model=copy.deepcopy(backbone.model))
     adapter = TaskAdapter(work, plan)
     adapters = adapter.adapter_state()

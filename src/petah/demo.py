@@ -37,7 +37,7 @@ DEMO_TASKS = (
     DemoTask("digits", "digits", epochs=4),
     DemoTask("textures", "textures", epochs=6),
     # dense tasks train longer per image: the petah plan only, to stay inside the demo's 5 minutes
-    # (their linear-probe and full comparisons are in the README, from longer runs)
+    # (their linear-probe and full comparisons are in docs/tasks.md, from longer runs)
     DemoTask("defects", "defects", epochs=10, batch_size=32, dice=True, plans=("petah",)),  # segmentation
     DemoTask("digit-boxes", "digit-boxes", epochs=18, batch_size=32, plans=("petah",)),  # detection
 )
@@ -65,7 +65,8 @@ def run_demo(output: str | Path, tasks=DEMO_TASKS, plans=DEMO_PLANS, backbone_pa
             torch.manual_seed(0)
             config = TrainConfig(epochs=task.epochs, batch_size=task.batch_size, max_steps=max_steps, progress=False, **rates)
             stderr.print(f"adapting {task.name} ({len(train)} images) with plan {plan} ...")
-            result = api.adapt(backbone, train, val, PlanConfig(preset=plan), config, task.name, Augment(), dice=task.dice)
+            result = api.adapt(backbone, train, val, plan=PlanConfig(preset=plan), config=config, task_name=task.name,
+                               augment=Augment(), dice=task.dice)
             path = api.save_package(result, output / f"{task.name}-{plan}.petah")
             kind = kind_for_data(train)
             rows.append({

@@ -3,3 +3,7 @@
 
 class PetahError(Exception):
     """Bad input or a refused operation; the message says what and where."""
+
+
+class PetahWarning(UserWarning):
+    """Something the user should know that does not stop the operation (the CLI prints one line)."""

@@ -6,7 +6,9 @@ from petah.backbones.factory import (
     create_backbone,
     fingerprint,
     read_backbone_metadata,
+    resolve_backbone,
     save_backbone,
 )
 
-__all__ = ["Backbone", "build_plain", "create_backbone", "fingerprint", "read_backbone_metadata", "save_backbone"]
+__all__ = ["Backbone", "build_plain", "create_backbone", "fingerprint", "read_backbone_metadata", "resolve_backbone",
+           "save_backbone"]

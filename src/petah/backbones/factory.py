@@ -14,6 +14,7 @@ from safetensors.torch import save
 
 from petah.backbones.weights import adapt_state_dict, read_state_dict, tensors_sha256
 from petah.errors import PetahError
+from petah.files import atomic_write_bytes
 from petah.plans import Family, family_for
 
 BACKBONE_FORMAT = "petah-backbone/1"
@@ -110,7 +111,7 @@ def _build_pruned(name: str, family: Family | None, img_size: int, architecture:
     return apply_changes(model, architecture, weights)
 
 
-def build_plain(backbone: "Backbone", weights: dict[str, torch.Tensor]) -> nn.Module:
+def build_plain(backbone: Backbone, weights: dict[str, torch.Tensor]) -> nn.Module:
     """A fresh, wrapper-free copy of ``backbone``'s architecture holding ``weights`` (e.g. merged)."""
     if backbone.architecture is not None:
         model = _build_pruned(backbone.name, backbone.family, backbone.img_size, backbone.architecture, weights)
@@ -235,8 +236,6 @@ def _reparameterize(model: nn.Module) -> None:
 
 def save_backbone(backbone: Backbone, path: str | Path, extra: dict | None = None, dtype: torch.dtype = torch.float32) -> Path:
     """Write a backbone file: safetensors weights + JSON metadata (name, size, fingerprint…)."""
-    from petah.packages.atomic import atomic_write_bytes
-
     state = {
         k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
         for k, v in backbone.model.state_dict().items()
@@ -251,4 +250,17 @@ def save_backbone(backbone: Backbone, path: str | Path, extra: dict | None = Non
     return atomic_write_bytes(Path(path), payload)
 
 
-__all__ = ["Backbone", "create_backbone", "fingerprint", "read_backbone_metadata", "save_backbone"]
+
+def resolve_backbone(spec: str | Path, weights: str = "none", img_size: int | None = None) -> Backbone:
+    """A backbone from what a user names: a petah backbone file (``.safetensors``: it carries its
+    timm name and input size; ``weights`` is then ignored) or a timm model name with ``weights``
+    (none | hub | a weights file) and ``img_size``."""
+    spec = str(spec)
+    if Path(spec).suffix == ".safetensors":
+        if not Path(spec).is_file():
+            raise PetahError(f"backbone file not found: {spec}")
+        return create_backbone(img_size=img_size, weights=spec)
+    return create_backbone(spec, img_size, weights)
+
+
+__all__ = ["Backbone", "create_backbone", "fingerprint", "read_backbone_metadata", "resolve_backbone", "save_backbone"]

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from petah.errors import PetahError
 
 
-def tensor_digest_update(digest: "hashlib._Hash", key: str, tensor: torch.Tensor) -> None:
+def tensor_digest_update(digest: hashlib._Hash, key: str, tensor: torch.Tensor) -> None:
     """Feed (key, shape, dtype, raw bytes) of one tensor into a running sha256."""
     t = tensor.detach().cpu().contiguous()
     digest.update(key.encode())

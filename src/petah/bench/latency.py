@@ -8,37 +8,19 @@ depend on the values, and the bench then needs no training and no data.
 
 from __future__ import annotations
 
-import copy
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from petah.adapters import TaskAdapter
-from petah.api import package_manifest
-from petah.backbones import Backbone, create_backbone
-from petah.packages.format import TaskPackage, pack_tensors
+from petah.backbones import create_backbone
+from petah.packages import write_package
 from petah.plans import PlanConfig
 from petah.runtime import Runtime
-from petah.tasks import Classification
-
-
-def synthetic_package(backbone: Backbone, name: str, plan: PlanConfig, classes: int = 10, seed: int = 0) -> TaskPackage:
-    """A package with random non-zero adapters (for speed measurements only)."""
-    work = replace(backbone, model=copy.deepcopy(backbone.model))
-    adapter = TaskAdapter(work, plan)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in adapter.trainable_parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-    head = Classification.build_head(backbone.num_features, classes)
-    tensors = pack_tensors(adapter.adapter_state(), adapter.override_state(), head.state_dict(), torch.float32)
-    manifest = {**package_manifest(backbone, adapter, head, name, [str(i) for i in range(classes)]), "metrics": {}}
-    return TaskPackage(manifest, tensors)
+from petah.testing import synthetic_package
 
 
 def resident_bytes(runtime: Runtime) -> int:
@@ -64,7 +46,7 @@ def interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int,
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def ort_session(model: "str | bytes"):
+def ort_session(model: str | bytes):
     """An ONNX Runtime CPU session set up for fair side-by-side timing."""
     import onnxruntime as ort
 
@@ -94,8 +76,6 @@ def run_latency(name: str = "efficientformerv2_s0", img_size: int = 224, batch: 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         pkg_path = tmp / "task0.petah"
-        from petah.packages.format import write_package
-
         write_package(pkg_path, full)
         plain_onnx = ort_session(to_onnx_bytes(backbone.model, x, name))
         merged_onnx = ort_session(str(export_merged(backbone, full, tmp / "merged.onnx").path))

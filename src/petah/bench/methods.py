@@ -114,7 +114,7 @@ def _prepare_source(spec: dict) -> dict:
     config = TrainConfig(epochs=source.epochs, batch_size=source.batch_size, lr=source.lr, seed=0,
                          max_steps=source.max_steps, progress=False)
     start = time.perf_counter()
-    backbone, metrics = api.prepare(source.model, train, val, spec["out"], source.img_size, config=config,
+    backbone, metrics = api.prepare(source.model, train, val, spec["out"], img_size=source.img_size, config=config,
                                     command="petah bench methods (source)")
     return {"path": spec["out"], "source": spec["prepare"], "seconds": round(time.perf_counter() - start, 1),
             "source_accuracy": round(metrics["accuracy"], 4), "backbone": backbone.describe()}
@@ -213,16 +213,17 @@ def run_one(spec: dict) -> dict:
             model, result, trainable, stored, unshipped = _peft_by_hand(backbone, train, config)
     else:
         with _TrainingMemory() as memory:
-            adapted = api.adapt(backbone, train, val, PlanConfig(**method.plan), config, spec["task"])
+            adapted = api.adapt(backbone, train, val, plan=PlanConfig(**method.plan), config=config,
+                                task_name=spec["task"])
         with tempfile.TemporaryDirectory() as tmp:
             stored = api.save_package(adapted, Path(tmp) / "t.petah").stat().st_size
         model = api.load_task(backbone, adapted.package).model
-        result, trainable = adapted.train, adapted.package.manifest["trainable_parameters"]
+        result, trainable = adapted.train, adapted.package.manifest.trainable_parameters
     preprocess = api.preprocess_for(backbone)
-    scores = {name: Classification.evaluate(model, api._eval_loader(data, preprocess), data.classes)["accuracy"]
+    scores = {name: Classification.evaluate(model, api.eval_loader(data, preprocess), data.classes)["accuracy"]
               for name, data in (("val", val), ("test", test))}
     if unshipped is not None:  # the in-process model, with BatchNorm statistics its folder lacks
-        scores["test_in_process"] = Classification.evaluate(unshipped, api._eval_loader(test, preprocess), test.classes)["accuracy"]
+        scores["test_in_process"] = Classification.evaluate(unshipped, api.eval_loader(test, preprocess), test.classes)["accuracy"]
     return {
         **spec, **scores, "backbone_label": f"{backbone.name}@{backbone.img_size}px", "trainable_params": int(trainable),
         "stored_bytes": int(stored), "backbone_bytes": backbone.weights_bytes, "train_images": len(train),

@@ -37,7 +37,7 @@ def _pruned_backbones(backbone: Backbone, ratios: list[float], config: PruneConf
             path = folder / "ratio-0.safetensors"
             save_backbone(backbone, path)
         else:
-            pruned, report = api.prune_backbone(backbone, replace(config, ratio=ratio), datasets)
+            pruned, report = api.prune_backbone(backbone, config=replace(config, ratio=ratio), datasets=datasets)
             path = api.save_pruned(pruned, report, folder / f"ratio-{ratio}.safetensors", command="petah bench prune")
         rows.append({
             "ratio": ratio, "path": path, "backbone": pruned,
@@ -88,7 +88,8 @@ def _adapt_merge_prune(backbone: Backbone, tasks, ratio: float, config: PruneCon
     scores, stored = {}, 0
     for task in tasks:
         merged, _ = api.merged_backbone(backbone, packages / f"{task.name}-petah.petah")
-        pruned, report = api.prune_backbone(merged, replace(config, ratio=ratio), [load_builtin(task.dataset)[0]])
+        pruned, report = api.prune_backbone(merged, config=replace(config, ratio=ratio),
+                                            datasets=[load_builtin(task.dataset)[0]])
         path = api.save_pruned(pruned, report, folder / f"{task.name}-{ratio}.safetensors", command="petah bench prune")
         row = run_demo(folder / f"{task.name}-{ratio}", (task,), {"petah": DEMO_PLANS["petah"]}, path, max_steps)[0]
         scores[task.name] = row["score"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from petah.data.images import IMAGE_SUFFIXES, load_image
+from petah.data.images import DEFAULT_INTENSITY, IMAGE_SUFFIXES, load_image
 from petah.data.transforms import Augment, Preprocess
 from petah.errors import PetahError
 
@@ -23,6 +23,7 @@ class LabeledImages:
     classes: list[str]
     source: str = ""
     meta: dict = field(default_factory=dict)
+    intensity: str = DEFAULT_INTENSITY  # how deep (16-bit) image files were brought to 8 bits; packages record it
 
     def __len__(self) -> int:
         return len(self.images)
@@ -30,11 +31,12 @@ class LabeledImages:
     def label_digest(self) -> bytes:
         return self.labels.numpy().tobytes()
 
-    def subset(self, indices: list[int] | torch.Tensor, source: str | None = None) -> "LabeledImages":
+    def subset(self, indices: list[int] | torch.Tensor, source: str | None = None) -> LabeledImages:
         idx = [int(i) for i in indices]
-        return LabeledImages([self.images[i] for i in idx], self.labels[idx], self.classes, source or self.source)
+        return LabeledImages([self.images[i] for i in idx], self.labels[idx], self.classes, source or self.source,
+                             intensity=self.intensity)
 
-    def split(self, val_fraction: float, seed: int = 0) -> tuple["LabeledImages", "LabeledImages"]:
+    def split(self, val_fraction: float, seed: int = 0) -> tuple[LabeledImages, LabeledImages]:
         """Stratified split: every class keeps ~val_fraction of its images for validation."""
         if not 0.0 < val_fraction < 1.0:
             raise PetahError(f"--val-split must be between 0 and 1, got {val_fraction}")
@@ -63,8 +65,10 @@ def _class_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def load_image_folder(root: str | Path, classes: list[str] | None = None) -> LabeledImages:
-    """``root/<class>/<image>``; ``classes`` fixes the label order (for a val folder)."""
+def load_image_folder(root: str | Path, classes: list[str] | None = None,
+                      intensity: str = DEFAULT_INTENSITY) -> LabeledImages:
+    """``root/<class>/<image>``; ``classes`` fixes the label order (for a val folder); ``intensity``: see
+    ``petah.data.images``."""
     root = Path(root)
     if not root.is_dir():
         raise PetahError(f"image folder not found: {root}")
@@ -82,20 +86,21 @@ def load_image_folder(root: str | Path, classes: list[str] | None = None) -> Lab
         if not files:
             raise PetahError(f"class folder {d} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         for f in files:
-            images.append(load_image(f))
+            images.append(load_image(f, intensity))
             labels.append(classes.index(d.name))
-    return LabeledImages(images, torch.tensor(labels, dtype=torch.long), list(classes), str(root))
+    return LabeledImages(images, torch.tensor(labels, dtype=torch.long), list(classes), str(root), intensity=intensity)
 
 
-def load_folder_splits(root: str | Path, val_split: float | None, seed: int) -> tuple[LabeledImages, LabeledImages]:
+def load_folder_splits(root: str | Path, val_split: float | None, seed: int,
+                       intensity: str = DEFAULT_INTENSITY) -> tuple[LabeledImages, LabeledImages]:
     """``root/train`` + ``root/val`` when present, else one folder split by ``val_split``."""
     root = Path(root)
     if (root / "train").is_dir() and (root / "val").is_dir():
-        train = load_image_folder(root / "train")
-        return train, load_image_folder(root / "val", classes=train.classes)
+        train = load_image_folder(root / "train", intensity=intensity)
+        return train, load_image_folder(root / "val", classes=train.classes, intensity=intensity)
     if val_split is None:
         raise PetahError(f"{root} has no train/ and val/ folders; pass --val-split (e.g. 0.2)")
-    return load_image_folder(root).split(val_split, seed)
+    return load_image_folder(root, intensity=intensity).split(val_split, seed)
 
 
 class TrainingView(Dataset):

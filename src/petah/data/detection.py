@@ -19,7 +19,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from petah.data.datasets import TrainingView, random_split
-from petah.data.images import load_image
+from petah.data.images import DEFAULT_INTENSITY, load_image
 from petah.errors import PetahError
 
 BOX_TOLERANCE = 1.0  # px a box may poke out of its image (rounding in exporters)
@@ -35,16 +35,17 @@ class BoxedImages:
     classes: list[str]
     source: str = ""
     skipped: list[str] = field(default_factory=list)
+    intensity: str = DEFAULT_INTENSITY  # how deep (16-bit) image files were brought to 8 bits; packages record it
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def subset(self, indices, source: str | None = None) -> "BoxedImages":
+    def subset(self, indices, source: str | None = None) -> BoxedImages:
         idx = [int(i) for i in indices]
         return BoxedImages([self.images[i] for i in idx], [self.boxes[i] for i in idx], [self.labels[i] for i in idx],
-                           self.classes, source or self.source)
+                           self.classes, source or self.source, intensity=self.intensity)
 
-    def split(self, val_fraction: float, seed: int = 0) -> tuple["BoxedImages", "BoxedImages"]:
+    def split(self, val_fraction: float, seed: int = 0) -> tuple[BoxedImages, BoxedImages]:
         return random_split(self, val_fraction, seed)
 
     def label_digest(self) -> bytes:
@@ -73,7 +74,8 @@ def _image_path(json_path: Path, file_name: str) -> Path:
     return json_path.parent / file_name
 
 
-def load_coco(json_path: str | Path, classes: list[str] | None = None, strict: bool = False) -> BoxedImages:
+def load_coco(json_path: str | Path, classes: list[str] | None = None, strict: bool = False,
+              intensity: str = DEFAULT_INTENSITY) -> BoxedImages:
     json_path = Path(json_path)
     data = _read_json(json_path)
     try:
@@ -122,7 +124,7 @@ def load_coco(json_path: str | Path, classes: list[str] | None = None, strict: b
         try:
             if not path.is_file():
                 raise PetahError(f"{json_path}: image file {path} is missing")
-            image = load_image(path)
+            image = load_image(path, intensity)
         except PetahError as exc:
             if strict:
                 raise
@@ -137,7 +139,7 @@ def load_coco(json_path: str | Path, classes: list[str] | None = None, strict: b
         labels.append(torch.tensor([c for _, c in found], dtype=torch.long))
     if not images:
         raise PetahError(f"{json_path}: no usable images ({len(skipped)} skipped; first: {skipped[0] if skipped else '-'})")
-    return BoxedImages(images, boxes, labels, names, str(json_path), skipped)
+    return BoxedImages(images, boxes, labels, names, str(json_path), skipped, intensity)
 
 
 def coco_json(folder: Path) -> Path | None:
@@ -151,17 +153,18 @@ def is_coco_folder(root: Path) -> bool:
     return root.suffix == ".json" or coco_json(root) is not None or coco_json(root / "train") is not None
 
 
-def load_coco_splits(spec: str | Path, val_split: float | None, seed: int, strict: bool = False) -> tuple[BoxedImages, BoxedImages]:
+def load_coco_splits(spec: str | Path, val_split: float | None, seed: int, strict: bool = False,
+                     intensity: str = DEFAULT_INTENSITY) -> tuple[BoxedImages, BoxedImages]:
     root = Path(spec)
     if root.is_dir() and coco_json(root / "train") and coco_json(root / "val"):
-        train = load_coco(coco_json(root / "train"), strict=strict)
-        return train, load_coco(coco_json(root / "val"), train.classes, strict)
+        train = load_coco(coco_json(root / "train"), strict=strict, intensity=intensity)
+        return train, load_coco(coco_json(root / "val"), train.classes, strict, intensity)
     path = root if root.suffix == ".json" else coco_json(root)
     if path is None:
         raise PetahError(f"{root}: train/ holds a COCO set but val/ has none (annotations.json)")
     if val_split is None:
         raise PetahError(f"{spec} has no train/ and val/ COCO sets; pass --val-split (e.g. 0.2)")
-    data = load_coco(path, strict=strict)
+    data = load_coco(path, strict=strict, intensity=intensity)
     train, val = data.split(val_split, seed)
     train.skipped = val.skipped = data.skipped  # left out of both parts: each reports them
     return train, val

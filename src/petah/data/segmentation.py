@@ -23,7 +23,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from petah.data.datasets import TrainingView, random_split
-from petah.data.images import IMAGE_SUFFIXES, load_image
+from petah.data.images import DEFAULT_INTENSITY, IMAGE_SUFFIXES, load_image
 from petah.errors import PetahError
 
 IGNORE = 255
@@ -38,15 +38,17 @@ class MaskedImages:
     classes: list[str]
     source: str = ""
     skipped: list[str] = field(default_factory=list)  # one message per bad sample left out
+    intensity: str = DEFAULT_INTENSITY  # how deep (16-bit) image files were brought to 8 bits; packages record it
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def subset(self, indices, source: str | None = None) -> "MaskedImages":
+    def subset(self, indices, source: str | None = None) -> MaskedImages:
         idx = [int(i) for i in indices]
-        return MaskedImages([self.images[i] for i in idx], [self.masks[i] for i in idx], self.classes, source or self.source)
+        return MaskedImages([self.images[i] for i in idx], [self.masks[i] for i in idx], self.classes,
+                            source or self.source, intensity=self.intensity)
 
-    def split(self, val_fraction: float, seed: int = 0) -> tuple["MaskedImages", "MaskedImages"]:
+    def split(self, val_fraction: float, seed: int = 0) -> tuple[MaskedImages, MaskedImages]:
         return random_split(self, val_fraction, seed)
 
     def label_digest(self) -> bytes:
@@ -94,7 +96,8 @@ def _check_sample(image: torch.Tensor, mask: torch.Tensor, classes: int, mask_pa
     return mask.to(torch.uint8)
 
 
-def load_mask_folder(root: str | Path, classes: list[str] | None = None, strict: bool = False) -> MaskedImages:
+def load_mask_folder(root: str | Path, classes: list[str] | None = None, strict: bool = False,
+                     intensity: str = DEFAULT_INTENSITY) -> MaskedImages:
     root = Path(root)
     if not (root / "images").is_dir() or not (root / "masks").is_dir():
         raise PetahError(f"{root} needs images/ and masks/ folders (a segmentation dataset)")
@@ -108,7 +111,7 @@ def load_mask_folder(root: str | Path, classes: list[str] | None = None, strict:
         try:
             if not mask_path.is_file():
                 raise PetahError(f"{file}: no mask {mask_path}")
-            image = load_image(file)
+            image = load_image(file, intensity)
             mask = _check_sample(image, read_mask(mask_path), len(classes), mask_path)
         except PetahError as exc:
             if strict:
@@ -119,17 +122,19 @@ def load_mask_folder(root: str | Path, classes: list[str] | None = None, strict:
         masks.append(mask)
     if not images:
         raise PetahError(f"{root}: no usable samples ({len(skipped)} skipped; first: {skipped[0]})")
-    return MaskedImages(images, masks, list(classes), str(root), skipped)
+    return MaskedImages(images, masks, list(classes), str(root), skipped, intensity)
 
 
-def load_mask_splits(root: str | Path, val_split: float | None, seed: int, strict: bool = False) -> tuple[MaskedImages, MaskedImages]:
+def load_mask_splits(root: str | Path, val_split: float | None, seed: int, strict: bool = False,
+                     intensity: str = DEFAULT_INTENSITY) -> tuple[MaskedImages, MaskedImages]:
     root = Path(root)
     if (root / "train").is_dir() and (root / "val").is_dir():
         classes = read_classes(root) if any((root / n).is_file() for n in ("classes.txt", "classes.json")) else read_classes(root / "train")
-        return load_mask_folder(root / "train", classes, strict), load_mask_folder(root / "val", classes, strict)
+        return (load_mask_folder(root / "train", classes, strict, intensity),
+                load_mask_folder(root / "val", classes, strict, intensity))
     if val_split is None:
         raise PetahError(f"{root} has no train/ and val/ folders; pass --val-split (e.g. 0.2)")
-    data = load_mask_folder(root, strict=strict)
+    data = load_mask_folder(root, strict=strict, intensity=intensity)
     train, val = data.split(val_split, seed)
     train.skipped = val.skipped = data.skipped  # left out of both parts: each reports them
     return train, val

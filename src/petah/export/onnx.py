@@ -20,11 +20,10 @@ import torch
 import torch.nn as nn
 
 from petah import __version__
-from petah.api import load_task, merged_backbone
 from petah.backbones import Backbone
 from petah.errors import PetahError
-from petah.packages.atomic import atomic_write_bytes
-from petah.packages.format import TaskPackage, read_package
+from petah.files import atomic_write_bytes
+from petah.packages import Manifest, TaskPackage, load_task, merged_backbone, read_package
 
 OPSET = 17
 INPUT, OUTPUT = "image", "logits"
@@ -41,7 +40,7 @@ class ExportResult:
         return {"task": self.task, "path": str(self.path), "onnx_bytes": self.onnx_bytes, "max_abs_error": self.max_abs_error}
 
 
-def merged_task_module(backbone: Backbone, package: TaskPackage | str | Path) -> tuple[nn.Module, dict]:
+def merged_task_module(backbone: Backbone, package: TaskPackage | str | Path) -> tuple[nn.Module, Manifest]:
     """The task as a plain module: backbone with adapters merged (no wrappers) + head."""
     merged, task = merged_backbone(backbone, package)
     module = type(task.model)(merged.model, task.model.head).eval()
@@ -102,6 +101,12 @@ def with_metadata(onnx_bytes: bytes, metadata: dict[str, object]) -> bytes:
     return model.SerializeToString()
 
 
+def worst_error(worst: float, got: np.ndarray, want: np.ndarray) -> float:
+    """The running max |got - want|; NaN counts as infinitely wrong (``max`` would drop it)."""
+    error = float(np.abs(got - want).max())
+    return float("inf") if np.isnan(error) else max(worst, error)
+
+
 def max_onnx_error(onnx_bytes: bytes, module: nn.Module, inputs: list[torch.Tensor]) -> float:
     import onnxruntime as ort
 
@@ -110,7 +115,7 @@ def max_onnx_error(onnx_bytes: bytes, module: nn.Module, inputs: list[torch.Tens
     with torch.no_grad():
         for x in inputs:
             got = session.run(None, {INPUT: x.numpy()})[0]
-            worst = max(worst, float(np.abs(got - module(x).numpy()).max()))
+            worst = worst_error(worst, got, module(x).numpy())
     return worst
 
 
@@ -124,14 +129,14 @@ def export_merged(
     size = backbone.img_size
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(2, 3, size, size, generator=gen)
-    onnx_bytes = to_onnx_bytes(module, example, f"task {manifest['task']['name']} on {backbone.name}")
+    onnx_bytes = to_onnx_bytes(module, example, f"task {manifest.task.name} on {backbone.name}")
     onnx_bytes = with_metadata(onnx_bytes, {
         "petah.format": "petah-onnx-merged/1",
         "petah.version": __version__,
-        "petah.task": {k: manifest["task"][k] for k in ("name", "kind", "labels")},
-        "petah.head": {k: v for k, v in manifest["head"].items() if k != "tensors"},  # dense outputs: strides, layout
-        "petah.backbone": {k: manifest["backbone"][k] for k in ("name", "img_size", "fingerprint")},
-        "petah.preprocessing": manifest["preprocessing"],
+        "petah.task": manifest.task.to_dict(),
+        "petah.head": {k: v for k, v in manifest.head.items() if k != "tensors"},  # dense outputs: strides, layout
+        "petah.backbone": {k: manifest.backbone.to_dict()[k] for k in ("name", "img_size", "fingerprint")},
+        "petah.preprocessing": manifest.preprocessing,
         "petah.input": "float32 [batch, 3, H, W], RGB, (pixel / 255 - mean) / std",
     })
     parity_inputs = [torch.randn(b, 3, size, size, generator=gen) for b in (1, 3)]
@@ -140,4 +145,4 @@ def export_merged(
     # the reference is the task as trained: unmerged adapters, PyTorch
     error = max_onnx_error(onnx_bytes, load_task(backbone, package).model, parity_inputs)
     path = atomic_write_bytes(Path(output), onnx_bytes)
-    return ExportResult(manifest["task"]["name"], path, len(onnx_bytes), error)
+    return ExportResult(manifest.task.name, path, len(onnx_bytes), error)

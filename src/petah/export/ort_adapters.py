@@ -25,12 +25,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from petah import __version__
-from petah.api import LoadedTask, load_task
 from petah.backbones import Backbone
 from petah.errors import PetahError
-from petah.export.onnx import INPUT, OUTPUT, to_onnx_bytes, with_metadata
-from petah.packages.atomic import atomic_write_bytes
-from petah.packages.format import TaskPackage, read_package
+from petah.export.onnx import INPUT, OUTPUT, to_onnx_bytes, with_metadata, worst_error
+from petah.files import atomic_write_bytes, inside, staged_folder
+from petah.packages import LoadedTask, Manifest, TaskPackage, load_task, read_package
 from petah.plans import LORA
 from petah.tasks import ClassificationModel
 
@@ -78,14 +77,14 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _signature(manifest: dict) -> list:
-    return [list(t) for t in manifest["plan"]["targets"]]
+def _signature(manifest: Manifest) -> list:
+    return manifest.plan.to_dict()["targets"]
 
 
 def task_values(task: LoadedTask, classes: int) -> dict[str, np.ndarray]:
     """A task's values for every overridable tensor of the base graph (names as in the graph)."""
     values: dict[str, np.ndarray] = {}
-    for module, method, _rank in task.manifest["plan"]["targets"]:
+    for module, method, _rank in task.manifest.plan.to_dict()["targets"]:
         layer = task.model.backbone.get_submodule(module)
         key = f"backbone.{module}"
         if method == LORA:
@@ -106,9 +105,9 @@ def task_values(task: LoadedTask, classes: int) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in values.items()}
 
 
-def base_module(backbone: Backbone, manifest: dict, classes: int) -> nn.Module:
+def base_module(backbone: Backbone, manifest: Manifest, classes: int) -> nn.Module:
     model = copy.deepcopy(backbone.model).eval()
-    for module, method, rank in manifest["plan"]["targets"]:
+    for module, method, rank in manifest.plan.to_dict()["targets"]:
         base = model.get_submodule(module)
         if method == LORA:
             slot = ConvLoraSlot(base, int(rank)) if isinstance(base, nn.Conv2d) else LinearLoraSlot(base, int(rank))
@@ -183,13 +182,17 @@ def export_base_and_adapters(backbone: Backbone, packages: list, output: str | P
     first = loaded[0][1].manifest
     for path, package in loaded:
         manifest = package.manifest
-        if manifest["task"]["kind"] != "classification":
-            raise PetahError(f"{path}: a {manifest['task']['kind']} task; the shared base graph holds classification heads — export it merged")
-        if manifest["plan"]["overrides"]:
+        if manifest.task.kind != "classification":
+            raise PetahError(f"{path}: a {manifest.task.kind} task; the shared base graph holds classification heads "
+                             "— export it merged")
+        if manifest.plan.overrides:
             raise PetahError(f"{path}: its plan owns norm / bias tensors, which a shared base graph cannot switch; export it merged")
         if _signature(manifest) != _signature(first):
             raise PetahError(f"{path}: its adapted layers or ranks differ from {loaded[0][0]}; one base serves one plan shape")
-    classes = max(int(p.manifest["head"]["out_features"]) for _, p in loaded)
+    task_names = [p.task_name for _, p in loaded]
+    if len(set(task_names)) != len(task_names):
+        raise PetahError(f"two packages share a task name ({', '.join(task_names)}); each task gets its own adapter file")
+    classes = max(len(p.manifest.labels) for _, p in loaded)
     template = base_module(backbone, first, classes)
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(2, 3, backbone.img_size, backbone.img_size, generator=gen)
@@ -201,11 +204,10 @@ def export_base_and_adapters(backbone: Backbone, packages: list, output: str | P
         "petah.format": "petah-onnx-base/1",
         "petah.version": __version__,
         "petah.backbone": backbone.identity(),
-        "petah.preprocessing": first["preprocessing"],
+        "petah.preprocessing": first.preprocessing,
         "petah.adapter_tensors": names,
         "petah.padded_classes": classes,
     })
-    base_path = atomic_write_bytes(output / "base.onnx", onnx_bytes)
     options = ort.SessionOptions()
     options.log_severity_level = 3  # ORT warns about every overridable initializer: that is the design
     session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
@@ -213,24 +215,26 @@ def export_base_and_adapters(backbone: Backbone, packages: list, output: str | P
     if real_inputs is not None:
         inputs.append(real_inputs)
     rows = []
-    for path, package in loaded:
-        name = package.task_name
-        task = load_task(backbone, package)
-        values = task_values(task, classes)
-        adapter = ort.AdapterFormat()
-        adapter.set_adapter_version(1)
-        adapter.set_model_version(1)
-        adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in values.items()})
-        adapter_path = output / f"{name}.onnx_adapter"
-        tmp = output / f".{name}.onnx_adapter.tmp"
-        adapter.export_adapter(str(tmp))
-        tmp.replace(adapter_path)
-        labels = package.manifest["task"]["labels"]
-        atomic_write_bytes(output / f"{name}.json", json.dumps({"task": name, "labels": labels, "adapter": adapter_path.name}).encode())
-        error = adapter_parity(session, adapter_path, task.model, inputs, len(labels))
-        size = adapter_path.stat().st_size
-        rows.append({"task": name, "adapter": str(adapter_path), "adapter_bytes": size,
-                     "percent_of_base": round(100 * size / len(onnx_bytes), 3), "max_abs_error": error})
+    with staged_folder(output) as stage:  # all files or none: a failed task leaves no base.onnx behind
+        atomic_write_bytes(stage / "base.onnx", onnx_bytes)
+        for _, package in loaded:
+            name = package.task_name
+            task = load_task(backbone, package)
+            adapter = ort.AdapterFormat()
+            adapter.set_adapter_version(1)
+            adapter.set_model_version(1)
+            values = task_values(task, classes)  # kept alive: an OrtValue only borrows the numpy memory
+            adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in values.items()})
+            staged = inside(stage, f"{name}.onnx_adapter")  # task names are untrusted: never outside the folder
+            adapter.export_adapter(str(staged))
+            labels = package.manifest.labels
+            info = {"task": name, "labels": labels, "adapter": staged.name}
+            atomic_write_bytes(inside(stage, f"{name}.json"), json.dumps(info).encode())
+            error = adapter_parity(session, staged, task.model, inputs, len(labels))
+            size = staged.stat().st_size
+            rows.append({"task": name, "adapter": str(output / staged.name), "adapter_bytes": size,
+                         "percent_of_base": round(100 * size / len(onnx_bytes), 3), "max_abs_error": error})
+    base_path = output / "base.onnx"
     return AdapterExport(base_path, len(onnx_bytes), rows)
 
 
@@ -245,5 +249,5 @@ def adapter_parity(session, adapter_path: Path, reference: nn.Module, inputs: li
     with torch.no_grad():
         for x in inputs:
             got = session.run([OUTPUT], {INPUT: x.numpy()}, options)[0][:, :classes]
-            worst = max(worst, float(np.abs(got - reference(x).numpy()).max()))
+            worst = worst_error(worst, got, reference(x).numpy())
     return worst

@@ -34,10 +34,10 @@ import torch.nn as nn
 
 from petah.adapters import TaskAdapter
 from petah.adapters.model import lora_config
-from petah.api import package_manifest, load_task
 from petah.backbones import Backbone
 from petah.errors import PetahError
-from petah.packages.format import TaskPackage, pack_tensors, read_package
+from petah.files import inside
+from petah.packages import TaskPackage, build_package, load_task, read_package
 from petah.plans import CHANNEL_SCALE, LORA, PlanConfig, Target
 from petah.tasks import Classification
 
@@ -103,18 +103,19 @@ def export_peft(backbone: Backbone, package: TaskPackage | str | Path, output: s
     origin = str(package) if not isinstance(package, TaskPackage) else package.task_name
     package = package if isinstance(package, TaskPackage) else read_package(package)
     manifest = package.manifest
-    plan = manifest["plan"]
-    config = PlanConfig.from_dict(plan["config"])
-    if manifest["task"]["kind"] != "classification":
-        raise PetahError(f"{origin}: a {manifest['task']['kind']} task; a PEFT folder carries timm's classifier as the head, so only classification exports")
+    plan = manifest.plan
+    config = plan.plan_config()
+    if manifest.task.kind != "classification":
+        raise PetahError(f"{origin}: a {manifest.task.kind} task; a PEFT folder carries timm's classifier as the head, "
+                         "so only classification exports")
     if config.preset == "full":
         raise PetahError(f"{origin}: a full fine-tune is not an adapter; export it merged to ONNX instead")
-    targets = [Target(m, method, int(r)) for m, method, r in plan["targets"]]
+    targets = list(plan.targets)
     peft_config = lora_config(targets, config)
     if peft_config is None:
         raise PetahError(f"{origin}: plan {config.preset} has no LoRA layers, which PEFT's LoRA format needs")
     scaled = [t.module for t in targets if t.method == CHANNEL_SCALE]
-    owners = sorted({key.rpartition(".")[0] for key in plan["overrides"]})
+    owners = sorted({key.rpartition(".")[0] for key in plan.overrides})
     lora_modules = {t.module for t in targets if t.method == LORA}
     if lora_modules & set(owners):
         raise PetahError(f"{origin}: module {sorted(lora_modules & set(owners))[0]} has both LoRA and owned tensors; PEFT cannot express that")
@@ -125,7 +126,7 @@ def export_peft(backbone: Backbone, package: TaskPackage | str | Path, output: s
     weights = {k: v.clone() for k, v in task.adapter.backbone_weights().items()}  # unmerge works in place
     task.adapter.unmerge()
 
-    model, classifiers = _with_classifier(backbone, len(manifest["task"]["labels"]))
+    model, classifiers = _with_classifier(backbone, len(manifest.labels))
     peft_config.modules_to_save = classifiers + scaled + owners
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*modules_to_save.*")
@@ -150,15 +151,16 @@ def export_peft(backbone: Backbone, package: TaskPackage | str | Path, output: s
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         peft_model.save_pretrained(str(tmp))
-        info = {"task": manifest["task"], "backbone": manifest["backbone"], "preprocessing": manifest["preprocessing"],
-                "timm_model": {"name": backbone.name, "num_classes": len(manifest["task"]["labels"]), "img_size": backbone.img_size}}
+        info = {"task": manifest.task.to_dict(), "backbone": manifest.backbone.to_dict(),
+                "preprocessing": manifest.preprocessing,
+                "timm_model": {"name": backbone.name, "num_classes": len(manifest.labels), "img_size": backbone.img_size}}
         (tmp / TASK_FILE).write_text(json.dumps(info, indent=1))
         _replace_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     files = {p.name: p.stat().st_size for p in sorted(output.iterdir())}
-    return {"task": manifest["task"]["name"], "folder": str(output), "files": files,
+    return {"task": manifest.task.name, "folder": str(output), "files": files,
             "modules_to_save": peft_config.modules_to_save, "max_abs_error": error}
 
 
@@ -187,8 +189,24 @@ def _read_peft_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, tensors
 
 
+def _read_task_file(folder: Path) -> dict:
+    """petah's side file of a PEFT folder (labels, backbone identity), checked: it is untrusted input."""
+    path = folder / TASK_FILE
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+        ok = isinstance(info, dict) and isinstance(info.get("task", {}), dict) and \
+            isinstance(info["backbone"]["fingerprint"], str)
+    except (OSError, ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise PetahError(f"{path}: not a petah task file (a JSON object with task and backbone.fingerprint)")
+    return info
+
+
 def import_peft(backbone: Backbone, folder: str | Path, task_name: str | None = None,
-                labels: list[str] | None = None, adapter_dtype: torch.dtype = torch.float16) -> tuple[TaskPackage, dict]:
+                labels: list[str] | None = None, adapter_dtype: str = "float16") -> tuple[TaskPackage, dict]:
     """Turn a PEFT LoRA folder trained on ``backbone``'s timm model into a task package."""
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
@@ -196,7 +214,7 @@ def import_peft(backbone: Backbone, folder: str | Path, task_name: str | None = 
 
     folder = Path(folder)
     _, tensors = _read_peft_folder(folder)
-    info = json.loads((folder / TASK_FILE).read_text()) if (folder / TASK_FILE).is_file() else {}
+    info = _read_task_file(folder)
     if info and info["backbone"]["fingerprint"] != backbone.fingerprint:
         trained = info["backbone"]
         raise PetahError(f"{folder} was trained on {trained['name']}@{trained['img_size']} "
@@ -252,11 +270,23 @@ def import_peft(backbone: Backbone, folder: str | Path, task_name: str | None = 
     adapter = TaskAdapter(work, plan, targets=targets)
     adapter.load_state(adapters, overrides)
     task_name = task_name or info.get("task", {}).get("name") or folder.name
-    manifest = {**package_manifest(backbone, adapter, head, task_name, labels), "metrics": {},
-                "source": {"peft_folder": folder.name, "backbone_checked": bool(info)}}
-    package = TaskPackage(manifest, pack_tensors(adapter.adapter_state(), adapter.override_state(), head.state_dict(), adapter_dtype))
+    package = build_package(backbone, adapter, head, task_name=task_name, labels=labels, adapter_dtype=adapter_dtype,
+                            extra={"source": {"peft_folder": folder.name, "backbone_checked": bool(info)}})
     error = _max_error(peft_model, load_task(backbone, package).model, _test_inputs(backbone))
     # adapters stored in 16 bits round B·A to ~3 significant digits
-    _check_parity(error, f"{folder}: the package", tolerance=5e-2 if adapter_dtype != torch.float32 else PARITY)
+    _check_parity(error, f"{folder}: the package", tolerance=5e-2 if adapter_dtype != "float32" else PARITY)
     return package, {"task": task_name, "lora_layers": len(targets), "owned_modules": owned,
                      "classes": classes, "backbone_checked": bool(info), "max_abs_error": error}
+
+
+def export_peft_folders(backbone: Backbone, packages: list, folder: str | Path) -> list[dict]:
+    """Several tasks as PEFT LoRA folders: ``folder`` itself for one package, ``folder/<task>`` for
+    several (two packages of one task name are refused, before anything is written)."""
+    loaded = [package if isinstance(package, TaskPackage) else read_package(package) for package in packages]
+    names = [package.task_name for package in loaded]
+    if len(set(names)) != len(names):
+        raise PetahError(f"two packages share a task name ({', '.join(names)}); export them one at a time")
+    folder = Path(folder)
+    # task names are validated on read; ``inside`` keeps even a future bug from writing elsewhere
+    return [export_peft(backbone, package, folder if len(loaded) == 1 else inside(folder, package.task_name))
+            for package in loaded]

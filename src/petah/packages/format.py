@@ -1,35 +1,46 @@
-"""The ``.petah`` task package: one safetensors file, tensors + a JSON manifest, never pickle.
+"""The ``.petah`` file: one safetensors file holding tensors, a JSON manifest and a signature slot.
 
-Tensor names: ``adapter/<module>.lora_A|lora_B|scale_delta``, ``override/<backbone key>``,
-``head/<key>``. The manifest records the format version, the backbone identity, the plan and
-its resolved targets, labels, preprocessing, metrics and a sha256 of the tensor payload.
+Never pickle. Tensor names: ``adapter/<module>.lora_A|lora_B|scale_delta``, ``override/<backbone
+key>``, ``head/<key>``. Format v2 stores in the safetensors header metadata ``format`` (the string
+``petah-task``), ``manifest`` (canonical JSON with the *content hash*) and ``signature`` (empty, or
+signatures of the content hash; outside what is hashed, so signing never rewrites hashed bytes).
+The content hash is sha256 over the canonical manifest (every field but the hash) and then every
+tensor in sorted name order; ``docs/format.md`` gives the byte-exact definition.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save
 
 from petah import __version__
-from petah.backbones import Backbone
 from petah.backbones.weights import tensors_sha256
-from petah.errors import PetahError
-from petah.packages.atomic import atomic_write_bytes
+from petah.errors import PetahError, PetahWarning
+from petah.files import atomic_write_bytes
+from petah.packages.manifest import FORMAT, FORMAT_VERSION, HASH_FIELD, V1_HASH_FIELD, Manifest, canonical_json
 
-FORMAT = "petah-task"
-FORMAT_VERSION = 1
 SECTIONS = ("adapter", "override", "head")
+SIGNATURE_KEY = "signature"
+HEADER_KEYS = ("format", "manifest", SIGNATURE_KEY)
+# safetensors' names of torch dtypes: the dtype a third-party reader sees in the file's header
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
 
 
 @dataclass
 class TaskPackage:
-    manifest: dict
+    manifest: Manifest
     tensors: dict[str, torch.Tensor]  # "section/name" -> tensor
+    signature: str = ""  # the header's signature slot, as stored (empty: unsigned)
 
     def section(self, name: str) -> dict[str, torch.Tensor]:
         prefix = name + "/"
@@ -37,7 +48,7 @@ class TaskPackage:
 
     @property
     def task_name(self) -> str:
-        return self.manifest["task"]["name"]
+        return self.manifest.task.name
 
 
 def pack_tensors(adapters: dict, overrides: dict, head: dict, adapter_dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -48,68 +59,116 @@ def pack_tensors(adapters: dict, overrides: dict, head: dict, adapter_dtype: tor
     return out
 
 
+def content_sha256(manifest: dict, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256(canonical manifest without its hash + "\\n", then per tensor in sorted name order:
+    its canonical {"dtype", "name", "shape"} JSON + "\\n" and its raw little-endian bytes)."""
+    hashed = {k: v for k, v in manifest.items() if k != HASH_FIELD}
+    digest = hashlib.sha256(canonical_json(hashed) + b"\n")
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise PetahError(f"tensor {name} has dtype {tensor.dtype}, which a package cannot store")
+        header = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "name": name, "shape": list(tensor.shape)}
+        digest.update(canonical_json(header) + b"\n")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def signed_message(content_hash: str) -> bytes:
+    """The bytes a package signature signs: a fixed context string and the content hash (hex)."""
+    return b"petah-package-signature-v1:" + content_hash.encode("ascii")
+
+
+def encode_package(package: TaskPackage) -> bytes:
+    """The file's bytes; the manifest is stamped with this format version and its content hash."""
+    manifest = package.manifest
+    manifest.format_version, manifest.petah_version = FORMAT_VERSION, __version__
+    manifest.content_sha256 = content_sha256(manifest.to_dict(with_hash=False), package.tensors)
+    header = {"format": FORMAT, "manifest": canonical_json(manifest.to_dict()).decode(), SIGNATURE_KEY: package.signature}
+    return save(package.tensors, metadata=header)
+
+
 def write_package(path: str | Path, package: TaskPackage) -> Path:
-    """Write atomically; the manifest gets the payload hash and format version."""
-    manifest = dict(package.manifest)
-    manifest.update({"format": FORMAT, "format_version": FORMAT_VERSION, "petah_version": __version__})
-    manifest["payload_sha256"] = tensors_sha256(package.tensors)
-    payload = save(package.tensors, metadata={"format": FORMAT, "manifest": json.dumps(manifest)})
-    package.manifest = manifest
-    return atomic_write_bytes(Path(path), payload)
+    """Write atomically (temp file, then rename)."""
+    return atomic_write_bytes(Path(path), encode_package(package))
 
 
-def read_manifest(path: str | Path) -> dict:
-    path = Path(path)
+def _header(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise PetahError(f"package not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError, Exception) as exc:  # noqa: B014 - any header error
-        raise PetahError(f"{path} is not a readable petah package (truncated or corrupt): {str(exc).splitlines()[0]}") from exc
-    if meta.get("format") != FORMAT or "manifest" not in meta:
+            return handle.metadata() or {}
+    except Exception as exc:  # safetensors raises several types for a bad header
+        raise PetahError(f"{path} is not a readable petah package (truncated or corrupt): "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+
+
+def _raw_manifest(path: Path, header: dict[str, str]) -> dict:
+    if header.get("format") != FORMAT or "manifest" not in header:
         raise PetahError(f"{path} is not a petah task package (no petah manifest)")
     try:
-        manifest = json.loads(meta["manifest"])
+        raw = json.loads(header["manifest"])
     except json.JSONDecodeError as exc:
         raise PetahError(f"{path}: the package manifest is not valid JSON") from exc
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise PetahError(f"{path}: unknown package format version {version!r} (this petah reads {FORMAT_VERSION})")
-    return manifest
+    if not isinstance(raw, dict):
+        raise PetahError(f"{path}: the package manifest must be a JSON object, got {type(raw).__name__}")
+    return raw
 
 
-def expected_tensor_names(manifest: dict) -> set[str]:
-    names = set()
-    for module, method, _rank in manifest["plan"]["targets"]:
-        suffixes = ("lora_A", "lora_B") if method == "lora" else ("scale_delta",)
-        names |= {f"adapter/{module}.{s}" for s in suffixes}
-    names |= {f"override/{k}" for k in manifest["plan"]["overrides"]}
-    names |= {f"head/{k}" for k in manifest["head"]["tensors"]}
-    return names
+def read_manifest(path: str | Path) -> Manifest:
+    """The typed manifest alone (structure validated, hash not checked: use ``read_package`` to trust it)."""
+    path = Path(path)
+    return Manifest.from_dict(_raw_manifest(path, _header(path)), str(path))
 
 
 def read_package(path: str | Path) -> TaskPackage:
-    """Read and validate a package file (hash, version, completeness); never unpickles."""
+    """Read and verify a package file: content hash, manifest structure, tensor set. Never unpickles.
+
+    A v1 file (petah 0.1) still loads, with a warning: its hash covers the tensors only.
+    """
     path = Path(path)
-    manifest = read_manifest(path)
+    header = _header(path)
+    raw = _raw_manifest(path, header)
     try:
         with safe_open(str(path), framework="pt") as handle:
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     except Exception as exc:  # safetensors raises several types for truncated data
         raise PetahError(f"{path} is truncated or corrupt: {str(exc).splitlines()[0]}") from exc
-    if tensors_sha256(tensors) != manifest.get("payload_sha256"):
-        raise PetahError(f"{path} is corrupt: the tensor payload does not match its sha256")
-    missing = sorted(expected_tensor_names(manifest) - set(tensors))
+    manifest = Manifest.from_dict(raw, str(path))
+    if manifest.format_version == 1:
+        if tensors_sha256(tensors) != raw.get(V1_HASH_FIELD):
+            raise PetahError(f"{path} is corrupt: the tensor payload does not match its sha256")
+        warnings.warn(f"{path} is a format-1 package: its manifest is not covered by a hash "
+                      f"(`petah upgrade {path}` rewrites it as format {FORMAT_VERSION})", PetahWarning, stacklevel=2)
+    elif content_sha256(raw, tensors) != raw.get(HASH_FIELD):
+        raise PetahError(f"{path} was modified or is corrupt: its manifest and tensors do not match its content hash")
+    signature = header.get(SIGNATURE_KEY, "")
+    unknown = sorted(set(header) - set(HEADER_KEYS))
+    if unknown:
+        raise PetahError(f"{path}: unknown header key {unknown[0]!r} (this petah writes {', '.join(HEADER_KEYS)})")
+    expected = manifest.tensor_names()
+    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing:
         raise PetahError(f"{path} is missing {len(missing)} tensor(s), e.g. {missing[0]}")
-    return TaskPackage(manifest, tensors)
+    if extra:
+        raise PetahError(f"{path} holds {len(extra)} tensor(s) its manifest does not name, e.g. {extra[0]}")
+    return TaskPackage(manifest, tensors, signature)
 
 
-def check_backbone(manifest: dict, backbone: Backbone, origin: str = "package") -> None:
-    """Refuse a package trained on another backbone, naming both."""
-    want = manifest["backbone"]
-    if (want["name"], int(want["img_size"]), want["fingerprint"]) != (backbone.name, backbone.img_size, backbone.fingerprint):
-        pruned = "pruned " if want.get("pruned") else ""
-        trained = f"{pruned}{want['name']}@{want['img_size']}px (fingerprint {want['fingerprint'][:12]})"
-        raise PetahError(f"{origin} was trained on {trained}, but the backbone is {backbone.describe()}")
+def upgrade_package(path: str | Path, output: str | Path | None = None) -> tuple[Path, int]:
+    """Rewrite a package (v1 or v2) as the current format; returns the path and the version it had."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PetahWarning)  # upgrading is the answer to that warning
+        package = read_package(path)
+    was = package.manifest.format_version
+    return write_package(output or path, package), was
+
+
+def set_signature(path: str | Path, signature: str) -> Path:
+    """Rewrite only the header's signature slot; the content hash (and so what was signed) is unchanged."""
+    package = read_package(path)
+    if package.manifest.format_version != FORMAT_VERSION:
+        raise PetahError(f"{path} is a format-{package.manifest.format_version} package: `petah upgrade` it before signing")
+    package.signature = signature
+    return write_package(path, package)

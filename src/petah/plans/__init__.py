@@ -4,6 +4,7 @@ from petah.plans import efficientformer, efficientformer_v2, efficientvit, fastv
 from petah.plans.base import (
     CHANNEL_SCALE,
     LORA,
+    MAX_RANK,
     PRESETS,
     Family,
     PlanConfig,
@@ -32,6 +33,6 @@ def family_for(model_name: str) -> Family | None:
 
 
 __all__ = [
-    "CHANNEL_SCALE", "FAMILIES", "LORA", "PRESETS", "Family", "PlanConfig", "Target",
+    "CHANNEL_SCALE", "FAMILIES", "LORA", "MAX_RANK", "PRESETS", "Family", "PlanConfig", "Target",
     "family_for", "override_names", "resolve_targets",
 ]

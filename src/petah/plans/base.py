@@ -10,12 +10,14 @@ re-derive it.
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch.nn as nn
 
 from petah.errors import PetahError
+from petah.options import option
 
 LORA = "lora"
 CHANNEL_SCALE = "channel_scale"
@@ -49,21 +51,44 @@ class Family:
         return int(found.group(1)) if found else 0
 
 
+# The largest LoRA rank a plan accepts. The hybrids petah adapts have layers of at most a few
+# hundred channels, and a rank only pays while it is small next to them; a larger number is a typo
+# (``--rank 100000`` would otherwise allocate until memory runs out).
+MAX_RANK = 256
+
+
+def parse_stage_ranks(items: list[str] | dict | None) -> dict[int, int]:
+    """``["0=0", "3=16"]`` (the CLI's repeated STAGE=RANK) as ``{0: 0, 3: 16}``; a dict passes through."""
+    if isinstance(items, dict):
+        return items
+    stages = {}
+    for item in items or []:
+        stage, sep, value = item.partition("=")
+        if not sep or not stage.strip().isdigit() or not value.strip().isdigit():
+            raise PetahError(f"--stage-rank wants STAGE=RANK (e.g. 0=0 to leave stage 0 unadapted), got {item!r}")
+        stages[int(stage)] = int(value)
+    return stages
+
+
 @dataclass
 class PlanConfig:
-    """A task's adaptation recipe; stored in the package manifest."""
+    """A task's adaptation recipe; stored in the package manifest. Its fields are the CLI's plan options."""
 
-    preset: str = "petah"
-    rank: int = 8  # LoRA rank
-    alpha: float | None = None  # LoRA alpha; None means 2 * rank
-    stage_ranks: dict[int, int] = field(default_factory=dict)  # per-stage rank; 0 skips a stage
+    preset: str = option("petah", help="petah | attn-lora | bitfit | linear-probe | full", cli="--plan")
+    rank: int = option(8, help=f"LoRA rank (1 to {MAX_RANK}).", cli="--rank")
+    alpha: float | None = option(None, help="LoRA alpha (default 2 x rank).", cli="--alpha")
+    stage_ranks: dict[int, int] = option(
+        default_factory=dict, help="Per-stage rank, STAGE=RANK; 0 leaves a stage unadapted. Repeatable.",
+        cli="--stage-rank", cli_type=list[str], parse=parse_stage_ranks)
     # none | affine (task-owned norm affine) | stats (affine + running stats). "none" by measurement:
     # on the demo tasks "stats" helps only under a large domain shift and doubles the package.
-    task_norm: str = "none"
-    targets: list[str] = field(default_factory=list)  # regexes naming layers (generic plan)
-    dropout: float = 0.0
+    task_norm: str = option("none", help="none | affine | stats: what of the norm layers the task owns.",
+                            cli="--task-norm")
+    targets: list[str] = option(default_factory=list, cli="--target", cli_type=list[str],
+                                help="Regex naming layers to adapt (a generic plan for any timm model). Repeatable.")
+    dropout: float = option(0.0, help="LoRA dropout, in [0, 1).", cli="--dropout")
     # modules whose every tensor the task owns (PEFT's modules_to_save, kept by import-peft)
-    override_modules: list[str] = field(default_factory=list)
+    override_modules: list[str] = option(default_factory=list, help="Modules whose every tensor the task owns.")
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -74,7 +99,16 @@ class PlanConfig:
             )
         if self.rank < 1:
             raise PetahError(f"rank must be >= 1, got {self.rank}")
-        self.stage_ranks = {int(k): int(v) for k, v in self.stage_ranks.items()}
+        if self.rank > MAX_RANK:
+            raise PetahError(f"rank must be at most {MAX_RANK}, got {self.rank}")
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise PetahError(f"alpha must be a positive number, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise PetahError(f"dropout must be in [0, 1), got {self.dropout}")
+        self.stage_ranks = {int(k): int(v) for k, v in parse_stage_ranks(self.stage_ranks).items()}
+        for stage, rank in self.stage_ranks.items():
+            if stage < 0 or not 0 <= rank <= MAX_RANK:
+                raise PetahError(f"--stage-rank {stage}={rank}: the stage must be >= 0 and the rank 0 to {MAX_RANK}")
 
     @property
     def lora_alpha(self) -> float:
@@ -86,7 +120,7 @@ class PlanConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PlanConfig":
+    def from_dict(cls, data: dict) -> PlanConfig:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
@@ -132,10 +166,16 @@ def _generic_targets(model: nn.Module, modules: list, patterns: list[str], model
 
 
 def resolve_targets(model: nn.Module, family: Family | None, config: PlanConfig, model_name: str) -> list[Target]:
-    """Turn a plan config into the concrete list of adapted modules of ``model``."""
+    """Turn a plan config into the concrete list of adapted modules of ``model``.
+
+    Refused here, before any training: a ``stage_ranks`` stage the backbone lacks. Capped here: a
+    LoRA rank above a layer's smaller dimension (``min_dimension``) becomes that dimension, since
+    a low-rank update of a layer can have no higher rank; the stored target records the capped rank.
+    """
+    modules = [(n, m) for n, m in model.named_modules() if is_adaptable(m)]
+    _check_stages(modules, family, config, model_name)
     if config.preset not in PRESET_ROLES:
         return []
-    modules = [(n, m) for n, m in model.named_modules() if is_adaptable(m)]
     if config.targets:
         chosen = _generic_targets(model, modules, config.targets, model_name)
     else:
@@ -165,8 +205,27 @@ def resolve_targets(model: nn.Module, family: Family | None, config: PlanConfig,
             # refuses LoRA on them unless rank % groups == 0 and cannot merge it.
             targets.append(Target(name, CHANNEL_SCALE, 0))
         else:
-            targets.append(Target(name, LORA, rank))
+            targets.append(Target(name, LORA, min(rank, min_dimension(module))))
     return targets
+
+
+def min_dimension(module: nn.Module) -> int:
+    """The smaller side of a layer's weight as a matrix: the highest rank an update of it can have."""
+    if isinstance(module, nn.Conv2d):
+        kernel = module.kernel_size[0] * module.kernel_size[1]
+        return min(module.in_channels // module.groups * kernel, module.out_channels)
+    return min(module.in_features, module.out_features)
+
+
+def _check_stages(modules: list, family: Family | None, config: PlanConfig, model_name: str) -> None:
+    """A per-stage rank must name a stage the backbone has (else it would silently do nothing)."""
+    if not config.stage_ranks:
+        return
+    stages = sorted({family.stage_of(n) if family else 0 for n, _ in modules})
+    unknown = sorted(set(config.stage_ranks) - set(stages))
+    if unknown:
+        raise PetahError(f"--stage-rank {unknown[0]}={config.stage_ranks[unknown[0]]}: {model_name} has no stage "
+                         f"{unknown[0]} (its stages: {', '.join(map(str, stages))})")
 
 
 def plain_name(key: str) -> str | None:

@@ -4,7 +4,7 @@ petah reparameterizes FastViT when the backbone is built (timm's `reparameterize
 anything is adapted or fingerprinted: the adapters then sit on the convs the device runs
 (`reparam_conv`), merge into them exactly, and the shared backbone is the inference graph.
 The other order (adapt the train-time branches, merge, then reparameterize) trains 3–4 parallel
-branches per block and yields the same inference graph; see the README for the measurement.
+branches per block and yields the same inference graph; see docs/plans.md for the measurement.
 
 `fastvit_t8 / t12 / s12` have no attention: they get the conv-only family below (no `attn-lora`).
 """

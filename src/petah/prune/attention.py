@@ -11,7 +11,7 @@ removed separately, by ``prune_heads``, since Torch-Pruning has no notion of the
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn

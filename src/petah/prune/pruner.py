@@ -12,15 +12,17 @@ serves, each task weighted equally), so one pruned backbone keeps what each task
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterable, Iterator
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 
 from petah.errors import PetahError
+from petah.options import option
 from petah.prune.attention import ATTENTION_PRUNERS, prune_all_heads, unsupported_attention
 
 IMPORTANCES = ("magnitude", "taylor")
@@ -28,15 +30,21 @@ IMPORTANCES = ("magnitude", "taylor")
 
 @dataclass
 class PruneConfig:
-    ratio: float = 0.5  # fraction of the channels of every prunable group to remove
-    head_ratio: float | None = None  # fraction of the heads of every attention block (default: ratio)
-    importance: str = "taylor"  # "taylor" needs images; "magnitude" is data-free
-    calibration_batches: int = 8  # per task, for Taylor importance
-    round_to: int | None = None  # keep channel counts multiples of this (SIMD-friendly widths)
-    recover_epochs: int = 0  # distillation from the unpruned backbone's features afterwards
-    recover_lr: float = 5e-4
-    batch_size: int = 32
-    seed: int = 0
+    """How a shared backbone is pruned; its fields are the options of ``petah prune``."""
+
+    ratio: float = option(0.5, help="Fraction of the channels of every prunable group to remove, in [0, 1).",
+                          cli="--ratio")
+    head_ratio: float | None = option(None, help="Fraction of attention heads to remove (default: --ratio).",
+                                      cli="--head-ratio")
+    importance: str = option("taylor", help="taylor (needs --data) | magnitude (data-free).", cli="--importance")
+    calibration_batches: int = option(8, help="Batches per task for Taylor importance.", cli="--calibration-batches")
+    round_to: int | None = option(None, help="Keep channel counts multiples of this (SIMD-friendly widths).",
+                                  cli="--round-to")
+    recover_epochs: int = option(0, help="Epochs of feature distillation from the unpruned backbone.",
+                                 cli="--recover-epochs")
+    recover_lr: float = option(5e-4, help="Learning rate of the recovery.", cli="--recover-lr")
+    batch_size: int = option(32, help="Images per step.", cli="--batch-size")
+    seed: int = option(0, help="Seed for data order.", cli="--seed")
 
     def __post_init__(self) -> None:
         for label, value in (("ratio", self.ratio), ("head ratio", self.head_ratio)):
@@ -48,6 +56,10 @@ class PruneConfig:
             raise PetahError(f"--round-to must be at least 1, got {self.round_to}")
         if self.recover_epochs < 0 or self.calibration_batches < 1:
             raise PetahError("recovery epochs must be >= 0 and calibration batches >= 1")
+        if self.batch_size < 1:
+            raise PetahError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not (math.isfinite(self.recover_lr) and self.recover_lr > 0):
+            raise PetahError(f"--recover-lr must be a positive number, got {self.recover_lr}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -19,11 +19,10 @@ import torch
 import torch.nn as nn
 
 from petah.adapters import TaskAdapter, remove_adapter
-from petah.api import attach_package
 from petah.backbones import Backbone
 from petah.data import Preprocess
 from petah.errors import PetahError
-from petah.packages.format import TaskPackage, check_backbone, read_package
+from petah.packages import Manifest, TaskPackage, attach_package, check_task_name, open_package
 from petah.tasks import task_kind
 
 MODES = ("unmerged", "merged")
@@ -32,7 +31,7 @@ MODES = ("unmerged", "merged")
 @dataclass
 class RuntimeTask:
     name: str
-    manifest: dict
+    manifest: Manifest
     adapter: TaskAdapter
     head: nn.Module
     overrides: dict[str, torch.Tensor]
@@ -41,11 +40,11 @@ class RuntimeTask:
 
     @property
     def classes(self) -> list[str]:
-        return self.manifest["task"]["labels"]
+        return self.manifest.labels
 
     @property
     def kind(self):
-        return task_kind(self.manifest["task"]["kind"])
+        return task_kind(self.manifest.task.kind)
 
 
 class Runtime:
@@ -63,12 +62,8 @@ class Runtime:
     # --- packages ------------------------------------------------------------------------
     def load(self, package: TaskPackage | str | Path, name: str | None = None) -> RuntimeTask:
         """Add (or atomically replace) a task. On any failure the previous version keeps serving."""
-        origin = f"package {package}" if not isinstance(package, TaskPackage) else f"package {package.task_name}"
-        if not isinstance(package, TaskPackage):
-            package = read_package(package)
-        manifest = package.manifest
-        check_backbone(manifest, self.backbone, origin)
-        name = name or manifest["task"]["name"]
+        package, origin = open_package(package, self.backbone)
+        name = check_task_name(name or package.task_name, origin)
         was_active = self.active
         self._deactivate()
         adapter_id = f"{name}#{next(self._ids)}"
@@ -94,7 +89,7 @@ class Runtime:
         adapter, head = attach_package(self.backbone, package, origin, name=adapter_id)
         adapter.restore_overrides()  # task-owned norm values go in only while the task is active
         manifest = package.manifest
-        model = task_kind(manifest["task"]["kind"]).build_model(self.backbone.model, head).eval()
+        model = task_kind(manifest.task.kind).build_model(self.backbone.model, head).eval()
         return RuntimeTask(name, manifest, adapter, head, package.section("override"), self._first_adapted_stage(manifest), model)
 
     def _refresh_layers(self, adapter: TaskAdapter) -> None:
@@ -154,13 +149,13 @@ class Runtime:
         return self.tasks[task].model(batch)
 
     # --- shared trunk ----------------------------------------------------------------------
-    def _first_adapted_stage(self, manifest: dict) -> int:
+    def _first_adapted_stage(self, manifest: Manifest) -> int:
         """Computed once at load: ``run`` asks for it on every call."""
         family, model = self.backbone.family, self.backbone.model
         if family is None or not hasattr(model, "stages"):
             return 0
-        plan = manifest["plan"]
-        stages = [family.stage_of(t[0]) for t in plan["targets"]] + [family.stage_of(k) for k in plan["overrides"]]
+        plan = manifest.plan
+        stages = [family.stage_of(t.module) for t in plan.targets] + [family.stage_of(k) for k in plan.overrides]
         return min(stages, default=len(model.stages))
 
     def shared_stages(self, names: list[str]) -> int:

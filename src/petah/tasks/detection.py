@@ -27,7 +27,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from petah.backbones.features import DENSE_STRIDES, feature_levels, level_indices, multi_scale_features
 from petah.data.detection import DetectionView
 from petah.errors import PetahError
-from petah.packages.atomic import atomic_write_image
+from petah.files import atomic_write_image
 
 HEAD_WIDTH = 32  # torchvision's FCOS towers use GroupNorm(32, width)
 TOWER_CONVS = 2

@@ -18,7 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from petah.backbones.features import DENSE_STRIDES, feature_levels, level_indices, multi_scale_features
 from petah.data.segmentation import IGNORE, SegmentationView
-from petah.packages.atomic import atomic_write_image
+from petah.files import atomic_write_image
 
 HEAD_WIDTH = 64
 SEG_STRIDES = (4,) + DENSE_STRIDES

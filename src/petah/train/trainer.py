@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader
 
 from petah.data import TrainingView
 from petah.errors import PetahError
-from petah.packages.atomic import atomic_write_bytes
+from petah.files import atomic_write_bytes
+from petah.options import flag, option
 from petah.train.distributed import DistContext, ResumableDistributedSampler, check_ranks_agree, is_main_process, setup
 
 CHECKPOINT_NAME = "last.ckpt"
@@ -34,20 +35,49 @@ stderr = Console(stderr=True)
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 2e-3  # adapters / backbone
-    head_lr: float | None = None  # None: same as lr
-    weight_decay: float = 0.01
-    warmup_fraction: float = 0.05  # of all steps, linear warm-up before the cosine decay
-    label_smoothing: float = 0.1
-    seed: int = 0
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 0  # steps; 0: only at epoch ends
-    resume: bool = False
-    num_workers: int = 0
-    progress: bool = True
-    max_steps: int | None = None  # stop early (tests, quick looks)
+    """How a task (or a backbone) is trained; its fields are the CLI's training options."""
+
+    epochs: int = option(10, help="Training epochs.", cli="--epochs")
+    batch_size: int = option(64, help="Images per step.", cli="--batch-size")
+    lr: float = option(2e-3, help="Peak learning rate.", cli="--lr")  # adapters / backbone
+    head_lr: float | None = option(None, help="Peak learning rate of the head (default: --lr).", cli="--head-lr")
+    weight_decay: float = option(0.01, help="AdamW weight decay.")
+    warmup_fraction: float = option(0.05, help="Fraction of all steps of linear warm-up before the cosine decay.")
+    label_smoothing: float = option(0.1, help="Label smoothing of the classification loss, in [0, 1).",
+                                    cli="--label-smoothing")
+    seed: int = option(0, help="Seed for data order, augmentation and init.", cli="--seed")
+    checkpoint_dir: str | None = option(None, help="Write resumable checkpoints here.", cli="--checkpoint-dir")
+    checkpoint_every: int = option(0, help="Also checkpoint every N steps.", cli="--checkpoint-every")
+    resume: bool = option(False, help="Continue from the checkpoint in --checkpoint-dir.", cli="--resume")
+    num_workers: int = option(0, help="Data loader worker processes.", cli="--workers")
+    progress: bool = option(True, help="Show a progress bar.")
+    max_steps: int | None = option(None, help="Stop after this many steps.", cli="--max-steps")
+
+    def __post_init__(self) -> None:
+        """Refuse a bad setting here, before any training: API and CLI users get the same one line."""
+        def name(field_name: str) -> str:
+            return flag(TrainConfig, field_name)
+
+        for key in ("epochs", "batch_size"):
+            if getattr(self, key) < 1:
+                raise PetahError(f"{name(key)} must be at least 1, got {getattr(self, key)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise PetahError(f"{name('max_steps')} must be at least 1, got {self.max_steps}")
+        for key in ("lr", "head_lr"):
+            value = getattr(self, key)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise PetahError(f"{name(key)} must be a positive number, got {value}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise PetahError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_fraction <= 1:
+            raise PetahError(f"warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
+        if not 0 <= self.label_smoothing < 1:
+            raise PetahError(f"{name('label_smoothing')} must be in [0, 1), got {self.label_smoothing}")
+        for key in ("checkpoint_every", "num_workers"):
+            if getattr(self, key) < 0:
+                raise PetahError(f"{name(key)} must be >= 0, got {getattr(self, key)}")
+        if self.resume and not self.checkpoint_dir:
+            raise PetahError(f"{name('resume')} needs {name('checkpoint_dir')}: the folder to resume from")
 
     def to_dict(self) -> dict:
         return asdict(self)

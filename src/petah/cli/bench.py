@@ -1,0 +1,142 @@
+"""The bench verbs: side-by-side measurements (latency, pruning, adaptation methods) in one run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from petah.cli.common import JsonOpt, config_options, emit_json, out
+from petah.errors import PetahError
+from petah.prune.pruner import PruneConfig
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: side-by-side measurements in one run.")
+
+
+@bench_app.command("latency")
+def bench_latency(
+    model: Annotated[str, typer.Option("--model", help="timm backbone name.")] = "efficientformerv2_s0",
+    img_size: Annotated[int, typer.Option("--img-size")] = 224,
+    batch: Annotated[int, typer.Option("--batch")] = 1,
+    repeats: Annotated[int, typer.Option(help="Interleaved repeats per variant (median reported).")] = 20,
+    trunk_stages: Annotated[int, typer.Option("--trunk-stages",
+                            help="Leading stages the shared-trunk tasks leave unadapted.")] = 3,
+    json_out: JsonOpt = False,
+) -> None:
+    """Plain vs unmerged vs merged (torch, ONNX, ORT adapters), shared trunk, task switching."""
+    from petah.bench.latency import run_latency
+
+    result = run_latency(model, img_size, batch, repeats, trunk_stages)
+    if json_out:
+        emit_json(result)
+        return
+    table = Table(title=f"{model} @ {img_size}px, batch {batch}, {result['threads']} threads: median of {repeats}")
+    table.add_column("variant")
+    table.add_column("ms", justify="right")
+    for key, value in result["latency_ms"].items():
+        table.add_row(key, f"{value:.2f}")
+    for key, value in result["switch_ms"].items():
+        table.add_row(f"switch: {key}", f"{value:.3f}")
+    for n, row in result["shared_trunk"].items():
+        if n != "stages":
+            table.add_row(f"{n} task(s): naive / shared trunk ({result['shared_trunk']['stages']} stages)",
+                          f"{row['naive_s']:.1f} / {row['shared_s']:.1f} ({row['speedup']:.2f}x)")
+    out.print(table)
+    out.print(", ".join(f"{k} = {v}" for k, v in result["ratios"].items()))
+
+
+@bench_app.command("prune")
+@config_options(PruneConfig, "config", only=("recover_epochs",), defaults={"recover_epochs": 3})
+def bench_prune(
+    output: Annotated[Path, typer.Option("--output", "-o",
+                      help="Folder for the JSON and the PNG plot.")] = Path("bench-prune"),
+    ratios: Annotated[str, typer.Option(help="Comma-separated pruning ratios (0 is always included).")] = "0,0.25,0.5",
+    backbone: Annotated[Path | None, typer.Option("--backbone", "-b",
+                        help="Backbone file (default: the demo's).")] = None,
+    repeats: Annotated[int, typer.Option(help="Interleaved ONNX Runtime repeats per ratio (median reported).")] = 50,
+    structural: Annotated[str, typer.Option(
+        help="Comma-separated timm models measured for size and latency only.")] = "efficientformer_l1",
+    quick: Annotated[bool, typer.Option("--quick",
+                     help="A smoke run: one task, a few steps, no recovery, no structural models.")] = False,
+    json_out: JsonOpt = False,
+    config: PruneConfig = None,
+) -> None:
+    """Pruning ratio vs params, MACs, bytes, ONNX Runtime latency and demo-task accuracy after adaptation."""
+    from petah.bench.prune import run_prune_bench
+    from petah.demo import DEMO_TASKS
+
+    try:
+        ratio_list = [float(r) for r in ratios.split(",") if r.strip()]
+    except ValueError:
+        raise PetahError(f"--ratios must be comma-separated numbers, got {ratios!r}") from None
+    if backbone is not None and not backbone.is_file():
+        raise PetahError(f"backbone file not found: {backbone}")
+    models = tuple(m for m in structural.split(",") if m.strip())
+    tasks, max_steps = DEMO_TASKS, None
+    if quick:
+        config = PruneConfig(recover_epochs=0, calibration_batches=1, batch_size=16)
+        tasks, max_steps, repeats, models = DEMO_TASKS[:1], 2, 5, ()
+    result = run_prune_bench(output, ratio_list, backbone, tasks, config, repeats, max_steps, models)
+    (output / "bench-prune.json").write_text(json.dumps(result, indent=2))
+    if json_out:
+        emit_json(result)
+        return
+    table = Table(title=f"{result['backbone']}, ONNX Runtime CPU, {result['threads']} threads, "
+                        f"median of {result['repeats']}")
+    for col in ("ratio", "params", "MACs", "bytes", "ms", "speedup", "mean score", "loss (pts)"):
+        table.add_column(col, justify="right")
+    for r in result["rows"]:
+        table.add_row(str(r["ratio"]), f"{r['params']:,}", f"{r['macs'] / 1e6:.1f} M", f"{r['backbone_bytes']:,}",
+                      f"{r['ort_ms']:.2f}", f"{r['speedup']:.2f}x", f"{r['mean_score']:.4f}", f"{r['loss_points']:.2f}")
+    out.print(table)
+    for order, row in result["orders"].items():
+        out.print(f"{order.replace('_', ' ')} at ratio {row['ratio']}: mean score {row['mean_score']:.4f}, "
+                  f"{row['stored_bytes']:,} bytes stored for {len(row['tasks'])} task(s)")
+    for name, rows in result["structural"].items():
+        out.print(f"{name}: " + "; ".join(f"ratio {r['ratio']}: {r['params']:,} params, {r['macs'] / 1e6:.0f} M MACs, "
+                                          f"{r['ort_ms']:.1f} ms ({r['speedup']:.2f}x)" for r in rows))
+    out.print(f"plot: {result['plot']}")
+
+
+@bench_app.command("methods")
+def bench_methods(
+    output: Annotated[Path, typer.Option("--output", "-o",
+                      help="Folder for JSON, markdown and PNG plots.")] = Path("bench-methods"),
+    backbone: Annotated[Path | None, typer.Option("--backbone", "-b",
+                        help="Main backbone file (default: the demo's).")] = None,
+    references: Annotated[str, typer.Option("--references", help="Comma-separated reference backbones the bench trains "
+                                                               "itself; 'default' (with --full: all), 'all' (adds "
+                                                               "efficientformer_l1) or 'none'.")] = "default",
+    sources: Annotated[Path | None, typer.Option("--sources", help="Folder caching the trained reference sources "
+                                                                       "(default: OUTPUT/sources).")] = None,
+    seeds: Annotated[int, typer.Option(help="Seeds per method and task on the main backbone.")] = 3,
+    full: Annotated[bool, typer.Option("--full", help="The whole grid: every backbone x every method x seeds, each "
+                                       "choosing its rate, bigger sources (a bigger machine's job).")] = False,
+    quick: Annotated[bool, typer.Option("--quick",
+                     help="A smoke run: one task, a few methods and steps, one tiny reference.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Adaptation methods side by side across backbones: accuracy, stored bytes, training speed, peak memory,
+    latency."""
+    from petah.bench.methods import markdown, plots, run_suite, suite
+    from petah.demo import demo_backbone_path
+
+    if backbone is not None and not backbone.is_file():
+        raise PetahError(f"backbone file not found: {backbone}")
+    if quick and full:
+        raise PetahError("--quick and --full exclude each other")
+    grids = suite("quick" if quick else "full" if full else "default", str(backbone or demo_backbone_path()),
+                  references, seeds)
+    result = run_suite(grids, sources or output / "sources")
+    output.mkdir(parents=True, exist_ok=True)
+    result["plots"] = [str(p) for p in plots(result, output)]
+    (output / "bench-methods.json").write_text(json.dumps(result, indent=1))
+    (output / "bench-methods.md").write_text(markdown(result))
+    if json_out:
+        emit_json(result)
+        return
+    out.print(markdown(result))
+    out.print(json.dumps({label: r["targets"] for label, r in result["backbones"].items()}, indent=1))

@@ -1,0 +1,180 @@
+"""The verbs that take tasks and backbones to a device: export, import-peft, prune."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from petah.cli.common import (
+    AdapterDtypeOpt,
+    BackboneOpt,
+    JsonOpt,
+    SizeOpt,
+    WeightsOpt,
+    backbone,
+    command_line,
+    config_options,
+    emit_json,
+    out,
+    package_intensity,
+)
+from petah.prune.pruner import PruneConfig
+
+
+def export(
+    packages: Annotated[list[Path], typer.Argument(help="One or more .petah task packages.")],
+    backbone_spec: BackboneOpt,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the ONNX files (<task>.onnx).")
+                      ] = Path("export"),
+    weights: WeightsOpt = "none",
+    img_size: SizeOpt = None,
+    parity_images: Annotated[list[Path] | None, typer.Option(
+        "--parity-image", help="Real images to check ONNX against PyTorch on (repeatable).")] = None,
+    ort_adapters: Annotated[bool, typer.Option(
+        "--ort-adapters", help="One base.onnx for all tasks + one ONNX Runtime adapter file per task.")] = False,
+    peft_dir: Annotated[Path | None, typer.Option(
+        "--peft", help="Write PEFT LoRA folders instead of ONNX: DIR for one package, DIR/<task> for several.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Export tasks: one merged ONNX model each, (--ort-adapters) one base + adapter files, or (--peft) PEFT
+    folders."""
+    from petah.data import Preprocess, load_image
+    from petah.export import export_base_and_adapters, export_merged
+
+    bb = backbone(backbone_spec, weights, img_size)
+    if peft_dir is not None:
+        _export_peft(bb, packages, peft_dir, json_out)
+        return
+    real = None
+    if parity_images:  # as the first package sees them (its intensity mode): parity compares ONNX and torch
+        mode = package_intensity(packages[0])  # on the same input, so one realistic input serves every task
+        real = Preprocess(bb.img_size, bb.mean, bb.std).batch([load_image(p, mode) for p in parity_images])
+    if ort_adapters:
+        result = export_base_and_adapters(bb, list(packages), output, real).to_dict()
+        if json_out:
+            emit_json(result)
+            return
+        table = Table(title=f"{result['base']} ({result['base_bytes']:,} bytes) + ONNX Runtime adapters")
+        for col in ("task", "adapter file", "bytes", "% of base", "max |onnx - torch|"):
+            table.add_column(col)
+        for r in result["tasks"]:
+            table.add_row(r["task"], r["adapter"], f"{r['adapter_bytes']:,}", f"{r['percent_of_base']:.2f}",
+                          f"{r['max_abs_error']:.2e}")
+        out.print(table)
+        return
+    results = [export_merged(bb, pkg, output / f"{pkg.stem}.onnx", real).to_dict() for pkg in packages]
+    if json_out:
+        emit_json({"exports": results})
+        return
+    table = Table(title=f"ONNX exports in {output}/ (opset 17, adapters merged)")
+    for col in ("task", "file", "bytes", "max |onnx - torch|"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r["task"], r["path"], f"{r['onnx_bytes']:,}", f"{r['max_abs_error']:.2e}")
+    out.print(table)
+
+
+def _export_peft(bb, packages: list[Path], folder: Path, json_out: bool) -> None:
+    from petah.export.peft_interop import export_peft_folders
+
+    results = export_peft_folders(bb, packages, folder)
+    if json_out:
+        emit_json({"exports": results})
+        return
+    table = Table(title="PEFT LoRA folders (load with PeftModel.from_pretrained on the timm model with its classifier)")
+    for col in ("task", "folder", "adapter_model.safetensors bytes", "max |peft - petah|"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r["task"], r["folder"], f"{r['files']['adapter_model.safetensors']:,}",
+                      f"{r['max_abs_error']:.2e}")
+    out.print(table)
+
+
+def import_peft_cmd(
+    folder: Annotated[Path, typer.Argument(help="A PEFT LoRA folder (adapter_config.json + "
+                                                "adapter_model.safetensors).")],
+    backbone_spec: BackboneOpt,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The .petah package to write.")],
+    weights: WeightsOpt = "none",
+    img_size: SizeOpt = None,
+    task: Annotated[str | None, typer.Option("--task", help="Task name (default: from the folder).")] = None,
+    labels: Annotated[str | None, typer.Option(
+        "--labels", help="Comma-separated class names (default: from the folder, else 0..N-1).")] = None,
+    adapter_dtype: AdapterDtypeOpt = "float16",
+    json_out: JsonOpt = False,
+) -> None:
+    """Turn a PEFT LoRA folder trained on the same timm backbone into a .petah package."""
+    from petah import api
+    from petah.export.peft_interop import import_peft
+    from petah.packages.format import write_package
+
+    api.check_writable(output)
+    bb = backbone(backbone_spec, weights, img_size)
+    names = [x.strip() for x in labels.split(",")] if labels else None
+    package, info = import_peft(bb, folder, task, names, adapter_dtype)
+    path = write_package(output, package)
+    info = {**info, "package": str(path), "package_bytes": path.stat().st_size}
+    if json_out:
+        emit_json(info)
+        return
+    out.print(f"[bold]{path}[/bold]: task {info['task']}, {info['lora_layers']} LoRA layers, "
+              f"{len(info['owned_modules'])} owned modules, {info['classes']} classes, "
+              f"{info['package_bytes']:,} bytes; "
+              f"max |petah - peft| {info['max_abs_error']:.2e}" + ("" if info["backbone_checked"] else
+              " (the folder names no backbone fingerprint: make sure it was trained on these weights)"))
+
+
+@config_options(PruneConfig, "config")
+def prune(
+    backbone_spec: BackboneOpt,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Pruned backbone file to write (.safetensors).")],
+    data: Annotated[list[str] | None, typer.Option(
+        "--data", help="Images of a task the backbone serves (any DATA form); repeat for several tasks.")] = None,
+    weights: WeightsOpt = "none",
+    img_size: SizeOpt = None,
+    json_out: JsonOpt = False,
+    config: PruneConfig = None,
+) -> None:
+    """Step 3: structurally prune the shared backbone (channels and heads) for the device; write a backbone file."""
+    from petah import api
+    from petah.data import load_dataset
+
+    api.check_writable(output)  # before the backbone and data load; api.prune_backbone checks all of output
+    bb = backbone(backbone_spec, weights, img_size)
+    datasets = [load_dataset(spec, seed=config.seed)[0] for spec in data or []]
+    _pruned, report = api.prune_backbone(bb, config=config, datasets=datasets, output=output, command=command_line())
+    info = api.inspect_backbone(output)
+    summary = {"backbone": str(output), **{k: info[k] for k in ("fingerprint", "params", "macs", "file_bytes")},
+               "base": report["base"], "heads_removed": sum(report["heads_removed"].values()),
+               "recovery": report["recovery"], "config": config.to_dict()}
+    if json_out:
+        emit_json(summary)
+        return
+    base = report["base"]
+    out.print(f"wrote {output}: {info['params']:,} parameters ({100 * info['params'] / base['params']:.1f} % of "
+              f"{bb.name}), {info['macs'] / 1e6:.1f} M MACs ({100 * info['macs'] / base['macs']:.1f} %), "
+              f"{summary['heads_removed']} heads removed, {info['file_bytes']:,} bytes")
+
+
+def upgrade(
+    package: Annotated[Path, typer.Argument(help="A .petah package (format 1 or 2).")],
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Where to write the upgraded package (default: replace PKG, atomically).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Rewrite a package in the current format (v2: the content hash covers manifest and tensors)."""
+    from petah.packages import FORMAT_VERSION, upgrade_package
+
+    path, was = upgrade_package(package, output)
+    summary = {"package": str(path), "from_version": was, "format_version": FORMAT_VERSION,
+               "package_bytes": path.stat().st_size}
+    if json_out:
+        emit_json(summary)
+        return
+    out.print(f"wrote {path}: format {was} -> {FORMAT_VERSION}, {summary['package_bytes']:,} bytes")
+
+
+COMMANDS = {"export": export, "import-peft": import_peft_cmd, "prune": prune, "upgrade": upgrade}

@@ -1,0 +1,68 @@
+"""Files petah writes: atomically (a reader never sees half a file, a failure leaves none behind),
+and only inside the folder they are meant for (names from packages are untrusted input)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from petah.errors import PetahError
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_image(image, path: Path) -> Path:
+    """A PIL image as PNG, written like every other file petah writes (temp file, then rename)."""
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def inside(folder: str | Path, *parts: str) -> Path:
+    """``folder / parts…``, refused unless it stays inside ``folder`` (no ``..``, no absolute part)."""
+    base = Path(folder).resolve()
+    path = base.joinpath(*parts).resolve()
+    if path == base or base not in path.parents:
+        raise PetahError(f"refusing to write {'/'.join(parts)!r}: it would leave the output folder {folder}")
+    return path
+
+
+@contextlib.contextmanager
+def staged_folder(output: str | Path) -> Iterator[Path]:
+    """Write a folder's files into a hidden sibling and move it into place only when all succeeded.
+
+    Files already in ``output`` that the new set does not replace are kept; on failure ``output``
+    is left exactly as it was and the partial files are removed.
+    """
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise PetahError(f"{output} exists and is not a folder")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        yield stage
+        output.mkdir(exist_ok=True)
+        for item in sorted(stage.iterdir()):
+            os.replace(item, output / item.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

@@ -1,0 +1,39 @@
+"""Config fields that carry their own help text and command-line name.
+
+The config dataclasses (``PlanConfig``, ``TrainConfig``, ``PruneConfig``) are the one place an
+option is defined: its default, its help, its ``--flag``. The CLI derives its options from them
+(``petah.cli.common.config_options``), so the two cannot drift apart. Low in the tree on purpose:
+it imports nothing from petah.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import MISSING, field, fields
+from typing import Any
+
+
+def option(default: Any = MISSING, *, help: str, cli: str | None = None, default_factory: Any = MISSING,
+           cli_type: Any = None, parse: Callable[[Any], Any] | None = None) -> Any:
+    """A dataclass field with CLI metadata.
+
+    ``cli``: the option's flag (e.g. ``"--batch-size"``); None keeps the field off the command line.
+    ``cli_type`` / ``parse``: when the command line spells the value differently from the field
+    (e.g. repeated ``STAGE=RANK`` strings for a dict), the type typer parses and how to convert it.
+    """
+    metadata = {"help": help, "cli": cli, "cli_type": cli_type, "parse": parse}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def flag(cls: type, name: str) -> str:
+    """How an error message names a field: its CLI flag where it has one (what CLI users typed),
+    else the field name (what API users typed)."""
+    for f in fields(cls):
+        if f.name == name:
+            return f.metadata.get("cli") or name
+    raise KeyError(name)
+
+
+__all__ = ["flag", "option"]

@@ -1,0 +1,175 @@
+"""Packages meet models: build a package from a trained adapter + head, open one for a backbone
+(read, verify, check the backbone), and attach it (adapters, owned tensors, head).
+
+Used by the build side (api, export, bench) and the device side (runtime) alike; it imports
+nothing from the training stack.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from petah.adapters import TaskAdapter
+from petah.adapters.model import ADAPTER
+from petah.backbones import Backbone, build_plain, fingerprint
+from petah.data import Preprocess
+from petah.errors import PetahError
+from petah.packages.format import TaskPackage, pack_tensors, read_package
+from petah.packages.manifest import BackboneRef, Manifest, PlanRecord, TaskInfo, check_task_name
+from petah.tasks import Classification, task_kind
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def now_utc() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def backbone_ref(backbone: Backbone) -> BackboneRef:
+    return BackboneRef(backbone.name, backbone.img_size, backbone.fingerprint, int(backbone.weights_bytes or 0),
+                       bool(backbone.pruned))
+
+
+def build_package(backbone: Backbone, adapter: TaskAdapter, head: nn.Module, *, task_name: str, labels: list[str],
+                  kind=Classification, adapter_dtype: str = "float16", **fields) -> TaskPackage:
+    """A task package from a trained (or given) adapter and head; ``fields``: the manifest's
+    optional fields (metrics, training, trainable_parameters, preprocessing, created_at)."""
+    if adapter_dtype not in DTYPES:
+        raise PetahError(f"adapter dtype must be one of {', '.join(DTYPES)}, got {adapter_dtype!r}")
+    tensors = pack_tensors(adapter.adapter_state(), adapter.override_state(), head.state_dict(), DTYPES[adapter_dtype])
+    manifest = Manifest(
+        task=TaskInfo(check_task_name(task_name), kind.kind, tuple(labels)),
+        backbone=backbone_ref(backbone),
+        preprocessing=fields.pop("preprocessing", backbone.preprocessing()),
+        plan=PlanRecord(adapter.config.to_dict(), tuple(adapter.targets), tuple(adapter.override_keys)),
+        head={**kind.head_manifest(head), "tensors": sorted(head.state_dict())},
+        adapter_dtype=adapter_dtype,
+        created_at=fields.pop("created_at", now_utc()),
+        **fields,
+    )
+    return TaskPackage(manifest, tensors)
+
+
+def check_backbone(manifest: Manifest, backbone: Backbone, origin: str = "package") -> None:
+    """Refuse a package trained on another backbone, naming both."""
+    want = manifest.backbone
+    if (want.name, want.img_size, want.fingerprint) != (backbone.name, backbone.img_size, backbone.fingerprint):
+        raise PetahError(f"{origin} was trained on {want.describe()}, but the backbone is {backbone.describe()}")
+
+
+def open_package(package: TaskPackage | str | Path, backbone: Backbone) -> tuple[TaskPackage, str]:
+    """Read and verify a package (unless already read) and check it fits ``backbone``; returns it and
+    the name errors use for it."""
+    if isinstance(package, TaskPackage):
+        origin = f"package {package.task_name}"
+    else:
+        origin = f"package {package}"
+        package = read_package(package)
+    check_backbone(package.manifest, backbone, origin)
+    return package, origin
+
+
+def attach_package(backbone: Backbone, package: TaskPackage, origin: str,
+                   name: str = ADAPTER) -> tuple[TaskAdapter, nn.Module]:
+    """Add a package's adapters (as adapter ``name``) to ``backbone.model`` in place; build its head."""
+    manifest = package.manifest
+    kind = task_kind(manifest.task.kind)
+    try:
+        adapter = TaskAdapter(backbone, manifest.plan.plan_config(), targets=list(manifest.plan.targets), name=name)
+    except (AttributeError, ValueError) as exc:
+        raise PetahError(f"{origin} names layers this backbone lacks: {exc}") from exc
+    try:
+        adapter.load_state(package.section("adapter"), package.section("override"))
+    except PetahError as exc:
+        raise PetahError(f"{origin}: {exc}") from exc
+    try:
+        head = kind.head_from_manifest(manifest.head)
+        head.load_state_dict(package.section("head"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PetahError(f"{origin}: the head description is invalid ({type(exc).__name__}: {exc})") from exc
+    except RuntimeError as exc:
+        raise PetahError(f"{origin}: head tensors do not fit: {str(exc).splitlines()[0]}") from exc
+    return adapter, head.eval()
+
+
+@dataclass
+class LoadedTask:
+    manifest: Manifest
+    model: nn.Module
+    adapter: TaskAdapter
+    preprocess: Preprocess
+
+    @property
+    def classes(self) -> list[str]:
+        return self.manifest.labels
+
+    @property
+    def name(self) -> str:
+        return self.manifest.task.name
+
+    @property
+    def kind(self):
+        return task_kind(self.manifest.task.kind)
+
+
+def load_task(backbone: Backbone, package: TaskPackage | str | Path) -> LoadedTask:
+    """Attach a package to a copy of ``backbone`` (refused unless it was trained on it)."""
+    package, origin = open_package(package, backbone)
+    manifest = package.manifest
+    work = replace(backbone, model=copy.deepcopy(backbone.model))
+    adapter, head = attach_package(work, package, origin)
+    model = task_kind(manifest.task.kind).build_model(work.model, head).eval()
+    return LoadedTask(manifest, model, adapter, Preprocess.from_dict(manifest.preprocessing))
+
+
+def merged_backbone(backbone: Backbone, package: TaskPackage | str | Path) -> tuple[Backbone, LoadedTask]:
+    """The task's adapters folded into a plain copy of the backbone: a task-specific backbone
+    (its own fingerprint), e.g. to prune per task after adapting."""
+    task = load_task(backbone, package)
+    task.adapter.merge()
+    plain = build_plain(backbone, task.adapter.backbone_weights())
+    merged = replace(backbone, model=plain, fingerprint=fingerprint(plain),
+                     source={**backbone.source, "merged_task": task.name})
+    return merged, task
+
+
+def describe_package(path: str | Path) -> dict:
+    """Manifest summary and sizes of a package file (verified as on load)."""
+    path = Path(path)
+    package = read_package(path)
+    manifest = package.manifest
+    package_bytes = path.stat().st_size
+    backbone_bytes = manifest.backbone.weights_bytes
+    sections = {
+        name: {"tensors": len(part), "parameters": sum(t.numel() for t in part.values()),
+               "bytes": sum(t.numel() * t.element_size() for t in part.values())}
+        for name in ("adapter", "override", "head")
+        for part in [package.section(name)]
+    }
+    return {
+        "package": str(path),
+        "package_bytes": package_bytes,
+        "backbone_bytes": backbone_bytes,
+        "ratio": round(package_bytes / backbone_bytes, 6) if backbone_bytes else None,
+        "backbone": manifest.backbone.name,
+        "img_size": manifest.backbone.img_size,
+        "fingerprint": manifest.backbone.fingerprint,
+        "plan": manifest.plan.config,
+        "adapted_layers": len(manifest.plan.targets),
+        "task": manifest.task.to_dict(),
+        "metrics": {k: v for k, v in manifest.metrics.items() if k in ("accuracy", "mIoU", "mAP", "mAP50", "samples")},
+        "sections": sections,
+        "adapter_dtype": manifest.adapter_dtype,
+        "format_version": manifest.format_version,
+        "content_sha256": manifest.content_sha256,
+        "signed": bool(package.signature),
+        "petah_version": manifest.petah_version,
+        "created_at": manifest.created_at,
+        "training": manifest.training,
+    }

@@ -1,0 +1,263 @@
+"""The package manifest, typed: what a ``.petah`` file records about its task, validated on read.
+
+Everything in a manifest is untrusted input (a package may come from anywhere): ``Manifest.from_dict``
+checks the structure, the types and the cross-field facts (labels vs head outputs, task names
+that are safe as file names) and names the file in a one-line error. ``docs/format.md`` is the
+reference for third-party readers; the field names here are that contract.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from petah import __version__
+from petah.errors import PetahError
+from petah.plans import CHANNEL_SCALE, LORA, PlanConfig, Target
+
+FORMAT = "petah-task"
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+HASH_FIELD = "content_sha256"  # v2: covers the manifest (all but this field) and the tensors
+V1_HASH_FIELD = "payload_sha256"  # v1: covered the tensors only
+# A task name becomes a file or folder name on export and on the device: one safe path component.
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+MAX_LABELS = 100_000
+MAX_LABEL_CHARS = 200
+METHODS = (LORA, CHANNEL_SCALE)
+ADAPTER_DTYPES = ("float16", "bfloat16", "float32")  # how adapter tensors may be stored
+CORE_FIELDS = ("format", "format_version", "petah_version", "task", "backbone", "preprocessing", "plan", "head",
+               "adapter_dtype", "trainable_parameters", "metrics", "training", "created_at", HASH_FIELD, V1_HASH_FIELD)
+
+
+def canonical_json(value: Any) -> bytes:
+    """The one byte form that is hashed: keys sorted, no whitespace, UTF-8, no NaN / Infinity."""
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    except ValueError as exc:
+        raise PetahError(f"a manifest value cannot be stored: {exc}") from exc
+
+
+def check_task_name(name: object, origin: str = "task") -> str:
+    if not isinstance(name, str) or TASK_NAME.fullmatch(name) is None:
+        raise PetahError(f"{origin}: task name {name!r} is not allowed; use 1-64 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    return name
+
+
+class _Fields:
+    """Typed access to one JSON object of the manifest, with one-line errors naming the file and field."""
+
+    def __init__(self, data: object, where: str, origin: str):
+        if not isinstance(data, dict):
+            raise PetahError(f"{origin}: manifest {where or 'root'} must be a JSON object, got {type(data).__name__}")
+        self.data, self.where, self.origin = data, where, origin
+
+    def fail(self, key: str, want: str) -> PetahError:
+        return PetahError(f"{self.origin}: manifest field {self.where}{'.' if self.where else ''}{key} must be {want}")
+
+    def get(self, key: str, kind: type | tuple[type, ...], want: str, default: Any = ...) -> Any:
+        if key not in self.data:
+            if default is ...:
+                raise PetahError(f"{self.origin}: manifest field {self.where}{'.' if self.where else ''}{key} is missing")
+            return default
+        value = self.data[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
+            raise self.fail(key, want)
+        return value
+
+    def text(self, key: str, default: Any = ...) -> str:
+        return self.get(key, str, "a string", default)
+
+    def count(self, key: str, default: Any = ..., minimum: int = 0) -> int:
+        value = self.get(key, int, f"an integer >= {minimum}", default)
+        if value < minimum:
+            raise self.fail(key, f"an integer >= {minimum}")
+        return value
+
+    def obj(self, key: str, default: Any = ...) -> dict:
+        return self.get(key, dict, "a JSON object", default)
+
+    def strings(self, key: str, limit: int, chars: int) -> list[str]:
+        values = self.get(key, list, "a list of strings")
+        if len(values) > limit or not all(isinstance(v, str) and 0 < len(v) <= chars for v in values):
+            raise self.fail(key, f"a list of at most {limit:,} non-empty strings of at most {chars} characters")
+        return values
+
+    def nested(self, key: str) -> _Fields:
+        return _Fields(self.get(key, dict, "a JSON object"), f"{self.where}{'.' if self.where else ''}{key}", self.origin)
+
+
+def _choice(fields: _Fields, key: str, choices: tuple[str, ...], default: str) -> str:
+    value = fields.text(key, default)
+    if value not in choices:
+        raise fields.fail(key, f"one of {', '.join(choices)}")
+    return value
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    name: str
+    kind: str
+    labels: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "labels": list(self.labels)}
+
+
+@dataclass(frozen=True)
+class BackboneRef:
+    """The backbone a package was trained on: name, input size and weight fingerprint."""
+
+    name: str
+    img_size: int
+    fingerprint: str
+    weights_bytes: int = 0
+    pruned: bool = False
+
+    def describe(self) -> str:
+        return f"{'pruned ' if self.pruned else ''}{self.name}@{self.img_size}px (fingerprint {self.fingerprint[:12]})"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "img_size": self.img_size, "fingerprint": self.fingerprint,
+                "weights_bytes": self.weights_bytes, "pruned": self.pruned}
+
+
+@dataclass(frozen=True)
+class PlanRecord:
+    """The plan's recipe and its resolved layers: ``targets`` are stable ``[module, method, rank]`` triples."""
+
+    config: dict
+    targets: tuple[Target, ...]
+    overrides: tuple[str, ...]
+
+    def plan_config(self) -> PlanConfig:
+        return PlanConfig.from_dict(self.config)
+
+    def to_dict(self) -> dict:
+        return {"config": self.config, "targets": [[t.module, t.method, t.rank] for t in self.targets],
+                "overrides": list(self.overrides)}
+
+
+@dataclass
+class Manifest:
+    task: TaskInfo
+    backbone: BackboneRef
+    preprocessing: dict
+    plan: PlanRecord
+    head: dict  # the task kind's head description (kind-specific keys) + "tensors"
+    adapter_dtype: str = "float32"
+    trainable_parameters: int = 0
+    metrics: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+    created_at: str | None = None
+    petah_version: str = __version__
+    format_version: int = FORMAT_VERSION
+    content_sha256: str | None = None
+    extra: dict = field(default_factory=dict)  # fields this petah does not know: kept (and hashed) as they are
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.task.labels)
+
+    def tensor_names(self) -> set[str]:
+        """Every tensor the package must hold for this manifest."""
+        names = set()
+        for target in self.plan.targets:
+            suffixes = ("lora_A", "lora_B") if target.method == LORA else ("scale_delta",)
+            names |= {f"adapter/{target.module}.{s}" for s in suffixes}
+        names |= {f"override/{k}" for k in self.plan.overrides}
+        names |= {f"head/{k}" for k in self.head["tensors"]}
+        return names
+
+    def to_dict(self, with_hash: bool = True) -> dict:
+        data = {
+            **self.extra,
+            "format": FORMAT, "format_version": self.format_version, "petah_version": self.petah_version,
+            "task": self.task.to_dict(), "backbone": self.backbone.to_dict(), "preprocessing": self.preprocessing,
+            "plan": self.plan.to_dict(), "head": self.head, "adapter_dtype": self.adapter_dtype,
+            "trainable_parameters": self.trainable_parameters, "metrics": self.metrics, "training": self.training,
+            "created_at": self.created_at,
+        }
+        if with_hash and self.content_sha256 is not None:
+            data[HASH_FIELD] = self.content_sha256
+        return data
+
+    @classmethod
+    def from_dict(cls, data: object, origin: str = "package") -> Manifest:
+        """Validate an untrusted manifest (v1 or v2) and type it; a one-line PetahError names what is wrong."""
+        from petah.data import Preprocess
+        from petah.tasks import TASK_KINDS
+
+        root = _Fields(data, "", origin)
+        version = root.data.get("format_version")
+        if version not in READABLE_VERSIONS or isinstance(version, bool):
+            raise PetahError(f"{origin}: unknown package format version {version!r} "
+                             f"(this petah reads {', '.join(map(str, READABLE_VERSIONS))})")
+        task_fields = root.nested("task")
+        kind = task_fields.text("kind")
+        if kind not in TASK_KINDS:
+            raise task_fields.fail("kind", f"one of {', '.join(TASK_KINDS)}")
+        task = TaskInfo(check_task_name(task_fields.text("name"), origin), kind,
+                        tuple(task_fields.strings("labels", MAX_LABELS, MAX_LABEL_CHARS)))
+
+        bb = root.nested("backbone")
+        fingerprint = bb.text("fingerprint")
+        if re.fullmatch(r"[0-9a-f]{64}", fingerprint) is None:
+            raise bb.fail("fingerprint", "a sha256 in hex")
+        backbone = BackboneRef(bb.text("name"), bb.count("img_size", minimum=1), fingerprint,
+                               bb.count("weights_bytes", default=0), bb.get("pruned", bool, "true or false", False))
+
+        preprocessing = root.obj("preprocessing")
+        try:
+            pre = Preprocess.from_dict(preprocessing)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise root.fail("preprocessing", f"img_size, mean and std ({type(exc).__name__}: {exc})") from None
+        if pre.img_size != backbone.img_size or len(pre.mean) != 3 or len(pre.std) != 3 or \
+                not all(math.isfinite(s) and s > 0 for s in pre.std):
+            raise root.fail("preprocessing", "the backbone's img_size with 3 means and 3 positive stds")
+
+        plan_fields = root.nested("plan")
+        config = plan_fields.obj("config")
+        try:
+            PlanConfig.from_dict(config)
+        except (PetahError, TypeError, ValueError) as exc:
+            raise plan_fields.fail("config", f"a valid plan ({str(exc).splitlines()[0]})") from None
+        targets = []
+        for item in plan_fields.get("targets", list, "a list of [module, method, rank] triples"):
+            if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+                    and MODULE_NAME.fullmatch(item[0]) and item[1] in METHODS
+                    and isinstance(item[2], int) and not isinstance(item[2], bool) and item[2] >= 0):
+                raise plan_fields.fail("targets", f"[module, method ({' | '.join(METHODS)}), rank >= 0] triples, "
+                                                  f"got {json.dumps(item)[:80]}")
+            targets.append(Target(item[0], item[1], item[2]))
+        overrides = plan_fields.strings("overrides", 100_000, 300)
+        if len({t.module for t in targets}) != len(targets):
+            raise plan_fields.fail("targets", "one triple per module")
+
+        head = root.obj("head")
+        head_fields = _Fields(head, "head", origin)
+        head_fields.strings("tensors", 1_000, 300)
+        outputs = head_fields.count("out_features", minimum=1)
+        if outputs != len(task.labels):
+            raise PetahError(f"{origin}: the manifest names {len(task.labels)} label(s) for a head of {outputs} outputs")
+
+        known = {k: v for k, v in root.data.items() if k not in CORE_FIELDS}
+        return cls(
+            task=task, backbone=backbone, preprocessing=preprocessing,
+            plan=PlanRecord(config, tuple(targets), tuple(overrides)), head=head,
+            adapter_dtype=_choice(root, "adapter_dtype", ADAPTER_DTYPES, "float32"),
+            trainable_parameters=root.count("trainable_parameters", default=0),
+            metrics=root.obj("metrics", {}), training=root.obj("training", {}),
+            created_at=root.get("created_at", (str, type(None)), "a string", None),
+            petah_version=root.text("petah_version", "unknown"), format_version=version,
+            content_sha256=root.get(HASH_FIELD, str, "a sha256 in hex", None), extra=known,
+        )
