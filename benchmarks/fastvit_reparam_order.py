@@ -45,7 +45,8 @@ def main() -> None:
     template = create_backbone(args.model, args.img_size)
     backbones = {
         "reparameterize, then adapt (petah)": replace(template, model=reparam, fingerprint=fingerprint(reparam)),
-        "adapt branches, merge, then reparameterize": replace(template, model=branches, fingerprint=fingerprint(branches)),
+        "adapt branches, merge, then reparameterize": replace(template, model=branches,
+                                                              fingerprint=fingerprint(branches)),
     }
     train, val = load_dataset(args.data, None, 0)
     rows = {}

@@ -37,7 +37,8 @@ def _adapt(backbone, task, plan: PlanConfig, dtype="float16", max_steps=None):
     result = api.adapt(backbone, train, val, plan=plan, config=config, task_name=task.name, adapter_dtype=dtype)
     with tempfile.TemporaryDirectory() as tmp:
         size = api.save_package(result, Path(tmp) / "p.petah").stat().st_size
-    return {"accuracy": result.metrics["accuracy"], "package_bytes": size, "train_seconds": round(result.train.seconds, 1)}
+    return {"accuracy": result.metrics["accuracy"], "package_bytes": size,
+            "train_seconds": round(result.train.seconds, 1)}
 
 
 def task_norm_and_dtype(max_steps):
@@ -45,20 +46,24 @@ def task_norm_and_dtype(max_steps):
     norms, dtypes = [], []
     for task in DEMO_TASKS:
         for norm in ("none", "affine", "stats"):
-            norms.append({"task": task.name, "task_norm": norm, **_adapt(backbone, task, PlanConfig(task_norm=norm), max_steps=max_steps)})
+            norms.append({"task": task.name, "task_norm": norm,
+                          **_adapt(backbone, task, PlanConfig(task_norm=norm), max_steps=max_steps)})
             print(norms[-1], file=sys.stderr)
         for dtype in ("float32", "float16"):
-            dtypes.append({"task": task.name, "adapter_dtype": dtype, **_adapt(backbone, task, PlanConfig(), dtype, max_steps)})
+            dtypes.append({"task": task.name, "adapter_dtype": dtype,
+                           **_adapt(backbone, task, PlanConfig(), dtype, max_steps)})
             print(dtypes[-1], file=sys.stderr)
     return norms, dtypes
 
 
 def ratios():
     rows = []
-    data = LabeledImages([torch.zeros(3, 8, 8, dtype=torch.uint8)] * 20, torch.arange(20) % 10, [str(i) for i in range(10)], "blank")
+    data = LabeledImages([torch.zeros(3, 8, 8, dtype=torch.uint8)] * 20, torch.arange(20) % 10,
+                         [str(i) for i in range(10)], "blank")
     train, val = data.split(0.5)
-    for name, size, rank in [("efficientformerv2_s0", 64, 4), ("efficientformerv2_s0", 64, 8), ("efficientformerv2_s0", 224, 4),
-                             ("efficientformerv2_s0", 224, 8), ("efficientformer_l1", 224, 4), ("efficientformer_l1", 224, 8)]:
+    for name, size, rank in [("efficientformerv2_s0", 64, 4), ("efficientformerv2_s0", 64, 8),
+                             ("efficientformerv2_s0", 224, 4), ("efficientformerv2_s0", 224, 8),
+                             ("efficientformer_l1", 224, 4), ("efficientformer_l1", 224, 8)]:
         backbone = create_backbone(name, size)
         result = api.adapt(backbone, train, val, plan=PlanConfig(rank=rank), config=TrainConfig(max_steps=1,
                            batch_size=4))

@@ -33,7 +33,8 @@ CLI_ENV = {**os.environ, "PETAH_NO_PROGRESS": "1"}
 
 def petah_process(*args, ok=True):
     """The CLI as a user runs it: a real process (exit codes, stderr and stdout as they are)."""
-    proc = subprocess.run([sys.executable, "-m", "petah", *map(str, args)], capture_output=True, text=True, env=CLI_ENV, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "petah", *map(str, args)], capture_output=True,
+                          text=True, env=CLI_ENV, timeout=600)
     if ok:
         assert proc.returncode == 0, proc.stderr
     return proc

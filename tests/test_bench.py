@@ -16,7 +16,8 @@ def test_bench_latency_reports_every_variant():
     assert set(result["shared_trunk"]) == {"stages", "1", "2", "3", "4"}
     memory = result["resident_bytes_by_tasks"]
     assert memory["0"] < memory["1"] < memory["4"] < memory["0"] * 1.5  # tasks add small diffs, not copies
-    assert set(result["switch_ms"]) == {"unmerged swap", "merged swap (unmerge + merge)", "reload a full fine-tuned model"}
+    assert set(result["switch_ms"]) == {
+        "unmerged swap", "merged swap (unmerge + merge)", "reload a full fine-tuned model"}
 
 
 def test_methods_pareto_front_and_targets_from_a_table():
@@ -28,9 +29,11 @@ def test_methods_pareto_front_and_targets_from_a_table():
         return {"test_mean": acc, "stored_bytes": stored, "step_seconds": step, "peak_rss_bytes": rss,
                 "train_rss_rise_bytes": rss / 2}
 
-    table = {"a": {"full": row(0.90, 1000, 1.0, 100), "attn-lora": row(0.80, 20, 0.5, 60), "petah-r8": row(0.895, 25, 0.5, 60),
-                   "petah-r2": row(0.85, 10, 0.4, 55), "peft-by-hand": row(0.88, 40, 0.7, 65)},
-             "b": {"full": row(0.90, 1000, 1.0, 100), "attn-lora": row(0.86, 20, 0.5, 60), "petah-r8": row(0.80, 25, 0.5, 60)}}
+    table = {"a": {"full": row(0.90, 1000, 1.0, 100), "attn-lora": row(0.80, 20, 0.5, 60),
+                   "petah-r8": row(0.895, 25, 0.5, 60), "petah-r2": row(0.85, 10, 0.4, 55),
+                   "peft-by-hand": row(0.88, 40, 0.7, 65)},
+             "b": {"full": row(0.90, 1000, 1.0, 100), "attn-lora": row(0.86, 20, 0.5, 60),
+                   "petah-r8": row(0.80, 25, 0.5, 60)}}
     found = targets(table)
     near = {r["task"]: r for r in found["petah_within_1pt_of_full_at_3pct_bytes"]}
     assert near["a"]["method"] == "petah-r8" and near["a"]["within_1_point"] and near["a"]["gap_points"] == 0.5
@@ -38,7 +41,8 @@ def test_methods_pareto_front_and_targets_from_a_table():
     beats = {r["task"]: r for r in found["petah_vs_attn_lora_at_equal_or_fewer_bytes"]}
     assert beats["a"]["method"] == "petah-r2" and beats["a"]["margin_points"] == 5.0
     # no petah run as small as attn-lora there: the smallest one is reported with its size
-    assert beats["b"]["method"] == "petah-r8" and beats["b"]["bytes_vs_attn_lora"] == 1.25 and beats["b"]["margin_points"] == -6.0
+    assert beats["b"]["method"] == "petah-r8" and beats["b"]["bytes_vs_attn_lora"] == 1.25
+    assert beats["b"]["margin_points"] == -6.0
     speed = {r["task"]: r for r in found["training_speed"]}
     assert speed["a"]["step_vs_full"] == 0.5 and speed["a"]["step_vs_peft_by_hand"] == round(0.5 / 0.7, 3)
     assert speed["a"]["training_rss_rise_vs_full"] == 0.6 and speed["a"]["peft_by_hand_rss_rise_vs_full"] == 0.65
@@ -50,17 +54,22 @@ def test_bench_methods_quick(tmp_path):
     main, reference = report["backbones"]["efficientformerv2_s0@64px"], report["backbones"]["mobilenetv2_100@32px"]
     rows = main["table"]["digits"]
     assert set(rows) == {"linear-probe", "attn-lora", "peft-by-hand", "petah-r8", "full"}
-    assert rows["linear-probe"]["trainable_params"] < rows["petah-r8"]["trainable_params"] < rows["full"]["trainable_params"]
+    assert (rows["linear-probe"]["trainable_params"] < rows["petah-r8"]["trainable_params"]
+            < rows["full"]["trainable_params"])
     assert rows["petah-r8"]["stored_bytes"] < 0.2 * rows["full"]["stored_bytes"]
-    assert all(r["peak_rss_bytes"] > 50 * 2**20 and r["train_peak_rss_bytes"] <= r["peak_rss_bytes"] and r["train_rss_rise_bytes"] > 0
-               and r["images_per_second"] > 0 and r["latency_ms"] > 0 for r in rows.values())
+    assert all(r["peak_rss_bytes"] > 50 * 2**20 and r["train_peak_rss_bytes"] <= r["peak_rss_bytes"]
+               and r["train_rss_rise_bytes"] > 0 and r["images_per_second"] > 0 and r["latency_ms"] > 0
+               for r in rows.values())
     assert len(main["runs"]) == 5 and all(r["max_steps"] == 3 for r in main["runs"])
     # the reference backbone was trained by the bench first; MobileNetV2 has no attention, so no attn-lora
     assert main["source"] is None and reference["source"]["source"]["model"] == "mobilenetv2_100"
-    assert Path(reference["source"]["path"]).parent == tmp_path / "sources" and Path(reference["source"]["path"]).is_file()
-    assert reference["skipped"] == ["attn-lora"] and set(reference["table"]["digits"]) == {"linear-probe", "petah-r4", "full"}
+    assert Path(reference["source"]["path"]).parent == tmp_path / "sources"
+    assert Path(reference["source"]["path"]).is_file()
+    assert reference["skipped"] == ["attn-lora"]
+    assert set(reference["table"]["digits"]) == {"linear-probe", "petah-r4", "full"}
     text = (tmp_path / "bench-methods.md").read_text()
-    assert text.count("| digits |") == 8 and "| mobilenetv2_100@32px |" in text and "Not run (no attention layers): attn-lora" in text
+    assert text.count("| digits |") == 8 and "| mobilenetv2_100@32px |" in text
+    assert "Not run (no attention layers): attn-lora" in text
     assert all(Path(p).stat().st_size > 1000 for p in report["plots"])
 
 
@@ -72,12 +81,15 @@ def test_bench_methods_suites():
 
     default = suite("default", "main.safetensors")
     assert default[0].backbone == "main.safetensors" and default[0].methods == tuple(METHODS) and default[0].seeds == 3
-    assert [g.source.model for g in default[1:]] == list(DEFAULT_REFERENCES) and "efficientformer_l1" not in DEFAULT_REFERENCES
-    assert all(g.backbone is None and g.methods == REFERENCE_METHODS and g.seeds == 1 and g.choose_rate for g in default[1:])
+    assert [g.source.model for g in default[1:]] == list(DEFAULT_REFERENCES)
+    assert "efficientformer_l1" not in DEFAULT_REFERENCES
+    assert all(g.backbone is None and g.methods == REFERENCE_METHODS and g.seeds == 1 and g.choose_rate
+               for g in default[1:])
     assert [g.source.model for g in suite("default", "m", "all")[1:]] == list(REFERENCES)
     full = suite("full", "main.safetensors", "fastvit_sa12", seeds=2)
     assert len(full) == 2 and full[1].choose_rate and full[1].seeds == 2 and "peft-by-hand" not in full[1].methods
-    assert full[1].source.images == FULL_SOURCE["images"] and full[1].source.img_size == 64 and full[1].shots == (10, 50, 100, None)
+    assert full[1].source.images == FULL_SOURCE["images"] and full[1].source.img_size == 64
+    assert full[1].shots == (10, 50, 100, None)
     assert [g.source.model for g in suite("full", "m")[1:]] == list(REFERENCES)  # --full includes efficientformer_l1
     assert len(suite("default", "m", "none")) == 1
     with pytest.raises(PetahError, match="unknown reference backbone 'resnet50'"):

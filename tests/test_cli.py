@@ -21,12 +21,14 @@ def workspace(tmp_path_factory):
     package = root / "shapes.petah"
     adapted = one_json(petah("adapt", folder, "-b", backbone, "-o", package, "--val-split", "0.25", "--max-steps", "2",
                              "--batch-size", "8", "--confusion-png", root / "cm.png", "--json"))
-    return {"root": root, "folder": folder, "backbone": backbone, "package": package, "prepared": prepared, "adapted": adapted}
+    return {"root": root, "folder": folder, "backbone": backbone, "package": package,
+            "prepared": prepared, "adapted": adapted}
 
 
 def test_prepare_and_adapt_json(workspace):
     prepared, adapted = workspace["prepared"], workspace["adapted"]
-    assert prepared["backbone"] == "efficientformerv2_s0" and prepared["img_size"] == 32 and len(prepared["fingerprint"]) == 64
+    assert prepared["backbone"] == "efficientformerv2_s0" and prepared["img_size"] == 32
+    assert len(prepared["fingerprint"]) == 64
     # the documented contract of `adapt --json` (docs/format.md), and the numbers are the package's own
     assert set(adapted) >= {"package", "task", "kind", "plan", "accuracy", "metrics", "package_bytes", "backbone_bytes",
                             "train_seconds"}
@@ -46,7 +48,8 @@ def test_inspect_json(workspace):
 
 
 def test_eval_and_predict_json(workspace):
-    report = one_json(petah("eval", workspace["package"], workspace["folder"], "-b", workspace["backbone"], "--val-split", "0.25", "--json"))
+    report = one_json(petah("eval", workspace["package"], workspace["folder"], "-b", workspace["backbone"],
+                            "--val-split", "0.25", "--json"))
     assert report["metrics"]["accuracy"] == workspace["adapted"]["accuracy"]
     image = next((workspace["folder"] / "square").iterdir())
     result = one_json(petah("predict", image, image, "-b", workspace["backbone"], "-p", workspace["package"], "--json"))
@@ -80,7 +83,8 @@ def test_corrupt_package_is_refused(workspace, tmp_path):
 def test_unreadable_image_is_reported(workspace, tmp_path):
     bad = tmp_path / "oops.jpg"
     bad.write_text("nope")
-    _assert_one_line_error(petah("predict", bad, "-b", workspace["backbone"], "-p", workspace["package"], ok=False), "oops.jpg")
+    failed = petah("predict", bad, "-b", workspace["backbone"], "-p", workspace["package"], ok=False)
+    _assert_one_line_error(failed, "oops.jpg")
 
 
 def test_attn_lora_on_a_cnn_is_an_error(workspace, tmp_path):
@@ -131,15 +135,18 @@ def test_predict_jsonl_over_a_folder_keeps_going_past_bad_files(workspace, tmp_p
 
 
 def test_export_peft_and_import_peft(workspace, tmp_path):
-    exported = one_json(petah("export", workspace["package"], "-b", workspace["backbone"], "--peft", tmp_path / "peft", "--json"))
+    exported = one_json(petah("export", workspace["package"], "-b", workspace["backbone"],
+                              "--peft", tmp_path / "peft", "--json"))
     assert exported["exports"][0]["max_abs_error"] < 1e-4
-    imported = one_json(petah("import-peft", tmp_path / "peft", "-b", workspace["backbone"], "-o", tmp_path / "back.petah", "--json"))
+    imported = one_json(petah("import-peft", tmp_path / "peft", "-b", workspace["backbone"],
+                              "-o", tmp_path / "back.petah", "--json"))
     assert imported["backbone_checked"] and imported["max_abs_error"] < 1e-2  # adapters stored in float16
     original = one_json(petah("inspect", workspace["package"], "--json"))
     shown = one_json(petah("inspect", tmp_path / "back.petah", "--json"))
     assert shown["task"] == original["task"] and shown["fingerprint"] == original["fingerprint"]
     bad = petah("import-peft", tmp_path, "-b", workspace["backbone"], "-o", tmp_path / "x.petah", ok=False)
-    assert bad.returncode == 2 and "adapter_config.json is missing" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert bad.returncode == 2 and "adapter_config.json is missing" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.petah").exists()
 
 

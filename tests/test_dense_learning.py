@@ -12,7 +12,8 @@ from test_segmentation import _write_mask_folder
 
 CASES = {
     # kind: (folder writer, input size, metric, floor, margin over untrained, training)
-    "segmentation": (_write_mask_folder, 32, "mIoU", 0.7, 0.25, TrainConfig(epochs=12, batch_size=6, lr=3e-3, head_lr=1e-2)),
+    "segmentation": (_write_mask_folder, 32, "mIoU", 0.7, 0.25,
+                     TrainConfig(epochs=12, batch_size=6, lr=3e-3, head_lr=1e-2)),
     "detection": (_write_coco, 64, "mAP50", 0.5, 0.4, TrainConfig(epochs=40, batch_size=6, lr=2e-3, head_lr=1e-2)),
 }
 
@@ -24,4 +25,5 @@ def test_a_short_run_learns_far_above_an_untrained_head(kind, tmp_path):
     backbone = create_backbone("efficientformerv2_s0", size)
     train, val = load_dataset(str(write(tmp_path / kind, count=24)), val_split=0.25)
     untrained, trained = untrained_and_trained(backbone, train, val, config)
-    assert trained[metric] > floor and trained[metric] > untrained[metric] + margin, (untrained[metric], trained[metric])
+    assert trained[metric] > floor and trained[metric] > untrained[metric] + margin, (
+        untrained[metric], trained[metric])

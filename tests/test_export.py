@@ -92,7 +92,8 @@ def test_base_onnx_with_ort_adapters_matches_every_task(task, tmp_path):
     other = api.adapt(task["backbone"], small, small, plan=PlanConfig(rank=4), config=TrainConfig(max_steps=2,
                       batch_size=8), task_name="four", adapter_dtype="float32")
     other_path = api.save_package(other, tmp_path / "four.petah")
-    result = export_base_and_adapters(task["backbone"], [task["packages"]["lora"], other_path], tmp_path / "out", task["real"])
+    result = export_base_and_adapters(task["backbone"], [task["packages"]["lora"], other_path],
+                                      tmp_path / "out", task["real"])
     assert [r["task"] for r in result.tasks] == ["lora", "four"]
     assert all(r["max_abs_error"] < 1e-4 for r in result.tasks)
     # a device: one session, the adapter chosen per call

@@ -23,7 +23,8 @@ def family_task(request, tmp_path_factory):
     name, size = request.param
     torch.manual_seed(0)
     backbone = create_backbone(name, size)
-    path = write_package(tmp_path_factory.mktemp(name) / "task.petah", synthetic_package(backbone, "task", PlanConfig(), classes=4))
+    path = write_package(tmp_path_factory.mktemp(name) / "task.petah",
+                         synthetic_package(backbone, "task", PlanConfig(), classes=4))
     return backbone, path
 
 
@@ -66,7 +67,7 @@ def test_multi_scale_features_on_the_adapted_model(family_task):
         adapted = multi_scale_features(task.model.backbone, x)
         plain = multi_scale_features(backbone.model, x)
     assert [tuple(f.shape[-2:]) for f in adapted] == [(size // s, size // s) for s in (8, 16, 32)]
-    assert all(a.shape == p.shape for a, p in zip(adapted, plain))
+    assert all(a.shape == p.shape for a, p in zip(adapted, plain, strict=True))
     assert not torch.allclose(adapted[-1], plain[-1]), "features come from the adapted model"
 
 

@@ -114,7 +114,8 @@ def test_any_edit_of_manifest_or_tensors_is_refused(package_path, edit):
 
 BAD_MANIFESTS = {
     "no backbone": (lambda m: m.pop("backbone"), r"manifest field backbone is missing"),
-    "labels for another head": (lambda m: m["task"].update(labels=["a", "b", "c", "d"]), r"4 label\(s\) for a head of 3"),
+    "labels for another head": (lambda m: m["task"].update(labels=["a", "b", "c", "d"]),
+                                r"4 label\(s\) for a head of 3"),
     "label not a string": (lambda m: m["task"]["labels"].__setitem__(0, 7), r"task\.labels must be a list of"),
     "task name with ..": (lambda m: m["task"].update(name="../x"), r"task name '\.\./x' is not allowed"),
     "absolute task name": (lambda m: m["task"].update(name="/abs/x"), r"task name '/abs/x' is not allowed"),

@@ -201,7 +201,7 @@ def test_outputs_that_cannot_be_written_are_refused_first(shapes, tmp_path, verb
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into a read-only folder anyway")
 def test_output_in_a_read_only_folder_is_refused(tmp_path):
-    from petah.paths import check_writable
+    from petah.files import check_writable
 
     locked = tmp_path / "locked"
     locked.mkdir()

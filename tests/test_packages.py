@@ -64,7 +64,8 @@ def test_frozen_batchnorm_statistics_do_not_drift(backbone, image_folder):
 
 def test_fingerprint_mismatch_names_both(package_path):
     other = create_backbone("efficientformerv2_s0", 64)
-    with pytest.raises(PetahError, match=r"trained on efficientformerv2_s0@32px .* but the backbone is efficientformerv2_s0@64px"):
+    with pytest.raises(PetahError, match=r"trained on efficientformerv2_s0@32px .* but the backbone is "
+                                         r"efficientformerv2_s0@64px"):
         api.load_task(other, package_path)
 
 

@@ -71,7 +71,7 @@ def test_import_a_folder_made_with_peft_by_hand(name, size, lora, tmp_path):
     classifier = [classifier] if isinstance(classifier, str) else list(classifier)
     peft_model = get_peft_model(model, LoraConfig(**lora, modules_to_save=classifier))
     with torch.no_grad():  # as if trained: B is zero at init
-        for key, param in peft_model.named_parameters():
+        for _key, param in peft_model.named_parameters():
             if param.requires_grad:
                 param.add_(torch.randn_like(param) * 0.05)
     peft_model.save_pretrained(str(tmp_path / "by-hand"))

@@ -38,7 +38,8 @@ def test_pruned_backbone_rebuilds_from_its_file_bit_exactly(name, size, tmp_path
     x = torch.randn(2, 3, size, size)
     for ratio in (0.25, 0.5):
         pruned, report = api.prune_backbone(backbone, config=PruneConfig(ratio=ratio, importance="magnitude"))
-        assert report["pruned"]["params"] < report["base"]["params"] and report["pruned"]["macs"] < report["base"]["macs"]
+        assert report["pruned"]["params"] < report["base"]["params"]
+        assert report["pruned"]["macs"] < report["base"]["macs"]
         path = api.save_pruned(pruned, report, tmp_path / f"{name}-{ratio}.safetensors")
         with safe_open(str(path), framework="pt") as handle:  # the architecture is JSON in the header
             meta = json.loads(handle.metadata()["petah"])
@@ -62,9 +63,12 @@ def _attention_cases():
     from timm.models.efficientformer_v2 import Attention2d, Attention2dDownsample
 
     return [
-        ("v2-attention", lambda: Attention2d(dim=32, key_dim=8, num_heads=4, attn_ratio=2, resolution=4), (2, 32, 4, 4)),
-        ("v2-attention-strided", lambda: Attention2d(dim=32, key_dim=8, num_heads=4, attn_ratio=2, resolution=8, stride=2), (2, 32, 8, 8)),
-        ("v2-downsample", lambda: Attention2dDownsample(dim=32, key_dim=8, num_heads=4, attn_ratio=2, resolution=8, out_dim=48), (2, 32, 8, 8)),
+        ("v2-attention", lambda: Attention2d(dim=32, key_dim=8, num_heads=4, attn_ratio=2,
+                                             resolution=4), (2, 32, 4, 4)),
+        ("v2-attention-strided", lambda: Attention2d(dim=32, key_dim=8, num_heads=4, attn_ratio=2,
+                                                     resolution=8, stride=2), (2, 32, 8, 8)),
+        ("v2-downsample", lambda: Attention2dDownsample(dim=32, key_dim=8, num_heads=4, attn_ratio=2,
+                                                        resolution=8, out_dim=48), (2, 32, 8, 8)),
         ("v1-attention", lambda: Attention(dim=32, key_dim=8, num_heads=4, attn_ratio=2, resolution=4), (2, 16, 32)),
     ]
 
@@ -118,7 +122,8 @@ def test_attention_channel_pruners_cut_the_residual_stream_consistently(case):
         x = torch.randn(shape)
         x.index_fill_(channel_dim, torch.tensor(drop), 0.0)
         keep = [c for c in range(shape[channel_dim]) if c not in drop]
-        before = layer(x).index_select(channel_dim, torch.tensor([c for c in range(pruner.get_out_channels(layer)) if c not in drop]))
+        keep_out = [c for c in range(pruner.get_out_channels(layer)) if c not in drop]
+        before = layer(x).index_select(channel_dim, torch.tensor(keep_out))
         pruner.prune_in_channels(layer, drop)
         pruner.prune_out_channels(layer, drop)
         assert pruner.get_in_channels(layer) == shape[channel_dim] - 3
@@ -169,7 +174,8 @@ def test_adapt_and_export_on_a_pruned_backbone(image_folder, tmp_path):
         result = api.adapt(pruned, kind_data[0], kind_data[1], plan=PlanConfig(), config=TrainConfig(epochs=1,
                            batch_size=8, max_steps=2, progress=False), task_name="t")
         package = api.save_package(result, tmp_path / "task.petah")
-    with pytest.raises(PetahError, match="trained on pruned efficientformerv2_s0.*but the backbone is efficientformerv2_s0"):
+    with pytest.raises(PetahError, match="trained on pruned efficientformerv2_s0.*but the backbone is "
+                                         "efficientformerv2_s0"):
         api.load_task(backbone, package)
     cls = api.adapt(pruned, train, val, plan=PlanConfig(), config=TrainConfig(epochs=1, batch_size=8, max_steps=2,
                     progress=False), task_name="t")
@@ -178,7 +184,8 @@ def test_adapt_and_export_on_a_pruned_backbone(image_folder, tmp_path):
 
 
 @pytest.mark.parametrize("name,size,match", [
-    ("mobilevit_xxs", 64, r"layer stages\.\d\.1\.transformer\.0\.attn \(Attention\) has attention heads without a pruner"),
+    ("mobilevit_xxs", 64, r"layer stages\.\d\.1\.transformer\.0\.attn \(Attention\) "
+                          r"has attention heads without a pruner"),
     ("efficientvit_m0", 64, r"LocalWindowAttention"),
     ("fastvit_t8", 64, r"cannot prune fastvit_t8 \(family fastvit"),
 ])
@@ -224,8 +231,10 @@ def test_prune_cli_then_adapt_and_inspect(tmp_path):
     info = one_json(petah_process("inspect", out, "--json"))
     assert info["pruned"] and info["file_bytes"] == out.stat().st_size and info["macs"] == summary["macs"]
     package = tmp_path / "digits.petah"
-    petah_process("adapt", "--backbone", out, "--data", "builtin:digits", "--epochs", "1", "--max-steps", "2", "-o", package)
-    refused = petah_process("eval", package, "-b", "efficientformerv2_s0", "--img-size", "64", "--data", "builtin:digits", ok=False)
+    petah_process("adapt", "--backbone", out, "--data", "builtin:digits",
+                  "--epochs", "1", "--max-steps", "2", "-o", package)
+    refused = petah_process("eval", package, "-b", "efficientformerv2_s0", "--img-size", "64",
+                            "--data", "builtin:digits", ok=False)
     assert refused.returncode == 2 and "trained on pruned" in refused.stderr
     target = tmp_path / "y.safetensors"
     for args, message in [

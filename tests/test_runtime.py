@@ -21,7 +21,8 @@ def setup(tmp_path_factory):
     backbone = create_backbone("efficientformerv2_s0", 32)
     train, val = load_dataset(str(folder), val_split=0.25)
     packages = {}
-    for name, plan in [("a", PlanConfig()), ("b", PlanConfig(rank=4, task_norm="stats")), ("c", PlanConfig(preset="bitfit"))]:
+    for name, plan in [("a", PlanConfig()), ("b", PlanConfig(rank=4, task_norm="stats")),
+                       ("c", PlanConfig(preset="bitfit"))]:
         torch.manual_seed(1)
         result = api.adapt(backbone, train, val, plan=plan, config=TrainConfig(max_steps=3, batch_size=8, lr=1e-2),
                            task_name=name, adapter_dtype="float32")
@@ -141,7 +142,8 @@ def test_shared_trunk_runs_unadapted_stages_once_with_equal_results(setup, tmp_p
     runtime.activate("a")  # the trunk must not run with another task's adapters
     calls = {"n": 0}
     stem_forward = runtime.backbone.model.stem.forward
-    monkeypatch.setattr(runtime.backbone.model.stem, "forward", lambda t: (calls.__setitem__("n", calls["n"] + 1), stem_forward(t))[1])
+    monkeypatch.setattr(runtime.backbone.model.stem, "forward",
+                        lambda t: (calls.__setitem__("n", calls["n"] + 1), stem_forward(t))[1])
     shared = runtime.forward_many(x, ["late1", "late2"])
     assert calls["n"] == 1
     for mode in ("unmerged", "merged"):

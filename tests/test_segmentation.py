@@ -55,7 +55,8 @@ def seg(tmp_path_factory):
 
 def test_builtin_defects_are_deterministic_and_labelled():
     (a, _), (b, _) = defects(count=20), defects(count=20)
-    assert all(torch.equal(x, y) for x, y in zip(a.masks, b.masks)) and all(torch.equal(x, y) for x, y in zip(a.images, b.images))
+    assert all(torch.equal(x, y) for x, y in zip(a.masks, b.masks, strict=True))
+    assert all(torch.equal(x, y) for x, y in zip(a.images, b.images, strict=True))
     values = torch.cat([m.flatten() for m in a.masks]).unique().tolist()
     assert set(values) == set(range(len(DEFECT_CLASSES)))
     assert a.images[0].shape == (3, 64, 64) and a.masks[0].dtype == torch.uint8
@@ -125,7 +126,8 @@ def test_cli_adapt_eval_predict_on_a_mask_folder(tmp_path):
     data = _write_mask_folder(tmp_path / "squares")
     bb = save_backbone(create_backbone("efficientformerv2_s0", SIZE), tmp_path / "bb.safetensors")
     adapted = one_json(petah("adapt", data, "-b", bb, "--task", "segmentation",
-                             "--val-split", "0.25", "--max-steps", "2", "--batch-size", "4", "-o", tmp_path / "sq.petah", "--json"))
+                             "--val-split", "0.25", "--max-steps", "2", "--batch-size", "4",
+                             "-o", tmp_path / "sq.petah", "--json"))
     assert adapted["kind"] == "segmentation" and "mIoU" in adapted and adapted["skipped_samples"] == 0
     report = one_json(petah("eval", tmp_path / "sq.petah", data, "-b", bb, "--val-split", "0.25", "--json"))
     assert set(report["metrics"]["per_class_iou"]) == {"background", "square"} and "mIoU" in report["metrics"]
@@ -134,10 +136,12 @@ def test_cli_adapt_eval_predict_on_a_mask_folder(tmp_path):
                   "--jsonl", "--out-dir", tmp_path / "out").stdout.splitlines()
     first = json.loads(lines[0])["tasks"]["sq"]
     mask = np.array(Image.open(first["mask"]))
-    assert mask.shape == (24, 28) and Image.open(first["mask"]).mode == "P" and Image.open(first["overlay"]).size == (28, 24)
+    assert mask.shape == (24, 28) and Image.open(first["mask"]).mode == "P"
+    assert Image.open(first["overlay"]).size == (28, 24)
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
-    failed = petah("predict", data / "images" / "s0.png", bad, "-b", bb, "-p", tmp_path / "sq.petah", "--out-dir", tmp_path / "none", ok=False)
+    failed = petah("predict", data / "images" / "s0.png", bad, "-b", bb, "-p", tmp_path / "sq.petah",
+                   "--out-dir", tmp_path / "none", ok=False)
     assert failed.returncode == 2 and "bad.png" in failed.stderr and not (tmp_path / "none").exists()
     Image.fromarray(np.zeros((5, 5), dtype=np.uint8)).save(data / "masks" / "s1.png")
     warned = petah("eval", tmp_path / "sq.petah", data, "-b", bb, "--val-split", "0.25", "--json")

@@ -18,6 +18,7 @@ from petah.backbones import Backbone, create_backbone, fingerprint, resolve_back
 from petah.backbones.factory import fp32_safetensors_bytes
 from petah.data import Augment, LabeledImages, Preprocess, TrainingView
 from petah.errors import PetahError
+from petah.files import check_writable
 from petah.packages import (
     DTYPES,
     LoadedTask,
@@ -30,13 +31,13 @@ from petah.packages import (
     merged_backbone,
     write_package,
 )
-from petah.paths import check_writable
 from petah.plans import PlanConfig
 from petah.tasks import TASK_KINDS, Classification, kind_for_data
 from petah.train import TrainConfig, Trainer, TrainResult, barrier, is_main_process, setup
 from petah.train.distributed import check_ranks_agree, eval_indices
 
 EVAL_BATCH = 128
+DEFAULT_AUGMENT = Augment()  # frozen: safe to share as a default; None means no augmentation
 
 
 def preprocess_for(backbone: Backbone) -> Preprocess:
@@ -103,7 +104,7 @@ def prepare(
     img_size: int | None = None,
     weights: str = "none",
     config: TrainConfig | None = None,
-    augment: Augment | None = Augment(),
+    augment: Augment | None = DEFAULT_AUGMENT,
     save_dtype: str = "float32",
     command: str = "",
 ) -> tuple[Backbone, dict]:
@@ -121,7 +122,8 @@ def prepare(
     model = Classification.build_model(backbone.model, head)
     trainer = Trainer(
         model, list(backbone.model.parameters()), list(head.parameters()),
-        Classification.loss(config.label_smoothing), TrainingView(train, preprocess_for(backbone), augment, config.seed), config,
+        Classification.loss(config.label_smoothing),
+        TrainingView(train, preprocess_for(backbone), augment, config.seed), config,
         sync_batchnorm=True,
     )
     result = trainer.fit()
@@ -156,7 +158,7 @@ def adapt(
     plan: PlanConfig | None = None,
     config: TrainConfig | None = None,
     task_name: str = "task",
-    augment: Augment | None = Augment(),
+    augment: Augment | None = DEFAULT_AUGMENT,
     adapter_dtype: str = "float16",
     dice: bool = False,
     task: str | None = None,
@@ -176,7 +178,8 @@ def adapt(
     _check_labels(train, val)
     kind = check_task(task, train)
     plan, config = plan or PlanConfig(), config or TrainConfig()
-    _check_ranks(config, train, val, plan=plan.to_dict(), task=task_name, backbone=backbone.identity(), dtype=adapter_dtype,
+    _check_ranks(config, train, val, plan=plan.to_dict(), task=task_name,
+                 backbone=backbone.identity(), dtype=adapter_dtype,
                  kind=kind.kind, dice=dice)
     work = replace(backbone, model=copy.deepcopy(backbone.model))
     adapter = TaskAdapter(work, plan)
@@ -314,9 +317,11 @@ def evaluate(backbone: Backbone, package: TaskPackage | str | Path, data: Labele
     task = load_task(backbone, package)
     kind = task.kind
     if kind is not kind_for_data(data):
-        raise PetahError(f"package {task.name} is a {kind.kind} task; the evaluation data is labelled for {kind_for_data(data).kind}")
+        raise PetahError(f"package {task.name} is a {kind.kind} task; the evaluation data is labelled for "
+                         f"{kind_for_data(data).kind}")
     if data.classes != task.classes:
-        raise PetahError(f"the evaluation data's classes {data.classes[:4]}… differ from the package's {task.classes[:4]}…")
+        raise PetahError(f"the evaluation data's classes {data.classes[:4]}… differ from the package's "
+                         f"{task.classes[:4]}…")
     return kind.evaluate(task.model, eval_loader(data, task.preprocess, kind), data.classes)
 
 
@@ -432,8 +437,9 @@ inspect_package = describe_package  # the name the CLI and scripts know
 
 __all__ = [
     "check_task", "check_writable", "eval_loader", "plan_summary", "preprocess_for", "resolve_backbone",
-    "AdaptResult", "LoadedTask", "adapt", "attach_package", "build_package", "create_backbone", "evaluate", "fingerprint", "image_files", "inspect_backbone",
-    "inspect_package", "load_task", "merged_backbone", "open_runtime", "predict", "predict_files", "prepare", "prune_backbone", "save_package",
+    "AdaptResult", "LoadedTask", "adapt", "attach_package", "build_package", "create_backbone", "evaluate",
+    "fingerprint", "image_files", "inspect_backbone", "inspect_package", "load_task", "merged_backbone", "open_runtime",
+    "predict", "predict_files", "prepare", "prune_backbone", "save_package",
     "save_pruned",
 ]
 

@@ -63,7 +63,8 @@ def run_demo(output: str | Path, tasks=DEMO_TASKS, plans=DEMO_PLANS, backbone_pa
             if plan not in task.plans:
                 continue
             torch.manual_seed(0)
-            config = TrainConfig(epochs=task.epochs, batch_size=task.batch_size, max_steps=max_steps, progress=False, **rates)
+            config = TrainConfig(epochs=task.epochs, batch_size=task.batch_size, max_steps=max_steps,
+                                 progress=False, **rates)
             stderr.print(f"adapting {task.name} ({len(train)} images) with plan {plan} ...")
             result = api.adapt(backbone, train, val, plan=PlanConfig(preset=plan), config=config, task_name=task.name,
                                augment=Augment(), dice=task.dice)

@@ -1,5 +1,8 @@
-"""Files petah writes: atomically (a reader never sees half a file, a failure leaves none behind),
-and only inside the folder they are meant for (names from packages are untrusted input)."""
+"""Files petah writes: checked before any work (a run must not train for minutes and then fail to
+write), written atomically (a reader never sees half a file, a failure leaves none behind), and
+only inside the folder they are meant for (names from packages are untrusted input).
+
+The bottom of the tree: imports nothing from petah but ``petah.errors``, so every writer can use it."""
 
 from __future__ import annotations
 
@@ -26,6 +29,27 @@ def atomic_write_bytes(path: Path, payload: bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def check_writable(path: str | Path) -> Path:
+    """Refuse an output file petah could not write; return it as a ``Path``.
+
+    Missing parent folders are fine (writers create them), but the nearest existing ancestor must
+    be a folder this process may write into, and the path itself must not be a folder.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise PetahError(f"cannot write {path}: it is a folder; name a file")
+    parent = path.parent
+    while not parent.exists():
+        if parent == parent.parent:  # a root that does not exist (another drive): nothing to test
+            return path
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PetahError(f"cannot write {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PetahError(f"cannot write {path}: no permission to write in {parent}")
     return path
 
 

@@ -29,7 +29,8 @@ class ChannelScale(nn.Module):
         # delta (not the scale itself) is trained and stored: it starts at exactly zero and keeps
         # its precision when packages store adapters in fp16.
         weight = self.base_layer.weight
-        self.deltas[name] = nn.Parameter(torch.zeros(self.base_layer.out_channels, device=weight.device, dtype=weight.dtype))
+        self.deltas[name] = nn.Parameter(torch.zeros(self.base_layer.out_channels,
+                                                     device=weight.device, dtype=weight.dtype))
         if self.active is None:
             self.active = name
         return self.deltas[name]

@@ -26,7 +26,8 @@ def delta_weight(layer: LoraLayer, name: str) -> torch.Tensor:
     weight = layer.get_base_layer().weight
     a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
     rank = a.shape[0]
-    flat = torch.addmm(weight.reshape(weight.shape[0], -1), b.reshape(-1, rank), a.reshape(rank, -1), alpha=layer.scaling[name])
+    flat = torch.addmm(weight.reshape(weight.shape[0], -1), b.reshape(-1, rank),
+                       a.reshape(rank, -1), alpha=layer.scaling[name])
     return flat.view_as(weight)
 
 

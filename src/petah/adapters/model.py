@@ -111,12 +111,15 @@ class TaskAdapter:
     selects one, ``remove`` takes one out again.
     """
 
-    def __init__(self, backbone: Backbone, config: PlanConfig, targets: list[Target] | None = None, name: str = ADAPTER):
+    def __init__(self, backbone: Backbone, config: PlanConfig, targets: list[Target] | None = None,
+                 name: str = ADAPTER):
         self.backbone = backbone
         self.config = config
         self.name = name
         model = backbone.model
-        self.targets = targets if targets is not None else resolve_targets(model, backbone.family, config, backbone.name)
+        if targets is None:
+            targets = resolve_targets(model, backbone.family, config, backbone.name)
+        self.targets = targets
         self.override_keys = override_names(model, config)
         tensors = self._named_tensors(model)
         self._originals = {k: tensors[k].detach().clone() for k in self.override_keys}
@@ -162,7 +165,8 @@ class TaskAdapter:
         return {k: tensors[k] for k in self.override_keys}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        overrides = [t for t in self._override_tensors().values() if isinstance(t, nn.Parameter) and t.is_floating_point()]
+        overrides = [t for t in self._override_tensors().values()
+                     if isinstance(t, nn.Parameter) and t.is_floating_point()]
         return list(self._adapter_params().values()) + overrides
 
     def norm_modes(self) -> dict[str, bool]:
@@ -183,14 +187,16 @@ class TaskAdapter:
 
     @torch.no_grad()
     def load_state(self, adapters: dict[str, torch.Tensor], overrides: dict[str, torch.Tensor]) -> None:
-        for dest, source, what in ((self._adapter_params(), adapters, "adapter"), (self._override_tensors(), overrides, "override")):
+        for dest, source, what in ((self._adapter_params(), adapters, "adapter"),
+                                   (self._override_tensors(), overrides, "override")):
             missing = sorted(set(dest) - set(source))
             extra = sorted(set(source) - set(dest))
             if missing or extra:
                 raise PetahError(f"{what} tensors do not match the plan: missing {missing[:3]}, unexpected {extra[:3]}")
             for key, tensor in dest.items():
                 if tuple(source[key].shape) != tuple(tensor.shape):
-                    raise PetahError(f"{what} tensor {key} has shape {tuple(source[key].shape)}, expected {tuple(tensor.shape)}")
+                    raise PetahError(f"{what} tensor {key} has shape {tuple(source[key].shape)}, expected "
+                                     f"{tuple(tensor.shape)}")
                 tensor.copy_(source[key].to(tensor.dtype))
         refresh_attention_caches(self.model)
 

@@ -234,7 +234,8 @@ def _reparameterize(model: nn.Module) -> None:
         reparameterize_model(model, inplace=True)
 
 
-def save_backbone(backbone: Backbone, path: str | Path, extra: dict | None = None, dtype: torch.dtype = torch.float32) -> Path:
+def save_backbone(backbone: Backbone, path: str | Path, extra: dict | None = None,
+                  dtype: torch.dtype = torch.float32) -> Path:
     """Write a backbone file: safetensors weights + JSON metadata (name, size, fingerprint…)."""
     state = {
         k: (v.to(dtype) if v.is_floating_point() else v).contiguous()

@@ -35,9 +35,10 @@ def level_indices(model: nn.Module, strides: tuple[int, ...] = DENSE_STRIDES) ->
     return indices
 
 
-def multi_scale_features(model: nn.Module, x: torch.Tensor, strides: tuple[int, ...] = DENSE_STRIDES) -> list[torch.Tensor]:
+def multi_scale_features(model: nn.Module, x: torch.Tensor,
+                         strides: tuple[int, ...] = DENSE_STRIDES) -> list[torch.Tensor]:
     """Feature maps (N, C, H/stride, W/stride), one per stride, from a single forward pass."""
     indices = level_indices(model, strides)
     maps = model.forward_intermediates(x, indices=sorted(set(indices)), intermediates_only=True)
-    by_index = dict(zip(sorted(set(indices)), maps))
+    by_index = dict(zip(sorted(set(indices)), maps, strict=True))
     return [by_index[i] for i in indices]

@@ -148,9 +148,12 @@ def run_latency(name: str = "efficientformerv2_s0", img_size: int = 224, batch: 
             "unmerged_torch / plain_torch": round(single["task unmerged (torch)"] / base_time, 3),
             "merged_torch / plain_torch": round(single["task merged (torch)"] / base_time, 3),
             "merged_onnx / plain_onnx": round(single["task merged (onnx)"] / onnx_base, 3),
-            "ort_adapter / merged_onnx": round(single["task base + ort adapter (onnx)"] / single["task merged (onnx)"], 3),
+            "ort_adapter / merged_onnx": round(
+                single["task base + ort adapter (onnx)"] / single["task merged (onnx)"], 3),
         },
-        "shared_trunk": {"stages": trunk_stages, **{str(n): {k: round(v * 1e3, 3) if k.endswith("_s") else round(v, 3) for k, v in r.items()} for n, r in throughput.items()}},
+        "shared_trunk": {"stages": trunk_stages,
+                         **{str(n): {k: round(v * 1e3, 3) if k.endswith("_s") else round(v, 3) for k, v in r.items()}
+                            for n, r in throughput.items()}},
         "switch_ms": {k: round(v * 1e3, 4) for k, v in switches.items()},
         "switch_speedup_vs_reload": round(switches["reload a full fine-tuned model"] / switches["unmerged swap"], 1),
         "resident_bytes_by_tasks": memory,  # backbone + N packages (tensor bytes, fp32 in memory)

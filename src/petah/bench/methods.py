@@ -204,8 +204,8 @@ def run_one(spec: dict) -> dict:
     backbone = create_backbone(weights=spec["backbone"])
     train, val, test = _splits(spec["task"], spec.get("shots"), spec.get("max_train"))
     lr, head_lr = spec["rates"]
-    config = TrainConfig(epochs=spec["epochs"], batch_size=spec["batch_size"], lr=lr, head_lr=head_lr, seed=spec["seed"],
-                         max_steps=spec.get("max_steps"), progress=False)
+    config = TrainConfig(epochs=spec["epochs"], batch_size=spec["batch_size"], lr=lr, head_lr=head_lr,
+                         seed=spec["seed"], max_steps=spec.get("max_steps"), progress=False)
     method = METHODS[spec["method"]]
     unshipped = None
     if method.plan is None:
@@ -223,9 +223,11 @@ def run_one(spec: dict) -> dict:
     scores = {name: Classification.evaluate(model, api.eval_loader(data, preprocess), data.classes)["accuracy"]
               for name, data in (("val", val), ("test", test))}
     if unshipped is not None:  # the in-process model, with BatchNorm statistics its folder lacks
-        scores["test_in_process"] = Classification.evaluate(unshipped, api.eval_loader(test, preprocess), test.classes)["accuracy"]
+        in_process = Classification.evaluate(unshipped, api.eval_loader(test, preprocess), test.classes)
+        scores["test_in_process"] = in_process["accuracy"]
     return {
-        **spec, **scores, "backbone_label": f"{backbone.name}@{backbone.img_size}px", "trainable_params": int(trainable),
+        **spec, **scores, "backbone_label": f"{backbone.name}@{backbone.img_size}px",
+        "trainable_params": int(trainable),
         "stored_bytes": int(stored), "backbone_bytes": backbone.weights_bytes, "train_images": len(train),
         "images_per_second": round(result.images_per_second, 1), "step_seconds": result.seconds / max(result.steps, 1),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -268,8 +270,8 @@ def suite(mode: str, main_backbone: str, references: str = "default", seeds: int
     if mode == "quick":  # CI smoke: the structure, not the numbers
         return [Grid(main_backbone, ("linear-probe", "attn-lora", "peft-by-hand", "petah-r8", "full"), ("digits",),
                      seeds=1, epochs=1, max_train=128, max_steps=3, choose_rate=False),
-                Grid(None, REFERENCE_METHODS, ("digits",), seeds=1, epochs=1, max_train=64, max_steps=2, choose_rate=False,
-                     source=Source("mobilenetv2_100", 32, data="mnist5k", images=256, max_steps=2))]
+                Grid(None, REFERENCE_METHODS, ("digits",), seeds=1, epochs=1, max_train=64, max_steps=2,
+                     choose_rate=False, source=Source("mobilenetv2_100", 32, data="mnist5k", images=256, max_steps=2))]
     main = Grid(main_backbone, tuple(METHODS), seeds=seeds, shots=(10, 50, 100, None))
     if mode == "full":  # every method that is not tied to the main backbone's module names
         every = tuple(m for m in METHODS if m != "peft-by-hand")
@@ -395,7 +397,8 @@ def _source_backbone(source: Source, folder: Path, run: Runner, log) -> dict:
         meta = read_backbone_metadata(path)
         log(f"source {path.name}: reusing the file trained earlier")
         return {"path": str(path), "source": source.__dict__, "reused": True,
-                "seconds": meta.get("training", {}).get("seconds"), "source_accuracy": meta.get("metrics", {}).get("accuracy")}
+                "seconds": meta.get("training", {}).get("seconds"),
+                "source_accuracy": meta.get("metrics", {}).get("accuracy")}
     folder.mkdir(parents=True, exist_ok=True)
     prep = run({"prepare": source.__dict__, "out": str(path)})
     log(f"source {path.name}: trained in {prep['seconds']:.0f} s, source accuracy {prep['source_accuracy']:.4f}")
@@ -470,7 +473,8 @@ def targets(table: dict) -> dict:
         if "full" not in rows:
             continue
         full = rows["full"]
-        cands = [(n, r) for n, r in rows.items() if n.startswith("petah") and r["stored_bytes"] <= 0.03 * full["stored_bytes"]]
+        cands = [(n, r) for n, r in rows.items()
+                 if n.startswith("petah") and r["stored_bytes"] <= 0.03 * full["stored_bytes"]]
         if cands:
             name, best = max(cands, key=lambda nr: nr[1]["test_mean"])
             gap = round(100 * (full["test_mean"] - best["test_mean"]), 2)
@@ -487,7 +491,8 @@ def targets(table: dict) -> dict:
             cands = [min(petah, key=lambda nr: nr[1]["stored_bytes"])]
         if cands:
             name, best = max(cands, key=lambda nr: nr[1]["test_mean"])
-            beats.append({"task": task, "method": name, "margin_points": round(100 * (best["test_mean"] - attn["test_mean"]), 2),
+            beats.append({"task": task, "method": name,
+                          "margin_points": round(100 * (best["test_mean"] - attn["test_mean"]), 2),
                           "bytes_vs_attn_lora": _ratio(best["stored_bytes"], attn["stored_bytes"])})
     out["petah_vs_attn_lora_at_equal_or_fewer_bytes"] = beats
     speed = []
@@ -502,7 +507,8 @@ def targets(table: dict) -> dict:
                 hand = rows["peft-by-hand"]
                 row["step_vs_peft_by_hand"] = _ratio(mine["step_seconds"], hand["step_seconds"])
                 row["peft_by_hand_step_vs_full"] = _ratio(hand["step_seconds"], full["step_seconds"])
-                row["peft_by_hand_rss_rise_vs_full"] = _ratio(hand["train_rss_rise_bytes"], full["train_rss_rise_bytes"])
+                row["peft_by_hand_rss_rise_vs_full"] = _ratio(hand["train_rss_rise_bytes"],
+                                                              full["train_rss_rise_bytes"])
             speed.append(row)
     out["training_speed"] = speed
     return out
@@ -515,10 +521,11 @@ def _table_markdown(result: dict) -> list[str]:
     for task, rows in result["table"].items():
         for name, r in rows.items():
             lines.append(
-                f"| {task} | {name} | {r['test_mean']:.4f} ± {r['test_std']:.4f} | {r['seeds']} | {r['trainable_params']:,} | "
-                f"{r['stored_bytes']:,} | {100 * r['stored_bytes'] / r['backbone_bytes']:.2f} | {r['images_per_second']:.0f} | "
-                f"{1e3 * r['step_seconds']:.0f} | {r['peak_rss_bytes'] / 2**20:.0f} | {r['train_rss_rise_bytes'] / 2**20:.0f} | "
-                f"{r['latency_ms']:.2f} |")
+                f"| {task} | {name} | {r['test_mean']:.4f} ± {r['test_std']:.4f} | {r['seeds']} | "
+                f"{r['trainable_params']:,} | {r['stored_bytes']:,} | "
+                f"{100 * r['stored_bytes'] / r['backbone_bytes']:.2f} | {r['images_per_second']:.0f} | "
+                f"{1e3 * r['step_seconds']:.0f} | {r['peak_rss_bytes'] / 2**20:.0f} | "
+                f"{r['train_rss_rise_bytes'] / 2**20:.0f} | {r['latency_ms']:.2f} |")
     unshipped = [f"{task} {name}: {r['test_in_process_mean']:.4f}" for task, rows in result["table"].items()
                  for name, r in rows.items() if "test_in_process_mean" in r]
     if unshipped:
@@ -541,8 +548,9 @@ def _source_line(result: dict) -> str:
         return "Source: the backbone file given (for the default, the demo's: trained by petah on Fashion-MNIST)."
     s = prep["source"]
     steps = f" (at most {s['max_steps']} steps)" if s["max_steps"] else ""
-    return (f"Source: trained by the bench from random initialisation on the first {s['images']:,} images of {s['data']}, "
-            f"{s['epochs']} epoch(s){steps}: source accuracy {prep['source_accuracy']:.4f}, {prep['seconds'] or 0:.0f} s.")
+    return (f"Source: trained by the bench from random initialisation on the first {s['images']:,} images of "
+            f"{s['data']}, {s['epochs']} epoch(s){steps}: source accuracy {prep['source_accuracy']:.4f}, "
+            f"{prep['seconds'] or 0:.0f} s.")
 
 
 def overview(suite: dict) -> list[str]:
@@ -553,8 +561,8 @@ def overview(suite: dict) -> list[str]:
         cells = []
         for m in methods:
             rows = [rows[m] for rows in result["table"].values() if m in rows]
-            cells.append(f"{statistics.fmean(r['test_mean'] for r in rows):.3f} "
-                         f"({100 * statistics.fmean(r['stored_bytes'] / r['backbone_bytes'] for r in rows):.1f} %)" if rows else "-")
+            share = 100 * statistics.fmean(r["stored_bytes"] / r["backbone_bytes"] for r in rows) if rows else 0.0
+            cells.append(f"{statistics.fmean(r['test_mean'] for r in rows):.3f} ({share:.1f} %)" if rows else "-")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
@@ -586,17 +594,21 @@ def plots(suite: dict, folder: Path) -> list[Path]:
     written = []
     results = list(suite["backbones"].values())
     tasks = list(dict.fromkeys(t for r in results for t in r["table"]))
-    colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(METHODS)}  # one colour per method everywhere
-    for key, label, log_x in (("stored_bytes", "stored bytes per task (log)", True), ("latency_ms", "latency, batch 1 (ms)", False)):
-        fig, axes = plt.subplots(len(results), len(tasks), figsize=(4.2 * len(tasks), 3.4 * len(results)), squeeze=False)
-        for axes_row, result in zip(axes, results):
-            for ax, task in zip(axes_row, tasks):
+    # one colour per method everywhere
+    colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(METHODS)}
+    for key, label, log_x in (("stored_bytes", "stored bytes per task (log)", True),
+                              ("latency_ms", "latency, batch 1 (ms)", False)):
+        fig, axes = plt.subplots(len(results), len(tasks), figsize=(4.2 * len(tasks), 3.4 * len(results)),
+                                 squeeze=False)
+        for axes_row, result in zip(axes, results, strict=True):
+            for ax, task in zip(axes_row, tasks, strict=True):
                 rows = result["table"].get(task, {})
                 for name, r in rows.items():
-                    ax.errorbar(r[key], r["test_mean"], yerr=r["test_std"], fmt="o", capsize=2, label=name, color=colours.get(name))
+                    ax.errorbar(r[key], r["test_mean"], yerr=r["test_std"],
+                                fmt="o", capsize=2, label=name, color=colours.get(name))
                 if key == "stored_bytes" and rows:
                     front = pareto([(r[key], r["test_mean"]) for r in rows.values()])
-                    ax.plot(*zip(*front), "k--", lw=0.8, label="Pareto front")
+                    ax.plot(*zip(*front, strict=True), "k--", lw=0.8, label="Pareto front")
                 if log_x:
                     ax.set_xscale("log")
                 ax.set_title(f"{result['label']}: {task}", fontsize=9)

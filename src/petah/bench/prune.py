@@ -68,7 +68,8 @@ def _adapt_tasks(rows: list[dict], tasks, max_steps: int | None, folder: Path) -
     """Adapt every demo task (petah plan, the demo's recipe) on each row's backbone."""
     base_mean = None
     for row in rows:
-        results = run_demo(folder / f"tasks-{row['ratio']}", tasks, {"petah": DEMO_PLANS["petah"]}, row["path"], max_steps)
+        results = run_demo(folder / f"tasks-{row['ratio']}", tasks, {"petah": DEMO_PLANS["petah"]},
+                           row["path"], max_steps)
         row["tasks"] = {r["task"]: {"metric": r["metric"], "score": r["score"], "package_bytes": r["package_bytes"]}
                         for r in results}
         row["mean_score"] = round(sum(r["score"] for r in results) / len(results), 4)
@@ -124,7 +125,8 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
 
 
 def _public(rows: list[dict]) -> list[dict]:
-    return [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items() if k not in ("backbone", "path")} for r in rows]
+    return [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()
+             if k not in ("backbone", "path")} for r in rows]
 
 
 def run_prune_bench(out_dir: str | Path, ratios=(0.0, 0.25, 0.5), backbone_path: str | Path | None = None,
@@ -140,7 +142,8 @@ def run_prune_bench(out_dir: str | Path, ratios=(0.0, 0.25, 0.5), backbone_path:
     structural = {}  # first: they take seconds, the demo tasks minutes
     for name in structural_models:  # no offline weights or data at their size: structure and latency only
         with tempfile.TemporaryDirectory() as tmp:
-            model_rows = _pruned_backbones(create_backbone(name), ratios, PruneConfig(importance="magnitude"), [], Path(tmp))
+            model_rows = _pruned_backbones(create_backbone(name), ratios,
+                                           PruneConfig(importance="magnitude"), [], Path(tmp))
             _onnx_latencies(model_rows, max(5, repeats // 5))
         structural[name] = _public(model_rows)
     backbone = create_backbone(weights=str(backbone_path or demo_backbone_path()))

@@ -108,8 +108,8 @@ def _option_type(field, hint, default):
     kind = field.metadata.get("cli_type") or hint
     args = typing.get_args(kind)
     if typing.get_origin(kind) in (Union, types.UnionType) and type(None) in args:
-        return Optional[next(a for a in args if a is not type(None))]  # typer reads typing.Optional
-    return Optional[kind] if default is None else kind
+        return Optional[next(a for a in args if a is not type(None))]  # typer reads typing.Optional  # noqa: UP045
+    return Optional[kind] if default is None else kind  # noqa: UP045
 
 
 def config_options(cls: type, into: str, *, only: tuple[str, ...] | None = None, exclude: tuple[str, ...] = (),

@@ -111,10 +111,12 @@ def _paint_defect(image: np.ndarray, mask: np.ndarray, kind: int, rng: np.random
         length, angle = rng.uniform(0.3, 0.8) * size, rng.uniform(0, np.pi)
         r0, c0 = rng.uniform(0.1, 0.9, 2) * size
         r1, c1 = r0 + length * np.sin(angle), c0 + length * np.cos(angle)
-        rr, cc = _thicken(*line(int(r0), int(c0), int(np.clip(r1, 0, size - 1)), int(np.clip(c1, 0, size - 1))), int(rng.integers(2, 4)))
+        end = int(np.clip(r1, 0, size - 1)), int(np.clip(c1, 0, size - 1))
+        rr, cc = _thicken(*line(int(r0), int(c0), *end), int(rng.integers(2, 4)))
     elif kind == 2:  # spot: a filled ellipse
         r, c = rng.uniform(0.15, 0.85, 2) * size
-        rr, cc = ellipse(r, c, rng.uniform(0.05, 0.12) * size, rng.uniform(0.05, 0.12) * size, rotation=rng.uniform(0, np.pi))
+        rr, cc = ellipse(r, c, rng.uniform(0.05, 0.12) * size, rng.uniform(0.05, 0.12) * size,
+                         rotation=rng.uniform(0, np.pi))
     else:  # crack: a dark random walk with small turns
         shade = -rng.uniform(80, 130)
         r, c, angle = *(rng.uniform(0.2, 0.8, 2) * size), rng.uniform(0, 2 * np.pi)
@@ -197,7 +199,8 @@ def digit_boxes(count: int = 480, size: int = 64, seed: int = 0):
         labels.append(torch.tensor(classes, dtype=torch.long))
     data = BoxedImages(images, boxes, labels, [str(i) for i in range(10)], "digit-boxes")
     n_val = count // 5
-    return data.subset(range(count - n_val), "digit-boxes[train]"), data.subset(range(count - n_val, count), "digit-boxes[val]")
+    return (data.subset(range(count - n_val), "digit-boxes[train]"),
+            data.subset(range(count - n_val, count), "digit-boxes[val]"))
 
 
 BUILTIN: dict[str, Callable[[], tuple]] = {

@@ -49,7 +49,7 @@ class BoxedImages:
         return random_split(self, val_fraction, seed)
 
     def label_digest(self) -> bytes:
-        return b"".join(b.numpy().tobytes() + y.numpy().tobytes() for b, y in zip(self.boxes, self.labels))
+        return b"".join(b.numpy().tobytes() + y.numpy().tobytes() for b, y in zip(self.boxes, self.labels, strict=True))
 
 
 def _read_json(path: Path) -> dict:
@@ -57,9 +57,11 @@ def _read_json(path: Path) -> dict:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise PetahError(f"{path}: not a readable COCO JSON file ({exc})") from exc
-    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or not isinstance(data.get(k), list)]
+    missing = [k for k in ("images", "annotations", "categories")
+               if not isinstance(data, dict) or not isinstance(data.get(k), list)]
     if missing:
-        raise PetahError(f"{path}: COCO JSON needs lists 'images', 'annotations' and 'categories' (missing: {', '.join(missing)})")
+        raise PetahError(f"{path}: COCO JSON needs lists 'images', 'annotations' and 'categories' (missing: "
+                         f"{', '.join(missing)})")
     return data
 
 
@@ -82,9 +84,11 @@ def load_coco(json_path: str | Path, classes: list[str] | None = None, strict: b
         categories = sorted(data["categories"], key=lambda c: int(c["id"]))
         index = {int(c["id"]): i for i, c in enumerate(categories)}
         names = [str(c["name"]) for c in categories]
-        entries = {int(img["id"]): {**img, "width": float(img["width"]), "height": float(img["height"])} for img in data["images"]}
+        entries = {int(img["id"]): {**img, "width": float(img["width"]), "height": float(img["height"])}
+                   for img in data["images"]}
     except (KeyError, TypeError, ValueError) as exc:
-        raise PetahError(f"{json_path}: malformed 'categories' or 'images' entry (each needs id, name / file_name, width, height): {exc!r}") from exc
+        raise PetahError(f"{json_path}: malformed 'categories' or 'images' entry (each needs id, name / file_name, "
+                         f"width, height): {exc!r}") from exc
     if classes is not None and names != classes:
         raise PetahError(f"{json_path}: categories {names[:4]}… differ from the training set's {classes[:4]}…")
     if not names:
@@ -107,7 +111,8 @@ def load_coco(json_path: str | Path, classes: list[str] | None = None, strict: b
             problems.setdefault(image_id, f"{where}: unknown category id {category}")
         elif w <= 0 or h <= 0:
             problems.setdefault(image_id, f"{where}: box {_numbers(x, y, w, h)} has no area")
-        elif x < -BOX_TOLERANCE or y < -BOX_TOLERANCE or x + w > entry["width"] + BOX_TOLERANCE or y + h > entry["height"] + BOX_TOLERANCE:
+        elif (x < -BOX_TOLERANCE or y < -BOX_TOLERANCE
+              or x + w > entry["width"] + BOX_TOLERANCE or y + h > entry["height"] + BOX_TOLERANCE):
             problems.setdefault(image_id, f"{where}: box {_numbers(x, y, w, h)} lies outside the "
                                           f"{entry['width']:g}x{entry['height']:g} image")
         else:
@@ -138,7 +143,8 @@ def load_coco(json_path: str | Path, classes: list[str] | None = None, strict: b
         boxes.append(box)
         labels.append(torch.tensor([c for _, c in found], dtype=torch.long))
     if not images:
-        raise PetahError(f"{json_path}: no usable images ({len(skipped)} skipped; first: {skipped[0] if skipped else '-'})")
+        raise PetahError(f"{json_path}: no usable images ({len(skipped)} skipped; first: "
+                         f"{skipped[0] if skipped else '-'})")
     return BoxedImages(images, boxes, labels, names, str(json_path), skipped, intensity)
 
 

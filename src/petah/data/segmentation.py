@@ -61,7 +61,8 @@ def read_classes(root: Path) -> list[str]:
         if path.is_file():
             try:
                 text = path.read_text()
-                classes = json.loads(text) if name.endswith(".json") else [line.strip() for line in text.splitlines() if line.strip()]
+                classes = (json.loads(text) if name.endswith(".json")
+                           else [line.strip() for line in text.splitlines() if line.strip()])
             except (OSError, ValueError) as exc:
                 raise PetahError(f"{path}: cannot read the class names ({exc})") from exc
             if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
@@ -80,7 +81,8 @@ def read_mask(path: Path) -> torch.Tensor:
             if handle.mode == "1":  # a saved boolean array: 0 / 1
                 handle = handle.convert("L").point(lambda v: 1 if v else 0)
             if handle.mode not in ("P", "L", "I", "I;16"):
-                raise PetahError(f"{path}: a mask must be a single-channel PNG of class indices, got mode {handle.mode}")
+                raise PetahError(f"{path}: a mask must be a single-channel PNG of class indices, got mode "
+                                 f"{handle.mode}")
             array = np.array(handle)
     except (OSError, UnidentifiedImageError) as exc:
         raise PetahError(f"{path}: unreadable mask ({exc})") from exc
@@ -89,10 +91,12 @@ def read_mask(path: Path) -> torch.Tensor:
 
 def _check_sample(image: torch.Tensor, mask: torch.Tensor, classes: int, mask_path: Path) -> torch.Tensor:
     if tuple(mask.shape) != tuple(image.shape[-2:]):
-        raise PetahError(f"{mask_path}: mask is {tuple(mask.shape)[::-1]} px but its image is {tuple(image.shape[-2:])[::-1]} px")
+        raise PetahError(f"{mask_path}: mask is {tuple(mask.shape)[::-1]} px but its image is "
+                         f"{tuple(image.shape[-2:])[::-1]} px")
     bad = (mask >= classes) & (mask != IGNORE) | (mask < 0)
     if bad.any():
-        raise PetahError(f"{mask_path}: mask value {int(mask[bad][0])} is not a class index (0..{classes - 1}) or {IGNORE}")
+        raise PetahError(f"{mask_path}: mask value {int(mask[bad][0])} is not a class index (0..{classes - 1}) or "
+                         f"{IGNORE}")
     return mask.to(torch.uint8)
 
 
@@ -129,7 +133,8 @@ def load_mask_splits(root: str | Path, val_split: float | None, seed: int, stric
                      intensity: str = DEFAULT_INTENSITY) -> tuple[MaskedImages, MaskedImages]:
     root = Path(root)
     if (root / "train").is_dir() and (root / "val").is_dir():
-        classes = read_classes(root) if any((root / n).is_file() for n in ("classes.txt", "classes.json")) else read_classes(root / "train")
+        at_top = any((root / n).is_file() for n in ("classes.txt", "classes.json"))
+        classes = read_classes(root) if at_top else read_classes(root / "train")
         return (load_mask_folder(root / "train", classes, strict, intensity),
                 load_mask_folder(root / "val", classes, strict, intensity))
     if val_split is None:

@@ -37,7 +37,8 @@ class ExportResult:
     max_abs_error: float  # ONNX Runtime vs the unmerged PyTorch task on the parity inputs
 
     def to_dict(self) -> dict:
-        return {"task": self.task, "path": str(self.path), "onnx_bytes": self.onnx_bytes, "max_abs_error": self.max_abs_error}
+        return {"task": self.task, "path": str(self.path), "onnx_bytes": self.onnx_bytes,
+                "max_abs_error": self.max_abs_error}
 
 
 def merged_task_module(backbone: Backbone, package: TaskPackage | str | Path) -> tuple[nn.Module, Manifest]:
@@ -85,7 +86,8 @@ def to_onnx_bytes(module: nn.Module, example: torch.Tensor, what: str) -> bytes:
     except Exception as exc:  # the exporter raises many types
         layer = tracker.stack[-1] if tracker.stack else "(model)"
         kind = type(module.get_submodule(layer)).__name__ if tracker.stack else ""
-        raise PetahError(f"cannot export {what} to ONNX: layer {layer} ({kind}) failed: {str(exc).splitlines()[0]}") from exc
+        raise PetahError(f"cannot export {what} to ONNX: layer {layer} ({kind}) failed: "
+                         f"{str(exc).splitlines()[0]}") from exc
     finally:
         tracker.close()
     return buffer.getvalue()

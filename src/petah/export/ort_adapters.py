@@ -153,7 +153,8 @@ def make_overridable(onnx_bytes: bytes, values: dict[str, np.ndarray]) -> bytes:
     initializers = {init.name: init for init in model.graph.initializer}
     missing = [n for n in values if n not in initializers]
     if missing:
-        raise PetahError(f"the exported graph renamed adapter tensors (e.g. {missing[0]}); cannot make them overridable")
+        raise PetahError(f"the exported graph renamed adapter tensors (e.g. {missing[0]}); "
+                         "cannot make them overridable")
     for name, value in values.items():
         init = initializers[name]
         init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value, dtype=np.float32), name))
@@ -171,7 +172,8 @@ class AdapterExport:
         return {"base": str(self.base_path), "base_bytes": self.base_bytes, "tasks": self.tasks}
 
 
-def export_base_and_adapters(backbone: Backbone, packages: list, output: str | Path, real_inputs: torch.Tensor | None = None) -> AdapterExport:
+def export_base_and_adapters(backbone: Backbone, packages: list, output: str | Path,
+                             real_inputs: torch.Tensor | None = None) -> AdapterExport:
     """Write ``base.onnx`` + ``<task>.onnx_adapter`` (+ ``<task>.json`` labels) and check parity."""
     import onnxruntime as ort
 
@@ -186,12 +188,15 @@ def export_base_and_adapters(backbone: Backbone, packages: list, output: str | P
             raise PetahError(f"{path}: a {manifest.task.kind} task; the shared base graph holds classification heads "
                              "— export it merged")
         if manifest.plan.overrides:
-            raise PetahError(f"{path}: its plan owns norm / bias tensors, which a shared base graph cannot switch; export it merged")
+            raise PetahError(f"{path}: its plan owns norm / bias tensors, which a shared base graph cannot switch; "
+                             "export it merged")
         if _signature(manifest) != _signature(first):
-            raise PetahError(f"{path}: its adapted layers or ranks differ from {loaded[0][0]}; one base serves one plan shape")
+            raise PetahError(f"{path}: its adapted layers or ranks differ from {loaded[0][0]}; "
+                             "one base serves one plan shape")
     task_names = [p.task_name for _, p in loaded]
     if len(set(task_names)) != len(task_names):
-        raise PetahError(f"two packages share a task name ({', '.join(task_names)}); each task gets its own adapter file")
+        raise PetahError(f"two packages share a task name ({', '.join(task_names)}); "
+                         "each task gets its own adapter file")
     classes = max(len(p.manifest.labels) for _, p in loaded)
     template = base_module(backbone, first, classes)
     gen = torch.Generator().manual_seed(0)
@@ -238,7 +243,8 @@ def export_base_and_adapters(backbone: Backbone, packages: list, output: str | P
     return AdapterExport(base_path, len(onnx_bytes), rows)
 
 
-def adapter_parity(session, adapter_path: Path, reference: nn.Module, inputs: list[torch.Tensor], classes: int) -> float:
+def adapter_parity(session, adapter_path: Path, reference: nn.Module,
+                   inputs: list[torch.Tensor], classes: int) -> float:
     import onnxruntime as ort
 
     lora = ort.LoraAdapter()

@@ -87,7 +87,8 @@ def _replace_dir(tmp: Path, output: Path) -> None:
     old = None
     if output.exists():
         if not (output / "adapter_config.json").is_file() and any(output.iterdir()):
-            raise PetahError(f"{output} exists and is not a PEFT adapter folder; choose a new folder (it is never overwritten)")
+            raise PetahError(f"{output} exists and is not a PEFT adapter folder; "
+                             "choose a new folder (it is never overwritten)")
         old = output.with_name(f".{output.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         output.rename(old)
@@ -118,7 +119,8 @@ def export_peft(backbone: Backbone, package: TaskPackage | str | Path, output: s
     owners = sorted({key.rpartition(".")[0] for key in plan.overrides})
     lora_modules = {t.module for t in targets if t.method == LORA}
     if lora_modules & set(owners):
-        raise PetahError(f"{origin}: module {sorted(lora_modules & set(owners))[0]} has both LoRA and owned tensors; PEFT cannot express that")
+        raise PetahError(f"{origin}: module {sorted(lora_modules & set(owners))[0]} has both LoRA and owned tensors; "
+                         "PEFT cannot express that")
 
     task = load_task(backbone, package)
     adapters = task.adapter.adapter_state()
@@ -153,7 +155,8 @@ def export_peft(backbone: Backbone, package: TaskPackage | str | Path, output: s
         peft_model.save_pretrained(str(tmp))
         info = {"task": manifest.task.to_dict(), "backbone": manifest.backbone.to_dict(),
                 "preprocessing": manifest.preprocessing,
-                "timm_model": {"name": backbone.name, "num_classes": len(manifest.labels), "img_size": backbone.img_size}}
+                "timm_model": {"name": backbone.name, "num_classes": len(manifest.labels),
+                               "img_size": backbone.img_size}}
         (tmp / TASK_FILE).write_text(json.dumps(info, indent=1))
         _replace_dir(tmp, output)
     except BaseException:
@@ -181,7 +184,8 @@ def _read_peft_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if config.get("use_dora"):
         raise PetahError(f"{config_path}: DoRA adapters have no petah equivalent")
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
-        raise PetahError(f"{config_path}: trained biases (bias={config.get('bias')!r}, lora_bias) have no petah equivalent")
+        raise PetahError(f"{config_path}: trained biases (bias={config.get('bias')!r}, lora_bias) "
+                         "have no petah equivalent")
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:
@@ -218,12 +222,14 @@ def import_peft(backbone: Backbone, folder: str | Path, task_name: str | None = 
     if info and info["backbone"]["fingerprint"] != backbone.fingerprint:
         trained = info["backbone"]
         raise PetahError(f"{folder} was trained on {trained['name']}@{trained['img_size']} "
-                         f"({trained['fingerprint'][:12]}), not on {backbone.name}@{backbone.img_size} ({backbone.fingerprint[:12]})")
+                         f"({trained['fingerprint'][:12]}), not on {backbone.name}@{backbone.img_size} "
+                         f"({backbone.fingerprint[:12]})")
     classifiers = classifier_names(backbone)
     saved = [c for c in classifiers if f"{PEFT_PREFIX}{c}.weight" in tensors]
     if saved != classifiers:
         wanted = ", ".join(classifiers)
-        raise PetahError(f"{folder}: the trained classifier ({wanted}) must be in modules_to_save; found {', '.join(saved) or 'none'}")
+        raise PetahError(f"{folder}: the trained classifier ({wanted}) must be in modules_to_save; found "
+                         f"{', '.join(saved) or 'none'}")
     classes = int(tensors[f"{PEFT_PREFIX}{classifiers[0]}.weight"].shape[0])
     labels = labels or info.get("task", {}).get("labels") or [str(i) for i in range(classes)]
     if len(labels) != classes:
@@ -235,7 +241,8 @@ def import_peft(backbone: Backbone, folder: str | Path, task_name: str | None = 
             warnings.filterwarnings("ignore", message=".*(modules_to_save|Found missing adapter keys).*")
             peft_model = PeftModel.from_pretrained(model, str(folder))
     except (RuntimeError, ValueError, KeyError) as exc:
-        raise PetahError(f"{folder} does not fit {backbone.name}@{backbone.img_size}: {str(exc).splitlines()[0]}") from exc
+        raise PetahError(f"{folder} does not fit {backbone.name}@{backbone.img_size}: "
+                         f"{str(exc).splitlines()[0]}") from exc
     loaded = {PEFT_PREFIX + k.replace(f".{PEFT_ADAPTER}.", ".").replace(".modules_to_save.", ".")
               for k in peft_model.base_model.model.state_dict()}
     missing = sorted(k for k in tensors if k not in loaded)

@@ -21,10 +21,10 @@ from petah.backbones import Backbone, build_plain, fingerprint
 from petah.data import Preprocess
 from petah.errors import PetahError
 from petah.packages.format import TaskPackage, pack_tensors, read_package
-from petah.packages.manifest import BackboneRef, Manifest, PlanRecord, TaskInfo, check_task_name
+from petah.packages.manifest import ADAPTER_DTYPES, BackboneRef, Manifest, PlanRecord, TaskInfo, check_task_name
 from petah.tasks import Classification, task_kind
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {name: getattr(torch, name) for name in ADAPTER_DTYPES}  # "float16" -> torch.float16 …
 
 
 def now_utc() -> str:

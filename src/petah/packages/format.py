@@ -84,7 +84,8 @@ def encode_package(package: TaskPackage) -> bytes:
     manifest = package.manifest
     manifest.format_version, manifest.petah_version = FORMAT_VERSION, __version__
     manifest.content_sha256 = content_sha256(manifest.to_dict(with_hash=False), package.tensors)
-    header = {"format": FORMAT, "manifest": canonical_json(manifest.to_dict()).decode(), SIGNATURE_KEY: package.signature}
+    header = {"format": FORMAT, "manifest": canonical_json(manifest.to_dict()).decode(),
+              SIGNATURE_KEY: package.signature}
     return save(package.tensors, metadata=header)
 
 
@@ -169,6 +170,7 @@ def set_signature(path: str | Path, signature: str) -> Path:
     """Rewrite only the header's signature slot; the content hash (and so what was signed) is unchanged."""
     package = read_package(path)
     if package.manifest.format_version != FORMAT_VERSION:
-        raise PetahError(f"{path} is a format-{package.manifest.format_version} package: `petah upgrade` it before signing")
+        raise PetahError(f"{path} is a format-{package.manifest.format_version} package: "
+                         "`petah upgrade` it before signing")
     package.signature = signature
     return write_package(path, package)

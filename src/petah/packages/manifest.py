@@ -63,7 +63,8 @@ class _Fields:
     def get(self, key: str, kind: type | tuple[type, ...], want: str, default: Any = ...) -> Any:
         if key not in self.data:
             if default is ...:
-                raise PetahError(f"{self.origin}: manifest field {self.where}{'.' if self.where else ''}{key} is missing")
+                raise PetahError(f"{self.origin}: manifest field "
+                                 f"{self.where}{'.' if self.where else ''}{key} is missing")
             return default
         value = self.data[key]
         if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
@@ -89,7 +90,8 @@ class _Fields:
         return values
 
     def nested(self, key: str) -> _Fields:
-        return _Fields(self.get(key, dict, "a JSON object"), f"{self.where}{'.' if self.where else ''}{key}", self.origin)
+        where = f"{self.where}{'.' if self.where else ''}{key}"
+        return _Fields(self.get(key, dict, "a JSON object"), where, self.origin)
 
 
 def _choice(fields: _Fields, key: str, choices: tuple[str, ...], default: str) -> str:
@@ -248,7 +250,8 @@ class Manifest:
         head_fields.strings("tensors", 1_000, 300)
         outputs = head_fields.count("out_features", minimum=1)
         if outputs != len(task.labels):
-            raise PetahError(f"{origin}: the manifest names {len(task.labels)} label(s) for a head of {outputs} outputs")
+            raise PetahError(f"{origin}: the manifest names {len(task.labels)} label(s) "
+                             f"for a head of {outputs} outputs")
 
         known = {k: v for k, v in root.data.items() if k not in CORE_FIELDS}
         return cls(

@@ -15,7 +15,8 @@ FAMILY = Family(
     models=r"^mobilevit(v2)?_",
     roles={
         "attn": r"\.transformer\.\d+\.attn\.(qkv|proj|qkv_proj|out_proj)$",
-        "mlp": r"\.transformer\.\d+\.mlp\.(fc1|fc2)$|\.conv[13]_1x1\.conv$|\.conv_1x1$|\.conv_proj\.conv$|^final_conv\.conv$",
+        "mlp": r"\.transformer\.\d+\.mlp\.(fc1|fc2)$|\.conv[13]_1x1\.conv$|\.conv_1x1$"
+               r"|\.conv_proj\.conv$|^final_conv\.conv$",
         "conv": r"^stem\.conv$|\.conv_kxk\.conv$|\.conv_fusion\.conv$",
     },
     stage=r"^stages\.(\d+)\.",

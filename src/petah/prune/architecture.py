@@ -73,7 +73,7 @@ def apply_changes(model: nn.Module, architecture: dict, state: dict[str, torch.T
     widths = architecture.get("model", {})
     for key, value in widths.items():
         if key == "feature_info_num_chs":
-            for info, chs in zip(model.feature_info, value):
+            for info, chs in zip(model.feature_info, value, strict=True):
                 info["num_chs"] = chs
         elif isinstance(getattr(model, key, None), int):
             setattr(model, key, int(value))

@@ -128,7 +128,7 @@ def refresh_widths(model: nn.Module, example: torch.Tensor) -> None:
     """Update timm's model-level widths (num_features, head_hidden_size, feature_info) after pruning."""
     with torch.no_grad():
         maps = stage_features(model, example)
-        for info, feature in zip(getattr(model, "feature_info", []), maps):
+        for info, feature in zip(getattr(model, "feature_info", []), maps, strict=False):
             info["num_chs"] = int(feature.shape[1])
         features = model.forward_features(example)
         width = int(features.shape[1] if features.ndim == 4 else features.shape[-1])
@@ -145,7 +145,8 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
     check_prunable(model)
     taylor = config.importance == "taylor"
     if taylor and not loaders:
-        raise PetahError("taylor importance needs images: give --data (repeat it per task), or use --importance magnitude")
+        raise PetahError("taylor importance needs images: give --data (repeat it per task), "
+                         "or use --importance magnitude")
     if config.recover_epochs and not loaders:
         raise PetahError("recovery distils on images: give --data, or set recover epochs to 0")
     model.eval().requires_grad_(True)  # Torch-Pruning traces the autograd graph: frozen weights would not appear
@@ -181,7 +182,7 @@ def recover(student: nn.Module, teacher: nn.Module, loaders: list[Iterable], con
         return {}
     teacher.eval().requires_grad_(False)
     with torch.no_grad():
-        pairs = list(zip(stage_features(student, example), stage_features(teacher, example)))
+        pairs = list(zip(stage_features(student, example), stage_features(teacher, example), strict=True))
     projections = nn.ModuleList(nn.Conv2d(s.shape[1], t.shape[1], 1) for s, t in pairs)
     student.requires_grad_(True).train()
     params = list(student.parameters()) + list(projections.parameters())
@@ -195,7 +196,7 @@ def recover(student: nn.Module, teacher: nn.Module, loaders: list[Iterable], con
                 targets = stage_features(teacher, images)
             loss = sum(
                 (proj(s) - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12)
-                for proj, s, t in zip(projections, stage_features(student, images), targets)
+                for proj, s, t in zip(projections, stage_features(student, images), targets, strict=True)
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

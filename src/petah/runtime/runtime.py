@@ -90,7 +90,8 @@ class Runtime:
         adapter.restore_overrides()  # task-owned norm values go in only while the task is active
         manifest = package.manifest
         model = task_kind(manifest.task.kind).build_model(self.backbone.model, head).eval()
-        return RuntimeTask(name, manifest, adapter, head, package.section("override"), self._first_adapted_stage(manifest), model)
+        return RuntimeTask(name, manifest, adapter, head, package.section("override"),
+                           self._first_adapted_stage(manifest), model)
 
     def _refresh_layers(self, adapter: TaskAdapter) -> None:
         self._layers = adapter.adapted_layers()
@@ -161,7 +162,8 @@ class Runtime:
     def shared_stages(self, names: list[str]) -> int:
         """How many leading stages no task in ``names`` adapts: computed once per image for all."""
         model = self.backbone.model
-        if self.backbone.family is None or not all(hasattr(model, a) for a in ("stem", "stages", "norm", "forward_head")):
+        layout = ("stem", "stages", "norm", "forward_head")
+        if self.backbone.family is None or not all(hasattr(model, a) for a in layout):
             return 0  # the trunk split needs the stem / stages / norm layout (EfficientFormer V1 / V2)
         if any(self._task(n).kind.kind != "classification" for n in names):
             return 0  # dense heads read several stages: they run the whole backbone per task
@@ -194,4 +196,5 @@ class Runtime:
         outputs = self.forward_many(self.preprocess.batch(images), names)
         sizes = [tuple(image.shape[-2:]) for image in images]  # dense outputs go back to each image's size
         return {name: self.tasks[name].kind.decode(outputs[name], self.tasks[name].classes, top_k, sizes,
-                                                   head=self.tasks[name].head, img_size=self.backbone.img_size) for name in names}
+                                                   head=self.tasks[name].head, img_size=self.backbone.img_size)
+                for name in names}

@@ -24,5 +24,5 @@ def kind_for_data(data):
     return Detection if isinstance(data, BoxedImages) else Classification
 
 
-__all__ = ["Classification", "ClassificationModel", "Detection", "DetectionModel", "Segmentation", "SegmentationModel", "TASK_KINDS",
-           "kind_for_data", "plot_confusion", "task_kind"]
+__all__ = ["Classification", "ClassificationModel", "Detection", "DetectionModel", "Segmentation", "SegmentationModel",
+           "TASK_KINDS", "kind_for_data", "plot_confusion", "task_kind"]

@@ -88,7 +88,7 @@ class Classification:
             "accuracy": round(float(values["accuracy"]), 6),
             "per_class": {
                 c: {"precision": round(float(p), 6), "recall": round(float(r), 6)}
-                for c, p, r in zip(classes, values["precision"], values["recall"])
+                for c, p, r in zip(classes, values["precision"], values["recall"], strict=True)
             },
             "confusion_matrix": values["confusion"].tolist(),
             "classes": list(classes),
@@ -105,9 +105,9 @@ class Classification:
             {
                 "label": classes[int(i[0])],
                 "score": round(float(s[0]), 6),
-                "top": [{"label": classes[int(j)], "score": round(float(t), 6)} for t, j in zip(s, i)],
+                "top": [{"label": classes[int(j)], "score": round(float(t), 6)} for t, j in zip(s, i, strict=True)],
             }
-            for s, i in zip(scores, idx)
+            for s, i in zip(scores, idx, strict=True)
         ]
 
 

@@ -35,11 +35,13 @@ SCORE_THRESHOLD = 0.2
 
 
 class DetectionHead(nn.Module):
-    def __init__(self, in_channels: list[int], classes: int, grids: list[int], width: int = HEAD_WIDTH, convs: int = TOWER_CONVS,
-                 strides: tuple[int, ...] = DENSE_STRIDES):
+    def __init__(self, in_channels: list[int], classes: int, grids: list[int], width: int = HEAD_WIDTH,
+                 convs: int = TOWER_CONVS, strides: tuple[int, ...] = DENSE_STRIDES):
         super().__init__()
-        self.in_channels, self.classes, self.width, self.convs, self.strides = list(in_channels), classes, width, convs, tuple(strides)
-        self.grids = list(grids)  # feature-map side per level (MobileViT v2 rounds maps up: not always ceil(size / stride))
+        self.in_channels, self.classes, self.width, self.convs = list(in_channels), classes, width, convs
+        self.strides = tuple(strides)
+        # feature-map side per level (MobileViT v2 rounds maps up: not always ceil(size / stride))
+        self.grids = list(grids)
         self.fpn = FeaturePyramidNetwork(self.in_channels, width)
         self.fcos = FCOSHead(width, num_anchors=1, num_classes=classes, num_convs=convs)
 
@@ -98,22 +100,24 @@ class Detection:
             maps = multi_scale_features(backbone.model, torch.zeros(1, 3, size, size), DENSE_STRIDES)
         if min(m.shape[-1] for m in maps) < 2 or any(m.shape[-1] != m.shape[-2] for m in maps):
             # GroupNorm(32, 32) over a 1x1 map of one image has one value per group
-            raise PetahError(f"detection needs an input of at least {2 * DENSE_STRIDES[-1]} px (the stride-32 level must be "
-                             f"2x2 or more); {backbone.name} runs at {size} px")
+            raise PetahError(f"detection needs an input of at least {2 * DENSE_STRIDES[-1]} px (the stride-32 level "
+                             f"must be 2x2 or more); {backbone.name} runs at {size} px")
         levels = feature_levels(backbone.model)
         channels = [levels[i]["num_chs"] for i in level_indices(backbone.model, DENSE_STRIDES)]
         return DetectionHead(channels, classes, [m.shape[-1] for m in maps])
 
     @staticmethod
     def head_manifest(head: DetectionHead) -> dict:
-        return {"type": "fcos", "in_channels": head.in_channels, "grids": head.grids, "width": head.width, "convs": head.convs,
-                "out_features": head.classes, "strides": list(head.strides), "score_threshold": SCORE_THRESHOLD,
+        return {"type": "fcos", "in_channels": head.in_channels, "grids": head.grids, "width": head.width,
+                "convs": head.convs, "out_features": head.classes, "strides": list(head.strides),
+                "score_threshold": SCORE_THRESHOLD,
                 "output_layout": "[N, locations, classes logits | 4 ltrb box regression | 1 centerness]"}
 
     @staticmethod
     def head_from_manifest(info: dict) -> DetectionHead:
-        return DetectionHead([int(c) for c in info["in_channels"]], int(info["out_features"]), [int(g) for g in info["grids"]],
-                             int(info["width"]), int(info["convs"]), tuple(int(s) for s in info["strides"]))
+        return DetectionHead([int(c) for c in info["in_channels"]], int(info["out_features"]),
+                             [int(g) for g in info["grids"]], int(info["width"]), int(info["convs"]),
+                             tuple(int(s) for s in info["strides"]))
 
     @staticmethod
     def build_model(backbone: nn.Module, head: nn.Module) -> nn.Module:
@@ -143,7 +147,8 @@ class Detection:
         parts = _split(outputs.float(), classes)
         by_level = {k: list(v.split(per_level, dim=1)) for k, v in parts.items()}
         split_anchors = [list(a.split(per_level)) for a in anchors]
-        return _engine(classes, strides).postprocess_detections(by_level, split_anchors, [(img_size, img_size)] * len(outputs))
+        return _engine(classes, strides).postprocess_detections(by_level, split_anchors,
+                                                                [(img_size, img_size)] * len(outputs))
 
     @staticmethod
     @torch.no_grad()
@@ -166,7 +171,8 @@ class Detection:
             "mAP": round(float(values["map"]), 6),
             "mAP50": round(float(values["map_50"]), 6),
             "mAP75": round(float(values["map_75"]), 6),
-            "per_class_ap": {classes[int(i)]: round(float(v), 6) for i, v in zip(ids.flatten(), per_class.flatten())}
+            "per_class_ap": {classes[int(i)]: round(float(v), 6)
+                             for i, v in zip(ids.flatten(), per_class.flatten(), strict=True)}
             if per_class is not None and per_class.numel() == ids.numel() else {},
             "accuracy": round(float(values["map_50"]), 6),  # the headline number where a single one is asked for
             "classes": list(classes),
@@ -175,7 +181,8 @@ class Detection:
 
     @staticmethod
     @torch.no_grad()
-    def decode(outputs: torch.Tensor, classes: list[str], top_k: int = 3, sizes=None, *, head: DetectionHead, img_size: int) -> list[dict]:
+    def decode(outputs: torch.Tensor, classes: list[str], top_k: int = 3, sizes=None,
+               *, head: DetectionHead, img_size: int) -> list[dict]:
         """Per image: boxes in the image's own pixels (xyxy), label and score, best first."""
         rows = []
         for i, found in enumerate(Detection.detections(outputs, img_size, head)):
@@ -184,7 +191,7 @@ class Detection:
             rows.append({"boxes": [
                 {"label": classes[int(label)], "score": round(float(score), 6),
                  "box": [round(float(v), 2) for v in box * scale]}
-                for box, score, label in zip(found["boxes"], found["scores"], found["labels"])]})
+                for box, score, label in zip(found["boxes"], found["scores"], found["labels"], strict=True)]})
         return rows
 
 

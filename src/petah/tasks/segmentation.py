@@ -2,10 +2,11 @@
 
 The head (1×1 laterals to ``width`` channels, top-down sum, one 3×3 conv + BN + ReLU, a 1×1
 classifier at the finest stride — 4 where the backbone has it: thin defects such as scratches
-are lost at stride 8 on small inputs, measured in the closing note of the dense-task work) is ~60 k parameters at width 64 on efficientformerv2_s0: it travels in
-every package, so it is kept small. Logits are upsampled to the input size; the loss is
-cross-entropy with ignore index 255 (plus soft dice if asked); the metric is torchmetrics'
-``MulticlassJaccardIndex(ignore_index=255)`` per class and its mean.
+are lost at stride 8 on small inputs, measured in the closing note of the dense-task work) is
+~60 k parameters at width 64 on efficientformerv2_s0: it travels in every package, so it is kept
+small. Logits are upsampled to the input size; the loss is cross-entropy with ignore index 255
+(plus soft dice if asked); the metric is torchmetrics' ``MulticlassJaccardIndex(ignore_index=255)``
+per class and its mean.
 """
 
 from __future__ import annotations
@@ -25,16 +26,18 @@ SEG_STRIDES = (4,) + DENSE_STRIDES
 
 
 class FPNSegHead(nn.Module):
-    def __init__(self, in_channels: list[int], classes: int, width: int = HEAD_WIDTH, strides: tuple[int, ...] = DENSE_STRIDES):
+    def __init__(self, in_channels: list[int], classes: int, width: int = HEAD_WIDTH,
+                 strides: tuple[int, ...] = DENSE_STRIDES):
         super().__init__()
         self.in_channels, self.classes, self.width, self.strides = list(in_channels), classes, width, tuple(strides)
         self.laterals = nn.ModuleList(nn.Conv2d(c, width, 1) for c in in_channels)
-        self.fuse = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.fuse = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU(inplace=True))
         self.classifier = nn.Conv2d(width, classes, 1)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         x = self.laterals[-1](features[-1])
-        for lateral, feature in zip(reversed(self.laterals[:-1]), reversed(features[:-1])):
+        for lateral, feature in zip(reversed(self.laterals[:-1]), reversed(features[:-1]), strict=True):
             x = lateral(feature) + F.interpolate(x, size=feature.shape[-2:], mode="bilinear", align_corners=False)
         return self.classifier(self.fuse(x))
 
@@ -123,7 +126,7 @@ class Segmentation:
         return {
             "mIoU": round(float(iou.nanmean()), 6) if not iou.isnan().all() else 0.0,
             "accuracy": round(float(metrics["accuracy"].compute()), 6),  # pixel accuracy
-            "per_class_iou": {c: None if v.isnan() else round(float(v), 6) for c, v in zip(classes, iou)},
+            "per_class_iou": {c: None if v.isnan() else round(float(v), 6) for c, v in zip(classes, iou, strict=True)},
             "classes": list(classes),
             "samples": images,
             "pixels": pixels,
@@ -140,7 +143,8 @@ class Segmentation:
                 row = F.interpolate(row[None], size=sizes[i], mode="bilinear", align_corners=False)[0]
             mask = row.argmax(0).to(torch.uint8)
             counts = torch.bincount(mask.flatten().long(), minlength=len(classes)).float() / mask.numel()
-            out.append({"mask": mask, "pixels": {c: round(float(f), 6) for c, f in zip(classes, counts) if f > 0}})
+            pixels = {c: round(float(f), 6) for c, f in zip(classes, counts, strict=True) if f > 0}
+            out.append({"mask": mask, "pixels": pixels})
         return out
 
 

@@ -140,7 +140,8 @@ class Trainer:
         self.loss_fn, self.data, self.config = loss_fn, data, config
         self.set_train_mode = set_train_mode or (lambda m: m.train())
         if config.batch_size % self.ctx.world_size:
-            raise PetahError(f"--batch-size {config.batch_size} (the global batch) must divide by the {self.ctx.world_size} processes")
+            raise PetahError(f"--batch-size {config.batch_size} (the global batch) must divide by the "
+                             f"{self.ctx.world_size} processes")
         self.rank_batch = config.batch_size // self.ctx.world_size
         self.model = model.to(self.ctx.device)  # the plain module: checkpoints hold its keys
         self.forward_model = self._wrap(self.model, sync_batchnorm)
@@ -171,7 +172,8 @@ class Trainer:
             self.model = model
         device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
         # dense heads read intermediate stages: adapters after the last one get no gradient
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=self.unused_parameters)
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                                   find_unused_parameters=self.unused_parameters)
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         """Every rank stops together: one rank's NaN would otherwise leave the others waiting."""
@@ -217,7 +219,8 @@ class Trainer:
             saved = state.get("config", {})
             changed = [k for k in RESUME_MUST_MATCH if saved.get(k) != getattr(self.config, k)]
             if changed:
-                raise PetahError(f"cannot resume from {path}: it was written with other settings ({', '.join(changed)})")
+                raise PetahError(f"cannot resume from {path}: it was written with other settings "
+                                 f"({', '.join(changed)})")
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -248,7 +251,8 @@ class Trainer:
             # every rank must read the same checkpoint (on several nodes: a shared checkpoint dir)
             check_ranks_agree("resume point (is --checkpoint-dir shared by all nodes?)", [resumed, self.global_step])
             if resumed and is_main_process():
-                stderr.print(f"resumed from {self.checkpoint_path} at epoch {self.epoch + 1}, step {self.step_in_epoch}")
+                stderr.print(f"resumed from {self.checkpoint_path} at epoch {self.epoch + 1}, step "
+                             f"{self.step_in_epoch}")
         start, seen, loss_value, ips = time.perf_counter(), 0, float("nan"), 0.0
         show = cfg.progress and is_main_process() and not os.environ.get("PETAH_NO_PROGRESS")
         progress = Progress(
@@ -263,7 +267,8 @@ class Trainer:
             transient=True,
         )
         with progress:
-            bar = progress.add_task("train", total=self.total_steps, completed=self.global_step, epoch=self.epoch + 1, loss=float("nan"), ips=0.0)
+            bar = progress.add_task("train", total=self.total_steps, completed=self.global_step,
+                                    epoch=self.epoch + 1, loss=float("nan"), ips=0.0)
             while self.epoch < cfg.epochs and self.global_step < self.total_steps:
                 self.data.set_epoch(self.epoch)
                 self.sampler.set_epoch(self.epoch, self.step_in_epoch * self.rank_batch)
@@ -274,7 +279,8 @@ class Trainer:
                         loss = self.loss_fn(self.forward_model(images), targets)
                     if not self._all_finite(loss):
                         where = f"epoch {self.epoch + 1}, step {self.step_in_epoch + 1}"
-                        kept = f"; last good checkpoint: {self.checkpoint_path}" if self.checkpoint_path and self.checkpoint_path.is_file() else ""
+                        saved = self.checkpoint_path and self.checkpoint_path.is_file()
+                        kept = f"; last good checkpoint: {self.checkpoint_path}" if saved else ""
                         raise PetahError(f"training stopped: loss became {loss.item()} at {where}{kept}")
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -293,8 +299,10 @@ class Trainer:
                 if self.step_in_epoch >= self.steps_per_epoch:  # the epoch is complete
                     self.epoch, self.step_in_epoch = self.epoch + 1, 0
                     if show and not stderr.is_terminal:  # logs get a line per epoch, not a bar
-                        stderr.print(f"epoch {self.epoch}/{cfg.epochs} step {self.global_step} loss {loss_value:.4f} {ips:.0f} img/s")
+                        stderr.print(f"epoch {self.epoch}/{cfg.epochs} step {self.global_step} loss {loss_value:.4f} "
+                                     f"{ips:.0f} img/s")
                 self.save_checkpoint()
         self.model.eval()
         seconds = time.perf_counter() - start
-        return TrainResult(self.global_step, self.epoch, seconds, seen * self.ctx.world_size / max(seconds, 1e-9), loss_value)
+        return TrainResult(self.global_step, self.epoch, seconds,
+                           seen * self.ctx.world_size / max(seconds, 1e-9), loss_value)
