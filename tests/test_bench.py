@@ -100,7 +100,7 @@ def test_bench_source_is_trained_once_per_recipe(tmp_path):
     from dataclasses import replace
 
     from petah.backbones import create_backbone, save_backbone
-    from petah.bench.methods import Source, _source_backbone
+    from petah.bench.methods import Source, source_backbone
 
     calls = []
 
@@ -111,8 +111,8 @@ def test_bench_source_is_trained_once_per_recipe(tmp_path):
         return {"path": spec["out"], "source": spec["prepare"], "seconds": 1.0, "source_accuracy": 0.5}
 
     source = Source("mobilenetv3_small_050", 32, data="mnist5k", images=64)
-    first = _source_backbone(source, tmp_path, fake_run, log=lambda message: None)
-    again = _source_backbone(source, tmp_path, fake_run, log=lambda message: None)
+    first = source_backbone(source, tmp_path, fake_run, log=lambda message: None)
+    again = source_backbone(source, tmp_path, fake_run, log=lambda message: None)
     assert len(calls) == 1 and again["reused"] and again["path"] == first["path"] and again["source_accuracy"] == 0.5
-    other = _source_backbone(replace(source, lr=1e-3), tmp_path, fake_run, log=lambda message: None)
+    other = source_backbone(replace(source, lr=1e-3), tmp_path, fake_run, log=lambda message: None)
     assert len(calls) == 2 and other["path"] != first["path"]  # another recipe is another file

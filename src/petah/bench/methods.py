@@ -388,7 +388,7 @@ def _applicable(methods: tuple[str, ...], model: str) -> tuple[tuple[str, ...], 
     return tuple(m for m in methods if m not in skipped), skipped
 
 
-def _source_backbone(source: Source, folder: Path, run: Runner, log) -> dict:
+def source_backbone(source: Source, folder: Path, run: Runner, log) -> dict:
     """The cached source backbone file for `source`, trained in its own process if missing."""
     path = folder / source.file_name()
     if path.is_file():
@@ -412,7 +412,7 @@ def _log(message: str) -> None:
 def run_grid(grid: Grid, run: Runner, sources: Path, log=_log) -> dict:
     """One backbone's methods x tasks x seeds (trains its source first where it has none)."""
     start = time.perf_counter()
-    prep = _source_backbone(grid.source, sources, run, log) if grid.backbone is None else None
+    prep = source_backbone(grid.source, sources, run, log) if grid.backbone is None else None
     backbone = grid.backbone or prep["path"]
     methods, skipped = _applicable(grid.methods, grid.source.model if grid.source else _model_name(backbone))
     base = {"backbone": backbone, "epochs": grid.epochs, "batch_size": grid.batch_size,

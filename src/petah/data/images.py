@@ -126,9 +126,9 @@ def array_to_rgb(array: np.ndarray, intensity: str = "dtype", source: str = "an 
         elif np.issubdtype(arr.dtype, np.integer):
             top = 65535.0 if arr.max(initial=0) > 255 or arr.dtype.itemsize >= 2 else 255.0
             _warn_low_range(arr, top, source)
-            scaled = arr.astype(np.float32) / top
+            scaled = arr.astype(np.float64) / top  # float64 as before: the same bytes for every image
         else:
-            scaled = arr.astype(np.float32)
+            scaled = arr.astype(np.float64)
         out = np.clip(scaled * 255.0 + 0.5, 0, 255).astype(np.uint8)
     else:
         raise PetahError(f"image array of dtype {arr.dtype} is not supported")

@@ -23,7 +23,6 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 HASH_FIELD = "content_sha256"  # v2: covers the manifest (all but this field) and the tensors
 V1_HASH_FIELD = "payload_sha256"  # v1: covered the tensors only
-# A task name becomes a file or folder name on export and on the device: one safe path component.
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 MAX_LABELS = 100_000
@@ -42,9 +41,11 @@ def canonical_json(value: Any) -> bytes:
         raise PetahError(f"a manifest value cannot be stored: {exc}") from exc
 
 
-def check_task_name(name: object, origin: str = "task") -> str:
+def check_task_name(name: object, origin: str | None = None) -> str:
+    """A task name is a file or folder name on export and on the device: one safe path component."""
     if not isinstance(name, str) or TASK_NAME.fullmatch(name) is None:
-        raise PetahError(f"{origin}: task name {name!r} is not allowed; use 1-64 letters, digits, '.', '_' or '-', "
+        where = f"{origin}: " if origin else ""
+        raise PetahError(f"{where}task name {name!r} is not allowed; use 1-64 letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit")
     return name
 
