@@ -27,6 +27,7 @@ from petah.packages import (
     upgrade_package,
     write_package,
 )
+from petah.packages.manifest import canonical_json
 from petah.plans import PlanConfig
 from petah.testing import synthetic_package
 
@@ -42,7 +43,7 @@ def backbone():
 @pytest.fixture
 def package_path(backbone, tmp_path):
     package = synthetic_package(backbone, "parts", PlanConfig(rank=2, task_norm="affine"), classes=3,
-                                labels=["ok", "scratch", "dent"])
+                                labels=["ok", "scratch", "Delle-ä"])  # non-ASCII: UTF-8 in the canonical form
     return write_package(tmp_path / "parts.petah", package)
 
 
@@ -58,7 +59,7 @@ def rewrite(path, manifest, tensors, header=None, rehash=False):
     header = dict(header or raw_parts(path)[0])
     if rehash:
         manifest = {**manifest, "content_sha256": content_sha256(manifest, tensors)}
-    header["manifest"] = json.dumps(manifest)
+    header["manifest"] = canonical_json(manifest).decode()  # a careful forger keeps the canonical form
     path.write_bytes(save(tensors, metadata=header))
 
 
@@ -70,7 +71,7 @@ def test_round_trip_keeps_manifest_tensors_and_an_empty_signature(package_path):
     assert package.manifest.to_dict() == raw  # the typed manifest is lossless
     assert package.manifest.plan.to_dict()["targets"] == raw["plan"]["targets"]
     assert all(isinstance(t, list) and len(t) == 3 for t in raw["plan"]["targets"])
-    assert package.manifest.labels == ["ok", "scratch", "dent"]
+    assert package.manifest.labels == ["ok", "scratch", "Delle-ä"]
     assert all(torch.equal(tensors[k], package.tensors[k]) for k in tensors)
 
 
@@ -125,6 +126,17 @@ BAD_MANIFESTS = {
     "unknown version": (lambda m: m.update(format_version=99), r"unknown package format version 99"),
     "bad fingerprint": (lambda m: m["backbone"].update(fingerprint="abc"), r"backbone\.fingerprint must be a sha256"),
     "bad adapter dtype": (lambda m: m.update(adapter_dtype="float8"), r"adapter_dtype must be one of"),
+    "version as a float": (lambda m: m.update(format_version=2.0), r"unknown package format version 2\.0"),
+    "std of strings": (lambda m: m["preprocessing"].update(std=["a", "b", "c"]), r"preprocessing\.std must be"),
+    "std too large": (lambda m: m["preprocessing"].update(std=[10**400] * 3), r"preprocessing\.std must be"),
+    "img_size as text": (lambda m: m["preprocessing"].update(img_size="32"), r"preprocessing\.img_size must be"),
+    "stage ranks as a list": (lambda m: m["plan"]["config"].update(stage_ranks=[1, 2]), r"plan\.config\.stage_ranks"),
+    "override modules not strings": (lambda m: m["plan"]["config"].update(override_modules=[5]),
+                                     r"plan\.config\.override_modules"),
+    "target regex that is not one": (lambda m: m["plan"]["config"].update(targets=["((("]), r"plan\.config\.targets"),
+    "huge rank": (lambda m: m["plan"]["targets"][0].__setitem__(2, 10**30), r"plan\.targets must be"),
+    "head list too long": (lambda m: m["head"].update(extra=list(range(100))), r"head\.extra must be"),
+    "unknown intensity": (lambda m: m["preprocessing"].update(intensity="gamma"), r"preprocessing must be valid"),
 }
 
 
@@ -295,3 +307,75 @@ def test_a_failed_ort_adapters_export_leaves_nothing_behind(backbone, tmp_path):
     with pytest.raises(PetahError, match="was trained on"):
         export_base_and_adapters(backbone, [good, stranger], out)  # fails on the second task, after base.onnx
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("spelling", ["spaces", "duplicate key", "nan", "deep"])
+def test_only_the_canonical_spelling_of_a_manifest_is_read(package_path, spelling):
+    """One manifest, one reading: a reader that keeps the first of two duplicate keys sees what was hashed."""
+    header, manifest, tensors = raw_parts(package_path)
+    text = canonical_json(manifest).decode()
+    header["manifest"] = {
+        "spaces": json.dumps(manifest, sort_keys=True),
+        "duplicate key": text[:-1] + ',"adapter_dtype":"float16"}',
+        "nan": text[:-1] + ',"zz":NaN}',
+        "deep": text[:-1] + ',"zz":' + "[" * 100_000 + "]" * 100_000 + "}",
+    }[spelling]
+    package_path.write_bytes(save(tensors, metadata=header))
+    with pytest.raises(PetahError, match="not in canonical form|not valid JSON") as info:
+        read_package(package_path)
+    assert str(package_path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_signing_with_a_newer_petah_keeps_the_hashed_bytes(package_path, monkeypatch):
+    """The signer's version is not the writer's: signing must not re-stamp (and so re-hash) the manifest."""
+    import petah.packages.format as codec
+
+    before, _, _ = raw_parts(package_path)
+    monkeypatch.setattr(codec, "__version__", "9.9.9")
+    set_signature(package_path, "signed-by-a-newer-petah")
+    after, _, _ = raw_parts(package_path)
+    assert after["manifest"] == before["manifest"] and after["signature"] == "signed-by-a-newer-petah"
+    copy = upgrade_package(package_path, package_path.with_name("copy.petah"))[0]
+    assert copy.read_bytes() == package_path.read_bytes()  # a current file is copied unchanged, signature and all
+
+
+HEADS = {
+    "an out-of-range width": (lambda m: m["head"].update(in_features=2 * 10**9), r"head\.in_features must be"),
+    # 100,000 x 100,000 floats would be 40 GB: the description is built on the meta device and refused
+    "a head asking for 40 GB": (lambda m: (m["head"].update(in_features=100_000, out_features=100_000),
+                                          m["task"].update(labels=[f"c{i}" for i in range(100_000)])),
+                                r"head tensors do not fit the head it describes \(head/bias: \(3,\) stored"),
+    "another width than its tensors": (lambda m: m["head"].update(in_features=64), r"head tensors do not fit"),
+}
+
+
+@pytest.mark.parametrize("case", HEADS, ids=list(HEADS))
+def test_a_head_description_is_checked_against_its_tensors_before_allocation(backbone, package_path, case):
+    edit, message = HEADS[case]
+    _, manifest, tensors = raw_parts(package_path)
+    edit(manifest)
+    rewrite(package_path, manifest, tensors, rehash=True)
+    with pytest.raises(PetahError, match=message):
+        load_task(backbone, package_path)
+
+
+@pytest.mark.parametrize("head, message", [
+    ({"in_channels": [], "strides": []}, "head description is invalid|do not fit"),
+    ({"convs": 100_000}, r"convs must be 0\.\.16"),
+])
+def test_a_dense_head_description_is_refused_before_it_is_built(head, message):
+    from petah.packages.attach import check_head
+    from petah.tasks import Detection
+
+    description = {"in_channels": [8, 8, 8], "grids": [4, 2, 1], "width": 8, "convs": 1, "out_features": 2,
+                   "strides": [8, 16, 32], **head}
+    with pytest.raises(PetahError, match=message):
+        check_head(Detection, description, {}, "package x.petah")
+
+
+def test_nothing_unreadable_is_written(backbone, tmp_path):
+    package = synthetic_package(backbone, "parts", PlanConfig(), classes=2, labels=["ok", "bad"])
+    package.manifest.task = type(package.manifest.task)("parts", "classification", ("ok", 7))
+    with pytest.raises(PetahError, match="task.labels must be"):
+        write_package(tmp_path / "x.petah", package)
+    assert list(tmp_path.iterdir()) == []

@@ -86,6 +86,9 @@ def staged_folder(output: str | Path) -> Iterator[Path]:
     try:
         yield stage
         output.mkdir(exist_ok=True)
+        blocked = [item.name for item in stage.iterdir() if (output / item.name).is_dir()]
+        if blocked:
+            raise PetahError(f"cannot write {output / blocked[0]}: a folder of that name is in the way")
         for item in sorted(stage.iterdir()):
             os.replace(item, output / item.name)
     finally:

@@ -194,7 +194,7 @@ def export_base_and_adapters(backbone: Backbone, packages: list, output: str | P
             raise PetahError(f"{path}: its adapted layers or ranks differ from {loaded[0][0]}; "
                              "one base serves one plan shape")
     task_names = [p.task_name for _, p in loaded]
-    if len(set(task_names)) != len(task_names):
+    if len({n.casefold() for n in task_names}) != len(task_names):  # a.onnx_adapter and A.onnx_adapter collide on macOS
         raise PetahError(f"two packages share a task name ({', '.join(task_names)}); "
                          "each task gets its own adapter file")
     classes = max(len(p.manifest.labels) for _, p in loaded)

@@ -221,7 +221,7 @@ def import_peft(backbone: Backbone, folder: str | Path, task_name: str | None = 
     info = _read_task_file(folder)
     if info and info["backbone"]["fingerprint"] != backbone.fingerprint:
         trained = info["backbone"]
-        raise PetahError(f"{folder} was trained on {trained['name']}@{trained['img_size']} "
+        raise PetahError(f"{folder} was trained on {trained.get('name')}@{trained.get('img_size')} "
                          f"({trained['fingerprint'][:12]}), not on {backbone.name}@{backbone.img_size} "
                          f"({backbone.fingerprint[:12]})")
     classifiers = classifier_names(backbone)
@@ -291,7 +291,7 @@ def export_peft_folders(backbone: Backbone, packages: list, folder: str | Path) 
     several (two packages of one task name are refused, before anything is written)."""
     loaded = [package if isinstance(package, TaskPackage) else read_package(package) for package in packages]
     names = [package.task_name for package in loaded]
-    if len(set(names)) != len(names):
+    if len({n.casefold() for n in names}) != len(names):  # folders a and A collide on case-insensitive disks
         raise PetahError(f"two packages share a task name ({', '.join(names)}); export them one at a time")
     folder = Path(folder)
     # task names are validated on read; ``inside`` keeps even a future bug from writing elsewhere

@@ -80,22 +80,41 @@ def attach_package(backbone: Backbone, package: TaskPackage, origin: str,
     """Add a package's adapters (as adapter ``name``) to ``backbone.model`` in place; build its head."""
     manifest = package.manifest
     kind = task_kind(manifest.task.kind)
+    head_tensors = package.section("head")
+    check_head(kind, manifest.head, head_tensors, origin)  # before any layer is really allocated
     try:
         adapter = TaskAdapter(backbone, manifest.plan.plan_config(), targets=list(manifest.plan.targets), name=name)
-    except (AttributeError, ValueError) as exc:
-        raise PetahError(f"{origin} names layers this backbone lacks: {exc}") from exc
+    except (AttributeError, ValueError, TypeError, KeyError) as exc:
+        raise PetahError(f"{origin} names layers this backbone lacks: {_first_line(exc)}") from exc
     try:
         adapter.load_state(package.section("adapter"), package.section("override"))
     except PetahError as exc:
         raise PetahError(f"{origin}: {exc}") from exc
-    try:
-        head = kind.head_from_manifest(manifest.head)
-        head.load_state_dict(package.section("head"))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PetahError(f"{origin}: the head description is invalid ({type(exc).__name__}: {exc})") from exc
-    except RuntimeError as exc:
-        raise PetahError(f"{origin}: head tensors do not fit: {str(exc).splitlines()[0]}") from exc
+    head = kind.head_from_manifest(manifest.head)
+    head.load_state_dict(head_tensors)
     return adapter, head.eval()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def check_head(kind, description: dict, tensors: dict[str, torch.Tensor], origin: str) -> None:
+    """Build the described head on the meta device (no memory) and compare its tensor shapes with the
+    stored ones: a description that asks for gigabytes, or does not fit its tensors, is refused first."""
+    try:
+        with torch.device("meta"):
+            template = kind.head_from_manifest(description)
+        want = {k: tuple(v.shape) for k, v in template.state_dict().items()}
+    except (KeyError, TypeError, ValueError, OverflowError, RuntimeError) as exc:
+        raise PetahError(f"{origin}: the head description is invalid ({_first_line(exc)})") from None
+    have = {k: tuple(v.shape) for k, v in tensors.items()}
+    if want != have:
+        wrong = sorted(set(want) ^ set(have)) or sorted(k for k in want if want[k] != have[k])
+        key = wrong[0]
+        raise PetahError(f"{origin}: head tensors do not fit the head it describes (head/{key}: "
+                         f"{have.get(key, 'missing')} stored, {want.get(key, 'none')} described)")
 
 
 @dataclass
@@ -168,7 +187,7 @@ def describe_package(path: str | Path) -> dict:
         "adapter_dtype": manifest.adapter_dtype,
         "format_version": manifest.format_version,
         "content_sha256": manifest.content_sha256,
-        "signed": bool(package.signature),
+        "signature_present": bool(package.signature),  # present, not verified: trust is the fleet's check
         "petah_version": manifest.petah_version,
         "created_at": manifest.created_at,
         "training": manifest.training,

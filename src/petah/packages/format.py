@@ -27,6 +27,7 @@ from petah.files import atomic_write_bytes
 from petah.packages.manifest import FORMAT, FORMAT_VERSION, HASH_FIELD, V1_HASH_FIELD, Manifest, canonical_json
 
 SECTIONS = ("adapter", "override", "head")
+MAX_MANIFEST_CHARS = 32 * 2**20  # 100,000 labels of 200 characters fit; a larger header is not a manifest
 SIGNATURE_KEY = "signature"
 HEADER_KEYS = ("format", "manifest", SIGNATURE_KEY)
 # safetensors' names of torch dtypes: the dtype a third-party reader sees in the file's header
@@ -80,9 +81,11 @@ def signed_message(content_hash: str) -> bytes:
 
 
 def encode_package(package: TaskPackage) -> bytes:
-    """The file's bytes; the manifest is stamped with this format version and its content hash."""
+    """The file's bytes; the manifest is stamped with this format version and its content hash.
+    What a reader would refuse is refused here, so nothing unreadable is ever written."""
     manifest = package.manifest
     manifest.format_version, manifest.petah_version = FORMAT_VERSION, __version__
+    Manifest.from_dict(manifest.to_dict(with_hash=False), f"package {manifest.task.name}")
     manifest.content_sha256 = content_sha256(manifest.to_dict(with_hash=False), package.tensors)
     header = {"format": FORMAT, "manifest": canonical_json(manifest.to_dict()).decode(),
               SIGNATURE_KEY: package.signature}
@@ -108,12 +111,23 @@ def _header(path: Path) -> dict[str, str]:
 def _raw_manifest(path: Path, header: dict[str, str]) -> dict:
     if header.get("format") != FORMAT or "manifest" not in header:
         raise PetahError(f"{path} is not a petah task package (no petah manifest)")
+    text = header["manifest"]
+    if len(text) > MAX_MANIFEST_CHARS:
+        raise PetahError(f"{path}: the package manifest is over {MAX_MANIFEST_CHARS // 2**20} MiB")
     try:
-        raw = json.loads(header["manifest"])
-    except json.JSONDecodeError as exc:
-        raise PetahError(f"{path}: the package manifest is not valid JSON") from exc
+        raw = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, over-long integers, deep nesting
+        raise PetahError(f"{path}: the package manifest is not valid JSON ({type(exc).__name__})") from None
     if not isinstance(raw, dict):
         raise PetahError(f"{path}: the package manifest must be a JSON object, got {type(raw).__name__}")
+    if raw.get("format_version") != 1:  # v2 stores exactly the canonical form it hashes: one reading for all readers
+        try:
+            canonical = canonical_json(raw).decode() == text
+        except (PetahError, RecursionError, UnicodeError):
+            canonical = False
+        if not canonical:
+            raise PetahError(f"{path}: the package manifest is not in canonical form (sorted keys, no whitespace, "
+                             "no duplicate keys, no NaN: docs/format.md)")
     return raw
 
 
@@ -158,19 +172,28 @@ def read_package(path: str | Path) -> TaskPackage:
 
 
 def upgrade_package(path: str | Path, output: str | Path | None = None) -> tuple[Path, int]:
-    """Rewrite a package (v1 or v2) as the current format; returns the path and the version it had."""
+    """Rewrite a package in the current format; returns the path and the version it had.
+
+    A current file is verified and copied byte for byte (its content hash and signature stay valid)."""
+    path = Path(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PetahWarning)  # upgrading is the answer to that warning
         package = read_package(path)
     was = package.manifest.format_version
+    if was == FORMAT_VERSION:
+        if output is not None and Path(output).resolve() != path.resolve():
+            atomic_write_bytes(Path(output), path.read_bytes())
+        return Path(output or path), was
+    package.signature = ""  # a v1 file has none; a new hash would not match an old one anyway
     return write_package(output or path, package), was
 
 
 def set_signature(path: str | Path, signature: str) -> Path:
     """Rewrite only the header's signature slot; the content hash (and so what was signed) is unchanged."""
+    path = Path(path)
     package = read_package(path)
     if package.manifest.format_version != FORMAT_VERSION:
         raise PetahError(f"{path} is a format-{package.manifest.format_version} package: "
                          "`petah upgrade` it before signing")
-    package.signature = signature
-    return write_package(path, package)
+    header = _header(path)  # the manifest string is kept byte for byte: nothing hashed is rewritten
+    return atomic_write_bytes(path, save(package.tensors, metadata={**header, SIGNATURE_KEY: signature}))

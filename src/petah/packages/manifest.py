@@ -16,7 +16,7 @@ from typing import Any
 
 from petah import __version__
 from petah.errors import PetahError
-from petah.plans import CHANNEL_SCALE, LORA, PlanConfig, Target
+from petah.plans import CHANNEL_SCALE, LORA, MAX_RANK, PlanConfig, Target
 
 FORMAT = "petah-task"
 FORMAT_VERSION = 2
@@ -27,6 +27,8 @@ TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 MAX_LABELS = 100_000
 MAX_LABEL_CHARS = 200
+MAX_HEAD_LIST = 16  # strides, channels, grids: a handful per head
+MAX_HEAD_NUMBER = MAX_LABELS  # any width or count a head description declares (shapes are checked on attach)
 METHODS = (LORA, CHANNEL_SCALE)
 ADAPTER_DTYPES = ("float16", "bfloat16", "float32")  # how adapter tensors may be stored
 CORE_FIELDS = ("format", "format_version", "petah_version", "task", "backbone", "preprocessing", "plan", "head",
@@ -59,7 +61,8 @@ class _Fields:
         self.data, self.where, self.origin = data, where, origin
 
     def fail(self, key: str, want: str) -> PetahError:
-        return PetahError(f"{self.origin}: manifest field {self.where}{'.' if self.where else ''}{key} must be {want}")
+        name = ".".join(part for part in (self.where, key) if part) or "root"
+        return PetahError(f"{self.origin}: manifest field {name} must be {want}")
 
     def get(self, key: str, kind: type | tuple[type, ...], want: str, default: Any = ...) -> Any:
         if key not in self.data:
@@ -93,6 +96,42 @@ class _Fields:
     def nested(self, key: str) -> _Fields:
         where = f"{self.where}{'.' if self.where else ''}{key}"
         return _Fields(self.get(key, dict, "a JSON object"), where, self.origin)
+
+
+def _is_number(value: object) -> bool:
+    """A finite JSON number a float can hold (a 400-digit integer is not one)."""
+    if type(value) is int:
+        return abs(value) <= 2**53
+    return type(value) is float and math.isfinite(value)
+
+
+def _head_value(value: object) -> bool:
+    """What a head description may hold: bounded, so building its layers cannot run away
+    (their shapes are compared with the stored tensors before any real allocation)."""
+    if isinstance(value, str):
+        return len(value) <= 300
+    if isinstance(value, list):
+        return len(value) <= MAX_HEAD_LIST and all(type(v) is int and 0 <= v <= MAX_HEAD_NUMBER for v in value)
+    return _is_number(value) and abs(value) <= MAX_HEAD_NUMBER
+
+
+def _check_plan_config(config: _Fields) -> None:
+    """The recipe is re-read on attach (PlanConfig.from_dict): check its types first."""
+    for key in ("targets", "override_modules"):
+        if key in config.data:
+            for pattern in config.strings(key, 1_000, 300):
+                try:
+                    re.compile(pattern)
+                except re.error:
+                    raise config.fail(key, f"valid regular expressions, not {pattern[:40]!r}") from None
+    stages = config.get("stage_ranks", dict, "an object of stage -> rank", {})
+    if not all(str(k).isdigit() and type(v) is int and 0 <= v <= MAX_RANK for k, v in stages.items()):
+        raise config.fail("stage_ranks", f"an object of stage -> rank (0..{MAX_RANK})")
+    try:
+        PlanConfig.from_dict(config.data)
+    except Exception as exc:  # any failure of an untrusted recipe is a refusal, named
+        raise config.fail("", f"a valid plan ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") \
+            from None
 
 
 def _choice(fields: _Fields, key: str, choices: tuple[str, ...], default: str) -> str:
@@ -202,7 +241,7 @@ class Manifest:
 
         root = _Fields(data, "", origin)
         version = root.data.get("format_version")
-        if version not in READABLE_VERSIONS or isinstance(version, bool):
+        if type(version) is not int or version not in READABLE_VERSIONS:
             raise PetahError(f"{origin}: unknown package format version {version!r} "
                              f"(this petah reads {', '.join(map(str, READABLE_VERSIONS))})")
         task_fields = root.nested("task")
@@ -220,27 +259,28 @@ class Manifest:
                                bb.count("weights_bytes", default=0), bb.get("pruned", bool, "true or false", False))
 
         preprocessing = root.obj("preprocessing")
+        pre = root.nested("preprocessing")
+        if pre.count("img_size", minimum=1) != backbone.img_size:
+            raise pre.fail("img_size", f"the backbone's input size {backbone.img_size}")
+        for key, low in (("mean", -math.inf), ("std", 0.0)):
+            values = pre.get(key, list, "a list of 3 finite numbers")
+            if len(values) != 3 or not all(_is_number(v) and low < v < math.inf for v in values):
+                raise pre.fail(key, "a list of 3 finite numbers" + (" > 0" if key == "std" else ""))
         try:
-            pre = Preprocess.from_dict(preprocessing)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise root.fail("preprocessing", f"img_size, mean and std ({type(exc).__name__}: {exc})") from None
-        if pre.img_size != backbone.img_size or len(pre.mean) != 3 or len(pre.std) != 3 or \
-                not all(math.isfinite(s) and s > 0 for s in pre.std):
-            raise root.fail("preprocessing", "the backbone's img_size with 3 means and 3 positive stds")
+            Preprocess.from_dict(preprocessing)  # the intensity mode and anything else it reads
+        except (KeyError, TypeError, ValueError, PetahError) as exc:
+            raise root.fail("preprocessing", f"valid preprocessing ({str(exc).splitlines()[0]})") from None
 
         plan_fields = root.nested("plan")
         config = plan_fields.obj("config")
-        try:
-            PlanConfig.from_dict(config)
-        except (PetahError, TypeError, ValueError) as exc:
-            raise plan_fields.fail("config", f"a valid plan ({str(exc).splitlines()[0]})") from None
+        _check_plan_config(plan_fields.nested("config"))
         targets = []
         for item in plan_fields.get("targets", list, "a list of [module, method, rank] triples"):
             if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
                     and MODULE_NAME.fullmatch(item[0]) and item[1] in METHODS
-                    and isinstance(item[2], int) and not isinstance(item[2], bool) and item[2] >= 0):
-                raise plan_fields.fail("targets", f"[module, method ({' | '.join(METHODS)}), rank >= 0] triples, "
-                                                  f"got {json.dumps(item)[:80]}")
+                    and type(item[2]) is int and 0 <= item[2] <= MAX_RANK):
+                raise plan_fields.fail("targets", f"[module, method ({' | '.join(METHODS)}), rank 0..{MAX_RANK}] "
+                                                  f"triples, got {json.dumps(item)[:80]}")
             targets.append(Target(item[0], item[1], item[2]))
         overrides = plan_fields.strings("overrides", 100_000, 300)
         if len({t.module for t in targets}) != len(targets):
@@ -249,6 +289,10 @@ class Manifest:
         head = root.obj("head")
         head_fields = _Fields(head, "head", origin)
         head_fields.strings("tensors", 1_000, 300)
+        for key, value in head.items():
+            if key != "tensors" and not _head_value(value):
+                raise head_fields.fail(key, f"a string, a finite number up to {MAX_HEAD_NUMBER:,} or a list of at most "
+                                            f"{MAX_HEAD_LIST} such numbers")
         outputs = head_fields.count("out_features", minimum=1)
         if outputs != len(task.labels):
             raise PetahError(f"{origin}: the manifest names {len(task.labels)} label(s) "

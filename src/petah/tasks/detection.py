@@ -34,6 +34,9 @@ TOWER_CONVS = 2
 SCORE_THRESHOLD = 0.2
 
 
+MAX_TOWER_CONVS = 16  # torchvision's FCOS uses 4; building thousands is only a way to stall a reader
+
+
 class DetectionHead(nn.Module):
     def __init__(self, in_channels: list[int], classes: int, grids: list[int], width: int = HEAD_WIDTH,
                  convs: int = TOWER_CONVS, strides: tuple[int, ...] = DENSE_STRIDES):
@@ -115,6 +118,8 @@ class Detection:
 
     @staticmethod
     def head_from_manifest(info: dict) -> DetectionHead:
+        if not 0 <= int(info["convs"]) <= MAX_TOWER_CONVS:  # a package's description is untrusted input
+            raise ValueError(f"convs must be 0..{MAX_TOWER_CONVS}, got {info['convs']}")
         return DetectionHead([int(c) for c in info["in_channels"]], int(info["out_features"]),
                              [int(g) for g in info["grids"]], int(info["width"]), int(info["convs"]),
                              tuple(int(s) for s in info["strides"]))
