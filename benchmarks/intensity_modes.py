@@ -120,7 +120,8 @@ def main() -> None:
     sets = {"nuclei": (nuclei(args.count), ["background", "nucleus"]),
             "levels": (levels(args.count), ["background", "bright", "dim"])}
     sets = {name: sets[name] for name in args.sets.split(",")}
-    setup = {**vars(args), "backbone": "efficientformerv2_s0 (random init)", "plan": "petah"}
+    recipe = {k: v for k, v in vars(args).items() if k != "out"}  # where it was written is not part of the result
+    setup = {**recipe, "backbone": "efficientformerv2_s0 (random init)", "plan": "petah"}
     results: dict = {"config": setup, "runs": []}
     cache: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
