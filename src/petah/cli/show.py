@@ -38,6 +38,9 @@ def inspect_(
         *[(k, str(info["metrics"][k])) for k in ("mIoU", "mAP", "mAP50") if k in info["metrics"]],
         ("accuracy", str(info["metrics"].get("accuracy"))),
         ("sections", ", ".join(f"{k}: {v['parameters']:,} params" for k, v in info["sections"].items())),
+        ("format", f"v{info['format_version']}, content sha256 {info['content_sha256'][:16]}"
+                   if info["content_sha256"] else f"v{info['format_version']}: no manifest hash (petah upgrade)"),
+        ("signature", "present (not verified here)" if info["signature_present"] else "none"),
         ("created", f"{info['created_at']} by petah {info['petah_version']}"),
     ])
 
