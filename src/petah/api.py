@@ -20,11 +20,11 @@ from petah.data import Augment, LabeledImages, Preprocess, TrainingView
 from petah.errors import PetahError
 from petah.files import check_writable
 from petah.packages import (
-    DTYPES,
     LoadedTask,
     TaskPackage,
     attach_package,
     build_package,
+    check_dtype,
     check_task_name,
     describe_package,
     load_task,
@@ -70,11 +70,6 @@ def _check_labels(train: LabeledImages, val: LabeledImages) -> None:
         raise PetahError("training and validation sets name different classes")
 
 
-def _check_dtype(option: str, dtype: str) -> None:
-    if dtype not in DTYPES:
-        raise PetahError(f"{option} must be one of {', '.join(DTYPES)}, got {dtype!r}")
-
-
 def check_task(task: str | None, data: LabeledImages):
     """The task kind ``data`` is labelled for; ``task`` (a kind name), when given, must agree."""
     kind = kind_for_data(data)
@@ -109,7 +104,7 @@ def prepare(
     command: str = "",
 ) -> tuple[Backbone, dict]:
     """Fully train (or fine-tune) a backbone on a source dataset and save it as a backbone file."""
-    _check_dtype("save_dtype", save_dtype)
+    stored = check_dtype("save_dtype", save_dtype)
     check_writable(out)
     if kind_for_data(train) is not Classification:
         raise PetahError("prepare trains a backbone on a classification set (class folders or a built-in one)")
@@ -137,7 +132,7 @@ def prepare(
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     if is_main_process():
-        save_backbone(backbone, out, extra, dtype=DTYPES[save_dtype])
+        save_backbone(backbone, out, extra, dtype=stored)
     barrier()
     return create_backbone(weights=str(out)), metrics
 
@@ -171,7 +166,7 @@ def adapt(
     agree with it. With ``output`` the package is written there, and the path is checked before
     any training.
     """
-    _check_dtype("adapter_dtype", adapter_dtype)
+    check_dtype("adapter_dtype", adapter_dtype)
     if output is not None:
         check_writable(output)
     check_task_name(task_name)
@@ -385,17 +380,17 @@ def predict_files(backbone: Backbone, packages: list, paths: list[str | Path], *
 
 
 def _predict_each(runtime, files: list[Path], top_k: int, out_dir: str | Path | None):
-    from petah.data import load_image
+    from petah.data.images import load_image_modes
     from petah.tasks.detection import save_box_overlay
     from petah.tasks.segmentation import save_mask, save_overlay
 
     names = _unique_stems(files)
     by_mode: dict[str, list[str]] = {}  # each task sees the image as its package was trained (intensity)
     for name, task in runtime.tasks.items():
-        by_mode.setdefault(task.manifest.preprocessing.get("intensity", "dtype"), []).append(name)
+        by_mode.setdefault(task.manifest.intensity, []).append(name)
     for path in files:
         try:
-            images = {mode: load_image(path, mode) for mode in by_mode}
+            images = load_image_modes(path, tuple(by_mode))
         except PetahError as exc:
             yield {"image": str(path), "error": str(exc)}
             continue
@@ -405,18 +400,17 @@ def _predict_each(runtime, files: list[Path], top_k: int, out_dir: str | Path | 
         for name, preds, image in outputs:
             result = dict(preds[0])
             mask = result.pop("mask", None)
-            safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)  # a task name never leaves --out-dir
-            if mask is not None and out_dir is not None:
+            if out_dir is not None and (mask is not None or "boxes" in result):
+                safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)  # a task name never leaves --out-dir
                 base = Path(out_dir) / f"{names[path]}.{safe}"
                 base.parent.mkdir(parents=True, exist_ok=True)
-                save_mask(mask, f"{base}.mask.png")
-                save_overlay(image, mask, f"{base}.overlay.png")
-                result.update({"mask": f"{base}.mask.png", "overlay": f"{base}.overlay.png"})
-            if "boxes" in result and out_dir is not None:
-                base = Path(out_dir) / f"{names[path]}.{safe}"
-                base.parent.mkdir(parents=True, exist_ok=True)
-                save_box_overlay(image, result["boxes"], f"{base}.boxes.png")
-                result["overlay"] = f"{base}.boxes.png"
+                if mask is not None:
+                    save_mask(mask, f"{base}.mask.png")
+                    save_overlay(image, mask, f"{base}.overlay.png")
+                    result.update({"mask": f"{base}.mask.png", "overlay": f"{base}.overlay.png"})
+                if "boxes" in result:
+                    save_box_overlay(image, result["boxes"], f"{base}.boxes.png")
+                    result["overlay"] = f"{base}.boxes.png"
             tasks[name] = result
         yield {"image": str(path), "tasks": tasks}
 

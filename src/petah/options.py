@@ -3,14 +3,17 @@
 The config dataclasses (``PlanConfig``, ``TrainConfig``, ``PruneConfig``) are the one place an
 option is defined: its default, its help, its ``--flag``. The CLI derives its options from them
 (``petah.cli.common.config_options``), so the two cannot drift apart. Low in the tree on purpose:
-it imports nothing from petah.
+it imports nothing from petah but ``petah.errors``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import MISSING, field, fields
 from typing import Any
+
+from petah.errors import PetahError
 
 
 def option(default: Any = MISSING, *, help: str, cli: str | None = None, default_factory: Any = MISSING,
@@ -27,6 +30,12 @@ def option(default: Any = MISSING, *, help: str, cli: str | None = None, default
     return field(default=default, metadata=metadata)
 
 
+def require_positive(label: str, value: float | None) -> None:
+    """The configs' one rule for rates and scales: unset (None) or a finite number > 0."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise PetahError(f"{label} must be a positive number, got {value}")
+
+
 def flag(cls: type, name: str) -> str:
     """How an error message names a field: its CLI flag where it has one (what CLI users typed),
     else the field name (what API users typed)."""
@@ -36,4 +45,4 @@ def flag(cls: type, name: str) -> str:
     raise KeyError(name)
 
 
-__all__ = ["flag", "option"]
+__all__ = ["flag", "option", "require_positive"]

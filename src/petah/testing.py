@@ -12,6 +12,7 @@ from petah.adapters import TaskAdapter
 from petah.backbones import Backbone
 from petah.packages import TaskPackage, build_package
 from petah.plans import PlanConfig
+from petah.tasks import Classification
 
 
 def synthetic_package(backbone: Backbone, name: str, plan: PlanConfig, classes: int = 10, seed: int = 0,
@@ -24,8 +25,6 @@ def synthetic_package(backbone: Backbone, name: str, plan: PlanConfig, classes: 
     with torch.no_grad():
         for p in adapter.trainable_parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-    from petah.tasks import Classification
-
     head = Classification.build_head(backbone.num_features, classes)
     labels = labels or [str(i) for i in range(classes)]
     return build_package(backbone, adapter, head, task_name=name, labels=labels, adapter_dtype="float32")

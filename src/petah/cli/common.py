@@ -76,7 +76,7 @@ def package_intensity(path: Path) -> str:
     """How the package's images deeper than 8 bits became 8-bit (its manifest; "dtype" before it said)."""
     from petah.packages.format import read_manifest
 
-    return read_manifest(path).preprocessing.get("intensity", "dtype")
+    return read_manifest(path).intensity
 
 
 def warn_skipped(data) -> None:

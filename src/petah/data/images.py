@@ -165,8 +165,15 @@ def _refuse_huge(image: Image.Image, path: Path) -> None:
 
 def load_image(path: str | Path, intensity: str = DEFAULT_INTENSITY) -> torch.Tensor:
     """An image file -> (3, H, W) uint8; any problem (unreadable, too large) is a one-line ``PetahError``."""
+    return load_image_modes(path, (intensity,))[intensity]
+
+
+def load_image_modes(path: str | Path, intensities: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """An image file decoded once, as (3, H, W) uint8 under each intensity mode (tasks trained with
+    different modes share one file read)."""
     path = Path(path)
-    check_intensity(intensity)
+    for intensity in intensities:
+        check_intensity(intensity)
     try:
         with warnings.catch_warnings():
             # PIL warns above its own limit; petah's limit (checked next) is the policy that counts.
@@ -174,7 +181,7 @@ def load_image(path: str | Path, intensity: str = DEFAULT_INTENSITY) -> torch.Te
             with Image.open(path) as image:
                 _refuse_huge(image, path)
                 image.load()
-                return pil_to_rgb(image, intensity, str(path))
+                return {intensity: pil_to_rgb(image, intensity, str(path)) for intensity in intensities}
     except Image.DecompressionBombError as exc:  # above PIL's hard ceiling, raised while opening
         raise PetahError(f"cannot read image {path}: {str(exc).splitlines()[0]} "
                          f"(over petah's limit of {_megapixels(max_image_pixels())})") from exc

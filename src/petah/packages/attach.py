@@ -27,6 +27,13 @@ from petah.tasks import Classification, task_kind
 DTYPES = {name: getattr(torch, name) for name in ADAPTER_DTYPES}  # "float16" -> torch.float16 …
 
 
+def check_dtype(option: str, dtype: str) -> torch.dtype:
+    """A float type named as the API and CLI name it ("float16" …); refused with a one-line error."""
+    if dtype not in DTYPES:
+        raise PetahError(f"{option} must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
 def now_utc() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
@@ -40,9 +47,8 @@ def build_package(backbone: Backbone, adapter: TaskAdapter, head: nn.Module, *, 
                   kind=Classification, adapter_dtype: str = "float16", **fields) -> TaskPackage:
     """A task package from a trained (or given) adapter and head; ``fields``: the manifest's
     optional fields (metrics, training, trainable_parameters, preprocessing, created_at)."""
-    if adapter_dtype not in DTYPES:
-        raise PetahError(f"adapter dtype must be one of {', '.join(DTYPES)}, got {adapter_dtype!r}")
-    tensors = pack_tensors(adapter.adapter_state(), adapter.override_state(), head.state_dict(), DTYPES[adapter_dtype])
+    stored = check_dtype("adapter_dtype", adapter_dtype)
+    tensors = pack_tensors(adapter.adapter_state(), adapter.override_state(), head.state_dict(), stored)
     manifest = Manifest(
         task=TaskInfo(check_task_name(task_name), kind.kind, tuple(labels)),
         backbone=backbone_ref(backbone),

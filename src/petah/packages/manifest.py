@@ -210,6 +210,14 @@ class Manifest:
     def labels(self) -> list[str]:
         return list(self.task.labels)
 
+    @property
+    def intensity(self) -> str:
+        """How the task's images deeper than 8 bits became 8-bit (``Preprocess`` knows the default of
+        packages that predate the field)."""
+        from petah.data import Preprocess
+
+        return Preprocess.from_dict(self.preprocessing).intensity
+
     def tensor_names(self) -> set[str]:
         """Every tensor the package must hold for this manifest."""
         names = set()

@@ -10,14 +10,13 @@ re-derive it.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict, dataclass
 
 import torch.nn as nn
 
 from petah.errors import PetahError
-from petah.options import option
+from petah.options import option, require_positive
 
 LORA = "lora"
 CHANNEL_SCALE = "channel_scale"
@@ -101,8 +100,7 @@ class PlanConfig:
             raise PetahError(f"rank must be >= 1, got {self.rank}")
         if self.rank > MAX_RANK:
             raise PetahError(f"rank must be at most {MAX_RANK}, got {self.rank}")
-        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
-            raise PetahError(f"alpha must be a positive number, got {self.alpha}")
+        require_positive("alpha", self.alpha)
         if not 0 <= self.dropout < 1:
             raise PetahError(f"dropout must be in [0, 1), got {self.dropout}")
         self.stage_ranks = {int(k): int(v) for k, v in parse_stage_ranks(self.stage_ranks).items()}

@@ -12,7 +12,6 @@ serves, each task weighted equally), so one pruned backbone keeps what each task
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -22,7 +21,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from petah.errors import PetahError
-from petah.options import option
+from petah.options import option, require_positive
 from petah.prune.attention import ATTENTION_PRUNERS, prune_all_heads, unsupported_attention
 
 IMPORTANCES = ("magnitude", "taylor")
@@ -58,8 +57,7 @@ class PruneConfig:
             raise PetahError("recovery epochs must be >= 0 and calibration batches >= 1")
         if self.batch_size < 1:
             raise PetahError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if not (math.isfinite(self.recover_lr) and self.recover_lr > 0):
-            raise PetahError(f"--recover-lr must be a positive number, got {self.recover_lr}")
+        require_positive("--recover-lr", self.recover_lr)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from petah.data import TrainingView
 from petah.errors import PetahError
 from petah.files import atomic_write_bytes
-from petah.options import flag, option
+from petah.options import flag, option, require_positive
 from petah.train.distributed import DistContext, ResumableDistributedSampler, check_ranks_agree, is_main_process, setup
 
 CHECKPOINT_NAME = "last.ckpt"
@@ -64,9 +64,7 @@ class TrainConfig:
         if self.max_steps is not None and self.max_steps < 1:
             raise PetahError(f"{name('max_steps')} must be at least 1, got {self.max_steps}")
         for key in ("lr", "head_lr"):
-            value = getattr(self, key)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise PetahError(f"{name(key)} must be a positive number, got {value}")
+            require_positive(name(key), getattr(self, key))
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise PetahError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.warmup_fraction <= 1:
