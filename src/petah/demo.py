@@ -7,20 +7,17 @@ the exact command); preparing it here would not fit the demo's five minutes on 2
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
 
 from petah import api
-from petah.backbones import create_backbone
+from petah.backbones import create_backbone, demo_backbone_path
 from petah.data import Augment, load_builtin
 from petah.plans import PlanConfig
 from petah.tasks import kind_for_data
 from petah.train import TrainConfig
 from petah.train.trainer import stderr
-
-DEMO_BACKBONE = "efficientformerv2_s0-64-fashion.safetensors"
 
 
 @dataclass(frozen=True)
@@ -45,10 +42,6 @@ DEMO_PLANS = {
     "petah": dict(lr=2e-3, head_lr=1e-2),
     "linear-probe": dict(lr=1e-2, head_lr=1e-2),
 }
-
-
-def demo_backbone_path() -> Path:
-    return Path(str(resources.files("petah") / "assets" / DEMO_BACKBONE))
 
 
 def run_demo(output: str | Path, tasks=DEMO_TASKS, plans=DEMO_PLANS, backbone_path: str | Path | None = None,

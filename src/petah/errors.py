@@ -5,5 +5,9 @@ class PetahError(Exception):
     """Bad input or a refused operation; the message says what and where."""
 
 
+class BackboneMismatch(PetahError):
+    """A package (or state) made for another backbone; the message names both (a server answers 409)."""
+
+
 class PetahWarning(UserWarning):
     """Something the user should know that does not stop the operation (the CLI prints one line)."""

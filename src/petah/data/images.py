@@ -20,6 +20,7 @@ Two input policies live here:
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -154,7 +155,7 @@ def _megapixels(pixels: int) -> str:
     return f"{pixels / 1e6:.4g} MP"
 
 
-def _refuse_huge(image: Image.Image, path: Path) -> None:
+def _refuse_huge(image: Image.Image, path: Path | str) -> None:
     """Before decoding: the header's size against the limit."""
     width, height = image.size
     limit = max_image_pixels()
@@ -168,23 +169,29 @@ def load_image(path: str | Path, intensity: str = DEFAULT_INTENSITY) -> torch.Te
     return load_image_modes(path, (intensity,))[intensity]
 
 
-def load_image_modes(path: str | Path, intensities: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """An image file decoded once, as (3, H, W) uint8 under each intensity mode (tasks trained with
-    different modes share one file read)."""
-    path = Path(path)
+def load_image_modes(path: str | Path | bytes, intensities: tuple[str, ...], name: str | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """An image file (or its bytes, e.g. an upload, named ``name`` in errors) decoded once, as
+    (3, H, W) uint8 under each intensity mode (tasks trained with different modes share one read)."""
+    if isinstance(path, bytes | bytearray | memoryview):
+        source, path = io.BytesIO(path), name or "image"
+    else:
+        source = path = Path(path)
     for intensity in intensities:
         check_intensity(intensity)
     try:
         with warnings.catch_warnings():
             # PIL warns above its own limit; petah's limit (checked next) is the policy that counts.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 _refuse_huge(image, path)
                 image.load()
                 return {intensity: pil_to_rgb(image, intensity, str(path)) for intensity in intensities}
     except Image.DecompressionBombError as exc:  # above PIL's hard ceiling, raised while opening
         raise PetahError(f"cannot read image {path}: {str(exc).splitlines()[0]} "
                          f"(over petah's limit of {_megapixels(max_image_pixels())})") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except UnidentifiedImageError:
+        raise PetahError(f"cannot read image {path}: not an image format petah can read") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise PetahError(f"cannot read image {path}: {reason}") from exc

@@ -7,11 +7,13 @@ and attaches them; it imports nothing from the training stack.
 from petah.packages.attach import (
     DTYPES,
     LoadedTask,
+    attach_adapters,
     attach_package,
     build_package,
     check_backbone,
     check_dtype,
     describe_package,
+    head_from_package,
     load_task,
     merged_backbone,
     open_package,
@@ -32,7 +34,8 @@ from petah.packages.manifest import FORMAT_VERSION, BackboneRef, Manifest, PlanR
 
 __all__ = [
     "DTYPES", "FORMAT_VERSION", "BackboneRef", "LoadedTask", "Manifest", "PlanRecord", "TaskInfo", "TaskPackage",
-    "attach_package", "build_package", "check_backbone", "check_dtype", "check_task_name", "content_sha256",
-    "describe_package", "encode_package", "load_task", "merged_backbone", "open_package", "pack_tensors",
-    "read_manifest", "read_package", "set_signature", "signed_message", "upgrade_package", "write_package",
+    "attach_adapters", "attach_package", "build_package", "check_backbone", "check_dtype", "check_task_name",
+    "content_sha256", "describe_package", "encode_package", "head_from_package", "load_task", "merged_backbone",
+    "open_package", "pack_tensors", "read_manifest", "read_package", "set_signature", "signed_message",
+    "upgrade_package", "write_package",
 ]

@@ -19,7 +19,7 @@ from petah.adapters import TaskAdapter
 from petah.adapters.model import ADAPTER
 from petah.backbones import Backbone, build_plain, fingerprint
 from petah.data import Preprocess
-from petah.errors import PetahError
+from petah.errors import BackboneMismatch, PetahError
 from petah.packages.format import TaskPackage, pack_tensors, read_package
 from petah.packages.manifest import ADAPTER_DTYPES, BackboneRef, Manifest, PlanRecord, TaskInfo, check_task_name
 from petah.tasks import Classification, task_kind
@@ -66,7 +66,7 @@ def check_backbone(manifest: Manifest, backbone: Backbone, origin: str = "packag
     """Refuse a package trained on another backbone, naming both."""
     want = manifest.backbone
     if (want.name, want.img_size, want.fingerprint) != (backbone.name, backbone.img_size, backbone.fingerprint):
-        raise PetahError(f"{origin} was trained on {want.describe()}, but the backbone is {backbone.describe()}")
+        raise BackboneMismatch(f"{origin} was trained on {want.describe()}, but the backbone is {backbone.describe()}")
 
 
 def open_package(package: TaskPackage | str | Path, backbone: Backbone) -> tuple[TaskPackage, str]:
@@ -84,21 +84,34 @@ def open_package(package: TaskPackage | str | Path, backbone: Backbone) -> tuple
 def attach_package(backbone: Backbone, package: TaskPackage, origin: str,
                    name: str = ADAPTER) -> tuple[TaskAdapter, nn.Module]:
     """Add a package's adapters (as adapter ``name``) to ``backbone.model`` in place; build its head."""
+    head = head_from_package(package, origin)
+    return attach_adapters(backbone, package, origin, name), head
+
+
+def head_from_package(package: TaskPackage, origin: str) -> nn.Module:
+    """The package's head, built and loaded on its own: it touches no shared model, so a server can
+    do it beside a running backbone."""
     manifest = package.manifest
     kind = task_kind(manifest.task.kind)
     head_tensors = package.section("head")
     check_head(kind, manifest.head, head_tensors, origin)  # before any layer is really allocated
+    head = kind.head_from_manifest(manifest.head)
+    head.load_state_dict(head_tensors)
+    return head.eval()
+
+
+def attach_adapters(backbone: Backbone, package: TaskPackage, origin: str, name: str = ADAPTER) -> TaskAdapter:
+    """Add a package's adapters and task-owned tensors to ``backbone.model`` in place (as ``name``)."""
     try:
-        adapter = TaskAdapter(backbone, manifest.plan.plan_config(), targets=list(manifest.plan.targets), name=name)
+        plan = package.manifest.plan
+        adapter = TaskAdapter(backbone, plan.plan_config(), targets=list(plan.targets), name=name)
     except (AttributeError, ValueError, TypeError, KeyError) as exc:
         raise PetahError(f"{origin} names layers this backbone lacks: {_first_line(exc)}") from exc
     try:
         adapter.load_state(package.section("adapter"), package.section("override"))
     except PetahError as exc:
         raise PetahError(f"{origin}: {exc}") from exc
-    head = kind.head_from_manifest(manifest.head)
-    head.load_state_dict(head_tensors)
-    return adapter, head.eval()
+    return adapter
 
 
 def _first_line(exc: BaseException) -> str:

@@ -22,7 +22,14 @@ from petah.adapters import TaskAdapter, remove_adapter
 from petah.backbones import Backbone
 from petah.data import Preprocess
 from petah.errors import PetahError
-from petah.packages import Manifest, TaskPackage, attach_package, check_task_name, open_package
+from petah.packages import (
+    Manifest,
+    TaskPackage,
+    attach_adapters,
+    check_task_name,
+    head_from_package,
+    open_package,
+)
 from petah.tasks import task_kind
 
 MODES = ("unmerged", "merged")
@@ -47,6 +54,17 @@ class RuntimeTask:
         return task_kind(self.manifest.task.kind)
 
 
+@dataclass
+class PreparedTask:
+    """A package read, verified and given its head, not yet in the resident model (``Runtime.prepare``)."""
+    name: str
+    package: TaskPackage
+    origin: str
+    head: nn.Module
+    first_adapted_stage: int
+    kind: object  # the task kind (petah.tasks)
+
+
 class Runtime:
     """One resident backbone serving any number of task packages."""
 
@@ -62,13 +80,31 @@ class Runtime:
     # --- packages ------------------------------------------------------------------------
     def load(self, package: TaskPackage | str | Path, name: str | None = None) -> RuntimeTask:
         """Add (or atomically replace) a task. On any failure the previous version keeps serving."""
+        return self.install(self.prepare(package, name))
+
+    def prepare(self, package: TaskPackage | str | Path, name: str | None = None) -> PreparedTask:
+        """Everything of a load that leaves the resident model alone: read and verify the package,
+        check its backbone, build its head. Safe beside a running ``forward`` (a server does it
+        off its inference thread); ``install`` then does the part that changes the model."""
         package, origin = open_package(package, self.backbone)
         name = check_task_name(name or package.task_name, origin)
+        head = head_from_package(package, origin)
+        kind = task_kind(package.manifest.task.kind)
+        return PreparedTask(name, package, origin, head, self._first_adapted_stage(package.manifest), kind)
+
+    def install(self, prepared: PreparedTask) -> RuntimeTask:
+        """Add the prepared task's adapters to the resident model and make it serve (replacing a task
+        of the same name only once the new one is complete; on failure the old one keeps serving)."""
+        name, package, origin = prepared.name, prepared.package, prepared.origin
         was_active = self.active
         self._deactivate()
         adapter_id = f"{name}#{next(self._ids)}"
         try:
-            task = self._build(package, name, adapter_id, origin)
+            adapter = attach_adapters(self.backbone, package, origin, name=adapter_id)
+            adapter.restore_overrides()  # task-owned norm values go in only while the task is active
+            model = prepared.kind.build_model(self.backbone.model, prepared.head).eval()
+            task = RuntimeTask(name, package.manifest, adapter, prepared.head, package.section("override"),
+                               prepared.first_adapted_stage, model)
         except Exception as exc:
             remove_adapter(self.backbone.model, adapter_id)  # roll back a half-done injection
             if was_active is not None:
@@ -84,14 +120,6 @@ class Runtime:
         if was_active is not None and was_active in self.tasks:
             self.activate(was_active)
         return task
-
-    def _build(self, package: TaskPackage, name: str, adapter_id: str, origin: str) -> RuntimeTask:
-        adapter, head = attach_package(self.backbone, package, origin, name=adapter_id)
-        adapter.restore_overrides()  # task-owned norm values go in only while the task is active
-        manifest = package.manifest
-        model = task_kind(manifest.task.kind).build_model(self.backbone.model, head).eval()
-        return RuntimeTask(name, manifest, adapter, head, package.section("override"),
-                           self._first_adapted_stage(manifest), model)
 
     def _refresh_layers(self, adapter: TaskAdapter) -> None:
         self._layers = adapter.adapted_layers()

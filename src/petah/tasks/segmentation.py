@@ -152,15 +152,28 @@ PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0,
                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60]], dtype=np.uint8)
 
 
-def save_mask(mask: torch.Tensor, path) -> None:
-    """A palette PNG of class indices (VOC style): viewers show colours, tools read indices."""
+def mask_image(mask: torch.Tensor):
+    """A palette image of class indices (VOC style): viewers show colours, tools read indices."""
     from PIL import Image
 
     image = Image.fromarray(mask.numpy(), mode="P")
     palette = np.zeros((256, 3), dtype=np.uint8)
     palette[: len(PALETTE)] = PALETTE
     image.putpalette(palette.flatten().tolist())
-    atomic_write_image(image, path)
+    return image
+
+
+def mask_png(mask: torch.Tensor) -> bytes:
+    """The class-index mask as PNG bytes (what the station sends)."""
+    import io
+
+    buffer = io.BytesIO()
+    mask_image(mask).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_mask(mask: torch.Tensor, path) -> None:
+    atomic_write_image(mask_image(mask), path)
 
 
 def save_overlay(image: torch.Tensor, mask: torch.Tensor, path, alpha: float = 0.5) -> None:

@@ -1,0 +1,66 @@
+"""``petah serve``: the inspection station (HTTP API, metrics, web page) on one resident backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from petah.cli.common import SizeOpt, WeightsOpt, config_options, err
+from petah.errors import PetahError
+from petah.serve.config import ServeConfig, read_token
+
+
+@config_options(ServeConfig, "config")
+def serve(
+    config: ServeConfig,
+    backbone_spec: Annotated[str | None, typer.Option(
+        "--backbone", "-b", help="A petah backbone file, or a timm model name (not with --demo).")] = None,
+    weights: WeightsOpt = "none",
+    img_size: SizeOpt = None,
+    package: Annotated[list[Path] | None, typer.Option(
+        "--package", "-p", help="A .petah package to install at start (repeatable).")] = None,
+    packages: Annotated[Path | None, typer.Option(
+        "--packages", help="A folder whose .petah files are installed at start.")] = None,
+    state_dir: Annotated[Path, typer.Option(
+        "--state-dir", help="Where the installed set and its package files persist across restarts.")
+                         ] = Path("petah-station"),
+    engine: Annotated[str, typer.Option("--engine", help="Inference engine: torch (see docs/deploy.md).")] = "torch",
+    demo: Annotated[bool, typer.Option(
+        "--demo", help="Serve the bundled demo backbone with its four demo packages.")] = False,
+) -> None:
+    """Serve every task over HTTP on one resident backbone: /v1/predict, /v1/tasks, admin task
+    swaps, /healthz, /metrics and the inspection page at /. Stops cleanly on SIGTERM / Ctrl-C."""
+    from petah.backbones import demo_backbone_path, resolve_backbone
+    from petah.serve import Station, bind, demo_packages, run_station
+
+    if engine != "torch":
+        raise PetahError(f"--engine must be torch, got {engine!r} (see docs/deploy.md: why only torch)")
+    if demo == (backbone_spec is not None):
+        raise PetahError("give either --backbone (-b) or --demo")
+    files = list(package or [])
+    if packages is not None:
+        if not packages.is_dir():
+            raise PetahError(f"--packages {packages}: not a folder")
+        files += sorted(packages.glob("*.petah"))
+    for path in files:
+        if not path.is_file():
+            raise PetahError(f"package not found: {path}")
+    if demo:
+        backbone_spec, files = str(demo_backbone_path()), demo_packages() + files
+    read_token(config.token_file, "--token-file")  # a bad token file fails before the backbone loads
+    read_token(config.admin_token_file, "--admin-token-file")
+    sock = bind(config)  # so does a taken port
+    try:
+        station = Station(resolve_backbone(backbone_spec, weights=weights, img_size=img_size), state_dir, config)
+        for path in files:  # as an admin upload would: verified, kept in the state dir
+            record = station.install(path.read_bytes())
+            err.print(f"installed {record.name} {record.version} from {path}", highlight=False, soft_wrap=True)
+    except BaseException:
+        sock.close()
+        raise
+    run_station(station, sock)
+
+
+COMMANDS = {"serve": serve}

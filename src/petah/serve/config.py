@@ -1,0 +1,95 @@
+"""The station's settings, declared once: the ``petah serve`` options derive from these fields."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+
+from petah.errors import PetahError
+from petah.options import option
+
+ENGINES = ("torch", "onnx", "auto")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class ServeConfig:
+    host: str = option("127.0.0.1", cli="--host", help="Address to bind; anything but loopback needs --token-file.")
+    port: int = option(8000, cli="--port", help="TCP port (0: any free port, printed at start).")
+    max_batch: int = option(16, cli="--max-batch",
+                            help="Most images one inference batch gathers from concurrent requests (1: no batching).")
+    max_wait_ms: float = option(5.0, cli="--max-wait-ms",
+                                help="Longest a request waits for others to join its batch.")
+    queue_size: int = option(64, cli="--queue-size",
+                             help="Requests waiting for inference before new ones get 503 with Retry-After.")
+    max_upload_mb: float = option(16.0, cli="--max-upload-mb",
+                                  help="Largest request body (images or a package); larger ones get 413.")
+    max_images: int = option(32, cli="--max-images", help="Most images one /v1/predict request may carry.")
+    threads: int = option(0, cli="--threads",
+                          help="Torch / ONNX Runtime threads for inference (0: one per CPU core). Leave cores "
+                               "free for other busy processes: spinning threads slow both sides many-fold.")
+    top_k: int = option(3, cli="--top-k", help="Classes reported per image for classification tasks.")
+    admin_token_file: str | None = option(None, cli="--admin-token-file",
+                                          help="File holding the bearer token for PUT / rollback / DELETE of tasks "
+                                               "(without it those endpoints are disabled).")
+    token_file: str | None = option(None, cli="--token-file",
+                                    help="File holding a bearer token every API endpoint requires (needed when "
+                                         "--host is not loopback).")
+    ssl_keyfile: str | None = option(None, cli="--ssl-keyfile", help="TLS private key (PEM), for HTTPS.")
+    ssl_certfile: str | None = option(None, cli="--ssl-certfile", help="TLS certificate (PEM), for HTTPS.")
+
+    def __post_init__(self):
+        for label, value in (("--max-batch", self.max_batch), ("--queue-size", self.queue_size),
+                             ("--max-images", self.max_images), ("--top-k", self.top_k)):
+            if value < 1:
+                raise PetahError(f"{label} must be at least 1, got {value}")
+        if not 0 <= self.port <= 65535:
+            raise PetahError(f"--port must be 0..65535, got {self.port}")
+        if not 0 <= self.max_wait_ms <= 1000:
+            raise PetahError(f"--max-wait-ms must be 0..1000, got {self.max_wait_ms}")
+        if not 0 < self.max_upload_mb <= 1024:
+            raise PetahError(f"--max-upload-mb must be in (0, 1024], got {self.max_upload_mb}")
+        if self.threads < 0:
+            raise PetahError(f"--threads must be 0 (one per core) or more, got {self.threads}")
+        if not is_loopback(self.host) and not self.token_file:
+            raise PetahError(f"--host {self.host} exposes the station beyond this machine: give --token-file "
+                             "(a bearer token for every endpoint), and --ssl-keyfile / --ssl-certfile for HTTPS")
+        if bool(self.ssl_keyfile) != bool(self.ssl_certfile):
+            raise PetahError("HTTPS needs both --ssl-keyfile and --ssl-certfile")
+        for label, path in (("--admin-token-file", self.admin_token_file), ("--token-file", self.token_file),
+                            ("--ssl-keyfile", self.ssl_keyfile), ("--ssl-certfile", self.ssl_certfile)):
+            if path and not os.path.isfile(path):
+                raise PetahError(f"{label} {path}: no such file")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def inference_threads(self) -> int:
+        return self.threads or os.cpu_count() or 1
+
+
+def read_token(path: str | None, label: str) -> str | None:
+    """A bearer token from its file (first line, stripped); an empty or short one is refused."""
+    if not path:
+        return None
+    try:
+        token = open(path, encoding="utf-8").read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PetahError(f"{label} {path}: cannot read it ({exc.__class__.__name__})") from None
+    if len(token) < 16 or any(c.isspace() for c in token):
+        raise PetahError(f"{label} {path}: the token must be one line of at least 16 characters without spaces")
+    return token
+
+
+__all__ = ["ENGINES", "ServeConfig", "is_loopback", "read_token"]

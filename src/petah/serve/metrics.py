@@ -1,0 +1,84 @@
+"""The station's counters: Prometheus text at /metrics (prometheus_client, one registry per
+station so two stations in one process never share counts) and the few figures the page shows."""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.process_collector import ProcessCollector
+
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+RECENT = 2000  # latencies kept for the page's p50 / p99
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (Linux /proc; 0 where it cannot be read)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class StationMetrics:
+    def __init__(self, tasks_loaded, queue_depth):
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, cpu seconds, open fds
+        r = self.registry
+        self.http = Counter("petah_http_requests", "HTTP requests by route and status code", ["route", "code"],
+                            registry=r)
+        self.task_requests = Counter("petah_task_requests", "Prediction requests per task", ["task"], registry=r)
+        self.task_latency = Histogram("petah_task_latency_seconds", "Server-side latency of prediction requests, "
+                                      "per task requested", ["task"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("petah_batch_images", "Images per inference batch", buckets=BATCH_BUCKETS,
+                                    registry=r)
+        self.errors = Counter("petah_errors", "Refused or failed requests by reason", ["reason"], registry=r)
+        self.swaps = Counter("petah_swaps", "Task changes by action", ["action"], registry=r)
+        self.swap_pause = Histogram("petah_swap_pause_seconds", "Time the inference thread spent on a task change "
+                                    "(what requests wait for)", buckets=LATENCY_BUCKETS, registry=r)
+        Gauge("petah_tasks_loaded", "Tasks being served", registry=r).set_function(tasks_loaded)
+        Gauge("petah_resident_bytes", "Resident memory of the station process", registry=r).set_function(
+            resident_bytes)
+        Gauge("petah_queue_depth", "Requests waiting for inference", registry=r).set_function(queue_depth)
+        self.started = time.time()
+        self._lock = threading.Lock()
+        self._recent: collections.deque[float] = collections.deque(maxlen=RECENT)
+        self._requests = 0
+        self._failed = 0
+
+    def observe_prediction(self, tasks, seconds: float) -> None:
+        for task in tasks:
+            self.task_requests.labels(task).inc()
+            self.task_latency.labels(task).observe(seconds)
+        with self._lock:
+            self._recent.append(seconds)
+            self._requests += 1
+
+    def observe_error(self, reason: str) -> None:
+        self.errors.labels(reason).inc()
+        with self._lock:
+            self._failed += 1
+
+    def summary(self) -> dict:
+        """What the page shows: counts and p50 / p99 of the last predictions."""
+        with self._lock:
+            recent = sorted(self._recent)
+            requests, failed = self._requests, self._failed
+
+        def quantile(q: float) -> float | None:
+            return round(1000 * recent[min(len(recent) - 1, int(q * len(recent)))], 2) if recent else None
+
+        return {"requests": requests, "errors": failed, "p50_ms": quantile(0.5), "p99_ms": quantile(0.99),
+                "window": len(recent), "uptime_s": round(time.time() - self.started, 1),
+                "resident_bytes": resident_bytes()}
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+__all__ = ["StationMetrics", "resident_bytes"]

@@ -1,0 +1,228 @@
+// The inspection page: send an image to /v1/predict, draw every task's result, keep the task
+// table and counters fresh. Plain JS, no external files: it works offline on the line PC.
+"use strict";
+
+// petah.tasks.segmentation.PALETTE: the colours the mask PNG uses for class 0, 1, 2, …
+const PALETTE = [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+  [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60]];
+const $ = (id) => document.getElementById(id);
+let token = sessionStorage.getItem("petah-token") || "";
+let current = null; // {name, bitmap}
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "text") node.textContent = value;
+    else if (key === "style") node.style.cssText = value;
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) node.append(child);
+  return node;
+}
+
+async function api(path, options = {}) {
+  const headers = Object.assign({}, options.headers || {});
+  if (token) headers.Authorization = "Bearer " + token;
+  const response = await fetch(path, Object.assign({}, options, {headers}));
+  let body = null;
+  try { body = await response.json(); } catch (e) { body = {error: response.statusText}; }
+  if (response.status === 401) $("token-box").hidden = false;
+  if (!response.ok) throw new Error((body && body.error) || ("HTTP " + response.status));
+  return body;
+}
+
+function showError(message) { $("error").textContent = message || ""; }
+
+// --- input: file, drop, webcam -------------------------------------------------------------------
+async function useBlob(blob, name) {
+  showError("");
+  let bitmap;
+  try { bitmap = await createImageBitmap(blob); } catch (e) { bitmap = null; } // the server names bad files
+  current = {name, bitmap};
+  const canvas = $("preview");
+  if (bitmap) {
+    canvas.width = bitmap.width; canvas.height = bitmap.height;
+    canvas.getContext("2d").drawImage(bitmap, 0, 0);
+  }
+  $("image-name").textContent = name + (bitmap ? ` (${bitmap.width}×${bitmap.height})` : "");
+  await predict(blob, name);
+}
+
+async function predict(blob, name) {
+  const form = new FormData();
+  form.append("image", blob, name);
+  $("status").textContent = "running…";
+  try {
+    const result = await api("v1/predict", {method: "POST", body: form});
+    $("status").textContent = "";
+    $("latency").textContent = `server ${result.latency_ms.toFixed(1)} ms · batch of ${result.batch_images}`;
+    renderResults(result.images[0]);
+  } catch (e) {
+    $("status").textContent = "";
+    showError(e.message);
+  } finally {
+    refreshStats();
+  }
+}
+
+$("file").addEventListener("change", (event) => {
+  const file = event.target.files[0];
+  if (file) useBlob(file, file.name);
+});
+const drop = $("drop");
+drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (event) => {
+  event.preventDefault();
+  drop.classList.remove("over");
+  const file = event.dataTransfer.files[0];
+  if (file) useBlob(file, file.name);
+});
+
+// the webcam needs a secure context (https, or http on localhost)
+if (navigator.mediaDevices && navigator.mediaDevices.getUserMedia && window.isSecureContext) {
+  $("camera").hidden = false;
+} else {
+  $("camera-note").textContent = "Webcam: this browser allows it only over HTTPS (or on localhost).";
+}
+$("camera").addEventListener("click", async () => {
+  try {
+    const stream = await navigator.mediaDevices.getUserMedia({video: true});
+    $("video").srcObject = stream;
+    $("video").hidden = false;
+    $("snap").hidden = false;
+  } catch (e) {
+    showError("webcam: " + e.message);
+  }
+});
+$("snap").addEventListener("click", () => {
+  const video = $("video");
+  const canvas = document.createElement("canvas");
+  canvas.width = video.videoWidth; canvas.height = video.videoHeight;
+  canvas.getContext("2d").drawImage(video, 0, 0);
+  canvas.toBlob((blob) => useBlob(blob, "snapshot.png"), "image/png");
+});
+$("token-save").addEventListener("click", () => {
+  token = $("token").value.trim();
+  sessionStorage.setItem("petah-token", token);
+  $("token-box").hidden = true;
+  refreshTasks(); refreshStats();
+});
+
+// --- results -----------------------------------------------------------------------------------
+function bar(label, score, attrs = {}) {
+  const percent = Math.max(0, Math.min(100, 100 * score));
+  return el("div", Object.assign({class: "bar"}, attrs),
+    el("span", {class: "label", text: label, title: label}),
+    el("span", {class: "track"}, el("span", {class: "fill", style: `display:block;width:${percent}%`})),
+    el("span", {class: "value", text: percent.toFixed(1) + "%"}));
+}
+
+function imageCanvas() {
+  const canvas = el("canvas");
+  if (current && current.bitmap) {
+    canvas.width = current.bitmap.width; canvas.height = current.bitmap.height;
+    canvas.getContext("2d").drawImage(current.bitmap, 0, 0);
+  }
+  return canvas;
+}
+
+async function drawMask(canvas, base64) {
+  const mask = await createImageBitmap(await (await fetch("data:image/png;base64," + base64)).blob());
+  const layer = el("canvas");
+  layer.width = canvas.width || mask.width; layer.height = canvas.height || mask.height;
+  const ctx = layer.getContext("2d");
+  ctx.drawImage(mask, 0, 0, layer.width, layer.height);
+  const pixels = ctx.getImageData(0, 0, layer.width, layer.height);
+  for (let i = 0; i < pixels.data.length; i += 4) { // background (class 0, black) stays clear
+    const d = pixels.data;
+    d[i + 3] = (d[i] || d[i + 1] || d[i + 2]) ? 140 : 0;
+  }
+  ctx.putImageData(pixels, 0, 0);
+  if (!canvas.width) { canvas.width = layer.width; canvas.height = layer.height; }
+  canvas.getContext("2d").drawImage(layer, 0, 0);
+}
+
+function drawBoxes(canvas, boxes) {
+  const ctx = canvas.getContext("2d");
+  const line = Math.max(1, Math.round(Math.min(canvas.width, canvas.height) / 80));
+  ctx.lineWidth = line;
+  ctx.font = `${Math.max(9, 4 * line + 6)}px system-ui`;
+  for (const found of boxes) {
+    const [x0, y0, x1, y1] = found.box;
+    ctx.strokeStyle = "rgb(255,40,40)";
+    ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
+    ctx.fillStyle = "rgb(255,230,0)";
+    ctx.fillText(`${found.label} ${found.score.toFixed(2)}`, x0 + 1, Math.max(10, y0 - 2));
+  }
+}
+
+function renderResults(image) {
+  const cards = $("results");
+  cards.replaceChildren();
+  for (const [name, result] of Object.entries(image.tasks)) {
+    const card = el("article", {class: "card", "data-task": name, "data-kind": result.kind,
+      "data-version": result.version},
+      el("h3", {}, el("span", {text: name}), el("span", {class: "version", text: result.version})));
+    if (result.kind === "classification") {
+      card.setAttribute("data-top-label", result.label);
+      for (const entry of result.top) card.append(bar(entry.label, entry.score, {"data-label": entry.label}));
+    } else if (result.kind === "segmentation") {
+      const canvas = imageCanvas();
+      card.append(canvas);
+      drawMask(canvas, result.mask_png).catch((e) => showError("mask: " + e.message));
+      const shares = Object.entries(result.pixels).sort((a, b) => b[1] - a[1]);
+      const labels = (tasksByName[name] || {}).labels || [];
+      for (const [cls, share] of shares) {
+        const rgb = PALETTE[labels.indexOf(cls)] || [0, 0, 0];
+        const row = bar(cls, share, {"data-class": cls, "data-share": String(share)});
+        row.firstChild.prepend(el("span", {class: "swatch", style: `background:rgb(${rgb.join(",")})`}));
+        card.append(row);
+      }
+    } else if (result.kind === "detection") {
+      card.setAttribute("data-box-count", String(result.boxes.length));
+      const canvas = imageCanvas();
+      card.append(canvas);
+      drawBoxes(canvas, result.boxes);
+      card.append(el("p", {class: "small", text: `${result.boxes.length} box(es)` +
+        (result.boxes.length ? ": " + result.boxes.slice(0, 6).map((b) => `${b.label} ${b.score.toFixed(2)}`)
+          .join(", ") : "")}));
+    }
+    cards.append(card);
+  }
+  if (!cards.children.length) cards.append(el("p", {class: "muted", text: "No task answered."}));
+}
+
+// --- tasks and counters --------------------------------------------------------------------------
+let tasksByName = {};
+
+async function refreshTasks() {
+  try {
+    const body = await api("v1/tasks");
+    tasksByName = Object.fromEntries(body.tasks.map((t) => [t.name, t]));
+    const rows = body.tasks.map((t) => el("tr", {"data-task": t.name},
+      el("td", {text: t.name}), el("td", {text: t.kind}), el("td", {class: "mono", text: t.version}),
+      el("td", {class: "mono", text: t.previous_version || "–"}), el("td", {text: t.bytes.toLocaleString()}),
+      el("td", {text: String(t.labels.length)}), el("td", {text: t.loaded_at})));
+    $("tasks").tBodies[0].replaceChildren(...rows);
+  } catch (e) {
+    showError(e.message);
+  }
+}
+
+async function refreshStats() {
+  try {
+    const s = await api("v1/stats");
+    $("c-requests").textContent = s.requests;
+    $("c-errors").textContent = s.errors;
+    $("c-p50").textContent = s.p50_ms ?? "–";
+    $("c-p99").textContent = s.p99_ms ?? "–";
+    $("c-queue").textContent = s.queue_depth;
+    $("backbone").textContent = `${s.backbone} · engine ${s.engine}`;
+  } catch (e) { /* the task table shows the error */ }
+}
+
+refreshTasks();
+refreshStats();
+setInterval(refreshStats, 2000);
+setInterval(refreshTasks, 10000);

@@ -1,0 +1,271 @@
+"""The station: one engine on one inference thread, the installed set in a state folder, counters.
+
+HTTP lives in ``app.py``; this class is what the endpoints call, usable (and tested) without it.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import threading
+import time
+import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from petah.backbones import Backbone
+from petah.data.images import load_image_modes
+from petah.errors import PetahError, PetahWarning
+from petah.packages import Manifest, read_manifest
+from petah.serve.config import ServeConfig
+from petah.serve.engine import TorchEngine
+from petah.serve.metrics import StationMetrics
+from petah.serve.state import Entry, StateDir
+from petah.serve.worker import BatchWorker, Job
+
+VERSION_CHARS = 12  # a task's version: this many hex digits of its package's sha256
+
+
+class UnknownTask(PetahError):
+    """A task the station does not serve (HTTP 404)."""
+
+
+@dataclass
+class TaskRecord:
+    name: str
+    manifest: Manifest
+    sha256: str
+    bytes: int
+    loaded_at: str
+    previous: str | None
+
+    @property
+    def version(self) -> str:
+        return self.sha256[:VERSION_CHARS]
+
+    def to_dict(self) -> dict:
+        """One row of ``GET /v1/tasks`` (a contract: scripts read these keys)."""
+        return {"name": self.name, "kind": self.manifest.task.kind, "labels": list(self.manifest.labels),
+                "version": self.version, "bytes": self.bytes, "metrics": self.manifest.metrics,
+                "loaded_at": self.loaded_at, "previous_version": self.previous and self.previous[:VERSION_CHARS]}
+
+
+@dataclass
+class Upload:
+    name: str  # the client's file name, for error messages
+    data: bytes
+
+
+@dataclass
+class Prediction:
+    results: list[dict]  # per image: {task: result}
+    tags: dict[str, dict]  # per task: the version and kind that produced its results
+    batch_images: int
+    started: float = field(default_factory=time.perf_counter)
+
+
+def decode_uploads(uploads: list[Upload], modes: tuple[str, ...]) -> dict[str, list]:
+    """Each image decoded once, under every intensity mode in ``modes``; a bad file is named."""
+    by_mode: dict[str, list] = {m: [] for m in modes}
+    for upload in uploads:
+        try:
+            images = load_image_modes(upload.data, modes, name=upload.name)
+        except PetahError:
+            raise
+        except Exception as exc:  # a decoder's own failure on hostile bytes: still this file's fault
+            raise PetahError(f"cannot read image {upload.name}: {type(exc).__name__}") from None
+        for mode in modes:
+            by_mode[mode].append(images[mode])
+    return by_mode
+
+
+def now_utc() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+class Station:
+    def __init__(self, backbone: Backbone, state_dir: str | Path, config: ServeConfig | None = None):
+        self.config = config or ServeConfig()
+        self.backbone = backbone
+        self.engine = TorchEngine(backbone, self.config.inference_threads)
+        self.state = StateDir(state_dir, backbone.fingerprint)
+        self.tasks: dict[str, TaskRecord] = {}  # changed only on the inference thread (with the engine)
+        self.metrics = StationMetrics(lambda: len(self.tasks), lambda: self.worker.depth)
+        self.worker = BatchWorker(self._run_batch, max_batch=self.config.max_batch,
+                                  max_wait_s=self.config.max_wait_ms / 1000, queue_size=self.config.queue_size,
+                                  on_batch=self.metrics.batch_size.observe, on_pause=self.metrics.swap_pause.observe)
+        self._changes = threading.Lock()  # one install / rollback / delete at a time (state + engine together)
+        self._restore()
+
+    # --- life cycle --------------------------------------------------------------------------
+    def _restore(self) -> None:
+        """Serve the state folder's set; a package that no longer loads falls back to its previous
+        version, else is dropped (with a warning: the rest of the station still starts)."""
+        entries = dict(self.state.entries)
+        for name, entry in list(entries.items()):
+            for sha in (entry.sha256, entry.previous):
+                if sha is None:
+                    continue
+                try:
+                    self._swap_in(name, sha, entry.loaded_at, entry.previous if sha == entry.sha256 else None)
+                    entries[name] = Entry(sha, entry.previous if sha == entry.sha256 else None, entry.loaded_at)
+                    break
+                except PetahError as exc:
+                    warnings.warn(f"state dir: task {name} version {sha[:VERSION_CHARS]} does not load: {exc}",
+                                  PetahWarning, stacklevel=2)
+            else:
+                del entries[name]
+        if entries != self.state.entries:
+            self.state.commit(entries)
+
+    def start(self) -> None:
+        self.worker.start()
+
+    def stop(self) -> None:
+        self.worker.stop()
+
+    # --- changing the set --------------------------------------------------------------------
+    def _swap_in(self, name: str, sha: str, loaded_at: str, previous: str | None) -> TaskRecord:
+        """Load a stored package as task ``name``: prepared here, swapped in on the inference thread
+        between two batches (directly while that thread has not started)."""
+        path = self.state.package_path(sha)
+        if not path.is_file():
+            raise PetahError(f"package {sha[:VERSION_CHARS]} is missing from the state dir")
+        prepared = self.engine.prepare(path, name)  # read + verify + head: beside running inference
+
+        def swap() -> TaskRecord:
+            manifest = self.engine.install(prepared)
+            record = TaskRecord(name, manifest, sha, path.stat().st_size, loaded_at, previous)
+            self.tasks[name] = record
+            return record
+
+        return self.worker.call(swap).result() if self.worker.alive else swap()
+
+    def install(self, data: bytes, name: str | None = None) -> TaskRecord:
+        """Verify a package, load it next to the serving set and swap it in between two batches; the
+        version it replaces stays on disk for ``rollback``. Any failure leaves the old set serving."""
+        with self._changes:
+            sha, path = self.state.store(data)
+            try:
+                name = name or read_manifest(path).task.name  # checked as a task name by prepare
+                old = self.state.entries.get(name)
+                previous = old.sha256 if old and old.sha256 != sha else (old.previous if old else None)
+                record = self._swap_in(name, sha, now_utc(), previous)
+            except BaseException:
+                if sha not in self._referenced():
+                    path.unlink(missing_ok=True)
+                raise
+            self._commit({**self.state.entries, name: Entry(sha, previous, record.loaded_at)})
+            self.metrics.swaps.labels("install").inc()
+            return record
+
+    def rollback(self, name: str) -> TaskRecord:
+        """Serve the task's previous version again (the current one becomes its previous)."""
+        with self._changes:
+            entry = self._entry(name)
+            if entry.previous is None:
+                raise PetahError(f"task {name} has no previous version to roll back to")
+            record = self._swap_in(name, entry.previous, now_utc(), entry.sha256)
+            self._commit({**self.state.entries, name: Entry(entry.previous, entry.sha256, record.loaded_at)})
+            self.metrics.swaps.labels("rollback").inc()
+            return record
+
+    def delete(self, name: str) -> None:
+        with self._changes:
+            self._entry(name)
+
+            def unload() -> None:
+                self.engine.unload(name)
+                del self.tasks[name]
+
+            self.worker.call(unload).result()
+            self._commit({k: v for k, v in self.state.entries.items() if k != name})
+            self.metrics.swaps.labels("delete").inc()
+
+    def _entry(self, name: str) -> Entry:
+        if name not in self.state.entries:
+            raise UnknownTask(f"no task {name!r} is served (served: {', '.join(sorted(self.tasks)) or 'none'})")
+        return self.state.entries[name]
+
+    def _referenced(self) -> set[str]:
+        return {s for e in self.state.entries.values() for s in (e.sha256, e.previous) if s}
+
+    def _commit(self, entries: dict[str, Entry]) -> None:
+        self.state.commit(entries)
+
+    # --- predictions ---------------------------------------------------------------------------
+    def check_tasks(self, names: list[str] | None) -> tuple[str, ...]:
+        served = dict(self.tasks)
+        if names is None:
+            if not served:
+                raise UnknownTask("the station serves no task yet (install one: PUT /v1/tasks/NAME)")
+            return tuple(served)
+        unknown = [n for n in names if n not in served]
+        if unknown:
+            raise UnknownTask(f"no task {unknown[0]!r} is served (served: {', '.join(sorted(served)) or 'none'})")
+        return tuple(dict.fromkeys(names))
+
+    def decode(self, uploads: list[Upload], tasks: tuple[str, ...]) -> Job:
+        """Each image decoded once per intensity mode its tasks were trained with (off the worker)."""
+        modes = tuple(dict.fromkeys(self.tasks[t].manifest.intensity for t in tasks if t in self.tasks))
+        return Job(decode_uploads(uploads, modes), tasks, len(uploads), uploads)
+
+    def submit(self, job: Job) -> Future:
+        return self.worker.submit(job)
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        """On the inference thread: jobs asking for the same tasks run as one batch per intensity mode."""
+        groups: dict[tuple[str, ...], list[Job]] = {}
+        for job in jobs:
+            groups.setdefault(job.tasks, []).append(job)
+        for tasks, group in groups.items():
+            missing = [t for t in tasks if t not in self.tasks]
+            if missing:  # deleted while the request waited
+                for job in group:
+                    job.future.set_exception(UnknownTask(f"task {missing[0]!r} was removed"))
+                continue
+            per_job: list[list[dict]] = [[{} for _ in range(job.count)] for job in group]
+            by_mode: dict[str, list[str]] = {}
+            for name in tasks:
+                by_mode.setdefault(self.tasks[name].manifest.intensity, []).append(name)
+            for mode, names in by_mode.items():
+                for job in group:
+                    if mode not in job.images:  # a swap changed the task's intensity mode after decoding
+                        job.images.update(decode_uploads(job.sources, (mode,)))
+                images = [image for job in group for image in job.images[mode]]
+                outputs = self.engine.run(images, names, self.config.top_k)
+                for name, rows in outputs.items():
+                    offset = 0
+                    for j, job in enumerate(group):
+                        for i in range(job.count):
+                            per_job[j][i][name] = rows[offset + i]
+                        offset += job.count
+            tags = {t: {"version": self.tasks[t].version, "kind": self.tasks[t].manifest.task.kind} for t in tasks}
+            total = sum(job.count for job in group)
+            for job, results in zip(group, per_job, strict=True):
+                job.future.set_result(Prediction(results, tags, total))
+
+    @staticmethod
+    def render(prediction: Prediction, uploads: list[Upload]) -> list[dict]:
+        """JSON-ready results: each task's result tagged with its version; masks as PNG (base64)."""
+        from petah.tasks.segmentation import mask_png
+
+        images = []
+        for upload, result in zip(uploads, prediction.results, strict=True):
+            tasks = {}
+            for name, row in result.items():
+                row = {**prediction.tags[name], **row}
+                if "mask" in row:
+                    mask = row.pop("mask")
+                    row["mask_png"] = base64.b64encode(mask_png(mask)).decode("ascii")
+                    row["mask_size"] = [int(mask.shape[1]), int(mask.shape[0])]
+                tasks[name] = row
+            images.append({"name": upload.name, "tasks": tasks})
+        return images
+
+    def task_list(self) -> list[dict]:
+        return [record.to_dict() for _, record in sorted(self.tasks.items())]
+
+
+__all__ = ["Prediction", "Station", "TaskRecord", "UnknownTask", "Upload"]
