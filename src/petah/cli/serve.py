@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from petah.cli.common import SizeOpt, WeightsOpt, config_options, err
+from petah.cli.common import SizeOpt, WeightsOpt, config_options
 from petah.errors import PetahError
 from petah.serve.config import ServeConfig, read_token
 
@@ -26,7 +26,6 @@ def serve(
     state_dir: Annotated[Path, typer.Option(
         "--state-dir", help="Where the installed set and its package files persist across restarts.")
                          ] = Path("petah-station"),
-    engine: Annotated[str, typer.Option("--engine", help="Inference engine: torch (see docs/deploy.md).")] = "torch",
     demo: Annotated[bool, typer.Option(
         "--demo", help="Serve the bundled demo backbone with its four demo packages.")] = False,
 ) -> None:
@@ -35,8 +34,6 @@ def serve(
     from petah.backbones import demo_backbone_path, resolve_backbone
     from petah.serve import Station, bind, demo_packages, run_station
 
-    if engine != "torch":
-        raise PetahError(f"--engine must be torch, got {engine!r} (see docs/deploy.md: why only torch)")
     if demo == (backbone_spec is not None):
         raise PetahError("give either --backbone (-b) or --demo")
     files = list(package or [])
@@ -53,10 +50,8 @@ def serve(
     read_token(config.admin_token_file, "--admin-token-file")
     sock = bind(config)  # so does a taken port
     try:
-        station = Station(resolve_backbone(backbone_spec, weights=weights, img_size=img_size), state_dir, config)
-        for path in files:  # as an admin upload would: verified, kept in the state dir
-            record = station.install(path.read_bytes())
-            err.print(f"installed {record.name} {record.version} from {path}", highlight=False, soft_wrap=True)
+        station = Station(resolve_backbone(backbone_spec, weights=weights, img_size=img_size), state_dir, config,
+                          packages=files)
     except BaseException:
         sock.close()
         raise

@@ -34,6 +34,12 @@ class ServeConfig:
     max_upload_mb: float = option(16.0, cli="--max-upload-mb",
                                   help="Largest request body (images or a package); larger ones get 413.")
     max_images: int = option(32, cli="--max-images", help="Most images one /v1/predict request may carry.")
+    engine: str = option("auto", cli="--engine",
+                         help="torch (one backbone, adapters unmerged: least memory), onnx (ONNX Runtime, one "
+                              "merged graph per task: fastest) or auto (onnx while the per-task graphs fit "
+                              "--onnx-budget-mb, else torch); see docs/deploy.md for the measurements.")
+    onnx_budget_mb: float = option(512.0, cli="--onnx-budget-mb",
+                                   help="--engine auto: the memory the onnx engine's per-task graphs may take.")
     threads: int = option(0, cli="--threads",
                           help="Torch / ONNX Runtime threads for inference (0: one per CPU core). Leave cores "
                                "free for other busy processes: spinning threads slow both sides many-fold.")
@@ -58,6 +64,8 @@ class ServeConfig:
             raise PetahError(f"--max-wait-ms must be 0..1000, got {self.max_wait_ms}")
         if not 0 < self.max_upload_mb <= 1024:
             raise PetahError(f"--max-upload-mb must be in (0, 1024], got {self.max_upload_mb}")
+        if self.engine not in ENGINES:
+            raise PetahError(f"--engine must be one of {' | '.join(ENGINES)}, got {self.engine!r}")
         if self.threads < 0:
             raise PetahError(f"--threads must be 0 (one per core) or more, got {self.threads}")
         if not is_loopback(self.host) and not self.token_file:

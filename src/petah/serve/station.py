@@ -19,7 +19,7 @@ from petah.data.images import load_image_modes
 from petah.errors import PetahError, PetahWarning
 from petah.packages import Manifest, read_manifest
 from petah.serve.config import ServeConfig
-from petah.serve.engine import TorchEngine
+from petah.serve.engine import ENGINE_CLASSES, choose_engine
 from petah.serve.metrics import StationMetrics
 from petah.serve.state import Entry, StateDir
 from petah.serve.worker import BatchWorker, Job
@@ -85,11 +85,15 @@ def now_utc() -> str:
 
 
 class Station:
-    def __init__(self, backbone: Backbone, state_dir: str | Path, config: ServeConfig | None = None):
+    def __init__(self, backbone: Backbone, state_dir: str | Path, config: ServeConfig | None = None,
+                 packages: list[Path] = ()):
+        """Serve the state folder's set, then install ``packages`` into it (as an admin upload would)."""
         self.config = config or ServeConfig()
         self.backbone = backbone
-        self.engine = TorchEngine(backbone, self.config.inference_threads)
         self.state = StateDir(state_dir, backbone.fingerprint)
+        engine = choose_engine(self.config.engine, backbone, len(self.state.entries) + len(packages),
+                               self.config.onnx_budget_mb * 1024 * 1024)
+        self.engine = ENGINE_CLASSES[engine](backbone, self.config.inference_threads)
         self.tasks: dict[str, TaskRecord] = {}  # changed only on the inference thread (with the engine)
         self.metrics = StationMetrics(lambda: len(self.tasks), lambda: self.worker.depth)
         self.worker = BatchWorker(self._run_batch, max_batch=self.config.max_batch,
@@ -97,6 +101,8 @@ class Station:
                                   on_batch=self.metrics.batch_size.observe, on_pause=self.metrics.swap_pause.observe)
         self._changes = threading.Lock()  # one install / rollback / delete at a time (state + engine together)
         self._restore()
+        for path in packages:
+            self.install(Path(path).read_bytes())
 
     # --- life cycle --------------------------------------------------------------------------
     def _restore(self) -> None:
