@@ -10,6 +10,7 @@ from petah.data import load_dataset
 from petah.errors import PetahError
 from petah.plans import PlanConfig
 from petah.runtime import Runtime
+from petah.testing import synthetic_package
 from petah.train import TrainConfig
 
 
@@ -150,3 +151,32 @@ def test_shared_trunk_runs_unadapted_stages_once_with_equal_results(setup, tmp_p
         runtime.set_mode(mode)
         for name in ("late1", "late2"):
             torch.testing.assert_close(shared[name], runtime.forward(x, name), rtol=1e-4, atol=1e-4)
+
+
+def test_staged_install_leaves_the_live_model_alone_until_installed(setup):
+    """prepare(stage=True) adds the adapters to a shadow (a server does it beside running batches):
+    the live outputs do not move until install, which then equals a cold load; a shadow made stale
+    by another change falls back to the cold path."""
+    backbone, packages = setup["backbone"], setup["packages"]
+    extra = synthetic_package(backbone, "d", PlanConfig(rank=2), classes=3, seed=4)
+    x = torch.randn(2, 3, 32, 32)
+    runtime, reference = Runtime(backbone), Runtime(backbone)
+    for rt in (runtime, reference):
+        rt.load(packages["a"])
+        rt.load(packages["b"])  # owns norm statistics: never staged
+    before = runtime.forward_many(x, ["a", "b"])
+    prepared = runtime.prepare(extra, stage=True)
+    assert prepared.staged is not None and runtime.prepare(packages["b"], stage=True).staged is None
+    during = runtime.forward_many(x, ["a", "b"])
+    assert all(torch.equal(before[n], during[n]) for n in before)
+    runtime.install(prepared)
+    reference.load(extra)
+    got, want = runtime.forward_many(x, ["a", "b", "d"]), reference.forward_many(x, ["a", "b", "d"])
+    assert all(torch.allclose(got[n], want[n], atol=1e-6) for n in want)
+    stale = runtime.prepare(packages["a"], stage=True)
+    runtime.unload("d")  # changes the structure after the shadow was taken
+    runtime.install(stale)
+    reference.unload("d")
+    reference.load(packages["a"])
+    got, want = runtime.forward_many(x, ["a", "b"]), reference.forward_many(x, ["a", "b"])
+    assert all(torch.allclose(got[n], want[n], atol=1e-6) for n in want)

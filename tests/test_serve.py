@@ -5,6 +5,7 @@ import hashlib
 import io
 import os
 import random
+import re
 import shutil
 import signal
 import struct
@@ -18,10 +19,11 @@ import pytest
 from PIL import Image
 
 from petah.backbones import create_backbone, demo_backbone_path
+from petah.errors import PetahError
 from petah.packages import encode_package, read_package
 from petah.plans import PlanConfig
 from petah.runtime import Runtime
-from petah.serve import demo_packages
+from petah.serve import ServeConfig, demo_packages
 from petah.serve.client import StationClient, multipart, station_process
 from petah.serve.state import Entry, StateDir
 from petah.testing import synthetic_package
@@ -390,7 +392,7 @@ def test_restart_restores_the_set_and_kill_9_mid_install_leaves_a_whole_one(toke
         assert (row["name"], row["version"], row["previous_version"]) == ("digits", v2, v1)
         assert StationClient(url).rollback("digits", ADMIN).status == 200
     outcomes = set()
-    for delay in (0.0, 0.03, 0.08):
+    for delay in (0.02, 0.08):
         with station_process(*common) as (proc, url):
             before = {t["name"]: t["version"] for t in StationClient(url).tasks()}
             target = v2 if before["digits"] == v1 else v1
@@ -468,21 +470,29 @@ def test_page_shows_what_the_api_answers(demo_station, tmp_path):
             browser.close()
 
 
-def test_serve_refuses_bad_options_before_loading_anything(tmp_path):
+@pytest.mark.parametrize("options, needle", [
+    (dict(host="0.0.0.0"), "--token-file"),
+    (dict(max_batch=0), "--max-batch"),
+    (dict(engine="tensorrt"), "--engine"),
+    (dict(port=70000), "--port"),
+    (dict(ssl_keyfile="key.pem"), "both --ssl-keyfile and --ssl-certfile"),
+    (dict(admin_token_file="missing-token"), "no such file"),
+])
+def test_station_options_are_checked(options, needle):
+    with pytest.raises(PetahError, match=re.escape(needle)):
+        ServeConfig(**options)
+
+
+def test_serve_refuses_bad_input_in_one_line_before_loading_anything(tmp_path):
     from conftest import petah_process
 
+    (tmp_path / "short").write_text("abc")
     for args, needle in [
         (["--demo", "--host", "0.0.0.0"], "--token-file"),
-        (["--demo", "--max-batch", "0"], "--max-batch"),
-        (["--demo", "--admin-token-file", str(tmp_path / "missing")], "no such file"),
-        (["-b", str(demo_backbone_path()), "--demo"], "either --backbone"),
-        (["--demo", "--engine", "tensorrt"], "--engine"),
+        (["--demo", "--admin-token-file", str(tmp_path / "short")], "at least 16 characters"),
         (["--demo", "-p", str(tmp_path / "none.petah")], "package not found"),
     ]:
-        proc = petah_process("serve", *args, "--state-dir", str(tmp_path / "s"), ok=False)
+        proc = petah_process("serve", *args, "--state-dir", str(tmp_path / "s"), "--port", "0", ok=False)
         assert proc.returncode != 0 and needle in proc.stderr, (args, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    (tmp_path / "short").write_text("abc")
-    proc = petah_process("serve", "--demo", "--admin-token-file", str(tmp_path / "short"), "--state-dir",
-                         str(tmp_path / "s"), "--port", "0", ok=False)
-    assert proc.returncode != 0 and "at least 16 characters" in proc.stderr
+    assert not (tmp_path / "s").exists()  # refused before the state dir was made

@@ -2,5 +2,6 @@
 
 from petah.adapters.channel_scale import ChannelScale
 from petah.adapters.model import TaskAdapter, refresh_attention_caches, remove_adapter
+from petah.adapters.shadow import shadow_copy, transplant
 
-__all__ = ["ChannelScale", "TaskAdapter", "refresh_attention_caches", "remove_adapter"]
+__all__ = ["ChannelScale", "TaskAdapter", "refresh_attention_caches", "remove_adapter", "shadow_copy", "transplant"]

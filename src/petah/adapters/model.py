@@ -121,8 +121,7 @@ class TaskAdapter:
             targets = resolve_targets(model, backbone.family, config, backbone.name)
         self.targets = targets
         self.override_keys = override_names(model, config)
-        tensors = self._named_tensors(model)
-        self._originals = {k: tensors[k].detach().clone() for k in self.override_keys}
+        self._originals = {k: t.detach().clone() for k, t in self._override_tensors().items()}
         _inject_lora(model, self.targets, config, name)
         _inject_channel_scale(model, self.targets, name)
         for layer in self.adapted_layers():  # new modules start in train mode: follow the model's
@@ -161,6 +160,8 @@ class TaskAdapter:
         return params
 
     def _override_tensors(self) -> dict[str, torch.Tensor]:
+        if not self.override_keys:  # most plans own no tensors: skip the walk over the whole model
+            return {}
         tensors = self._named_tensors(self.model)
         return {k: tensors[k] for k in self.override_keys}
 
@@ -243,6 +244,8 @@ class TaskAdapter:
 
     @torch.no_grad()
     def apply_overrides(self, values: dict[str, torch.Tensor]) -> None:
+        if not values:
+            return
         tensors = self._override_tensors()
         for key, value in values.items():
             tensors[key].copy_(value)

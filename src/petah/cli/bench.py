@@ -48,6 +48,39 @@ def bench_latency(
     out.print(", ".join(f"{k} = {v}" for k, v in result["ratios"].items()))
 
 
+@bench_app.command("serve")
+def bench_serve(
+    engines: Annotated[str, typer.Option("--engines", help="Comma-separated engines to measure.")] = "torch,onnx",
+    seconds: Annotated[float, typer.Option("--seconds", help="Seconds of load per measured point.")] = 4.0,
+    swaps: Annotated[int, typer.Option("--swaps", help="Swaps timed per engine.")] = 40,
+    threads: Annotated[int, typer.Option("--threads", help="The station's inference threads.")] = 2,
+    json_out: JsonOpt = False,
+) -> None:
+    """The station under load: requests/s and p50 / p99 at 1 / 4 / 16 clients per engine, batching on
+    and off; swap pause; resident memory with 1 / 4 / 8 tasks."""
+    from petah.bench.serve import run_serve_bench
+    from petah.serve import ENGINES
+
+    chosen = tuple(e.strip() for e in engines.split(",") if e.strip())
+    if not chosen or any(e not in ENGINES or e == "auto" for e in chosen):
+        raise PetahError(f"--engines takes torch and / or onnx, got {engines!r}")
+    if seconds <= 0 or swaps < 1 or threads < 1:
+        raise PetahError("--seconds must be > 0, --swaps and --threads at least 1")
+    result = run_serve_bench(chosen, seconds=seconds, swaps=swaps, threads=threads)
+    if json_out:
+        emit_json(result)
+        return
+    table = Table(title=f"petah station, demo tasks, {threads} inference threads, {seconds:g} s per point")
+    for column in ("engine", "batching", "clients", "requests/s", "p50 ms", "p99 ms", "failed"):
+        table.add_column(column, justify="right")
+    for row in result["throughput"]:
+        table.add_row(row["engine"], row["batching"], str(row["clients"]), f"{row['requests_per_s']:.1f}",
+                      str(row["p50_ms"]), str(row["p99_ms"]), str(row["failed"]))
+    out.print(table)
+    for key, value in result["ratios"].items():
+        out.print(f"{key}: {value}")
+
+
 @bench_app.command("prune")
 @config_options(PruneConfig, "config", only=("recover_epochs",), defaults={"recover_epochs": 3})
 def bench_prune(

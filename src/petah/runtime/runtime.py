@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from petah.adapters import TaskAdapter, remove_adapter
+from petah.adapters import TaskAdapter, remove_adapter, shadow_copy, transplant
 from petah.backbones import Backbone
 from petah.data import Preprocess
 from petah.errors import PetahError
@@ -63,6 +63,14 @@ class PreparedTask:
     head: nn.Module
     first_adapted_stage: int
     kind: object  # the task kind (petah.tasks)
+    staged: Staged | None = None  # its adapters already added to a shadow of the model
+
+
+@dataclass
+class Staged:
+    shadow: nn.Module  # the model's structure with the task's adapters added, tensors shared with the model
+    adapter: TaskAdapter
+    generation: int  # the model's structure it was copied from (see Runtime._generation)
 
 
 class Runtime:
@@ -75,6 +83,10 @@ class Runtime:
         self.active: str | None = None
         self._ids = itertools.count()
         self._layers: list[nn.Module] = []  # every adapted layer of the model, kept for fast switching
+        self._retired: list[RuntimeTask] = []  # replaced versions whose adapters are still in the model
+        # Structure changes count twice (start, end): a shadow copied at an even value that is still
+        # current when installed saw the model exactly as it is (a seqlock).
+        self._generation = 0
         self.set_mode(mode)
 
     # --- packages ------------------------------------------------------------------------
@@ -82,44 +94,84 @@ class Runtime:
         """Add (or atomically replace) a task. On any failure the previous version keeps serving."""
         return self.install(self.prepare(package, name))
 
-    def prepare(self, package: TaskPackage | str | Path, name: str | None = None) -> PreparedTask:
+    def prepare(self, package: TaskPackage | str | Path, name: str | None = None, stage: bool = False
+                ) -> PreparedTask:
         """Everything of a load that leaves the resident model alone: read and verify the package,
-        check its backbone, build its head. Safe beside a running ``forward`` (a server does it
-        off its inference thread); ``install`` then does the part that changes the model."""
+        check its backbone, build its head and, with ``stage``, add its adapters to a shadow copy
+        of the model (``petah.adapters.shadow``). Safe beside a running ``forward`` (a server does
+        it off its inference thread); ``install`` then only swaps the shadow in.
+
+        Not staged (``install`` adds the adapters itself): merged mode, and packages that own
+        tensors (loading them writes into tensors the model shares with the shadow)."""
         package, origin = open_package(package, self.backbone)
         name = check_task_name(name or package.task_name, origin)
         head = head_from_package(package, origin)
         kind = task_kind(package.manifest.task.kind)
-        return PreparedTask(name, package, origin, head, self._first_adapted_stage(package.manifest), kind)
+        prepared = PreparedTask(name, package, origin, head, self._first_adapted_stage(package.manifest), kind)
+        generation = self._generation
+        if stage and self.mode == "unmerged" and not package.manifest.plan.overrides and generation % 2 == 0:
+            shadow = shadow_copy(self.backbone.model)
+            adapter = attach_adapters(replace(self.backbone, model=shadow), package, origin,
+                                      name=self._adapter_id(name))
+            prepared.staged = Staged(shadow, adapter, generation)
+        return prepared
 
-    def install(self, prepared: PreparedTask) -> RuntimeTask:
+    def _adapter_id(self, name: str) -> str:
+        return f"{name}#{next(self._ids)}"
+
+    def install(self, prepared: PreparedTask, retire: bool = True) -> RuntimeTask:
         """Add the prepared task's adapters to the resident model and make it serve (replacing a task
-        of the same name only once the new one is complete; on failure the old one keeps serving)."""
+        of the same name only once the new one is complete; on failure the old one keeps serving).
+        ``retire=False`` leaves the replaced version's adapters in the model, unused, until
+        ``retire()``: a server does that in a later pause, so each pause is shorter."""
         name, package, origin = prepared.name, prepared.package, prepared.origin
         was_active = self.active
         self._deactivate()
-        adapter_id = f"{name}#{next(self._ids)}"
-        try:
-            adapter = attach_adapters(self.backbone, package, origin, name=adapter_id)
-            adapter.restore_overrides()  # task-owned norm values go in only while the task is active
-            model = prepared.kind.build_model(self.backbone.model, prepared.head).eval()
-            task = RuntimeTask(name, package.manifest, adapter, prepared.head, package.section("override"),
-                               prepared.first_adapted_stage, model)
-        except Exception as exc:
-            remove_adapter(self.backbone.model, adapter_id)  # roll back a half-done injection
-            if was_active is not None:
-                self.activate(was_active)
-            if isinstance(exc, PetahError):
-                raise
-            raise PetahError(f"{origin} cannot be loaded: {type(exc).__name__}: {exc}") from exc
+        self._generation += 1
+        staged = prepared.staged
+        if staged is not None and staged.generation == self._generation - 1:
+            transplant(self.backbone.model, staged.shadow)  # the whole install, as seen by a batch
+            adapter = staged.adapter
+            adapter.backbone = self.backbone  # its model is the live one now
+        else:
+            adapter_id = self._adapter_id(name)
+            try:
+                adapter = attach_adapters(self.backbone, package, origin, name=adapter_id)
+                adapter.restore_overrides()  # task-owned norm values go in only while the task is active
+            except Exception as exc:
+                remove_adapter(self.backbone.model, adapter_id)  # roll back a half-done injection
+                self._generation += 1
+                if was_active is not None:
+                    self.activate(was_active)
+                if isinstance(exc, PetahError):
+                    raise
+                raise PetahError(f"{origin} cannot be loaded: {type(exc).__name__}: {exc}") from exc
+        model = prepared.kind.build_model(self.backbone.model, prepared.head).eval()
+        task = RuntimeTask(name, package.manifest, adapter, prepared.head, package.section("override"),
+                           prepared.first_adapted_stage, model)
         old = self.tasks.get(name)
         self.tasks[name] = task  # the swap: from here on the new version serves
         if old is not None:
-            old.adapter.remove()
+            self._retired.append(old)
+        if retire:
+            self.retire()
         self._refresh_layers(task.adapter)
+        self._generation += 1
         if was_active is not None and was_active in self.tasks:
             self.activate(was_active)
         return task
+
+    def retire(self) -> None:
+        """Take the adapters of replaced versions out of the model."""
+        if not self._retired:
+            return
+        self._deactivate()  # removing restores shared tensors: no task's own values may be in them
+        self._generation += 1
+        while self._retired:
+            old = self._retired.pop()
+            old.adapter.remove()
+            self._refresh_layers(old.adapter)
+        self._generation += 1
 
     def _refresh_layers(self, adapter: TaskAdapter) -> None:
         self._layers = adapter.adapted_layers()
@@ -128,9 +180,11 @@ class Runtime:
         task = self._task(name)
         if self.active == name:
             self._deactivate()
+        self._generation += 1
         task.adapter.remove()
         del self.tasks[name]
         self._refresh_layers(task.adapter)
+        self._generation += 1
 
     def _task(self, name: str) -> RuntimeTask:
         if name not in self.tasks:
@@ -143,6 +197,7 @@ class Runtime:
             raise PetahError(f"unknown runtime mode {mode!r}; choose {' or '.join(MODES)}")
         active = self.active
         self._deactivate()
+        self._generation += 2  # a shadow staged for the other mode is not used
         self.mode = mode
         if active is not None:
             self.activate(active)

@@ -28,10 +28,14 @@ class TorchEngine:
         self.runtime = Runtime(backbone)
 
     def prepare(self, path: Path, name: str) -> PreparedTask:
-        return self.runtime.prepare(path, name)
+        return self.runtime.prepare(path, name, stage=True)  # adapters added beside inference
 
     def install(self, prepared: PreparedTask) -> Manifest:
-        return self.runtime.install(prepared).manifest
+        return self.runtime.install(prepared, retire=False).manifest
+
+    def retire(self) -> None:
+        """Drop the replaced version's adapters (a separate, later pause)."""
+        self.runtime.retire()
 
     def unload(self, name: str) -> None:
         self.runtime.unload(name)
@@ -87,6 +91,9 @@ class OnnxEngine:
     def install(self, prepared: OnnxTask) -> Manifest:
         self.tasks[prepared.name] = prepared
         return prepared.manifest
+
+    def retire(self) -> None:
+        """Nothing to do: a replaced session is freed with its last reference."""
 
     def unload(self, name: str) -> None:
         del self.tasks[name]

@@ -25,6 +25,13 @@ def resident_bytes() -> int:
         return 0
 
 
+def quantile_ms(sorted_seconds: list[float], q: float) -> float | None:
+    """The q-quantile (nearest rank) of sorted durations, in milliseconds; None when there are none."""
+    if not sorted_seconds:
+        return None
+    return round(1000 * sorted_seconds[min(len(sorted_seconds) - 1, int(q * len(sorted_seconds)))], 3)
+
+
 class StationMetrics:
     def __init__(self, tasks_loaded, queue_depth):
         self.registry = CollectorRegistry()
@@ -48,6 +55,7 @@ class StationMetrics:
         self.started = time.time()
         self._lock = threading.Lock()
         self._recent: collections.deque[float] = collections.deque(maxlen=RECENT)
+        self._pauses: collections.deque[float] = collections.deque(maxlen=RECENT)
         self._requests = 0
         self._failed = 0
 
@@ -59,6 +67,11 @@ class StationMetrics:
             self._recent.append(seconds)
             self._requests += 1
 
+    def observe_pause(self, seconds: float) -> None:
+        self.swap_pause.observe(seconds)
+        with self._lock:
+            self._pauses.append(seconds)
+
     def observe_error(self, reason: str) -> None:
         self.errors.labels(reason).inc()
         with self._lock:
@@ -67,18 +80,16 @@ class StationMetrics:
     def summary(self) -> dict:
         """What the page shows: counts and p50 / p99 of the last predictions."""
         with self._lock:
-            recent = sorted(self._recent)
+            recent, pauses = sorted(self._recent), sorted(self._pauses)
             requests, failed = self._requests, self._failed
-
-        def quantile(q: float) -> float | None:
-            return round(1000 * recent[min(len(recent) - 1, int(q * len(recent)))], 2) if recent else None
-
-        return {"requests": requests, "errors": failed, "p50_ms": quantile(0.5), "p99_ms": quantile(0.99),
-                "window": len(recent), "uptime_s": round(time.time() - self.started, 1),
+        return {"requests": requests, "errors": failed, "p50_ms": quantile_ms(recent, 0.5),
+                "p99_ms": quantile_ms(recent, 0.99), "window": len(recent),
+                "swap_pause_p50_ms": quantile_ms(pauses, 0.5), "swap_pause_p99_ms": quantile_ms(pauses, 0.99),
+                "swaps": len(pauses), "uptime_s": round(time.time() - self.started, 1),
                 "resident_bytes": resident_bytes()}
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
 
 
-__all__ = ["StationMetrics", "resident_bytes"]
+__all__ = ["StationMetrics", "quantile_ms", "resident_bytes"]

@@ -98,7 +98,7 @@ class Station:
         self.metrics = StationMetrics(lambda: len(self.tasks), lambda: self.worker.depth)
         self.worker = BatchWorker(self._run_batch, max_batch=self.config.max_batch,
                                   max_wait_s=self.config.max_wait_ms / 1000, queue_size=self.config.queue_size,
-                                  on_batch=self.metrics.batch_size.observe, on_pause=self.metrics.swap_pause.observe)
+                                  on_batch=self.metrics.batch_size.observe, on_pause=self.metrics.observe_pause)
         self._changes = threading.Lock()  # one install / rollback / delete at a time (state + engine together)
         self._restore()
         for path in packages:
@@ -146,7 +146,15 @@ class Station:
             self.tasks[name] = record
             return record
 
-        return self.worker.call(swap).result() if self.worker.alive else swap()
+        if not self.worker.alive:
+            record = swap()
+            self.engine.retire()
+            return record
+        record = self.worker.call(swap).result()
+        # cleaning up is a pause of its own (batches run in between); waited for, so the next change
+        # is prepared against the model as it will be
+        self.worker.call(self.engine.retire).result()
+        return record
 
     def install(self, data: bytes, name: str | None = None) -> TaskRecord:
         """Verify a package, load it next to the serving set and swap it in between two batches; the
