@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -65,6 +66,10 @@ class StationClient:
         for attempt in (0, 1):  # a keep-alive connection the server closed is reopened once
             if self._conn is None:
                 self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+                self._conn.connect()
+                # http.client sends headers and body in two writes: let the second go out at once
+                # rather than wait for the first one's (delayed) ACK
+                self._conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 self._conn.request(method, path, body=body, headers=headers)
                 response = self._conn.getresponse()

@@ -6,7 +6,9 @@ HTTP lives in ``app.py``; this class is what the endpoints call, usable (and tes
 from __future__ import annotations
 
 import base64
+import ctypes
 import datetime as dt
+import gc
 import threading
 import time
 import warnings
@@ -78,6 +80,16 @@ def decode_uploads(uploads: list[Upload], modes: tuple[str, ...]) -> dict[str, l
         for mode in modes:
             by_mode[mode].append(images[mode])
     return by_mode
+
+
+def release_memory() -> None:
+    """After a task change: free the replaced structures (module copies hold reference cycles) and
+    give freed heap pages back to the system, so a station that swaps for months does not grow."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # glibc; elsewhere there is nothing to call
+    except (OSError, AttributeError):
+        pass
 
 
 def now_utc() -> str:
@@ -207,6 +219,7 @@ class Station:
 
     def _commit(self, entries: dict[str, Entry]) -> None:
         self.state.commit(entries)
+        release_memory()
 
     # --- predictions ---------------------------------------------------------------------------
     def check_tasks(self, names: list[str] | None) -> tuple[str, ...]:
