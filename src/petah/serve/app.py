@@ -189,14 +189,20 @@ def create_app(station: Station) -> FastAPI:
               dependencies=[Depends(require_api_token)])
     async def predict(request: Request):
         started = time.perf_counter()
-        uploads, names = await read_images(request, config.max_upload_bytes, config.max_images)
-        tasks = station.check_tasks(names)
-        job = await run_in_threadpool(station.decode, uploads, tasks)
-        prediction = await asyncio.wrap_future(station.submit(job))
-        images = await run_in_threadpool(station.render, prediction, uploads)
+        station.in_flight += 1  # only the event loop thread changes it
+        try:
+            uploads, names = await read_images(request, config.max_upload_bytes, config.max_images)
+            tasks = station.check_tasks(names)
+            job = await run_in_threadpool(station.decode, uploads, tasks)
+            prediction = await asyncio.wrap_future(station.submit(job))
+            images = await run_in_threadpool(station.render, prediction, uploads)
+        finally:
+            station.in_flight -= 1
         seconds = time.perf_counter() - started
         station.metrics.observe_prediction(tasks, seconds)
-        return {"images": images, "latency_ms": round(1000 * seconds, 3), "batch_images": prediction.batch_images}
+        # a JSONResponse skips FastAPI's jsonable_encoder walk over every result (plain JSON types already)
+        return JSONResponse({"images": images, "latency_ms": round(1000 * seconds, 3),
+                             "batch_images": prediction.batch_images})
 
     @app.put("/v1/tasks/{name}", summary="Install or replace a task from a .petah body (admin)",
              dependencies=[Depends(require_api_token), Depends(require_admin)])

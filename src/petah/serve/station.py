@@ -110,7 +110,9 @@ class Station:
         self.metrics = StationMetrics(lambda: len(self.tasks), lambda: self.worker.depth)
         self.worker = BatchWorker(self._run_batch, max_batch=self.config.max_batch,
                                   max_wait_s=self.config.max_wait_ms / 1000, queue_size=self.config.queue_size,
-                                  on_batch=self.metrics.batch_size.observe, on_pause=self.metrics.observe_pause)
+                                  on_batch=self.metrics.batch_size.observe, on_pause=self.metrics.observe_pause,
+                                  in_flight=lambda: self.in_flight)
+        self.in_flight = 0  # prediction requests between arrival and answer (the batcher waits for them)
         self._changes = threading.Lock()  # one install / rollback / delete at a time (state + engine together)
         self._restore()
         for path in packages:

@@ -35,7 +35,8 @@ class Job:
 
 class BatchWorker:
     def __init__(self, run_batch: Callable[[list[Job]], None], *, max_batch: int, max_wait_s: float, queue_size: int,
-                 on_batch: Callable[[int], None] | None = None, on_pause: Callable[[float], None] | None = None):
+                 on_batch: Callable[[int], None] | None = None, on_pause: Callable[[float], None] | None = None,
+                 in_flight: Callable[[], int] | None = None):
         self.run_batch = run_batch  # answers every job of a batch (sets each future)
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
@@ -43,6 +44,7 @@ class BatchWorker:
         self.calls: queue.SimpleQueue[tuple[Callable[[], object], Future, float]] = queue.SimpleQueue()
         self.on_batch = on_batch or (lambda n: None)
         self.on_pause = on_pause or (lambda s: None)
+        self.in_flight = in_flight or (lambda: self.max_batch)  # requests accepted and not yet answered
         self._stop = threading.Event()
         self._wake = threading.Event()  # a control call arrived: stop waiting for jobs
         self._thread = threading.Thread(target=self._loop, name="petah-inference", daemon=True)
@@ -103,7 +105,9 @@ class BatchWorker:
         batch, images = [first], first.count
         deadline = time.perf_counter() + self.max_wait_s
         while images < self.max_batch and not self._wake.is_set():
-            remaining = deadline - time.perf_counter()
+            # wait only for requests that exist (being read or decoded): a lone client is not
+            # kept waiting --max-wait-ms for company that will not come
+            remaining = deadline - time.perf_counter() if self.in_flight() > len(batch) else 0
             try:
                 job = self.jobs.get(timeout=remaining) if remaining > 0 else self.jobs.get_nowait()
             except queue.Empty:
