@@ -94,6 +94,7 @@ def remove_adapter(model: nn.Module, name: str) -> None:
             layer.delete(name)
             if not layer.deltas:
                 _replace(model, module_name, layer.base_layer)
+    getattr(model, "peft_config", {}).pop(name, None)  # PEFT keeps every adapter's config on the model
     refresh_attention_caches(model)
 
 

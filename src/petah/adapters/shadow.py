@@ -39,9 +39,29 @@ def _copy(module: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
     return new
 
 
-def transplant(live: nn.Module, shadow: nn.Module) -> None:
-    """Make ``live`` (whose object identity others hold) take over the shadow's structure."""
+def transplant(live: nn.Module, shadow: nn.Module) -> dict:
+    """Make ``live`` (whose object identity others hold) take over the shadow's structure; returns
+    the replaced structure, for ``release``."""
+    replaced = dict(vars(live))
     vars(live).update(vars(shadow))
+    return replaced
 
 
-__all__ = ["shadow_copy", "transplant"]
+def release(live: nn.Module, replaced: dict) -> None:
+    """Let a replaced structure be freed at once: its modules' methods bound to themselves (the
+    weight-space forward) are reference cycles that would wait for a full garbage collection, a
+    pause of its own, and keep the tensors of removed adapters alive until then."""
+    current = {id(m) for m in live.modules()}
+    stack = [m for m in replaced.get("_modules", {}).values() if m is not None]
+    while stack:
+        module = stack.pop()
+        if id(module) in current:
+            continue
+        current.add(id(module))  # visit once
+        state = vars(module)
+        for key in [k for k, v in state.items() if isinstance(v, types.MethodType) and v.__self__ is module]:
+            del state[key]
+        stack.extend(m for m in module._modules.values() if m is not None)
+
+
+__all__ = ["release", "shadow_copy", "transplant"]

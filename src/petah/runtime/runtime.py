@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from petah.adapters import TaskAdapter, remove_adapter, shadow_copy, transplant
+from petah.adapters import TaskAdapter, release, remove_adapter, shadow_copy, transplant
 from petah.backbones import Backbone
 from petah.data import Preprocess
 from petah.errors import PetahError
@@ -84,6 +84,7 @@ class Runtime:
         self._ids = itertools.count()
         self._layers: list[nn.Module] = []  # every adapted layer of the model, kept for fast switching
         self._retired: list[RuntimeTask] = []  # replaced versions whose adapters are still in the model
+        self._replaced: list[dict] = []  # model structures a staged install replaced, released by retire()
         # Structure changes count twice (start, end): a shadow copied at an even value that is still
         # current when installed saw the model exactly as it is (a seqlock).
         self._generation = 0
@@ -130,7 +131,7 @@ class Runtime:
         self._generation += 1
         staged = prepared.staged
         if staged is not None and staged.generation == self._generation - 1:
-            transplant(self.backbone.model, staged.shadow)  # the whole install, as seen by a batch
+            self._replaced.append(transplant(self.backbone.model, staged.shadow))  # the install, as a batch sees it
             adapter = staged.adapter
             adapter.backbone = self.backbone  # its model is the live one now
         else:
@@ -162,7 +163,9 @@ class Runtime:
         return task
 
     def retire(self) -> None:
-        """Take the adapters of replaced versions out of the model."""
+        """Take the adapters of replaced versions out of the model; free replaced structures."""
+        while self._replaced:
+            release(self.backbone.model, self._replaced.pop())
         if not self._retired:
             return
         self._deactivate()  # removing restores shared tensors: no task's own values may be in them

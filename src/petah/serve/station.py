@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import ctypes
 import datetime as dt
-import gc
 import threading
 import time
 import warnings
@@ -83,9 +82,9 @@ def decode_uploads(uploads: list[Upload], modes: tuple[str, ...]) -> dict[str, l
 
 
 def release_memory() -> None:
-    """After a task change: free the replaced structures (module copies hold reference cycles) and
-    give freed heap pages back to the system, so a station that swaps for months does not grow."""
-    gc.collect()
+    """After a task change, give freed heap pages back to the system, so a station that swaps for
+    months does not grow (glibc keeps them otherwise). No gc.collect(): it holds the GIL for its
+    whole run, a pause for every request; replaced structures are freed without it (``retire``)."""
     try:
         ctypes.CDLL(None).malloc_trim(0)  # glibc; elsewhere there is nothing to call
     except (OSError, AttributeError):
