@@ -63,7 +63,7 @@ def run_latency(name: str = "efficientformerv2_s0", img_size: int = 224, batch: 
     import onnxruntime as ort
 
     from petah.export import export_base_and_adapters, export_merged
-    from petah.export.onnx import INPUT, to_onnx_bytes
+    from petah.runtime.onnx import INPUT, to_onnx_bytes
 
     torch.manual_seed(0)
     backbone = create_backbone(name, img_size, weights)

@@ -20,8 +20,8 @@ from petah.backbones import Backbone, create_backbone, save_backbone
 from petah.bench.latency import interleaved_medians, ort_session
 from petah.data import load_builtin
 from petah.demo import DEMO_PLANS, DEMO_TASKS, demo_backbone_path, run_demo
-from petah.export.onnx import INPUT, to_onnx_bytes
 from petah.prune import PruneConfig
+from petah.runtime.onnx import INPUT, to_onnx_bytes
 
 PLOT = "prune-accuracy-latency.png"
 

@@ -1,17 +1,13 @@
 """ONNX export of a task with its adapters merged: one self-contained model per task.
 
-The exporter is torch's TorchScript-based one (``dynamo=False``): torch 2.14's default dynamo
-exporter needs ``onnxscript``, and the traced graph of a merged, wrapper-free timm model is
-plain convolutions and matmuls that the legacy path exports exactly. The batch axis is dynamic;
-preprocessing, labels and the backbone identity go into the model's metadata, so a device needs
-nothing else.
+The graph itself comes from ``petah.runtime.onnx`` (the station's onnx engine builds the same
+one); here it gets preprocessing, labels and the backbone identity as metadata, so a device
+needs nothing else, and is checked against PyTorch and written.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +17,9 @@ import torch.nn as nn
 
 from petah import __version__
 from petah.backbones import Backbone
-from petah.errors import PetahError
 from petah.files import atomic_write_bytes
-from petah.packages import Manifest, TaskPackage, load_task, merged_backbone, read_package
-
-OPSET = 17
-INPUT, OUTPUT = "image", "logits"
+from petah.packages import TaskPackage, load_task, read_package
+from petah.runtime.onnx import INPUT, merged_task_module, to_onnx_bytes
 
 
 @dataclass
@@ -39,58 +32,6 @@ class ExportResult:
     def to_dict(self) -> dict:
         return {"task": self.task, "path": str(self.path), "onnx_bytes": self.onnx_bytes,
                 "max_abs_error": self.max_abs_error}
-
-
-def merged_task_module(backbone: Backbone, package: TaskPackage | str | Path) -> tuple[nn.Module, Manifest]:
-    """The task as a plain module: backbone with adapters merged (no wrappers) + head."""
-    merged, task = merged_backbone(backbone, package)
-    module = type(task.model)(merged.model, task.model.head).eval()
-    return module, task.manifest
-
-
-class _LayerTracker:
-    """Remembers which module was running, so an export failure can name the layer."""
-
-    def __init__(self, model: nn.Module):
-        self.stack: list[str] = []
-        self.handles = []
-        for name, module in model.named_modules():
-            self.handles.append(module.register_forward_pre_hook(self._enter(name)))
-            self.handles.append(module.register_forward_hook(self._leave))
-
-    def _enter(self, name: str):
-        def hook(module, args) -> None:  # a hook that returns something would replace the input
-            self.stack.append(name)
-
-        return hook
-
-    def _leave(self, module, args, output) -> None:
-        self.stack.pop()
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
-def to_onnx_bytes(module: nn.Module, example: torch.Tensor, what: str) -> bytes:
-    tracker = _LayerTracker(module)
-    buffer = io.BytesIO()
-    try:
-        with warnings.catch_warnings():  # the legacy exporter is chosen deliberately (see the module doc)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(
-                module, (example,), buffer, dynamo=False, opset_version=OPSET,
-                input_names=[INPUT], output_names=[OUTPUT],
-                dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
-            )
-    except Exception as exc:  # the exporter raises many types
-        layer = tracker.stack[-1] if tracker.stack else "(model)"
-        kind = type(module.get_submodule(layer)).__name__ if tracker.stack else ""
-        raise PetahError(f"cannot export {what} to ONNX: layer {layer} ({kind}) failed: "
-                         f"{str(exc).splitlines()[0]}") from exc
-    finally:
-        tracker.close()
-    return buffer.getvalue()
 
 
 def with_metadata(onnx_bytes: bytes, metadata: dict[str, object]) -> bytes:

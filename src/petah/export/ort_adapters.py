@@ -27,10 +27,11 @@ import torch.nn.functional as F
 from petah import __version__
 from petah.backbones import Backbone
 from petah.errors import PetahError
-from petah.export.onnx import INPUT, OUTPUT, to_onnx_bytes, with_metadata, worst_error
+from petah.export.onnx import with_metadata, worst_error
 from petah.files import atomic_write_bytes, inside, staged_folder
 from petah.packages import LoadedTask, Manifest, TaskPackage, load_task, read_package
 from petah.plans import LORA
+from petah.runtime.onnx import INPUT, OUTPUT, to_onnx_bytes
 from petah.tasks import ClassificationModel
 
 PAD_BIAS = -1e9

@@ -78,7 +78,7 @@ class OnnxEngine:
     def prepare(self, path: Path, name: str | None) -> OnnxTask:
         import onnxruntime as ort
 
-        from petah.export.onnx import merged_task_module, to_onnx_bytes
+        from petah.runtime.onnx import merged_task_module, to_onnx_bytes
 
         package, origin = open_package(path, self.backbone)
         name = check_task_name(name or package.task_name, origin)
