@@ -173,6 +173,8 @@ def test_health_metrics_and_openapi(demo_station):
     ("text", 400, "cannot read image notes.txt"),
     ("truncated", 400, "cannot read image cut.png"),
     ("bomb", 400, "over petah's limit"),
+    ("many-pixels", 400, "32.0 MP together"),
+    ("no-task-named", 400, "names no task"),
     ("unknown-task", 404, "no task 'nope'"),
     ("no-image", 400, "no image"),
     ("json", 415, "multipart/form-data"),
@@ -187,6 +189,10 @@ def test_bad_requests_get_one_json_error(demo_station, case, status, needle):
         reply = client.predict([("cut.png", image[: len(image) // 2])])
     elif case == "bomb":
         reply = client.predict([("bomb.png", bomb_png())])
+    elif case == "many-pixels":  # two small files whose headers claim 16 MP each
+        reply = client.predict([("a.png", bomb_png(4000, 4000)), ("b.png", bomb_png(4000, 4000))])
+    elif case == "no-task-named":
+        reply = client.request("POST", "/v1/predict?tasks=,", image, {"Content-Type": "image/png"})
     elif case == "unknown-task":
         reply = client.predict([("a.png", image)], tasks=["nope"])
     elif case == "no-image":
@@ -236,6 +242,12 @@ def test_token_protects_every_endpoint_and_admin_can_be_disabled(tokens, tmp_pat
         assert reply.status == 401
         client.token = api_token
         assert client.predict([("a.png", digit_image())]).status == 404  # no task served yet
+    with station_process("-b", str(demo_backbone_path()), "--state-dir", str(tmp_path / "t"),
+                         "--token-file", str(tokens / "api"), "--admin-token-file", str(tokens / "admin")) as (_, url):
+        client = StationClient(url, token=api_token)
+        assert client.install("digits", DIGITS.read_bytes(), api_token).status == 401  # not the admin token
+        assert client.install("digits", DIGITS.read_bytes(), ADMIN).status == 200  # the admin token alone opens
+        assert client.predict([("a.png", digit_image())]).status == 200
 
 
 # --- hot swap under load --------------------------------------------------------------------------
@@ -496,3 +508,33 @@ def test_serve_refuses_bad_input_in_one_line_before_loading_anything(tmp_path):
         assert proc.returncode != 0 and needle in proc.stderr, (args, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "s").exists()  # refused before the state dir was made
+
+
+def test_worker_batches_skips_cancelled_requests_and_refuses_work_once_stopped():
+    from petah.serve.worker import BatchWorker, Busy, Job
+
+    batches = []
+
+    def run_batch(jobs):
+        batches.append(len(jobs))
+        for job in jobs:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_result(job.count)
+
+    worker = BatchWorker(run_batch, max_batch=8, max_wait_s=0.2, queue_size=2, in_flight=lambda: 3)
+    first, gone, third = Job({}, (), 1), Job({}, (), 2), Job({}, (), 3)
+    worker.submit(first)
+    worker.submit(gone)
+    with pytest.raises(Busy, match="queue is full"):
+        worker.submit(third)
+    gone.future.cancel()  # its client went away while it waited
+    worker.start()
+    assert first.future.result(5) == 1 and gone.future.cancelled() and batches == [2]
+    worker.submit(third)
+    assert third.future.result(5) == 3
+    assert worker.call(lambda: "between batches").result(5) == "between batches"
+    worker.stop()
+    with pytest.raises(Busy, match="shutting down"):
+        worker.call(lambda: None)
+    with pytest.raises(Busy, match="shutting down"):
+        worker.submit(Job({}, (), 1))

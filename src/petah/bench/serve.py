@@ -49,7 +49,7 @@ def drive(url: str, clients: int, seconds: float, images: list[bytes], tasks: li
     stop = stop or threading.Event()
     latencies: list[list[float]] = [[] for _ in range(clients)]
     failures = [0] * clients
-    start_line = threading.Barrier(clients + 1)
+    start_line = threading.Barrier(clients + 1, timeout=120)  # a client that cannot connect breaks it
     stop_at: list[float] = []
 
     def client(i: int) -> None:
@@ -173,14 +173,16 @@ def ratios(throughput: list[dict], swaps: list[dict], memory: list[dict], client
     engines = sorted({r["engine"] for r in throughput})
     out = {}
     lo, hi = min(clients), max(clients)
+
+    def ratio(a, b):
+        return round(rps[a] / rps[b], 2) if rps[b] else None  # a point where nothing was answered
+
     for engine in engines:
-        out[f"{engine}: {hi} clients batched / {lo} client"] = round(rps[(engine, "on", hi)] / rps[(engine, "on", lo)],
-                                                                     2)
-        out[f"{engine}: {hi} clients batched / unbatched"] = round(rps[(engine, "on", hi)] / rps[(engine, "off", hi)],
-                                                                   2)
+        out[f"{engine}: {hi} clients batched / {lo} client"] = ratio((engine, "on", hi), (engine, "on", lo))
+        out[f"{engine}: {hi} clients batched / unbatched"] = ratio((engine, "on", hi), (engine, "off", hi))
     if set(engines) >= {"torch", "onnx"}:
-        out[f"onnx / torch requests/s at {lo} client"] = round(rps[("onnx", "on", lo)] / rps[("torch", "on", lo)], 2)
-        out[f"onnx / torch requests/s at {hi} clients"] = round(rps[("onnx", "on", hi)] / rps[("torch", "on", hi)], 2)
+        out[f"onnx / torch requests/s at {lo} client"] = ratio(("onnx", "on", lo), ("torch", "on", lo))
+        out[f"onnx / torch requests/s at {hi} clients"] = ratio(("onnx", "on", hi), ("torch", "on", hi))
     for row in memory:
         out[f"{row['engine']}: resident bytes per added task / its package bytes"] = row["ratio_to_package_bytes"]
     for row in swaps:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from petah.adapters import TaskAdapter, release, remove_adapter, shadow_copy, transplant
+from petah.adapters import TaskAdapter, refresh_attention_caches, release, remove_adapter, shadow_copy, transplant
 from petah.backbones import Backbone
 from petah.data import Preprocess
 from petah.errors import PetahError
@@ -134,6 +134,7 @@ class Runtime:
             self._replaced.append(transplant(self.backbone.model, staged.shadow))  # the install, as a batch sees it
             adapter = staged.adapter
             adapter.backbone = self.backbone  # its model is the live one now
+            refresh_attention_caches(self.backbone.model)  # the shadow copied caches of its moment
         else:
             adapter_id = self._adapter_id(name)
             try:

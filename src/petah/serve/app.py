@@ -126,6 +126,8 @@ def create_app(station: Station) -> FastAPI:
                               {"WWW-Authenticate": "Bearer"})
 
     def require_admin(authorization: Annotated[str | None, Header()] = None) -> None:
+        """The admin token alone opens the admin endpoints (it is the stronger credential: one
+        Authorization header cannot carry both tokens)."""
         if admin_token is None:
             raise ClientError(401, "admin endpoints are disabled: start petah serve with --admin-token-file")
         if not bearer_matches(authorization, admin_token):
@@ -205,7 +207,7 @@ def create_app(station: Station) -> FastAPI:
                              "batch_images": prediction.batch_images})
 
     @app.put("/v1/tasks/{name}", summary="Install or replace a task from a .petah body (admin)",
-             dependencies=[Depends(require_api_token), Depends(require_admin)])
+             dependencies=[Depends(require_admin)])
     async def put_task(name: str, request: Request):
         data = await read_body(request, config.max_upload_bytes)
         if not data:
@@ -214,13 +216,13 @@ def create_app(station: Station) -> FastAPI:
         return {"task": record.to_dict()}
 
     @app.post("/v1/tasks/{name}/rollback", summary="Serve the task's previous version again (admin)",
-              dependencies=[Depends(require_api_token), Depends(require_admin)])
+              dependencies=[Depends(require_admin)])
     async def rollback(name: str):
         record = await run_in_threadpool(station.rollback, name)
         return {"task": record.to_dict()}
 
     @app.delete("/v1/tasks/{name}", summary="Stop serving a task (admin)",
-                dependencies=[Depends(require_api_token), Depends(require_admin)])
+                dependencies=[Depends(require_admin)])
     async def delete(name: str):
         await run_in_threadpool(station.delete, name)
         return {"deleted": name}

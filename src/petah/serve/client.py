@@ -54,6 +54,8 @@ def multipart(files: list[tuple[str, bytes]], fields: dict[str, str] | None = No
 class StationClient:
     def __init__(self, url: str, token: str | None = None, timeout: float = 60.0):
         parts = urlsplit(url)
+        if parts.scheme != "http":
+            raise PetahError(f"StationClient speaks plain http to a station on this machine, not {url!r}")
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self.token, self.timeout = token, timeout
         self._conn: http.client.HTTPConnection | None = None
@@ -63,7 +65,8 @@ class StationClient:
         headers = dict(headers or {})
         if token or self.token:
             headers["Authorization"] = f"Bearer {token or self.token}"
-        for attempt in (0, 1):  # a keep-alive connection the server closed is reopened once
+        while True:
+            reused = self._conn is not None
             if self._conn is None:
                 self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
                 self._conn.connect()
@@ -74,11 +77,14 @@ class StationClient:
                 self._conn.request(method, path, body=body, headers=headers)
                 response = self._conn.getresponse()
                 return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
-            except (ConnectionError, http.client.HTTPException, OSError):
+            except (ConnectionError, http.client.HTTPException, OSError) as exc:
                 self.close()
-                if attempt:
+                # only a kept-alive connection the server had closed before reading the request is
+                # retried; after a timeout the request may have run (a rollback must not run twice)
+                closed_by_server = isinstance(exc, http.client.RemoteDisconnected | BrokenPipeError |
+                                              ConnectionResetError)
+                if not (reused and closed_by_server):
                     raise
-        raise AssertionError("unreachable")
 
     def close(self) -> None:
         if self._conn is not None:

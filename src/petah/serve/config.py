@@ -34,6 +34,9 @@ class ServeConfig:
     max_upload_mb: float = option(16.0, cli="--max-upload-mb",
                                   help="Largest request body (images or a package); larger ones get 413.")
     max_images: int = option(32, cli="--max-images", help="Most images one /v1/predict request may carry.")
+    max_request_mp: float = option(16.0, cli="--max-request-mp",
+                                   help="Most megapixels the images of one request may hold together (checked "
+                                        "from their headers before decoding: dense tasks work at full size).")
     engine: str = option("auto", cli="--engine",
                          help="torch (one backbone, adapters unmerged: least memory), onnx (ONNX Runtime, one "
                               "merged graph per task: fastest) or auto (onnx while the per-task graphs fit "
@@ -62,6 +65,8 @@ class ServeConfig:
             raise PetahError(f"--port must be 0..65535, got {self.port}")
         if not 0 <= self.max_wait_ms <= 1000:
             raise PetahError(f"--max-wait-ms must be 0..1000, got {self.max_wait_ms}")
+        if not 0 < self.max_request_mp <= 1000:
+            raise PetahError(f"--max-request-mp must be in (0, 1000], got {self.max_request_mp}")
         if not 0 < self.max_upload_mb <= 1024:
             raise PetahError(f"--max-upload-mb must be in (0, 1024], got {self.max_upload_mb}")
         if self.engine not in ENGINES:

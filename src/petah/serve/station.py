@@ -8,12 +8,15 @@ from __future__ import annotations
 import base64
 import ctypes
 import datetime as dt
+import io
 import threading
 import time
 import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from PIL import Image
 
 from petah.backbones import Backbone
 from petah.data.images import load_image_modes
@@ -64,6 +67,17 @@ class Prediction:
     tags: dict[str, dict]  # per task: the version and kind that produced its results
     batch_images: int
     started: float = field(default_factory=time.perf_counter)
+
+
+def header_pixels(data: bytes) -> int:
+    """Width x height as an image's header claims it (0 when unreadable: decoding then names it)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return image.size[0] * image.size[1]
+    except Exception:  # hostile bytes: the decoder's own error message comes later
+        return 0
 
 
 def decode_uploads(uploads: list[Upload], modes: tuple[str, ...]) -> dict[str, list]:
@@ -130,7 +144,7 @@ class Station:
                     self._swap_in(name, sha, entry.loaded_at, entry.previous if sha == entry.sha256 else None)
                     entries[name] = Entry(sha, entry.previous if sha == entry.sha256 else None, entry.loaded_at)
                     break
-                except PetahError as exc:
+                except Exception as exc:  # whatever one stored package does, the rest of the station starts
                     warnings.warn(f"state dir: task {name} version {sha[:VERSION_CHARS]} does not load: {exc}",
                                   PetahWarning, stacklevel=2)
             else:
@@ -145,13 +159,19 @@ class Station:
         self.worker.stop()
 
     # --- changing the set --------------------------------------------------------------------
-    def _swap_in(self, name: str, sha: str, loaded_at: str, previous: str | None) -> TaskRecord:
-        """Load a stored package as task ``name``: prepared here, swapped in on the inference thread
-        between two batches (directly while that thread has not started)."""
+    def _swap_in(self, name: str, sha: str, loaded_at: str, previous: str | None,
+                 durable: dict[str, Entry] | None = None) -> TaskRecord:
+        """Load a stored package as task ``name``: prepared here, beside inference; then, with
+        ``durable``, that set written to the state dir (so a crash from here on restarts with the
+        new version); then swapped in on the inference thread between two batches (directly while
+        that thread has not started). A failed swap writes the old set back."""
         path = self.state.package_path(sha)
         if not path.is_file():
             raise PetahError(f"package {sha[:VERSION_CHARS]} is missing from the state dir")
-        prepared = self.engine.prepare(path, name)  # read + verify + head: beside running inference
+        prepared = self.engine.prepare(path, name)  # read + verify + head (+ adapters on a shadow)
+        before = dict(self.state.entries)
+        if durable is not None:
+            self._commit(durable)
 
         def swap() -> TaskRecord:
             manifest = self.engine.install(prepared)
@@ -159,14 +179,18 @@ class Station:
             self.tasks[name] = record
             return record
 
-        if not self.worker.alive:
-            record = swap()
-            self.engine.retire()
-            return record
-        record = self.worker.call(swap).result()
-        # cleaning up is a pause of its own (batches run in between); waited for, so the next change
-        # is prepared against the model as it will be
-        self.worker.call(self.engine.retire).result()
+        try:
+            record = self.worker.call(swap).result() if self.worker.alive else swap()
+        except BaseException:
+            if durable is not None:
+                self._commit(before)
+            raise
+        try:  # cleaning up is a pause of its own (batches run in between); waited for, so the next
+            # change is prepared against the model as it will be
+            self.worker.call(self.engine.retire).result() if self.worker.alive else self.engine.retire()
+        except Exception as exc:  # the new version serves; a failed clean-up only costs memory
+            warnings.warn(f"removing the replaced version of {name} failed: {exc}", PetahWarning, stacklevel=2)
+        release_memory()
         return record
 
     def install(self, data: bytes, name: str | None = None) -> TaskRecord:
@@ -178,12 +202,13 @@ class Station:
                 name = name or read_manifest(path).task.name  # checked as a task name by prepare
                 old = self.state.entries.get(name)
                 previous = old.sha256 if old and old.sha256 != sha else (old.previous if old else None)
-                record = self._swap_in(name, sha, now_utc(), previous)
+                loaded_at = now_utc()
+                record = self._swap_in(name, sha, loaded_at, previous,
+                                       {**self.state.entries, name: Entry(sha, previous, loaded_at)})
             except BaseException:
                 if sha not in self._referenced():
                     path.unlink(missing_ok=True)
                 raise
-            self._commit({**self.state.entries, name: Entry(sha, previous, record.loaded_at)})
             self.metrics.swaps.labels("install").inc()
             return record
 
@@ -193,8 +218,9 @@ class Station:
             entry = self._entry(name)
             if entry.previous is None:
                 raise PetahError(f"task {name} has no previous version to roll back to")
-            record = self._swap_in(name, entry.previous, now_utc(), entry.sha256)
-            self._commit({**self.state.entries, name: Entry(entry.previous, entry.sha256, record.loaded_at)})
+            loaded_at = now_utc()
+            record = self._swap_in(name, entry.previous, loaded_at, entry.sha256,
+                                   {**self.state.entries, name: Entry(entry.previous, entry.sha256, loaded_at)})
             self.metrics.swaps.labels("rollback").inc()
             return record
 
@@ -208,6 +234,7 @@ class Station:
 
             self.worker.call(unload).result()
             self._commit({k: v for k, v in self.state.entries.items() if k != name})
+            release_memory()
             self.metrics.swaps.labels("delete").inc()
 
     def _entry(self, name: str) -> Entry:
@@ -220,7 +247,6 @@ class Station:
 
     def _commit(self, entries: dict[str, Entry]) -> None:
         self.state.commit(entries)
-        release_memory()
 
     # --- predictions ---------------------------------------------------------------------------
     def check_tasks(self, names: list[str] | None) -> tuple[str, ...]:
@@ -229,6 +255,8 @@ class Station:
             if not served:
                 raise UnknownTask("the station serves no task yet (install one: PUT /v1/tasks/NAME)")
             return tuple(served)
+        if not names:
+            raise PetahError("tasks= names no task (leave it out for every task)")
         unknown = [n for n in names if n not in served]
         if unknown:
             raise UnknownTask(f"no task {unknown[0]!r} is served (served: {', '.join(sorted(served)) or 'none'})")
@@ -236,8 +264,18 @@ class Station:
 
     def decode(self, uploads: list[Upload], tasks: tuple[str, ...]) -> Job:
         """Each image decoded once per intensity mode its tasks were trained with (off the worker)."""
-        modes = tuple(dict.fromkeys(self.tasks[t].manifest.intensity for t in tasks if t in self.tasks))
+        self._check_pixels(uploads)
+        served = dict(self.tasks)  # a delete may land meanwhile: the batch then reports the task removed
+        modes = tuple(dict.fromkeys(served[t].manifest.intensity for t in tasks if t in served))
         return Job(decode_uploads(uploads, modes), tasks, len(uploads), uploads)
+
+    def _check_pixels(self, uploads: list[Upload]) -> None:
+        """A few small, highly compressed files can hold gigapixels: refuse by their headers."""
+        limit = self.config.max_request_mp * 1e6
+        total = sum(header_pixels(upload.data) for upload in uploads)
+        if total > limit:
+            raise PetahError(f"the images of this request hold {total / 1e6:.1f} MP together; the station takes at "
+                             f"most {self.config.max_request_mp:g} MP per request (--max-request-mp)")
 
     def submit(self, job: Job) -> Future:
         return self.worker.submit(job)
@@ -251,7 +289,8 @@ class Station:
             missing = [t for t in tasks if t not in self.tasks]
             if missing:  # deleted while the request waited
                 for job in group:
-                    job.future.set_exception(UnknownTask(f"task {missing[0]!r} was removed"))
+                    if job.future.set_running_or_notify_cancel():
+                        job.future.set_exception(UnknownTask(f"task {missing[0]!r} was removed"))
                 continue
             per_job: list[list[dict]] = [[{} for _ in range(job.count)] for job in group]
             by_mode: dict[str, list[str]] = {}
@@ -272,7 +311,8 @@ class Station:
             tags = {t: {"version": self.tasks[t].version, "kind": self.tasks[t].manifest.task.kind} for t in tasks}
             total = sum(job.count for job in group)
             for job, results in zip(group, per_job, strict=True):
-                job.future.set_result(Prediction(results, tags, total))
+                if job.future.set_running_or_notify_cancel():  # False: the client went away meanwhile
+                    job.future.set_result(Prediction(results, tags, total))
 
     @staticmethod
     def render(prediction: Prediction, uploads: list[Upload]) -> list[dict]:

@@ -78,9 +78,13 @@ class BatchWorker:
 
     def call(self, fn: Callable[[], object]) -> Future:
         """Run ``fn`` on the inference thread between two batches; its result (or error) in the future."""
+        if self._stop.is_set():
+            raise Busy("the station is shutting down")
         future: Future = Future()
         self.calls.put((fn, future, time.perf_counter()))
         self._wake.set()
+        if not self._thread.is_alive() and self._stop.is_set():  # stopped between the check and the put
+            self._fail_leftovers()
         return future
 
     # --- the inference thread ------------------------------------------------------------------
@@ -131,7 +135,26 @@ class BatchWorker:
                             job.future.set_exception(exc)
             elif self._stop.is_set() and self.jobs.empty():
                 self._run_calls()
+                self._fail_leftovers()
                 return
+
+    def _fail_leftovers(self) -> None:
+        """Nothing queued after the thread's last round may wait for it forever."""
+        stopped = Busy("the station is shutting down")
+        while True:
+            try:
+                _fn, future, _queued = self.calls.get_nowait()
+            except queue.Empty:
+                break
+            if not future.done():
+                future.set_exception(stopped)
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if not job.future.done():
+                job.future.set_exception(stopped)
 
 
 __all__ = ["BatchWorker", "Busy", "Job"]
