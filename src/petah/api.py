@@ -320,11 +320,12 @@ def evaluate(backbone: Backbone, package: TaskPackage | str | Path, data: Labele
     return kind.evaluate(task.model, eval_loader(data, task.preprocess, kind), data.classes)
 
 
-def open_runtime(backbone: Backbone, packages: list):
-    """A runtime holding every package once; two packages of the same task name are refused."""
+def open_runtime(backbone: Backbone, packages: list, trust=None):
+    """A runtime holding every package once; two packages of the same task name are refused.
+    ``trust`` (a ``petah.packages.TrustPolicy``): who must have signed them."""
     from petah.runtime import Runtime
 
-    runtime = Runtime(backbone)
+    runtime = Runtime(backbone, trust=trust)
     for package in packages:
         loaded = len(runtime.tasks)
         task = runtime.load(package)
@@ -338,10 +339,11 @@ def _check_top_k(top_k: int) -> None:
         raise PetahError(f"top_k (--top-k) must be a whole number >= 1, got {top_k!r}")
 
 
-def predict(backbone: Backbone, packages: list, images: list[torch.Tensor], *, top_k: int = 3) -> dict[str, list[dict]]:
+def predict(backbone: Backbone, packages: list, images: list[torch.Tensor], *, top_k: int = 3,
+            trust=None) -> dict[str, list[dict]]:
     """Per-task predictions for RGB uint8 image tensors, all packages on one resident backbone."""
     _check_top_k(top_k)
-    return open_runtime(backbone, packages).run(images, top_k=top_k)
+    return open_runtime(backbone, packages, trust).run(images, top_k=top_k)
 
 
 def image_files(paths: list[str | Path]) -> list[Path]:
@@ -358,7 +360,7 @@ def image_files(paths: list[str | Path]) -> list[Path]:
 
 
 def predict_files(backbone: Backbone, packages: list, paths: list[str | Path], *, top_k: int = 3,
-                  out_dir: str | Path | None = None, keep_going: bool = True):
+                  out_dir: str | Path | None = None, keep_going: bool = True, trust=None):
     """An iterator of one JSON-ready result per image file, on one resident backbone. A bad file
     yields an error entry (``keep_going``) or, with ``keep_going=False``, fails the call before any
     file is written. With ``out_dir``, segmentation masks (class-index PNG + overlay) and
@@ -375,7 +377,7 @@ def predict_files(backbone: Backbone, packages: list, paths: list[str | Path], *
     if not keep_going:  # all or nothing: every file must read before the first result is written
         for path in files:
             load_image(path)
-    runtime = open_runtime(backbone, packages)
+    runtime = open_runtime(backbone, packages, trust)
     return _predict_each(runtime, files, top_k, out_dir)
 
 

@@ -12,13 +12,13 @@ from typing import Annotated
 
 import typer
 
-from petah.cli import bench, deploy, serve, show, tasks
+from petah.cli import bench, deploy, serve, show, sign, tasks
 from petah.cli.common import STATE, emit_json, err
 from petah.errors import PetahError, PetahWarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Parameter-efficient task adaptation of hybrid vision transformers.")
-for _group in (tasks, deploy, show, serve):
+for _group in (tasks, deploy, show, serve, sign):
     for _name, _command in _group.COMMANDS.items():
         app.command(_name)(_command)
 app.add_typer(show.plan_app, name="plan")

@@ -36,6 +36,11 @@ AdapterDtypeOpt = Annotated[str, typer.Option("--adapter-dtype",
 _DATA_HELP = ("An image folder (class sub-folders; train/ + val/ or --val-split), a segmentation folder (images/ + "
               "masks/ + classes.txt), a COCO JSON (or a folder with annotations.json), or builtin:NAME.")
 DataArg = Annotated[str | None, typer.Argument(help=_DATA_HELP, show_default=False)]
+TrustOpt = Annotated[Path | None, typer.Option(
+    "--trust", help="Folder of trusted public keys (*.pub): signed packages must verify against them; unsigned "
+                    "ones load with a warning.")]
+RequireSignedOpt = Annotated[bool, typer.Option(
+    "--require-signed", help="Refuse every package not signed by a key in --trust.")]
 DataOpt = Annotated[str | None, typer.Option("--data", help="The same as the DATA argument.", show_default=False)]
 ValSplitOpt = Annotated[float | None, typer.Option("--val-split", help="Hold out this fraction for validation.")]
 HflipOpt = Annotated[bool, typer.Option("--hflip", help="Random horizontal flips.")]

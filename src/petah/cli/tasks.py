@@ -16,8 +16,10 @@ from petah.cli.common import (
     HflipOpt,
     JsonOpt,
     NoAugmentOpt,
+    RequireSignedOpt,
     SizeOpt,
     StrictOpt,
+    TrustOpt,
     ValSplitOpt,
     WeightsOpt,
     augment,
@@ -217,15 +219,20 @@ def predict(
         "--jsonl", help="One JSON line per image; a bad file gets an error line and the rest go on.")] = False,
     out_dir: Annotated[Path, typer.Option(
         "--out-dir", help="Dense tasks: where mask PNGs and overlays (masks, boxes) go.")] = Path("predictions"),
+    trust: TrustOpt = None,
+    require_signed: RequireSignedOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Run one or more task packages on images with one shared backbone (segmentation masks and
     mask / box overlays are written to --out-dir)."""
     from petah import api
+    from petah.packages import TrustPolicy
 
+    policy = TrustPolicy.from_options(trust, require_signed)  # a bad trust folder fails before any loading
     bb = backbone(backbone_spec, weights, img_size)
     # --jsonl goes on past a bad file; otherwise a bad file fails before any overlay is written
-    entries = api.predict_files(bb, list(package), images, top_k=top_k, out_dir=out_dir, keep_going=jsonl)
+    entries = api.predict_files(bb, list(package), images, top_k=top_k, out_dir=out_dir, keep_going=jsonl,
+                                trust=policy)
     if jsonl:
         failed = 0
         for entry in entries:

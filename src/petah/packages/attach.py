@@ -69,14 +69,16 @@ def check_backbone(manifest: Manifest, backbone: Backbone, origin: str = "packag
         raise BackboneMismatch(f"{origin} was trained on {want.describe()}, but the backbone is {backbone.describe()}")
 
 
-def open_package(package: TaskPackage | str | Path, backbone: Backbone) -> tuple[TaskPackage, str]:
-    """Read and verify a package (unless already read) and check it fits ``backbone``; returns it and
-    the name errors use for it."""
+def open_package(package: TaskPackage | str | Path, backbone: Backbone, trust=None) -> tuple[TaskPackage, str]:
+    """Read and verify a package (unless already read), check who signed it (``trust``, a
+    ``TrustPolicy``) and that it fits ``backbone``; returns it and the name errors use for it."""
     if isinstance(package, TaskPackage):
         origin = f"package {package.task_name}"
     else:
         origin = f"package {package}"
         package = read_package(package)
+    if trust is not None:
+        trust.check(package, origin)
     check_backbone(package.manifest, backbone, origin)
     return package, origin
 

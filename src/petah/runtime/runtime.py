@@ -25,6 +25,7 @@ from petah.errors import PetahError
 from petah.packages import (
     Manifest,
     TaskPackage,
+    TrustPolicy,
     attach_adapters,
     check_task_name,
     head_from_package,
@@ -76,7 +77,9 @@ class Staged:
 class Runtime:
     """One resident backbone serving any number of task packages."""
 
-    def __init__(self, backbone: Backbone, mode: str = "unmerged"):
+    def __init__(self, backbone: Backbone, mode: str = "unmerged", trust: TrustPolicy | None = None):
+        """``trust``: who must have signed a package this runtime loads (``petah.packages.TrustPolicy``)."""
+        self.trust = trust
         self.backbone = replace(backbone, model=copy.deepcopy(backbone.model).eval())
         self.preprocess = Preprocess(backbone.img_size, backbone.mean, backbone.std)
         self.tasks: dict[str, RuntimeTask] = {}
@@ -104,7 +107,7 @@ class Runtime:
 
         Not staged (``install`` adds the adapters itself): merged mode, and packages that own
         tensors (loading them writes into tensors the model shares with the shadow)."""
-        package, origin = open_package(package, self.backbone)
+        package, origin = open_package(package, self.backbone, self.trust)
         name = check_task_name(name or package.task_name, origin)
         head = head_from_package(package, origin)
         kind = task_kind(package.manifest.task.kind)

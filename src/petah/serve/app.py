@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from petah.errors import BackboneMismatch, PetahError
+from petah.packages import SignatureError
 from petah.serve.config import read_token
 from petah.serve.station import Station, UnknownTask, Upload
 from petah.serve.worker import Busy
@@ -42,6 +43,8 @@ def _status_of(exc: Exception) -> tuple[int, dict]:
         return 404, {}
     if isinstance(exc, BackboneMismatch):
         return 409, {}
+    if isinstance(exc, SignatureError):
+        return 403, {}
     if isinstance(exc, Busy):
         return 503, {"Retry-After": str(RETRY_AFTER_S)}
     return 400, {}

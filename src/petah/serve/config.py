@@ -53,6 +53,11 @@ class ServeConfig:
     token_file: str | None = option(None, cli="--token-file",
                                     help="File holding a bearer token every API endpoint requires (needed when "
                                          "--host is not loopback).")
+    trust: str | None = option(None, cli="--trust",
+                               help="Folder of trusted public keys (*.pub): signed packages must verify against "
+                                    "them; unsigned ones load with a warning.")
+    require_signed: bool = option(False, cli="--require-signed",
+                                  help="Refuse every package not signed by a key in --trust.")
     ssl_keyfile: str | None = option(None, cli="--ssl-keyfile", help="TLS private key (PEM), for HTTPS.")
     ssl_certfile: str | None = option(None, cli="--ssl-certfile", help="TLS certificate (PEM), for HTTPS.")
 
@@ -76,6 +81,8 @@ class ServeConfig:
         if not is_loopback(self.host) and not self.token_file:
             raise PetahError(f"--host {self.host} exposes the station beyond this machine: give --token-file "
                              "(a bearer token for every endpoint), and --ssl-keyfile / --ssl-certfile for HTTPS")
+        if self.require_signed and not self.trust:
+            raise PetahError("--require-signed needs --trust DIR (the keys a package must be signed with)")
         if bool(self.ssl_keyfile) != bool(self.ssl_certfile):
             raise PetahError("HTTPS needs both --ssl-keyfile and --ssl-certfile")
         for label, path in (("--admin-token-file", self.admin_token_file), ("--token-file", self.token_file),

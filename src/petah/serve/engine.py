@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from petah.backbones import Backbone
 from petah.data import Preprocess
-from petah.packages import Manifest, check_task_name, open_package
+from petah.packages import Manifest, TrustPolicy, check_task_name, open_package
 from petah.runtime import PreparedTask, Runtime
 from petah.tasks import task_kind
 
@@ -23,9 +23,9 @@ class TorchEngine:
 
     name = "torch"
 
-    def __init__(self, backbone: Backbone, threads: int):
+    def __init__(self, backbone: Backbone, threads: int, trust: TrustPolicy | None = None):
         torch.set_num_threads(threads)  # deliberate: spinning intra-op threads slow every other process
-        self.runtime = Runtime(backbone)
+        self.runtime = Runtime(backbone, trust=trust)
 
     def prepare(self, path: Path, name: str) -> PreparedTask:
         return self.runtime.prepare(path, name, stage=True)  # adapters added beside inference
@@ -63,10 +63,11 @@ class OnnxEngine:
 
     name = "onnx"
 
-    def __init__(self, backbone: Backbone, threads: int):
+    def __init__(self, backbone: Backbone, threads: int, trust: TrustPolicy | None = None):
         import onnxruntime as ort
 
         self.backbone = backbone
+        self.trust = trust
         self.preprocess = Preprocess(backbone.img_size, backbone.mean, backbone.std)
         self.options = ort.SessionOptions()
         self.options.intra_op_num_threads = threads  # deliberate, as for torch
@@ -80,7 +81,7 @@ class OnnxEngine:
 
         from petah.runtime.onnx import merged_task_module, to_onnx_bytes
 
-        package, origin = open_package(path, self.backbone)
+        package, origin = open_package(path, self.backbone, self.trust)
         name = check_task_name(name or package.task_name, origin)
         module, manifest = merged_task_module(self.backbone, package)
         size = self.backbone.img_size

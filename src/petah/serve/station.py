@@ -21,7 +21,7 @@ from PIL import Image
 from petah.backbones import Backbone
 from petah.data.images import load_image_modes
 from petah.errors import PetahError, PetahWarning
-from petah.packages import Manifest, read_manifest
+from petah.packages import Manifest, TrustPolicy, read_manifest
 from petah.serve.config import ServeConfig
 from petah.serve.engine import ENGINE_CLASSES, choose_engine
 from petah.serve.metrics import StationMetrics
@@ -118,7 +118,8 @@ class Station:
         self.state = StateDir(state_dir, backbone.fingerprint)
         engine = choose_engine(self.config.engine, backbone, len(self.state.entries) + len(packages),
                                self.config.onnx_budget_mb * 1024 * 1024)
-        self.engine = ENGINE_CLASSES[engine](backbone, self.config.inference_threads)
+        trust = TrustPolicy.from_options(self.config.trust, self.config.require_signed)
+        self.engine = ENGINE_CLASSES[engine](backbone, self.config.inference_threads, trust)
         self.tasks: dict[str, TaskRecord] = {}  # changed only on the inference thread (with the engine)
         self.metrics = StationMetrics(lambda: len(self.tasks), lambda: self.worker.depth)
         self.worker = BatchWorker(self._run_batch, max_batch=self.config.max_batch,
