@@ -242,11 +242,21 @@ def test_token_protects_every_endpoint_and_admin_can_be_disabled(tokens, tmp_pat
         assert reply.status == 401
         client.token = api_token
         assert client.predict([("a.png", digit_image())]).status == 404  # no task served yet
+    from petah.packages import generate_keypair, sign_package
+
+    (tmp_path / "keys").mkdir()
+    generate_keypair(tmp_path / "keys" / "release")
+    signed = tmp_path / "digits.petah"
+    signed.write_bytes(DIGITS.read_bytes())
+    sign_package(signed, tmp_path / "keys" / "release.key")
     with station_process("-b", str(demo_backbone_path()), "--state-dir", str(tmp_path / "t"),
-                         "--token-file", str(tokens / "api"), "--admin-token-file", str(tokens / "admin")) as (_, url):
+                         "--token-file", str(tokens / "api"), "--admin-token-file", str(tokens / "admin"),
+                         "--trust", str(tmp_path / "keys"), "--require-signed") as (_, url):
         client = StationClient(url, token=api_token)
-        assert client.install("digits", DIGITS.read_bytes(), api_token).status == 401  # not the admin token
-        assert client.install("digits", DIGITS.read_bytes(), ADMIN).status == 200  # the admin token alone opens
+        assert client.install("digits", signed.read_bytes(), api_token).status == 401  # not the admin token
+        refused = client.install("digits", DIGITS.read_bytes(), ADMIN)  # unsigned
+        assert refused.status == 403 and "is not signed" in refused.json()["error"]
+        assert client.install("digits", signed.read_bytes(), ADMIN).status == 200  # the admin token alone opens
         assert client.predict([("a.png", digit_image())]).status == 200
 
 

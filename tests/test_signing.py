@@ -148,7 +148,7 @@ def test_cli_keygen_sign_verify_and_predict_require_signed(setup, tmp_path):
     unsigned = fresh(setup)
     proc = petah_process("predict", image, "-b", bb, "-p", unsigned, "--trust", keys, "--require-signed",
                          "--out-dir", tmp_path / "out", ok=False)
-    assert proc.returncode == 2 and "is not signed" in proc.stderr and not (tmp_path / "out").exists()
+    assert proc.returncode == 2 and "is not signed" in proc.stderr and proc.stdout == ""
     ok = petah_process("predict", image, "-b", bb, "-p", path, "--trust", keys, "--require-signed", "--json")
     assert "parts" in one_json(ok)["tasks"]
 
@@ -165,3 +165,36 @@ def test_station_with_require_signed_installs_only_trusted_packages(setup, tmp_p
         station.install(fresh(setup).read_bytes(), "parts")
     assert station.task_list()[0]["previous_version"] is None  # nothing was swapped
     assert len(list((tmp_path / "state" / "packages").iterdir())) == 1  # nor kept
+
+
+@pytest.mark.parametrize("slot, needle", [
+    ("not json", "not valid JSON"),
+    ("[]", "list of 1..16"),
+    ("1" * 5000, "over"),
+    ("[" + "1" * 3000 + "]", "keyid"),
+    (json.dumps([{"keyid": "ab", "sig": "x"}]), "keyid"),
+    (json.dumps([{"keyid": "a" * 64, "sig": "x"}] * 17), "list of 1..16"),
+    (json.dumps([{"keyid": "a" * 64, "sig": "%%%"}]), "only by key"),
+])
+def test_hostile_signature_slots_are_one_line_refusals(setup, slot, needle):
+    package = read_package(fresh(setup))
+    package.signature = slot
+    with pytest.raises(SignatureError, match=needle):
+        policy(setup).check(package, "p")
+
+
+def test_packages_in_memory_are_hashed_again_and_format_1_is_refused(setup):
+    from pathlib import Path
+
+    signed = fresh(setup)
+    sign_package(signed, setup["trusted"] / "release.key")
+    package = read_package(signed)
+    key = next(k for k in package.tensors if k.startswith("head/"))
+    package.tensors[key] = package.tensors[key] + 1.0  # edited in memory, never written or re-hashed
+    with pytest.raises(SignatureError, match="do not match its content hash"):
+        Runtime(setup["backbone"], trust=policy(setup)).load(package)
+    v1 = Path(__file__).parent / "fixtures" / "v1-attn-lora.petah"
+    with pytest.warns(PetahWarning):
+        old = read_package(v1)
+    with pytest.raises(SignatureError, match="format-1"):
+        policy(setup).check(old, "p")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,4 +198,7 @@ def set_signature(path: str | Path, signature: str) -> Path:
         raise PetahError(f"{path} is a format-{package.manifest.format_version} package: "
                          "`petah upgrade` it before signing")
     header = _header(path)  # the manifest string is kept byte for byte: nothing hashed is rewritten
-    return atomic_write_bytes(path, save(package.tensors, metadata={**header, SIGNATURE_KEY: signature}))
+    mode = stat.S_IMODE(path.stat().st_mode)
+    atomic_write_bytes(path, save(package.tensors, metadata={**header, SIGNATURE_KEY: signature}))
+    os.chmod(path, mode)  # whoever could read the package still can (the temp file was 0600)
+    return path

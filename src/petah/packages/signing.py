@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from petah.errors import PetahError, PetahWarning
-from petah.packages.format import TaskPackage, read_package, set_signature, signed_message
+from petah.packages.format import TaskPackage, content_sha256, read_package, set_signature, signed_message
 
 KEYID = re.compile(r"[0-9a-f]{64}")
 MAX_SIGNATURES = 16  # a slot is untrusted input: bounded like everything else read from a package
+MAX_SLOT_CHARS = MAX_SIGNATURES * 200
 
 
 class SignatureError(PetahError):
@@ -64,25 +65,27 @@ def generate_keypair(name: str | Path) -> tuple[Path, Path, str]:
                                 serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.PEM,
                                            serialization.PublicFormat.SubjectPublicKeyInfo)
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(private)
+    written = []
     try:
-        fd = os.open(public_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(public)
-    except BaseException:
-        private_path.unlink(missing_ok=True)  # a pair or nothing
-        raise
+        for path, data, mode in ((private_path, private, 0o600), (public_path, public, 0o644)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)  # never through a link, never over a file
+            written.append(path)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+    except OSError as exc:
+        for path in written:  # a pair or nothing
+            path.unlink(missing_ok=True)
+        raise PetahError(f"cannot write {path}: {exc.strerror or exc}") from None
     return private_path, public_path, keyid(key.public_key())
 
 
 def load_private_key(path: str | Path):
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise PetahError(f"{path} is not a readable petah signing key (an unencrypted Ed25519 PEM from "
                          f"`petah keygen`): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     if not isinstance(key, _ed25519().Ed25519PrivateKey):
@@ -91,11 +94,12 @@ def load_private_key(path: str | Path):
 
 
 def load_public_key(path: str | Path):
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
     try:
         key = serialization.load_pem_public_key(Path(path).read_bytes())
-    except (OSError, ValueError, TypeError) as exc:
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise PetahError(f"{path} is not a readable public key: "
                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     if not isinstance(key, _ed25519().Ed25519PublicKey):
@@ -107,9 +111,11 @@ def parse_signatures(slot: str, origin: str) -> list[dict[str, str]]:
     """The slot's signatures, validated (an empty slot: none)."""
     if not slot:
         return []
+    if len(slot) > MAX_SLOT_CHARS:
+        raise SignatureError(f"{origin}: the signature slot is over {MAX_SLOT_CHARS} characters")
     try:
         entries = json.loads(slot)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # JSONDecodeError, and int() limits on huge numbers
         raise SignatureError(f"{origin}: the signature slot is not valid JSON") from None
     if not isinstance(entries, list) or not 0 < len(entries) <= MAX_SIGNATURES:
         raise SignatureError(f"{origin}: the signature slot must be a list of 1..{MAX_SIGNATURES} signatures")
@@ -197,6 +203,11 @@ class TrustPolicy:
         """Refuse (``SignatureError``, one line) or accept a read package; returns its trusted signers."""
         if self.store is None:
             return []
+        manifest = package.manifest
+        if manifest.format_version != 1 and content_sha256(manifest.to_dict(with_hash=False),
+                                                           package.tensors) != manifest.content_sha256:
+            # a package handed over in memory was never checked by read_package
+            raise SignatureError(f"{origin}: its manifest and tensors do not match its content hash")
         unsigned = (f"{origin} is a format-1 package (no signature)" if package.manifest.format_version == 1
                     else f"{origin} is not signed" if not package.signature else None)
         if unsigned:

@@ -27,6 +27,11 @@ class TorchEngine:
         torch.set_num_threads(threads)  # deliberate: spinning intra-op threads slow every other process
         self.runtime = Runtime(backbone, trust=trust)
 
+    @property
+    def backbone(self) -> Backbone:
+        """The runtime's own copy (the station keeps this one, so the weights are held once)."""
+        return self.runtime.backbone
+
     def prepare(self, path: Path, name: str) -> PreparedTask:
         return self.runtime.prepare(path, name, stage=True)  # adapters added beside inference
 

@@ -21,7 +21,7 @@ from PIL import Image
 from petah.backbones import Backbone
 from petah.data.images import load_image_modes
 from petah.errors import PetahError, PetahWarning
-from petah.packages import Manifest, TrustPolicy, read_manifest
+from petah.packages import Manifest, SignatureError, TrustPolicy, read_manifest
 from petah.serve.config import ServeConfig
 from petah.serve.engine import ENGINE_CLASSES, choose_engine
 from petah.serve.metrics import StationMetrics
@@ -120,6 +120,7 @@ class Station:
                                self.config.onnx_budget_mb * 1024 * 1024)
         trust = TrustPolicy.from_options(self.config.trust, self.config.require_signed)
         self.engine = ENGINE_CLASSES[engine](backbone, self.config.inference_threads, trust)
+        self.backbone = self.engine.backbone  # the engine's: the caller's copy can be freed
         self.tasks: dict[str, TaskRecord] = {}  # changed only on the inference thread (with the engine)
         self.metrics = StationMetrics(lambda: len(self.tasks), lambda: self.worker.depth)
         self.worker = BatchWorker(self._run_batch, max_batch=self.config.max_batch,
@@ -145,6 +146,10 @@ class Station:
                     self._swap_in(name, sha, entry.loaded_at, entry.previous if sha == entry.sha256 else None)
                     entries[name] = Entry(sha, entry.previous if sha == entry.sha256 else None, entry.loaded_at)
                     break
+                except SignatureError as exc:  # a trust setting, not a broken file: change nothing on disk
+                    raise SignatureError(f"state dir {self.state.root}: task {name} is refused by --trust / "
+                                         f"--require-signed ({exc}); start with the keys it was signed with, or "
+                                         "with another --state-dir") from None
                 except Exception as exc:  # whatever one stored package does, the rest of the station starts
                     warnings.warn(f"state dir: task {name} version {sha[:VERSION_CHARS]} does not load: {exc}",
                                   PetahWarning, stacklevel=2)
@@ -200,7 +205,11 @@ class Station:
         with self._changes:
             sha, path = self.state.store(data)
             try:
-                name = name or read_manifest(path).task.name  # checked as a task name by prepare
+                own = read_manifest(path).task.name  # checked as a task name by prepare
+                if name and name != own and self.config.require_signed:
+                    raise SignatureError(f"the package is signed as task {own!r}: --require-signed serves it only "
+                                         "under that name")
+                name = name or own
                 old = self.state.entries.get(name)
                 previous = old.sha256 if old and old.sha256 != sha else (old.previous if old else None)
                 loaded_at = now_utc()
