@@ -1,3 +1,6 @@
+import copy
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import save
@@ -120,3 +123,34 @@ def test_fp16_adapters_keep_accuracy_and_halve_bytes(backbone, image_folder, tmp
         accs[dtype] = result.metrics["accuracy"]
     assert sizes["float16"] < 0.6 * sizes["float32"]
     assert abs(accs["float16"] - accs["float32"]) <= 1 / 9 + 1e-9  # at most one of 9 val images flips
+
+
+def test_owned_norm_statistics_are_stored_in_fp16_with_fp16_adapters(backbone):
+    from petah.adapters import TaskAdapter
+    from petah.packages import build_package
+    from petah.runtime import Runtime
+    from petah.tasks import Classification
+
+    work = dataclasses.replace(backbone, model=copy.deepcopy(backbone.model))
+    adapter = TaskAdapter(work, PlanConfig(rank=2, task_norm="stats"))
+    with torch.no_grad():
+        for key, tensor in adapter._override_tensors().items():
+            if key.endswith("running_var"):
+                tensor.mul_(1.5)  # the task's own statistics differ from the backbone's
+    head = Classification.build_head(backbone.num_features, 3)
+    stored = {}
+    for dtype in ("float16", "float32"):
+        package = build_package(backbone, adapter, head, task_name="t", labels=["a", "b", "c"], adapter_dtype=dtype)
+        overrides = package.section("override")
+        stats = {k: v for k, v in overrides.items() if k.endswith(("running_mean", "running_var"))}
+        assert stats and {v.dtype for v in stats.values()} == {getattr(torch, dtype)}
+        assert {v.dtype for k, v in overrides.items() if k.endswith("num_batches_tracked")} <= {torch.int64}
+        assert {v.dtype for k, v in overrides.items() if k.endswith((".weight", ".bias"))} == {torch.float32}
+        stored[dtype] = package
+    x = torch.randn(2, 3, 32, 32)
+    outputs = {}
+    for dtype, package in stored.items():
+        runtime = Runtime(backbone)
+        runtime.load(package)
+        outputs[dtype] = runtime.forward(x, "t")
+    assert torch.allclose(outputs["float16"], outputs["float32"], atol=1e-2)  # fp16 rounding of the statistics

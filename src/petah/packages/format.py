@@ -54,10 +54,16 @@ class TaskPackage:
         return self.manifest.task.name
 
 
+NORM_STATISTICS = ("running_mean", "running_var")  # BatchNorm buffers a task owns with task_norm="stats"
+
+
 def pack_tensors(adapters: dict, overrides: dict, head: dict, adapter_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Adapters may be stored in a smaller float type; overrides and head stay as trained."""
+    """Adapters may be stored in a smaller float type; so are owned norm statistics (fp16 unless
+    adapters are fp32: measured, docs/format.md); other overrides and the head stay as trained."""
+    stats_dtype = torch.float32 if adapter_dtype == torch.float32 else torch.float16
     out = {f"adapter/{k}": v.detach().cpu().to(adapter_dtype).contiguous() for k, v in adapters.items()}
-    out.update({f"override/{k}": v.detach().cpu().contiguous() for k, v in overrides.items()})
+    out.update({f"override/{k}": (v.detach().cpu().to(stats_dtype) if k.endswith(NORM_STATISTICS) else
+                                  v.detach().cpu()).contiguous() for k, v in overrides.items()})
     out.update({f"head/{k}": v.detach().cpu().contiguous() for k, v in head.items()})
     return out
 
