@@ -9,7 +9,7 @@ import typer
 
 from petah.cli.common import SizeOpt, WeightsOpt, config_options
 from petah.errors import PetahError
-from petah.serve.config import ServeConfig, read_token
+from petah.serve.config import ServeConfig
 
 
 @config_options(ServeConfig, "config")
@@ -46,9 +46,7 @@ def serve(
             raise PetahError(f"package not found: {path}")
     if demo:
         backbone_spec, files = str(demo_backbone_path()), demo_packages() + files
-    read_token(config.token_file, "--token-file")  # a bad token file fails before the backbone loads
-    read_token(config.admin_token_file, "--admin-token-file")
-    sock = bind(config)  # so does a taken port
+    sock = bind(config)  # a taken port fails before the backbone loads
     try:
         station = Station(resolve_backbone(backbone_spec, weights=weights, img_size=img_size), state_dir, config,
                           packages=files)

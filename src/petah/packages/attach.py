@@ -20,8 +20,9 @@ from petah.adapters.model import ADAPTER
 from petah.backbones import Backbone, build_plain, fingerprint
 from petah.data import Preprocess
 from petah.errors import BackboneMismatch, PetahError
-from petah.packages.format import TaskPackage, pack_tensors, read_package
+from petah.packages.format import TaskPackage, content_matches, pack_tensors, read_package
 from petah.packages.manifest import ADAPTER_DTYPES, BackboneRef, Manifest, PlanRecord, TaskInfo, check_task_name
+from petah.packages.signing import SignatureError
 from petah.tasks import Classification, task_kind
 
 DTYPES = {name: getattr(torch, name) for name in ADAPTER_DTYPES}  # "float16" -> torch.float16 …
@@ -74,6 +75,8 @@ def open_package(package: TaskPackage | str | Path, backbone: Backbone, trust=No
     ``TrustPolicy``) and that it fits ``backbone``; returns it and the name errors use for it."""
     if isinstance(package, TaskPackage):
         origin = f"package {package.task_name}"
+        if trust is not None and not content_matches(package):  # in memory: read_package never checked it
+            raise SignatureError(f"{origin}: its manifest and tensors do not match its content hash")
     else:
         origin = f"package {package}"
         package = read_package(package)

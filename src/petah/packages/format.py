@@ -83,6 +83,13 @@ def content_sha256(manifest: dict, tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def content_matches(package: TaskPackage) -> bool:
+    """Whether a package's manifest and tensors still match its content hash (format 1 has none)."""
+    manifest = package.manifest
+    return manifest.format_version == 1 or content_sha256(manifest.to_dict(with_hash=False),
+                                                          package.tensors) == manifest.content_sha256
+
+
 def signed_message(content_hash: str) -> bytes:
     """The bytes a package signature signs: a fixed context string and the content hash (hex)."""
     return b"petah-package-signature-v1:" + content_hash.encode("ascii")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from petah.errors import PetahError, PetahWarning
-from petah.packages.format import TaskPackage, content_sha256, read_package, set_signature, signed_message
+from petah.packages.format import TaskPackage, read_package, set_signature, signed_message
 
 KEYID = re.compile(r"[0-9a-f]{64}")
 MAX_SIGNATURES = 16  # a slot is untrusted input: bounded like everything else read from a package
@@ -79,32 +79,32 @@ def generate_keypair(name: str | Path) -> tuple[Path, Path, str]:
     return private_path, public_path, keyid(key.public_key())
 
 
-def load_private_key(path: str | Path):
+def _load_pem(path: str | Path, load, expected: type, what: str):
+    """A PEM key file through ``load``, refused in one line unless it holds an ``expected`` key."""
     from cryptography.exceptions import UnsupportedAlgorithm
-    from cryptography.hazmat.primitives import serialization
 
     try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+        key = load(Path(path).read_bytes())
     except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise PetahError(f"{path} is not a readable petah signing key (an unencrypted Ed25519 PEM from "
-                         f"`petah keygen`): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    if not isinstance(key, _ed25519().Ed25519PrivateKey):
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PetahError(f"{path} is not a readable {what}: {reason}") from None
+    if not isinstance(key, expected):
         raise PetahError(f"{path} is not an Ed25519 key")
     return key
 
 
-def load_public_key(path: str | Path):
-    from cryptography.exceptions import UnsupportedAlgorithm
+def load_private_key(path: str | Path):
     from cryptography.hazmat.primitives import serialization
 
-    try:
-        key = serialization.load_pem_public_key(Path(path).read_bytes())
-    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise PetahError(f"{path} is not a readable public key: "
-                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    if not isinstance(key, _ed25519().Ed25519PublicKey):
-        raise PetahError(f"{path} is not an Ed25519 public key")
-    return key
+    return _load_pem(path, lambda data: serialization.load_pem_private_key(data, password=None),
+                     _ed25519().Ed25519PrivateKey,
+                     "petah signing key (an unencrypted Ed25519 PEM from `petah keygen`)")
+
+
+def load_public_key(path: str | Path):
+    from cryptography.hazmat.primitives import serialization
+
+    return _load_pem(path, serialization.load_pem_public_key, _ed25519().Ed25519PublicKey, "public key")
 
 
 def parse_signatures(slot: str, origin: str) -> list[dict[str, str]]:
@@ -203,11 +203,6 @@ class TrustPolicy:
         """Refuse (``SignatureError``, one line) or accept a read package; returns its trusted signers."""
         if self.store is None:
             return []
-        manifest = package.manifest
-        if manifest.format_version != 1 and content_sha256(manifest.to_dict(with_hash=False),
-                                                           package.tensors) != manifest.content_sha256:
-            # a package handed over in memory was never checked by read_package
-            raise SignatureError(f"{origin}: its manifest and tensors do not match its content hash")
         unsigned = (f"{origin} is a format-1 package (no signature)" if package.manifest.format_version == 1
                     else f"{origin} is not signed" if not package.signature else None)
         if unsigned:

@@ -24,7 +24,6 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from petah.errors import BackboneMismatch, PetahError
 from petah.packages import SignatureError
-from petah.serve.config import read_token
 from petah.serve.station import Station, UnknownTask, Upload
 from petah.serve.worker import Busy
 
@@ -105,8 +104,7 @@ async def read_images(request: Request, limit: int, max_images: int) -> tuple[li
 
 def create_app(station: Station) -> FastAPI:
     config = station.config
-    api_token = read_token(config.token_file, "--token-file")
-    admin_token = read_token(config.admin_token_file, "--admin-token-file")
+    api_token, admin_token = config.api_token, config.admin_token
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):

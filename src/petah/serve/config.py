@@ -89,6 +89,15 @@ class ServeConfig:
                             ("--ssl-keyfile", self.ssl_keyfile), ("--ssl-certfile", self.ssl_certfile)):
             if path and not os.path.isfile(path):
                 raise PetahError(f"{label} {path}: no such file")
+        _ = (self.api_token, self.admin_token)  # read now: a bad token file fails before anything loads
+
+    @property
+    def api_token(self) -> str | None:
+        return read_token(self.token_file, "--token-file")
+
+    @property
+    def admin_token(self) -> str | None:
+        return read_token(self.admin_token_file, "--admin-token-file")
 
     @property
     def max_upload_bytes(self) -> int:

@@ -10,10 +10,9 @@ import ctypes
 import datetime as dt
 import io
 import threading
-import time
 import warnings
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
@@ -66,7 +65,6 @@ class Prediction:
     results: list[dict]  # per image: {task: result}
     tags: dict[str, dict]  # per task: the version and kind that produced its results
     batch_images: int
-    started: float = field(default_factory=time.perf_counter)
 
 
 def header_pixels(data: bytes) -> int:
@@ -177,7 +175,7 @@ class Station:
         prepared = self.engine.prepare(path, name)  # read + verify + head (+ adapters on a shadow)
         before = dict(self.state.entries)
         if durable is not None:
-            self._commit(durable)
+            self.state.commit(durable)
 
         def swap() -> TaskRecord:
             manifest = self.engine.install(prepared)
@@ -189,7 +187,7 @@ class Station:
             record = self.worker.call(swap).result() if self.worker.alive else swap()
         except BaseException:
             if durable is not None:
-                self._commit(before)
+                self.state.commit(before)
             raise
         try:  # cleaning up is a pause of its own (batches run in between); waited for, so the next
             # change is prepared against the model as it will be
@@ -243,7 +241,7 @@ class Station:
                 del self.tasks[name]
 
             self.worker.call(unload).result()
-            self._commit({k: v for k, v in self.state.entries.items() if k != name})
+            self.state.commit({k: v for k, v in self.state.entries.items() if k != name})
             release_memory()
             self.metrics.swaps.labels("delete").inc()
 
@@ -254,9 +252,6 @@ class Station:
 
     def _referenced(self) -> set[str]:
         return {s for e in self.state.entries.values() for s in (e.sha256, e.previous) if s}
-
-    def _commit(self, entries: dict[str, Entry]) -> None:
-        self.state.commit(entries)
 
     # --- predictions ---------------------------------------------------------------------------
     def check_tasks(self, names: list[str] | None) -> tuple[str, ...]:

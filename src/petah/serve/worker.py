@@ -41,7 +41,7 @@ class BatchWorker:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
-        self.calls: queue.SimpleQueue[tuple[Callable[[], object], Future, float]] = queue.SimpleQueue()
+        self.calls: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
         self.on_batch = on_batch or (lambda n: None)
         self.on_pause = on_pause or (lambda s: None)
         self.in_flight = in_flight or (lambda: self.max_batch)  # requests accepted and not yet answered
@@ -81,7 +81,7 @@ class BatchWorker:
         if self._stop.is_set():
             raise Busy("the station is shutting down")
         future: Future = Future()
-        self.calls.put((fn, future, time.perf_counter()))
+        self.calls.put((fn, future))
         self._wake.set()
         if not self._thread.is_alive() and self._stop.is_set():  # stopped between the check and the put
             self._fail_leftovers()
@@ -91,7 +91,7 @@ class BatchWorker:
     def _run_calls(self) -> None:
         while True:
             try:
-                fn, future, _queued = self.calls.get_nowait()
+                fn, future = self.calls.get_nowait()
             except queue.Empty:
                 return
             start = time.perf_counter()
@@ -143,7 +143,7 @@ class BatchWorker:
         stopped = Busy("the station is shutting down")
         while True:
             try:
-                _fn, future, _queued = self.calls.get_nowait()
+                _fn, future = self.calls.get_nowait()
             except queue.Empty:
                 break
             if not future.done():
