@@ -12,17 +12,18 @@ from typing import Annotated
 
 import typer
 
-from petah.cli import bench, deploy, serve, show, sign, tasks
+from petah.cli import bench, deploy, fleet, serve, show, sign, tasks
 from petah.cli.common import STATE, emit_json, err
 from petah.errors import PetahError, PetahWarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Parameter-efficient task adaptation of hybrid vision transformers.")
-for _group in (tasks, deploy, show, serve, sign):
+for _group in (tasks, deploy, show, serve, sign, fleet):
     for _name, _command in _group.COMMANDS.items():
         app.command(_name)(_command)
 app.add_typer(show.plan_app, name="plan")
 app.add_typer(bench.bench_app, name="bench")
+app.add_typer(fleet.hub_app, name="hub")
 
 
 @app.callback()

@@ -20,21 +20,15 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException, MultiPartParser
 
 from petah.errors import BackboneMismatch, PetahError
+from petah.http import ClientError, parse_form, read_body
 from petah.packages import SignatureError
 from petah.serve.station import Station, UnknownTask, Upload
 from petah.serve.worker import Busy
 
 STATIC = resources.files("petah") / "serve" / "static"
 RETRY_AFTER_S = 1
-
-
-class ClientError(Exception):
-    def __init__(self, status: int, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
 
 
 def _status_of(exc: Exception) -> tuple[int, dict]:
@@ -49,27 +43,6 @@ def _status_of(exc: Exception) -> tuple[int, dict]:
     return 400, {}
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it passes ``limit`` bytes, declared or streamed."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise ClientError(400, "invalid Content-Length header")
-        if int(declared) > limit:
-            raise ClientError(413, f"the request body ({int(declared)} bytes) is over the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ClientError(413, f"the request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _once(data: bytes):
-    yield data
-
-
 async def read_images(request: Request, limit: int, max_images: int) -> tuple[list[Upload], list[str] | None]:
     """The uploaded images (multipart field ``image``, repeatable; or one raw ``image/*`` body) and
     the ``tasks`` asked for (form field or query, comma-separated; absent: every task)."""
@@ -79,11 +52,7 @@ async def read_images(request: Request, limit: int, max_images: int) -> tuple[li
     if content_type.startswith("image/"):
         uploads = [Upload("body", body)]
     elif content_type.startswith("multipart/form-data"):
-        parser = MultiPartParser(request.headers, _once(body), max_files=max_images, max_fields=16)
-        try:
-            form = await parser.parse()
-        except MultiPartException as exc:
-            raise ClientError(400, f"malformed multipart body: {exc.message}") from None
+        form = await parse_form(request, body, max_images)
         files = form.getlist("image")
         if any(not isinstance(f, UploadFile) for f in files):
             raise ClientError(400, "the field 'image' must carry files, not text")
@@ -109,9 +78,17 @@ def create_app(station: Station) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         station.start()
+        agent = None
+        if config.hub:
+            from petah.fleet.agent import Agent
+
+            agent = Agent(station)
+            agent.start()
         try:
             yield
         finally:  # uvicorn got SIGTERM and has finished the in-flight requests: drain and stop
+            if agent is not None:
+                await run_in_threadpool(agent.stop)
             await run_in_threadpool(station.stop)
 
     app = FastAPI(title="petah station", version="1", lifespan=lifespan,
@@ -131,6 +108,9 @@ def create_app(station: Station) -> FastAPI:
         Authorization header cannot carry both tokens)."""
         if admin_token is None:
             raise ClientError(401, "admin endpoints are disabled: start petah serve with --admin-token-file")
+        if config.hub and not config.allow_manual:
+            raise ClientError(403, f"this station follows the releases of {config.hub}: changes by hand are refused "
+                                   "(start it with --allow-manual to allow them)")
         if not bearer_matches(authorization, admin_token):
             raise ClientError(401, "wrong or missing admin bearer token", {"WWW-Authenticate": "Bearer"})
 

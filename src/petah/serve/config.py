@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 from petah.errors import PetahError
+from petah.http import read_token
 from petah.options import option
 
 ENGINES = ("torch", "onnx", "auto")
@@ -58,6 +59,25 @@ class ServeConfig:
                                     "them; unsigned ones load with a warning.")
     require_signed: bool = option(False, cli="--require-signed",
                                   help="Refuse every package not signed by a key in --trust.")
+    hub: str | None = option(None, cli="--hub",
+                             help="A petah hub URL: the station follows its releases (needs --trust-root, "
+                                  "--device-id, --device-token-file).")
+    trust_root: str | None = option(None, cli="--trust-root",
+                                    help="The hub's trusted TUF root metadata (root.json) this station is provisioned "
+                                         "with.")
+    device_id: str | None = option(None, cli="--device-id", help="This station's id at the hub.")
+    device_token_file: str | None = option(None, cli="--device-token-file",
+                                           help="File with this station's hub token (from petah hub add-device).")
+    golden: str | None = option(None, cli="--golden",
+                                help="Folder of golden sets (GOLDEN/TASK/ in the task's data format): a release must "
+                                     "score within --gate-tolerance of the current version on it.")
+    gate_tolerance: float = option(1.0, cli="--gate-tolerance",
+                                   help="Points a release may score below the current version on the golden set.")
+    poll_s: float = option(30.0, cli="--poll-s", help="Seconds between hub polls (with ±50 % jitter).")
+    health_window_s: float = option(30.0, cli="--health-window-s",
+                                    help="Seconds a promoted release is watched before it counts as healthy.")
+    allow_manual: bool = option(False, cli="--allow-manual",
+                                help="With --hub: still accept admin uploads, rollbacks and deletes by hand.")
     ssl_keyfile: str | None = option(None, cli="--ssl-keyfile", help="TLS private key (PEM), for HTTPS.")
     ssl_certfile: str | None = option(None, cli="--ssl-certfile", help="TLS certificate (PEM), for HTTPS.")
 
@@ -85,11 +105,32 @@ class ServeConfig:
             raise PetahError("--require-signed needs --trust DIR (the keys a package must be signed with)")
         if bool(self.ssl_keyfile) != bool(self.ssl_certfile):
             raise PetahError("HTTPS needs both --ssl-keyfile and --ssl-certfile")
+        if self.hub:
+            missing = [flag for flag, value in (("--trust-root", self.trust_root), ("--device-id", self.device_id),
+                                                ("--device-token-file", self.device_token_file)) if not value]
+            if missing:
+                raise PetahError(f"--hub needs {', '.join(missing)}")
+            from petah.fleet.client import check_hub_url
+            from petah.fleet.hub import check_device_id
+
+            check_hub_url(self.hub)
+            check_device_id(self.device_id)
+        elif self.trust_root or self.device_id or self.device_token_file or self.golden or self.allow_manual:
+            raise PetahError("--trust-root, --device-id, --device-token-file, --golden and --allow-manual go "
+                             "with --hub")
+        if not 0.05 <= self.poll_s <= 86400 or not 0 <= self.health_window_s <= 86400:
+            raise PetahError("--poll-s must be in [0.05, 86400] and --health-window-s in [0, 86400]")
+        if not 0 <= self.gate_tolerance <= 100:
+            raise PetahError(f"--gate-tolerance must be 0..100 points, got {self.gate_tolerance}")
         for label, path in (("--admin-token-file", self.admin_token_file), ("--token-file", self.token_file),
-                            ("--ssl-keyfile", self.ssl_keyfile), ("--ssl-certfile", self.ssl_certfile)):
+                            ("--ssl-keyfile", self.ssl_keyfile), ("--ssl-certfile", self.ssl_certfile),
+                            ("--trust-root", self.trust_root), ("--device-token-file", self.device_token_file)):
             if path and not os.path.isfile(path):
                 raise PetahError(f"{label} {path}: no such file")
-        _ = (self.api_token, self.admin_token)  # read now: a bad token file fails before anything loads
+        if self.golden and not os.path.isdir(self.golden):
+            raise PetahError(f"--golden {self.golden}: not a folder")
+        # read now: a bad token file fails before anything loads
+        _ = (self.api_token, self.admin_token, read_token(self.device_token_file, "--device-token-file"))
 
     @property
     def api_token(self) -> str | None:
@@ -106,19 +147,6 @@ class ServeConfig:
     @property
     def inference_threads(self) -> int:
         return self.threads or os.cpu_count() or 1
-
-
-def read_token(path: str | None, label: str) -> str | None:
-    """A bearer token from its file (first line, stripped); an empty or short one is refused."""
-    if not path:
-        return None
-    try:
-        token = open(path, encoding="utf-8").read().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PetahError(f"{label} {path}: cannot read it ({exc.__class__.__name__})") from None
-    if len(token) < 16 or any(c.isspace() for c in token):
-        raise PetahError(f"{label} {path}: the token must be one line of at least 16 characters without spaces")
-    return token
 
 
 __all__ = ["ENGINES", "ServeConfig", "is_loopback", "read_token"]

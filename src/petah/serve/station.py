@@ -47,11 +47,12 @@ class TaskRecord:
     def version(self) -> str:
         return self.sha256[:VERSION_CHARS]
 
-    def to_dict(self) -> dict:
+    def to_dict(self, candidate: str | None = None) -> dict:
         """One row of ``GET /v1/tasks`` (a contract: scripts read these keys)."""
         return {"name": self.name, "kind": self.manifest.task.kind, "labels": list(self.manifest.labels),
                 "version": self.version, "bytes": self.bytes, "metrics": self.manifest.metrics,
-                "loaded_at": self.loaded_at, "previous_version": self.previous and self.previous[:VERSION_CHARS]}
+                "loaded_at": self.loaded_at, "previous_version": self.previous and self.previous[:VERSION_CHARS],
+                "candidate_version": candidate and candidate[:VERSION_CHARS]}
 
 
 @dataclass
@@ -120,6 +121,7 @@ class Station:
         self.engine = ENGINE_CLASSES[engine](backbone, self.config.inference_threads, trust)
         self.backbone = self.engine.backbone  # the engine's: the caller's copy can be freed
         self.tasks: dict[str, TaskRecord] = {}  # changed only on the inference thread (with the engine)
+        self.candidates: dict[str, str] = {}  # task -> sha256 of a release being installed / watched (agent)
         self.metrics = StationMetrics(lambda: len(self.tasks), lambda: self.worker.depth)
         self.worker = BatchWorker(self._run_batch, max_batch=self.config.max_batch,
                                   max_wait_s=self.config.max_wait_ms / 1000, queue_size=self.config.queue_size,
@@ -338,7 +340,13 @@ class Station:
         return images
 
     def task_list(self) -> list[dict]:
-        return [record.to_dict() for _, record in sorted(self.tasks.items())]
+        return [record.to_dict(self.candidates.get(name)) for name, record in sorted(self.tasks.items())]
+
+    def predict_now(self, images: list[tuple[str, bytes]], tasks: tuple[str, ...]) -> list[dict]:
+        """Results for image files through the request path (decode, queue, batch), from Python."""
+        uploads = [Upload(name, data) for name, data in images]
+        job = self.decode(uploads, self.check_tasks(list(tasks)))
+        return self.submit(job).result(timeout=120).results
 
 
 __all__ = ["Prediction", "Station", "TaskRecord", "UnknownTask", "Upload"]

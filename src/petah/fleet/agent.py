@@ -1,0 +1,337 @@
+"""The station's update agent: polls its hub, fetches releases through TUF, gates, promotes,
+watches and rolls back (``petah serve --hub …``).
+
+One step, for each task whose desired version (the hub's answer to a poll) differs from the
+installed one:
+
+1. **fetch** through python-tuf's ``Updater`` (root chain from the provisioned ``--trust-root``,
+   timestamp / snapshot / targets versions and expiry, signatures, the target's length and
+   sha256), with retries and backoff; bytes that fail any check are never used;
+2. **check** the release is for this station's backbone fingerprint (else: reported
+   ``incompatible``, never installed);
+3. **gate** on the golden set, if the device keeps one for the task (``petah.fleet.gate``);
+4. **promote** with the station's own atomic install (the replaced version stays as previous);
+5. **watch** a health window: probe predictions must answer, with finite numbers and without
+   a large slowdown; else roll back by itself.
+
+Every step is reported to the hub (device token) and appended to ``STATE/audit.jsonl``. A
+release being installed is recorded in ``STATE/agent/pending.json`` first, so a station killed
+mid-install finishes the health window (or retries) after its restart.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import threading
+import time
+import warnings
+from pathlib import Path
+
+from petah.errors import PetahError, PetahWarning
+from petah.files import atomic_write_bytes
+from petah.fleet.client import call, check_hub_url
+from petah.fleet.metadata import parse_metadata
+
+MAX_TRIES = 4  # per download: the first try and three retries
+MAX_BACKOFF_S = 30.0
+HEALTH_PROBES = 5
+HEALTH_SLOWDOWN = 3.0  # probe latency over the window vs before the install: coarser than the gate
+
+
+class Refused(PetahError):
+    """A release this station must not install (incompatible, not in the signed metadata)."""
+
+    def __init__(self, event: str, message: str):
+        super().__init__(message)
+        self.event = event
+
+
+def finite(value) -> bool:
+    """Every number in a (nested) prediction result is finite."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(finite(v) for v in value)
+    if hasattr(value, "dtype"):  # an array (a mask): integer classes, or floats checked
+        import numpy as np
+
+        return bool(np.isfinite(np.asarray(value, dtype=float)).all())
+    return True
+
+
+def probe_image() -> bytes:
+    """A textured test image for the health probes when the device keeps no golden set."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+class Agent:
+    def __init__(self, station, fetcher=None):
+        from petah.fleet.gate import GateRule
+        from petah.http import read_token  # the same token file rules as the station's
+
+        config = station.config
+        self.station = station
+        self.hub = check_hub_url(config.hub)
+        self.device_id = config.device_id
+        self.token = read_token(config.device_token_file, "--device-token-file")
+        self.rule = GateRule(config.gate_tolerance)
+        self.folder = station.state.root / "agent"
+        self.metadata_dir = self.folder / "metadata"
+        self.downloads = self.folder / "downloads"
+        self.audit = station.state.root / "audit.jsonl"
+        self.pending_file = self.folder / "pending.json"
+        self.fetcher = fetcher
+        self.rejected: set[str] = set()  # versions this station refused: not tried again
+        self.outbox: list[dict] = []  # reports the hub did not take yet (sent with the next step)
+        self.retries = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._audit_lock = threading.Lock()
+        self.metadata_dir.mkdir(parents=True, exist_ok=True)
+        self.downloads.mkdir(exist_ok=True)
+        for leftover in self.downloads.iterdir():  # a download cut by a crash is never used
+            leftover.unlink()
+        trusted = self.metadata_dir / "root.json"
+        if not trusted.exists():
+            data = Path(config.trust_root).read_bytes()
+            parse_metadata(data, "root", f"--trust-root {config.trust_root}")
+            atomic_write_bytes(trusted, data)
+
+    # --- life cycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="petah-agent", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(60)
+
+    def _loop(self) -> None:
+        self.resume()
+        while not self._stop.is_set():
+            try:
+                self.step()
+            except Exception as exc:  # the agent keeps going: the next poll tries again
+                self.log("error", detail=str(exc).splitlines()[0][:300])
+            self._stop.wait(self.station.config.poll_s * random.uniform(0.5, 1.5))  # jitter: no herd
+
+    # --- reporting ----------------------------------------------------------------------------
+    def log(self, event: str, task: str | None = None, release: int | None = None, detail: str = "",
+            send: bool = True, **numbers) -> None:
+        """Append to the audit log (JSON lines); queue the report for the hub."""
+        record = {"at": time.time(), "device": self.device_id, "event": event, "task": task, "release": release,
+                  "detail": detail, **numbers}
+        with self._audit_lock, open(self.audit, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if send and event != "error":
+            self.outbox.append({k: record[k] for k in ("event", "task", "release", "detail")} | numbers)
+
+    def _hub(self, path: str, payload: dict) -> dict:
+        body = json.dumps(payload).encode()
+        return json.loads(call(f"{self.hub}/v1/devices/{self.device_id}/{path}", "POST", body,
+                               {"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"},
+                               timeout=15))
+
+    def flush(self) -> None:
+        while self.outbox:
+            self._hub("report", self.outbox[0])
+            self.outbox.pop(0)
+
+    # --- one round ----------------------------------------------------------------------------
+    def step(self) -> None:
+        """Poll once and act on the answer (one task at a time)."""
+        self.flush()
+        entries = dict(self.station.state.entries)
+        reply = self._hub("poll", {"backbone": self.station.backbone.fingerprint,
+                                   "installed": {name: e.sha256 for name, e in entries.items()},
+                                   "state": "ok"})
+        desired, withdrawn = reply.get("desired", {}), reply.get("withdrawn", {})
+        for task, want in desired.items():
+            entry = entries.get(task)
+            if (entry is None or entry.sha256 != want["sha256"]) and want["sha256"] not in self.rejected:
+                self.update(task, want)
+        for task, versions in withdrawn.items():
+            entry = self.station.state.entries.get(task)
+            if task not in desired and entry is not None and entry.sha256 in versions:
+                self.step_back(task, "the hub withdrew or halted this version")
+        self.flush()
+
+    def step_back(self, task: str, reason: str, release: int | None = None) -> None:
+        """Return a task to its previous version (or stop serving it when it has none)."""
+        entry = self.station.state.entries[task]
+        if entry.previous is not None:
+            self.station.rollback(task)
+        else:
+            self.station.delete(task)
+        self.log("returned", task, release, f"{reason}; now on "
+                 f"{entry.previous[:12] if entry.previous else 'nothing (first version)'}")
+
+    def update(self, task: str, want: dict) -> None:
+        sha, release = want["sha256"], want.get("release")
+        entry = self.station.state.entries.get(task)
+        if entry is not None and entry.previous == sha:  # the hub wants the version before: no download
+            self.step_back(task, "the hub asks for the previous version", release)
+            return
+        try:
+            path, custom, tries = self.download(want)
+        except Refused as exc:
+            self.rejected.add(sha)
+            self.log(exc.event, task, release, str(exc))
+            return
+        except PetahError as exc:
+            self.log("download_failed", task, release, str(exc), retries=MAX_TRIES - 1)
+            return
+        try:
+            self.log("downloaded", task, release, bytes=path.stat().st_size, retries=tries - 1)
+            self._promote(task, sha, release, path, custom)
+        finally:
+            path.unlink(missing_ok=True)
+
+    def download(self, want: dict) -> tuple[Path, dict, int]:
+        """The release's package file, verified by TUF; retried with backoff. Returns its path,
+        its signed custom fields and the number of tries it took."""
+        from tuf.ngclient import Updater
+
+        last = "no try"
+        for attempt in range(1, MAX_TRIES + 1):
+            try:
+                updater = Updater(str(self.metadata_dir), f"{self.hub}/metadata/", str(self.downloads),
+                                  f"{self.hub}/targets/", fetcher=self.fetcher, bootstrap=None)
+                updater.refresh()
+                info = updater.get_targetinfo(want["target"])
+                if info is None or info.hashes.get("sha256") != want["sha256"]:
+                    raise Refused("download_failed", f"{want['target']} is not in the hub's signed targets metadata")
+                custom = info.unrecognized_fields.get("custom", {})
+                if custom.get("backbone") != self.station.backbone.fingerprint:
+                    raise Refused("incompatible", f"release for backbone {str(custom.get('backbone'))[:16]}…; this "
+                                                  f"station runs {self.station.backbone.fingerprint[:16]}…")
+                part = self.downloads / f"{want['sha256']}.part"
+                updater.download_target(info, str(part))
+                return part, custom, attempt
+            except Refused:
+                raise
+            except Exception as exc:  # TUF's refusals (expired, unsigned, rolled back, bad hash) and I/O
+                last = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                self.retries += 1
+                if attempt < MAX_TRIES and not self._stop.is_set():
+                    self._stop.wait(min(MAX_BACKOFF_S, 2 ** (attempt - 1)) * random.uniform(0.5, 1.5))
+        raise PetahError(f"download failed after {MAX_TRIES} tries: {last}")
+
+    def _promote(self, task: str, sha: str, release: int | None, path: Path, custom: dict) -> None:
+        from petah.fleet.gate import score_versions
+        from petah.packages import read_package
+
+        manifest = read_package(path).manifest  # the bytes TUF verified, verified again as a package
+        if manifest.backbone.fingerprint != self.station.backbone.fingerprint or manifest.task.name != task:
+            self.rejected.add(sha)
+            self.log("incompatible", task, release, "the package's manifest names another backbone or task")
+            return
+        golden = self.station.config.golden
+        entry = self.station.state.entries.get(task)
+        if golden:
+            versions = {"candidate": path}
+            if entry is not None:
+                versions["current"] = self.station.state.package_path(entry.sha256)
+            scores = score_versions(self.station.backbone, versions, golden)
+            if scores is not None:
+                min_score = custom.get("min_score")
+                reason = self.rule.judge(scores["candidate"], scores.get("current"),
+                                         min_score if isinstance(min_score, int | float) else None)
+                detail = ", ".join(f"{k} {s.metric} {s.value:.2f} in {s.seconds * 1000:.0f} ms"
+                                   for k, s in scores.items())
+                if reason:
+                    self.rejected.add(sha)
+                    self.log("gate_rejected", task, release, f"{reason} ({detail})")
+                    return
+                self.log("gate_passed", task, release, detail)
+        baseline = self.probe_seconds(task) if entry is not None else None
+        atomic_write_bytes(self.pending_file, json.dumps({"task": task, "sha256": sha, "release": release,
+                                                          "baseline": baseline}).encode())
+        self.station.candidates[task] = sha
+        try:
+            self.station.install(path.read_bytes(), task)
+        except Exception as exc:
+            self.rejected.add(sha)
+            self.pending_file.unlink(missing_ok=True)
+            self.station.candidates.pop(task, None)
+            self.log("install_failed", task, release, str(exc).splitlines()[0][:300])
+            return
+        self.log("installed", task, release, f"version {sha[:12]}")
+        self.watch(task, sha, release, baseline)
+
+    def watch(self, task: str, sha: str, release: int | None, baseline: float | None) -> None:
+        """The health window: probes spread over ``--health-window-s``; a failed one rolls back."""
+        window = self.station.config.health_window_s
+        problem = None
+        for _ in range(HEALTH_PROBES):
+            if self._stop.wait(window / HEALTH_PROBES):
+                return  # stopping: pending.json stays, the next start watches again
+            try:
+                seconds = self.probe_seconds(task)
+            except Exception as exc:
+                problem = f"probe failed: {str(exc).splitlines()[0][:200]}"
+                break
+            if seconds is None:
+                problem = "non-finite outputs"
+                break
+            if baseline and seconds > HEALTH_SLOWDOWN * baseline:
+                problem = f"probes took {seconds / baseline:.1f}x as long as before the install"
+                break
+        self.station.candidates.pop(task, None)
+        self.pending_file.unlink(missing_ok=True)
+        if problem:
+            self.rejected.add(sha)
+            self.step_back(task, f"health window failed: {problem}", release)
+            self.log("health_rollback", task, release, problem)
+            return
+        self.log("promoted", task, release, f"version {sha[:12]} healthy for {window:g} s")
+
+    def probe_seconds(self, task: str) -> float | None:
+        """One prediction through the station's own path (decode, queue, batch); its seconds, or
+        None when any number in the answer is not finite."""
+        started = time.perf_counter()
+        results = self.station.predict_now([("health-probe", self._probe)], (task,))
+        seconds = time.perf_counter() - started
+        return seconds if finite(results) else None
+
+    @property
+    def _probe(self) -> bytes:
+        if not hasattr(self, "_probe_bytes"):
+            self._probe_bytes = probe_image()
+        return self._probe_bytes
+
+    def resume(self) -> None:
+        """After a restart: finish the health window of an install that reached the state dir, or
+        forget one that did not (the next poll fetches it again)."""
+        if not self.pending_file.exists():
+            return
+        try:
+            pending = json.loads(self.pending_file.read_text(encoding="utf-8"))
+            task, sha = str(pending["task"]), str(pending["sha256"])
+        except (OSError, ValueError, KeyError, TypeError):
+            warnings.warn("agent: unreadable pending.json ignored", PetahWarning, stacklevel=2)
+            self.pending_file.unlink(missing_ok=True)
+            return
+        entry = self.station.state.entries.get(task)
+        if entry is not None and entry.sha256 == sha:
+            self.log("installed", task, pending.get("release"), "resumed after a restart")
+            self.station.candidates[task] = sha
+            self.watch(task, sha, pending.get("release"), pending.get("baseline"))
+        else:
+            self.log("error", task, pending.get("release"), "an install was interrupted before it landed")
+            self.pending_file.unlink(missing_ok=True)
+
+
+__all__ = ["Agent", "Refused", "finite"]

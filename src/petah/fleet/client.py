@@ -1,0 +1,90 @@
+"""Talking to a hub: publish and withdraw releases (``petah release``), read its status. Standard
+library HTTP only, with a timeout on every call."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from petah.errors import PetahError
+from petah.fleet.metadata import release_targets, target_path
+from petah.packages import read_package
+
+
+def check_hub_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise PetahError(f"--hub {url!r}: give the hub's http(s)://HOST:PORT")
+    return url.rstrip("/")
+
+
+def call(url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None,
+         timeout: float = 30.0) -> bytes:
+    """One request; an HTTP error answer becomes a one-line PetahError with the hub's message."""
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read()
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read()).get("error", exc.reason)
+        except Exception:  # not the hub's JSON: the status line says enough
+            message = exc.reason
+        raise PetahError(f"{method} {urlsplit(url).path}: HTTP {exc.code}: {message}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise PetahError(f"cannot reach {url}: {reason}") from None
+
+
+def _multipart(fields: dict[str, bytes]) -> tuple[bytes, str]:
+    import uuid
+
+    boundary = uuid.uuid4().hex
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{name}"\r\n'
+             f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n"
+             for name, data in fields.items()]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def publish_release(package: str | Path, hub: str, key: str | Path, *, stages: list[int] = (10, 50, 100),
+                    min_healthy: float = 0.9, max_failed: float = 0.2, min_score: float | None = None) -> dict:
+    """Sign the hub's next targets metadata with the release key, naming this package (task,
+    backbone fingerprint, minimum golden score), and upload both with the rollout settings."""
+    from petah.fleet.registry import check_rollout
+
+    hub = check_hub_url(hub)
+    check_rollout(list(stages), min_healthy, max_failed)
+    path = Path(package)
+    manifest = read_package(path).manifest  # verified before anything is signed
+    data = path.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    custom = {"task": manifest.task.name, "backbone": manifest.backbone.fingerprint, "min_score": min_score}
+    current = call(f"{hub}/v1/targets-metadata")
+    targets = release_targets(current, key, add={target_path(manifest.task.name, sha): (data, custom)})
+    settings = {"stages": list(stages), "min_healthy": min_healthy, "max_failed": max_failed, "min_score": min_score}
+    body, content_type = _multipart({"package": data, "targets": targets, "settings": json.dumps(settings).encode()})
+    return json.loads(call(f"{hub}/v1/releases", "POST", body, {"Content-Type": content_type}))
+
+
+def withdraw_release(release_id: int, hub: str, key: str | Path) -> dict:
+    """Take a release out of the signed targets (release key) and mark it withdrawn: stations that
+    run it return to their previous version."""
+    hub = check_hub_url(hub)
+    status = hub_status(hub)
+    found = [r for r in status["releases"] if r["id"] == release_id]
+    if not found:
+        raise PetahError(f"the hub has no release {release_id}")
+    targets = release_targets(call(f"{hub}/v1/targets-metadata"), key, remove=(found[0]["target"],))
+    return json.loads(call(f"{hub}/v1/releases/{release_id}/withdraw", "POST", targets,
+                           {"Content-Type": "application/json"}))
+
+
+def hub_status(hub: str) -> dict:
+    return json.loads(call(f"{check_hub_url(hub)}/v1/releases"))
+
+
+__all__ = ["call", "check_hub_url", "hub_status", "publish_release", "withdraw_release"]

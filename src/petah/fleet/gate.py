@@ -1,0 +1,96 @@
+"""The golden-set gate: a candidate package must score as well as the version it replaces on a
+small labelled set kept on the device, and not run much slower.
+
+``GOLDEN/<task>/`` holds the set in the task's usual format: class sub-folders (classification),
+``images/`` + ``masks/`` (segmentation) or a COCO JSON (detection) — all of it is the set.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from petah.errors import PetahError
+from petah.files import inside
+from petah.packages import load_task
+from petah.tasks import task_kind
+
+BATCH = 32
+
+
+def load_golden(folder: str | Path, task: str, labels: list[str], intensity: str):
+    """The task's golden set, or None when the device keeps none for it."""
+    from petah.data.datasets import load_image_folder
+    from petah.data.detection import coco_json, is_coco_folder, load_coco
+    from petah.data.segmentation import is_mask_folder, load_mask_folder
+
+    root = inside(folder, task)
+    if not root.is_dir():
+        return None
+    if is_mask_folder(root):
+        return load_mask_folder(root, labels, strict=True, intensity=intensity)
+    if is_coco_folder(root):
+        return load_coco(coco_json(root), labels, strict=True, intensity=intensity)
+    return load_image_folder(root, classes=labels, intensity=intensity)
+
+
+@dataclass
+class Score:
+    metric: str
+    value: float  # in points (accuracy x 100, mIoU x 100, mAP50 x 100)
+    seconds: float  # one pass over the golden set, best of the timed passes
+
+
+def _evaluate(task, data) -> tuple[float, float]:
+    kind = task_kind(task.manifest.task.kind)
+    view = kind.view(data, task.preprocess)
+    loader = DataLoader(view, batch_size=BATCH, shuffle=False, collate_fn=getattr(view, "collate", None))
+    started = time.perf_counter()
+    with torch.inference_mode():
+        metrics = kind.evaluate(task.model, loader, data.classes)
+    return 100 * float(metrics[kind.primary_metric]), time.perf_counter() - started
+
+
+def score_versions(backbone, packages: dict[str, Path], golden: str | Path) -> dict[str, Score] | None:
+    """Each package scored on its task's golden set (None when there is none); the passes are
+    interleaved and repeated so a busy moment does not fall on one version only."""
+    tasks = {name: load_task(backbone, path) for name, path in packages.items()}
+    first = next(iter(tasks.values())).manifest
+    data = load_golden(golden, first.task.name, first.labels, first.intensity)
+    if data is None:
+        return None
+    if len(data) == 0:
+        raise PetahError(f"golden set {golden}/{first.task.name} is empty")
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in tasks}
+    for _ in range(2):
+        for name, task in tasks.items():
+            results[name].append(_evaluate(task, data))
+    metric = task_kind(first.task.kind).primary_metric
+    return {name: Score(metric, runs[0][0], min(s for _, s in runs)) for name, runs in results.items()}
+
+
+@dataclass
+class GateRule:
+    tolerance: float = 1.0  # points the candidate may score below the current version
+    max_slowdown: float = 1.2  # candidate latency / current latency
+
+    def judge(self, candidate: Score, current: Score | None, min_score: float | None) -> str | None:
+        """None when the candidate passes, else the one-line reason it does not."""
+        if current is None:
+            if min_score is not None and candidate.value < min_score:
+                return f"{candidate.metric} {candidate.value:.2f} is below the release's minimum {min_score:.2f}"
+            return None
+        if candidate.value < current.value - self.tolerance:
+            return (f"{candidate.metric} {candidate.value:.2f} vs {current.value:.2f} of the current version "
+                    f"(tolerance {self.tolerance:g} points)")
+        if candidate.seconds > self.max_slowdown * current.seconds:
+            return (f"{candidate.seconds / current.seconds:.2f}x the current version's time on the golden set "
+                    f"(at most {self.max_slowdown:g}x)")
+        return None
+
+
+__all__ = ["GateRule", "Score", "load_golden", "score_versions"]

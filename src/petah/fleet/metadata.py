@@ -1,0 +1,266 @@
+"""TUF update metadata for task releases, through python-tuf (``tuf.api.metadata``).
+
+Roles and keys (all Ed25519 PEM files from ``petah keygen``):
+
+- **root** — an offline key (kept off the hub). Signs ``N.root.json``: which keys hold which role.
+  A station is provisioned with one trusted root (``--trust-root root.json``) and follows newer
+  root versions only when each is signed by the keys of the one before (python-tuf's chain).
+- **targets** — the release key, held by whoever publishes (``petah release --key``). Signs
+  ``N.targets.json``: each task release's path, length, sha256 and custom fields (task,
+  backbone fingerprint, minimum golden score). The hub cannot forge it.
+- **snapshot** and **timestamp** — one online key kept in the hub's root folder
+  (``keys/online.key``), re-signed by the hub: they pin the current targets version and expire
+  quickly (a freeze is detected within the timestamp's lifetime).
+
+A release target is named ``TASK/SHA256.petah`` (the package file's sha256) and, with consistent
+snapshots, stored as ``targets/TASK/SHA256.SHA256.petah``; metadata as ``metadata/N.ROLE.json``
+plus ``metadata/timestamp.json``. All of it is static files: any HTTP server or CDN can serve it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from petah.errors import PetahError
+from petah.files import atomic_write_bytes, inside
+from petah.packages.signing import generate_keypair, load_private_key, load_public_key
+
+SPEC_VERSION = "1.0.31"
+# lifetimes: the timestamp is re-signed by the hub well before it expires (``Repository.refresh``)
+EXPIRY = {"root": dt.timedelta(days=365), "targets": dt.timedelta(days=90),
+          "snapshot": dt.timedelta(days=7), "timestamp": dt.timedelta(days=1)}
+ONLINE_KEY = "keys/online"  # under the hub root: snapshot + timestamp signer
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def tuf_key(public_key):
+    from securesystemslib.signer import SSlibKey
+
+    return SSlibKey.from_crypto(public_key)
+
+
+def signer(private_key_path: str | Path):
+    """A python-tuf signer from a ``petah keygen`` private key."""
+    from securesystemslib.signer import CryptoSigner
+
+    key = load_private_key(private_key_path)
+    return CryptoSigner(key, tuf_key(key.public_key()))
+
+
+def target_path(task: str, sha256: str) -> str:
+    return f"{task}/{sha256}.petah"
+
+
+def parse_metadata(data: bytes, role: str, origin: str):
+    """Untrusted bytes -> ``Metadata`` of ``role`` (one-line error otherwise)."""
+    from tuf.api.metadata import Metadata
+
+    try:
+        metadata = Metadata.from_bytes(data)
+    except Exception as exc:  # python-tuf raises many types for malformed input
+        raise PetahError(f"{origin}: not valid TUF metadata ({type(exc).__name__})") from None
+    if metadata.signed.type != role:
+        raise PetahError(f"{origin}: {metadata.signed.type} metadata where {role} was expected")
+    return metadata
+
+
+def verify_role(root, role: str, metadata, origin: str) -> None:
+    """``metadata`` must carry a threshold of signatures by the keys the root metadata ``root``
+    names for ``role``."""
+    from tuf.api.exceptions import UnsignedMetadataError
+
+    try:
+        root.verify_delegate(role, metadata)
+    except UnsignedMetadataError:
+        raise PetahError(f"{origin}: {role} metadata is not signed by the {role} key(s) of the trusted root") from None
+
+
+class Repository:
+    """The hub's metadata folder: writes root / targets as given (signed elsewhere), and signs
+    snapshot and timestamp with the online key."""
+
+    def __init__(self, root_dir: str | Path):
+        self.root_dir = Path(root_dir)
+        self.metadata_dir = self.root_dir / "metadata"
+        self.targets_dir = self.root_dir / "targets"
+        online = self.root_dir / f"{ONLINE_KEY}.key"
+        if not (self.metadata_dir / "timestamp.json").is_file() or not online.is_file():
+            raise PetahError(f"{self.root_dir} is not a petah hub root (create one: petah hub init)")
+        self._online = signer(online)
+
+    # --- reading --------------------------------------------------------------------------------
+    def latest(self, role: str):
+        """The newest version of ``root`` or ``targets`` (both kept as N.ROLE.json)."""
+        versions = sorted(int(p.name.split(".")[0]) for p in self.metadata_dir.glob(f"*.{role}.json")
+                          if p.name.split(".")[0].isdigit())
+        if not versions:
+            raise PetahError(f"{self.metadata_dir}: no {role} metadata")
+        path = self.metadata_dir / f"{versions[-1]}.{role}.json"
+        return parse_metadata(path.read_bytes(), role, str(path))
+
+    def file(self, name: str) -> Path:
+        """A metadata file by its public name (``timestamp.json``, ``3.targets.json``…)."""
+        return inside(self.metadata_dir, name)
+
+    # --- writing --------------------------------------------------------------------------------
+    def accept_targets(self, data: bytes, packages: dict[str, bytes]) -> object:
+        """A targets metadata signed by the release key: checked against the current root and
+        version, every new target's bytes checked against its recorded hash, then published (the
+        package files first, then the metadata, then snapshot + timestamp)."""
+        new = parse_metadata(data, "targets", "the uploaded targets metadata")
+        verify_role(self.latest("root"), "targets", new, "the uploaded targets metadata")
+        current = self.latest("targets").signed
+        if new.signed.version != current.version + 1:
+            raise PetahError(f"the uploaded targets metadata has version {new.signed.version}; the hub is at "
+                             f"{current.version} (publish version {current.version + 1}: someone released meanwhile?)")
+        if new.signed.expires <= _utcnow():
+            raise PetahError("the uploaded targets metadata has already expired")
+        for path, info in new.signed.targets.items():
+            if path in current.targets:
+                if current.targets[path].to_dict() != info.to_dict():
+                    raise PetahError(f"target {path} changed its recorded length or hash; publish a new release")
+                continue
+            if path not in packages:
+                raise PetahError(f"target {path} is new but its package was not uploaded")
+            try:
+                info.verify_length_and_hashes(packages[path])
+            except Exception:
+                raise PetahError(f"target {path}: the uploaded package does not match its recorded hash") from None
+            sha = info.hashes["sha256"]
+            directory, _, base = path.rpartition("/")
+            atomic_write_bytes(inside(self.targets_dir, directory, f"{sha}.{base}"), packages[path])
+        atomic_write_bytes(self.file(f"{new.signed.version}.targets.json"), data)
+        self.refresh(force=True)
+        return new.signed
+
+    def accept_root(self, data: bytes) -> None:
+        """A new root version, signed by the old root's keys and its own (a key rotation)."""
+        new = parse_metadata(data, "root", "the uploaded root metadata")
+        old = self.latest("root")
+        verify_role(old, "root", new, "the new root (by the old root's keys)")
+        verify_role(new, "root", new, "the new root (by its own keys)")
+        if new.signed.version != old.signed.version + 1:
+            raise PetahError(f"the new root must be version {old.signed.version + 1}, got {new.signed.version}")
+        atomic_write_bytes(self.file(f"{new.signed.version}.root.json"), data)
+
+    def refresh(self, force: bool = False, lifetime: dict | None = None) -> bool:
+        """Re-sign snapshot (when targets moved) and timestamp (when either moved, or half its
+        lifetime has passed). Returns whether anything was written."""
+        from tuf.api.metadata import Metadata, MetaFile, Snapshot, Timestamp
+
+        lifetime = {**EXPIRY, **(lifetime or {})}
+        now = _utcnow()
+        targets_version = self.latest("targets").signed.version
+        stamp = parse_metadata(self.file("timestamp.json").read_bytes(), "timestamp", "timestamp.json").signed
+        snap_version = stamp.snapshot_meta.version
+        snap_path = self.file(f"{snap_version}.snapshot.json")
+        snapshot = parse_metadata(snap_path.read_bytes(), "snapshot", snap_path.name).signed
+        stale = snapshot.meta["targets.json"].version != targets_version or snapshot.expires - now < lifetime[
+            "snapshot"] / 2
+        if not (force or stale or stamp.expires - now < lifetime["timestamp"] / 2):
+            return False
+        if stale or force:
+            snap_version += 1
+            snap = Metadata(Snapshot(snap_version, SPEC_VERSION, now + lifetime["snapshot"],
+                                     {"targets.json": MetaFile(targets_version)}))
+            snap.sign(self._online)
+            atomic_write_bytes(self.file(f"{snap_version}.snapshot.json"), snap.to_bytes())
+        timestamp = Metadata(Timestamp(stamp.version + 1, SPEC_VERSION, now + lifetime["timestamp"],
+                                       MetaFile(snap_version)))
+        timestamp.sign(self._online)
+        atomic_write_bytes(self.file("timestamp.json"), timestamp.to_bytes())
+        return True
+
+
+def init_repository(root_dir: str | Path, root_key: str | Path, release_key: str | Path) -> Path:
+    """A new hub root: ``1.root.json`` signed by the offline root key (roles: root -> that key,
+    targets -> the release key, snapshot + timestamp -> a new online key written under the hub
+    root), an empty ``1.targets.json`` signed by the release key, first snapshot and timestamp.
+    Returns the path of ``1.root.json``: the trusted root to provision stations with."""
+    from tuf.api.metadata import Metadata, MetaFile, Role, Root, Snapshot, Targets, Timestamp
+
+    root_dir = Path(root_dir)
+    if (root_dir / "metadata").exists():
+        raise PetahError(f"{root_dir} already holds hub metadata; init never overwrites it")
+    root_signer, release_signer = signer(root_key), signer(release_key)
+    (root_dir / "keys").mkdir(parents=True, exist_ok=True)
+    (root_dir / "metadata").mkdir()
+    (root_dir / "targets").mkdir(exist_ok=True)
+    online_path = root_dir / f"{ONLINE_KEY}.key"
+    if not online_path.exists():
+        generate_keypair(root_dir / ONLINE_KEY)
+    online_key = tuf_key(load_public_key(root_dir / f"{ONLINE_KEY}.pub"))
+    now = _utcnow()
+    root = Root(1, SPEC_VERSION, now + EXPIRY["root"], consistent_snapshot=True)
+    for role, key in (("root", root_signer.public_key), ("targets", release_signer.public_key),
+                      ("snapshot", online_key), ("timestamp", online_key)):
+        root.roles.setdefault(role, Role([], 1))
+        root.add_key(key, role)
+    files = {}
+    root_md = Metadata(root)
+    root_md.sign(root_signer)
+    files["1.root.json"] = root_md.to_bytes()
+    targets = Metadata(Targets(1, SPEC_VERSION, now + EXPIRY["targets"]))
+    targets.sign(release_signer)
+    files["1.targets.json"] = targets.to_bytes()
+    online = signer(online_path)
+    snapshot = Metadata(Snapshot(1, SPEC_VERSION, now + EXPIRY["snapshot"], {"targets.json": MetaFile(1)}))
+    snapshot.sign(online)
+    files["1.snapshot.json"] = snapshot.to_bytes()
+    timestamp = Metadata(Timestamp(1, SPEC_VERSION, now + EXPIRY["timestamp"], MetaFile(1)))
+    timestamp.sign(online)
+    files["timestamp.json"] = timestamp.to_bytes()
+    for name, data in files.items():
+        atomic_write_bytes(root_dir / "metadata" / name, data)
+    return root_dir / "metadata" / "1.root.json"
+
+
+def release_targets(current: bytes, key: str | Path, add: dict[str, tuple[bytes, dict]] = (),
+                    remove: tuple[str, ...] = (), expires: dt.timedelta = EXPIRY["targets"]) -> bytes:
+    """The next targets metadata, signed by the release key: ``current`` plus ``add`` (path ->
+    (package bytes, custom fields)) minus ``remove``."""
+    from tuf.api.metadata import TargetFile
+
+    metadata = parse_metadata(current, "targets", "the hub's targets metadata")
+    targets = metadata.signed
+    for path in remove:
+        if path not in targets.targets:
+            raise PetahError(f"the hub's targets metadata has no target {path}")
+        del targets.targets[path]
+    for path, (data, custom) in dict(add).items():
+        info = TargetFile.from_data(path, data, ["sha256"])
+        info.unrecognized_fields = {"custom": custom}
+        targets.targets[path] = info
+    targets.version += 1
+    targets.expires = _utcnow() + expires
+    metadata.signatures.clear()
+    metadata.sign(signer(key))
+    return metadata.to_bytes()
+
+
+def rotate_targets_key(root_dir: str | Path, root_key: str | Path, new_release_key: str | Path) -> int:
+    """Hand the targets role to ``new_release_key`` alone: a new root version signed by the
+    (unchanged) offline root key, then the current targets re-signed by the new key. Stations
+    follow both on their next refresh. Returns the new root version."""
+    repository = Repository(root_dir)
+    metadata = repository.latest("root")
+    root = metadata.signed
+    for keyid in list(root.roles["targets"].keyids):
+        root.revoke_key(keyid, "targets")
+    root.add_key(signer(new_release_key).public_key, "targets")
+    root.version += 1
+    root.expires = _utcnow() + EXPIRY["root"]
+    metadata.signatures.clear()
+    metadata.sign(signer(root_key))
+    repository.accept_root(metadata.to_bytes())
+    current = repository.file(f"{repository.latest('targets').signed.version}.targets.json").read_bytes()
+    repository.accept_targets(release_targets(current, new_release_key), {})
+    return root.version
+
+
+__all__ = ["EXPIRY", "Repository", "init_repository", "parse_metadata", "release_targets", "rotate_targets_key",
+           "signer", "target_path", "tuf_key", "verify_role"]

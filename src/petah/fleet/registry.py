@@ -1,0 +1,269 @@
+"""The hub's state in SQLite: releases and their rollout stage, devices, their reports.
+
+Plain SQL on the standard library's sqlite3 (portable to PostgreSQL: no SQLite-only types).
+The rollout rules live here, next to the data they read:
+
+- a device joins a release's rollout by a stable hash of its id: the compatible devices (same
+  backbone fingerprint) sorted by sha256(id); stage k holds the first ``ceil(stages[k] % * N)``
+  (at least one), so stages only grow and a device never leaves one;
+- a release advances when at least ``min_healthy`` of its current stage's devices report it
+  promoted, and halts when failures (gate rejections, health rollbacks, failed installs) among
+  them reach ``max_failed`` of the stage; a halted or withdrawn release is taken out of every
+  device's desired set, so devices that had it return to their previous version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from petah.errors import PetahError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS releases (
+    id INTEGER PRIMARY KEY, task TEXT NOT NULL, backbone TEXT NOT NULL, sha256 TEXT NOT NULL,
+    target TEXT NOT NULL, bytes INTEGER NOT NULL, stages TEXT NOT NULL, min_healthy REAL NOT NULL,
+    max_failed REAL NOT NULL, min_score REAL, stage INTEGER NOT NULL, state TEXT NOT NULL,
+    created REAL NOT NULL, stage_times TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+    id TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL, backbone TEXT, last_seen REAL, state TEXT,
+    installed TEXT NOT NULL DEFAULT '{}');
+CREATE TABLE IF NOT EXISTS outcomes (
+    device TEXT NOT NULL, release INTEGER NOT NULL, outcome TEXT NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (device, release));
+CREATE TABLE IF NOT EXISTS reports (
+    device TEXT NOT NULL, release INTEGER, task TEXT, event TEXT NOT NULL, at REAL NOT NULL,
+    detail TEXT, bytes INTEGER NOT NULL DEFAULT 0, retries INTEGER NOT NULL DEFAULT 0);
+"""
+ACTIVE = ("rolling", "complete")
+HEALTHY_EVENTS = {"promoted": "promoted"}
+FAILED_EVENTS = {"gate_rejected", "health_rollback", "install_failed"}
+EVENTS = {"downloaded", "gate_passed", "installed", "promoted", "incompatible", "returned", "download_failed",
+          *FAILED_EVENTS}
+
+
+def stage_rank(device_id: str) -> str:
+    """A device's place in every rollout: stable, and unrelated to when it registered."""
+    return hashlib.sha256(device_id.encode()).hexdigest()
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass
+class Release:
+    id: int
+    task: str
+    backbone: str
+    sha256: str
+    target: str
+    bytes: int
+    stages: list[int]
+    min_healthy: float
+    max_failed: float
+    min_score: float | None
+    stage: int
+    state: str
+    created: float
+    stage_times: list[float]
+
+    @classmethod
+    def from_row(cls, row) -> Release:
+        values = dict(row)
+        values["stages"] = json.loads(values["stages"])
+        values["stage_times"] = json.loads(values["stage_times"])
+        return cls(**values)
+
+    @property
+    def percent(self) -> int:
+        return 100 if self.state == "complete" else self.stages[min(self.stage, len(self.stages) - 1)]
+
+
+def check_rollout(stages: list[int], min_healthy: float, max_failed: float) -> None:
+    if not stages or any(not 0 < s <= 100 for s in stages) or stages != sorted(set(stages)) or stages[-1] != 100:
+        raise PetahError(f"--stages must rise strictly from above 0 to 100 (percent of devices), got {stages}")
+    if not 0 < min_healthy <= 1:
+        raise PetahError(f"--min-healthy must be in (0, 1], got {min_healthy}")
+    if not 0 < max_failed <= 1:
+        raise PetahError(f"--max-failed must be in (0, 1], got {max_failed}")
+
+
+class Registry:
+    """One SQLite file; every method is one transaction (the hub serves requests on threads)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")  # a crash never leaves a half-written state
+        self._db.executescript(SCHEMA)
+
+    def _tx(self, fn):
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(self._db)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            return result
+
+    def close(self) -> None:
+        self._db.close()
+
+    # --- devices ----------------------------------------------------------------------------------
+    def add_device(self, device_id: str, token: str) -> None:
+        def add(db):
+            if db.execute("SELECT 1 FROM devices WHERE id=?", (device_id,)).fetchone():
+                raise PetahError(f"device {device_id} is already registered")
+            db.execute("INSERT INTO devices (id, token_sha256) VALUES (?, ?)", (device_id, token_hash(token)))
+        self._tx(add)
+
+    def token_matches(self, device_id: str, token: str) -> bool:
+        import hmac
+
+        row = self._db.execute("SELECT token_sha256 FROM devices WHERE id=?", (device_id,)).fetchone()
+        return row is not None and hmac.compare_digest(row["token_sha256"], token_hash(token))
+
+    def devices(self) -> list[dict]:
+        rows = self._db.execute("SELECT id, backbone, last_seen, state, installed FROM devices ORDER BY id")
+        return [{**dict(r), "installed": json.loads(r["installed"])} for r in rows]
+
+    # --- releases ---------------------------------------------------------------------------------
+    def add_release(self, task: str, backbone: str, sha256: str, target: str, size: int, stages: list[int],
+                    min_healthy: float, max_failed: float, min_score: float | None) -> Release:
+        check_rollout(stages, min_healthy, max_failed)
+        now = time.time()
+
+        def add(db):
+            cursor = db.execute(
+                "INSERT INTO releases (task, backbone, sha256, target, bytes, stages, min_healthy, max_failed, "
+                "min_score, stage, state, created, stage_times) VALUES (?,?,?,?,?,?,?,?,?,0,'rolling',?,'[]')",
+                (task, backbone, sha256, target, size, json.dumps(stages), min_healthy, max_failed, min_score, now))
+            return cursor.lastrowid
+        return self.release(self._tx(add))
+
+    def release(self, release_id: int) -> Release:
+        row = self._db.execute("SELECT * FROM releases WHERE id=?", (release_id,)).fetchone()
+        if row is None:
+            raise PetahError(f"no release {release_id}")
+        return Release.from_row(row)
+
+    def releases(self) -> list[Release]:
+        return [Release.from_row(r) for r in self._db.execute("SELECT * FROM releases ORDER BY id")]
+
+    def set_state(self, release_id: int, state: str) -> None:
+        self._tx(lambda db: db.execute("UPDATE releases SET state=? WHERE id=?", (state, release_id)))
+
+    def _stage_members(self, db, release: Release, stage: int) -> list[str]:
+        ids = [r["id"] for r in db.execute("SELECT id FROM devices WHERE backbone=?", (release.backbone,))]
+        ids.sort(key=stage_rank)
+        if not ids:
+            return []
+        percent = release.stages[min(stage, len(release.stages) - 1)]
+        return ids[:max(1, math.ceil(percent / 100 * len(ids)))]
+
+    def stage_counts(self, release: Release) -> dict:
+        """The current stage's devices and how many of them report the release promoted / failed."""
+        members = self._stage_members(self._db, release, release.stage)
+        outcomes = {r["device"]: r["outcome"] for r in self._db.execute(
+            "SELECT device, outcome FROM outcomes WHERE release=?", (release.id,))}
+        return {"devices": len(members),
+                "promoted": sum(outcomes.get(d) == "promoted" for d in members),
+                "failed": sum(outcomes.get(d) == "failed" for d in members),
+                "failed_total": sum(v == "failed" for v in outcomes.values())}
+
+    def _advance(self, db, release: Release) -> None:
+        """Apply the rollout rules to one rolling release (inside a transaction)."""
+        while release.state == "rolling":
+            counts = self.stage_counts(release)
+            members = counts["devices"]
+            if members == 0:
+                return
+            if counts["failed"] and counts["failed"] >= release.max_failed * members:
+                db.execute("UPDATE releases SET state='halted' WHERE id=?", (release.id,))
+                return
+            if counts["promoted"] < release.min_healthy * members:
+                return
+            release.stage_times.append(time.time())
+            release.stage += 1
+            if release.stage >= len(release.stages):
+                release.state, release.stage = "complete", len(release.stages) - 1
+            db.execute("UPDATE releases SET stage=?, state=?, stage_times=? WHERE id=?",
+                       (release.stage, release.state, json.dumps(release.stage_times), release.id))
+
+    # --- what devices say and get -----------------------------------------------------------------
+    def poll(self, device_id: str, backbone: str, installed: dict[str, str], state: str) -> dict:
+        """Record a device's check-in; returns what it should run (per task: the release it is in the
+        rollout of, newest first) and which versions were withdrawn (to return from)."""
+        def poll(db):
+            db.execute("UPDATE devices SET backbone=?, installed=?, state=?, last_seen=? WHERE id=?",
+                       (backbone, json.dumps(installed), state, time.time(), device_id))
+            for release in self.releases():
+                if release.state == "rolling":
+                    self._advance(db, release)
+            desired, withdrawn = {}, {}
+            for release in reversed(self.releases()):
+                if release.backbone != backbone:
+                    continue
+                if release.state not in ACTIVE:
+                    withdrawn.setdefault(release.task, []).append(release.sha256)
+                    continue
+                if release.task in desired:
+                    continue
+                if release.state == "complete" or device_id in self._stage_members(db, release, release.stage):
+                    desired[release.task] = {"release": release.id, "target": release.target,
+                                             "sha256": release.sha256, "min_score": release.min_score}
+            return {"desired": desired, "withdrawn": withdrawn}
+        return self._tx(poll)
+
+    def report(self, device_id: str, event: str, release_id: int | None, task: str | None, detail: str,
+               size: int = 0, retries: int = 0) -> None:
+        if event not in EVENTS:
+            raise PetahError(f"unknown event {event!r} (one of {', '.join(sorted(EVENTS))})")
+
+        def report(db):
+            now = time.time()
+            db.execute("INSERT INTO reports VALUES (?,?,?,?,?,?,?,?)",
+                       (device_id, release_id, task, event, now, detail[:500], size, retries))
+            db.execute("UPDATE devices SET last_seen=? WHERE id=?", (now, device_id))
+            outcome = "promoted" if event == "promoted" else "failed" if event in FAILED_EVENTS else None
+            if outcome and release_id is not None:
+                db.execute("INSERT OR REPLACE INTO outcomes VALUES (?,?,?,?)", (device_id, release_id, outcome, now))
+                row = db.execute("SELECT * FROM releases WHERE id=?", (release_id,)).fetchone()
+                if row is not None and row["state"] == "rolling":
+                    self._advance(db, Release.from_row(row))
+        self._tx(report)
+
+    def transfer(self, release_id: int) -> dict:
+        """Bytes devices reported downloading for a release, and their retries."""
+        row = self._db.execute("SELECT COUNT(DISTINCT device) AS devices, COALESCE(SUM(bytes), 0) AS bytes, "
+                               "COALESCE(SUM(retries), 0) AS retries FROM reports WHERE release=? AND "
+                               "event='downloaded'", (release_id,)).fetchone()
+        return dict(row)
+
+    def status(self) -> dict:
+        """``petah hub status`` / ``GET /v1/releases``: every release with its stage and counts, and the devices."""
+        releases = []
+        for release in self.releases():
+            releases.append({"id": release.id, "task": release.task, "backbone": release.backbone[:16],
+                             "version": release.sha256[:12], "sha256": release.sha256, "target": release.target,
+                             "bytes": release.bytes, "state": release.state,
+                             "stage": release.stage, "stages": release.stages, "percent": release.percent,
+                             "min_healthy": release.min_healthy, "max_failed": release.max_failed,
+                             "min_score": release.min_score, "created": release.created,
+                             "stage_times": release.stage_times, "counts": self.stage_counts(release),
+                             "transfer": self.transfer(release.id)})
+        return {"releases": releases, "devices": self.devices()}
+
+
+__all__ = ["EVENTS", "Registry", "Release", "check_rollout", "stage_rank", "token_hash"]
