@@ -64,6 +64,16 @@ def finite(value) -> bool:
     return True
 
 
+def signed_min_score(custom: dict) -> float | None:
+    """The release's minimum golden score from its signed custom fields (a decimal string)."""
+    value = custom.get("min_score")
+    try:
+        score = float(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+    return score if score is not None and math.isfinite(score) else None
+
+
 def probe_image() -> bytes:
     """A textured test image for the health probes when the device keeps no golden set."""
     import numpy as np
@@ -246,9 +256,7 @@ class Agent:
                 versions["current"] = self.station.state.package_path(entry.sha256)
             scores = score_versions(self.station.backbone, versions, golden)
             if scores is not None:
-                min_score = custom.get("min_score")
-                reason = self.rule.judge(scores["candidate"], scores.get("current"),
-                                         min_score if isinstance(min_score, int | float) else None)
+                reason = self.rule.judge(scores["candidate"], scores.get("current"), signed_min_score(custom))
                 detail = ", ".join(f"{k} {s.metric} {s.value:.2f} in {s.seconds * 1000:.0f} ms"
                                    for k, s in scores.items())
                 if reason:

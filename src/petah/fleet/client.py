@@ -50,6 +50,20 @@ def _multipart(fields: dict[str, bytes]) -> tuple[bytes, str]:
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
+def sign_release(package: str | Path, current_targets: bytes, key: str | Path,
+                 min_score: float | None = None) -> tuple[bytes, bytes]:
+    """The package's bytes and the next targets metadata naming it (task, backbone fingerprint,
+    minimum golden score), signed by the release key."""
+    path = Path(package)
+    manifest = read_package(path).manifest  # verified before anything is signed
+    data = path.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    # TUF's canonical JSON has no floats: the score travels as a decimal string
+    custom = {"task": manifest.task.name, "backbone": manifest.backbone.fingerprint,
+              "min_score": None if min_score is None else f"{float(min_score):.6g}"}
+    return data, release_targets(current_targets, key, add={target_path(manifest.task.name, sha): (data, custom)})
+
+
 def publish_release(package: str | Path, hub: str, key: str | Path, *, stages: list[int] = (10, 50, 100),
                     min_healthy: float = 0.9, max_failed: float = 0.2, min_score: float | None = None) -> dict:
     """Sign the hub's next targets metadata with the release key, naming this package (task,
@@ -58,13 +72,7 @@ def publish_release(package: str | Path, hub: str, key: str | Path, *, stages: l
 
     hub = check_hub_url(hub)
     check_rollout(list(stages), min_healthy, max_failed)
-    path = Path(package)
-    manifest = read_package(path).manifest  # verified before anything is signed
-    data = path.read_bytes()
-    sha = hashlib.sha256(data).hexdigest()
-    custom = {"task": manifest.task.name, "backbone": manifest.backbone.fingerprint, "min_score": min_score}
-    current = call(f"{hub}/v1/targets-metadata")
-    targets = release_targets(current, key, add={target_path(manifest.task.name, sha): (data, custom)})
+    data, targets = sign_release(package, call(f"{hub}/v1/targets-metadata"), key, min_score)
     settings = {"stages": list(stages), "min_healthy": min_healthy, "max_failed": max_failed, "min_score": min_score}
     body, content_type = _multipart({"package": data, "targets": targets, "settings": json.dumps(settings).encode()})
     return json.loads(call(f"{hub}/v1/releases", "POST", body, {"Content-Type": content_type}))
@@ -87,4 +95,4 @@ def hub_status(hub: str) -> dict:
     return json.loads(call(f"{check_hub_url(hub)}/v1/releases"))
 
 
-__all__ = ["call", "check_hub_url", "hub_status", "publish_release", "withdraw_release"]
+__all__ = ["call", "check_hub_url", "hub_status", "publish_release", "sign_release", "withdraw_release"]

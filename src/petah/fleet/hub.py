@@ -246,8 +246,7 @@ def create_hub_app(hub: Hub, faults: Faults | None = None):
 
     @app.get("/v1/targets-metadata")
     def current_targets():
-        latest = hub.repository.latest("targets").signed.version
-        return Response(hub.repository.file(f"{latest}.targets.json").read_bytes(), media_type="application/json")
+        return Response(hub.repository.current_targets(), media_type="application/json")
 
     async def json_body(request: Request) -> dict:
         body = await read_body(request, MAX_REPORT_BYTES)

@@ -102,6 +102,10 @@ class Repository:
         path = self.metadata_dir / f"{versions[-1]}.{role}.json"
         return parse_metadata(path.read_bytes(), role, str(path))
 
+    def current_targets(self) -> bytes:
+        """The newest targets metadata as published (what ``petah release`` signs the next from)."""
+        return self.file(f"{self.latest('targets').signed.version}.targets.json").read_bytes()
+
     def file(self, name: str) -> Path:
         """A metadata file by its public name (``timestamp.json``, ``3.targets.json``…)."""
         return inside(self.metadata_dir, name)
@@ -257,8 +261,7 @@ def rotate_targets_key(root_dir: str | Path, root_key: str | Path, new_release_k
     metadata.signatures.clear()
     metadata.sign(signer(root_key))
     repository.accept_root(metadata.to_bytes())
-    current = repository.file(f"{repository.latest('targets').signed.version}.targets.json").read_bytes()
-    repository.accept_targets(release_targets(current, new_release_key), {})
+    repository.accept_targets(release_targets(repository.current_targets(), new_release_key), {})
     return root.version
 
 

@@ -1,0 +1,278 @@
+"""Fleet: TUF metadata checks against the attacks they exist for, the hub's refusals, staged
+rollout with gate, halt, withdraw and return, over a real hub on 127.0.0.1."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import hashlib
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import torch
+from PIL import Image
+from tuf.api import exceptions as tuf_errors
+from tuf.api.metadata import Metadata
+from tuf.ngclient import FetcherInterface, Updater
+
+from petah.backbones import create_backbone, demo_backbone_path
+from petah.backbones.factory import fingerprint
+from petah.data import load_builtin
+from petah.errors import PetahError
+from petah.fleet.agent import Agent
+from petah.fleet.client import hub_status, publish_release, sign_release, withdraw_release
+from petah.fleet.hub import Hub, add_device, running_hub
+from petah.fleet.metadata import init_repository, rotate_targets_key, signer
+from petah.fleet.registry import stage_rank
+from petah.packages import encode_package, generate_keypair, read_package, sign_package
+from petah.plans import PlanConfig
+from petah.serve import ServeConfig, Station, demo_packages
+from petah.testing import synthetic_package
+
+DIGITS = Path(next(p for p in demo_packages() if p.stem == "digits"))
+
+
+class FolderFetcher(FetcherInterface):
+    """Serves a hub folder's files as its HTTP server would (the metadata checks need no network)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def _fetch(self, url: str):
+        path = self.root / urlsplit(url).path.lstrip("/")
+        if not path.is_file():
+            raise tuf_errors.DownloadHTTPError("not found", 404)
+        yield path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("keys")
+    for name in ("root", "release", "release2", "intruder"):
+        generate_keypair(folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return create_backbone(weights=str(demo_backbone_path()))
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory, backbone):
+    """Two good versions of digits (the demo package, and the same signed: other bytes), a bad one
+    (random adapters and head: near chance on the golden set) and one for another backbone."""
+    folder = tmp_path_factory.mktemp("packages")
+    labels = list(read_package(DIGITS).manifest.labels)
+    good, again = folder / "good.petah", folder / "again.petah"
+    shutil.copyfile(DIGITS, good)
+    shutil.copyfile(DIGITS, again)
+    generate_keypair(folder / "signer")
+    sign_package(again, folder / "signer.key")
+    bad = folder / "bad.petah"
+    bad.write_bytes(encode_package(synthetic_package(backbone, "digits", PlanConfig(preset="petah"),
+                                                     classes=len(labels), seed=3, labels=labels)))
+    other_model = copy.deepcopy(backbone.model)
+    with torch.no_grad():
+        next(other_model.parameters()).add_(0.01)
+    other = replace(backbone, model=other_model, fingerprint=fingerprint(other_model))
+    foreign = folder / "foreign.petah"
+    foreign.write_bytes(encode_package(synthetic_package(other, "digits", PlanConfig(preset="petah"),
+                                                         classes=len(labels), labels=labels)))
+    return {"good": good, "again": again, "bad": bad, "foreign": foreign}
+
+
+@pytest.fixture(scope="module")
+def golden(tmp_path_factory):
+    """GOLDEN/digits/: 60 held-out digits as class folders of PNG files."""
+    root = tmp_path_factory.mktemp("golden")
+    _, val = load_builtin("digits")
+    for i in range(60):
+        folder = root / "digits" / val.classes[int(val.labels[i])]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(val.images[i].permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    return root
+
+
+def new_hub(tmp: Path, keys: Path) -> tuple[Path, Path]:
+    root = tmp / "hub"
+    trusted = init_repository(root, keys / "root.key", keys / "release.key")
+    return root, trusted
+
+
+def publish(hub: Hub, package: Path, key: Path, **settings) -> dict:
+    data, targets = sign_release(package, hub.repository.current_targets(), key)
+    return hub.publish(data, targets, settings)
+
+
+def updater(tmp: Path, hub_root: Path, trusted: Path, name: str = "client") -> Updater:
+    metadata = tmp / name / "metadata"
+    if not metadata.exists():
+        metadata.mkdir(parents=True)
+        shutil.copyfile(trusted, metadata / "root.json")
+    return Updater(str(metadata), "http://hub/metadata/", str(tmp / name / "targets"), "http://hub/targets/",
+                   fetcher=FolderFetcher(hub_root), bootstrap=None)
+
+
+def resign(path: Path, key: Path, **changes) -> None:
+    """Rewrite a metadata file with ``changes`` to its signed part, signed by ``key`` alone."""
+    metadata = Metadata.from_bytes(path.read_bytes())
+    for field, value in changes.items():
+        setattr(metadata.signed, field, value)
+    metadata.signatures.clear()
+    metadata.sign(signer(key))
+    path.write_bytes(metadata.to_bytes())
+
+
+def test_metadata_refuses_rollback_freeze_untrusted_keys_and_bad_bytes(tmp_path, keys, packages):
+    root, trusted = new_hub(tmp_path, keys)
+    hub = Hub(root)
+    first = publish(hub, packages["good"], keys / "release.key")
+    client = updater(tmp_path, root, trusted)
+    client.refresh()
+    info = client.get_targetinfo(first["target"])
+    assert info.unrecognized_fields["custom"]["backbone"] == read_package(DIGITS).manifest.backbone.fingerprint
+    assert Path(client.download_target(info, str(tmp_path / "got.petah"))).read_bytes() == packages["good"].read_bytes()
+
+    timestamp = root / "metadata" / "timestamp.json"
+    old = timestamp.read_bytes()
+    publish(hub, packages["again"], keys / "release.key")
+    updater(tmp_path, root, trusted).refresh()  # the client now trusts the newer timestamp
+    newest = timestamp.read_bytes()
+    timestamp.write_bytes(old)  # rollback attack: an older, validly signed version served again
+    with pytest.raises(tuf_errors.BadVersionNumberError):
+        updater(tmp_path, root, trusted).refresh()
+
+    timestamp.write_bytes(newest)
+    hub.repository.refresh(force=True, lifetime={"timestamp": dt.timedelta(seconds=-60)})  # freeze attack
+    with pytest.raises(tuf_errors.ExpiredMetadataError):
+        updater(tmp_path, root, trusted).refresh()
+
+    hub.repository.refresh(force=True)
+    version = Metadata.from_bytes(timestamp.read_bytes()).signed.version
+    resign(timestamp, keys / "intruder.key", version=version + 1)  # signed by a key the root does not name
+    with pytest.raises(tuf_errors.UnsignedMetadataError):
+        updater(tmp_path, root, trusted).refresh()
+
+    hub.repository.refresh(force=True)
+    fresh = updater(tmp_path, root, trusted, "fresh")
+    fresh.refresh()
+    info = fresh.get_targetinfo(first["target"])
+    stored = root / "targets" / "digits" / f"{info.hashes['sha256']}.{Path(first['target']).name}"
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same length, other bytes
+    stored.write_bytes(bytes(data))
+    with pytest.raises(tuf_errors.LengthOrHashMismatchError):
+        fresh.download_target(info, str(tmp_path / "never.petah"))
+    assert not (tmp_path / "never.petah").exists()
+
+
+def test_hub_refuses_bad_uploads_and_follows_a_targets_key_rotation(tmp_path, keys, packages):
+    root, trusted = new_hub(tmp_path, keys)
+    hub = Hub(root)
+    current = hub.repository.current_targets()
+    data, targets = sign_release(packages["good"], current, keys / "intruder.key")
+    with pytest.raises(PetahError, match="not signed by the targets key"):
+        hub.publish(data, targets, {})
+    data, targets = sign_release(packages["good"], current, keys / "release.key")
+    with pytest.raises(PetahError, match="does not name the package"):
+        hub.publish(packages["again"].read_bytes(), targets, {})
+    with pytest.raises(PetahError, match="--stages"):
+        hub.publish(data, targets, {"stages": [50, 10]})
+    hub.publish(data, targets, {})
+    with pytest.raises(PetahError, match="version 2; the hub is at 2"):  # signed against an older state
+        hub.publish(*sign_release(packages["again"], current, keys / "release.key"), {})
+    assert len(list((root / "targets" / "digits").iterdir())) == 1  # nothing of the refused uploads stored
+
+    client = updater(tmp_path, root, trusted)
+    client.refresh()
+    assert rotate_targets_key(root, keys / "root.key", keys / "release2.key") == 2
+    with pytest.raises(PetahError, match="not signed by the targets key"):  # the old release key is out
+        publish(hub, packages["again"], keys / "release.key")
+    release = publish(hub, packages["again"], keys / "release2.key")
+    client = updater(tmp_path, root, trusted)  # provisioned with root v1: follows the chain to v2
+    client.refresh()
+    assert client.get_targetinfo(release["target"]) is not None
+    assert Metadata.from_bytes((tmp_path / "client" / "metadata" / "root.json").read_bytes()).signed.version == 2
+
+
+def station(backbone, tmp: Path, hub_url: str, hub_root: Path, trusted: Path, device: str, golden: Path) -> Agent:
+    token = tmp / f"{device}.token"
+    add_device(hub_root, device, token)
+    config = ServeConfig(hub=hub_url, trust_root=str(trusted), device_id=device, device_token_file=str(token),
+                         golden=str(golden), health_window_s=0.1, poll_s=0.1, engine="torch", threads=1)
+    stn = Station(backbone, tmp / f"state-{device}", config)
+    stn.start()
+    return Agent(stn)
+
+
+def versions(agents) -> list[str | None]:
+    return [a.station.state.entries["digits"].sha256 if "digits" in a.station.state.entries else None
+            for a in agents]
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_staged_rollout_gates_halts_withdraws_and_returns(tmp_path, keys, packages, golden, backbone):
+    root, trusted = new_hub(tmp_path, keys)
+    with running_hub(Hub(root)) as (url, _server):
+        agents = [station(backbone, tmp_path, url, root, trusted, f"dev{i}", golden) for i in range(3)]
+        try:
+            for agent in agents:
+                agent.step()  # check in: the hub learns each backbone
+
+            def rounds(n: int = 3):
+                for _ in range(n):
+                    for agent in agents:
+                        agent.step()
+
+            settings = {"stages": [34, 100], "min_healthy": 1.0, "max_failed": 0.5}
+            first = publish_release(packages["good"], url, keys / "release.key", **settings)
+            rounds()
+            assert versions(agents) == [sha(packages["good"])] * 3
+            second = publish_release(packages["again"], url, keys / "release.key", **settings)
+            rounds()
+            assert versions(agents) == [sha(packages["again"])] * 3
+            status = {r["id"]: r for r in hub_status(url)["releases"]}
+            assert status[first["release"]]["state"] == status[second["release"]]["state"] == "complete"
+            assert agents[0].station.task_list()[0]["previous_version"] == sha(packages["good"])[:12]
+
+            withdraw_release(second["release"], url, keys / "release.key")  # by hand: back to the first
+            rounds(1)
+            assert versions(agents) == [sha(packages["good"])] * 3
+
+            bad = publish_release(packages["bad"], url, keys / "release.key", min_score=90.0, **settings)
+            rounds()
+            status = {r["id"]: r for r in hub_status(url)["releases"]}[bad["release"]]
+            assert status["state"] == "halted" and status["stage"] == 0 and status["counts"]["failed"] >= 1
+            assert versions(agents) == [sha(packages["good"])] * 3  # never served
+            events = [e for a in agents for e in a.audit.read_text().splitlines() if '"gate_rejected"' in e]
+            assert events and "accuracy" in events[0]
+            last = max(agents, key=lambda a: stage_rank(a.device_id))  # outside the first stage (2 of 3)
+            assert '"gate_rejected"' not in last.audit.read_text()
+
+            # a hub answer pointing at a release for another backbone is refused by the station itself
+            foreign = sign_release(packages["foreign"], Hub(root).repository.current_targets(), keys / "release.key")
+            Hub(root).repository.accept_targets(foreign[1], {
+                f"digits/{hashlib.sha256(foreign[0]).hexdigest()}.petah": foreign[0]})
+            agents[0].update("digits", {"sha256": hashlib.sha256(foreign[0]).hexdigest(), "release": None,
+                                        "target": f"digits/{hashlib.sha256(foreign[0]).hexdigest()}.petah"})
+            assert '"incompatible"' in agents[0].audit.read_text().splitlines()[-1]
+            assert versions(agents)[0] == sha(packages["good"])
+
+            # a failed health window rolls back by itself
+            agents[1].probe_seconds = lambda task: None  # non-finite outputs from now on
+            agents[1].station.candidates.clear()
+            path = tmp_path / "candidate.petah"
+            shutil.copyfile(packages["again"], path)
+            agents[1]._promote("digits", sha(packages["again"]), 99, path, {})
+            assert versions(agents)[1] == sha(packages["good"])
+            assert '"health_rollback"' in agents[1].audit.read_text().splitlines()[-1]
+        finally:
+            for agent in agents:
+                agent.station.stop()
