@@ -3,34 +3,27 @@ rollout with gate, halt, withdraw and return, over a real hub on 127.0.0.1."""
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import hashlib
 import shutil
-from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-import torch
-from PIL import Image
 from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import Metadata
 from tuf.ngclient import FetcherInterface, Updater
 
 from petah.backbones import create_backbone, demo_backbone_path
-from petah.backbones.factory import fingerprint
-from petah.data import load_builtin
+from petah.bench.fleet import digits_versions, golden_digits, wait_for
 from petah.errors import PetahError
 from petah.fleet.agent import Agent
 from petah.fleet.client import hub_status, publish_release, sign_release, withdraw_release
 from petah.fleet.hub import Hub, add_device, running_hub
 from petah.fleet.metadata import init_repository, rotate_targets_key, signer
 from petah.fleet.registry import stage_rank
-from petah.packages import encode_package, generate_keypair, read_package, sign_package
-from petah.plans import PlanConfig
+from petah.packages import generate_keypair, read_package
 from petah.serve import ServeConfig, Station, demo_packages
-from petah.testing import synthetic_package
 
 DIGITS = Path(next(p for p in demo_packages() if p.stem == "digits"))
 
@@ -65,36 +58,12 @@ def backbone():
 def packages(tmp_path_factory, backbone):
     """Two good versions of digits (the demo package, and the same signed: other bytes), a bad one
     (random adapters and head: near chance on the golden set) and one for another backbone."""
-    folder = tmp_path_factory.mktemp("packages")
-    labels = list(read_package(DIGITS).manifest.labels)
-    good, again = folder / "good.petah", folder / "again.petah"
-    shutil.copyfile(DIGITS, good)
-    shutil.copyfile(DIGITS, again)
-    generate_keypair(folder / "signer")
-    sign_package(again, folder / "signer.key")
-    bad = folder / "bad.petah"
-    bad.write_bytes(encode_package(synthetic_package(backbone, "digits", PlanConfig(preset="petah"),
-                                                     classes=len(labels), seed=3, labels=labels)))
-    other_model = copy.deepcopy(backbone.model)
-    with torch.no_grad():
-        next(other_model.parameters()).add_(0.01)
-    other = replace(backbone, model=other_model, fingerprint=fingerprint(other_model))
-    foreign = folder / "foreign.petah"
-    foreign.write_bytes(encode_package(synthetic_package(other, "digits", PlanConfig(preset="petah"),
-                                                         classes=len(labels), labels=labels)))
-    return {"good": good, "again": again, "bad": bad, "foreign": foreign}
+    return digits_versions(tmp_path_factory.mktemp("packages"), backbone)
 
 
 @pytest.fixture(scope="module")
 def golden(tmp_path_factory):
-    """GOLDEN/digits/: 60 held-out digits as class folders of PNG files."""
-    root = tmp_path_factory.mktemp("golden")
-    _, val = load_builtin("digits")
-    for i in range(60):
-        folder = root / "digits" / val.classes[int(val.labels[i])]
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(val.images[i].permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
-    return root
+    return golden_digits(tmp_path_factory.mktemp("golden"))
 
 
 def new_hub(tmp: Path, keys: Path) -> tuple[Path, Path]:
@@ -276,3 +245,41 @@ def test_staged_rollout_gates_halts_withdraws_and_returns(tmp_path, keys, packag
         finally:
             for agent in agents:
                 agent.station.stop()
+
+
+def test_fleet_simulation_with_faults_keeps_every_station_consistent(tmp_path):
+    """The bench's outcome contract on 4 stations (one a child process killed with SIGKILL while it
+    installs): dropped, truncated and corrupted downloads, delays, the hub down for a while."""
+    from petah.bench.fleet import OUTCOMES, run_fleet_bench
+
+    result = run_fleet_bench(4, poll_s=0.3, health_window_s=0.5, timeout_s=120, hub_down_s=2.0, workdir=tmp_path)
+    assert {k: result[k] for k in OUTCOMES} == dict.fromkeys(OUTCOMES, True), result
+    assert result["releases"]["bad"]["state"] == "halted" and result["releases"]["again"]["state"] == "complete"
+    assert result["child_station"]["killed_after"] == "downloaded"
+    assert result["releases"]["good"]["bytes_vs_whole_model"] < 0.1
+    assert not list(tmp_path.iterdir())  # the bench cleans up after itself
+
+
+def test_a_managed_station_refuses_changes_by_hand_and_bad_options(tmp_path, keys):
+    from petah.serve.client import StationClient, station_process
+
+    root, trusted = new_hub(tmp_path, keys)
+    add_device(root, "line-1", tmp_path / "line-1.token")
+    admin = tmp_path / "admin"
+    admin.write_text("admin-token-for-fleet-tests-0123\n")
+    with running_hub(Hub(root)) as (url, _server):
+        hub_options = ("--hub", url, "--trust-root", str(trusted), "--device-id", "line-1",
+                       "--device-token-file", str(tmp_path / "line-1.token"))
+        with station_process("--demo", "--state-dir", str(tmp_path / "state"), "--admin-token-file", str(admin),
+                             "--threads", "1", "--engine", "torch", *hub_options) as (_proc, station_url):
+            client = StationClient(station_url)
+            reply = client.rollback("digits", "admin-token-for-fleet-tests-0123")
+            assert reply.status == 403 and "--allow-manual" in reply.json()["error"]
+            row = client.tasks()[0]
+            assert {"version", "previous_version", "candidate_version"} <= set(row)
+            assert wait_for(lambda: [d["id"] for d in Hub(root).registry.devices() if d["backbone"]] == ["line-1"], 30)
+    for options, needle in ((("--hub", url), "--hub needs --trust-root, --device-id, --device-token-file"),
+                            (("--trust-root", str(trusted)), "go with --hub")):
+        with pytest.raises(PetahError, match=needle):
+            with station_process("--demo", "--state-dir", str(tmp_path / "other"), *options, timeout=60):
+                pass

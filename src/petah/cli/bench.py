@@ -81,6 +81,35 @@ def bench_serve(
         out.print(f"{key}: {value}")
 
 
+@bench_app.command("fleet")
+def bench_fleet(
+    devices: Annotated[int, typer.Option("--devices", help="Stations (one of them a child process that is "
+                                                           "killed mid-install and restarted).")] = 20,
+    poll_s: Annotated[float, typer.Option("--poll-s", help="The stations' poll interval.")] = 0.5,
+    timeout_s: Annotated[float, typer.Option("--timeout-s", help="Longest wait for one release to settle.")
+                         ] = 240.0,
+    json_out: JsonOpt = False,
+) -> None:
+    """A hub and N stations on 127.0.0.1 with injected faults (dropped connections, truncated and
+    corrupted downloads, delays, the hub down, a station killed mid-install, a bad release)."""
+    from petah.bench.fleet import OUTCOMES, run_fleet_bench
+
+    result = run_fleet_bench(devices, poll_s=poll_s, timeout_s=timeout_s)
+    if json_out:
+        emit_json(result)
+        return
+    table = Table(title=f"petah fleet, {devices} stations, faults {result['faults_injected']}")
+    for column in ("release", "state", "reached", "s to 50 %", "s to 100 %", "retries", "bytes/station",
+                   "vs whole model"):
+        table.add_column(column, justify="right")
+    for name, row in result["releases"].items():
+        table.add_row(name, row["state"], f"{row['stage_reached']} %", str(row["seconds_to_stage"].get("50%", "-")),
+                      str(row["seconds_to_100"] or "-"), str(row["retries"]), str(row["bytes_per_station"]),
+                      f"{row['bytes_vs_whole_model']:.1%}")
+    out.print(table)
+    out.print(", ".join(f"{k} = {result[k]}" for k in OUTCOMES))
+
+
 @bench_app.command("prune")
 @config_options(PruneConfig, "config", only=("recover_epochs",), defaults={"recover_epochs": 3})
 def bench_prune(

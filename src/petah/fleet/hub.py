@@ -291,7 +291,8 @@ def create_hub_app(hub: Hub, faults: Faults | None = None):
 
 
 @contextlib.contextmanager
-def running_hub(hub: Hub, faults: Faults | None = None, host: str = "127.0.0.1", port: int = 0):
+def running_hub(hub: Hub, faults: Faults | None = None, host: str = "127.0.0.1", port: int = 0,
+                log_level: str = "warning"):
     """The hub served by uvicorn on a thread of this process (tests, ``petah bench fleet``); yields
     its URL and the server (``server.should_exit``)."""
     import socket
@@ -301,7 +302,7 @@ def running_hub(hub: Hub, faults: Faults | None = None, host: str = "127.0.0.1",
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(create_hub_app(hub, faults), log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(create_hub_app(hub, faults), log_level=log_level, lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     import time

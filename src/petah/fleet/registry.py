@@ -245,11 +245,12 @@ class Registry:
         self._tx(report)
 
     def transfer(self, release_id: int) -> dict:
-        """Bytes devices reported downloading for a release, and their retries."""
-        row = self._db.execute("SELECT COUNT(DISTINCT device) AS devices, COALESCE(SUM(bytes), 0) AS bytes, "
-                               "COALESCE(SUM(retries), 0) AS retries FROM reports WHERE release=? AND "
-                               "event='downloaded'", (release_id,)).fetchone()
-        return dict(row)
+        """Bytes devices reported downloading for a release, and their retries (failed downloads too)."""
+        row = self._db.execute("SELECT COUNT(DISTINCT device) AS devices, COALESCE(SUM(bytes), 0) AS bytes "
+                               "FROM reports WHERE release=? AND event='downloaded'", (release_id,)).fetchone()
+        retries = self._db.execute("SELECT COALESCE(SUM(retries), 0) FROM reports WHERE release=?",
+                                   (release_id,)).fetchone()[0]
+        return {**dict(row), "retries": retries}
 
     def status(self) -> dict:
         """``petah hub status`` / ``GET /v1/releases``: every release with its stage and counts, and the devices."""

@@ -39,6 +39,32 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def read_entries(file: Path, fingerprint: str) -> dict[str, Entry]:
+    """A state file's entries, validated (untrusted: a person may have edited it); reads only."""
+    if not file.exists():
+        return {}
+    where = f"state file {file}"
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PetahError(f"{where} cannot be read ({type(exc).__name__}); move it away to start empty") from None
+    if not isinstance(raw, dict) or raw.get("format") != STATE_FORMAT or not isinstance(raw.get("tasks"), dict):
+        raise PetahError(f"{where} is not a petah station state (format {STATE_FORMAT})")
+    if raw.get("backbone") != fingerprint:
+        raise BackboneMismatch(f"{where} belongs to backbone fingerprint {str(raw.get('backbone'))[:16]}…, but "
+                               f"this station runs {fingerprint[:16]}…; use another --state-dir")
+    entries = {}
+    for name, item in raw["tasks"].items():
+        check_task_name(name, where)
+        if not isinstance(item, dict) or not SHA256.fullmatch(str(item.get("sha256"))):
+            raise PetahError(f"{where}: task {name!r} has no valid sha256")
+        previous = item.get("previous")
+        if previous is not None and not SHA256.fullmatch(str(previous)):
+            raise PetahError(f"{where}: task {name!r} has an invalid previous sha256")
+        entries[name] = Entry(item["sha256"], previous, str(item.get("loaded_at", "")))
+    return entries
+
+
 class StateDir:
     def __init__(self, root: str | Path, backbone_fingerprint: str):
         self.root = Path(root)
@@ -49,33 +75,8 @@ class StateDir:
             self.packages.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise PetahError(f"state dir {self.root}: cannot create it ({exc.strerror})") from None
-        self.entries = self._read()
+        self.entries = read_entries(self.file, self.fingerprint)
         self._sweep()
-
-    # --- reading (untrusted: a person may have edited it) ------------------------------------------
-    def _read(self) -> dict[str, Entry]:
-        if not self.file.exists():
-            return {}
-        where = f"state file {self.file}"
-        try:
-            raw = json.loads(self.file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise PetahError(f"{where} cannot be read ({type(exc).__name__}); move it away to start empty") from None
-        if not isinstance(raw, dict) or raw.get("format") != STATE_FORMAT or not isinstance(raw.get("tasks"), dict):
-            raise PetahError(f"{where} is not a petah station state (format {STATE_FORMAT})")
-        if raw.get("backbone") != self.fingerprint:
-            raise BackboneMismatch(f"{where} belongs to backbone fingerprint {str(raw.get('backbone'))[:16]}…, but "
-                                   f"this station runs {self.fingerprint[:16]}…; use another --state-dir")
-        entries = {}
-        for name, item in raw["tasks"].items():
-            check_task_name(name, where)
-            if not isinstance(item, dict) or not SHA256.fullmatch(str(item.get("sha256"))):
-                raise PetahError(f"{where}: task {name!r} has no valid sha256")
-            previous = item.get("previous")
-            if previous is not None and not SHA256.fullmatch(str(previous)):
-                raise PetahError(f"{where}: task {name!r} has an invalid previous sha256")
-            entries[name] = Entry(item["sha256"], previous, str(item.get("loaded_at", "")))
-        return entries
 
     def _sweep(self) -> None:
         """Remove what an interrupted write left: temp files and packages no entry names."""
@@ -107,4 +108,4 @@ class StateDir:
         self._sweep()
 
 
-__all__ = ["Entry", "StateDir", "sha256_bytes"]
+__all__ = ["Entry", "StateDir", "read_entries", "sha256_bytes"]

@@ -1,0 +1,288 @@
+"""``petah bench fleet``: one hub and N station agents on 127.0.0.1 under injected faults.
+
+N-1 stations run in this process (each its own Station, engine, state dir and agent thread); one
+is a real ``petah serve --hub`` child process, killed with SIGKILL while it installs a release
+and started again. The hub drops connections, truncates and corrupts downloads, delays answers
+and goes down for a while. Three releases of the demo digits task go out in stages: a good one,
+a bad one (random adapters: near chance on the golden set), another good one. The JSON reports
+per release the time to each stage and to 100 %, retries, bytes moved per station versus
+shipping the whole model, and the outcomes as booleans (a contract: scripts read them).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from petah.errors import PetahError
+
+OUTCOMES = ("all_consistent", "bad_release_halted_in_first_stage", "no_bad_package_served", "no_state_lost")
+
+
+def golden_digits(root: Path, count: int = 60) -> Path:
+    """GOLDEN/digits/: ``count`` held-out digits (scikit-learn's, offline) as class folders of PNGs."""
+    from PIL import Image
+
+    from petah.data import load_builtin
+
+    _, val = load_builtin("digits")
+    for i in range(min(count, len(val))):
+        folder = root / "digits" / val.classes[int(val.labels[i])]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(val.images[i].permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    return root
+
+
+def digits_versions(folder: Path, backbone) -> dict[str, Path]:
+    """Versions of the demo digits task: ``good`` (the demo package), ``again`` (the same, signed:
+    other bytes, same quality), ``bad`` (random adapters and head) and ``foreign`` (trained for
+    another backbone fingerprint)."""
+    import torch
+
+    from petah.backbones.factory import fingerprint
+    from petah.packages import encode_package, generate_keypair, read_package, sign_package
+    from petah.plans import PlanConfig
+    from petah.serve import demo_packages
+    from petah.testing import synthetic_package
+
+    digits = next(p for p in demo_packages() if p.stem == "digits")
+    labels = list(read_package(digits).manifest.labels)
+    paths = {name: folder / f"{name}.petah" for name in ("good", "again", "bad", "foreign")}
+    shutil.copyfile(digits, paths["good"])
+    shutil.copyfile(digits, paths["again"])
+    generate_keypair(folder / "packager")
+    sign_package(paths["again"], folder / "packager.key")
+    plan = PlanConfig(preset="petah")
+    paths["bad"].write_bytes(encode_package(synthetic_package(backbone, "digits", plan, len(labels), 3, labels)))
+    other_model = copy.deepcopy(backbone.model)
+    with torch.no_grad():
+        next(other_model.parameters()).add_(0.01)
+    other = replace(backbone, model=other_model, fingerprint=fingerprint(other_model))
+    paths["foreign"].write_bytes(encode_package(synthetic_package(other, "digits", plan, len(labels), 0, labels)))
+    return paths
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class ChildStation:
+    """The one station that runs as its own process (killed and restarted by the bench)."""
+
+    def __init__(self, args: list[str]):
+        self.args = args
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "petah", "serve", *self.args, "--port", "0"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def wait_for(predicate, timeout: float, step: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+def audit_events(state: Path) -> list[dict]:
+    path = state / "audit.jsonl"
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:  # a line cut by SIGKILL: JSON lines lose at most that line
+            continue
+    return events
+
+
+def check_state(state: Path, fingerprint: str) -> tuple[bool, dict[str, str]]:
+    """A state dir as a restart would read it: (intact, task -> sha256). Intact: station.json
+    parses, names this backbone, every package it names exists under its own hash, no temp file."""
+    from petah.serve.state import read_entries
+
+    try:
+        entries = read_entries(state / "station.json", fingerprint)  # reads only: stations may be running
+    except PetahError:
+        return False, {}
+    leftovers = list(state.glob(".*.tmp")) + list((state / "packages").glob(".*.tmp"))
+    for entry in entries.values():
+        for sha in filter(None, (entry.sha256, entry.previous)):
+            path = state / "packages" / f"{sha}.petah"
+            if not path.is_file() or sha256_file(path) != sha:
+                return False, {}
+    return not leftovers, {name: entry.sha256 for name, entry in entries.items()}
+
+
+def run_fleet_bench(devices: int = 20, *, poll_s: float = 0.5, health_window_s: float = 1.0,
+                    timeout_s: float = 240.0, faults: dict | None = None, hub_down_s: float = 4.0,
+                    workdir: str | Path | None = None) -> dict:
+    from petah.backbones import create_backbone, demo_backbone_path
+    from petah.fleet.agent import Agent
+    from petah.fleet.client import hub_status, publish_release
+    from petah.fleet.hub import Faults, Hub, add_device, running_hub
+    from petah.fleet.metadata import init_repository
+    from petah.packages import generate_keypair
+    from petah.serve import ServeConfig, Station
+
+    if devices < 3:
+        raise PetahError("--devices must be at least 3 (one killed child station, two in-process)")
+    started = time.time()
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        tmp = Path(tmp)
+        backbone_path = demo_backbone_path()
+        backbone = create_backbone(weights=str(backbone_path))
+        for name in ("root", "release"):
+            generate_keypair(tmp / name)
+        trusted = init_repository(tmp / "hub", tmp / "root.key", tmp / "release.key")
+        golden = golden_digits(tmp / "golden")
+        versions = digits_versions(tmp, backbone)
+        fault_plan = Faults(**{"drop": 0.08, "truncate": 0.05, "corrupt": 0.05, "delay": 0.03, "delay_s": 2.0,
+                               **(faults or {})})
+        hub = Hub(tmp / "hub")
+        ids = [f"station-{i:03d}" for i in range(devices)]
+        for device in ids:
+            add_device(tmp / "hub", device, tmp / f"{device}.token")
+        settings = {"stages": [10, 50, 100], "min_healthy": 0.9, "max_failed": 0.2}
+        agents: list[Agent] = []
+        # the dropped connections are the point here: uvicorn's tracebacks about them are not news
+        with running_hub(hub, fault_plan, log_level="critical") as (url, _server):
+            common = dict(hub=url, trust_root=str(trusted), golden=str(golden), poll_s=poll_s,
+                          health_window_s=health_window_s, engine="torch", threads=1)
+            child = ChildStation(["-b", str(backbone_path), "--state-dir", str(tmp / f"state-{ids[0]}"),
+                                  "--hub", url, "--trust-root", str(trusted), "--device-id", ids[0],
+                                  "--device-token-file", str(tmp / f"{ids[0]}.token"), "--golden", str(golden),
+                                  "--poll-s", str(poll_s), "--health-window-s", str(health_window_s),
+                                  "--engine", "torch", "--threads", "1"])
+            child.start()
+            try:
+                for device in ids[1:]:
+                    station = Station(backbone, tmp / f"state-{device}",
+                                      ServeConfig(**common, device_id=device,
+                                                  device_token_file=str(tmp / f"{device}.token")))
+                    station.start()
+                    agent = Agent(station)
+                    agents.append(agent)
+                    agent.start()
+                wait_for(lambda: sum(d["backbone"] is not None for d in hub.registry.devices()) == devices, 60)
+
+                def settle(release: int) -> str:
+                    wait_for(lambda: hub.registry.release(release).state in ("complete", "halted"), timeout_s, 0.5)
+                    return hub.registry.release(release).state
+
+                timeline = {}
+                first = publish_release(versions["good"], url, tmp / "release.key", **settings)["release"]
+                timeline["good"] = (first, settle(first))
+                bad = publish_release(versions["bad"], url, tmp / "release.key", **settings)["release"]
+                timeline["bad"] = (bad, settle(bad))
+                second = publish_release(versions["again"], url, tmp / "release.key", **settings)["release"]
+
+                def kill_child_mid_install() -> dict:
+                    state = tmp / f"state-{ids[0]}"
+                    seen = wait_for(lambda: any(e["event"] == "downloaded" and e["release"] == second
+                                                for e in audit_events(state)), timeout_s, 0.02)
+                    child.kill()
+                    time.sleep(0.5)
+                    child.start()
+                    return {"killed_after": "downloaded" if seen else "timeout"}
+
+                def hub_outage() -> None:
+                    time.sleep(1.0)
+                    fault_plan.down = True
+                    time.sleep(hub_down_s)
+                    fault_plan.down = False
+
+                kill_info: dict = {}
+                threads = [threading.Thread(target=lambda: kill_info.update(kill_child_mid_install())),
+                           threading.Thread(target=hub_outage)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+                timeline["again"] = (second, settle(second))
+                # the last stations finish their health windows and report
+                wait_for(lambda: all(check_state(tmp / f"state-{d}", backbone.fingerprint)[1].get("digits")
+                                     == sha256_file(versions["again"]) for d in ids), 60, 0.5)
+                status = hub_status(url)
+            finally:
+                for agent in agents:
+                    agent.stop()
+                    agent.station.stop()
+                child.stop()
+        result = summarize(tmp, ids, backbone, versions, timeline, status, fault_plan, kill_info)
+    result["wall_s"] = round(time.time() - started, 1)
+    result["settings"] = {"devices": devices, "poll_s": poll_s, "health_window_s": health_window_s,
+                          "hub_down_s": hub_down_s, **settings}
+    return result
+
+
+def summarize(tmp: Path, ids: list[str], backbone, versions: dict[str, Path], timeline: dict, status: dict,
+              faults, kill_info: dict) -> dict:
+    by_id = {r["id"]: r for r in status["releases"]}
+    final, allowed = sha256_file(versions["again"]), {sha256_file(versions[k]) for k in ("good", "again")}
+    bad_sha = sha256_file(versions["bad"])
+    whole_model = backbone.weights_bytes + versions["good"].stat().st_size
+    releases = {}
+    for name, (release_id, state) in timeline.items():
+        row = by_id[release_id]
+        transfer = row["transfer"]
+        releases[name] = {
+            "release": release_id, "state": state, "stage_reached": row["stages"][row["stage"]],
+            # stage_times: when each later stage opened, then (complete) when the last stage was healthy
+            "seconds_to_stage": {f"{pct}%": round(t - row["created"], 2)
+                                 for pct, t in zip(row["stages"][1:], row["stage_times"], strict=False)},
+            "seconds_to_100": (round(row["stage_times"][-1] - row["created"], 2) if state == "complete" else None),
+            "retries": transfer["retries"], "stations_downloaded": transfer["devices"],
+            "bytes_per_station": round(transfer["bytes"] / max(1, transfer["devices"])),
+            "whole_model_bytes": whole_model,
+            "bytes_vs_whole_model": round(transfer["bytes"] / max(1, transfer["devices"]) / whole_model, 4),
+            "counts": row["counts"]}
+    states, intact, served_bad = {}, True, False
+    for device in ids:
+        ok, entries = check_state(tmp / f"state-{device}", backbone.fingerprint)
+        intact &= ok
+        states[device] = entries.get("digits")
+        served_bad |= any(e["event"] == "installed" and e["release"] == timeline["bad"][0]
+                          for e in audit_events(tmp / f"state-{device}"))
+    bad_row = by_id[timeline["bad"][0]]
+    outcomes = {
+        "all_consistent": all(sha == final for sha in states.values()),
+        "bad_release_halted_in_first_stage": bad_row["state"] == "halted" and bad_row["stage"] == 0,
+        "no_bad_package_served": not served_bad and all(s in allowed for s in states.values() if s) and
+                                 bad_sha not in states.values(),
+        "no_state_lost": intact,
+    }
+    return {"releases": releases, **outcomes, "faults_injected": dict(faults.counts), "child_station": kill_info,
+            "final_versions": {k: (v or "none")[:12] for k, v in states.items()}}
+
+
+__all__ = ["OUTCOMES", "check_state", "digits_versions", "golden_digits", "run_fleet_bench"]
