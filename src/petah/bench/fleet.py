@@ -26,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from petah.errors import PetahError
+from petah.fleet.registry import FAILED_EVENTS
 
 OUTCOMES = ("all_consistent", "bad_release_halted_in_first_stage", "no_bad_package_served", "no_state_lost")
 
@@ -169,7 +170,11 @@ def run_fleet_bench(devices: int = 20, *, poll_s: float = 0.5, health_window_s: 
         fault_plan = Faults(**{"drop": 0.08, "truncate": 0.05, "corrupt": 0.05, "delay": 0.03, "delay_s": 2.0,
                                **(faults or {})})
         hub = Hub(tmp / "hub")
-        ids = [f"station-{i:03d}" for i in range(devices)]
+        # the child station first in rollout order (the stable hash): it is in every first stage,
+        # so it is installing when it is killed
+        from petah.fleet.registry import stage_rank
+
+        ids = sorted((f"station-{i:03d}" for i in range(devices)), key=stage_rank)
         for device in ids:
             add_device(tmp / "hub", device, tmp / f"{device}.token")
         settings = {"stages": [10, 50, 100], "min_healthy": 0.9, "max_failed": 0.2}
@@ -208,12 +213,15 @@ def run_fleet_bench(devices: int = 20, *, poll_s: float = 0.5, health_window_s: 
 
                 def kill_child_mid_install() -> dict:
                     state = tmp / f"state-{ids[0]}"
-                    seen = wait_for(lambda: any(e["event"] == "downloaded" and e["release"] == second
-                                                for e in audit_events(state)), timeout_s, 0.02)
+                    def downloaded() -> bool:
+                        return any(e["event"] == "downloaded" and e["release"] == second for e in audit_events(state))
+
+                    wait_for(lambda: downloaded() or hub.registry.release(second).state != "rolling", timeout_s, 0.02)
+                    seen = downloaded()
                     child.kill()
                     time.sleep(0.5)
                     child.start()
-                    return {"killed_after": "downloaded" if seen else "timeout"}
+                    return {"killed_after": "downloaded" if seen else "the release settled first"}
 
                 def hub_outage() -> None:
                     time.sleep(1.0)
@@ -265,7 +273,10 @@ def summarize(tmp: Path, ids: list[str], backbone, versions: dict[str, Path], ti
             "bytes_per_station": round(transfer["bytes"] / max(1, transfer["devices"])),
             "whole_model_bytes": whole_model,
             "bytes_vs_whole_model": round(transfer["bytes"] / max(1, transfer["devices"]) / whole_model, 4),
-            "counts": row["counts"]}
+            "counts": row["counts"],
+            "failures": [f"{e['device']}: {e['event']}: {e['detail']}" for d in ids
+                         for e in audit_events(tmp / f"state-{d}")
+                         if e["release"] == release_id and e["event"] in FAILED_EVENTS]}
     states, intact, served_bad = {}, True, False
     for device in ids:
         ok, entries = check_state(tmp / f"state-{device}", backbone.fingerprint)
