@@ -15,7 +15,7 @@ from tuf.api.metadata import Metadata
 from tuf.ngclient import FetcherInterface, Updater
 
 from petah.backbones import create_backbone, demo_backbone_path
-from petah.bench.fleet import digits_versions, golden_digits, wait_for
+from petah.bench.fleet import digits_versions, golden_digits, sha256_file, wait_for
 from petah.errors import PetahError
 from petah.fleet.agent import Agent
 from petah.fleet.client import hub_status, publish_release, sign_release, withdraw_release
@@ -143,11 +143,15 @@ def test_hub_refuses_bad_uploads_and_follows_a_targets_key_rotation(tmp_path, ke
     root, trusted = new_hub(tmp_path, keys)
     hub = Hub(root)
     current = hub.repository.current_targets()
-    data, targets = sign_release(packages["good"], current, keys / "intruder.key")
-    with pytest.raises(PetahError, match="not signed by the targets key"):
-        hub.publish(data, targets, {})
+    with pytest.raises(PetahError, match="by this release key"):  # the publisher signs only on top of its own
+        sign_release(packages["good"], current, keys / "intruder.key")
     data, targets = sign_release(packages["good"], current, keys / "release.key")
-    with pytest.raises(PetahError, match="does not name the package"):
+    forged = tmp_path / "forged.json"
+    forged.write_bytes(targets)
+    resign(forged, keys / "intruder.key")
+    with pytest.raises(PetahError, match="not signed by the targets key"):
+        hub.publish(data, forged.read_bytes(), {})
+    with pytest.raises(PetahError, match="does not name the uploaded package"):
         hub.publish(packages["again"].read_bytes(), targets, {})
     with pytest.raises(PetahError, match="--stages"):
         hub.publish(data, targets, {"stages": [50, 10]})
@@ -159,7 +163,7 @@ def test_hub_refuses_bad_uploads_and_follows_a_targets_key_rotation(tmp_path, ke
     client = updater(tmp_path, root, trusted)
     client.refresh()
     assert rotate_targets_key(root, keys / "root.key", keys / "release2.key") == 2
-    with pytest.raises(PetahError, match="not signed by the targets key"):  # the old release key is out
+    with pytest.raises(PetahError, match="by this release key"):  # the old release key is out
         publish(hub, packages["again"], keys / "release.key")
     release = publish(hub, packages["again"], keys / "release2.key")
     client = updater(tmp_path, root, trusted)  # provisioned with root v1: follows the chain to v2
@@ -183,8 +187,6 @@ def versions(agents) -> list[str | None]:
             for a in agents]
 
 
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_staged_rollout_gates_halts_withdraws_and_returns(tmp_path, keys, packages, golden, backbone):
@@ -203,23 +205,23 @@ def test_staged_rollout_gates_halts_withdraws_and_returns(tmp_path, keys, packag
             settings = {"stages": [34, 100], "min_healthy": 1.0, "max_failed": 0.5}
             first = publish_release(packages["good"], url, keys / "release.key", **settings)
             rounds()
-            assert versions(agents) == [sha(packages["good"])] * 3
+            assert versions(agents) == [sha256_file(packages["good"])] * 3
             second = publish_release(packages["again"], url, keys / "release.key", **settings)
             rounds()
-            assert versions(agents) == [sha(packages["again"])] * 3
+            assert versions(agents) == [sha256_file(packages["again"])] * 3
             status = {r["id"]: r for r in hub_status(url)["releases"]}
             assert status[first["release"]]["state"] == status[second["release"]]["state"] == "complete"
-            assert agents[0].station.task_list()[0]["previous_version"] == sha(packages["good"])[:12]
+            assert agents[0].station.task_list()[0]["previous_version"] == sha256_file(packages["good"])[:12]
 
             withdraw_release(second["release"], url, keys / "release.key")  # by hand: back to the first
             rounds(1)
-            assert versions(agents) == [sha(packages["good"])] * 3
+            assert versions(agents) == [sha256_file(packages["good"])] * 3
 
             bad = publish_release(packages["bad"], url, keys / "release.key", min_score=90.0, **settings)
             rounds()
             status = {r["id"]: r for r in hub_status(url)["releases"]}[bad["release"]]
             assert status["state"] == "halted" and status["stage"] == 0 and status["counts"]["failed"] >= 1
-            assert versions(agents) == [sha(packages["good"])] * 3  # never served
+            assert versions(agents) == [sha256_file(packages["good"])] * 3  # never served
             events = [e for a in agents for e in a.audit.read_text().splitlines() if '"gate_rejected"' in e]
             assert events and "accuracy" in events[0]
             last = max(agents, key=lambda a: stage_rank(a.device_id))  # outside the first stage (2 of 3)
@@ -232,16 +234,22 @@ def test_staged_rollout_gates_halts_withdraws_and_returns(tmp_path, keys, packag
             agents[0].update("digits", {"sha256": hashlib.sha256(foreign[0]).hexdigest(), "release": None,
                                         "target": f"digits/{hashlib.sha256(foreign[0]).hexdigest()}.petah"})
             assert '"incompatible"' in agents[0].audit.read_text().splitlines()[-1]
-            assert versions(agents)[0] == sha(packages["good"])
+            assert versions(agents)[0] == sha256_file(packages["good"])
 
             # a failed health window rolls back by itself
             agents[1].probe_seconds = lambda task: None  # non-finite outputs from now on
             agents[1].station.candidates.clear()
             path = tmp_path / "candidate.petah"
             shutil.copyfile(packages["again"], path)
-            agents[1]._promote("digits", sha(packages["again"]), 99, path, {})
-            assert versions(agents)[1] == sha(packages["good"])
+            agents[1]._promote("digits", sha256_file(packages["again"]), 99, path, {})
+            assert versions(agents)[1] == sha256_file(packages["good"])
             assert '"health_rollback"' in agents[1].audit.read_text().splitlines()[-1]
+            assert sha256_file(packages["again"]) in Agent(agents[1].station).rejected  # kept across restarts
+
+            # the only active release withdrawn, its predecessor withdrawn too: stations stop serving the task
+            withdraw_release(first["release"], url, keys / "release.key")
+            rounds(1)
+            assert versions(agents) == [None] * 3
         finally:
             for agent in agents:
                 agent.station.stop()
@@ -255,7 +263,7 @@ def test_fleet_simulation_with_faults_keeps_every_station_consistent(tmp_path):
     result = run_fleet_bench(4, poll_s=0.3, health_window_s=0.5, timeout_s=120, hub_down_s=2.0, workdir=tmp_path)
     assert {k: result[k] for k in OUTCOMES} == dict.fromkeys(OUTCOMES, True), result
     assert result["releases"]["bad"]["state"] == "halted" and result["releases"]["again"]["state"] == "complete"
-    assert result["child_station"]["killed_after"] == "downloaded"
+    assert result["child_station"]["killed_after"] == "installed"
     assert result["releases"]["good"]["bytes_vs_whole_model"] < 0.1
     assert not list(tmp_path.iterdir())  # the bench cleans up after itself
 
@@ -283,3 +291,34 @@ def test_a_managed_station_refuses_changes_by_hand_and_bad_options(tmp_path, key
         with pytest.raises(PetahError, match=needle):
             with station_process("--demo", "--state-dir", str(tmp_path / "other"), *options, timeout=60):
                 pass
+
+
+def test_hub_answers_hostile_requests_with_400(tmp_path, keys, packages):
+    from petah.fleet.client import _multipart, call
+
+    root, _trusted = new_hub(tmp_path, keys)
+    add_device(root, "dev", tmp_path / "dev.token")
+    token = (tmp_path / "dev.token").read_text().strip()
+    with running_hub(Hub(root)) as (url, _server):
+        data, targets = sign_release(packages["good"], Hub(root).repository.current_targets(), keys / "release.key")
+        device = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        cases = [
+            ("/v1/releases", _multipart({"package": b"junk", "targets": b"{}", "settings": b"{}"}), {}, "TUF"),
+            ("/v1/releases", _multipart({"package": data, "targets": targets, "settings": b'{"min_score": "x"}'}),
+             {}, "min_score must be a finite number"),
+            ("/v1/releases", _multipart({"package": data, "targets": targets, "settings": b'{"max_failed": 1e999}'}),
+             {}, "max_failed must be a finite number"),
+            ("/v1/releases", _multipart({"package": data, "targets": targets, "settings": b"[1]"}), {},
+             "JSON object"),
+            ("/v1/releases/99999999999999999999/withdraw", (b"{}", "application/json"), {}, "release id"),
+            ("/v1/devices/dev/report", (b'{"event": "promoted", "bytes": 99999999999999999999}', None), device,
+             "bytes must be"),
+            ("/v1/devices/dev/poll", (b'{"installed": [1]}', None), device, "installed must map"),
+            ("/v1/devices/dev/poll", (b'{"installed": {}}', None), {}, "HTTP 401"),
+            ("/v1/devices/../poll", (b"{}", None), device, "HTTP 4"),
+        ]
+        for path, (body, content_type), headers, needle in cases:
+            headers = {**headers, **({"Content-Type": content_type} if content_type else {})}
+            with pytest.raises(PetahError, match=needle):
+                call(f"{url}{path}", "POST", body, headers)
+        assert hub_status(url)["releases"] == []  # nothing was published

@@ -12,7 +12,6 @@ shipping the whole model, and the outcomes as booleans (a contract: scripts read
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from petah.errors import PetahError
 from petah.fleet.registry import FAILED_EVENTS
+from petah.serve.state import sha256_bytes
 
 OUTCOMES = ("all_consistent", "bad_release_halted_in_first_stage", "no_bad_package_served", "no_state_lost")
 
@@ -75,7 +75,7 @@ def digits_versions(folder: Path, backbone) -> dict[str, Path]:
 
 
 def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return sha256_bytes(path.read_bytes())
 
 
 class ChildStation:
@@ -213,15 +213,15 @@ def run_fleet_bench(devices: int = 20, *, poll_s: float = 0.5, health_window_s: 
 
                 def kill_child_mid_install() -> dict:
                     state = tmp / f"state-{ids[0]}"
-                    def downloaded() -> bool:
-                        return any(e["event"] == "downloaded" and e["release"] == second for e in audit_events(state))
+                    def installed() -> bool:  # in the state dir, health window running, not yet promoted
+                        return any(e["event"] == "installed" and e["release"] == second for e in audit_events(state))
 
-                    wait_for(lambda: downloaded() or hub.registry.release(second).state != "rolling", timeout_s, 0.02)
-                    seen = downloaded()
+                    wait_for(lambda: installed() or hub.registry.release(second).state != "rolling", timeout_s, 0.02)
+                    seen = installed()
                     child.kill()
                     time.sleep(0.5)
                     child.start()
-                    return {"killed_after": "downloaded" if seen else "the release settled first"}
+                    return {"killed_after": "installed" if seen else "the release settled first"}
 
                 def hub_outage() -> None:
                     time.sleep(1.0)

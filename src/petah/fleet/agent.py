@@ -40,6 +40,7 @@ MAX_TRIES = 4  # per download: the first try and three retries
 MAX_BACKOFF_S = 30.0
 HEALTH_PROBES = 5
 MAX_OUTBOX = 1000
+MAX_REJECTED = 1000
 # probe latency, median over the window vs median before the install: coarser than the gate (which
 # times whole golden passes); a single probe on a busy station measured 5x its baseline with a
 # healthy release in `petah bench fleet`, hence medians and an absolute floor
@@ -108,13 +109,14 @@ class Agent:
         self.audit = station.state.root / "audit.jsonl"
         self.pending_file = self.folder / "pending.json"
         self.fetcher = fetcher
-        self.rejected: set[str] = set()  # versions this station refused: not tried again
+        self.rejected_file = self.folder / "rejected.json"
         self.outbox: list[dict] = []  # reports the hub did not take yet (sent with the next step)
         self.retries = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._audit_lock = threading.Lock()
         self.metadata_dir.mkdir(parents=True, exist_ok=True)
+        self.rejected = self._load_rejected()  # versions this station refused: never tried again
         self.downloads.mkdir(exist_ok=True)
         for leftover in self.downloads.iterdir():  # a download cut by a crash is never used
             leftover.unlink()
@@ -135,7 +137,10 @@ class Agent:
             self._thread.join(60)
 
     def _loop(self) -> None:
-        self.resume()
+        try:
+            self.resume()
+        except Exception as exc:  # the agent keeps going: polls still work
+            self.log("error", detail=f"resuming after a restart: {str(exc).splitlines()[0][:300]}")
         while not self._stop.is_set():
             try:
                 self.step()
@@ -163,48 +168,80 @@ class Agent:
 
     def flush(self) -> None:
         while self.outbox:
-            self._hub("report", self.outbox[0])
+            try:
+                self._hub("report", self.outbox[0])
+            except PetahError as exc:
+                if "HTTP 4" not in str(exc):  # the hub is away: keep it for the next step
+                    raise
+                self.log("error", detail=f"the hub refused a report: {exc}", send=False)  # never blocks the rest
             self.outbox.pop(0)
+
+    # --- versions this station refused (kept across restarts) -----------------------------------
+    def _load_rejected(self) -> set[str]:
+        try:
+            data = json.loads(self.rejected_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return set()
+        return {v for v in data if isinstance(v, str) and len(v) == 64} if isinstance(data, list) else set()
+
+    def reject(self, sha: str) -> None:
+        self.rejected.add(sha)
+        atomic_write_bytes(self.rejected_file, json.dumps(sorted(self.rejected)[-MAX_REJECTED:]).encode())
 
     # --- one round ----------------------------------------------------------------------------
     def step(self) -> None:
-        """Poll once and act on the answer (one task at a time)."""
+        """Poll once and act on the answer, task by task (one task's failure does not stop the rest)."""
         self.flush()
         entries = dict(self.station.state.entries)
         reply = self._hub("poll", {"backbone": self.station.backbone.fingerprint,
                                    "installed": {name: e.sha256 for name, e in entries.items()},
                                    "state": "ok"})
         desired, withdrawn = reply.get("desired", {}), reply.get("withdrawn", {})
+        if not isinstance(desired, dict) or not isinstance(withdrawn, dict):
+            raise PetahError("the hub's poll answer is malformed")
         for task, want in desired.items():
             entry = entries.get(task)
-            if (entry is None or entry.sha256 != want["sha256"]) and want["sha256"] not in self.rejected:
-                self.update(task, want)
+            try:
+                if (entry is None or entry.sha256 != want["sha256"]) and want["sha256"] not in self.rejected:
+                    self.update(task, want)
+            except Exception as exc:  # a hostile answer or a bug: report, keep going with other tasks
+                self.log("error", task, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
         for task, versions in withdrawn.items():
             entry = self.station.state.entries.get(task)
-            if task not in desired and entry is not None and entry.sha256 in versions:
-                self.step_back(task, "the hub withdrew or halted this version")
+            if task not in desired and entry is not None and isinstance(versions, list) and entry.sha256 in versions:
+                self.step_back(task, "the hub withdrew or halted this version", avoid=set(versions))
         self.flush()
 
-    def step_back(self, task: str, reason: str, release: int | None = None) -> None:
-        """Return a task to its previous version (or stop serving it when it has none)."""
+    def step_back(self, task: str, reason: str, release: int | None = None, avoid: set[str] = frozenset()) -> None:
+        """Return a task to its previous version (or stop serving it when it has none, or when
+        the previous one was refused or withdrawn too)."""
         entry = self.station.state.entries[task]
-        if entry.previous is not None:
+        previous = entry.previous if entry.previous not in self.rejected | set(avoid) else None
+        if previous is not None:
             self.station.rollback(task)
         else:
             self.station.delete(task)
         self.log("returned", task, release, f"{reason}; now on "
-                 f"{entry.previous[:12] if entry.previous else 'nothing (first version)'}")
+                 f"{previous[:12] if previous else 'nothing (no usable previous version)'}")
 
     def update(self, task: str, want: dict) -> None:
-        sha, release = want["sha256"], want.get("release")
+        sha, release = str(want["sha256"]), want.get("release")
+        release = release if isinstance(release, int) else None
         entry = self.station.state.entries.get(task)
-        if entry is not None and entry.previous == sha:  # the hub wants the version before: no download
+        if entry is not None and entry.previous == sha:
+            # the version before, still on disk: no download, but only while the signed targets
+            # still list it (a hub's word alone never brings back a withdrawn version)
+            try:
+                self.signed_target(want)
+            except PetahError as exc:
+                self.log("download_failed", task, release, f"returning to the previous version: {exc}")
+                return
             self.step_back(task, "the hub asks for the previous version", release)
             return
         try:
             path, custom, tries = self.download(want)
         except Refused as exc:
-            self.rejected.add(sha)
+            self.reject(sha)
             self.log(exc.event, task, release, str(exc))
             return
         except PetahError as exc:
@@ -216,24 +253,37 @@ class Agent:
         finally:
             path.unlink(missing_ok=True)
 
+    def _updater(self):
+        from tuf.ngclient import Updater
+
+        updater = Updater(str(self.metadata_dir), f"{self.hub}/metadata/", str(self.downloads),
+                          f"{self.hub}/targets/", fetcher=self.fetcher, bootstrap=None)
+        updater.refresh()
+        return updater
+
+    def signed_target(self, want: dict, updater=None):
+        """The release's entry in the signed targets metadata (refreshed through TUF); a target the
+        metadata does not list (yet: a cache may lag) is an error worth retrying, one for another
+        backbone a refusal."""
+        updater = updater or self._updater()
+        info = updater.get_targetinfo(str(want["target"]))
+        if info is None or info.hashes.get("sha256") != want["sha256"]:
+            raise PetahError(f"{want['target']} is not in the hub's signed targets metadata")
+        custom = info.unrecognized_fields.get("custom")
+        custom = custom if isinstance(custom, dict) else {}
+        if custom.get("backbone") != self.station.backbone.fingerprint:
+            raise Refused("incompatible", f"release for backbone {str(custom.get('backbone'))[:16]}…; this "
+                                          f"station runs {self.station.backbone.fingerprint[:16]}…")
+        return info, custom
+
     def download(self, want: dict) -> tuple[Path, dict, int]:
         """The release's package file, verified by TUF; retried with backoff. Returns its path,
         its signed custom fields and the number of tries it took."""
-        from tuf.ngclient import Updater
-
         last = "no try"
         for attempt in range(1, MAX_TRIES + 1):
             try:
-                updater = Updater(str(self.metadata_dir), f"{self.hub}/metadata/", str(self.downloads),
-                                  f"{self.hub}/targets/", fetcher=self.fetcher, bootstrap=None)
-                updater.refresh()
-                info = updater.get_targetinfo(want["target"])
-                if info is None or info.hashes.get("sha256") != want["sha256"]:
-                    raise Refused("download_failed", f"{want['target']} is not in the hub's signed targets metadata")
-                custom = info.unrecognized_fields.get("custom", {})
-                if custom.get("backbone") != self.station.backbone.fingerprint:
-                    raise Refused("incompatible", f"release for backbone {str(custom.get('backbone'))[:16]}…; this "
-                                                  f"station runs {self.station.backbone.fingerprint[:16]}…")
+                updater = self._updater()
+                info, custom = self.signed_target(want, updater)
                 part = self.downloads / f"{want['sha256']}.part"
                 updater.download_target(info, str(part))
                 return part, custom, attempt
@@ -246,31 +296,44 @@ class Agent:
                     self._stop.wait(min(MAX_BACKOFF_S, 2 ** (attempt - 1)) * random.uniform(0.5, 1.5))
         raise PetahError(f"download failed after {MAX_TRIES} tries: {last}")
 
-    def _promote(self, task: str, sha: str, release: int | None, path: Path, custom: dict) -> None:
+    def _check(self, task: str, sha: str, release: int | None, path: Path, custom: dict) -> str | None:
+        """Package and golden-set checks of a downloaded release: None when it may be installed,
+        else the event to report (the reason is logged)."""
         from petah.fleet.gate import score_versions
         from petah.packages import read_package
 
         manifest = read_package(path).manifest  # the bytes TUF verified, verified again as a package
         if manifest.backbone.fingerprint != self.station.backbone.fingerprint or manifest.task.name != task:
-            self.rejected.add(sha)
             self.log("incompatible", task, release, "the package's manifest names another backbone or task")
-            return
-        golden = self.station.config.golden
+            return "incompatible"
         entry = self.station.state.entries.get(task)
-        if golden:
-            versions = {"candidate": path}
-            if entry is not None:
-                versions["current"] = self.station.state.package_path(entry.sha256)
-            scores = score_versions(self.station.backbone, versions, golden)
-            if scores is not None:
-                reason = self.rule.judge(scores["candidate"], scores.get("current"), signed_min_score(custom))
-                detail = ", ".join(f"{k} {s.metric} {s.value:.2f} in {s.seconds * 1000:.0f} ms"
-                                   for k, s in scores.items())
-                if reason:
-                    self.rejected.add(sha)
-                    self.log("gate_rejected", task, release, f"{reason} ({detail})")
-                    return
-                self.log("gate_passed", task, release, detail)
+        if not self.station.config.golden:
+            return None
+        versions = {"candidate": path}
+        if entry is not None:
+            versions["current"] = self.station.state.package_path(entry.sha256)
+        scores = score_versions(self.station.backbone, versions, self.station.config.golden)
+        if scores is None:
+            return None
+        reason = self.rule.judge(scores["candidate"], scores.get("current"), signed_min_score(custom))
+        detail = ", ".join(f"{k} {s.metric} {s.value:.2f} in {s.seconds * 1000:.0f} ms" for k, s in scores.items())
+        if reason:
+            self.log("gate_rejected", task, release, f"{reason} ({detail})")
+            return "gate_rejected"
+        self.log("gate_passed", task, release, detail)
+        return None
+
+    def _promote(self, task: str, sha: str, release: int | None, path: Path, custom: dict) -> None:
+        try:
+            refused = self._check(task, sha, release, path, custom)
+        except Exception as exc:  # a package that breaks the checks is a failed release, not a retry
+            refused = "install_failed"
+            self.log(refused, task, release, f"checking it failed: {type(exc).__name__}: "
+                                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        if refused:
+            self.reject(sha)
+            return
+        entry = self.station.state.entries.get(task)
         baseline = self.baseline_seconds(task) if entry is not None else None
         atomic_write_bytes(self.pending_file, json.dumps({"task": task, "sha256": sha, "release": release,
                                                           "baseline": baseline}).encode())
@@ -278,7 +341,7 @@ class Agent:
         try:
             self.station.install(path.read_bytes(), task)
         except Exception as exc:
-            self.rejected.add(sha)
+            self.reject(sha)
             self.pending_file.unlink(missing_ok=True)
             self.station.candidates.pop(task, None)
             self.log("install_failed", task, release, str(exc).splitlines()[0][:300])
@@ -307,14 +370,14 @@ class Agent:
             median = statistics.median(times)
             if median > HEALTH_SLOWDOWN * baseline and median - baseline > HEALTH_FLOOR_S:
                 problem = f"probes took {median / baseline:.1f}x as long as before the install (medians)"
-        self.station.candidates.pop(task, None)
-        self.pending_file.unlink(missing_ok=True)
         if problem:
-            self.rejected.add(sha)
+            self.reject(sha)  # first: a restart from here on never installs it again
             self.step_back(task, f"health window failed: {problem}", release)
             self.log("health_rollback", task, release, problem)
-            return
-        self.log("promoted", task, release, f"version {sha[:12]} healthy for {window:g} s")
+        else:
+            self.log("promoted", task, release, f"version {sha[:12]} healthy for {window:g} s")
+        self.station.candidates.pop(task, None)
+        self.pending_file.unlink(missing_ok=True)  # last: a crash before it repeats the window
 
     def baseline_seconds(self, task: str) -> float | None:
         """The current version's probe time (median of three), before a candidate replaces it."""
@@ -348,7 +411,11 @@ class Agent:
             self.pending_file.unlink(missing_ok=True)
             return
         entry = self.station.state.entries.get(task)
-        if entry is not None and entry.sha256 == sha:
+        if sha in self.rejected:  # it failed its window and the crash came before the rollback landed
+            if entry is not None and entry.sha256 == sha:
+                self.step_back(task, "health window failed before a restart", pending.get("release"))
+            self.pending_file.unlink(missing_ok=True)
+        elif entry is not None and entry.sha256 == sha:
             self.log("installed", task, pending.get("release"), "resumed after a restart")
             self.station.candidates[task] = sha
             self.watch(task, sha, pending.get("release"), pending.get("baseline"))

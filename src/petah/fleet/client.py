@@ -86,9 +86,11 @@ def withdraw_release(release_id: int, hub: str, key: str | Path) -> dict:
     found = [r for r in status["releases"] if r["id"] == release_id]
     if not found:
         raise PetahError(f"the hub has no release {release_id}")
+    # release_targets refuses a target the signed metadata does not hold: only signed releases go
     targets = release_targets(call(f"{hub}/v1/targets-metadata"), key, remove=(found[0]["target"],))
-    return json.loads(call(f"{hub}/v1/releases/{release_id}/withdraw", "POST", targets,
-                           {"Content-Type": "application/json"}))
+    result = json.loads(call(f"{hub}/v1/releases/{release_id}/withdraw", "POST", targets,
+                             {"Content-Type": "application/json"}))
+    return {**result, "target": found[0]["target"]}
 
 
 def hub_status(hub: str) -> dict:

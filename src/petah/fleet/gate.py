@@ -7,6 +7,7 @@ small labelled set kept on the device, and not run much slower.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -75,18 +76,20 @@ def _batch_seconds(tasks: dict, data) -> dict[str, float]:
 def score_versions(backbone, packages: dict[str, Path], golden: str | Path) -> dict[str, Score] | None:
     """Each package scored on its task's golden set (None when there is none), and timed."""
     tasks = {name: load_task(backbone, path) for name, path in packages.items()}
-    first = next(iter(tasks.values())).manifest
-    data = load_golden(golden, first.task.name, first.labels, first.intensity)
-    if data is None:
+    # each version reads the set with its own labels and intensity mode (a new version may add a class)
+    data = {name: load_golden(golden, t.manifest.task.name, t.manifest.labels, t.manifest.intensity)
+            for name, t in tasks.items()}
+    first = next(iter(data.values()))
+    if first is None:
         return None
-    if len(data) == 0:
-        raise PetahError(f"golden set {golden}/{first.task.name} is empty")
-    kind = task_kind(first.task.kind)
-    seconds = _batch_seconds(tasks, data)
+    if len(first) == 0:
+        raise PetahError(f"golden set {golden}/{next(iter(tasks.values())).manifest.task.name} is empty")
+    seconds = _batch_seconds(tasks, first)
     scores = {}
     for name, task in tasks.items():
+        kind = task_kind(task.manifest.task.kind)
         with torch.inference_mode():
-            metrics = kind.evaluate(task.model, _loader(task, data, BATCH), data.classes)
+            metrics = kind.evaluate(task.model, _loader(task, data[name], BATCH), data[name].classes)
         scores[name] = Score(kind.primary_metric, 100 * float(metrics[kind.primary_metric]), seconds[name])
     return scores
 
@@ -98,6 +101,8 @@ class GateRule:
 
     def judge(self, candidate: Score, current: Score | None, min_score: float | None) -> str | None:
         """None when the candidate passes, else the one-line reason it does not."""
+        if not math.isfinite(candidate.value):
+            return f"{candidate.metric} is not a number on the golden set"
         if current is None:
             if min_score is not None and candidate.value < min_score:
                 return f"{candidate.metric} {candidate.value:.2f} is below the release's minimum {min_score:.2f}"

@@ -32,13 +32,32 @@ from starlette.concurrency import run_in_threadpool
 
 from petah.errors import PetahError
 from petah.files import inside
-from petah.fleet.metadata import Repository, parse_metadata, target_path
-from petah.fleet.registry import Registry, check_rollout
+from petah.fleet.metadata import Repository, parse_metadata, target_path, verify_role
+from petah.fleet.registry import ACTIVE, Registry, check_rollout
 from petah.http import ClientError, form_files, read_body
 
 DEVICE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MAX_RELEASE_BYTES = 64 * 1024 * 1024
 MAX_REPORT_BYTES = 64 * 1024
+
+
+def finite_number(settings: dict, key: str, default):
+    """A rollout setting from an untrusted JSON object: a finite number (or the default)."""
+    import math
+
+    value = settings.get(key, default)
+    if value is None and default is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise PetahError(f"{key} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_id(value, label: str) -> int:
+    """A whole number that fits SQLite's integers (a request may carry any size)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
+        raise ClientError(400, f"{label} must be a whole number in [0, 2^63)")
+    return value
 
 
 def check_device_id(device_id: str) -> str:
@@ -106,12 +125,33 @@ class Hub:
 
     def publish(self, package: bytes, targets_metadata: bytes, settings: dict) -> dict:
         """A release: the package, the next targets metadata (signed by the release key, naming the
-        package), rollout settings. Checked whole before anything is written."""
+        package), rollout settings. The cheap checks (settings, the signature, the package's hash
+        against its signed entry) come before the package is parsed; nothing is written unless all
+        pass."""
         import hashlib
         import tempfile
 
         from petah.packages import read_package
 
+        stages = settings.get("stages", [10, 50, 100])
+        if not isinstance(stages, list) or not all(type(s) is int for s in stages):
+            raise PetahError("stages must be a list of whole percents")
+        min_healthy, max_failed = (finite_number(settings, "min_healthy", 0.9),
+                                   finite_number(settings, "max_failed", 0.2))
+        min_score = finite_number(settings, "min_score", None)
+        check_rollout(stages, min_healthy, max_failed)
+        new = parse_metadata(targets_metadata, "targets", "the uploaded targets metadata")
+        verify_role(self.repository.latest("root"), "targets", new, "the uploaded targets metadata")
+        sha = hashlib.sha256(package).hexdigest()
+        named = [p for p, info in new.signed.targets.items() if info.hashes.get("sha256") == sha]
+        if not named:
+            raise PetahError("the targets metadata does not name the uploaded package (by its sha256)")
+        path = named[0]
+        custom = new.signed.targets[path].unrecognized_fields.get("custom")
+        if not isinstance(custom, dict):
+            raise PetahError(f"target {path} carries no custom fields (task, backbone)")
+        if any(r.sha256 == sha and r.state in ACTIVE for r in self.registry.releases()):
+            raise PetahError(f"version {sha[:12]} is already released and active")
         with tempfile.TemporaryDirectory(dir=self.root) as folder:
             staged = Path(folder) / "release.petah"
             staged.write_bytes(package)
@@ -119,21 +159,9 @@ class Hub:
                 manifest = read_package(staged).manifest
             except PetahError as exc:
                 raise PetahError(f"the release package does not verify: {exc}") from None
-        sha = hashlib.sha256(package).hexdigest()
-        path = target_path(manifest.task.name, sha)
-        stages = settings.get("stages", [10, 50, 100])
-        if not isinstance(stages, list) or not all(isinstance(s, int) for s in stages):
-            raise PetahError("stages must be a list of whole percents")
-        min_healthy, max_failed = float(settings.get("min_healthy", 0.9)), float(settings.get("max_failed", 0.2))
-        min_score = settings.get("min_score")
-        if min_score is not None and not isinstance(min_score, int | float):
-            raise PetahError("min_score must be a number")
-        check_rollout(stages, min_healthy, max_failed)
-        new = parse_metadata(targets_metadata, "targets", "the uploaded targets metadata").signed
-        info = new.targets.get(path)
-        if info is None:
-            raise PetahError(f"the targets metadata does not name the package as {path}")
-        custom = info.unrecognized_fields.get("custom", {})
+        if path != target_path(manifest.task.name, sha):
+            raise PetahError(f"the targets metadata names the package as {path}, not "
+                             f"{target_path(manifest.task.name, sha)}")
         if custom.get("backbone") != manifest.backbone.fingerprint or custom.get("task") != manifest.task.name:
             raise PetahError("the targets metadata's task / backbone do not match the package's manifest")
         with self._publish:
@@ -237,6 +265,7 @@ def create_hub_app(hub: Hub, faults: Faults | None = None):
 
     @app.post("/v1/releases/{release_id}/withdraw")
     async def withdraw(release_id: int, request: Request):
+        check_id(release_id, "the release id")
         body = await read_body(request, MAX_RELEASE_BYTES)
         return await run_in_threadpool(hub.withdraw, release_id, body)
 
@@ -273,11 +302,9 @@ def create_hub_app(hub: Hub, faults: Faults | None = None):
         device(device_id, authorization)
         data = await json_body(request)
         release = data.get("release")
-        if release is not None and not isinstance(release, int):
-            raise ClientError(400, "release must be a release id")
-        numbers = [data.get("bytes", 0), data.get("retries", 0)]
-        if not all(isinstance(n, int) and n >= 0 for n in numbers):
-            raise ClientError(400, "bytes and retries must be whole numbers >= 0")
+        if release is not None:
+            check_id(release, "release")
+        numbers = [check_id(data.get("bytes", 0), "bytes"), check_id(data.get("retries", 0), "retries")]
         await run_in_threadpool(hub.registry.report, device_id, str(data.get("event")), release,
                                 data.get("task") if isinstance(data.get("task"), str) else None,
                                 str(data.get("detail", "")), *numbers)

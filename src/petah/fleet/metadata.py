@@ -20,6 +20,7 @@ plus ``metadata/timestamp.json``. All of it is static files: any HTTP server or 
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from pathlib import Path
 
 from petah.errors import PetahError
@@ -76,7 +77,7 @@ def verify_role(root, role: str, metadata, origin: str) -> None:
     try:
         root.verify_delegate(role, metadata)
     except UnsignedMetadataError:
-        raise PetahError(f"{origin}: {role} metadata is not signed by the {role} key(s) of the trusted root") from None
+        raise PetahError(f"{origin}: not signed by the {role} key(s) it must be signed by") from None
 
 
 class Repository:
@@ -91,6 +92,8 @@ class Repository:
         if not (self.metadata_dir / "timestamp.json").is_file() or not online.is_file():
             raise PetahError(f"{self.root_dir} is not a petah hub root (create one: petah hub init)")
         self._online = signer(online)
+        # one writer at a time: a timestamp re-signed on a GET must not race a publish
+        self._lock = threading.RLock()
 
     # --- reading --------------------------------------------------------------------------------
     def latest(self, role: str):
@@ -112,6 +115,10 @@ class Repository:
 
     # --- writing --------------------------------------------------------------------------------
     def accept_targets(self, data: bytes, packages: dict[str, bytes]) -> object:
+        with self._lock:
+            return self._accept_targets(data, packages)
+
+    def _accept_targets(self, data: bytes, packages: dict[str, bytes]) -> object:
         """A targets metadata signed by the release key: checked against the current root and
         version, every new target's bytes checked against its recorded hash, then published (the
         package files first, then the metadata, then snapshot + timestamp)."""
@@ -154,6 +161,10 @@ class Repository:
     def refresh(self, force: bool = False, lifetime: dict | None = None) -> bool:
         """Re-sign snapshot (when targets moved) and timestamp (when either moved, or half its
         lifetime has passed). Returns whether anything was written."""
+        with self._lock:
+            return self._refresh(force, lifetime)
+
+    def _refresh(self, force: bool, lifetime: dict | None) -> bool:
         from tuf.api.metadata import Metadata, MetaFile, Snapshot, Timestamp
 
         lifetime = {**EXPIRY, **(lifetime or {})}
@@ -224,12 +235,21 @@ def init_repository(root_dir: str | Path, root_key: str | Path, release_key: str
 
 
 def release_targets(current: bytes, key: str | Path, add: dict[str, tuple[bytes, dict]] = (),
-                    remove: tuple[str, ...] = (), expires: dt.timedelta = EXPIRY["targets"]) -> bytes:
+                    remove: tuple[str, ...] = (), expires: dt.timedelta = EXPIRY["targets"],
+                    current_signed_by=None) -> bytes:
     """The next targets metadata, signed by the release key: ``current`` plus ``add`` (path ->
-    (package bytes, custom fields)) minus ``remove``."""
-    from tuf.api.metadata import TargetFile
+    (package bytes, custom fields)) minus ``remove``. ``current`` must verify against the root
+    metadata ``current_signed_by`` (default: be signed by this same key)."""
+    from tuf.api.metadata import Metadata, Root, TargetFile
 
     metadata = parse_metadata(current, "targets", "the hub's targets metadata")
+    release_signer = signer(key)
+    if current_signed_by is None:
+        own = Root()
+        own.add_key(release_signer.public_key, "targets")
+        current_signed_by = Metadata(own)
+    # sign on top of nothing this key did not sign itself: a hub cannot slip a target in
+    verify_role(current_signed_by, "targets", metadata, "the hub's current targets metadata (by this release key)")
     targets = metadata.signed
     for path in remove:
         if path not in targets.targets:
@@ -242,7 +262,7 @@ def release_targets(current: bytes, key: str | Path, add: dict[str, tuple[bytes,
     targets.version += 1
     targets.expires = _utcnow() + expires
     metadata.signatures.clear()
-    metadata.sign(signer(key))
+    metadata.sign(release_signer)
     return metadata.to_bytes()
 
 
@@ -251,6 +271,7 @@ def rotate_targets_key(root_dir: str | Path, root_key: str | Path, new_release_k
     (unchanged) offline root key, then the current targets re-signed by the new key. Stations
     follow both on their next refresh. Returns the new root version."""
     repository = Repository(root_dir)
+    old_root = repository.latest("root")
     metadata = repository.latest("root")
     root = metadata.signed
     for keyid in list(root.roles["targets"].keyids):
@@ -261,7 +282,8 @@ def rotate_targets_key(root_dir: str | Path, root_key: str | Path, new_release_k
     metadata.signatures.clear()
     metadata.sign(signer(root_key))
     repository.accept_root(metadata.to_bytes())
-    repository.accept_targets(release_targets(repository.current_targets(), new_release_key), {})
+    repository.accept_targets(release_targets(repository.current_targets(), new_release_key,
+                                              current_signed_by=old_root), {})
     return root.version
 
 

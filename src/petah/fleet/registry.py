@@ -42,7 +42,6 @@ CREATE TABLE IF NOT EXISTS reports (
     detail TEXT, bytes INTEGER NOT NULL DEFAULT 0, retries INTEGER NOT NULL DEFAULT 0);
 """
 ACTIVE = ("rolling", "complete")
-HEALTHY_EVENTS = {"promoted": "promoted"}
 FAILED_EVENTS = {"gate_rejected", "health_rollback", "install_failed"}
 EVENTS = {"downloaded", "gate_passed", "installed", "promoted", "incompatible", "returned", "download_failed",
           *FAILED_EVENTS}

@@ -10,6 +10,7 @@ import ctypes
 import datetime as dt
 import io
 import threading
+import time
 import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from petah.serve.config import ServeConfig
 from petah.serve.engine import ENGINE_CLASSES, choose_engine
 from petah.serve.metrics import StationMetrics
 from petah.serve.state import Entry, StateDir
-from petah.serve.worker import BatchWorker, Job
+from petah.serve.worker import BatchWorker, Busy, Job
 
 VERSION_CHARS = 12  # a task's version: this many hex digits of its package's sha256
 
@@ -345,8 +346,13 @@ class Station:
     def predict_now(self, images: list[tuple[str, bytes]], tasks: tuple[str, ...]) -> list[dict]:
         """Results for image files through the request path (decode, queue, batch), from Python."""
         uploads = [Upload(name, data) for name, data in images]
-        job = self.decode(uploads, self.check_tasks(list(tasks)))
-        return self.submit(job).result(timeout=120).results
+        tasks = self.check_tasks(list(tasks))
+        for _ in range(100):  # a full queue is a busy station, not a broken task: wait for room (<= 10 s)
+            try:
+                return self.submit(self.decode(uploads, tasks)).result(timeout=120).results
+            except Busy:
+                time.sleep(0.1)
+        raise Busy("the station's queue stayed full for 10 s")
 
 
 __all__ = ["Prediction", "Station", "TaskRecord", "UnknownTask", "Upload"]
