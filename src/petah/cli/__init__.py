@@ -42,10 +42,26 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 _python_showwarning = warnings.showwarning
 
 
+# options whose value may be left out (``--int8`` = ``--int8 always``; ``--int8 auto``): click has
+# such options, typer does not pass them through, so a bare one gets its default value here
+OPTIONAL_VALUES = {"--int8": ("always", ("always", "auto"))}
+
+
+def with_optional_values(argv: list[str]) -> list[str]:
+    out = []
+    for i, arg in enumerate(argv):
+        if arg in OPTIONAL_VALUES:
+            default, values = OPTIONAL_VALUES[arg]
+            if i + 1 >= len(argv) or argv[i + 1] not in values:
+                arg = f"{arg}={default}"
+        out.append(arg)
+    return out
+
+
 def main() -> None:
     warnings.showwarning = _print_warning
     try:
-        code = app(standalone_mode=False)  # typer.Exit(n) comes back as n here
+        code = app(args=with_optional_values(sys.argv[1:]), standalone_mode=False)  # typer.Exit(n) comes back as n here
         if isinstance(code, int) and code:
             sys.exit(code)
     except PetahError as exc:

@@ -21,6 +21,7 @@ from petah.cli.common import (
     out,
     package_intensity,
 )
+from petah.errors import PetahError
 from petah.prune.pruner import PruneConfig
 
 
@@ -37,6 +38,15 @@ def export(
         "--ort-adapters", help="One base.onnx for all tasks + one ONNX Runtime adapter file per task.")] = False,
     peft_dir: Annotated[Path | None, typer.Option(
         "--peft", help="Write PEFT LoRA folders instead of ONNX: DIR for one package, DIR/<task> for several.")] = None,
+    int8: Annotated[str | None, typer.Option(
+        "--int8", metavar="[auto]", help="int8 graphs (ONNX Runtime static QDQ, calibrated on --data): --int8 "
+                                            "always quantizes; --int8 auto keeps float what loses accuracy or "
+                                            "speed.")] = None,
+    data: Annotated[str | None, typer.Option(
+        "--data", help="The task's images for --int8 (a folder or builtin:NAME): calibration from its training "
+                       "part, the auto checks on its validation part.")] = None,
+    calibration_images: Annotated[int, typer.Option(
+        "--calibration-images", help="Images --int8 calibrates on.")] = 64,
     json_out: JsonOpt = False,
 ) -> None:
     """Export tasks: one merged ONNX model each, (--ort-adapters) one base + adapter files, or (--peft) PEFT
@@ -44,6 +54,18 @@ def export(
     from petah.data import Preprocess, load_image
     from petah.export import export_base_and_adapters, export_merged
 
+    int8_data = None
+    if int8 is not None:  # mode and data are checked by export_merged, before any export
+        from petah.data import BUILTIN, load_dataset
+
+        if ort_adapters or peft_dir is not None:
+            raise PetahError("--int8 makes merged graphs; it does not go with --ort-adapters or --peft")
+        if len(packages) > 1:
+            raise PetahError("--int8 calibrates on one task's images (--data): export one package at a time")
+        if data is not None:  # a built-in set keeps its fixed split; a plain folder gives a fifth to validation
+            builtin = data.startswith("builtin:") or data in BUILTIN
+            int8_data = load_dataset(data, val_split=None if builtin else 0.2,
+                                     intensity=package_intensity(packages[0]))
     bb = backbone(backbone_spec, weights, img_size)
     if peft_dir is not None:
         _export_peft(bb, packages, peft_dir, json_out)
@@ -65,10 +87,20 @@ def export(
                           f"{r['max_abs_error']:.2e}")
         out.print(table)
         return
-    results = [export_merged(bb, pkg, output / f"{pkg.stem}.onnx", real).to_dict() for pkg in packages]
+    results = [export_merged(bb, pkg, output / f"{pkg.stem}.onnx", real, int8=int8, data=int8_data,
+                             calibration_images=calibration_images).to_dict() for pkg in packages]
     if json_out:
         emit_json({"exports": results})
         return
+    for r in results:
+        if "int8" in r:
+            q = r["int8"]
+            scores = (f"; {q['metric']} float {q['float_score']:.2f} / int8 {q['int8_score']:.2f}, "
+                      f"{q['float_ms']:.3f} / {q['int8_ms']:.3f} ms" if q["metric"] else "")
+            out.print(f"{r['task']}: int8 {'written' if q['quantized'] else 'NOT used, float written'} "
+                      f"({q['quantized_nodes'] - len(q['float_nodes'])} of {q['quantized_nodes']} layers int8; float "
+                      f"ops: {', '.join(q['float_op_types'])}){scores}. {q['reason']}", highlight=False,
+                      soft_wrap=True)
     table = Table(title=f"ONNX exports in {output}/ (opset 17, adapters merged)")
     for col in ("task", "file", "bytes", "max |onnx - torch|"):
         table.add_column(col)

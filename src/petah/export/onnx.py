@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader
 
 from petah import __version__
 from petah.backbones import Backbone
+from petah.errors import PetahError
 from petah.files import atomic_write_bytes
 from petah.packages import TaskPackage, load_task, read_package
 from petah.runtime.onnx import INPUT, merged_task_module, to_onnx_bytes
@@ -27,11 +29,12 @@ class ExportResult:
     task: str
     path: Path
     onnx_bytes: int
-    max_abs_error: float  # ONNX Runtime vs the unmerged PyTorch task on the parity inputs
+    max_abs_error: float  # ONNX Runtime vs the unmerged PyTorch task on the parity inputs (float graph)
+    int8: dict | None = None  # the quantization report (petah.export.int8.Int8Report)
 
     def to_dict(self) -> dict:
         return {"task": self.task, "path": str(self.path), "onnx_bytes": self.onnx_bytes,
-                "max_abs_error": self.max_abs_error}
+                "max_abs_error": self.max_abs_error, **({"int8": self.int8} if self.int8 else {})}
 
 
 def with_metadata(onnx_bytes: bytes, metadata: dict[str, object]) -> bytes:
@@ -62,12 +65,49 @@ def max_onnx_error(onnx_bytes: bytes, module: nn.Module, inputs: list[torch.Tens
     return worst
 
 
+def calibration_sets(manifest, data: tuple, count: int, seed: int = 0) -> tuple[list[np.ndarray], list[tuple]]:
+    """(calibration batches: ``count`` images drawn from the training part, validation batches):
+    the task's own images, checked to be of its kind and classes."""
+    from petah.data import Preprocess
+    from petah.export.int8 import CALIBRATION_BATCH, batches
+    from petah.tasks import kind_for_data, task_kind
+
+    train, val = data
+    kind = task_kind(manifest.task.kind)
+    if kind_for_data(train) is not kind:
+        raise PetahError(f"task {manifest.task.name} is a {kind.kind} task; the calibration data is labelled for "
+                         f"{kind_for_data(train).kind}")
+    if list(train.classes) != list(manifest.labels):
+        raise PetahError(f"the calibration data's classes {list(train.classes)[:4]}… differ from task "
+                         f"{manifest.task.name}'s {list(manifest.labels)[:4]}…")
+    if count < 1:
+        raise PetahError(f"--calibration-images must be at least 1, got {count}")
+    picked = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    preprocess = Preprocess.from_dict(manifest.preprocessing)
+    calibration = batches(kind, train.subset(picked.tolist()), preprocess, CALIBRATION_BATCH)
+    view = kind.view(val, preprocess)
+    loader = DataLoader(view, batch_size=32, shuffle=False, collate_fn=getattr(view, "collate", None))
+    return calibration, list(loader)
+
+
 def export_merged(
-    backbone: Backbone, package: TaskPackage | str | Path, output: str | Path, real_inputs: torch.Tensor | None = None
+    backbone: Backbone, package: TaskPackage | str | Path, output: str | Path, real_inputs: torch.Tensor | None = None,
+    *, int8: str | None = None, data: tuple | None = None, calibration_images: int = 64,
 ) -> ExportResult:
-    """Write one ONNX model for a task (adapters merged) and check it against PyTorch."""
+    """Write one ONNX model for a task (adapters merged) and check it against PyTorch; with
+    ``int8`` (always | auto), quantized on ``data`` (the task's (train, val) images)."""
     if not isinstance(package, TaskPackage):
         package = read_package(package)
+    calibration = validation = None
+    if int8 is not None:  # every check before the (slow) export
+        from petah.export.int8 import MODES
+
+        if int8 not in MODES:
+            raise PetahError(f"--int8 takes {' | '.join(MODES)}, got {int8!r}")
+        if data is None:
+            raise PetahError("int8 export needs the task's images to calibrate on: --data (the set it was "
+                             "trained on, or one like it)")
+        calibration, validation = calibration_sets(package.manifest, data, calibration_images)
     module, manifest = merged_task_module(backbone, package)
     size = backbone.img_size
     gen = torch.Generator().manual_seed(0)
@@ -87,5 +127,17 @@ def export_merged(
         parity_inputs.append(real_inputs)
     # the reference is the task as trained: unmerged adapters, PyTorch
     error = max_onnx_error(onnx_bytes, load_task(backbone, package).model, parity_inputs)
+    report = None
+    if int8 is not None:
+        from petah.export.int8 import int8_graph
+        from petah.tasks import task_kind
+
+        onnx_bytes, report = int8_graph(onnx_bytes, module.head, task_kind(manifest.task.kind), calibration,
+                                        mode=int8, validation=validation, classes=list(manifest.labels))
+        report = report.to_dict()
+        # what stayed float, and (auto) why a float graph was written
+        onnx_bytes = with_metadata(onnx_bytes, {"petah.int8": {
+            k: report[k] for k in ("mode", "quantized", "reason", "quantized_nodes", "float_nodes", "float_op_types",
+                                   "calibration_images")}})
     path = atomic_write_bytes(Path(output), onnx_bytes)
-    return ExportResult(manifest.task.name, path, len(onnx_bytes), error)
+    return ExportResult(manifest.task.name, path, len(onnx_bytes), error, report)
