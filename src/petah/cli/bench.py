@@ -81,6 +81,41 @@ def bench_serve(
         out.print(f"{key}: {value}")
 
 
+@bench_app.command("int8")
+def bench_int8(
+    families: Annotated[str, typer.Option("--families", help="Comma-separated timm models timed at --size.")
+                        ] = "efficientformerv2_s0,mobilevitv2_050,fastvit_sa12",
+    size: Annotated[int, typer.Option("--size", help="Input size for the family latency rows.")] = 224,
+    repeats: Annotated[int, typer.Option("--repeats", help="Interleaved ONNX Runtime runs per graph.")] = 40,
+    json_out: JsonOpt = False,
+) -> None:
+    """int8 vs float merged graphs: the demo tasks' metrics and latency (64 px), and other
+    families' latency at --size."""
+    from petah.bench.int8 import run_int8_bench
+
+    chosen = tuple(f.strip() for f in families.split(",") if f.strip())
+    if size < 32 or repeats < 1:
+        raise PetahError("--size must be at least 32 and --repeats at least 1")
+    result = run_int8_bench(chosen, size, repeats=repeats)
+    if json_out:
+        emit_json(result)
+        return
+    table = Table(title="demo tasks, 64 px: float vs int8 merged graphs (ONNX Runtime)")
+    for column in ("task", "metric", "float", "int8", "delta", "int8 speed-up", "auto", "auto speed-up", "MB"):
+        table.add_column(column, justify="right")
+    for r in result["demo_tasks"]:
+        table.add_row(r["task"], r["metric"], f"{r['float']:.2f}", f"{r['int8']:.2f}", f"{r['delta']:+.2f}",
+                      f"{r['int8_speedup']:.2f}x", "int8" if r["auto_quantized"] else "float",
+                      f"{r['auto_speedup']:.2f}x", f"{r['float_bytes'] / 1e6:.1f} -> {r['int8_bytes'] / 1e6:.1f}")
+    out.print(table)
+    table = Table(title=f"families at {size} px: latency")
+    for column in ("backbone", "float ms", "int8 ms", "speed-up"):
+        table.add_column(column, justify="right")
+    for r in result["families"]:
+        table.add_row(r["backbone"], f"{r['float_ms']:.2f}", f"{r['int8_ms']:.2f}", f"{r['int8_speedup']:.2f}x")
+    out.print(table)
+
+
 @bench_app.command("fleet")
 def bench_fleet(
     devices: Annotated[int, typer.Option("--devices", help="Stations (one of them a child process that is "

@@ -1,0 +1,96 @@
+"""``petah bench int8``: what int8 costs in accuracy and buys in speed, float vs int8 in one run.
+
+1. The four demo tasks on the demo backbone (64 px): the task metric of the float merged graph,
+   of the int8 graph (``--int8``) and of what ``--int8 auto`` writes, on each task's validation
+   images; ONNX Runtime latency of the three, interleaved; file sizes.
+2. Latency at 224 px for other families (random weights and a synthetic classification package:
+   speed does not depend on the values), calibrated on real images (digits) resized to 224.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from petah.backbones import create_backbone, demo_backbone_path
+from petah.data import load_dataset
+from petah.export.int8 import int8_graph, latency_ms, quantize, score
+from petah.export.onnx import calibration_sets
+from petah.packages import read_package
+from petah.plans import PlanConfig
+from petah.runtime.onnx import merged_task_module, to_onnx_bytes
+from petah.tasks import task_kind
+from petah.testing import synthetic_package
+
+DEMO_DATA = {"digits": "builtin:digits", "textures": "builtin:textures", "defects": "builtin:defects",
+             "digit-boxes": "builtin:digit-boxes"}
+FAMILIES = ("efficientformerv2_s0", "mobilevitv2_050", "fastvit_sa12")
+
+
+def graph_of(backbone, package) -> tuple[bytes, torch.nn.Module, object]:
+    module, manifest = merged_task_module(backbone, package)
+    size = backbone.img_size
+    return to_onnx_bytes(module, torch.zeros(2, 3, size, size), manifest.task.name), module.head, manifest
+
+
+def demo_rows(calibration_images: int, repeats: int) -> list[dict]:
+    from petah.serve import demo_packages
+
+    backbone = create_backbone(weights=str(demo_backbone_path()))
+    rows = []
+    for path in demo_packages():
+        package = read_package(path)
+        graph, head, manifest = graph_of(backbone, package)
+        kind = task_kind(manifest.task.kind)
+        calibration, validation = calibration_sets(manifest, load_dataset(DEMO_DATA[manifest.task.name]),
+                                                   calibration_images)
+        int8 = quantize(graph, calibration)
+        auto, report = int8_graph(graph, head, kind, calibration, mode="auto", validation=validation,
+                                  classes=list(manifest.labels))
+        scores = {name: score(g, head, kind, validation, list(manifest.labels))
+                  for name, g in (("float", graph), ("int8", int8))}
+        times = latency_ms({"float": graph, "int8": int8, "auto": auto}, calibration[0][:1], repeats)
+        rows.append({"task": manifest.task.name, "kind": kind.kind, "metric": kind.primary_metric,
+                     "float": round(scores["float"], 2), "int8": round(scores["int8"], 2),
+                     "delta": round(scores["int8"] - scores["float"], 2),
+                     "auto_quantized": report.quantized, "auto_reason": report.reason,
+                     "float_ms": round(times["float"], 3), "int8_ms": round(times["int8"], 3),
+                     "auto_ms": round(times["auto"], 3),
+                     "int8_speedup": round(times["float"] / times["int8"], 3),
+                     "auto_speedup": round(times["float"] / times["auto"], 3),
+                     "float_bytes": len(graph), "int8_bytes": len(int8)})
+    return rows
+
+
+def family_rows(families: tuple[str, ...], size: int, repeats: int) -> list[dict]:
+    from petah.data import Preprocess
+    from petah.export.int8 import CALIBRATION_BATCH, batches
+    from petah.tasks import Classification
+
+    train, _ = load_dataset("builtin:digits")
+    rows = []
+    for name in families:
+        backbone = create_backbone(name, img_size=size)
+        package = synthetic_package(backbone, "bench", PlanConfig(preset="petah"), classes=10)
+        graph, _head, manifest = graph_of(backbone, package)
+        calibration = batches(Classification, train.subset(list(range(0, 320, 20))),
+                              Preprocess.from_dict(manifest.preprocessing), CALIBRATION_BATCH)
+        int8 = quantize(graph, calibration)
+        times = latency_ms({"float": graph, "int8": int8}, calibration[0][:1], repeats)
+        rows.append({"backbone": name, "img_size": size, "float_ms": round(times["float"], 3),
+                     "int8_ms": round(times["int8"], 3), "int8_speedup": round(times["float"] / times["int8"], 3),
+                     "float_bytes": len(graph), "int8_bytes": len(int8)})
+    return rows
+
+
+def run_int8_bench(families: tuple[str, ...] = FAMILIES, size: int = 224, calibration_images: int = 64,
+                   repeats: int = 40) -> dict:
+    started = time.time()
+    demo = demo_rows(calibration_images, repeats)
+    other = family_rows(families, size, max(10, repeats // 2))
+    return {"demo_tasks": demo, "families": other, "threads": torch.get_num_threads(),
+            "calibration_images": calibration_images, "wall_s": round(time.time() - started, 1)}
+
+
+__all__ = ["FAMILIES", "run_int8_bench"]
