@@ -260,3 +260,24 @@ def test_bench_prune_quick(tmp_path):
     assert set(orders["adapt_merge_prune"]["tasks"]) == {"digits"} and orders["adapt_merge_prune"]["stored_bytes"] > 0
     assert (tmp_path / "prune-accuracy-latency.png").stat().st_size > 1000
     assert json.loads((tmp_path / "bench-prune.json").read_text())["rows"] == rows
+
+
+def test_stage_ratios_prune_only_their_stages_and_bad_stages_are_refused(tmp_path):
+    from petah.backbones import demo_backbone_path
+
+    backbone = create_backbone(weights=str(demo_backbone_path()))
+    x = torch.zeros(1, 3, backbone.img_size, backbone.img_size)
+    widths = [f.shape[1] for f in backbone.model.forward_intermediates(x, intermediates_only=True)]
+    config = PruneConfig(ratio=0.0, stage_ratios=["3=0.5", "2=0"], importance="magnitude")
+    pruned, report = api.prune_backbone(backbone, config=config, output=tmp_path / "p.safetensors")
+    after = [f.shape[1] for f in pruned.model.forward_intermediates(x, intermediates_only=True)]
+    assert after[:3] == widths[:3] and after[3] == widths[3] // 2
+    assert report["heads_removed"] and all(name.startswith("stages.3") for name in report["heads_removed"])
+    assert report["config"]["stage_ratios"] == {"3": 0.5, "2": 0.0}
+    reread = create_backbone(weights=str(tmp_path / "p.safetensors"))  # the file rebuilds the same widths
+    assert [f.shape[1] for f in reread.model.forward_intermediates(x, intermediates_only=True)] == after
+    with pytest.raises(PetahError, match="has no stage 7"):
+        api.prune_backbone(backbone, config=PruneConfig(stage_ratios=["7=0.5"], importance="magnitude"))
+    for bad, match in ((["1=1.5"], r"ratio of stage 1 must be in \[0, 1\)"), (["one=0.5"], "STAGE=VALUE")):
+        with pytest.raises(PetahError, match=match):
+            PruneConfig(stage_ratios=bad)

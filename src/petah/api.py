@@ -243,7 +243,7 @@ def prune_backbone(backbone: Backbone, *, config=None, datasets: list | None = N
     before any work) the pruned backbone is written there (``save_pruned``, recording ``command``).
     """
     from petah.prune import PruneConfig, describe_changes, prune_model, recover
-    from petah.prune.pruner import check_prunable
+    from petah.prune.pruner import check_prunable, check_stage_ratios
 
     config = config or PruneConfig()
     if output is not None:
@@ -258,13 +258,14 @@ def prune_backbone(backbone: Backbone, *, config=None, datasets: list | None = N
         check_prunable(backbone.model)  # names an attention layer without a pruner, if there is one
         raise PetahError(f"petah cannot prune {backbone.name} (family {family.name if family else 'unknown'}); "
                          "supported: EfficientFormer, EfficientFormerV2, MobileNet and ResNet")
+    check_stage_ratios(backbone.model, config, family.stage_of, backbone.name)  # before any work
     datasets = list(datasets or [])
     torch.manual_seed(config.seed)
     loaders = _image_loaders(backbone, datasets, config.batch_size, config.seed)
     example = torch.zeros(1, 3, backbone.img_size, backbone.img_size)
     model = copy.deepcopy(backbone.model)
     before = backbone_cost(backbone.model, backbone.img_size)
-    report = prune_model(model, example, config, loaders)
+    report = prune_model(model, example, config, loaders, family.stage_of)
     report["recovery"] = recover(model, backbone.model, loaders, config, example)
     pruned = replace(backbone, model=model, architecture=describe_changes(backbone.model, model),
                      fingerprint=fingerprint(model), weights_bytes=fp32_safetensors_bytes(model))

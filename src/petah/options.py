@@ -36,6 +36,24 @@ def require_positive(label: str, value: float | None) -> None:
         raise PetahError(f"{label} must be a positive number, got {value}")
 
 
+def parse_stage_values(items: list[str] | dict | None, flag: str, convert: Callable[[str], Any],
+                       example: str) -> dict[int, Any]:
+    """The CLI's repeated ``STAGE=VALUE`` (``["0=0", "3=16"]``) as ``{0: 0, 3: 16}``; a dict passes
+    through (a config read back from JSON: keys become ints)."""
+    if isinstance(items, dict):
+        return {int(k): v for k, v in items.items()}
+    stages = {}
+    for item in items or []:
+        stage, sep, value = item.partition("=")
+        try:
+            if not sep or not stage.strip().isdigit():
+                raise ValueError
+            stages[int(stage)] = convert(value.strip())
+        except ValueError:
+            raise PetahError(f"{flag} wants STAGE=VALUE (e.g. {example}), got {item!r}") from None
+    return stages
+
+
 def flag(cls: type, name: str) -> str:
     """How an error message names a field: its CLI flag where it has one (what CLI users typed),
     else the field name (what API users typed)."""

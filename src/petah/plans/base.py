@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch.nn as nn
 
 from petah.errors import PetahError
-from petah.options import option, require_positive
+from petah.options import option, parse_stage_values, require_positive
 
 LORA = "lora"
 CHANNEL_SCALE = "channel_scale"
@@ -56,17 +56,15 @@ class Family:
 MAX_RANK = 256
 
 
+def _whole(value: str) -> int:
+    if not value.isdigit():
+        raise ValueError(value)
+    return int(value)
+
+
 def parse_stage_ranks(items: list[str] | dict | None) -> dict[int, int]:
     """``["0=0", "3=16"]`` (the CLI's repeated STAGE=RANK) as ``{0: 0, 3: 16}``; a dict passes through."""
-    if isinstance(items, dict):
-        return items
-    stages = {}
-    for item in items or []:
-        stage, sep, value = item.partition("=")
-        if not sep or not stage.strip().isdigit() or not value.strip().isdigit():
-            raise PetahError(f"--stage-rank wants STAGE=RANK (e.g. 0=0 to leave stage 0 unadapted), got {item!r}")
-        stages[int(stage)] = int(value)
-    return stages
+    return parse_stage_values(items, "--stage-rank", _whole, "0=0 to leave stage 0 unadapted")
 
 
 @dataclass

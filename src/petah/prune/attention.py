@@ -11,7 +11,7 @@ removed separately, by ``prune_heads``, since Torch-Pruning has no notion of the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -202,11 +202,12 @@ def unsupported_attention(model: nn.Module) -> tuple[str, nn.Module] | None:
     return None
 
 
-def prune_all_heads(model: nn.Module, ratio: float, taylor: bool) -> dict[str, int]:
-    """Drop ``floor(ratio * heads)`` least important heads from every supported block (one kept)."""
+def prune_all_heads(model: nn.Module, ratio: Callable[[str], float], taylor: bool) -> dict[str, int]:
+    """Drop ``floor(ratio(layer name) * heads)`` least important heads from every supported block
+    (one kept)."""
     removed = {}
     for name, layer in attention_layers(model):
-        count = min(int(ratio * layer.num_heads), layer.num_heads - 1)
+        count = min(int(ratio(name) * layer.num_heads), layer.num_heads - 1)
         if count <= 0:
             continue
         scores = head_importance(layer, taylor)

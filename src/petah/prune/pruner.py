@@ -13,7 +13,7 @@ serves, each task weighted equally), so one pruned backbone keeps what each task
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from petah.errors import PetahError
-from petah.options import option, require_positive
+from petah.options import option, parse_stage_values, require_positive
 from petah.prune.attention import ATTENTION_PRUNERS, prune_all_heads, unsupported_attention
 
 IMPORTANCES = ("magnitude", "taylor")
@@ -35,6 +35,10 @@ class PruneConfig:
                           cli="--ratio")
     head_ratio: float | None = option(None, help="Fraction of attention heads to remove (default: --ratio).",
                                       cli="--head-ratio")
+    stage_ratios: dict[int, float] = option(
+        default_factory=dict, help="STAGE=RATIO (repeatable): another ratio for one stage's channels and heads, "
+                                   "e.g. 1=0 to keep the stride-8 maps a detection head reads.",
+        cli="--stage-ratio", cli_type=list[str], parse=lambda items: parse_stage_ratios(items))
     importance: str = option("taylor", help="taylor (needs --data) | magnitude (data-free).", cli="--importance")
     calibration_batches: int = option(8, help="Batches per task for Taylor importance.", cli="--calibration-batches")
     round_to: int | None = option(None, help="Keep channel counts multiples of this (SIMD-friendly widths).",
@@ -46,7 +50,9 @@ class PruneConfig:
     seed: int = option(0, help="Seed for data order.", cli="--seed")
 
     def __post_init__(self) -> None:
-        for label, value in (("ratio", self.ratio), ("head ratio", self.head_ratio)):
+        self.stage_ratios = parse_stage_ratios(self.stage_ratios)
+        for label, value in (("ratio", self.ratio), ("head ratio", self.head_ratio),
+                             *((f"ratio of stage {k}", v) for k, v in self.stage_ratios.items())):
             if value is not None and not (0.0 <= float(value) < 1.0):
                 raise PetahError(f"pruning {label} must be in [0, 1), got {value}")
         if self.importance not in IMPORTANCES:
@@ -60,7 +66,25 @@ class PruneConfig:
         require_positive("--recover-lr", self.recover_lr)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data["stage_ratios"] = {str(k): v for k, v in self.stage_ratios.items()}
+        return data
+
+    def stage_ratio(self, stage: int) -> float:
+        return self.stage_ratios.get(stage, self.ratio)
+
+
+def parse_stage_ratios(items: list[str] | dict | None) -> dict[int, float]:
+    return {k: float(v) for k, v in parse_stage_values(items, "--stage-ratio", float, "1=0.25").items()}
+
+
+def check_stage_ratios(model: nn.Module, config: PruneConfig, stage_of: Callable[[str], int], name: str) -> None:
+    """Every --stage-ratio names a stage the backbone has (else it would silently do nothing)."""
+    stages = sorted({stage_of(n) for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)})
+    unknown = sorted(set(config.stage_ratios) - set(stages))
+    if unknown:
+        raise PetahError(f"--stage-ratio {unknown[0]}={config.stage_ratios[unknown[0]]:g}: {name} has no stage "
+                         f"{unknown[0]} (its stages: {', '.join(map(str, stages))})")
 
 
 def check_prunable(model: nn.Module) -> None:
@@ -138,9 +162,11 @@ def refresh_widths(model: nn.Module, example: torch.Tensor) -> None:
 
 
 def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
-                loaders: list[Iterable] | None = None) -> dict:
-    """Prune ``model`` in place; returns what was removed. ``loaders`` yield image batches (Taylor)."""
+                loaders: list[Iterable] | None = None, stage_of: Callable[[str], int] = lambda name: 0) -> dict:
+    """Prune ``model`` in place; returns what was removed. ``loaders`` yield image batches (Taylor);
+    ``stage_of`` maps a module name to its stage (the family's), for ``config.stage_ratios``."""
     check_prunable(model)
+    check_stage_ratios(model, config, stage_of, type(model).__name__)
     taylor = config.importance == "taylor"
     if taylor and not loaders:
         raise PetahError("taylor importance needs images: give --data (repeat it per task), "
@@ -151,15 +177,20 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
     report: dict = {"heads_removed": {}, "images_seen": 0}
     if taylor:
         report["images_seen"] = accumulate_taylor_gradients(model, loaders, config.calibration_batches)
-    head_ratio = config.ratio if config.head_ratio is None else config.head_ratio
-    if head_ratio > 0:
-        report["heads_removed"] = prune_all_heads(model, head_ratio, taylor)
-    if config.ratio > 0:
+    def head_ratio(name: str) -> float:
+        return config.stage_ratio(stage_of(name)) if config.head_ratio is None else config.head_ratio
+
+    report["heads_removed"] = prune_all_heads(model, head_ratio, taylor)
+    # per-stage ratios: Torch-Pruning takes a ratio per layer; a group's ratio is its root layer's
+    per_layer = {m: config.stage_ratios[stage_of(n)] for n, m in model.named_modules()
+                 if isinstance(m, nn.Conv2d | nn.Linear) and stage_of(n) in config.stage_ratios}
+    if config.ratio > 0 or any(per_layer.values()):
         importance = tp.importance.GroupTaylorImportance() if taylor else tp.importance.GroupMagnitudeImportance(p=2)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Torch-Pruning warns about recursion depth in shape inference
             pruner = tp.pruner.BasePruner(
-                model, example, importance=importance, pruning_ratio=config.ratio, round_to=config.round_to,
+                model, example, importance=importance, pruning_ratio=config.ratio, pruning_ratio_dict=per_layer or None,
+                round_to=config.round_to,
                 customized_pruners=dict(ATTENTION_PRUNERS), unwrapped_parameters=_layer_scale_parameters(model),
             )
             pruner.step()
