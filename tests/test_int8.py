@@ -91,3 +91,34 @@ def test_export_int8_cli_json(tmp_path):
                             "builtin:textures", "--calibration-images", "16", "--json"))
     row = result["exports"][0]
     assert row["int8"]["quantized"] and row["onnx_bytes"] < 5_000_000
+
+
+def test_int8_base_graph_keeps_float_adapters_switching_tasks(tmp_path):
+    """--ort-adapters --int8: the shared base graph int8, every node that reads an adapter tensor
+    float; a task's float adapter file gives the float base's answers."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from petah.export import export_base_and_adapters
+    from petah.export.onnx import calibration_batches
+    from petah.packages import read_manifest
+
+    backbone = create_backbone(weights=str(BACKBONE))
+    packages = [PACKAGES["digits"], PACKAGES["textures"]]
+    train, val = load_dataset("builtin:digits")
+    calibration = calibration_batches(read_manifest(packages[0]), train, 32, check_classes=False)
+    floats = export_base_and_adapters(backbone, packages, tmp_path / "float")
+    ints = export_base_and_adapters(backbone, packages, tmp_path / "int8", int8_calibration=calibration)
+    assert ints.base_bytes < 0.5 * floats.base_bytes
+    recorded = json.loads(metadata(ints.base_path)["petah.int8"])
+    assert recorded["adapter_nodes_float"] > 0 and recorded["quantized_nodes"] > 0
+    x = np.concatenate(calibration_batches(read_manifest(packages[0]), val, 128, check_classes=False))
+    answers = {}
+    for name, export in (("float", floats), ("int8", ints)):
+        session = ort.InferenceSession(str(export.base_path), providers=["CPUExecutionProvider"])
+        adapter = ort.LoraAdapter()
+        adapter.Load(str(export.base_path.parent / "digits.onnx_adapter"))
+        options = ort.RunOptions()
+        options.add_active_adapter(adapter)
+        answers[name] = session.run(None, {"image": x}, options)[0][:, :10].argmax(1)
+    assert (answers["float"] == answers["int8"]).mean() >= 0.97

@@ -58,9 +58,11 @@ def export(
     if int8 is not None:  # mode and data are checked by export_merged, before any export
         from petah.data import BUILTIN, load_dataset
 
-        if ort_adapters or peft_dir is not None:
-            raise PetahError("--int8 makes merged graphs; it does not go with --ort-adapters or --peft")
-        if len(packages) > 1:
+        if peft_dir is not None:
+            raise PetahError("--int8 makes ONNX graphs; it does not go with --peft")
+        if ort_adapters and int8 != "always":
+            raise PetahError("--int8 auto checks one task's merged graph; with --ort-adapters use --int8 (always)")
+        if len(packages) > 1 and not ort_adapters:
             raise PetahError("--int8 calibrates on one task's images (--data): export one package at a time")
         if data is not None:  # a built-in set keeps its fixed split; a plain folder gives a fifth to validation
             builtin = data.startswith("builtin:") or data in BUILTIN
@@ -75,7 +77,17 @@ def export(
         mode = package_intensity(packages[0])  # on the same input, so one realistic input serves every task
         real = Preprocess(bb.img_size, bb.mean, bb.std).batch([load_image(p, mode) for p in parity_images])
     if ort_adapters:
-        result = export_base_and_adapters(bb, list(packages), output, real).to_dict()
+        calibration = None
+        if int8 is not None:
+            if int8_data is None:
+                raise PetahError("--int8 needs --data: images to calibrate the base graph on")
+            from petah.export.onnx import calibration_batches
+            from petah.packages import read_manifest
+
+            # one base for several tasks: any of their images, the classes need not match
+            calibration = calibration_batches(read_manifest(packages[0]), int8_data[0], calibration_images,
+                                              check_classes=False)
+        result = export_base_and_adapters(bb, list(packages), output, real, calibration).to_dict()
         if json_out:
             emit_json(result)
             return

@@ -82,6 +82,7 @@ def batches(kind, data, preprocess, batch_size: int, limit: int | None = None) -
 
 def quantize(graph: bytes, calibration: list[np.ndarray], exclude: tuple[str, ...] = ()) -> bytes:
     """The QDQ int8 graph (see the module doc) calibrated on ``calibration`` batches."""
+    import onnxruntime as ort
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -90,6 +91,9 @@ def quantize(graph: bytes, calibration: list[np.ndarray], exclude: tuple[str, ..
         quantize_static,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    # the calibration sessions warn once per overridable adapter tensor (a base graph's design)
+    ort.set_default_logger_severity(3)
 
     class Reader(CalibrationDataReader):
         def __init__(self):

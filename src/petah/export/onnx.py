@@ -65,27 +65,35 @@ def max_onnx_error(onnx_bytes: bytes, module: nn.Module, inputs: list[torch.Tens
     return worst
 
 
-def calibration_sets(manifest, data: tuple, count: int, seed: int = 0) -> tuple[list[np.ndarray], list[tuple]]:
-    """(calibration batches: ``count`` images drawn from the training part, validation batches):
-    the task's own images, checked to be of its kind and classes."""
+def calibration_batches(manifest, train, count: int, seed: int = 0, check_classes: bool = True) -> list[np.ndarray]:
+    """``count`` images drawn from ``train`` (checked to be of the task's kind, and classes), as
+    the task's preprocessing gives them to its graph."""
     from petah.data import Preprocess
     from petah.export.int8 import CALIBRATION_BATCH, batches
     from petah.tasks import kind_for_data, task_kind
 
-    train, val = data
     kind = task_kind(manifest.task.kind)
     if kind_for_data(train) is not kind:
         raise PetahError(f"task {manifest.task.name} is a {kind.kind} task; the calibration data is labelled for "
                          f"{kind_for_data(train).kind}")
-    if list(train.classes) != list(manifest.labels):
+    if check_classes and list(train.classes) != list(manifest.labels):
         raise PetahError(f"the calibration data's classes {list(train.classes)[:4]}… differ from task "
                          f"{manifest.task.name}'s {list(manifest.labels)[:4]}…")
     if count < 1:
         raise PetahError(f"--calibration-images must be at least 1, got {count}")
     picked = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:count].sort().values
-    preprocess = Preprocess.from_dict(manifest.preprocessing)
-    calibration = batches(kind, train.subset(picked.tolist()), preprocess, CALIBRATION_BATCH)
-    view = kind.view(val, preprocess)
+    return batches(kind, train.subset(picked.tolist()), Preprocess.from_dict(manifest.preprocessing),
+                   CALIBRATION_BATCH)
+
+
+def calibration_sets(manifest, data: tuple, count: int, seed: int = 0) -> tuple[list[np.ndarray], list[tuple]]:
+    """(calibration batches drawn from the training part, validation batches): the task's own images."""
+    from petah.data import Preprocess
+    from petah.tasks import task_kind
+
+    train, val = data
+    calibration = calibration_batches(manifest, train, count, seed)
+    view = task_kind(manifest.task.kind).view(val, Preprocess.from_dict(manifest.preprocessing))
     loader = DataLoader(view, batch_size=32, shuffle=False, collate_fn=getattr(view, "collate", None))
     return calibration, list(loader)
 

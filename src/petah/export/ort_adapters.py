@@ -174,8 +174,12 @@ class AdapterExport:
 
 
 def export_base_and_adapters(backbone: Backbone, packages: list, output: str | Path,
-                             real_inputs: torch.Tensor | None = None) -> AdapterExport:
-    """Write ``base.onnx`` + ``<task>.onnx_adapter`` (+ ``<task>.json`` labels) and check parity."""
+                             real_inputs: torch.Tensor | None = None,
+                             int8_calibration: list[np.ndarray] | None = None) -> AdapterExport:
+    """Write ``base.onnx`` + ``<task>.onnx_adapter`` (+ ``<task>.json`` labels) and check parity.
+    With ``int8_calibration`` (preprocessed image batches) the base graph is int8 (as
+    ``petah.export.int8`` quantizes, calibrated with neutral adapters) while every node that reads
+    an adapter tensor stays float, so the float adapter files switch tasks as before."""
     import onnxruntime as ort
 
     output = Path(output)
@@ -206,7 +210,17 @@ def export_base_and_adapters(backbone: Backbone, packages: list, output: str | P
     names = sorted(neutral)
     onnx_bytes = to_onnx_bytes(template, example, f"the base graph of {backbone.name}")
     onnx_bytes = make_overridable(onnx_bytes, neutral)
-    onnx_bytes = with_metadata(onnx_bytes, {
+    int8 = {}
+    if int8_calibration is not None:
+        from petah.export.int8 import float_op_types, quantizable_nodes, quantize
+
+        adapter_nodes = nodes_reading(onnx_bytes, set(names))
+        int8 = {"petah.int8": {"mode": "always", "quantized": True, "adapter_nodes_float": len(adapter_nodes),
+                               "quantized_nodes": len(set(quantizable_nodes(onnx_bytes)) - set(adapter_nodes)),
+                               "float_op_types": float_op_types(onnx_bytes),
+                               "calibration_images": sum(len(b) for b in int8_calibration)}}
+        onnx_bytes = quantize(onnx_bytes, int8_calibration, tuple(adapter_nodes))
+    onnx_bytes = with_metadata(onnx_bytes, {**int8,
         "petah.format": "petah-onnx-base/1",
         "petah.version": __version__,
         "petah.backbone": backbone.identity(),
@@ -242,6 +256,13 @@ def export_base_and_adapters(backbone: Backbone, packages: list, output: str | P
                          "percent_of_base": round(100 * size / len(onnx_bytes), 3), "max_abs_error": error})
     base_path = output / "base.onnx"
     return AdapterExport(base_path, len(onnx_bytes), rows)
+
+
+def nodes_reading(onnx_bytes: bytes, tensors: set[str]) -> list[str]:
+    """The graph nodes that take one of ``tensors`` as an input (the adapter nodes)."""
+    import onnx
+
+    return [n.name for n in onnx.load_from_string(onnx_bytes).graph.node if tensors.intersection(n.input)]
 
 
 def adapter_parity(session, adapter_path: Path, reference: nn.Module,
