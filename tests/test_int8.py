@@ -73,7 +73,8 @@ def test_int8_auto_keeps_float_where_int8_is_not_worth_it(tmp_path):
     (["--int8"], ["int8 export needs", "--data"]),
     (["--int8", "auto", "--data", "builtin:defects"], ["classification task", "segmentation"]),
     (["--int8", "--data", "builtin:textures"], ["classes"]),
-    (["--int8", "--ort-adapters", "--data", "builtin:digits"], ["--ort-adapters"]),
+    (["--int8", "auto", "--ort-adapters", "--data", "builtin:digits"], ["--ort-adapters", "--int8 (always)"]),
+    (["--int8", "--peft", "peft-out", "--data", "builtin:digits"], ["--peft"]),
 ])
 def test_int8_bad_requests_are_one_line_errors_and_write_nothing(tmp_path, args, fragments):
     out = tmp_path / "out"

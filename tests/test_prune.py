@@ -278,6 +278,41 @@ def test_stage_ratios_prune_only_their_stages_and_bad_stages_are_refused(tmp_pat
     assert [f.shape[1] for f in reread.model.forward_intermediates(x, intermediates_only=True)] == after
     with pytest.raises(PetahError, match="has no stage 7"):
         api.prune_backbone(backbone, config=PruneConfig(stage_ratios=["7=0.5"], importance="magnitude"))
-    for bad, match in ((["1=1.5"], r"ratio of stage 1 must be in \[0, 1\)"), (["one=0.5"], "STAGE=VALUE")):
+    for bad, match in ((["1=1.5"], r"ratio of stage 1 must be in \[0, 1\)"), (["one=0.5"], "STAGE=RATIO")):
         with pytest.raises(PetahError, match=match):
             PruneConfig(stage_ratios=bad)
+
+
+def test_policy_choice_takes_the_largest_saving_within_the_budget():
+    from petah.prune.policy import Probe, choose
+
+    probes = [Probe(0, 0.25, 0.02, 0.05), Probe(0, 0.5, 0.05, 0.20), Probe(0, 0.75, 0.30, 0.30),
+              Probe(1, 0.25, 0.01, 0.02), Probe(1, 0.5, 0.20, 0.10), Probe(1, 0.75, 0.40, 0.15)]
+    chosen, spent, saving = choose(probes, [0, 1], budget=0.06)
+    assert chosen == {0: 0.5, 1: 0.25} and spent == pytest.approx(0.06) and saving == pytest.approx(0.22)
+    assert choose(probes, [0, 1], budget=0.0)[0] == {0: 0.0, 1: 0.0}  # nothing fits: nothing pruned
+    assert choose(probes[:3], [0, 1], budget=1.0)[0] == {0: 0.75, 1: 0.0}  # stage 1 not probed: unpruned
+
+
+def test_policy_auto_probes_stages_and_prunes_within_the_predicted_loss():
+    from petah.backbones import demo_backbone_path
+
+    backbone = create_backbone(weights=str(demo_backbone_path()))
+    data = [load_builtin("digits")[0].subset(list(range(16))), load_builtin("textures")[0].subset(list(range(16)))]
+    config = PruneConfig(policy="auto", importance="magnitude", max_loss=3.0, batch_size=8)
+    pruned, report = api.prune_backbone(backbone, config=config, datasets=data)
+    policy = report["policy"]
+    assert policy["complete"] and len(policy["probes"]) == 4 * 3  # 4 stages x 3 ratios
+    assert all(0 <= p["distortion"] <= 2 for p in policy["probes"])
+    assert policy["predicted_loss_points"] <= 3.0
+    assert report["config"]["stage_ratios"] == {str(k): v for k, v in policy["stage_ratios"].items()}
+    assert sum(p.numel() for p in pruned.model.parameters()) <= sum(p.numel() for p in backbone.model.parameters())
+    capped = api.prune_backbone(backbone, config=PruneConfig(policy="auto", importance="magnitude",
+                                                             policy_seconds=1e-6, batch_size=8), datasets=data)[1]
+    assert not capped["policy"]["complete"] and set(capped["policy"]["stage_ratios"].values()) == {0.0}
+    with pytest.raises(PetahError, match="--data"):
+        api.prune_backbone(backbone, config=PruneConfig(policy="auto", importance="magnitude"))
+    with pytest.raises(PetahError, match="leave out --stage-ratio"):
+        PruneConfig(policy="auto", stage_ratios=["1=0.5"])
+    with pytest.raises(PetahError, match="unknown policy"):
+        PruneConfig(policy="greedy")

@@ -6,6 +6,7 @@ import copy
 import datetime as dt
 import hashlib
 import re
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -262,10 +263,15 @@ def prune_backbone(backbone: Backbone, *, config=None, datasets: list | None = N
     datasets = list(datasets or [])
     torch.manual_seed(config.seed)
     loaders = _image_loaders(backbone, datasets, config.batch_size, config.seed)
+    policy = None
+    if config.policy == "auto":
+        config, policy = _auto_stage_ratios(backbone, config, loaders)
     example = torch.zeros(1, 3, backbone.img_size, backbone.img_size)
     model = copy.deepcopy(backbone.model)
     before = backbone_cost(backbone.model, backbone.img_size)
     report = prune_model(model, example, config, loaders, family.stage_of)
+    if policy is not None:
+        report["policy"] = policy
     report["recovery"] = recover(model, backbone.model, loaders, config, example)
     pruned = replace(backbone, model=model, architecture=describe_changes(backbone.model, model),
                      fingerprint=fingerprint(model), weights_bytes=fp32_safetensors_bytes(model))
@@ -280,6 +286,25 @@ def prune_backbone(backbone: Backbone, *, config=None, datasets: list | None = N
     if output is not None:
         save_pruned(pruned, report, output, command=command)
     return pruned, report
+
+
+def _auto_stage_ratios(backbone: Backbone, config, loaders: list) -> tuple:
+    """``--policy auto``: the probe on one batch of every task's images, then the choice
+    (``petah.prune.policy``); returns the config with those stage ratios and the policy report."""
+    from petah.prune.policy import POINTS_PER_DISTORTION, choose, probe_stages
+
+    if not loaders:
+        raise PetahError("--policy auto measures the tasks' features: give --data (repeat it per task)")
+    started = time.monotonic()
+    images = [next(iter(loader))[0] for loader in loaders]
+    stages = sorted({backbone.family.stage_of(n) for n, m in backbone.model.named_modules()
+                     if isinstance(m, nn.Conv2d | nn.Linear)})
+    probes, complete = probe_stages(backbone.model, stages, images, backbone.family.stage_of, config.policy_seconds)
+    chosen, spent, saving = choose(probes, stages, config.max_loss / POINTS_PER_DISTORTION)
+    policy = {"probes": [p.to_dict() for p in probes], "complete": complete, "stage_ratios": chosen,
+              "predicted_loss_points": round(spent * POINTS_PER_DISTORTION, 2),
+              "predicted_latency_saving": round(saving, 3), "seconds": round(time.monotonic() - started, 1)}
+    return replace(config, ratio=0.0, head_ratio=None, stage_ratios=dict(chosen), policy="uniform"), policy
 
 
 def save_pruned(pruned: Backbone, report: dict, path: str | Path, *, command: str = "") -> Path:

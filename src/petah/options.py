@@ -37,7 +37,7 @@ def require_positive(label: str, value: float | None) -> None:
 
 
 def parse_stage_values(items: list[str] | dict | None, flag: str, convert: Callable[[str], Any],
-                       example: str) -> dict[int, Any]:
+                       value_name: str, example: str) -> dict[int, Any]:
     """The CLI's repeated ``STAGE=VALUE`` (``["0=0", "3=16"]``) as ``{0: 0, 3: 16}``; a dict passes
     through (a config read back from JSON: keys become ints)."""
     if isinstance(items, dict):
@@ -50,7 +50,7 @@ def parse_stage_values(items: list[str] | dict | None, flag: str, convert: Calla
                 raise ValueError
             stages[int(stage)] = convert(value.strip())
         except ValueError:
-            raise PetahError(f"{flag} wants STAGE=VALUE (e.g. {example}), got {item!r}") from None
+            raise PetahError(f"{flag} wants STAGE={value_name} (e.g. {example}), got {item!r}") from None
     return stages
 
 

@@ -64,7 +64,7 @@ def _whole(value: str) -> int:
 
 def parse_stage_ranks(items: list[str] | dict | None) -> dict[int, int]:
     """``["0=0", "3=16"]`` (the CLI's repeated STAGE=RANK) as ``{0: 0, 3: 16}``; a dict passes through."""
-    return parse_stage_values(items, "--stage-rank", _whole, "0=0 to leave stage 0 unadapted")
+    return parse_stage_values(items, "--stage-rank", _whole, "RANK", "0=0 to leave stage 0 unadapted")
 
 
 @dataclass

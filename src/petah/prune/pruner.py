@@ -25,6 +25,7 @@ from petah.options import option, parse_stage_values, require_positive
 from petah.prune.attention import ATTENTION_PRUNERS, prune_all_heads, unsupported_attention
 
 IMPORTANCES = ("magnitude", "taylor")
+POLICIES = ("uniform", "auto")
 
 
 @dataclass
@@ -40,6 +41,12 @@ class PruneConfig:
                                    "e.g. 1=0 to keep the stride-8 maps a detection head reads.",
         cli="--stage-ratio", cli_type=list[str], parse=lambda items: parse_stage_ratios(items))
     importance: str = option("taylor", help="taylor (needs --data) | magnitude (data-free).", cli="--importance")
+    policy: str = option("uniform", help="uniform (--ratio, --stage-ratio) | auto: per-stage ratios chosen for the "
+                                         "tasks in --data by a label-free probe, within --max-loss.", cli="--policy")
+    max_loss: float = option(1.0, help="--policy auto: the mean task-metric points the pruning may cost (predicted).",
+                             cli="--max-loss")
+    policy_seconds: float = option(300.0, help="--policy auto: time cap of the probe (stages not reached stay "
+                                               "unpruned).", cli="--policy-seconds")
     calibration_batches: int = option(8, help="Batches per task for Taylor importance.", cli="--calibration-batches")
     round_to: int | None = option(None, help="Keep channel counts multiples of this (SIMD-friendly widths).",
                                   cli="--round-to")
@@ -55,6 +62,12 @@ class PruneConfig:
                              *((f"ratio of stage {k}", v) for k, v in self.stage_ratios.items())):
             if value is not None and not (0.0 <= float(value) < 1.0):
                 raise PetahError(f"pruning {label} must be in [0, 1), got {value}")
+        if self.policy not in POLICIES:
+            raise PetahError(f"unknown policy {self.policy!r}; choose from {', '.join(POLICIES)}")
+        if self.policy == "auto" and self.stage_ratios:
+            raise PetahError("--policy auto chooses every stage's ratio: leave out --stage-ratio")
+        if not 0 < self.max_loss <= 100 or not 0 < self.policy_seconds <= 86400:
+            raise PetahError("--max-loss must be in (0, 100] points and --policy-seconds in (0, 86400]")
         if self.importance not in IMPORTANCES:
             raise PetahError(f"unknown importance {self.importance!r}; choose from {', '.join(IMPORTANCES)}")
         if self.round_to is not None and self.round_to < 1:
@@ -75,7 +88,7 @@ class PruneConfig:
 
 
 def parse_stage_ratios(items: list[str] | dict | None) -> dict[int, float]:
-    return {k: float(v) for k, v in parse_stage_values(items, "--stage-ratio", float, "1=0.25").items()}
+    return {k: float(v) for k, v in parse_stage_values(items, "--stage-ratio", float, "RATIO", "1=0.25").items()}
 
 
 def check_stage_ratios(model: nn.Module, config: PruneConfig, stage_of: Callable[[str], int], name: str) -> None:

@@ -7,6 +7,7 @@ everything runs as one process and nothing here changes behaviour.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -47,6 +48,9 @@ def setup() -> DistContext:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        # left to the interpreter's shutdown, the gloo group's threads were once torn down while
+        # joinable: "terminate called without an active exception", exit -6, after a good run
+        atexit.register(_leave_group)
     if dist.is_initialized():
         return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
     return DistContext(0, 1, 0, device)
@@ -54,6 +58,11 @@ def setup() -> DistContext:
 
 def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _leave_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

@@ -1,0 +1,117 @@
+"""``--policy auto``: per-stage pruning ratios chosen for the task set from a label-free probe.
+
+For every stage and every ratio of ``RATIOS``, a copy of the backbone is pruned at that ratio in
+that stage alone (magnitude importance: fast, no gradients) and measured twice:
+
+- **distortion**: how much the stage maps the task heads read move on the tasks' own images —
+  per task, the mean over stages of 1 - cosine(unpruned map, pruned map) per image; the tasks
+  weigh equally (label-free: no head, no label is used);
+- **saving**: the fraction of ONNX Runtime latency it saves, timed interleaved with the
+  unpruned backbone on one image.
+
+Then the combination of per-stage ratios with the largest summed saving whose summed distortion
+stays within the budget is chosen (an exhaustive search: 4 ratios ^ 4 stages). The budget comes
+from ``--max-loss`` (points of task metric) through ``POINTS_PER_DISTORTION``, measured on the
+demo tasks (see docs/pruning.md): the proxy is a prediction, which the bench checks by adapting
+every task. The probe stops at ``--policy-seconds``; stages it did not reach stay unpruned.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+RATIOS = (0.0, 0.25, 0.5, 0.75)
+# points of mean task metric lost per unit of summed distortion; measured on the four demo tasks
+# (benchmarks/results/stage-ratio-prune-2026-12-01.json): see docs/pruning.md
+POINTS_PER_DISTORTION = 25.0
+
+
+@dataclass
+class Probe:
+    stage: int
+    ratio: float
+    distortion: float
+    saving: float  # fraction of the unpruned latency saved
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def distortion(reference: list[list[torch.Tensor]], model: nn.Module, images: list[torch.Tensor]) -> float:
+    """Mean over tasks of the mean over stages of (1 - cosine) between unpruned and pruned maps."""
+    from petah.prune.pruner import stage_features
+
+    per_task = []
+    with torch.no_grad():
+        for ref_maps, x in zip(reference, images, strict=True):
+            maps = stage_features(model, x)
+            per_stage = [1 - nn.functional.cosine_similarity(r.flatten(1), m.flatten(1) if m.shape == r.shape
+                                                              else _match(m, r), dim=1).mean().item()
+                         for r, m in zip(ref_maps, maps, strict=True)]
+            per_task.append(sum(per_stage) / len(per_stage))
+    return sum(per_task) / len(per_task)
+
+
+def _match(pruned: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """A pruned map has fewer channels: compare it with the reference through the channels it kept,
+    found as the least-squares linear map from pruned to reference channels on these images."""
+    p = pruned.permute(0, 2, 3, 1).reshape(-1, pruned.shape[1])
+    r = reference.permute(0, 2, 3, 1).reshape(-1, reference.shape[1])
+    solution = torch.linalg.lstsq(p, r).solution
+    mapped = (p @ solution).reshape(reference.shape[0], reference.shape[2], reference.shape[3], -1)
+    return mapped.permute(0, 3, 1, 2).flatten(1)
+
+
+def _latency(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
+    from petah.bench.latency import interleaved_medians, ort_session
+    from petah.runtime.onnx import INPUT, to_onnx_bytes
+
+    sessions = {k: ort_session(to_onnx_bytes(m, x, k)) for k, m in models.items()}
+    return interleaved_medians({k: (lambda s=s: s.run(None, {INPUT: x.numpy()})) for k, s in sessions.items()},
+                               repeats)
+
+
+def probe_stages(model: nn.Module, stages: list[int], images: list[torch.Tensor], stage_of: Callable[[str], int],
+                 seconds: float, repeats: int = 30) -> tuple[list[Probe], bool]:
+    """Every (stage, ratio) probe within ``seconds``; returns them and whether all were measured."""
+    from petah.prune.pruner import PruneConfig, prune_model, stage_features
+
+    started = time.monotonic()
+    reference = [stage_features(model, x) for x in images]
+    example = images[0][:1]
+    probes = []
+    for stage, ratio in itertools.product(stages, RATIOS[1:]):
+        if time.monotonic() - started > seconds:
+            return probes, False
+        pruned = copy.deepcopy(model)
+        prune_model(pruned, example, PruneConfig(ratio=0.0, stage_ratios={stage: ratio}, importance="magnitude"),
+                    stage_of=stage_of)
+        times = _latency({"base": model, "pruned": pruned}, example, repeats)
+        probes.append(Probe(stage, ratio, round(distortion(reference, pruned, images), 5),
+                            round(1 - times["pruned"] / times["base"], 4)))
+    return probes, True
+
+
+def choose(probes: list[Probe], stages: list[int], budget: float) -> tuple[dict[int, float], float, float]:
+    """The per-stage ratios with the largest summed saving within the distortion budget; returns
+    them, their summed distortion and summed saving (additive predictions)."""
+    table = {(p.stage, p.ratio): p for p in probes}
+    options = [[0.0] + [r for r in RATIOS[1:] if (s, r) in table] for s in stages]
+    best, best_saving, best_distortion = dict.fromkeys(stages, 0.0), 0.0, 0.0
+    for combo in itertools.product(*options):
+        chosen = [table[(s, r)] for s, r in zip(stages, combo, strict=True) if r > 0]
+        total = sum(p.distortion for p in chosen)
+        saving = sum(p.saving for p in chosen)
+        if total <= budget + 1e-9 and saving > best_saving:  # sums of rounded probes
+            best, best_saving, best_distortion = dict(zip(stages, combo, strict=True)), saving, total
+    return best, best_distortion, best_saving
+
+
+__all__ = ["POINTS_PER_DISTORTION", "RATIOS", "Probe", "choose", "distortion", "probe_stages"]
