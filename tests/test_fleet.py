@@ -286,6 +286,10 @@ def test_a_managed_station_refuses_changes_by_hand_and_bad_options(tmp_path, key
             row = client.tasks()[0]
             assert {"version", "previous_version", "candidate_version"} <= set(row)
             assert wait_for(lambda: [d["id"] for d in Hub(root).registry.devices() if d["backbone"]] == ["line-1"], 30)
+        with station_process("--demo", "--state-dir", str(tmp_path / "manual"), "--admin-token-file", str(admin),
+                             "--threads", "1", "--engine", "torch", "--allow-manual", *hub_options) as (_p, manual):
+            reply = StationClient(manual).delete("digits", "admin-token-for-fleet-tests-0123")
+            assert reply.status == 200 and "digits" not in [t["name"] for t in StationClient(manual).tasks()]
     for options, needle in ((("--hub", url), "--hub needs --trust-root, --device-id, --device-token-file"),
                             (("--trust-root", str(trusted)), "go with --hub")):
         with pytest.raises(PetahError, match=needle):

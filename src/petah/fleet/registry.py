@@ -99,7 +99,9 @@ class Registry:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._lock = threading.Lock()
+        # one connection for every thread: reads take the lock too (re-entrant: the rules read inside
+        # a transaction), so a reader never sees another thread's transaction half-done
+        self._lock = threading.RLock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")  # a crash never leaves a half-written state
@@ -116,6 +118,14 @@ class Registry:
             self._db.execute("COMMIT")
             return result
 
+    def _all(self, sql: str, params: tuple = ()) -> list:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    def _one(self, sql: str, params: tuple = ()):
+        with self._lock:
+            return self._db.execute(sql, params).fetchone()
+
     def close(self) -> None:
         self._db.close()
 
@@ -130,11 +140,11 @@ class Registry:
     def token_matches(self, device_id: str, token: str) -> bool:
         import hmac
 
-        row = self._db.execute("SELECT token_sha256 FROM devices WHERE id=?", (device_id,)).fetchone()
+        row = self._one("SELECT token_sha256 FROM devices WHERE id=?", (device_id,))
         return row is not None and hmac.compare_digest(row["token_sha256"], token_hash(token))
 
     def devices(self) -> list[dict]:
-        rows = self._db.execute("SELECT id, backbone, last_seen, state, installed FROM devices ORDER BY id")
+        rows = self._all("SELECT id, backbone, last_seen, state, installed FROM devices ORDER BY id")
         return [{**dict(r), "installed": json.loads(r["installed"])} for r in rows]
 
     # --- releases ---------------------------------------------------------------------------------
@@ -152,13 +162,13 @@ class Registry:
         return self.release(self._tx(add))
 
     def release(self, release_id: int) -> Release:
-        row = self._db.execute("SELECT * FROM releases WHERE id=?", (release_id,)).fetchone()
+        row = self._one("SELECT * FROM releases WHERE id=?", (release_id,))
         if row is None:
             raise PetahError(f"no release {release_id}")
         return Release.from_row(row)
 
     def releases(self) -> list[Release]:
-        return [Release.from_row(r) for r in self._db.execute("SELECT * FROM releases ORDER BY id")]
+        return [Release.from_row(r) for r in self._all("SELECT * FROM releases ORDER BY id")]
 
     def set_state(self, release_id: int, state: str) -> None:
         self._tx(lambda db: db.execute("UPDATE releases SET state=? WHERE id=?", (state, release_id)))
@@ -173,8 +183,9 @@ class Registry:
 
     def stage_counts(self, release: Release) -> dict:
         """The current stage's devices and how many of them report the release promoted / failed."""
-        members = self._stage_members(self._db, release, release.stage)
-        outcomes = {r["device"]: r["outcome"] for r in self._db.execute(
+        with self._lock:
+            members = self._stage_members(self._db, release, release.stage)
+        outcomes = {r["device"]: r["outcome"] for r in self._all(
             "SELECT device, outcome FROM outcomes WHERE release=?", (release.id,))}
         return {"devices": len(members),
                 "promoted": sum(outcomes.get(d) == "promoted" for d in members),
@@ -245,14 +256,17 @@ class Registry:
 
     def transfer(self, release_id: int) -> dict:
         """Bytes devices reported downloading for a release, and their retries (failed downloads too)."""
-        row = self._db.execute("SELECT COUNT(DISTINCT device) AS devices, COALESCE(SUM(bytes), 0) AS bytes "
-                               "FROM reports WHERE release=? AND event='downloaded'", (release_id,)).fetchone()
-        retries = self._db.execute("SELECT COALESCE(SUM(retries), 0) FROM reports WHERE release=?",
-                                   (release_id,)).fetchone()[0]
+        row = self._one("SELECT COUNT(DISTINCT device) AS devices, COALESCE(SUM(bytes), 0) AS bytes "
+                        "FROM reports WHERE release=? AND event='downloaded'", (release_id,))
+        retries = self._one("SELECT COALESCE(SUM(retries), 0) FROM reports WHERE release=?", (release_id,))[0]
         return {**dict(row), "retries": retries}
 
     def status(self) -> dict:
         """``petah hub status`` / ``GET /v1/releases``: every release with its stage and counts, and the devices."""
+        with self._lock:  # one consistent picture
+            return self._status()
+
+    def _status(self) -> dict:
         releases = []
         for release in self.releases():
             releases.append({"id": release.id, "task": release.task, "backbone": release.backbone[:16],
