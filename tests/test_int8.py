@@ -16,7 +16,7 @@ from petah.export import export_merged
 from petah.export.int8 import int8_graph, quantize, score
 from petah.export.onnx import calibration_sets
 from petah.packages import read_package
-from petah.runtime.onnx import merged_task_module, to_onnx_bytes
+from petah.runtime.onnx import merged_task_graph
 from petah.serve import demo_packages
 from petah.tasks import task_kind
 
@@ -31,12 +31,10 @@ def metadata(path) -> dict:
 @pytest.mark.parametrize("task, data, tolerance", [("digits", "builtin:digits", 1.0),
                                                    ("digit-boxes", "builtin:digit-boxes", 2.0)])
 def test_int8_keeps_the_task_score_and_records_what_stayed_float(tmp_path, task, data, tolerance):
-    import torch
 
     backbone = create_backbone(weights=str(BACKBONE))
     package = read_package(PACKAGES[task])
-    module, manifest = merged_task_module(backbone, package)
-    graph = to_onnx_bytes(module, torch.zeros(2, 3, 64, 64), task)
+    graph, module, manifest = merged_task_graph(backbone, package, task)
     calibration, validation = calibration_sets(manifest, load_dataset(data), 32)
     kind = task_kind(manifest.task.kind)
     int8 = quantize(graph, calibration)
@@ -57,11 +55,9 @@ def test_int8_keeps_the_task_score_and_records_what_stayed_float(tmp_path, task,
 def test_int8_auto_keeps_float_where_int8_is_not_worth_it(tmp_path):
     """With a tolerance no int8 graph can meet, auto sends layers back to float step by step and
     writes the float graph; its reason says why."""
-    import torch
 
     backbone = create_backbone(weights=str(BACKBONE))
-    module, manifest = merged_task_module(backbone, read_package(PACKAGES["textures"]))
-    graph = to_onnx_bytes(module, torch.zeros(2, 3, 64, 64), "textures")
+    graph, module, manifest = merged_task_graph(backbone, read_package(PACKAGES["textures"]), "textures")
     calibration, validation = calibration_sets(manifest, load_dataset("builtin:textures"), 16)
     chosen, report = int8_graph(graph, module.head, task_kind("classification"), calibration, mode="auto",
                                 validation=validation, classes=list(manifest.labels), tolerance=-1.0)

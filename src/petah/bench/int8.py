@@ -19,19 +19,13 @@ from petah.export.int8 import int8_graph, latency_ms, quantize, score
 from petah.export.onnx import calibration_sets
 from petah.packages import read_package
 from petah.plans import PlanConfig
-from petah.runtime.onnx import merged_task_module, to_onnx_bytes
+from petah.runtime.onnx import merged_task_graph
 from petah.tasks import task_kind
 from petah.testing import synthetic_package
 
 DEMO_DATA = {"digits": "builtin:digits", "textures": "builtin:textures", "defects": "builtin:defects",
              "digit-boxes": "builtin:digit-boxes"}
 FAMILIES = ("efficientformerv2_s0", "mobilevitv2_050", "fastvit_sa12")
-
-
-def graph_of(backbone, package) -> tuple[bytes, torch.nn.Module, object]:
-    module, manifest = merged_task_module(backbone, package)
-    size = backbone.img_size
-    return to_onnx_bytes(module, torch.zeros(2, 3, size, size), manifest.task.name), module.head, manifest
 
 
 def demo_rows(calibration_images: int, repeats: int) -> list[dict]:
@@ -41,7 +35,8 @@ def demo_rows(calibration_images: int, repeats: int) -> list[dict]:
     rows = []
     for path in demo_packages():
         package = read_package(path)
-        graph, head, manifest = graph_of(backbone, package)
+        graph, module, manifest = merged_task_graph(backbone, package, path.stem)
+        head = module.head
         kind = task_kind(manifest.task.kind)
         calibration, validation = calibration_sets(manifest, load_dataset(DEMO_DATA[manifest.task.name]),
                                                    calibration_images)
@@ -73,7 +68,7 @@ def family_rows(families: tuple[str, ...], size: int, repeats: int) -> list[dict
     for name in families:
         backbone = create_backbone(name, img_size=size)
         package = synthetic_package(backbone, "bench", PlanConfig(preset="petah"), classes=10)
-        graph, _head, manifest = graph_of(backbone, package)
+        graph, _module, manifest = merged_task_graph(backbone, package, name)
         calibration = batches(Classification, train.subset(list(range(0, 320, 20))),
                               Preprocess.from_dict(manifest.preprocessing), CALIBRATION_BATCH)
         int8 = quantize(graph, calibration)

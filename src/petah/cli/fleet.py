@@ -47,11 +47,10 @@ def hub_serve(
     ssl_certfile: Annotated[str | None, typer.Option("--ssl-certfile", help="TLS certificate (PEM).")] = None,
 ) -> None:
     """Serve the hub until SIGTERM / Ctrl-C."""
-    import socket
-
     import uvicorn
 
     from petah.fleet.hub import Hub, create_hub_app
+    from petah.http import listen
     from petah.serve.config import is_loopback
 
     if not is_loopback(host) and not (ssl_keyfile and ssl_certfile):
@@ -60,12 +59,7 @@ def hub_serve(
     if not 0 <= port <= 65535:
         raise PetahError(f"--port must be 0..65535, got {port}")
     hub = Hub(root)
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        raise PetahError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock = listen(host, port)
     scheme = "https" if ssl_certfile else "http"
     print(f"petah hub: {root} on {scheme}://{host}:{sock.getsockname()[1]}/", file=sys.stdout, flush=True)
     uvicorn.Server(uvicorn.Config(create_hub_app(hub), log_level="warning", ssl_keyfile=ssl_keyfile,

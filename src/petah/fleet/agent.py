@@ -95,13 +95,12 @@ def probe_image() -> bytes:
 class Agent:
     def __init__(self, station, fetcher=None):
         from petah.fleet.gate import GateRule
-        from petah.http import read_token  # the same token file rules as the station's
 
         config = station.config
         self.station = station
         self.hub = check_hub_url(config.hub)
         self.device_id = config.device_id
-        self.token = read_token(config.device_token_file, "--device-token-file")
+        self.token = config.device_token
         self.rule = GateRule(config.gate_tolerance)
         self.folder = station.state.root / "agent"
         self.metadata_dir = self.folder / "metadata"

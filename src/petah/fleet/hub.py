@@ -34,7 +34,7 @@ from petah.errors import PetahError
 from petah.files import inside
 from petah.fleet.metadata import Repository, parse_metadata, target_path, verify_role
 from petah.fleet.registry import ACTIVE, Registry, check_rollout
-from petah.http import ClientError, form_files, read_body
+from petah.http import ClientError, form_files, listen, read_body
 
 DEVICE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MAX_RELEASE_BYTES = 64 * 1024 * 1024
@@ -322,18 +322,14 @@ def running_hub(hub: Hub, faults: Faults | None = None, host: str = "127.0.0.1",
                 log_level: str = "warning"):
     """The hub served by uvicorn on a thread of this process (tests, ``petah bench fleet``); yields
     its URL and the server (``server.should_exit``)."""
-    import socket
+    import time
 
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    sock = listen(host, port)
     server = uvicorn.Server(uvicorn.Config(create_hub_app(hub, faults), log_level=log_level, lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    import time
-
     while not server.started:
         if not thread.is_alive():
             raise PetahError("the hub did not start")

@@ -31,6 +31,15 @@ def merged_task_module(backbone: Backbone, package: TaskPackage | str | Path) ->
     return module, task.manifest
 
 
+def merged_task_graph(backbone: Backbone, package: TaskPackage | str | Path,
+                      what: str) -> tuple[bytes, nn.Module, Manifest]:
+    """The task's merged module exported (traced on zeros: the graph does not depend on values),
+    the module (its head decodes the graph's output) and the manifest."""
+    module, manifest = merged_task_module(backbone, package)
+    size = backbone.img_size
+    return to_onnx_bytes(module, torch.zeros(2, 3, size, size), what), module, manifest
+
+
 class _LayerTracker:
     """Remembers which module was running, so an export failure can name the layer."""
 
@@ -76,4 +85,4 @@ def to_onnx_bytes(module: nn.Module, example: torch.Tensor, what: str) -> bytes:
     return buffer.getvalue()
 
 
-__all__ = ["INPUT", "OPSET", "OUTPUT", "merged_task_module", "to_onnx_bytes"]
+__all__ = ["INPUT", "OPSET", "OUTPUT", "merged_task_graph", "merged_task_module", "to_onnx_bytes"]

@@ -11,7 +11,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from petah.errors import PetahError
+from petah.http import listen
 from petah.serve.config import ENGINES, ServeConfig
 from petah.serve.station import Station, TaskRecord, UnknownTask, Upload
 
@@ -25,20 +25,8 @@ def demo_packages() -> list[Path]:
 
 
 def bind(config: ServeConfig) -> socket.socket:
-    """The listening socket, bound before the server starts (so port 0 can be printed)."""
-    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # accepted connections inherit it: without, a keep-alive client waited ~40 ms per response
-    # (the response's second write held back by Nagle until the client's delayed ACK)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
-        sock.bind((config.host, config.port))
-        sock.listen(2048)  # clients queue in the backlog until the server accepts
-    except OSError as exc:
-        sock.close()
-        raise PetahError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
-    return sock
+    """The station's listening socket, bound before the server starts (so port 0 can be printed)."""
+    return listen(config.host, config.port)
 
 
 def run_station(station: Station, sock: socket.socket | None = None) -> None:

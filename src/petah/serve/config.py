@@ -130,7 +130,7 @@ class ServeConfig:
         if self.golden and not os.path.isdir(self.golden):
             raise PetahError(f"--golden {self.golden}: not a folder")
         # read now: a bad token file fails before anything loads
-        _ = (self.api_token, self.admin_token, read_token(self.device_token_file, "--device-token-file"))
+        _ = (self.api_token, self.admin_token, self.device_token)
 
     @property
     def api_token(self) -> str | None:
@@ -139,6 +139,10 @@ class ServeConfig:
     @property
     def admin_token(self) -> str | None:
         return read_token(self.admin_token_file, "--admin-token-file")
+
+    @property
+    def device_token(self) -> str | None:
+        return read_token(self.device_token_file, "--device-token-file")
 
     @property
     def max_upload_bytes(self) -> int:

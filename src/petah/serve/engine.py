@@ -84,13 +84,11 @@ class OnnxEngine:
     def prepare(self, path: Path, name: str | None) -> OnnxTask:
         import onnxruntime as ort
 
-        from petah.runtime.onnx import merged_task_module, to_onnx_bytes
+        from petah.runtime.onnx import merged_task_graph
 
         package, origin = open_package(path, self.backbone, self.trust)
         name = check_task_name(name or package.task_name, origin)
-        module, manifest = merged_task_module(self.backbone, package)
-        size = self.backbone.img_size
-        graph = to_onnx_bytes(module, torch.zeros(2, 3, size, size), f"task {name}")
+        graph, module, manifest = merged_task_graph(self.backbone, package, f"task {name}")
         session = ort.InferenceSession(graph, self.options, providers=["CPUExecutionProvider"])
         return OnnxTask(name, manifest, session, module.head)
 
