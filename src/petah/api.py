@@ -178,14 +178,21 @@ def adapt(
                  backbone=backbone.identity(), dtype=adapter_dtype,
                  kind=kind.kind, dice=dice)
     work = replace(backbone, model=copy.deepcopy(backbone.model))
-    adapter = TaskAdapter(work, plan)
-    head = kind.head_for(backbone, len(train.classes))
+    view = kind.view(train, preprocess_for(backbone), augment, config.seed)
+    allocation = None
+    if plan.budget is not None:  # the head first: the probe trains it briefly (then resets it)
+        head = kind.head_for(backbone, len(train.classes))
+        allocation = _allocate(work, plan, config, kind, head, view, dice, task_name, train, val, adapter_dtype)
+        plan = allocation.plan
+        adapter = TaskAdapter(work, plan, allocation.targets)
+    else:
+        adapter = TaskAdapter(work, plan)
+        head = kind.head_for(backbone, len(train.classes))
     model = kind.build_model(work.model, head)
     modes = adapter.norm_modes()
     trainer = Trainer(
         model, adapter.trainable_parameters(), list(head.parameters()),
-        kind.loss(config.label_smoothing, dice, head=head, img_size=backbone.img_size),
-        kind.view(train, preprocess_for(backbone), augment, config.seed), config,
+        kind.loss(config.label_smoothing, dice, head=head, img_size=backbone.img_size), view, config,
         set_train_mode=lambda m: _freeze_norms(m, work.model, modes), unused_parameters=kind is not Classification,
     )
     result = trainer.fit()
@@ -200,10 +207,50 @@ def adapt(
     package.manifest.training = {**config.to_dict(), "seconds": round(result.seconds, 2), "steps": result.steps,
                                  "images_per_second": round(result.images_per_second, 1),
                                  "train_data": train.source, "val_data": val.source, "train_images": len(train)}
+    if allocation is not None:
+        package.manifest.training["allocation"] = allocation.report
     adapted = AdaptResult(package, metrics, result)
     if output is not None:
         save_package(adapted, output)
     return adapted
+
+
+def _metadata_room(classes: list[str], val_images: int) -> int:
+    """Bytes the manifest gains after training (metrics: a confusion matrix, per-class scores;
+    the training record), bounded from above, so a budget is met before the metrics are known."""
+    per_class = sum(2 * len(name) + 60 for name in classes)
+    return 2500 + per_class + len(classes) ** 2 * (len(str(val_images)) + 2)
+
+
+def _allocate(work: Backbone, plan: PlanConfig, config: TrainConfig, kind, head: nn.Module, view, dice: bool,
+              task_name: str, train: LabeledImages, val: LabeledImages, adapter_dtype: str):
+    """``--budget``: choose the plan's ranks, channel scales and owned norms on this task's data
+    (``petah.train.allocate``), pricing each choice by the package it would write."""
+    from petah.packages.format import encode_package
+    from petah.plans.budget import budget_bytes
+    from petah.train.allocate import ProbeContext, allocate_budget
+
+    budget = budget_bytes(plan.budget, work.weights_bytes)
+    room = _metadata_room(train.classes, len(val))
+
+    def package_bytes(trial_plan: PlanConfig, targets: list) -> int:
+        trial = TaskAdapter(work, trial_plan, targets, name="budget-trial")
+        try:
+            package = build_package(work, trial, head, task_name=task_name, labels=train.classes, kind=kind,
+                                    adapter_dtype=adapter_dtype, trainable_parameters=10**9,
+                                    preprocessing={**work.preprocessing(), "intensity": train.intensity})
+            return len(encode_package(package)) + room
+        finally:
+            trial.remove()
+
+    model = kind.build_model(work.model, head)
+    frozen = {name: False for name, m in work.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    steps = -(-len(view) // config.batch_size) * config.epochs
+    context = ProbeContext(model, work.model, head, kind.loss(config.label_smoothing, dice, head=head,
+                                                                img_size=work.img_size),
+                           view, config, lambda m: _freeze_norms(m, work.model, frozen),
+                           min(steps, config.max_steps or steps))
+    return allocate_budget(context, plan, work, budget, package_bytes, check_dtype("adapter_dtype", adapter_dtype))
 
 
 def save_package(result: AdaptResult | TaskPackage, path: str | Path) -> Path:

@@ -172,10 +172,12 @@ class TaskAdapter:
         return list(self._adapter_params().values()) + overrides
 
     def norm_modes(self) -> dict[str, bool]:
-        """Which norm layers run in train mode while this task trains (the rest stay frozen)."""
+        """Which norm layers run in train mode while this task trains (the rest stay frozen): all
+        for ``full`` and ``task_norm="stats"``; else those the task owns outright (a budget plan's)."""
         trains_stats = self.config.preset == "full" or self.config.task_norm == "stats"
+        owned = set(self.config.override_modules)
         return {
-            name: trains_stats
+            name: trains_stats or name in owned
             for name, m in self.model.named_modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm)
         }

@@ -17,12 +17,16 @@ import torch.nn as nn
 
 from petah.errors import PetahError
 from petah.options import option, parse_stage_values, require_positive
+from petah.plans.budget import BUDGET_FORMS, check_budget
 
 LORA = "lora"
 CHANNEL_SCALE = "channel_scale"
 
 PRESETS = ("petah", "attn-lora", "bitfit", "linear-probe", "full")
 TASK_NORM_CHOICES = ("none", "affine", "stats")
+ALLOCATIONS = ("gradient", "activation")
+DEFAULT_RANK = 8
+DEFAULT_MAX_RANK = 32
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
@@ -72,7 +76,7 @@ class PlanConfig:
     """A task's adaptation recipe; stored in the package manifest. Its fields are the CLI's plan options."""
 
     preset: str = option("petah", help="petah | attn-lora | bitfit | linear-probe | full", cli="--plan")
-    rank: int = option(8, help=f"LoRA rank (1 to {MAX_RANK}).", cli="--rank")
+    rank: int = option(DEFAULT_RANK, help=f"LoRA rank (1 to {MAX_RANK}).", cli="--rank")
     alpha: float | None = option(None, help="LoRA alpha (default 2 x rank).", cli="--alpha")
     stage_ranks: dict[int, int] = option(
         default_factory=dict, help="Per-stage rank, STAGE=RANK; 0 leaves a stage unadapted. Repeatable.",
@@ -84,8 +88,18 @@ class PlanConfig:
     targets: list[str] = option(default_factory=list, cli="--target", cli_type=list[str],
                                 help="Regex naming layers to adapt (a generic plan for any timm model). Repeatable.")
     dropout: float = option(0.0, help="LoRA dropout, in [0, 1).", cli="--dropout")
-    # modules whose every tensor the task owns (PEFT's modules_to_save, kept by import-peft)
+    # modules whose every tensor the task owns (PEFT's modules_to_save, kept by import-peft; the
+    # norm layers a budget allocation gives the task)
     override_modules: list[str] = option(default_factory=list, help="Modules whose every tensor the task owns.")
+    budget: str | None = option(None, cli="--budget", help=(
+        f"Bytes the package may take: {BUDGET_FORMS}. The plan's layers then get each their own "
+        "rank (0 = not adapted), channel scale or not, and the task owns the norm layers that pay, "
+        "chosen by a short probe on the training data."))
+    max_rank: int = option(DEFAULT_MAX_RANK, cli="--max-rank",
+                           help="With --budget: the largest rank any one layer may get.")
+    allocation: str = option("gradient", cli="--allocation", help=(
+        "With --budget: how layers are valued. gradient (the loss gradient's energy a rank captures, after "
+        "a short head warm-up) | activation (EVA-style: the input variance a rank explains; no labels)."))
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -105,6 +119,24 @@ class PlanConfig:
         for stage, rank in self.stage_ranks.items():
             if stage < 0 or not 0 <= rank <= MAX_RANK:
                 raise PetahError(f"--stage-rank {stage}={rank}: the stage must be >= 0 and the rank 0 to {MAX_RANK}")
+        if self.allocation not in ALLOCATIONS:
+            raise PetahError(f"unknown --allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if not 1 <= self.max_rank <= MAX_RANK:
+            raise PetahError(f"--max-rank must be 1 to {MAX_RANK}, got {self.max_rank}")
+        if self.budget is not None:
+            self._check_budget()
+
+    def _check_budget(self) -> None:
+        """A budget chooses every rank itself: options that fix ranks contradict it."""
+        self.budget = check_budget(self.budget)
+        if self.preset != "petah":
+            raise PetahError(f"--budget allocates the petah plan's layers; it does not apply to --plan {self.preset}")
+        if self.stage_ranks:
+            raise PetahError("--budget chooses each layer's rank; drop --stage-rank (cap ranks with --max-rank)")
+        if self.rank != DEFAULT_RANK:
+            raise PetahError("--budget chooses each layer's rank; drop --rank (cap ranks with --max-rank)")
+        if self.task_norm != "none":
+            raise PetahError("--budget chooses which norm layers the task owns; drop --task-norm")
 
     @property
     def lora_alpha(self) -> float:

@@ -1,0 +1,299 @@
+"""``petah adapt --budget``: value every adapter choice with a short probe on the task's own data,
+then spend the byte budget on the choices worth most per byte (``petah.plans.budget.allocate``).
+
+The choices (the petah plan's layers, over-provisioned to ``--max-rank``):
+- a LoRA layer's rank, one step per rank (0 = not adapted);
+- a depthwise / grouped conv's channel scale (on or off);
+- a norm layer the task owns (its affine, and for BatchNorm its statistics, trained on the task).
+
+Two families of valuation, compared on the method bench (docs/benchmarks.md):
+- ``gradient``: the head is warmed on the frozen backbone for a few steps, then the loss gradient
+  of each layer's weight is summed over a few batches. A rank-r update can follow at most the top r
+  singular directions of that gradient, so rank i is worth sigma_i^2, the squared gradient energy
+  it captures (the first-order loss decrease of a unit step); a channel scale or norm layer is
+  worth the squared norm of its own parameters' gradient. Needs labels; costs a few steps.
+- ``activation`` (EVA-style, Paischer et al. 2024): the spectrum of each layer's inputs, rank i
+  worth its explained-variance ratio. A 1x1 conv is a linear map over channels; a k x k conv a
+  linear map over unfolded patches. No labels; channel scales always in (they are cheap), no norms.
+  PEFT's own EVA refuses conv layers, which every EfficientFormerV2 target is.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from petah.errors import PetahError
+from petah.plans import CHANNEL_SCALE, LORA, PlanConfig, Target, resolve_targets
+from petah.plans.base import NORM_TYPES
+from petah.plans.budget import Ladder, allocate, stage_summary
+
+# Probe length as a share of the training steps (the issue's cap: +15 % of training time), with
+# floors so a short run still sees a few batches and ceilings so a long one does not pay more.
+HEAD_WARMUP = (0.06, 3, 40)  # share, fewest, most steps; each costs about a third of a training step
+PROBE_BATCHES = (0.03, 2, 12)  # forward + backward (gradient) or forward only (activation)
+NORM_FLOAT_BYTES = 4  # owned norm affines are stored as trained (fp32)
+
+
+@dataclass
+class Allocation:
+    plan: PlanConfig  # the budget plan with the owned norm layers filled in
+    targets: list[Target]
+    report: dict
+
+
+def _steps(share_floor_cap: tuple[float, int, int], total_steps: int) -> int:
+    share, floor, cap = share_floor_cap
+    return max(floor, min(cap, round(share * total_steps)))
+
+
+def _weight_matrix_shape(layer: nn.Module) -> tuple[int, int]:
+    """(out, in) of a layer's weight as the matrix LoRA's B @ A updates."""
+    if isinstance(layer, nn.Conv2d):
+        return layer.out_channels, layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
+    return layer.out_features, layer.in_features
+
+
+def _entry_bytes(name: str) -> int:
+    """What one stored tensor adds besides its numbers: its safetensors header entry and its
+    name in the manifest (about; the exact size is checked on the built package)."""
+    return 2 * len(name) + 90
+
+
+class _Pricing:
+    """Bytes of each choice as the package stores it."""
+
+    def __init__(self, adapter_dtype: torch.dtype):
+        self.adapter = torch.finfo(adapter_dtype).bits // 8
+        self.stats = 4 if adapter_dtype == torch.float32 else 2  # format.pack_tensors: fp16 statistics
+
+    def lora(self, target: Target, layer: nn.Module) -> tuple[int, int]:
+        """(bytes of one rank, what the layer's first rank adds on top: two tensor entries)."""
+        out_dim, in_dim = _weight_matrix_shape(layer)
+        return (out_dim + in_dim) * self.adapter, _entry_bytes(f"adapter/{target.module}.lora_A") * 2
+
+    def scale(self, target: Target, layer: nn.Module) -> int:
+        return layer.out_channels * self.adapter + _entry_bytes(f"adapter/{target.module}.scale_delta")
+
+    def norm(self, name: str, module: nn.Module) -> int:
+        cost = 0
+        for key, tensor in itertools.chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False)):
+            size = self.stats if key.startswith("running_") else tensor.element_size() if key == "num_batches_tracked" \
+                else NORM_FLOAT_BYTES
+            cost += tensor.numel() * size + _entry_bytes(f"override/{name}.{key}")
+        return cost
+
+
+def _loader(view, batch_size: int, seed: int) -> DataLoader:
+    return DataLoader(view, batch_size=batch_size, shuffle=True, collate_fn=getattr(view, "collate", None),
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def _batches(view, batch_size: int, seed: int, count: int):
+    """``count`` batches, cycling through the data when it holds fewer."""
+    loader = _loader(view, batch_size, seed)
+    produced = 0
+    while produced < count:
+        for batch in loader:
+            yield batch
+            produced += 1
+            if produced >= count:
+                return
+
+
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """Under torchrun every rank must choose the same plan: sum what the ranks measured."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def _norm_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Norm layers a task may own: those with an affine to train."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, NORM_TYPES) and getattr(m, "weight", None) is not None}
+
+
+def _gradient_gains(context, candidates: list[Target]) -> dict[str, list[float]]:
+    from petah.train import Trainer
+    from petah.train.trainer import to_device
+
+    model, backbone_model, head = context.model, context.backbone_model, context.head
+    warmup = _steps(HEAD_WARMUP, context.total_steps)
+    config = replace(context.config, max_steps=warmup, progress=False, checkpoint_dir=None, resume=False,
+                     checkpoint_every=0)
+    Trainer(model, [], list(head.parameters()), context.loss_fn, context.view, config,
+            set_train_mode=context.set_train_mode, unused_parameters=True).fit()
+    norms = _norm_layers(backbone_model)
+    watched = [backbone_model.get_submodule(t.module).weight for t in candidates]
+    watched += [p for m in norms.values() for p in m.parameters(recurse=False)]
+    watched += [backbone_model.get_submodule(t.module).bias for t in candidates
+                if t.method == CHANNEL_SCALE and backbone_model.get_submodule(t.module).bias is not None]
+    for tensor in watched:
+        tensor.requires_grad_(True)
+        tensor.grad = None
+    try:
+        context.set_train_mode(model)
+        device = next(head.parameters()).device
+        for images, targets in _batches(context.view, context.config.batch_size, context.config.seed + 1,
+                                        _steps(PROBE_BATCHES, context.total_steps)):
+            loss = context.loss_fn(model(images.to(device)), to_device(targets, device))
+            loss.backward()
+        gains: dict[str, list[float]] = {}
+        for target in candidates:
+            layer = backbone_model.get_submodule(target.module)
+            grad = _all_reduce(layer.weight.grad.detach().clone())
+            if target.method == LORA:
+                sigma = torch.linalg.svdvals(grad.reshape(grad.shape[0], -1).float())
+                gains[target.module] = (sigma[: target.rank] ** 2).tolist()
+            else:  # d loss / d delta_c of the scale (1 + delta_c) on channel c
+                energy = (layer.weight.detach() * grad).flatten(1).sum(1)
+                if layer.bias is not None:
+                    energy = energy + layer.bias.detach() * _all_reduce(layer.bias.grad.detach().clone())
+                gains[target.module] = [float((energy ** 2).sum())]
+        for name, module in norms.items():
+            energy = sum(float((_all_reduce(p.grad.detach().clone()) ** 2).sum())
+                         for p in module.parameters(recurse=False) if p.grad is not None)
+            gains[name] = [energy]
+    finally:
+        for tensor in watched:
+            tensor.requires_grad_(False)
+            tensor.grad = None
+        model.eval()
+    return gains
+
+
+def _layer_inputs(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A layer's input as rows of the vectors its weight matrix multiplies."""
+    if isinstance(layer, nn.Conv2d):
+        cols = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+@torch.no_grad()
+def _activation_gains(context, candidates: list[Target]) -> dict[str, list[float]]:
+    backbone_model = context.backbone_model
+    lora = [t for t in candidates if t.method == LORA]
+    moments: dict[str, torch.Tensor] = {}
+    hooks = []
+    for target in lora:
+        layer = backbone_model.get_submodule(target.module)
+        if isinstance(layer, nn.Conv2d) and not isinstance(layer.padding, tuple):  # "same" / "valid" strings
+            raise PetahError(f"--allocation activation cannot unfold {target.module} (padding "
+                             f"{layer.padding!r}); use --allocation gradient")
+
+        def record(module, args, _out, name=target.module):
+            rows = _layer_inputs(module, args[0].float())
+            moment = rows.T @ rows
+            moments[name] = moments[name] + moment if name in moments else moment
+        hooks.append(layer.register_forward_hook(record))
+    try:
+        context.set_train_mode(context.model)
+        backbone_model.eval()  # frozen: inputs as inference sees them
+        device = next(backbone_model.parameters()).device
+        for images, _ in _batches(context.view, context.config.batch_size, context.config.seed + 1,
+                                  _steps(PROBE_BATCHES, context.total_steps)):
+            backbone_model(images.to(device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        context.model.eval()
+    gains: dict[str, list[float]] = {}
+    for target in lora:
+        eigen = torch.linalg.eigvalsh(_all_reduce(moments[target.module]).double()).flip(0).clamp_min(0)
+        gains[target.module] = (eigen[: target.rank] / eigen.sum().clamp_min(1e-30)).tolist()
+    top = max((g[0] for g in gains.values() if g), default=1.0)
+    for target in candidates:  # channel scales ride along, as in the uniform plan: first in line
+        if target.method == CHANNEL_SCALE:
+            gains[target.module] = [top * 10]
+    return gains
+
+
+@dataclass
+class ProbeContext:
+    """What the probes run on: the task model (backbone + fresh head) and its training data."""
+
+    model: nn.Module
+    backbone_model: nn.Module
+    head: nn.Module
+    loss_fn: object
+    view: object
+    config: object  # TrainConfig
+    set_train_mode: object
+    total_steps: int
+
+
+def _ladders(context: ProbeContext, candidates: list[Target], gains: dict[str, list[float]],
+             pricing: _Pricing) -> list[Ladder]:
+    ladders = []
+    model = context.backbone_model
+    for target in candidates:
+        layer = model.get_submodule(target.module)
+        values = [max(g, 0.0) for g in gains.get(target.module, [])]
+        if not values:
+            continue
+        if target.method == LORA:
+            per_rank, first_extra = pricing.lora(target, layer)
+            costs = (per_rank + first_extra,) + (per_rank,) * (len(values) - 1)
+        else:
+            costs = (pricing.scale(target, layer),)
+        ladders.append(Ladder(target.module, tuple(values), costs))
+    for name, module in _norm_layers(model).items():
+        if name in gains:
+            ladders.append(Ladder(name, (max(gains[name][0], 0.0),), (pricing.norm(name, module),)))
+    return ladders
+
+
+def allocate_budget(context: ProbeContext, plan: PlanConfig, backbone, budget: int, package_bytes,
+                    adapter_dtype: torch.dtype) -> Allocation:
+    """Probe, then choose ranks, scales and owned norms whose package fits ``budget`` bytes.
+
+    ``package_bytes(plan, targets)``: the exact bytes of the package these choices make (head,
+    manifest and all) before training, plus room for what training adds to the manifest; the
+    choice shrinks until it fits. The head is put back as it was, so training starts as without a
+    budget. A budget the head and manifest alone exceed is refused before the probe.
+    """
+    started = time.monotonic()
+    base = package_bytes(replace(plan, override_modules=[]), [])
+    if base > budget:
+        raise PetahError(f"--budget {plan.budget} is {budget:,} bytes, but this task's head and manifest alone "
+                         f"take {base:,}: the smallest budget for it is {base:,} bytes")
+    open_plan = replace(plan, rank=plan.max_rank, budget=None, override_modules=[])
+    candidates = resolve_targets(backbone.model, backbone.family, open_plan, backbone.name)
+    head_state = copy.deepcopy(context.head.state_dict())
+    probe = _gradient_gains if plan.allocation == "gradient" else _activation_gains
+    gains = probe(context, candidates)
+    context.head.load_state_dict(head_state)
+    probe_seconds = time.monotonic() - started
+    ladders = _ladders(context, candidates, gains, _Pricing(adapter_dtype))
+    by_name = {t.module: t for t in candidates}
+    room = budget - base
+    for _ in range(6):  # the prices are close, not exact: shrink by any excess and choose again
+        taken, _spent = allocate(ladders, room)
+        targets = sorted((replace(by_name[name], rank=count) if by_name[name].method == LORA else by_name[name]
+                          for name, count in taken.items() if count and name in by_name), key=lambda t: t.module)
+        owned = sorted(name for name, count in taken.items() if count and name not in by_name)
+        chosen = replace(plan, override_modules=owned)
+        total = package_bytes(chosen, targets)
+        if total <= budget:
+            break
+        room -= total - budget
+    else:
+        raise PetahError(f"could not fit --budget {plan.budget} ({budget:,} bytes); the closest choice takes {total:,}")
+    stage_of = backbone.family.stage_of if backbone.family else (lambda _name: 0)
+    report = {
+        "method": plan.allocation, "budget_bytes": budget, "planned_bytes": total,
+        "probe_seconds": round(probe_seconds, 2), "seconds": round(time.monotonic() - started, 2),
+        "lora_layers": f"{sum(t.method == LORA for t in targets)} of {sum(t.method == LORA for t in candidates)}",
+        "channel_scales": sum(t.method == CHANNEL_SCALE for t in targets), "owned_norm_layers": len(owned),
+        "stages": {str(k): v for k, v in stage_summary(targets, stage_of).items()},
+    }
+    return Allocation(chosen, targets, report)
