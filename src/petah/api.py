@@ -513,11 +513,19 @@ __all__ = [
 ]
 
 
-def plan_summary(backbone: Backbone, *, plan: PlanConfig | None = None, classes: int = 10) -> dict:
-    """Which layers a plan adapts on ``backbone`` and what it trains — before any training."""
+def plan_summary(backbone: Backbone, *, plan: PlanConfig | None = None, classes: int = 10,
+                 targets: list | None = None) -> dict:
+    """Which layers a plan adapts on ``backbone`` and what it trains — before any training, or as a
+    package chose them (``targets``: its manifest's; a budget plan's ranks exist only there)."""
+    from petah.plans import stage_function
+    from petah.plans.budget import stage_summary
+
     plan = plan or PlanConfig()
+    if plan.budget is not None and targets is None:
+        raise PetahError("a --budget plan is chosen on the task's data by petah adapt; show the choice of a "
+                         "package with petah plan show --package PKG (or petah inspect PKG)")
     work = replace(backbone, model=copy.deepcopy(backbone.model))
-    adapter = TaskAdapter(work, plan)
+    adapter = TaskAdapter(work, plan, targets)
     adapters = adapter.adapter_state()
     layers = []
     for target in adapter.targets:
@@ -534,6 +542,7 @@ def plan_summary(backbone: Backbone, *, plan: PlanConfig | None = None, classes:
         "backbone": backbone.name, "img_size": backbone.img_size,
         "family": backbone.family.name if backbone.family else None,
         "plan": plan.to_dict(), "layers": layers,
+        "stages": stage_summary(adapter.targets, stage_function(backbone.name)),
         "adapter_parameters": trainable - owned, "owned_parameters": owned, "owned_tensors": len(adapter.override_keys),
         "head_parameters": head_params, "head_classes": classes,
         "backbone_parameters": backbone_params,

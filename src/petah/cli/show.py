@@ -32,6 +32,7 @@ def inspect_(
         ("backbone", f"{info['backbone']}@{info['img_size']}px  {info['fingerprint'][:16]}"),
         ("plan", json.dumps(info["plan"])),
         ("adapted layers", str(info["adapted_layers"])),
+        *stage_rows(info["stages"]),
         ("package", f"{info['package_bytes']:,} bytes"),
         ("backbone", f"{info['backbone_bytes']:,} bytes (fp32, no classifier)"),
         ("ratio", f"{100 * info['ratio']:.3f} %" if info["ratio"] else "?"),
@@ -43,6 +44,19 @@ def inspect_(
         ("signature", "present (not verified here)" if info["signature_present"] else "none"),
         ("created", f"{info['created_at']} by petah {info['petah_version']}"),
     ])
+
+
+def stage_rows(stages: dict) -> list[tuple[str, str]]:
+    """One line per backbone stage: its LoRA layers and ranks, its channel scales."""
+    rows = []
+    for stage, row in stages.items():
+        ranks = (f"rank {row['rank_min']}" if row["rank_min"] == row["rank_max"]
+                 else f"ranks {row['rank_min']}-{row['rank_max']}") if row["lora_layers"] else ""
+        parts = [f"{row['lora_layers']} LoRA layers" + (f", {ranks} (sum {row['rank_sum']})" if ranks else "")]
+        if row["channel_scales"]:
+            parts.append(f"{row['channel_scales']} channel scales")
+        rows.append((f"  stage {stage}", "; ".join(parts)))
+    return rows
 
 
 def _inspect_backbone(path: Path, json_out: bool) -> None:
@@ -76,7 +90,10 @@ plan_app = typer.Typer(no_args_is_help=True, help="Adapter plans: what a task wo
 @plan_app.command("show")
 @config_options(PlanConfig, "plan", exclude=("dropout",))  # dropout changes no layer or count
 def plan_show(
-    backbone_spec: Annotated[str, typer.Argument(help="A petah backbone file, or a timm model name.")],
+    backbone_spec: Annotated[str | None, typer.Argument(
+        help="A petah backbone file, or a timm model name (with --package: the package's).")] = None,
+    package: Annotated[Path | None, typer.Option(
+        "--package", help="Show the plan a package holds (a --budget plan's ranks exist only there).")] = None,
     classes: Annotated[int, typer.Option(help="Classes of the head counted in the trainable total.")] = 10,
     weights: WeightsOpt = "none",
     img_size: SizeOpt = None,
@@ -86,7 +103,16 @@ def plan_show(
     """List the layers a plan adapts on a backbone and the trainable parameters, before training."""
     from petah import api
 
-    summary = api.plan_summary(backbone(backbone_spec, weights, img_size), plan=plan, classes=classes)
+    targets = None
+    if package is not None:  # layer shapes need only the architecture: the package names it
+        from petah.packages import read_package
+
+        manifest = read_package(package).manifest
+        plan, targets, classes = manifest.plan.plan_config(), list(manifest.plan.targets), len(manifest.labels)
+        backbone_spec, img_size = backbone_spec or manifest.backbone.name, img_size or manifest.backbone.img_size
+    elif backbone_spec is None:
+        raise PetahError("name a backbone (a file or a timm model name), or give --package")
+    summary = api.plan_summary(backbone(backbone_spec, weights, img_size), plan=plan, classes=classes, targets=targets)
     if json_out:
         emit_json(summary)
         return
@@ -98,6 +124,8 @@ def plan_show(
         table.add_row(layer["module"], layer["type"], layer["method"], str(layer["rank"] or "-"),
                       f"{layer['parameters']:,}")
     out.print(table)
+    for stage, text in stage_rows(summary["stages"]):
+        out.print(f"{stage.strip()}: {text}")
     out.print(f"{len(summary['layers'])} adapted layers, {summary['adapter_parameters']:,} adapter + "
               f"{summary['owned_parameters']:,} owned ({summary['owned_tensors']} tensors) + "
               f"{summary['head_parameters']:,} head ({summary['head_classes']} classes) parameters = "

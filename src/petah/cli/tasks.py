@@ -33,6 +33,7 @@ from petah.cli.common import (
     package_intensity,
     warn_skipped,
 )
+from petah.cli.show import stage_rows
 from petah.data.images import DEFAULT_INTENSITY
 from petah.errors import PetahError
 from petah.plans import PlanConfig
@@ -164,10 +165,19 @@ def adapt(
         "train_seconds": round(result.train.seconds, 2), "images_per_second": round(result.train.images_per_second, 1),
         "metrics": result.metrics,
     }
+    allocation = result.package.manifest.training.get("allocation")
+    if allocation:
+        summary["allocation"] = allocation
     if json_out:
         emit_json(summary)
         return
     out.print(metrics_table(summary["task"], result.metrics))
+    if allocation:
+        out.print(f"--budget {plan.budget} = {allocation['budget_bytes']:,} bytes ({allocation['method']}, "
+                  f"{allocation['seconds']:.1f} s): LoRA on {allocation['lora_layers']} layers, "
+                  f"{allocation['channel_scales']} channel scales, {allocation['owned_norm_layers']} owned norm layers")
+        for stage, text in stage_rows(allocation["stages"]):
+            out.print(f"{stage}: {text}")
     out.print(f"wrote {output}: {info['package_bytes']:,} bytes = {100 * info['ratio']:.2f} % of the backbone; "
               f"trained {summary['train_seconds']:.1f} s")
 

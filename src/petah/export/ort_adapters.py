@@ -8,8 +8,12 @@ the backbone. A task's adapter file (``onnxruntime.AdapterFormat``) holds its va
 activates it per call with ``RunOptions.add_active_adapter``. Padded head rows get a bias of
 -1e9, so argmax / softmax over the padded logits are the task's own.
 
-All tasks of one base must share the plan's layers and ranks (tensor shapes must match
-exactly); a task that owns norm tensors cannot ride on a base graph (export it merged).
+Tasks of one base may adapt different layers at different ranks (budget plans do): the base
+holds every layer any task adapts, at the largest rank among them, and each task's tensors are
+padded with zero rows / columns (zero A rows and B columns add exactly nothing; a layer the task
+leaves alone gets zeros, or a scale of 1). A task that owns norm tensors cannot ride on a base
+graph: its norms would have to be graph inputs, which keeps ONNX Runtime from folding them into
+the convolutions of every task (export it merged).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from petah.errors import PetahError
 from petah.export.onnx import with_metadata, worst_error
 from petah.files import atomic_write_bytes, inside, staged_folder
 from petah.packages import LoadedTask, Manifest, TaskPackage, load_task, read_package
-from petah.plans import LORA
+from petah.plans import LORA, Target
 from petah.runtime.onnx import INPUT, OUTPUT, to_onnx_bytes
 from petah.tasks import ClassificationModel
 
@@ -78,25 +82,44 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _signature(manifest: Manifest) -> list:
-    return manifest.plan.to_dict()["targets"]
+def union_targets(manifests: list[Manifest]) -> list[Target]:
+    """Every layer any of the tasks adapts, at the largest rank among them: the base graph's slots."""
+    largest: dict[str, Target] = {}
+    for manifest in manifests:
+        for target in manifest.plan.targets:
+            seen = largest.get(target.module)
+            if seen is None or target.rank > seen.rank:
+                largest[target.module] = target
+    return sorted(largest.values(), key=lambda t: t.module)
 
 
-def task_values(task: LoadedTask, classes: int) -> dict[str, np.ndarray]:
-    """A task's values for every overridable tensor of the base graph (names as in the graph)."""
+def _padded(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``tensor`` grown to ``size`` along ``dim`` with zeros (a LoRA rank padded: exactly the same update)."""
+    shape = list(tensor.shape)
+    shape[dim] = size - shape[dim]
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim)
+
+
+def task_values(task: LoadedTask, classes: int, slots: list[Target], template: nn.Module) -> dict[str, np.ndarray]:
+    """A task's values for every overridable tensor of the base graph (names as in the graph):
+    its own adapters padded to each slot's rank, neutral values where it adapts nothing."""
     values: dict[str, np.ndarray] = {}
-    for module, method, _rank in task.manifest.plan.to_dict()["targets"]:
-        layer = task.model.backbone.get_submodule(module)
-        key = f"backbone.{module}"
-        if method == LORA:
+    own = {t.module for t in task.manifest.plan.targets}
+    for slot in slots:
+        key = f"backbone.{slot.module}"
+        if slot.module not in own:
+            continue  # neutral_values below
+        layer = task.model.backbone.get_submodule(slot.module)
+        if slot.method == LORA:
             name = task.adapter.name
             a, b = layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach()
-            b = b * layer.scaling[name]
+            a, b = _padded(a, 0, slot.rank), _padded(b * layer.scaling[name], 1, slot.rank)
             if isinstance(layer.get_base_layer(), nn.Linear):
                 a, b = a.t(), b.t()
             values[f"{key}.lora_a"], values[f"{key}.lora_b"] = a.numpy(), b.numpy()
         else:
             values[f"{key}.scale"] = (1.0 + layer.deltas[task.adapter.name].detach()).view(-1, 1, 1).numpy()
+    values = {**{k: v for k, v in neutral_values(template).items() if not k.startswith("head.")}, **values}
     head = task.model.head
     weight = torch.zeros(classes, head.in_features)
     bias = torch.full((classes,), PAD_BIAS)
@@ -106,15 +129,15 @@ def task_values(task: LoadedTask, classes: int) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in values.items()}
 
 
-def base_module(backbone: Backbone, manifest: Manifest, classes: int) -> nn.Module:
+def base_module(backbone: Backbone, slots: list[Target], classes: int) -> nn.Module:
     model = copy.deepcopy(backbone.model).eval()
-    for module, method, rank in manifest.plan.to_dict()["targets"]:
-        base = model.get_submodule(module)
-        if method == LORA:
-            slot = ConvLoraSlot(base, int(rank)) if isinstance(base, nn.Conv2d) else LinearLoraSlot(base, int(rank))
+    for target in slots:
+        base = model.get_submodule(target.module)
+        if target.method == LORA:
+            slot = ConvLoraSlot(base, target.rank) if isinstance(base, nn.Conv2d) else LinearLoraSlot(base, target.rank)
         else:
             slot = ScaleSlot(base)
-        _set(model, module, slot)
+        _set(model, target.module, slot)
     head = nn.Linear(backbone.num_features, classes)
     template = ClassificationModel(model, head).eval().requires_grad_(False)
     # Distinct values while exporting: the exporter merges identical initializers (all-zero
@@ -195,15 +218,13 @@ def export_base_and_adapters(backbone: Backbone, packages: list, output: str | P
         if manifest.plan.overrides:
             raise PetahError(f"{path}: its plan owns norm / bias tensors, which a shared base graph cannot switch; "
                              "export it merged")
-        if _signature(manifest) != _signature(first):
-            raise PetahError(f"{path}: its adapted layers or ranks differ from {loaded[0][0]}; "
-                             "one base serves one plan shape")
     task_names = [p.task_name for _, p in loaded]
     if len({n.casefold() for n in task_names}) != len(task_names):  # a.onnx_adapter and A.onnx_adapter collide on macOS
         raise PetahError(f"two packages share a task name ({', '.join(task_names)}); "
                          "each task gets its own adapter file")
     classes = max(len(p.manifest.labels) for _, p in loaded)
-    template = base_module(backbone, first, classes)
+    slots = union_targets([p.manifest for _, p in loaded])
+    template = base_module(backbone, slots, classes)
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(2, 3, backbone.img_size, backbone.img_size, generator=gen)
     neutral = neutral_values(template)
@@ -243,7 +264,8 @@ def export_base_and_adapters(backbone: Backbone, packages: list, output: str | P
             adapter = ort.AdapterFormat()
             adapter.set_adapter_version(1)
             adapter.set_model_version(1)
-            values = task_values(task, classes)  # kept alive: an OrtValue only borrows the numpy memory
+            # kept alive: an OrtValue only borrows the numpy memory
+            values = task_values(task, classes, slots, template)
             adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in values.items()})
             staged = inside(stage, f"{name}.onnx_adapter")  # task names are untrusted: never outside the folder
             adapter.export_adapter(str(staged))

@@ -23,6 +23,8 @@ from petah.errors import BackboneMismatch, PetahError
 from petah.packages.format import TaskPackage, content_matches, pack_tensors, read_package
 from petah.packages.manifest import ADAPTER_DTYPES, BackboneRef, Manifest, PlanRecord, TaskInfo, check_task_name
 from petah.packages.signing import SignatureError
+from petah.plans import stage_function
+from petah.plans.budget import stage_summary
 from petah.tasks import Classification, task_kind
 
 DTYPES = {name: getattr(torch, name) for name in ADAPTER_DTYPES}  # "float16" -> torch.float16 …
@@ -205,6 +207,7 @@ def describe_package(path: str | Path) -> dict:
         "fingerprint": manifest.backbone.fingerprint,
         "plan": manifest.plan.config,
         "adapted_layers": len(manifest.plan.targets),
+        "stages": stage_summary(manifest.plan.targets, stage_function(manifest.backbone.name)),
         "task": manifest.task.to_dict(),
         "metrics": {k: v for k, v in manifest.metrics.items() if k in ("accuracy", "mIoU", "mAP", "mAP50", "samples")},
         "sections": sections,

@@ -32,7 +32,13 @@ def family_for(model_name: str) -> Family | None:
     return next((f for f in FAMILIES if f.matches(model_name)), None)
 
 
+def stage_function(model_name: str):
+    """module name -> backbone stage for a timm model (0 for all where petah knows no family)."""
+    family = family_for(model_name)
+    return family.stage_of if family else (lambda _name: 0)
+
+
 __all__ = [
     "CHANNEL_SCALE", "FAMILIES", "LORA", "MAX_RANK", "PRESETS", "Family", "PlanConfig", "Target",
-    "family_for", "override_names", "resolve_targets",
+    "family_for", "override_names", "stage_function", "resolve_targets",
 ]

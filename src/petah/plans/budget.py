@@ -78,8 +78,9 @@ def allocate(ladders: list[Ladder], budget: int) -> tuple[dict[str, int], int]:
     return taken, spent
 
 
-def stage_summary(targets, stage_of) -> dict[int, dict]:
-    """Per backbone stage: LoRA layers and their ranks, channel scales (``targets``: ``Target``\s)."""
+def stage_summary(targets, stage_of) -> dict[str, dict]:
+    """Per backbone stage (keys as JSON has them): LoRA layers and their ranks, channel scales
+    (``targets``: a plan's ``Target`` list)."""
     stages: dict[int, dict] = {}
     for target in targets:
         row = stages.setdefault(stage_of(target.module), {"lora_layers": 0, "rank_sum": 0, "rank_min": None,
@@ -91,4 +92,4 @@ def stage_summary(targets, stage_of) -> dict[int, dict]:
             row["rank_max"] = max(row["rank_max"] or 0, target.rank)
         else:
             row["channel_scales"] += 1
-    return dict(sorted(stages.items()))
+    return {str(stage): row for stage, row in sorted(stages.items())}

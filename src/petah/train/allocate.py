@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from petah.errors import PetahError
-from petah.plans import CHANNEL_SCALE, LORA, PlanConfig, Target, resolve_targets
+from petah.plans import CHANNEL_SCALE, LORA, PlanConfig, Target, resolve_targets, stage_function
 from petah.plans.base import NORM_TYPES
 from petah.plans.budget import Ladder, allocate, stage_summary
 
@@ -288,12 +288,11 @@ def allocate_budget(context: ProbeContext, plan: PlanConfig, backbone, budget: i
         room -= total - budget
     else:
         raise PetahError(f"could not fit --budget {plan.budget} ({budget:,} bytes); the closest choice takes {total:,}")
-    stage_of = backbone.family.stage_of if backbone.family else (lambda _name: 0)
     report = {
         "method": plan.allocation, "budget_bytes": budget, "planned_bytes": total,
         "probe_seconds": round(probe_seconds, 2), "seconds": round(time.monotonic() - started, 2),
         "lora_layers": f"{sum(t.method == LORA for t in targets)} of {sum(t.method == LORA for t in candidates)}",
         "channel_scales": sum(t.method == CHANNEL_SCALE for t in targets), "owned_norm_layers": len(owned),
-        "stages": {str(k): v for k, v in stage_summary(targets, stage_of).items()},
+        "stages": stage_summary(targets, stage_function(backbone.name)),
     }
     return Allocation(chosen, targets, report)
