@@ -60,7 +60,15 @@ def test_bench_methods_quick(tmp_path):
     assert all(r["peak_rss_bytes"] > 50 * 2**20 and r["train_peak_rss_bytes"] <= r["peak_rss_bytes"]
                and r["train_rss_rise_bytes"] > 0 and r["images_per_second"] > 0 and r["latency_ms"] > 0
                for r in rows.values())
-    assert len(main["runs"]) == 5 and all(r["max_steps"] == 3 for r in main["runs"])
+    assert len(main["runs"]) == 9 and all(r["max_steps"] == 3 for r in main["runs"])
+    # the budget grid: every method at the uniform plan's bytes (within 5 %; attn-lora at its nearest rank)
+    point = main["budgets"]["digits"]["2.0"]
+    assert set(point) == {"uniform", "budget-gradient", "budget-activation", "attn-lora"}
+    equal = point["uniform"]["equal_bytes"]
+    assert all(abs(point[m]["stored_bytes"] - equal) <= 0.05 * equal for m in ("uniform", "budget-gradient",
+                                                                              "budget-activation"))
+    assert point["budget-gradient"]["allocation_seconds"] > 0
+    assert [m["task"] for m in main["targets"]["budget_vs_uniform"]] == ["digits"]
     # the reference backbone was trained by the bench first; MobileNetV2 has no attention, so no attn-lora
     assert main["source"] is None and reference["source"]["source"]["model"] == "mobilenetv2_100"
     assert Path(reference["source"]["path"]).parent == tmp_path / "sources"
@@ -68,7 +76,7 @@ def test_bench_methods_quick(tmp_path):
     assert reference["skipped"] == ["attn-lora"]
     assert set(reference["table"]["digits"]) == {"linear-probe", "petah-r4", "full"}
     text = (tmp_path / "bench-methods.md").read_text()
-    assert text.count("| digits |") == 8 and "| mobilenetv2_100@32px |" in text
+    assert text.count("| digits |") == 9 and "| mobilenetv2_100@32px |" in text
     assert "Not run (no attention layers): attn-lora" in text
     assert all(Path(p).stat().st_size > 1000 for p in report["plots"])
 
@@ -92,6 +100,10 @@ def test_bench_methods_suites():
     assert full[1].shots == (10, 50, 100, None)
     assert [g.source.model for g in suite("full", "m")[1:]] == list(REFERENCES)  # --full includes efficientformer_l1
     assert len(suite("default", "m", "none")) == 1
+    assert default[0].budgets == (1.0, 2.0, 3.0) and [g.budgets for g in default[1:]] == [(2.0,), (), (), ()]
+    only = suite("default", "m", budgets_only=True)
+    assert [g.source.model if g.source else g.backbone for g in only] == ["m", "mobilevitv2_050"]
+    assert all(g.budgets_only for g in only)
     with pytest.raises(PetahError, match="unknown reference backbone 'resnet50'"):
         suite("default", "m", "resnet50,fastvit_sa12")
 

@@ -222,26 +222,34 @@ def _metadata_room(classes: list[str], val_images: int) -> int:
     return 2500 + per_class + len(classes) ** 2 * (len(str(val_images)) + 2)
 
 
+def planned_bytes(backbone: Backbone, plan: PlanConfig, train: LabeledImages, val: LabeledImages, *,
+                  adapter_dtype: str = "float16", targets: list | None = None, head: nn.Module | None = None,
+                  task_name: str = "task") -> int:
+    """The bytes of the package ``adapt`` writes for ``plan`` (or these ``targets``) on this data,
+    known before training: the package built untrained, plus an upper bound on what training adds
+    to its manifest. ``head``: the task's head (default: a fresh one)."""
+    from petah.packages.format import encode_package
+
+    kind = kind_for_data(train)
+    work = replace(backbone, model=copy.deepcopy(backbone.model))
+    trial = TaskAdapter(work, plan, targets)
+    package = build_package(work, trial, head if head is not None else kind.head_for(backbone, len(train.classes)),
+                            task_name=task_name, labels=train.classes, kind=kind, adapter_dtype=adapter_dtype,
+                            trainable_parameters=10**9,
+                            preprocessing={**backbone.preprocessing(), "intensity": train.intensity})
+    return len(encode_package(package)) + _metadata_room(train.classes, len(val))
+
+
 def _allocate(work: Backbone, plan: PlanConfig, config: TrainConfig, kind, head: nn.Module, view, dice: bool,
               task_name: str, train: LabeledImages, val: LabeledImages, adapter_dtype: str):
     """``--budget``: choose the plan's ranks, channel scales and owned norms on this task's data
     (``petah.train.allocate``), pricing each choice by the package it would write."""
-    from petah.packages.format import encode_package
     from petah.plans.budget import budget_bytes
     from petah.train.allocate import ProbeContext, allocate_budget
 
-    budget = budget_bytes(plan.budget, work.weights_bytes)
-    room = _metadata_room(train.classes, len(val))
-
     def package_bytes(trial_plan: PlanConfig, targets: list) -> int:
-        trial = TaskAdapter(work, trial_plan, targets, name="budget-trial")
-        try:
-            package = build_package(work, trial, head, task_name=task_name, labels=train.classes, kind=kind,
-                                    adapter_dtype=adapter_dtype, trainable_parameters=10**9,
-                                    preprocessing={**work.preprocessing(), "intensity": train.intensity})
-            return len(encode_package(package)) + room
-        finally:
-            trial.remove()
+        return planned_bytes(work, trial_plan, train, val, adapter_dtype=adapter_dtype, targets=targets, head=head,
+                             task_name=task_name)
 
     model = kind.build_model(work.model, head)
     frozen = {name: False for name, m in work.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
@@ -250,7 +258,8 @@ def _allocate(work: Backbone, plan: PlanConfig, config: TrainConfig, kind, head:
                                                                 img_size=work.img_size),
                            view, config, lambda m: _freeze_norms(m, work.model, frozen),
                            min(steps, config.max_steps or steps))
-    return allocate_budget(context, plan, work, budget, package_bytes, check_dtype("adapter_dtype", adapter_dtype))
+    return allocate_budget(context, plan, work, budget_bytes(plan.budget, work.weights_bytes), package_bytes,
+                           check_dtype("adapter_dtype", adapter_dtype))
 
 
 def save_package(result: AdaptResult | TaskPackage, path: str | Path) -> Path:
@@ -508,6 +517,7 @@ __all__ = [
     "check_task", "check_writable", "eval_loader", "plan_summary", "preprocess_for", "resolve_backbone",
     "AdaptResult", "LoadedTask", "adapt", "attach_package", "build_package", "create_backbone", "evaluate",
     "fingerprint", "image_files", "inspect_backbone", "inspect_package", "load_task", "merged_backbone", "open_runtime",
+    "planned_bytes",
     "predict", "predict_files", "prepare", "prune_backbone", "save_package",
     "save_pruned",
 ]

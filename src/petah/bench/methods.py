@@ -50,6 +50,13 @@ METHODS = {m.name: m for m in [
     Method("full", {"preset": "full"}, ((3e-4, 1e-2), (1e-3, 1e-2))),
 ]}
 TASKS = ("digits", "textures", "faces")
+# The budget grid (petah adapt --budget): every method at the same stored bytes. A budget point
+# is given in % of the backbone; the uniform petah plan takes the rank whose package is nearest to
+# it, and that package's bytes are the budget of the others (so all sit within a few % of it).
+BUDGET_METHODS = ("uniform", "budget-gradient", "budget-activation", "attn-lora")
+BUDGET_RATES = (3e-3, 1e-2)  # the rate every petah plan chose on val in the method grid (methods-2026-11-29.json)
+DEFAULT_BUDGETS = (1.0, 2.0, 3.0)
+FULL_REFERENCE_RATES = (1e-3, 1e-2)  # what full fine-tuning chose on val on most tasks there
 REFERENCE_METHODS = ("linear-probe", "attn-lora", "petah-r4", "full")
 SHOTS_METHODS = ("linear-probe", "petah-r8", "full")
 # LoRA targets a user writes for EfficientFormerV2 by hand: attention, MLP, stem and downsample convs
@@ -190,8 +197,36 @@ def _latency_ms(model, img_size: int, repeats: int = 20) -> float:
         return 1e3 * interleaved_medians({"m": lambda: model(x)}, repeats)["m"]
 
 
+def _nearest_rank(sizes, goal: float, ranks: range) -> int:
+    """The rank whose package size (``sizes(rank)``, growing with the rank) is nearest ``goal``."""
+    low, high = ranks.start, ranks.stop - 1
+    while low < high:  # the smallest rank whose package reaches the goal
+        mid = (low + high) // 2
+        low, high = (mid + 1, high) if sizes(mid) < goal else (low, mid)
+    return min({max(ranks.start, low - 1), low}, key=lambda r: abs(sizes(r) - goal))
+
+
+def budget_plans(backbone, train, val, percent: float) -> tuple[dict[str, dict], int]:
+    """The plans of one budget point at equal bytes, and those bytes."""
+    from petah import api
+    from petah.plans import PlanConfig
+
+    def sizes(preset: str):
+        return lambda rank: api.planned_bytes(backbone, PlanConfig(preset=preset, rank=rank), train, val)
+
+    rank = _nearest_rank(sizes("petah"), backbone.weights_bytes * percent / 100, range(1, 33))
+    equal = sizes("petah")(rank)
+    return {
+        "uniform": {"preset": "petah", "rank": rank},
+        "budget-gradient": {"preset": "petah", "budget": str(equal)},
+        "budget-activation": {"preset": "petah", "budget": str(equal), "allocation": "activation"},
+        "attn-lora": {"preset": "attn-lora", "rank": _nearest_rank(sizes("attn-lora"), equal, range(1, 65))},
+    }, equal
+
+
 def run_one(spec: dict) -> dict:
-    """Train one method on one task with one seed and learning rate; measure it."""
+    """Train one method on one task with one seed and learning rate; measure it. With
+    ``budget_percent`` the method is one of ``BUDGET_METHODS`` at that budget point."""
     import torch
 
     from petah import api
@@ -206,7 +241,13 @@ def run_one(spec: dict) -> dict:
     lr, head_lr = spec["rates"]
     config = TrainConfig(epochs=spec["epochs"], batch_size=spec["batch_size"], lr=lr, head_lr=head_lr,
                          seed=spec["seed"], max_steps=spec.get("max_steps"), progress=False)
-    method = METHODS[spec["method"]]
+    budget = {}
+    if "budget_percent" in spec:
+        plans, equal = budget_plans(backbone, train, val, spec["budget_percent"])
+        method = Method(spec["method"], plans[spec["method"]], ())
+        budget = {"equal_bytes": equal, "plan": method.plan}
+    else:
+        method = METHODS[spec["method"]]
     unshipped = None
     if method.plan is None:
         with _TrainingMemory() as memory:
@@ -219,6 +260,9 @@ def run_one(spec: dict) -> dict:
             stored = api.save_package(adapted, Path(tmp) / "t.petah").stat().st_size
         model = api.load_task(backbone, adapted.package).model
         result, trainable = adapted.train, adapted.package.manifest.trainable_parameters
+        allocation = adapted.package.manifest.training.get("allocation")
+        if allocation:
+            budget["allocation_seconds"] = allocation["seconds"]
     preprocess = api.preprocess_for(backbone)
     scores = {name: Classification.evaluate(model, api.eval_loader(data, preprocess), data.classes)["accuracy"]
               for name, data in (("val", val), ("test", test))}
@@ -226,7 +270,8 @@ def run_one(spec: dict) -> dict:
         in_process = Classification.evaluate(unshipped, api.eval_loader(test, preprocess), test.classes)
         scores["test_in_process"] = in_process["accuracy"]
     return {
-        **spec, **scores, "backbone_label": f"{backbone.name}@{backbone.img_size}px",
+        **spec, **scores, **budget, "backbone_label": f"{backbone.name}@{backbone.img_size}px",
+        "train_seconds": round(result.seconds, 2),
         "trainable_params": int(trainable),
         "stored_bytes": int(stored), "backbone_bytes": backbone.weights_bytes, "train_images": len(train),
         "images_per_second": round(result.images_per_second, 1), "step_seconds": result.seconds / max(result.steps, 1),
@@ -254,8 +299,14 @@ DEFAULT_REFERENCES = ("mobilevitv2_050", "fastvit_sa12", "vit_tiny_patch16_224",
 FULL_SOURCE = {"images": 60000, "epochs": 5, "batch_size": 128}
 
 
-def suite(mode: str, main_backbone: str, references: str = "default", seeds: int = 3) -> list[Grid]:
-    """The grids of `petah bench methods` in mode quick, default or full."""
+# The reference backbone that also runs the budget grid in the default mode, at one point (time).
+BUDGET_REFERENCE, BUDGET_REFERENCE_POINTS = "mobilevitv2_050", (2.0,)
+
+
+def suite(mode: str, main_backbone: str, references: str = "default", seeds: int = 3,
+          budgets_only: bool = False) -> list[Grid]:
+    """The grids of `petah bench methods` in mode quick, default or full. ``budgets_only``: the
+    budget grids alone (with one seed of full fine-tuning as their reference)."""
     from petah.errors import PetahError
 
     default = tuple(REFERENCES) if mode == "full" else DEFAULT_REFERENCES  # --full: the whole grid
@@ -269,15 +320,20 @@ def suite(mode: str, main_backbone: str, references: str = "default", seeds: int
         raise PetahError("--seeds must be at least 1")
     if mode == "quick":  # CI smoke: the structure, not the numbers
         return [Grid(main_backbone, ("linear-probe", "attn-lora", "peft-by-hand", "petah-r8", "full"), ("digits",),
-                     seeds=1, epochs=1, max_train=128, max_steps=3, choose_rate=False),
+                     seeds=1, epochs=1, max_train=128, max_steps=3, choose_rate=False, budgets=(2.0,)),
                 Grid(None, REFERENCE_METHODS, ("digits",), seeds=1, epochs=1, max_train=64, max_steps=2,
                      choose_rate=False, source=Source("mobilenetv2_100", 32, data="mnist5k", images=256, max_steps=2))]
-    main = Grid(main_backbone, tuple(METHODS), seeds=seeds, shots=(10, 50, 100, None))
+    main = Grid(main_backbone, tuple(METHODS), seeds=seeds, shots=(10, 50, 100, None), budgets=DEFAULT_BUDGETS,
+                budgets_only=budgets_only)
     if mode == "full":  # every method that is not tied to the main backbone's module names
         every = tuple(m for m in METHODS if m != "peft-by-hand")
-        return [main, *[Grid(None, every, seeds=seeds, shots=main.shots, source=replace(REFERENCES[n], **FULL_SOURCE))
-                        for n in names]]
-    return [main, *[Grid(None, REFERENCE_METHODS, seeds=1, source=REFERENCES[n]) for n in names]]
+        return [main, *[Grid(None, every, seeds=seeds, shots=main.shots, source=replace(REFERENCES[n], **FULL_SOURCE),
+                             budgets=DEFAULT_BUDGETS, budgets_only=budgets_only) for n in names]]
+    grids = [Grid(None, REFERENCE_METHODS, seeds=1, source=REFERENCES[n], budgets_only=budgets_only,
+                  budgets=BUDGET_REFERENCE_POINTS if n == BUDGET_REFERENCE else ()) for n in names]
+    if budgets_only:
+        grids = [g for g in grids if g.budgets]
+    return [main, *grids]
 
 
 # --- the grid (the parent process) ---------------------------------------------------------
@@ -360,6 +416,8 @@ class Grid:
     shots_task: str = "digits"
     choose_rate: bool = True  # False: each method's first candidate rate
     source: Source | None = None
+    budgets: tuple[float, ...] = ()  # % of the backbone: the budget grid's points (BUDGET_METHODS, 1 seed)
+    budgets_only: bool = False  # skip the method grid (and its shots), run the budget grid alone
 
 
 def _summary(runs: list[dict]) -> dict:
@@ -373,6 +431,9 @@ def _summary(runs: list[dict]) -> dict:
         "test_std": round(statistics.stdev(tests), 4) if len(tests) > 1 else 0.0, **extra,
         "seeds": len(runs), "rates": first["rates"],
         **{k: first[k] for k in ("trainable_params", "stored_bytes", "backbone_bytes", "train_images")},
+        **{k: first[k] for k in ("equal_bytes", "plan") if k in first},
+        **{k: round(statistics.fmean(r[k] for r in runs), 2) for k in ("train_seconds", "allocation_seconds")
+           if k in first},
         **{k: round(statistics.fmean(r[k] for r in runs), 4)
            for k in ("images_per_second", "step_seconds", "peak_rss_bytes", "train_peak_rss_bytes",
                      "train_rss_rise_bytes", "latency_ms")},
@@ -418,7 +479,7 @@ def run_grid(grid: Grid, run: Runner, sources: Path, log=_log) -> dict:
     base = {"backbone": backbone, "epochs": grid.epochs, "batch_size": grid.batch_size,
             "max_train": grid.max_train, "max_steps": grid.max_steps}
     runs, table = [], {}
-    for task in grid.tasks:
+    for task in () if grid.budgets_only else grid.tasks:
         for name in methods:
             rates = [list(r) for r in (METHODS[name].rates if grid.choose_rate else METHODS[name].rates[:1])]
             trials = [run({**base, "task": task, "method": name, "seed": 0, "rates": r}) for r in rates]
@@ -429,8 +490,9 @@ def run_grid(grid: Grid, run: Runner, sources: Path, log=_log) -> dict:
             table.setdefault(task, {})[name] = _summary(seeds)
             log(f"{best['backbone_label']} {task} {name}: test {table[task][name]['test_mean']:.4f} ± "
                 f"{table[task][name]['test_std']:.4f} (lr {best['rates'][0]}) {time.perf_counter() - start:.0f} s")
+    budgets = run_budget_grid(grid, run, base, runs, table, log, start)
     shots = {}
-    for n in grid.shots:
+    for n in () if grid.budgets_only else grid.shots:
         for name in SHOTS_METHODS:
             if name not in methods:
                 continue
@@ -440,8 +502,60 @@ def run_grid(grid: Grid, run: Runner, sources: Path, log=_log) -> dict:
             shots.setdefault(str(n or "all"), {})[name] = few["test"]
             log(f"{grid.shots_task} {n or 'all'} shots {name}: {few['test']:.4f}")
     return {"label": runs[0]["backbone_label"], "grid": {k: v for k, v in grid.__dict__.items() if k != "source"},
-            "source": prep, "skipped": skipped, "table": table, "shots": shots, "runs": runs,
-            "seconds": round(time.perf_counter() - start, 1), "targets": targets(table)}
+            "source": prep, "skipped": skipped, "table": table, "shots": shots, "budgets": budgets, "runs": runs,
+            "seconds": round(time.perf_counter() - start, 1), "targets": {**targets(table),
+                                                                          **budget_targets(budgets, table)}}
+
+
+def run_budget_grid(grid: Grid, run: Runner, base: dict, runs: list, methods_table: dict, log, start: float) -> dict:
+    """task -> budget % -> method -> summary: the methods of one budget point at equal bytes. Where
+    the method grid did not run full fine-tuning (``budgets_only``), one seed of it is the reference."""
+    model = grid.source.model if grid.source else _model_name(base["backbone"])
+    methods, _ = _applicable(BUDGET_METHODS, model)
+    table: dict = {}
+    for task in grid.tasks if grid.budgets else ():
+        if "full" not in methods_table.get(task, {}):
+            full = run({**base, "task": task, "method": "full", "seed": 0, "rates": list(FULL_REFERENCE_RATES)})
+            runs.append(full)
+            methods_table.setdefault(task, {})["full"] = _summary([full])
+        for percent in grid.budgets:
+            for name in methods:
+                one = run({**base, "task": task, "method": name, "seed": 0, "rates": list(BUDGET_RATES),
+                           "budget_percent": percent})
+                runs.append(one)
+                row = table.setdefault(task, {}).setdefault(str(percent), {})
+                row[name] = _summary([one])
+                log(f"{one['backbone_label']} {task} budget {percent} % ({one['equal_bytes']:,} B) {name}: "
+                    f"test {one['test']:.4f} at {one['stored_bytes']:,} B {time.perf_counter() - start:.0f} s")
+    return table
+
+
+def budget_targets(budgets: dict, table: dict) -> dict:
+    """The budget issue's claims on the measured grid: the budget plan vs uniform rank at equal
+    bytes, vs full fine-tuning at <= 3 % of its bytes, and what the allocation adds to training time."""
+    if not budgets:
+        return {}
+    margins, near_full, overhead = [], [], []
+    for task, points in budgets.items():
+        for percent, rows in points.items():
+            if "budget-gradient" in rows and "uniform" in rows:
+                mine, uniform = rows["budget-gradient"], rows["uniform"]
+                margins.append({"task": task, "budget_percent": float(percent),
+                                "margin_points": round(100 * (mine["test_mean"] - uniform["test_mean"]), 2),
+                                "bytes_vs_uniform": _ratio(mine["stored_bytes"], uniform["stored_bytes"])})
+                overhead.append(mine.get("allocation_seconds", 0.0) / max(uniform["train_seconds"], 1e-9))
+        full = table.get(task, {}).get("full")
+        fitting = [r["budget-gradient"] for r in points.values() if "budget-gradient" in r]
+        fitting = [r for r in fitting if full and r["stored_bytes"] <= 0.03 * full["stored_bytes"]]
+        if fitting:
+            best = max(fitting, key=lambda r: r["test_mean"])
+            gap = round(100 * (full["test_mean"] - best["test_mean"]), 2)
+            near_full.append({"task": task, "stored_bytes": best["stored_bytes"], "gap_points": gap,
+                              "within_1_point": gap <= 1.0})
+    mean = round(statistics.fmean(m["margin_points"] for m in margins), 2) if margins else None
+    return {"budget_vs_uniform": margins, "budget_vs_uniform_mean_points": mean,
+            "budget_within_1pt_of_full_at_3pct_bytes": near_full,
+            "allocation_time_vs_training": round(max(overhead), 3) if overhead else None}
 
 
 def _model_name(backbone_file: str) -> str:
@@ -567,10 +681,33 @@ def overview(suite: dict) -> list[str]:
     return lines
 
 
+def _budget_markdown(result: dict) -> list[str]:
+    """One row per task and budget point: each method's test accuracy and stored bytes."""
+    budgets = result.get("budgets") or {}
+    if not budgets:
+        return []
+    methods = list(dict.fromkeys(m for points in budgets.values() for rows in points.values() for m in rows))
+    lines = ["", "At equal stored bytes (`petah adapt --budget`; 1 seed; test accuracy, stored bytes in "
+                 "% of the backbone; uniform and attn-lora at the rank nearest the budget):", "",
+             "| task | budget | " + " | ".join(methods) + " | full |", "|" + "---|" * (len(methods) + 3)]
+    for task, points in budgets.items():
+        full = result["table"].get(task, {}).get("full")
+        for percent, rows in points.items():
+            cells = []
+            for m in methods:
+                r = rows.get(m)
+                rank = f" r{r['plan']['rank']}" if r and "rank" in r.get("plan", {}) else ""
+                cells.append(f"{r['test_mean']:.4f} ({100 * r['stored_bytes'] / r['backbone_bytes']:.2f} %{rank})"
+                             if r else "-")
+            lines.append(f"| {task} | {percent} % | " + " | ".join(cells) +
+                         f" | {full['test_mean']:.4f} |" if full else " | - |")
+    return lines
+
+
 def markdown(suite: dict) -> str:
     lines = ["Mean test accuracy over the tasks (stored bytes as % of the backbone file):", "", *overview(suite)]
     for label, result in suite["backbones"].items():
-        lines += ["", f"### {label}", "", _source_line(result), "", *_table_markdown(result)]
+        lines += ["", f"### {label}", "", _source_line(result), "", *_table_markdown(result), *_budget_markdown(result)]
     return "\n".join(lines) + "\n"
 
 
@@ -622,7 +759,39 @@ def plots(suite: dict, folder: Path) -> list[Path]:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
+    with_budgets = [r for r in results if r.get("budgets")]
+    if with_budgets:
+        written.append(_budget_plot(with_budgets, folder, plt))
     return written
+
+
+def _budget_plot(results: list[dict], folder: Path, plt) -> Path:
+    """Test accuracy vs stored bytes per task, one line per budget-grid method, full as a dashed line."""
+    tasks = list(dict.fromkeys(t for r in results for t in r["budgets"]))
+    colours = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(BUDGET_METHODS)}
+    fig, axes = plt.subplots(len(results), len(tasks), figsize=(4.2 * len(tasks), 3.4 * len(results)), squeeze=False)
+    for axes_row, result in zip(axes, results, strict=True):
+        for ax, task in zip(axes_row, tasks, strict=True):
+            points = result["budgets"].get(task, {})
+            for name in BUDGET_METHODS:
+                xy = sorted((100 * rows[name]["stored_bytes"] / rows[name]["backbone_bytes"], rows[name]["test_mean"])
+                            for rows in points.values() if name in rows)
+                if xy:
+                    ax.plot(*zip(*xy, strict=True), "o-", label=name, color=colours[name])
+            full = result["table"].get(task, {}).get("full")
+            if full:
+                ax.axhline(full["test_mean"], color="k", ls="--", lw=0.8, label="full fine-tuning")
+            ax.set_title(f"{result['label']}: {task}", fontsize=9)
+            ax.set_xlabel("stored bytes, % of the backbone")
+            ax.set_ylabel("test accuracy")
+            ax.grid(alpha=0.3)
+        axes_row[-1].legend(fontsize=6, loc="lower right")
+    fig.suptitle("accuracy at equal byte budgets", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
+    path = folder / "methods-budget.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

@@ -214,10 +214,13 @@ def bench_methods(
                                        "choosing its rate, bigger sources (a bigger machine's job).")] = False,
     quick: Annotated[bool, typer.Option("--quick",
                      help="A smoke run: one task, a few methods and steps, one tiny reference.")] = False,
+    budgets_only: Annotated[bool, typer.Option(
+        "--budgets-only", help="Only the budget grid: --budget plans vs uniform rank, EVA-style allocation and "
+                               "attn-lora at equal bytes (1 / 2 / 3 %), with one seed of full fine-tuning.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Adaptation methods side by side across backbones: accuracy, stored bytes, training speed, peak memory,
-    latency."""
+    latency; and the methods at equal byte budgets."""
     from petah.bench.methods import markdown, plots, run_suite, suite
     from petah.demo import demo_backbone_path
 
@@ -226,7 +229,7 @@ def bench_methods(
     if quick and full:
         raise PetahError("--quick and --full exclude each other")
     grids = suite("quick" if quick else "full" if full else "default", str(backbone or demo_backbone_path()),
-                  references, seeds)
+                  references, seeds, budgets_only)
     result = run_suite(grids, sources or output / "sources")
     output.mkdir(parents=True, exist_ok=True)
     result["plots"] = [str(p) for p in plots(result, output)]
