@@ -224,19 +224,24 @@ def _metadata_room(classes: list[str], val_images: int) -> int:
 
 def planned_bytes(backbone: Backbone, plan: PlanConfig, train: LabeledImages, val: LabeledImages, *,
                   adapter_dtype: str = "float16", targets: list | None = None, head: nn.Module | None = None,
-                  task_name: str = "task") -> int:
+                  task_name: str = "task", in_place: bool = False) -> int:
     """The bytes of the package ``adapt`` writes for ``plan`` (or these ``targets``) on this data,
     known before training: the package built untrained, plus an upper bound on what training adds
-    to its manifest. ``head``: the task's head (default: a fresh one)."""
+    to its manifest. ``head``: the task's head (default: a fresh one). ``in_place``: adapt
+    ``backbone``'s own model for the measurement and take the adapters out again (a private copy
+    only: it saves a deep copy per call)."""
     from petah.packages.format import encode_package
 
     kind = kind_for_data(train)
-    work = replace(backbone, model=copy.deepcopy(backbone.model))
-    trial = TaskAdapter(work, plan, targets)
-    package = build_package(work, trial, head if head is not None else kind.head_for(backbone, len(train.classes)),
-                            task_name=task_name, labels=train.classes, kind=kind, adapter_dtype=adapter_dtype,
-                            trainable_parameters=10**9,
-                            preprocessing={**backbone.preprocessing(), "intensity": train.intensity})
+    work = backbone if in_place else replace(backbone, model=copy.deepcopy(backbone.model))
+    trial = TaskAdapter(work, plan, targets, name="planned-bytes")
+    try:
+        package = build_package(work, trial, head if head is not None else kind.head_for(backbone, len(train.classes)),
+                                task_name=task_name, labels=train.classes, kind=kind, adapter_dtype=adapter_dtype,
+                                trainable_parameters=10**9,
+                                preprocessing={**backbone.preprocessing(), "intensity": train.intensity})
+    finally:
+        trial.remove()
     return len(encode_package(package)) + _metadata_room(train.classes, len(val))
 
 
@@ -249,7 +254,7 @@ def _allocate(work: Backbone, plan: PlanConfig, config: TrainConfig, kind, head:
 
     def package_bytes(trial_plan: PlanConfig, targets: list) -> int:
         return planned_bytes(work, trial_plan, train, val, adapter_dtype=adapter_dtype, targets=targets, head=head,
-                             task_name=task_name)
+                             task_name=task_name, in_place=True)
 
     model = kind.build_model(work.model, head)
     frozen = {name: False for name, m in work.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}

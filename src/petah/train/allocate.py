@@ -37,8 +37,8 @@ from petah.plans.budget import Ladder, allocate, stage_summary
 
 # Probe length as a share of the training steps (the cap: +15 % of training time), with
 # floors so a short run still sees a few batches and ceilings so a long one does not pay more.
-HEAD_WARMUP = (0.06, 3, 40)  # share, fewest, most steps; each costs about a third of a training step
-PROBE_BATCHES = (0.03, 2, 12)  # forward + backward (gradient) or forward only (activation)
+HEAD_WARMUP = (0.06, 2, 40)  # share, fewest, most steps; each costs about a third of a training step
+PROBE_BATCHES = (0.03, 1, 12)  # forward + backward (gradient) or forward only (activation)
 NORM_FLOAT_BYTES = 4  # owned norm affines are stored as trained (fp32)
 
 
