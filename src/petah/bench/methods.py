@@ -53,7 +53,8 @@ TASKS = ("digits", "textures", "faces")
 # The budget grid (petah adapt --budget): every method at the same stored bytes. A budget point
 # is given in % of the backbone; the uniform petah plan takes the rank whose package is nearest to
 # it, and that package's bytes are the budget of the others (so all sit within a few % of it).
-BUDGET_METHODS = ("uniform", "budget-gradient", "budget-activation", "attn-lora")
+# adalora is PEFT's AdaLoRA on the same LoRA layers, its target_r searched to those bytes.
+BUDGET_METHODS = ("uniform", "budget-gradient", "budget-activation", "adalora", "attn-lora")
 BUDGET_RATES = (3e-3, 1e-2)  # the rate every petah plan chose on val in the method grid (methods-2026-11-29.json)
 DEFAULT_BUDGETS = (1.0, 2.0, 3.0)
 FULL_REFERENCE_RATES = (1e-3, 1e-2)  # what full fine-tuning chose on val on most tasks there
@@ -149,26 +150,96 @@ def _splits(task: str, shots: int | None, max_train: int | None):
     return train, val, test
 
 
+def _timm_classifier(backbone, classes: int):
+    """timm's classifier model holding the shared backbone's weights (the classifier stays fresh),
+    and the names of its classifier modules (what PEFT's ``modules_to_save`` must hold)."""
+    import timm
+
+    kwargs = {"img_size": backbone.img_size} if backbone.family and backbone.family.img_size_kwarg else {}
+    model = timm.create_model(backbone.name, num_classes=classes, **kwargs)
+    model.load_state_dict(backbone.model.state_dict(), strict=False)
+    classifier = model.pretrained_cfg.get("classifier")
+    return model, [classifier] if isinstance(classifier, str) else list(classifier)
+
+
+def _adalora(backbone, train, config, equal_bytes: int, tries: int = 3):
+    """PEFT's AdaLoRA on the petah plan's LoRA layers, its ``target_r`` searched so that its
+    folder, with tensors in fp16 as petah stores adapters, takes ``equal_bytes`` (within 5 %, or
+    the nearest of ``tries`` trainings: ``target_r`` is a whole average rank, so one step of it
+    moves the bytes by about a rank on every layer). Norms stay frozen as in petah; ``update_and_allocate``
+    runs after every step. As shipped: the saved folder reloaded onto the backbone."""
+    import math
+    import warnings
+
+    import peft
+    import torch
+    from safetensors.torch import load_file, save
+
+    from petah.adapters.model import lora_config
+    from petah.api import preprocess_for
+    from petah.data import Augment
+    from petah.plans import PlanConfig, resolve_targets
+    from petah.tasks import Classification
+    from petah.train import Trainer
+
+    targets = resolve_targets(backbone.model, backbone.family, PlanConfig(), backbone.name)
+    pattern = lora_config(targets, PlanConfig()).target_modules  # the same layers, matched exactly
+    view = Classification.view(train, preprocess_for(backbone), Augment(), config.seed)
+    steps = math.ceil(len(view) / config.batch_size) * config.epochs
+    steps = min(steps, config.max_steps or steps)
+    lora_layers = sum(t.method == "lora" for t in targets)
+    target_r, best = 2, None
+    for _ in range(tries):
+        model, classifiers = _timm_classifier(backbone, len(train.classes))
+        adalora = peft.AdaLoraConfig(target_r=target_r, init_r=math.ceil(1.5 * target_r), total_step=steps,
+                                     tinit=steps // 10, tfinal=steps // 5, deltaT=1, target_modules=pattern,
+                                     modules_to_save=classifiers)
+        model = peft.get_peft_model(model, adalora)
+        params = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" not in n]
+        head = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
+
+        def train_mode(m):  # frozen norms, as petah trains
+            m.train()
+            for module in m.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+
+        result = Trainer(model, params, head, Classification.loss(config.label_smoothing), view, config,
+                         set_train_mode=train_mode, after_step=model.base_model.update_and_allocate).fit()
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            # layers AdaLoRA pruned to rank 0 save as empty tensors, which PEFT warns of as a sharding mistake
+            warnings.filterwarnings("ignore", message=".*invalid shape.*")
+            model.save_pretrained(tmp)
+            weights = load_file(str(Path(tmp) / "adapter_model.safetensors"))
+            half = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+            stored = len(save(half)) + (Path(tmp) / "adapter_config.json").stat().st_size
+            shipped = peft.PeftModel.from_pretrained(_timm_classifier(backbone, len(train.classes))[0], tmp)
+        attempt = (abs(stored - equal_bytes), shipped, result, sum(p.numel() for p in params + head), stored, target_r)
+        best = attempt if best is None or attempt[0] < best[0] else best
+        if attempt[0] <= 0.05 * equal_bytes:
+            break
+        head_bytes = sum(v.numel() * 2 for k, v in half.items() if "modules_to_save" in k)
+        per_rank = max(stored - head_bytes, 1) / max(target_r * lora_layers, 1)
+        target_r = max(1, round((equal_bytes - head_bytes) / (per_rank * lora_layers)))
+        if target_r == best[5]:
+            break
+    _, shipped, result, trainable, stored, target_r = best
+    return shipped, result, trainable, stored, target_r
+
+
 def _peft_by_hand(backbone, train, config):
     """The baseline: PEFT wired onto timm's classifier model by hand, trained by the same loop."""
     import peft
-    import timm
 
     from petah.data import Augment
     from petah.tasks import Classification
     from petah.train import Trainer
 
-    kwargs = {"img_size": backbone.img_size} if backbone.family and backbone.family.img_size_kwarg else {}
+    def on_backbone():
+        return _timm_classifier(backbone, len(train.classes))[0]
 
-    def on_backbone():  # timm's classifier model holding the shared backbone's weights; the classifier stays fresh
-        model = timm.create_model(backbone.name, num_classes=len(train.classes), **kwargs)
-        model.load_state_dict(backbone.model.state_dict(), strict=False)
-        return model
-
-    model = on_backbone()
-    classifier = model.pretrained_cfg.get("classifier")
-    lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules=PEFT_BY_HAND_TARGETS,
-                           modules_to_save=[classifier] if isinstance(classifier, str) else list(classifier))
+    model, classifiers = _timm_classifier(backbone, len(train.classes))
+    lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules=PEFT_BY_HAND_TARGETS, modules_to_save=classifiers)
     model = peft.get_peft_model(model, lora)
     params = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" not in n]
     head = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
@@ -244,12 +315,16 @@ def run_one(spec: dict) -> dict:
     budget = {}
     if "budget_percent" in spec:
         plans, equal = budget_plans(backbone, train, val, spec["budget_percent"])
-        method = Method(spec["method"], plans[spec["method"]], ())
+        method = Method(spec["method"], plans.get(spec["method"]), ())
         budget = {"equal_bytes": equal, "plan": method.plan}
     else:
         method = METHODS[spec["method"]]
     unshipped = None
-    if method.plan is None:
+    if spec["method"] == "adalora":
+        with _TrainingMemory() as memory:
+            model, result, trainable, stored, target_r = _adalora(backbone, train, config, budget["equal_bytes"])
+        budget["plan"] = {"adalora_target_r": target_r}
+    elif method.plan is None:
         with _TrainingMemory() as memory:
             model, result, trainable, stored, unshipped = _peft_by_hand(backbone, train, config)
     else:
@@ -696,7 +771,9 @@ def _budget_markdown(result: dict) -> list[str]:
             cells = []
             for m in methods:
                 r = rows.get(m)
-                rank = f" r{r['plan']['rank']}" if r and "rank" in r.get("plan", {}) else ""
+                plan = r.get("plan") or {} if r else {}
+                rank = plan.get("rank") or plan.get("adalora_target_r")
+                rank = f" r{rank}" if rank else ""
                 cells.append(f"{r['test_mean']:.4f} ({100 * r['stored_bytes'] / r['backbone_bytes']:.2f} %{rank})"
                              if r else "-")
             lines.append(f"| {task} | {percent} % | " + " | ".join(cells) +

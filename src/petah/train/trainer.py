@@ -118,7 +118,9 @@ class Trainer:
     """Trains ``model`` on ``data``; only ``params`` (and ``head_params``) are optimised.
 
     ``set_train_mode(model)`` puts the model in its training mode: a frozen backbone keeps its
-    BatchNorm layers in eval mode so the shared statistics never drift.
+    BatchNorm layers in eval mode so the shared statistics never drift. ``after_step(step)`` runs
+    after each optimizer step, while the step's gradients are still there (PEFT's AdaLoRA
+    reallocates its ranks there).
     """
 
     def __init__(
@@ -132,11 +134,13 @@ class Trainer:
         set_train_mode: Callable[[nn.Module], None] | None = None,
         sync_batchnorm: bool = False,
         unused_parameters: bool = False,
+        after_step: Callable[[int], None] | None = None,
     ):
         self.ctx = setup()
         self.unused_parameters = unused_parameters
         self.loss_fn, self.data, self.config = loss_fn, data, config
         self.set_train_mode = set_train_mode or (lambda m: m.train())
+        self.after_step = after_step
         if config.batch_size % self.ctx.world_size:
             raise PetahError(f"--batch-size {config.batch_size} (the global batch) must divide by the "
                              f"{self.ctx.world_size} processes")
@@ -284,6 +288,8 @@ class Trainer:
                     loss.backward()
                     self.optimizer.step()
                     self.scheduler.step()
+                    if self.after_step is not None:
+                        self.after_step(self.global_step)
                     self.global_step += 1
                     self.step_in_epoch += 1
                     seen += len(targets)
