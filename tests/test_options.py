@@ -109,7 +109,7 @@ def test_cli_built_config_equals_the_api_config(monkeypatch):
     from petah.cli import show as inspect_cli
 
     seen = {}
-    monkeypatch.setattr(api, "plan_summary", lambda backbone, plan, classes: seen.update(plan=plan) or {})
+    monkeypatch.setattr(api, "plan_summary", lambda backbone, plan, classes, targets: seen.update(plan=plan) or {})
     monkeypatch.setattr(inspect_cli, "backbone", lambda *args: None)
     result = CliRunner().invoke(app, ["plan", "show", "resnet10t", "--rank", "4", "--stage-rank", "0=0",
                                       "--target", "fc", "--json"])

@@ -250,13 +250,18 @@ def test_prune_cli_then_adapt_and_inspect(tmp_path):
 def test_bench_prune_quick(tmp_path):
     report = one_json(petah_process("bench", "prune", "--quick", "-o", tmp_path, "--json"))
     rows = report["rows"]
-    assert [r["ratio"] for r in rows] == [0.0, 0.25, 0.5]
+    assert [r["ratio"] for r in rows] == [0.0, 0.25, 0.5, None]
+    assert rows[-1]["label"] == "auto (max-loss 1)" and rows[-1]["stage_ratios"]  # --policy auto chose stages
     assert rows[0]["speedup"] == 1.0 and rows[0]["loss_points"] == 0.0
     assert rows[0]["params"] > rows[1]["params"] > rows[2]["params"]
     assert rows[0]["backbone_bytes"] > rows[2]["backbone_bytes"]
     assert all(set(r["tasks"]) == {"digits"} and r["ort_ms"] > 0 for r in rows)
+    # pruned + int8: every row scored with its task graphs quantized, its backbone timed in int8
+    assert all(r["int8_ort_ms"] > 0 and 0 <= r["tasks"]["digits"]["int8_score"] <= 1
+               and r["int8_loss_points"] == round(100 * (rows[0]["mean_score"] - r["int8_mean_score"]), 2)
+               for r in rows)
     orders = report["orders"]  # both orders at the largest ratio; the per-task order stores a backbone per task
-    assert orders["prune_then_adapt"]["mean_score"] == rows[-1]["mean_score"]
+    assert orders["prune_then_adapt"]["mean_score"] == rows[2]["mean_score"]
     assert set(orders["adapt_merge_prune"]["tasks"]) == {"digits"} and orders["adapt_merge_prune"]["stored_bytes"] > 0
     assert (tmp_path / "prune-accuracy-latency.png").stat().st_size > 1000
     assert json.loads((tmp_path / "bench-prune.json").read_text())["rows"] == rows

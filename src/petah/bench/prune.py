@@ -2,8 +2,12 @@
 
 For each ratio the backbone is pruned once for all the demo tasks (Taylor importance on their
 images together, then a short feature distillation), and every demo task is adapted on it with
-the demo's own recipe. Latency is ONNX Runtime on the CPU at the backbone's working input size:
-all ratios' sessions are timed interleaved in one run on the same input (median of repeats).
+the demo's own recipe. One more row lets ``--policy auto`` choose per-stage ratios for the task
+set (``auto_max_loss``). Every row is also measured in int8 (pruned + int8): each task's merged
+graph quantized on its own training images and scored on its validation part, and the backbone
+graph quantized for latency. Latency is ONNX Runtime on the CPU at the backbone's working input
+size: every row's float and int8 sessions are timed interleaved in one run on the same input
+(median of repeats).
 """
 
 from __future__ import annotations
@@ -27,20 +31,28 @@ PLOT = "prune-accuracy-latency.png"
 
 
 def _pruned_backbones(backbone: Backbone, ratios: list[float], config: PruneConfig, datasets: list,
-                      folder: Path) -> list[dict]:
-    """Prune at every ratio; ratio 0 is the original backbone. Each is saved (its bytes are reported)."""
+                      folder: Path, auto_max_loss: float | None = None) -> list[dict]:
+    """Prune at every ratio; ratio 0 is the original backbone; with ``auto_max_loss`` a last row
+    whose stage ratios ``--policy auto`` chose. Each is saved (its bytes are reported)."""
     rows = []
-    for ratio in ratios:
+    configs = [(str(ratio), ratio, replace(config, ratio=ratio)) for ratio in ratios]
+    if auto_max_loss is not None:
+        configs.append((f"auto (max-loss {auto_max_loss:g})", None,
+                        replace(config, policy="auto", max_loss=auto_max_loss)))
+    for label, ratio, row_config in configs:
         start = time.perf_counter()
         if ratio == 0:
             pruned, report = backbone, {}
             path = folder / "ratio-0.safetensors"
             save_backbone(backbone, path)
         else:
-            pruned, report = api.prune_backbone(backbone, config=replace(config, ratio=ratio), datasets=datasets)
-            path = api.save_pruned(pruned, report, folder / f"ratio-{ratio}.safetensors", command="petah bench prune")
+            pruned, report = api.prune_backbone(backbone, config=row_config, datasets=datasets)
+            path = api.save_pruned(pruned, report, folder / f"row-{len(rows)}.safetensors", command="petah bench prune")
+        policy = report.get("policy")
         rows.append({
-            "ratio": ratio, "path": path, "backbone": pruned,
+            "label": label, "ratio": ratio, "path": path, "backbone": pruned,
+            **({"stage_ratios": policy["stage_ratios"], "predicted_loss_points": policy["predicted_loss_points"]}
+               if policy else {}),
             **api.backbone_cost(pruned.model, pruned.img_size),
             "backbone_bytes": path.stat().st_size,
             "heads_removed": sum(report.get("heads_removed", {}).values()),
@@ -50,45 +62,81 @@ def _pruned_backbones(backbone: Backbone, ratios: list[float], config: PruneConf
     return rows
 
 
-def _onnx_latencies(rows: list[dict], repeats: int) -> None:
-    """Median ms per image of each row's backbone in ONNX Runtime, all interleaved on one input."""
+def _onnx_latencies(rows: list[dict], repeats: int, calibration: list | None = None) -> None:
+    """Median ms per image of each row's backbone in ONNX Runtime, all interleaved on one input;
+    with ``calibration`` (preprocessed image batches) also of each backbone graph in int8."""
     size = rows[0]["backbone"].img_size
     x = torch.randn(1, 3, size, size)
     feed = {INPUT: x.numpy()}
-    sessions = {row["ratio"]: ort_session(to_onnx_bytes(row["backbone"].model, x, f"ratio {row['ratio']}"))
-                for row in rows}
+    graphs = {row["label"]: to_onnx_bytes(row["backbone"].model, x, f"row {row['label']}") for row in rows}
+    if calibration is not None:
+        from petah.export.int8 import quantize
+
+        graphs.update({f"{label} int8": quantize(graph, calibration) for label, graph in list(graphs.items())})
+    sessions = {label: ort_session(graph) for label, graph in graphs.items()}
     medians = interleaved_medians({r: (lambda s=s: s.run(None, feed)) for r, s in sessions.items()}, repeats)
-    base = medians[rows[0]["ratio"]]
+    base = medians[rows[0]["label"]]
     for row in rows:
-        row["ort_ms"] = round(1e3 * medians[row["ratio"]], 3)
-        row["speedup"] = round(base / medians[row["ratio"]], 3)
+        for suffix, key in (("", ""), (" int8", "int8_")):
+            if row["label"] + suffix in medians:
+                row[f"{key}ort_ms"] = round(1e3 * medians[row["label"] + suffix], 3)
+                row[f"{key}speedup"] = round(base / medians[row["label"] + suffix], 3)
 
 
 def _adapt_tasks(rows: list[dict], tasks, max_steps: int | None, folder: Path) -> None:
     """Adapt every demo task (petah plan, the demo's recipe) on each row's backbone."""
     base_mean = None
     for row in rows:
-        results = run_demo(folder / f"tasks-{row['ratio']}", tasks, {"petah": DEMO_PLANS["petah"]},
-                           row["path"], max_steps)
+        results = run_demo(folder / f"tasks-{row['path'].stem}", tasks, {"petah": DEMO_PLANS["petah"]}, row["path"],
+                           max_steps)
         row["tasks"] = {r["task"]: {"metric": r["metric"], "score": r["score"], "package_bytes": r["package_bytes"]}
                         for r in results}
+        row["packages"] = {r["task"]: Path(r["package"]) for r in results}
         row["mean_score"] = round(sum(r["score"] for r in results) / len(results), 4)
         base_mean = row["mean_score"] if base_mean is None else base_mean
         row["loss_points"] = round(100 * (base_mean - row["mean_score"]), 2)
+
+
+def _int8_scores(rows: list[dict], tasks, calibration_images: int = 64) -> list:
+    """Pruned + int8: every task's merged graph on each row's backbone, quantized on the task's own
+    training images, scored on its validation part (the float scores are the adapted packages').
+    Returns the first task's calibration batches on the unpruned backbone (for the latency graphs)."""
+    from petah.data import load_dataset
+    from petah.export.int8 import quantize, score
+    from petah.export.onnx import calibration_sets
+    from petah.packages import read_package
+    from petah.runtime.onnx import merged_task_graph
+    from petah.tasks import task_kind
+
+    first = None
+    for row in rows:
+        for task in tasks:
+            package = read_package(row["packages"][task.name])
+            graph, module, manifest = merged_task_graph(row["backbone"], package, task.name)
+            calibration, validation = calibration_sets(manifest, load_dataset(f"builtin:{task.dataset}"),
+                                                       calibration_images)
+            first = first or calibration
+            int8 = quantize(graph, calibration)
+            kind = task_kind(manifest.task.kind)
+            row["tasks"][task.name]["int8_score"] = round(
+                score(int8, module.head, kind, validation, list(manifest.labels)) / 100, 4)
+        row["int8_mean_score"] = round(sum(t["int8_score"] for t in row["tasks"].values()) / len(tasks), 4)
+        row["int8_loss_points"] = round(100 * (rows[0]["mean_score"] - row["int8_mean_score"]), 2)
+    return first
 
 
 def _stored_bytes(row: dict) -> int:
     return row["backbone_bytes"] + sum(t["package_bytes"] for t in row["tasks"].values())
 
 
-def _adapt_merge_prune(backbone: Backbone, tasks, ratio: float, config: PruneConfig, packages: Path,
+def _adapt_merge_prune(backbone: Backbone, tasks, ratio: float, config: PruneConfig, packages: dict[str, Path],
                        max_steps: int | None, folder: Path) -> dict:
     """The other order: each task's adapters (trained on the unpruned backbone) merged into its own
     copy, pruned on that task's images alone (distilling from the merged copy), then adapted again
     on it, since pruning changes the features the head sees. One backbone per task."""
     scores, stored = {}, 0
     for task in tasks:
-        merged, _ = api.merged_backbone(backbone, packages / f"{task.name}-petah.petah")
+        merged, _ = api.merged_backbone(backbone, packages[task.name])
         pruned, report = api.prune_backbone(merged, config=replace(config, ratio=ratio),
                                             datasets=[load_builtin(task.dataset)[0]])
         path = api.save_pruned(pruned, report, folder / f"{task.name}-{ratio}.safetensors", command="petah bench prune")
@@ -100,19 +148,29 @@ def _adapt_merge_prune(backbone: Backbone, tasks, ratio: float, config: PruneCon
 
 
 def plot(rows: list[dict], path: Path, title: str) -> Path:
+    """Score vs latency: each task faintly, the mean bold; float rows as diamonds, the same rows
+    in int8 as squares (an arrow from each float row to its int8 point)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
     xs = [r["ort_ms"] for r in rows]
     for task in rows[0]["tasks"]:  # each task faintly, the mean (the target's measure) bold
         ax.scatter(xs, [r["tasks"][task]["score"] for r in rows], s=18, alpha=0.5,
                    label=f"{task} ({rows[0]['tasks'][task]['metric']})")
-    ax.scatter(xs, [r["mean_score"] for r in rows], s=60, color="black", marker="D", label="mean")
+    ax.scatter(xs, [r["mean_score"] for r in rows], s=60, color="black", marker="D", label="mean, float")
+    int8 = [r for r in rows if "int8_ort_ms" in r and "int8_mean_score" in r]
+    if int8:
+        ax.scatter([r["int8_ort_ms"] for r in int8], [r["int8_mean_score"] for r in int8], s=60, color="tab:red",
+                   marker="s", label="mean, int8")
+        for r in int8:
+            ax.annotate("", (r["int8_ort_ms"], r["int8_mean_score"]), (r["ort_ms"], r["mean_score"]),
+                        arrowprops={"arrowstyle": "->", "color": "tab:red", "alpha": 0.5})
     for r in rows:
-        ax.annotate(f"{r['ratio']}", (r["ort_ms"], r["mean_score"]), textcoords="offset points", xytext=(5, 4))
+        ax.annotate(r["label"], (r["ort_ms"], r["mean_score"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=7)
     ax.legend(fontsize=7, loc="best")
     ax.set_xlabel("ONNX Runtime CPU latency (ms / image)")
     ax.set_ylabel("score after adaptation")
@@ -126,13 +184,15 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
 
 def _public(rows: list[dict]) -> list[dict]:
     return [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()
-             if k not in ("backbone", "path")} for r in rows]
+             if k not in ("backbone", "path", "packages")} for r in rows]
 
 
 def run_prune_bench(out_dir: str | Path, ratios=(0.0, 0.25, 0.5), backbone_path: str | Path | None = None,
                     tasks=DEMO_TASKS, config: PruneConfig | None = None, repeats: int = 50,
-                    max_steps: int | None = None, structural_models: tuple[str, ...] = ("efficientformer_l1",)) -> dict:
-    """The whole table: the demo backbone at each ratio, then structure/latency-only models."""
+                    max_steps: int | None = None, structural_models: tuple[str, ...] = ("efficientformer_l1",),
+                    auto_max_loss: float | None = 1.0, int8: bool = True) -> dict:
+    """The whole table: the demo backbone at each ratio (and as ``--policy auto`` chose, and each
+    in int8), then structure/latency-only models."""
     ratios = sorted({0.0, *[float(r) for r in ratios]})
     for r in ratios:
         PruneConfig(ratio=r)  # the same range check as the command
@@ -149,14 +209,15 @@ def run_prune_bench(out_dir: str | Path, ratios=(0.0, 0.25, 0.5), backbone_path:
     backbone = create_backbone(weights=str(backbone_path or demo_backbone_path()))
     datasets = [load_builtin(t.dataset)[0] for t in tasks]
     with tempfile.TemporaryDirectory() as tmp:
-        rows = _pruned_backbones(backbone, ratios, config, datasets, Path(tmp))
-        _onnx_latencies(rows, repeats)
+        rows = _pruned_backbones(backbone, ratios, config, datasets, Path(tmp), auto_max_loss)
         _adapt_tasks(rows, tasks, max_steps, Path(tmp))
-        shared = rows[-1]
+        calibration = _int8_scores(rows, tasks) if int8 else None
+        _onnx_latencies(rows, repeats, calibration)
+        shared = max((r for r in rows if r["ratio"] is not None), key=lambda r: r["ratio"])
         orders = {
             "prune_then_adapt": {"ratio": shared["ratio"], "tasks": {k: v["score"] for k, v in shared["tasks"].items()},
                                  "mean_score": shared["mean_score"], "stored_bytes": _stored_bytes(shared)},
-            "adapt_merge_prune": _adapt_merge_prune(backbone, tasks, shared["ratio"], config, Path(tmp) / "tasks-0.0",
+            "adapt_merge_prune": _adapt_merge_prune(backbone, tasks, shared["ratio"], config, rows[0]["packages"],
                                                     max_steps, Path(tmp)),
         }
     title = f"{backbone.name}@{backbone.img_size}px pruned (ratio at the mean), demo tasks adapted"

@@ -158,10 +158,14 @@ def bench_prune(
         help="Comma-separated timm models measured for size and latency only.")] = "efficientformer_l1",
     quick: Annotated[bool, typer.Option("--quick",
                      help="A smoke run: one task, a few steps, no recovery, no structural models.")] = False,
+    auto_max_loss: Annotated[float | None, typer.Option(
+        "--auto-max-loss", help="Add a row pruned by --policy auto at this --max-loss (0: no such row).")] = 1.0,
+    int8: Annotated[bool, typer.Option("--int8/--no-int8", help="Also measure every row in int8.")] = True,
     json_out: JsonOpt = False,
     config: PruneConfig = None,
 ) -> None:
-    """Pruning ratio vs params, MACs, bytes, ONNX Runtime latency and demo-task accuracy after adaptation."""
+    """Pruning ratio vs params, MACs, bytes, ONNX Runtime latency and demo-task accuracy after adaptation;
+    per-stage ratios chosen by --policy auto; each row also in int8."""
     from petah.bench.prune import run_prune_bench
     from petah.demo import DEMO_TASKS
 
@@ -174,20 +178,24 @@ def bench_prune(
     models = tuple(m for m in structural.split(",") if m.strip())
     tasks, max_steps = DEMO_TASKS, None
     if quick:
-        config = PruneConfig(recover_epochs=0, calibration_batches=1, batch_size=16)
+        config = PruneConfig(recover_epochs=0, calibration_batches=1, batch_size=16, policy_seconds=20)
         tasks, max_steps, repeats, models = DEMO_TASKS[:1], 2, 5, ()
-    result = run_prune_bench(output, ratio_list, backbone, tasks, config, repeats, max_steps, models)
+    result = run_prune_bench(output, ratio_list, backbone, tasks, config, repeats, max_steps, models,
+                             auto_max_loss or None, int8)
     (output / "bench-prune.json").write_text(json.dumps(result, indent=2))
     if json_out:
         emit_json(result)
         return
     table = Table(title=f"{result['backbone']}, ONNX Runtime CPU, {result['threads']} threads, "
                         f"median of {result['repeats']}")
-    for col in ("ratio", "params", "MACs", "bytes", "ms", "speedup", "mean score", "loss (pts)"):
+    for col in ("ratio", "params", "MACs", "bytes", "ms", "speedup", "mean score", "loss (pts)", "int8 speedup",
+                "int8 loss (pts)"):
         table.add_column(col, justify="right")
     for r in result["rows"]:
-        table.add_row(str(r["ratio"]), f"{r['params']:,}", f"{r['macs'] / 1e6:.1f} M", f"{r['backbone_bytes']:,}",
-                      f"{r['ort_ms']:.2f}", f"{r['speedup']:.2f}x", f"{r['mean_score']:.4f}", f"{r['loss_points']:.2f}")
+        table.add_row(r["label"], f"{r['params']:,}", f"{r['macs'] / 1e6:.1f} M", f"{r['backbone_bytes']:,}",
+                      f"{r['ort_ms']:.2f}", f"{r['speedup']:.2f}x", f"{r['mean_score']:.4f}", f"{r['loss_points']:.2f}",
+                      f"{r['int8_speedup']:.2f}x" if "int8_speedup" in r else "-",
+                      f"{r['int8_loss_points']:.2f}" if "int8_loss_points" in r else "-")
     out.print(table)
     for order, row in result["orders"].items():
         out.print(f"{order.replace('_', ' ')} at ratio {row['ratio']}: mean score {row['mean_score']:.4f}, "
