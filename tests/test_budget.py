@@ -61,7 +61,8 @@ def test_greedy_allocation_takes_the_most_gain_per_byte(budget):
     ladders = [Ladder("a", (9.0, 4.0, 1.0), (4, 4, 4)),  # a wide layer: ranks cost more
                Ladder("b", (3.0, 2.5, 0.5), (1, 1, 1)),  # a narrow one
                Ladder("scale", (2.0,), (2,)),
-               Ladder("norm", (10.0,), (15,))]
+               Ladder("norm", (10.0,), (15,)),
+               Ladder("unread", (0.0, 0.0), (1, 1))]  # no gradient reaches it: never bought
     taken, spent = allocate(ladders, budget)
     assert spent <= budget
     assert spent == sum(sum(ladder.costs[:taken[ladder.name]]) for ladder in ladders)
@@ -69,7 +70,7 @@ def test_greedy_allocation_takes_the_most_gain_per_byte(budget):
     # diminishing gains: greedy is optimal up to the one step that no longer fitted
     assert gain >= _brute_force(ladders, budget) - max(max(ladder.gains) for ladder in ladders)
     if budget >= 1000:
-        assert taken == {"a": 3, "b": 3, "scale": 1, "norm": 1}
+        assert taken == {"a": 3, "b": 3, "scale": 1, "norm": 1, "unread": 0}
 
 
 @pytest.fixture(scope="module")

@@ -56,13 +56,15 @@ class Ladder:
 
 def allocate(ladders: list[Ladder], budget: int) -> tuple[dict[str, int], int]:
     """How many steps of each ladder to take within ``budget`` bytes, by the highest gain per byte
-    first (a step that no longer fits is skipped, cheaper ones may still go in); and the bytes spent.
+    first (a step that no longer fits is skipped, cheaper ones may still go in; a step worth nothing
+    is never bought, e.g. a layer the task's head never reads); and the bytes spent.
 
     For separable, diminishing gains this greedy rule is the knapsack's classic near-optimum: it is
     optimal up to the last step that did not fit.
     """
     taken = {ladder.name: 0 for ladder in ladders}
-    heap = [(-ladder.gains[0] / max(ladder.costs[0], 1), index) for index, ladder in enumerate(ladders) if ladder.gains]
+    heap = [(-ladder.gains[0] / max(ladder.costs[0], 1), index) for index, ladder in enumerate(ladders)
+            if ladder.gains and ladder.gains[0] > 0]
     heapq.heapify(heap)
     spent = 0
     while heap:
@@ -73,7 +75,7 @@ def allocate(ladders: list[Ladder], budget: int) -> tuple[dict[str, int], int]:
             continue  # this ladder stops here: its later steps are worth less per byte anyway
         spent += ladder.costs[step]
         taken[ladder.name] = step + 1
-        if step + 1 < len(ladder.gains):
+        if step + 1 < len(ladder.gains) and ladder.gains[step + 1] > 0:
             heapq.heappush(heap, (-ladder.gains[step + 1] / max(ladder.costs[step + 1], 1), index))
     return taken, spent
 
