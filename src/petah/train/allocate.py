@@ -85,8 +85,12 @@ class _Pricing:
     def norm(self, name: str, module: nn.Module) -> int:
         cost = 0
         for key, tensor in itertools.chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False)):
-            size = self.stats if key.startswith("running_") else tensor.element_size() if key == "num_batches_tracked" \
-                else NORM_FLOAT_BYTES
+            if key.startswith("running_"):
+                size = self.stats
+            elif tensor.is_floating_point():
+                size = NORM_FLOAT_BYTES
+            else:  # num_batches_tracked
+                size = tensor.element_size()
             cost += tensor.numel() * size + _entry_bytes(f"override/{name}.{key}")
         return cost
 
