@@ -89,20 +89,24 @@ def test_bench_methods_suites():
 
     default = suite("default", "main.safetensors")
     assert default[0].backbone == "main.safetensors" and default[0].methods == tuple(METHODS) and default[0].seeds == 3
-    assert [g.source.model for g in default[1:]] == list(DEFAULT_REFERENCES)
+    # the dense budget grid: segmentation on the main backbone at 4 / 6 / 8 % with the demo's recipe
+    dense = default[1]
+    assert (dense.backbone, dense.tasks, dense.budgets, dense.budgets_only) == ("main.safetensors", ("defects",),
+                                                                              (4.0, 6.0, 8.0), True)
+    assert [g.source.model for g in default[2:]] == list(DEFAULT_REFERENCES)
     assert "efficientformer_l1" not in DEFAULT_REFERENCES
     assert all(g.backbone is None and g.methods == REFERENCE_METHODS and g.seeds == 1 and g.choose_rate
-               for g in default[1:])
-    assert [g.source.model for g in suite("default", "m", "all")[1:]] == list(REFERENCES)
+               for g in default[2:])
+    assert [g.source.model for g in suite("default", "m", "all")[2:]] == list(REFERENCES)
     full = suite("full", "main.safetensors", "fastvit_sa12", seeds=2)
-    assert len(full) == 2 and full[1].choose_rate and full[1].seeds == 2 and "peft-by-hand" not in full[1].methods
-    assert full[1].source.images == FULL_SOURCE["images"] and full[1].source.img_size == 64
-    assert full[1].shots == (10, 50, 100, None)
-    assert [g.source.model for g in suite("full", "m")[1:]] == list(REFERENCES)  # --full includes efficientformer_l1
-    assert len(suite("default", "m", "none")) == 1
-    assert default[0].budgets == (1.0, 2.0, 3.0) and [g.budgets for g in default[1:]] == [(2.0,), (), (), ()]
+    assert len(full) == 3 and full[2].choose_rate and full[2].seeds == 2 and "peft-by-hand" not in full[2].methods
+    assert full[2].source.images == FULL_SOURCE["images"] and full[2].source.img_size == 64
+    assert full[2].shots == (10, 50, 100, None)
+    assert [g.source.model for g in suite("full", "m")[2:]] == list(REFERENCES)  # --full includes efficientformer_l1
+    assert len(suite("default", "m", "none")) == 2
+    assert default[0].budgets == (1.0, 2.0, 3.0) and [g.budgets for g in default[2:]] == [(2.0,), (), (), ()]
     only = suite("default", "m", budgets_only=True)
-    assert [g.source.model if g.source else g.backbone for g in only] == ["m", "mobilevitv2_050"]
+    assert [g.source.model if g.source else g.backbone for g in only] == ["m", "m", "mobilevitv2_050"]
     assert all(g.budgets_only for g in only)
     with pytest.raises(PetahError, match="unknown reference backbone 'resnet50'"):
         suite("default", "m", "resnet50,fastvit_sa12")
