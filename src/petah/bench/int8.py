@@ -5,6 +5,9 @@
    images; ONNX Runtime latency of the three, interleaved; file sizes.
 2. Latency at 224 px for other families (random weights and a synthetic classification package:
    speed does not depend on the values), calibrated on real images (digits) resized to 224.
+3. Accuracy after adaptation for other families at 64 px, as ``petah bench methods`` measures
+   them: a source backbone the bench trains (cached, the methods bench's recipe), digits adapted
+   with the petah plan at rank 4 (600 images, 3 epochs), float vs int8 merged graph on the test set.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from petah.testing import synthetic_package
 DEMO_DATA = {"digits": "builtin:digits", "textures": "builtin:textures", "defects": "builtin:defects",
              "digit-boxes": "builtin:digit-boxes"}
 FAMILIES = ("efficientformerv2_s0", "mobilevitv2_050", "fastvit_sa12")
+TRANSFER_FAMILIES = ("mobilevitv2_050", "fastvit_sa12")
 
 
 def demo_rows(calibration_images: int, repeats: int) -> list[dict]:
@@ -79,12 +83,53 @@ def family_rows(families: tuple[str, ...], size: int, repeats: int) -> list[dict
     return rows
 
 
+def transfer_rows(families: tuple[str, ...], sources, calibration_images: int, repeats: int) -> list[dict]:
+    """int8 accuracy on other families: each adapted to digits from its bench-trained source."""
+    from petah import api
+    from petah.bench.methods import BUDGET_RATES, REFERENCES, _prepare_source, _splits
+    from petah.export.int8 import CALIBRATION_BATCH, batches
+    from petah.tasks import Classification
+    from petah.train import TrainConfig
+
+    rows = []
+    for name in families:
+        source = REFERENCES[name]
+        path = sources / source.file_name()
+        if not path.is_file():  # the methods bench's cache: trained once per recipe
+            sources.mkdir(parents=True, exist_ok=True)
+            _prepare_source({"prepare": source.__dict__, "out": str(path)})
+        backbone = create_backbone(weights=str(path))
+        train, val, test = _splits("digits", None, 600)
+        torch.manual_seed(0)
+        lr, head_lr = BUDGET_RATES
+        adapted = api.adapt(backbone, train, val, plan=PlanConfig(rank=4), task_name="digits",
+                            config=TrainConfig(epochs=3, batch_size=64, lr=lr, head_lr=head_lr, progress=False))
+        graph, module, manifest = merged_task_graph(backbone, adapted.package, name)
+        preprocess = api.preprocess_for(backbone)
+        calibration = batches(Classification, train, preprocess, CALIBRATION_BATCH, calibration_images)
+        tests = list(api.eval_loader(test, preprocess))
+        int8 = quantize(graph, calibration)
+        scores = {k: score(g, module.head, Classification, tests, list(manifest.labels))
+                  for k, g in (("float", graph), ("int8", int8))}
+        times = latency_ms({"float": graph, "int8": int8}, calibration[0][:1], repeats)
+        rows.append({"backbone": name, "img_size": backbone.img_size, "source": str(path.name),
+                     "float": round(scores["float"], 2), "int8": round(scores["int8"], 2),
+                     "delta": round(scores["int8"] - scores["float"], 2), "float_ms": round(times["float"], 3),
+                     "int8_ms": round(times["int8"], 3), "int8_speedup": round(times["float"] / times["int8"], 3)})
+    return rows
+
+
 def run_int8_bench(families: tuple[str, ...] = FAMILIES, size: int = 224, calibration_images: int = 64,
-                   repeats: int = 40) -> dict:
+                   repeats: int = 40, transfer_families: tuple[str, ...] = TRANSFER_FAMILIES,
+                   sources=None) -> dict:
+    from pathlib import Path
+
     started = time.time()
     demo = demo_rows(calibration_images, repeats)
     other = family_rows(families, size, max(10, repeats // 2))
-    return {"demo_tasks": demo, "families": other, "threads": torch.get_num_threads(),
+    transfer = transfer_rows(transfer_families, Path(sources or "bench-methods/sources"), calibration_images,
+                             repeats) if transfer_families else []
+    return {"demo_tasks": demo, "families": other, "transfer": transfer, "threads": torch.get_num_threads(),
             "calibration_images": calibration_images, "wall_s": round(time.time() - started, 1)}
 
 

@@ -87,16 +87,26 @@ def bench_int8(
                         ] = "efficientformerv2_s0,mobilevitv2_050,fastvit_sa12",
     size: Annotated[int, typer.Option("--size", help="Input size for the family latency rows.")] = 224,
     repeats: Annotated[int, typer.Option("--repeats", help="Interleaved ONNX Runtime runs per graph.")] = 40,
+    transfer: Annotated[str, typer.Option(
+        "--transfer", help="Comma-separated families adapted to digits from a bench-trained source, float vs int8 "
+                           "accuracy ('' for none).")] = "mobilevitv2_050,fastvit_sa12",
+    sources: Annotated[Path, typer.Option("--sources", help="Folder caching the bench-trained sources (shared with "
+                                                            "petah bench methods).")] = Path("bench-methods/sources"),
     json_out: JsonOpt = False,
 ) -> None:
-    """int8 vs float merged graphs: the demo tasks' metrics and latency (64 px), and other
-    families' latency at --size."""
+    """int8 vs float merged graphs: the demo tasks' metrics and latency (64 px), other families'
+    latency at --size, and other families' accuracy after adaptation (64 px)."""
     from petah.bench.int8 import run_int8_bench
+    from petah.bench.methods import REFERENCES
 
     chosen = tuple(f.strip() for f in families.split(",") if f.strip())
+    adapted = tuple(f.strip() for f in transfer.split(",") if f.strip())
     if size < 32 or repeats < 1:
         raise PetahError("--size must be at least 32 and --repeats at least 1")
-    result = run_int8_bench(chosen, size, repeats=repeats)
+    unknown = [f for f in adapted if f not in REFERENCES]
+    if unknown:
+        raise PetahError(f"--transfer {unknown[0]}: no bench source recipe for it; choose from {', '.join(REFERENCES)}")
+    result = run_int8_bench(chosen, size, repeats=repeats, transfer_families=adapted, sources=sources)
     if json_out:
         emit_json(result)
         return
@@ -113,6 +123,14 @@ def bench_int8(
         table.add_column(column, justify="right")
     for r in result["families"]:
         table.add_row(r["backbone"], f"{r['float_ms']:.2f}", f"{r['int8_ms']:.2f}", f"{r['int8_speedup']:.2f}x")
+    if result["transfer"]:
+        out.print(table)
+        table = Table(title="families adapted to digits from a bench-trained source, 64 px: accuracy")
+        for column in ("backbone", "float", "int8", "delta", "int8 speed-up"):
+            table.add_column(column, justify="right")
+        for r in result["transfer"]:
+            table.add_row(r["backbone"], f"{r['float']:.2f}", f"{r['int8']:.2f}", f"{r['delta']:+.2f}",
+                          f"{r['int8_speedup']:.2f}x")
     out.print(table)
 
 
