@@ -155,7 +155,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = plt.subplots(figsize=(8.2, 4.4))
     xs = [r["ort_ms"] for r in rows]
     for task in rows[0]["tasks"]:  # each task faintly, the mean (the target's measure) bold
         ax.scatter(xs, [r["tasks"][task]["score"] for r in rows], s=18, alpha=0.5,
@@ -171,7 +171,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
     for r in rows:
         ax.annotate(r["label"], (r["ort_ms"], r["mean_score"]), textcoords="offset points", xytext=(5, 4),
                     fontsize=7)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_xlabel("ONNX Runtime CPU latency (ms / image)")
     ax.set_ylabel("score after adaptation")
     ax.set_title(title, fontsize=9)
@@ -220,7 +220,7 @@ def run_prune_bench(out_dir: str | Path, ratios=(0.0, 0.25, 0.5), backbone_path:
             "adapt_merge_prune": _adapt_merge_prune(backbone, tasks, shared["ratio"], config, rows[0]["packages"],
                                                     max_steps, Path(tmp)),
         }
-    title = f"{backbone.name}@{backbone.img_size}px pruned (ratio at the mean), demo tasks adapted"
+    title = f"{backbone.name}@{backbone.img_size}px pruned (ratio or policy at the mean), demo tasks adapted"
     result = {
         "backbone": backbone.describe(), "img_size": backbone.img_size, "threads": torch.get_num_threads(),
         "config": config.to_dict(), "tasks": [t.name for t in tasks], "repeats": repeats, "max_steps": max_steps,
