@@ -57,10 +57,15 @@ class TaskPackage:
 NORM_STATISTICS = ("running_mean", "running_var")  # BatchNorm buffers a task owns with task_norm="stats"
 
 
+def statistics_dtype(adapter_dtype: torch.dtype) -> torch.dtype:
+    """How owned norm statistics are stored: fp16 unless adapters are fp32 (measured, docs/format.md)."""
+    return torch.float32 if adapter_dtype == torch.float32 else torch.float16
+
+
 def pack_tensors(adapters: dict, overrides: dict, head: dict, adapter_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Adapters may be stored in a smaller float type; so are owned norm statistics (fp16 unless
     adapters are fp32: measured, docs/format.md); other overrides and the head stay as trained."""
-    stats_dtype = torch.float32 if adapter_dtype == torch.float32 else torch.float16
+    stats_dtype = statistics_dtype(adapter_dtype)
     out = {f"adapter/{k}": v.detach().cpu().to(adapter_dtype).contiguous() for k, v in adapters.items()}
     out.update({f"override/{k}": (v.detach().cpu().to(stats_dtype) if k.endswith(NORM_STATISTICS) else
                                   v.detach().cpu()).contiguous() for k, v in overrides.items()})

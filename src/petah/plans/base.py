@@ -237,12 +237,16 @@ def resolve_targets(model: nn.Module, family: Family | None, config: PlanConfig,
     return targets
 
 
+def weight_matrix_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of a layer's weight as the matrix a LoRA update B @ A changes."""
+    if isinstance(module, nn.Conv2d):
+        return module.out_channels, module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+    return module.out_features, module.in_features
+
+
 def min_dimension(module: nn.Module) -> int:
     """The smaller side of a layer's weight as a matrix: the highest rank an update of it can have."""
-    if isinstance(module, nn.Conv2d):
-        kernel = module.kernel_size[0] * module.kernel_size[1]
-        return min(module.in_channels // module.groups * kernel, module.out_channels)
-    return min(module.in_features, module.out_features)
+    return min(weight_matrix_shape(module))
 
 
 def _check_stages(modules: list, family: Family | None, config: PlanConfig, model_name: str) -> None:

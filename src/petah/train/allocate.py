@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from petah.errors import PetahError
+from petah.packages.format import statistics_dtype
 from petah.plans import CHANNEL_SCALE, LORA, PlanConfig, Target, resolve_targets, stage_function
-from petah.plans.base import NORM_TYPES
+from petah.plans.base import NORM_TYPES, weight_matrix_shape
 from petah.plans.budget import Ladder, allocate, stage_summary
 
 # Probe length as a share of the training steps (the issue's cap: +15 % of training time), with
@@ -54,13 +55,6 @@ def _steps(share_floor_cap: tuple[float, int, int], total_steps: int) -> int:
     return max(floor, min(cap, round(share * total_steps)))
 
 
-def _weight_matrix_shape(layer: nn.Module) -> tuple[int, int]:
-    """(out, in) of a layer's weight as the matrix LoRA's B @ A updates."""
-    if isinstance(layer, nn.Conv2d):
-        return layer.out_channels, layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
-    return layer.out_features, layer.in_features
-
-
 def _entry_bytes(name: str) -> int:
     """What one stored tensor adds besides its numbers: its safetensors header entry and its
     name in the manifest (about; the exact size is checked on the built package)."""
@@ -72,11 +66,11 @@ class _Pricing:
 
     def __init__(self, adapter_dtype: torch.dtype):
         self.adapter = torch.finfo(adapter_dtype).bits // 8
-        self.stats = 4 if adapter_dtype == torch.float32 else 2  # format.pack_tensors: fp16 statistics
+        self.stats = torch.finfo(statistics_dtype(adapter_dtype)).bits // 8
 
     def lora(self, target: Target, layer: nn.Module) -> tuple[int, int]:
         """(bytes of one rank, what the layer's first rank adds on top: two tensor entries)."""
-        out_dim, in_dim = _weight_matrix_shape(layer)
+        out_dim, in_dim = weight_matrix_shape(layer)
         return (out_dim + in_dim) * self.adapter, _entry_bytes(f"adapter/{target.module}.lora_A") * 2
 
     def scale(self, target: Target, layer: nn.Module) -> int:
