@@ -36,6 +36,7 @@ from petah.plans import PlanConfig
 from petah.tasks import TASK_KINDS, Classification, kind_for_data
 from petah.train import TrainConfig, Trainer, TrainResult, barrier, is_main_process, setup
 from petah.train.distributed import check_ranks_agree, eval_indices
+from petah.train.trainer import frozen_norms, schedule_steps
 
 EVAL_BATCH = 128
 DEFAULT_AUGMENT = Augment()  # frozen: safe to share as a default; None means no augmentation
@@ -80,14 +81,6 @@ def check_task(task: str | None, data: LabeledImages):
         raise PetahError(f"task {task}: {data.source} is labelled for {kind.kind} (segmentation: images/ + masks/ + "
                          "classes.txt, or builtin:defects; detection: a COCO annotations.json, or builtin:digit-boxes)")
     return kind
-
-
-def _freeze_norms(model: nn.Module, backbone: nn.Module, modes: dict[str, bool]) -> None:
-    """Train mode for ``model``, except the backbone norms that must not drift (eval mode)."""
-    model.train()
-    for name, module in backbone.named_modules():
-        if modes.get(name) is False:
-            module.eval()
 
 
 # --- step 1: prepare ---------------------------------------------------------------------
@@ -189,11 +182,10 @@ def adapt(
         adapter = TaskAdapter(work, plan)
         head = kind.head_for(backbone, len(train.classes))
     model = kind.build_model(work.model, head)
-    modes = adapter.norm_modes()
     trainer = Trainer(
         model, adapter.trainable_parameters(), list(head.parameters()),
         kind.loss(config.label_smoothing, dice, head=head, img_size=backbone.img_size), view, config,
-        set_train_mode=lambda m: _freeze_norms(m, work.model, modes), unused_parameters=kind is not Classification,
+        set_train_mode=frozen_norms(work.model, adapter.norm_modes()), unused_parameters=kind is not Classification,
     )
     result = trainer.fit()
     trainable = sum(p.numel() for p in adapter.trainable_parameters()) + sum(p.numel() for p in head.parameters())
@@ -257,12 +249,9 @@ def _allocate(work: Backbone, plan: PlanConfig, config: TrainConfig, kind, head:
                              task_name=task_name, in_place=True)
 
     model = kind.build_model(work.model, head)
-    frozen = {name: False for name, m in work.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-    steps = -(-len(view) // config.batch_size) * config.epochs
     context = ProbeContext(model, work.model, head, kind.loss(config.label_smoothing, dice, head=head,
                                                                 img_size=work.img_size),
-                           view, config, lambda m: _freeze_norms(m, work.model, frozen),
-                           min(steps, config.max_steps or steps))
+                           view, config, frozen_norms(work.model), schedule_steps(config, len(view)))
     return allocate_budget(context, plan, work, budget_bytes(plan.budget, work.weights_bytes), package_bytes,
                            check_dtype("adapter_dtype", adapter_dtype))
 

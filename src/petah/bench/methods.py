@@ -175,7 +175,6 @@ def _adalora(backbone, train, config, equal_bytes: int, tries: int = 3):
     import warnings
 
     import peft
-    import torch
     from safetensors.torch import load_file, save
 
     from petah.adapters.model import lora_config
@@ -184,12 +183,12 @@ def _adalora(backbone, train, config, equal_bytes: int, tries: int = 3):
     from petah.plans import PlanConfig, resolve_targets
     from petah.tasks import Classification
     from petah.train import Trainer
+    from petah.train.trainer import frozen_norms, schedule_steps
 
     targets = resolve_targets(backbone.model, backbone.family, PlanConfig(), backbone.name)
     pattern = lora_config(targets, PlanConfig()).target_modules  # the same layers, matched exactly
     view = Classification.view(train, preprocess_for(backbone), Augment(), config.seed)
-    steps = math.ceil(len(view) / config.batch_size) * config.epochs
-    steps = min(steps, config.max_steps or steps)
+    steps = schedule_steps(config, len(view))
     lora_layers = sum(t.method == "lora" for t in targets)
     target_r, best = 2, None
     for _ in range(tries):
@@ -200,15 +199,9 @@ def _adalora(backbone, train, config, equal_bytes: int, tries: int = 3):
         model = peft.get_peft_model(model, adalora)
         params = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" not in n]
         head = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
-
-        def train_mode(m):  # frozen norms, as petah trains
-            m.train()
-            for module in m.modules():
-                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                    module.eval()
-
         result = Trainer(model, params, head, Classification.loss(config.label_smoothing), view, config,
-                         set_train_mode=train_mode, after_step=model.base_model.update_and_allocate).fit()
+                         set_train_mode=frozen_norms(model),  # frozen norms, as petah trains
+                         after_step=model.base_model.update_and_allocate).fit()
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
             # layers AdaLoRA pruned to rank 0 save as empty tensors, which PEFT warns of as a sharding mistake
             warnings.filterwarnings("ignore", message=".*invalid shape.*")

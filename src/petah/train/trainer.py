@@ -86,6 +86,26 @@ def make_sampler(dataset: TrainingView, seed: int, ctx: DistContext) -> Resumabl
     return ResumableDistributedSampler(dataset, ctx.world_size, ctx.rank, seed)
 
 
+def schedule_steps(config: TrainConfig, samples: int, batch: int | None = None) -> int:
+    """Optimizer steps of a run over ``samples`` images at ``batch`` images a step (default the
+    global batch): ``epochs`` of ceil(samples / batch) steps, capped by ``max_steps``."""
+    steps = math.ceil(samples / (batch or config.batch_size)) * config.epochs
+    return steps if config.max_steps is None else min(steps, config.max_steps)
+
+
+def frozen_norms(backbone: nn.Module, trains: dict[str, bool] | None = None) -> Callable[[nn.Module], None]:
+    """A ``set_train_mode``: the model in train mode, but the backbone's BatchNorm layers in eval
+    mode (the shared statistics must not drift), except those ``trains`` marks True (a task's own)."""
+    trains = trains or {}
+
+    def set_mode(model: nn.Module) -> None:
+        model.train()
+        for name, module in backbone.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not trains.get(name, False):
+                module.eval()
+    return set_mode
+
+
 def warmup_cosine(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
     warmup = max(1, int(total_steps * warmup_fraction))
 
@@ -152,9 +172,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
         self.sampler = make_sampler(data, config.seed, self.ctx)
         self.steps_per_epoch = math.ceil(self.sampler.num_samples / self.rank_batch)
-        self.total_steps = self.steps_per_epoch * config.epochs
-        if config.max_steps is not None:
-            self.total_steps = min(self.total_steps, config.max_steps)
+        self.total_steps = schedule_steps(config, self.sampler.num_samples, self.rank_batch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(self.total_steps, config.warmup_fraction)
         )
