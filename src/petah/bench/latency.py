@@ -58,6 +58,15 @@ def ort_session(model: str | bytes):
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
+def ort_medians(graphs: dict[str, bytes], x, repeats: int) -> dict[str, float]:
+    """Median seconds per run of each ONNX graph on input ``x`` (a numpy batch), sessions timed
+    round-robin in one run."""
+    from petah.runtime.onnx import INPUT
+
+    sessions = {name: ort_session(graph) for name, graph in graphs.items()}
+    return interleaved_medians({name: (lambda s=s: s.run(None, {INPUT: x})) for name, s in sessions.items()}, repeats)
+
+
 def run_latency(name: str = "efficientformerv2_s0", img_size: int = 224, batch: int = 1, repeats: int = 20,
                 trunk_stages: int = 3, weights: str = "none") -> dict:
     import onnxruntime as ort

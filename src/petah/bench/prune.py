@@ -21,11 +21,11 @@ import torch
 
 from petah import api
 from petah.backbones import Backbone, create_backbone, save_backbone
-from petah.bench.latency import interleaved_medians, ort_session
+from petah.bench.latency import ort_medians
 from petah.data import load_builtin
 from petah.demo import DEMO_PLANS, DEMO_TASKS, demo_backbone_path, run_demo
 from petah.prune import PruneConfig
-from petah.runtime.onnx import INPUT, to_onnx_bytes
+from petah.runtime.onnx import to_onnx_bytes
 
 PLOT = "prune-accuracy-latency.png"
 
@@ -67,14 +67,12 @@ def _onnx_latencies(rows: list[dict], repeats: int, calibration: list | None = N
     with ``calibration`` (preprocessed image batches) also of each backbone graph in int8."""
     size = rows[0]["backbone"].img_size
     x = torch.randn(1, 3, size, size)
-    feed = {INPUT: x.numpy()}
     graphs = {row["label"]: to_onnx_bytes(row["backbone"].model, x, f"row {row['label']}") for row in rows}
     if calibration is not None:
         from petah.export.int8 import quantize
 
         graphs.update({f"{label} int8": quantize(graph, calibration) for label, graph in list(graphs.items())})
-    sessions = {label: ort_session(graph) for label, graph in graphs.items()}
-    medians = interleaved_medians({r: (lambda s=s: s.run(None, feed)) for r, s in sessions.items()}, repeats)
+    medians = ort_medians(graphs, x.numpy(), repeats)
     base = medians[rows[0]["label"]]
     for row in rows:
         for suffix, key in (("", ""), (" int8", "int8_")):

@@ -174,12 +174,9 @@ def score(graph: bytes, head: nn.Module, kind, val_batches: list[tuple], classes
 
 def latency_ms(graphs: dict[str, bytes], x: np.ndarray, repeats: int = 40) -> dict[str, float]:
     """Median batch latency of each graph on this CPU, runs interleaved."""
-    from petah.bench.latency import interleaved_medians, ort_session
+    from petah.bench.latency import ort_medians
 
-    sessions = {name: ort_session(graph) for name, graph in graphs.items()}
-    medians = interleaved_medians({name: (lambda s=s: s.run(None, {INPUT: x})) for name, s in sessions.items()},
-                                  repeats)
-    return {name: 1000 * seconds for name, seconds in medians.items()}
+    return {name: 1000 * seconds for name, seconds in ort_medians(graphs, x, repeats).items()}
 
 
 def int8_graph(graph: bytes, head: nn.Module, kind, calibration: list[np.ndarray], *, mode: str = "always",

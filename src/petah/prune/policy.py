@@ -92,12 +92,10 @@ def _readout(pruned: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 
 def _latency(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
-    from petah.bench.latency import interleaved_medians, ort_session
-    from petah.runtime.onnx import INPUT, to_onnx_bytes
+    from petah.bench.latency import ort_medians
+    from petah.runtime.onnx import to_onnx_bytes
 
-    sessions = {k: ort_session(to_onnx_bytes(m, x, k)) for k, m in models.items()}
-    return interleaved_medians({k: (lambda s=s: s.run(None, {INPUT: x.numpy()})) for k, s in sessions.items()},
-                               repeats)
+    return ort_medians({k: to_onnx_bytes(m, x, k) for k, m in models.items()}, x.numpy(), repeats)
 
 
 def probe_stages(model: nn.Module, stages: list[int], images: list[torch.Tensor], stage_of: Callable[[str], int],
