@@ -107,12 +107,12 @@ def _int8_scores(rows: list[dict], tasks, calibration_images: int = 64) -> list:
     from petah.tasks import task_kind
 
     first = None
+    data = {task.name: load_dataset(f"builtin:{task.dataset}") for task in tasks}  # read once for every row
     for row in rows:
         for task in tasks:
             package = read_package(row["packages"][task.name])
             graph, module, manifest = merged_task_graph(row["backbone"], package, task.name)
-            calibration, validation = calibration_sets(manifest, load_dataset(f"builtin:{task.dataset}"),
-                                                       calibration_images)
+            calibration, validation = calibration_sets(manifest, data[task.name], calibration_images)
             first = first or calibration
             int8 = quantize(graph, calibration)
             kind = task_kind(manifest.task.kind)

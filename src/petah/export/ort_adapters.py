@@ -100,15 +100,16 @@ def _padded(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_zeros(shape)], dim)
 
 
-def task_values(task: LoadedTask, classes: int, slots: list[Target], template: nn.Module) -> dict[str, np.ndarray]:
+def task_values(task: LoadedTask, classes: int, slots: list[Target],
+                neutral: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A task's values for every overridable tensor of the base graph (names as in the graph):
-    its own adapters padded to each slot's rank, neutral values where it adapts nothing."""
+    its own adapters padded to each slot's rank, the ``neutral`` values where it adapts nothing."""
     values: dict[str, np.ndarray] = {}
     own = {t.module for t in task.manifest.plan.targets}
     for slot in slots:
         key = f"backbone.{slot.module}"
         if slot.module not in own:
-            continue  # neutral_values below
+            continue  # it takes the neutral value, below
         layer = task.model.backbone.get_submodule(slot.module)
         if slot.method == LORA:
             name = task.adapter.name
@@ -119,7 +120,7 @@ def task_values(task: LoadedTask, classes: int, slots: list[Target], template: n
             values[f"{key}.lora_a"], values[f"{key}.lora_b"] = a.numpy(), b.numpy()
         else:
             values[f"{key}.scale"] = (1.0 + layer.deltas[task.adapter.name].detach()).view(-1, 1, 1).numpy()
-    values = {**{k: v for k, v in neutral_values(template).items() if not k.startswith("head.")}, **values}
+    values = {**{k: v for k, v in neutral.items() if not k.startswith("head.")}, **values}
     head = task.model.head
     weight = torch.zeros(classes, head.in_features)
     bias = torch.full((classes,), PAD_BIAS)
@@ -265,7 +266,7 @@ def export_base_and_adapters(backbone: Backbone, packages: list, output: str | P
             adapter.set_adapter_version(1)
             adapter.set_model_version(1)
             # kept alive: an OrtValue only borrows the numpy memory
-            values = task_values(task, classes, slots, template)
+            values = task_values(task, classes, slots, neutral)
             adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in values.items()})
             staged = inside(stage, f"{name}.onnx_adapter")  # task names are untrusted: never outside the folder
             adapter.export_adapter(str(staged))

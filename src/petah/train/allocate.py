@@ -89,14 +89,10 @@ class _Pricing:
         return cost
 
 
-def _loader(view, batch_size: int, seed: int) -> DataLoader:
-    return DataLoader(view, batch_size=batch_size, shuffle=True, collate_fn=getattr(view, "collate", None),
-                      generator=torch.Generator().manual_seed(seed))
-
-
 def _batches(view, batch_size: int, seed: int, count: int):
-    """``count`` batches, cycling through the data when it holds fewer."""
-    loader = _loader(view, batch_size, seed)
+    """``count`` shuffled batches, cycling through the data when it holds fewer."""
+    loader = DataLoader(view, batch_size=batch_size, shuffle=True, collate_fn=getattr(view, "collate", None),
+                        generator=torch.Generator().manual_seed(seed))
     produced = 0
     while produced < count:
         for batch in loader:
@@ -194,7 +190,6 @@ def _activation_gains(context, candidates: list[Target]) -> dict[str, list[float
             moments[name] = moments[name] + moment if name in moments else moment
         hooks.append(layer.register_forward_hook(record))
     try:
-        context.set_train_mode(context.model)
         backbone_model.eval()  # frozen: inputs as inference sees them
         device = next(backbone_model.parameters()).device
         for images, _ in _batches(context.view, context.config.batch_size, context.config.seed + 1,
