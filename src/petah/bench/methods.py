@@ -275,14 +275,18 @@ def _nearest_rank(sizes, goal: float, ranks: range) -> int:
 
 def budget_plans(backbone, train, val, percent: float) -> tuple[dict[str, dict], int]:
     """The plans of one budget point at equal bytes, and those bytes."""
+    import functools
+
     from petah import api
     from petah.plans import PlanConfig
 
-    def sizes(preset: str):
-        return lambda rank: api.planned_bytes(backbone, PlanConfig(preset=preset, rank=rank), train, val)
+    def sizes(preset: str):  # each size builds a package: the search asks some ranks twice
+        return functools.cache(lambda rank: api.planned_bytes(backbone, PlanConfig(preset=preset, rank=rank), train,
+                                                              val))
 
-    rank = _nearest_rank(sizes("petah"), backbone.weights_bytes * percent / 100, range(1, 33))
-    equal = sizes("petah")(rank)
+    petah_sizes = sizes("petah")
+    rank = _nearest_rank(petah_sizes, backbone.weights_bytes * percent / 100, range(1, 33))
+    equal = petah_sizes(rank)
     return {
         "uniform": {"preset": "petah", "rank": rank},
         "budget-gradient": {"preset": "petah", "budget": str(equal)},
