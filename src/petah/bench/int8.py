@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -86,20 +87,17 @@ def family_rows(families: tuple[str, ...], size: int, repeats: int) -> list[dict
 def transfer_rows(families: tuple[str, ...], sources, calibration_images: int, repeats: int) -> list[dict]:
     """int8 accuracy on other families: each adapted to digits from its bench-trained source."""
     from petah import api
-    from petah.bench.methods import BUDGET_RATES, REFERENCES, _prepare_source, _splits
+    from petah.bench.methods import BUDGET_RATES, REFERENCES, _log, _run, _splits, source_backbone
     from petah.export.int8 import CALIBRATION_BATCH, batches
     from petah.tasks import Classification
     from petah.train import TrainConfig
 
     rows = []
+    train, val, test = _splits("digits", None, 600)
     for name in families:
-        source = REFERENCES[name]
-        path = sources / source.file_name()
-        if not path.is_file():  # the methods bench's cache: trained once per recipe
-            sources.mkdir(parents=True, exist_ok=True)
-            _prepare_source({"prepare": source.__dict__, "out": str(path)})
+        # the methods bench's cached source (trained here, in this process, when missing)
+        path = Path(source_backbone(REFERENCES[name], sources, _run, _log)["path"])
         backbone = create_backbone(weights=str(path))
-        train, val, test = _splits("digits", None, 600)
         torch.manual_seed(0)
         lr, head_lr = BUDGET_RATES
         adapted = api.adapt(backbone, train, val, plan=PlanConfig(rank=4), task_name="digits",
@@ -122,8 +120,6 @@ def transfer_rows(families: tuple[str, ...], sources, calibration_images: int, r
 def run_int8_bench(families: tuple[str, ...] = FAMILIES, size: int = 224, calibration_images: int = 64,
                    repeats: int = 40, transfer_families: tuple[str, ...] = TRANSFER_FAMILIES,
                    sources=None) -> dict:
-    from pathlib import Path
-
     started = time.time()
     demo = demo_rows(calibration_images, repeats)
     other = family_rows(families, size, max(10, repeats // 2))
