@@ -1,8 +1,10 @@
-"""What the station's and the hub's HTTP faces share: one error type for clients, bounded bodies
-and multipart forms (everything a request carries is untrusted and size-limited)."""
+"""What the station's and the hub's HTTP faces share: one error type for clients, bounded bodies,
+multipart forms and JSON (everything a request carries is untrusted and size- and depth-limited)."""
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 
 from starlette.datastructures import UploadFile
@@ -62,6 +64,56 @@ async def form_files(request: Request, body: bytes, names: tuple[str, ...]) -> d
     return parts
 
 
+MAX_JSON_DEPTH = 32  # nested arrays / objects; the deepest JSON petah exchanges (TUF metadata) has 5
+# a JSON string: anything but quote and backslash, or a backslash and the byte it escapes (possessive,
+# so a long string keeps no backtracking state)
+_JSON_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_ONE_BRACKET = bytes.maketrans(b"{}", b"[]")
+
+
+def json_too_deep(data: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether UTF-8 JSON text nests arrays / objects deeper than ``limit``, found without recursing.
+
+    json.loads recurses once per level in its C scanner (30,000 levels in 60 KB end in
+    RecursionError), and neither it (an object_hook runs after the recursion) nor any library
+    petah depends on bounds the depth before parsing; so a linear pre-scan: strings dropped (a
+    bracket in a string does not count), every other byte but brackets dropped, then the running
+    depth (a cumulative sum, in chunks). All of it runs in C (regex, bytes, numpy), so a 64 MB body
+    costs a fraction of a second, not one Python step per byte. Brackets that close more than they
+    opened are not JSON: answered False (json.loads refuses the text next)."""
+    import numpy as np
+
+    brackets = _JSON_STRING.sub(b"", data).translate(_ONE_BRACKET, _NOT_BRACKETS)
+    steps = 92 - np.frombuffer(brackets, dtype=np.uint8).astype(np.int8)  # "[" (91): +1, "]" (93): -1
+    depth, chunk = 0, 1 << 20
+    for start in range(0, len(steps), chunk):
+        levels = depth + np.cumsum(steps[start:start + chunk], dtype=np.int64)
+        deep, negative = np.flatnonzero(levels > limit), np.flatnonzero(levels < 0)
+        if len(deep) or len(negative):
+            return bool(len(deep)) and (not len(negative) or deep[0] < negative[0])
+        depth = int(levels[-1])
+    return False
+
+
+def parse_json(body: bytes, what: str, limit: int = MAX_JSON_DEPTH):
+    """A request's JSON ``body``; refused (400, naming ``what``: "the report body") when it is not
+    UTF-8 JSON or nests deeper than ``limit`` levels."""
+    too_deep = ClientError(400, f"{what} nests deeper than {limit} levels")
+    try:
+        text = body.decode("utf-8")  # RFC 8259: JSON between systems is UTF-8 (and the scan reads it so)
+    except UnicodeDecodeError:
+        raise ClientError(400, f"{what} must be JSON (UTF-8)") from None
+    if json_too_deep(body, limit):
+        raise too_deep
+    try:
+        return json.loads(text)
+    except RecursionError:  # the scan above should make this unreachable; never a 500
+        raise too_deep from None
+    except ValueError:
+        raise ClientError(400, f"{what} must be JSON") from None
+
+
 def listen(host: str, port: int) -> socket.socket:
     """A listening socket for uvicorn, bound before the server starts (so port 0 can be printed,
     and a taken port fails before anything loads)."""
@@ -92,4 +144,5 @@ def read_token(path: str | None, label: str) -> str | None:
     return token
 
 
-__all__ = ["ClientError", "form_files", "listen", "parse_form", "read_body", "read_token"]
+__all__ = ["MAX_JSON_DEPTH", "ClientError", "form_files", "json_too_deep", "listen", "parse_form", "parse_json",
+           "read_body", "read_token"]

@@ -7,6 +7,8 @@ Layout of ``--root DIR``::
     targets/TASK/SHA256.SHA256.petah                                         (release packages)
     keys/online.key                  the online snapshot + timestamp key (created by ``hub init``)
     hub.db                           releases, devices, reports (SQLite, ``petah.fleet.registry``)
+    incoming/petah-<16 hex>.tmp      temp files of writes in progress; leftovers of a killed hub
+                                     are removed at the next start (``Repository.sweep_incoming``)
 
 Publishing needs no hub credential: an upload is accepted only with targets metadata signed by
 the release key the trusted root names (the hub could not forge one). Devices authenticate with
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 import re
 import secrets
@@ -34,7 +35,7 @@ from petah.errors import PetahError
 from petah.files import inside
 from petah.fleet.metadata import Repository, parse_metadata, target_path, verify_role
 from petah.fleet.registry import ACTIVE, Registry, check_rollout
-from petah.http import ClientError, form_files, listen, read_body
+from petah.http import ClientError, form_files, listen, parse_json, read_body
 
 DEVICE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MAX_RELEASE_BYTES = 64 * 1024 * 1024
@@ -120,6 +121,7 @@ class Hub:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.repository = Repository(self.root)
+        self.repository.sweep_incoming()  # what a killed publish left (files petah names and no one holds)
         self.registry = Registry(self.root / "hub.db")
         self._publish = threading.Lock()
 
@@ -129,7 +131,6 @@ class Hub:
         against its signed entry) come before the package is parsed; nothing is written unless all
         pass."""
         import hashlib
-        import tempfile
 
         from petah.packages import read_package
 
@@ -152,13 +153,12 @@ class Hub:
             raise PetahError(f"target {path} carries no custom fields (task, backbone)")
         if any(r.sha256 == sha and r.state in ACTIVE for r in self.registry.releases()):
             raise PetahError(f"version {sha[:12]} is already released and active")
-        with tempfile.TemporaryDirectory(dir=self.root) as folder:
-            staged = Path(folder) / "release.petah"
-            staged.write_bytes(package)
+        with self.repository.staged(package) as staged:
             try:
                 manifest = read_package(staged).manifest
-            except PetahError as exc:
-                raise PetahError(f"the release package does not verify: {exc}") from None
+            except PetahError as exc:  # the client sees its upload named, never the temp file's path
+                raise PetahError(f"the release package does not verify: "
+                                 f"{str(exc).replace(str(staged), 'the upload')}") from None
         if path != target_path(manifest.task.name, sha):
             raise PetahError(f"the targets metadata names the package as {path}, not "
                              f"{target_path(manifest.task.name, sha)}")
@@ -255,10 +255,7 @@ def create_hub_app(hub: Hub, faults: Faults | None = None):
     async def publish(request: Request):
         body = await read_body(request, MAX_RELEASE_BYTES)
         parts = await form_files(request, body, ("package", "targets", "settings"))
-        try:
-            settings = json.loads(parts["settings"] or b"{}")
-        except ValueError:
-            raise ClientError(400, "settings must be JSON") from None
+        settings = parse_json(parts["settings"] or b"{}", "settings")
         if not isinstance(settings, dict):
             raise ClientError(400, "settings must be a JSON object")
         return await run_in_threadpool(hub.publish, parts["package"], parts["targets"], settings)
@@ -277,20 +274,16 @@ def create_hub_app(hub: Hub, faults: Faults | None = None):
     def current_targets():
         return Response(hub.repository.current_targets(), media_type="application/json")
 
-    async def json_body(request: Request) -> dict:
-        body = await read_body(request, MAX_REPORT_BYTES)
-        try:
-            data = json.loads(body)
-        except ValueError:
-            raise ClientError(400, "the body must be JSON") from None
+    async def json_body(request: Request, what: str) -> dict:
+        data = parse_json(await read_body(request, MAX_REPORT_BYTES), what)
         if not isinstance(data, dict):
-            raise ClientError(400, "the body must be a JSON object")
+            raise ClientError(400, f"{what} must be a JSON object")
         return data
 
     @app.post("/v1/devices/{device_id}/poll")
     async def poll(device_id: str, request: Request, authorization: Annotated[str | None, Header()] = None):
         device(device_id, authorization)
-        data = await json_body(request)
+        data = await json_body(request, "the poll body")
         installed = data.get("installed", {})
         if not isinstance(installed, dict) or not all(isinstance(v, str) for v in installed.values()):
             raise ClientError(400, "installed must map task names to sha256 strings")
@@ -300,7 +293,7 @@ def create_hub_app(hub: Hub, faults: Faults | None = None):
     @app.post("/v1/devices/{device_id}/report")
     async def report(device_id: str, request: Request, authorization: Annotated[str | None, Header()] = None):
         device(device_id, authorization)
-        data = await json_body(request)
+        data = await json_body(request, "the report body")
         release = data.get("release")
         if release is not None:
             check_id(release, "release")

@@ -15,11 +15,21 @@ Roles and keys (all Ed25519 PEM files from ``petah keygen``):
 A release target is named ``TASK/SHA256.petah`` (the package file's sha256) and, with consistent
 snapshots, stored as ``targets/TASK/SHA256.SHA256.petah``; metadata as ``metadata/N.ROLE.json``
 plus ``metadata/timestamp.json``. All of it is static files: any HTTP server or CDN can serve it.
+
+Every metadata and target file the hub writes passes through one folder, ``incoming/`` under the
+root: a temp file named ``petah-<16 hex>.tmp``, held under an exclusive ``flock`` while it is
+written and checked, then renamed into place (or removed). A publish killed with ``kill -9``
+leaves its temp file there, unlocked; the next ``Hub`` start removes exactly those
+(``Repository.sweep_incoming``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import os
+import re
+import secrets
 import threading
 from pathlib import Path
 
@@ -32,6 +42,8 @@ SPEC_VERSION = "1.0.31"
 EXPIRY = {"root": dt.timedelta(days=365), "targets": dt.timedelta(days=90),
           "snapshot": dt.timedelta(days=7), "timestamp": dt.timedelta(days=1)}
 ONLINE_KEY = "keys/online"  # under the hub root: snapshot + timestamp signer
+INCOMING = "incoming"  # under the hub root: the hub's temp files, and nothing else of petah's
+STAGED_NAME = re.compile(r"petah-[0-9a-f]{16}\.tmp")  # the only names the start-up sweep removes
 
 
 def _utcnow() -> dt.datetime:
@@ -60,6 +72,10 @@ def parse_metadata(data: bytes, role: str, origin: str):
     """Untrusted bytes -> ``Metadata`` of ``role`` (one-line error otherwise)."""
     from tuf.api.metadata import Metadata
 
+    from petah.http import MAX_JSON_DEPTH, json_too_deep
+
+    if json_too_deep(data):  # python-tuf parses with json.loads, which recurses once per level
+        raise PetahError(f"{origin}: not TUF metadata (nests deeper than {MAX_JSON_DEPTH} levels)")
     try:
         metadata = Metadata.from_bytes(data)
     except Exception as exc:  # python-tuf raises many types for malformed input
@@ -88,6 +104,7 @@ class Repository:
         self.root_dir = Path(root_dir)
         self.metadata_dir = self.root_dir / "metadata"
         self.targets_dir = self.root_dir / "targets"
+        self.incoming_dir = self.root_dir / INCOMING
         online = self.root_dir / f"{ONLINE_KEY}.key"
         if not (self.metadata_dir / "timestamp.json").is_file() or not online.is_file():
             raise PetahError(f"{self.root_dir} is not a petah hub root (create one: petah hub init)")
@@ -112,6 +129,86 @@ class Repository:
     def file(self, name: str) -> Path:
         """A metadata file by its public name (``timestamp.json``, ``3.targets.json``…)."""
         return inside(self.metadata_dir, name)
+
+    # --- temp files -----------------------------------------------------------------------------
+    # Why a lock and not an age threshold: a publish may run in another process on the same root
+    # (a second ``hub serve``, ``hub rotate-key``) while a hub starts, and a slow upload can take
+    # any time; a flock is held exactly as long as its process is alive and released by the kernel
+    # when ``kill -9`` ends it, so the sweep removes a temp file if and only if nobody uses it.
+    def _incoming(self) -> Path:
+        folder = self.incoming_dir
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir(mode=0o700)
+        if folder.is_symlink() or not folder.is_dir():
+            raise PetahError(f"the hub root's {INCOMING}/ is a symlink or a file: petah keeps its temp files only "
+                             f"in a folder of its own inside the root (move {INCOMING} away)")
+        return folder
+
+    @contextlib.contextmanager
+    def staged(self, payload: bytes):
+        """``payload`` in a new temp file of ``incoming/`` (written, fsync'd, locked while in use);
+        yields its path; gone afterwards (removed, unless the caller renamed it into place)."""
+        import fcntl
+
+        folder = self._incoming()
+        for _attempt in range(8):
+            path = folder / f"petah-{secrets.token_hex(8)}.tmp"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while a sweep holds it, deciding
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.samestat(os.fstat(fd), os.lstat(path)):
+                    break  # still ours: a sweep between open and flock would have unlinked it
+            os.close(fd)
+        else:
+            raise PetahError(f"cannot create a temp file in the hub root's {INCOMING}/")
+        try:
+            with os.fdopen(os.dup(fd), "wb") as handle:
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+            yield path
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # under the lock, so a sweep never sees the name unlocked
+            os.close(fd)
+
+    def _write(self, path: Path, payload: bytes) -> None:
+        """Write ``path`` whole or not at all: staged in ``incoming/``, renamed over it (one file
+        system: both are inside the root)."""
+        with self.staged(payload) as staged:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, path)
+
+    def sweep_incoming(self) -> list[str]:
+        """Remove what killed writers left in ``incoming/``: regular files named
+        ``petah-<16 hex>.tmp`` that no live process holds locked. Anything else there (other names,
+        symlinks, folders) is kept, and nothing outside the folder is looked at. Returns the
+        names removed."""
+        import fcntl
+        import stat
+
+        if not os.path.lexists(self.incoming_dir):
+            return []
+        removed = []
+        with os.scandir(self._incoming()) as entries:
+            for entry in entries:
+                if not STAGED_NAME.fullmatch(entry.name) or not entry.is_file(follow_symlinks=False):
+                    continue
+                try:  # O_NOFOLLOW / O_NONBLOCK: swapped for a symlink or a FIFO meanwhile, it fails or is skipped
+                    fd = os.open(entry.path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+                except OSError:
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    status = os.fstat(fd)
+                    if stat.S_ISREG(status.st_mode) and os.path.samestat(status, os.lstat(entry.path)):
+                        os.unlink(entry.path)
+                        removed.append(entry.name)
+                except OSError:  # BlockingIOError: a live writer holds it
+                    pass
+                finally:
+                    os.close(fd)
+        return removed
 
     # --- writing --------------------------------------------------------------------------------
     def accept_targets(self, data: bytes, packages: dict[str, bytes]) -> object:
@@ -143,8 +240,8 @@ class Repository:
                 raise PetahError(f"target {path}: the uploaded package does not match its recorded hash") from None
             sha = info.hashes["sha256"]
             directory, _, base = path.rpartition("/")
-            atomic_write_bytes(inside(self.targets_dir, directory, f"{sha}.{base}"), packages[path])
-        atomic_write_bytes(self.file(f"{new.signed.version}.targets.json"), data)
+            self._write(inside(self.targets_dir, directory, f"{sha}.{base}"), packages[path])
+        self._write(self.file(f"{new.signed.version}.targets.json"), data)
         self.refresh(force=True)
         return new.signed
 
@@ -156,7 +253,7 @@ class Repository:
         verify_role(new, "root", new, "the new root (by its own keys)")
         if new.signed.version != old.signed.version + 1:
             raise PetahError(f"the new root must be version {old.signed.version + 1}, got {new.signed.version}")
-        atomic_write_bytes(self.file(f"{new.signed.version}.root.json"), data)
+        self._write(self.file(f"{new.signed.version}.root.json"), data)
 
     def refresh(self, force: bool = False, lifetime: dict | None = None) -> bool:
         """Re-sign snapshot (when targets moved) and timestamp (when either moved, or half its
@@ -183,11 +280,11 @@ class Repository:
             snap = Metadata(Snapshot(snap_version, SPEC_VERSION, now + lifetime["snapshot"],
                                      {"targets.json": MetaFile(targets_version)}))
             snap.sign(self._online)
-            atomic_write_bytes(self.file(f"{snap_version}.snapshot.json"), snap.to_bytes())
+            self._write(self.file(f"{snap_version}.snapshot.json"), snap.to_bytes())
         timestamp = Metadata(Timestamp(stamp.version + 1, SPEC_VERSION, now + lifetime["timestamp"],
                                        MetaFile(snap_version)))
         timestamp.sign(self._online)
-        atomic_write_bytes(self.file("timestamp.json"), timestamp.to_bytes())
+        self._write(self.file("timestamp.json"), timestamp.to_bytes())
         return True
 
 
