@@ -164,7 +164,7 @@ def test_health_metrics_and_openapi(demo_station):
         assert series in text, series
     schema = client.request("GET", "/openapi.json").json()
     assert {"/v1/predict", "/v1/tasks", "/v1/tasks/{name}", "/v1/tasks/{name}/rollback"} <= set(schema["paths"])
-    assert client.request("GET", "/docs").status == 200
+    assert client.request("GET", "/docs").status == 404  # FastAPI's docs page needs a CDN: off (test_hostile)
     page = client.request("GET", "/")
     assert page.status == 200 and b"petah station" in page.body
     assert client.request("GET", "/static/station.js").status == 200
@@ -393,9 +393,9 @@ def test_state_dir_sweeps_what_an_interrupted_write_left(tmp_path):
     state = StateDir(tmp_path, "f" * 64)
     sha, _ = state.store(DIGITS.read_bytes())
     state.commit({"digits": Entry(sha, None, "now")})
-    (tmp_path / ".station.json.abc.tmp").write_text("{")
-    (tmp_path / "packages" / f".{'0' * 64}.petah.x.tmp").write_bytes(b"half")
-    (tmp_path / "packages" / f"{'1' * 64}.petah").write_bytes(b"stored, never committed")
+    (tmp_path / ".station.json.abcd1234.tmp").write_text("{")
+    (tmp_path / "packages" / f".{'0' * 64}.petah.x1y2z3w4.tmp").write_bytes(b"half")
+    state.store(b"stored, never committed")
     reopened = StateDir(tmp_path, "f" * 64)
     assert reopened.entries == {"digits": Entry(sha, None, "now")}
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [f"{sha}.petah", "station.json"]

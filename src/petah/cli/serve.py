@@ -40,6 +40,10 @@ def serve(
     if packages is not None:
         if not packages.is_dir():
             raise PetahError(f"--packages {packages}: not a folder")
+        home = state_dir.resolve()
+        if packages.resolve() == home or home in packages.resolve().parents:
+            raise PetahError(f"--packages {packages} is inside --state-dir {state_dir}: the station keeps its own "
+                             "files there; give a folder outside it")
         files += sorted(packages.glob("*.petah"))
     for path in files:
         if not path.is_file():

@@ -31,8 +31,7 @@ def bind(config: ServeConfig) -> socket.socket:
 
 def run_station(station: Station, sock: socket.socket | None = None) -> None:
     """Serve until SIGTERM / Ctrl-C; in-flight requests finish first (uvicorn's graceful shutdown)."""
-    import uvicorn
-
+    from petah.http_server import serve_guarded
     from petah.serve.app import create_app
 
     config = station.config
@@ -43,10 +42,9 @@ def run_station(station: Station, sock: socket.socket | None = None) -> None:
     shown = f"[{host}]" if ":" in host else host
     print(f"petah station: {len(station.tasks)} task(s) on {scheme}://{shown}:{port}/ (engine {station.engine.name})",
           file=sys.stdout, flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ssl_keyfile=config.ssl_keyfile,
-                                           ssl_certfile=config.ssl_certfile, timeout_graceful_shutdown=30,
-                                           limit_concurrency=config.queue_size * 4 + 16))
-    server.run(sockets=[sock])
+    serve_guarded(app, sock, max_requests=config.queue_size * 4 + 16, header_timeout_s=config.header_timeout_s,
+                  max_connections=config.max_connections, ssl_keyfile=config.ssl_keyfile,
+                  ssl_certfile=config.ssl_certfile, timeout_graceful_shutdown=30)
 
 
 __all__ = ["DEMO_PACKAGES", "ENGINES", "ServeConfig", "Station", "TaskRecord", "UnknownTask", "Upload", "bind",

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 from petah.errors import BackboneMismatch, PetahError
 from petah.http import ClientError, parse_form, read_body
 from petah.packages import SignatureError
+from petah.serve.state import StateUnwritable
 from petah.serve.station import Station, UnknownTask, Upload
 from petah.serve.worker import Busy
 
@@ -40,6 +41,8 @@ def _status_of(exc: Exception) -> tuple[int, dict]:
         return 403, {}
     if isinstance(exc, Busy):
         return 503, {"Retry-After": str(RETRY_AFTER_S)}
+    if isinstance(exc, StateUnwritable):
+        return 503, {}
     return 400, {}
 
 
@@ -91,8 +94,10 @@ def create_app(station: Station) -> FastAPI:
                 await run_in_threadpool(agent.stop)
             await run_in_threadpool(station.stop)
 
-    app = FastAPI(title="petah station", version="1", lifespan=lifespan,
-                  description="One resident backbone serving every task package over HTTP.")
+    # FastAPI's /docs and /redoc load their UI from a public CDN (dead on an offline device) and its
+    # /openapi.json would answer without the token: the schema is served below, behind the token
+    app = FastAPI(title="petah station", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None, description="One resident backbone serving every task package over HTTP.")
 
     def bearer_matches(header: str | None, token: str) -> bool:
         given = (header or "").removeprefix("Bearer ").strip().encode()
@@ -124,7 +129,7 @@ def create_app(station: Station) -> FastAPI:
     async def petah_error(_request, exc: PetahError):
         status, headers = _status_of(exc)
         station.metrics.observe_error(str(status))
-        return JSONResponse({"error": str(exc)}, status, headers=headers)
+        return JSONResponse({"error": station.client_message(str(exc))}, status, headers=headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request, exc: HTTPException):
@@ -167,6 +172,10 @@ def create_app(station: Station) -> FastAPI:
     def stats():
         return {**station.metrics.summary(), "engine": station.engine.name, "backbone": station.backbone.describe(),
                 "queue_depth": station.worker.depth}
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_api_token)])
+    def openapi_schema():
+        return JSONResponse(app.openapi())
 
     @app.post("/v1/predict", summary="Every requested task's result for one or more images",
               dependencies=[Depends(require_api_token)])

@@ -47,6 +47,13 @@ class ServeConfig:
     threads: int = option(0, cli="--threads",
                           help="Torch / ONNX Runtime threads for inference (0: one per CPU core). Leave cores "
                                "free for other busy processes: spinning threads slow both sides many-fold.")
+    header_timeout_s: float = option(10.0, cli="--header-timeout-s",
+                                     help="Seconds a client has to send a request's headers (from its first byte, "
+                                          "or from connecting); idle and trickling sockets are closed after it.")
+    max_connections: int = option(4096, cli="--max-connections",
+                                  help="Open client sockets kept (capped by the file limit); past it a new "
+                                       "connection closes the longest-idle one, so idle sockets cannot lock "
+                                       "clients out.")
     top_k: int = option(3, cli="--top-k", help="Classes reported per image for classification tasks.")
     admin_token_file: str | None = option(None, cli="--admin-token-file",
                                           help="File holding the bearer token for PUT / rollback / DELETE of tasks "
@@ -96,6 +103,10 @@ class ServeConfig:
             raise PetahError(f"--max-upload-mb must be in (0, 1024], got {self.max_upload_mb}")
         if self.engine not in ENGINES:
             raise PetahError(f"--engine must be one of {' | '.join(ENGINES)}, got {self.engine!r}")
+        if not 0.1 <= self.header_timeout_s <= 600:
+            raise PetahError(f"--header-timeout-s must be in [0.1, 600], got {self.header_timeout_s}")
+        if self.max_connections < 16:
+            raise PetahError(f"--max-connections must be at least 16, got {self.max_connections}")
         if self.threads < 0:
             raise PetahError(f"--threads must be 0 (one per core) or more, got {self.threads}")
         if not is_loopback(self.host) and not self.token_file:

@@ -9,6 +9,7 @@ import base64
 import ctypes
 import datetime as dt
 import io
+import logging
 import threading
 import time
 import warnings
@@ -21,13 +22,14 @@ from PIL import Image
 from petah.backbones import Backbone
 from petah.data.images import load_image_modes
 from petah.errors import PetahError, PetahWarning
-from petah.packages import Manifest, SignatureError, TrustPolicy, read_manifest
+from petah.packages import Manifest, SignatureError, TrustPolicy, check_task_name, read_manifest
 from petah.serve.config import ServeConfig
 from petah.serve.engine import ENGINE_CLASSES, choose_engine
 from petah.serve.metrics import StationMetrics
-from petah.serve.state import Entry, StateDir
+from petah.serve.state import Entry, StateDir, StateUnwritable
 from petah.serve.worker import BatchWorker, Busy, Job
 
+logger = logging.getLogger("petah.station")
 VERSION_CHARS = 12  # a task's version: this many hex digits of its package's sha256
 
 
@@ -157,7 +159,10 @@ class Station:
             else:
                 del entries[name]
         if entries != self.state.entries:
-            self.state.commit(entries)
+            try:
+                self.state.commit(entries)
+            except StateUnwritable as exc:  # serve what loads; the file keeps the old set until it can be written
+                warnings.warn(f"state dir {self.state.root}: {exc}", PetahWarning, stacklevel=2)
 
     def start(self) -> None:
         self.worker.start()
@@ -203,6 +208,8 @@ class Station:
     def install(self, data: bytes, name: str | None = None) -> TaskRecord:
         """Verify a package, load it next to the serving set and swap it in between two batches; the
         version it replaces stays on disk for ``rollback``. Any failure leaves the old set serving."""
+        if name is not None:
+            check_task_name(name, "the task name in the request")  # the caller's input, not the package's
         with self._changes:
             sha, path = self.state.store(data)
             try:
@@ -216,12 +223,32 @@ class Station:
                 loaded_at = now_utc()
                 record = self._swap_in(name, sha, loaded_at, previous,
                                        {**self.state.entries, name: Entry(sha, previous, loaded_at)})
+            except PetahError as exc:
+                self._forget(sha, path)
+                raise self._as_upload_error(exc, path, name) from None
             except BaseException:
-                if sha not in self._referenced():
-                    path.unlink(missing_ok=True)
+                self._forget(sha, path)
                 raise
             self.metrics.swaps.labels("install").inc()
             return record
+
+    def _forget(self, sha: str, path: Path) -> None:
+        """Remove a refused upload's stored file, unless a task (or its rollback) refers to it."""
+        if sha not in self._referenced():
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:  # a read-only state dir: the start-up sweep removes it later
+                pass
+
+    def _as_upload_error(self, exc: PetahError, path: Path, name: str | None) -> PetahError:
+        """The same error naming the upload instead of the file it was stored as (a client must not
+        learn server paths); the log keeps the original."""
+        message = str(exc)
+        if str(path) in message:
+            logger.warning("refused upload for task %s: %s", name, message)
+            message = message.replace(f"package {path}", "the uploaded package").replace(str(path),
+                                                                                     "the uploaded package")
+        return type(exc)(message)
 
     def rollback(self, name: str) -> TaskRecord:
         """Serve the task's previous version again (the current one becomes its previous)."""
@@ -236,17 +263,35 @@ class Station:
             return record
 
     def delete(self, name: str) -> None:
+        """Stop serving a task: the smaller set is written first, so a state dir that cannot be
+        written refuses the delete before the task leaves memory (and a restart agrees)."""
         with self._changes:
             self._entry(name)
+            before = dict(self.state.entries)
+            self.state.commit({k: v for k, v in before.items() if k != name})
 
             def unload() -> None:
                 self.engine.unload(name)
                 del self.tasks[name]
 
-            self.worker.call(unload).result()
-            self.state.commit({k: v for k, v in self.state.entries.items() if k != name})
+            try:
+                self.worker.call(unload).result() if self.worker.alive else unload()
+            except BaseException:
+                self.state.commit(before)
+                raise
             release_memory()
             self.metrics.swaps.labels("delete").inc()
+
+    def client_message(self, message: str) -> str:
+        """An error message fit for a client: the station's own folders named by role, not path (the
+        last line of defence: errors are meant to name the request's inputs already)."""
+        folders = [(self.state.root, "the state dir"), (self.config.trust, "the --trust folder"),
+                   (self.config.golden, "the --golden folder")]
+        spelled = [(str(form), role) for folder, role in folders if folder
+                   for form in {Path(folder), Path(folder).resolve()}]
+        for path, role in sorted(spelled, key=lambda item: -len(item[0])):
+            message = message.replace(path, role)
+        return message
 
     def _entry(self, name: str) -> Entry:
         if name not in self.state.entries:
