@@ -213,6 +213,44 @@ def test_output_in_a_read_only_folder_is_refused(tmp_path):
         locked.chmod(0o755)
 
 
+def test_write_check_creates_a_real_file_and_leaves_nothing(tmp_path):
+    from petah.files import check_writable
+
+    check_writable(tmp_path / "new" / "x.petah")
+    assert list(tmp_path.iterdir()) == []  # the probe file is gone, no folder was made
+
+
+# --- what the data decides and where the output goes: refused before any training --------------
+def _renamed_class(root, name: bytes):
+    """The pattern folder with its 'square' class folder renamed (bytes: any name Linux allows)."""
+    data = write_pattern_folder(root / "data", 2)
+    os.rename(os.fsencode(data / "square"), os.fsencode(data) + b"/" + name)
+    return data
+
+
+@pytest.mark.parametrize("class_name, output, fragments", [
+    (b"x" * 231, "x.petah", ["class folder 'xxxxxxxxxx", "…' in ", "label is 231 characters",
+                              "a package label holds at most 200"]),
+    (b"sq\xffuare", "x.petah", ["class folder 'sq\\udcffuare' in ", "not valid UTF-8"]),
+    (b"square", "/proc/x.petah", ["cannot write /proc/x.petah: cannot create a file in /proc"]),
+    (b"square", "/proc/new/x.petah", ["cannot write /proc/new/x.petah: cannot create a file in /proc"]),
+], ids=["label-too-long", "label-not-utf8", "output-in-proc", "output-under-proc"])
+def test_adapt_refuses_what_would_fail_after_training(small_backbone, tmp_path, monkeypatch, class_name, output,
+                                                      fragments):
+    """A label the package cannot hold, or an output folder no file can be created in (/proc: root
+    passes os.access there), is refused by name before the Trainer is even built."""
+    from petah.data import load_dataset
+
+    train, val = load_dataset(str(_renamed_class(tmp_path, class_name)), val_split=0.5)
+    monkeypatch.setattr(api, "Trainer", lambda *args, **kwargs: pytest.fail("training started"))
+    output = tmp_path / output  # an absolute output stays as it is
+    with pytest.raises(PetahError) as refused:
+        api.adapt(small_backbone, train, val, output=output, config=TrainConfig(max_steps=1))
+    for fragment in fragments:
+        assert fragment in str(refused.value)
+    assert not output.exists()
+
+
 def test_api_checks_outputs_before_training(small_backbone, shapes, tmp_path):
     from petah.data import load_dataset
 

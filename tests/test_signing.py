@@ -198,3 +198,76 @@ def test_packages_in_memory_are_hashed_again_and_format_1_is_refused(setup):
         old = read_package(v1)
     with pytest.raises(SignatureError, match="format-1"):
         policy(setup).check(old, "p")
+
+
+# --- every command that reads a package takes --trust / --require-signed ----------------------
+def petah_here(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """The CLI's own entry point (``petah.cli.main``: its exit codes and one-line errors) in this
+    process: a process start per case would cost seconds."""
+    import sys
+    import warnings
+
+    from petah.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["petah", *map(str, args)])
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() installs its own printer
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def small_task(setup, tmp_path_factory):
+    """A backbone file whose merged ONNX export takes about a second, an unsigned and a signed
+    package for it, and images of the packages' classes."""
+    from PIL import Image
+
+    from petah.backbones import save_backbone
+
+    root = tmp_path_factory.mktemp("reading")
+    torch.manual_seed(0)
+    backbone = create_backbone("mobilenetv3_small_050", 32)
+    save_backbone(backbone, root / "bb.safetensors")
+    for name in ("unsigned", "signed"):
+        write_package(root / f"{name}.petah", synthetic_package(backbone, name, PlanConfig(rank=2), classes=3))
+    sign_package(root / "signed.petah", setup["trusted"] / "release.key")
+    for label in "012":
+        (root / "data" / label).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (16, 16), (90 * i, 80 * int(label), 20)).save(root / "data" / label / f"{i}.png")
+    return root
+
+
+READING_COMMANDS = {  # verb -> its arguments for (package, backbone file, output folder)
+    "inspect": lambda package, backbone, out: ["inspect", package],
+    "upgrade": lambda package, backbone, out: ["upgrade", package, "-o", out / "upgraded.petah"],
+    "eval": lambda package, backbone, out: ["eval", package, "-b", backbone, package.parent / "data",
+                                            "--val-split", "0.5", "--confusion-png", out / "confusion.png"],
+    "export": lambda package, backbone, out: ["export", package, "-b", backbone, "-o", out / "onnx"],
+}
+
+
+@pytest.mark.parametrize("verb", READING_COMMANDS)
+def test_commands_that_read_a_package_require_signed(setup, small_task, tmp_path, monkeypatch, capsys, verb):
+    """Unsigned: one line, exit 2, nothing written, refused before the backbone loads (the backbone
+    named is missing, and that is not the error). Signed by a trusted key: the command runs."""
+    args = READING_COMMANDS[verb]
+    trust = ["--trust", setup["trusted"], "--require-signed", "--json"]
+    refused = args(small_task / "unsigned.petah", tmp_path / "absent.safetensors", tmp_path)
+    code, out, err = petah_here(monkeypatch, capsys, *refused, *trust)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: package ") and "unsigned.petah is not signed" in err
+    assert list(tmp_path.iterdir()) == []
+    code, out, err = petah_here(monkeypatch, capsys, *args(small_task / "signed.petah", small_task / "bb.safetensors",
+                                                            tmp_path), *trust)
+    assert code == 0, err
+    report = json.loads(out)
+    if verb == "inspect":
+        assert report["signature_verified"] is True
+    else:
+        assert list(tmp_path.iterdir())  # the upgraded package, the confusion PNG, the ONNX folder

@@ -32,6 +32,7 @@ from petah.packages import (
     merged_backbone,
     write_package,
 )
+from petah.packages.manifest import MAX_LABEL_CHARS, MAX_LABELS
 from petah.plans import PlanConfig
 from petah.tasks import TASK_KINDS, Classification, kind_for_data
 from petah.train import TrainConfig, Trainer, TrainResult, barrier, is_main_process, setup
@@ -70,6 +71,27 @@ def _check_labels(train: LabeledImages, val: LabeledImages) -> None:
         raise PetahError(f"need training and validation images, got {len(train)} and {len(val)}")
     if train.classes != val.classes:
         raise PetahError("training and validation sets name different classes")
+
+
+CLASS_NOUNS = {"classification": "class folder", "segmentation": "class", "detection": "category"}  # as DATA has them
+
+
+def _check_label_limits(data: LabeledImages) -> None:
+    """Refuse class names a package cannot hold (the limits its manifest is read with) before any
+    training, naming the class as the data has it rather than the manifest field it would fail as."""
+    if len(data.classes) > MAX_LABELS:
+        raise PetahError(f"{data.source}: {len(data.classes):,} classes; a package holds at most {MAX_LABELS:,}")
+    noun = CLASS_NOUNS[kind_for_data(data).kind]
+    for name in data.classes:
+        shown = name if len(name) <= 40 else name[:40] + "…"
+        where = f"{noun} {shown!r} in {data.source}"
+        if not 0 < len(name) <= MAX_LABEL_CHARS:
+            limit = f"at most {MAX_LABEL_CHARS}" if name else "at least 1"
+            raise PetahError(f"{where}: label is {len(name)} characters; a package label holds {limit}")
+        try:
+            name.encode("utf-8")  # a folder name of undecodable bytes: the manifest is UTF-8 JSON
+        except UnicodeEncodeError:
+            raise PetahError(f"{where}: the name is not valid UTF-8, which a package label must be") from None
 
 
 def check_task(task: str | None, data: LabeledImages):
@@ -165,6 +187,7 @@ def adapt(
         check_writable(output)
     check_task_name(task_name)
     _check_labels(train, val)
+    _check_label_limits(train)  # the validation set names the same classes
     kind = check_task(task, train)
     plan, config = plan or PlanConfig(), config or TrainConfig()
     _check_ranks(config, train, val, plan=plan.to_dict(), task=task_name,
@@ -384,8 +407,9 @@ def inspect_backbone(path: str | Path) -> dict:
 
 
 # --- loading, eval, predict --------------------------------------------------------------
-def evaluate(backbone: Backbone, package: TaskPackage | str | Path, data: LabeledImages) -> dict:
-    task = load_task(backbone, package)
+def evaluate(backbone: Backbone, package: TaskPackage | str | Path, data: LabeledImages, *, trust=None) -> dict:
+    """The package's metrics on ``data``; ``trust`` (a ``petah.packages.TrustPolicy``): who must have signed it."""
+    task = load_task(backbone, package, trust)
     kind = task.kind
     if kind is not kind_for_data(data):
         raise PetahError(f"package {task.name} is a {kind.kind} task; the evaluation data is labelled for "

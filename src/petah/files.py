@@ -36,7 +36,9 @@ def check_writable(path: str | Path) -> Path:
     """Refuse an output file petah could not write; return it as a ``Path``.
 
     Missing parent folders are fine (writers create them), but the nearest existing ancestor must
-    be a folder this process may write into, and the path itself must not be a folder.
+    be a folder this process can create a file in, and the path itself must not be a folder. The
+    test is a real temp file, made and removed: ``os.access`` says yes to root even where nothing
+    can be created (``/proc``, a read-only mount).
     """
     path = Path(path)
     if path.is_dir():
@@ -48,8 +50,14 @@ def check_writable(path: str | Path) -> Path:
         parent = parent.parent
     if not parent.is_dir():
         raise PetahError(f"cannot write {path}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PetahError(f"cannot write {path}: no permission to write in {parent}")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".petah-write-check.", dir=parent)
+    except PermissionError:
+        raise PetahError(f"cannot write {path}: no permission to write in {parent}") from None
+    except OSError as exc:
+        raise PetahError(f"cannot write {path}: cannot create a file in {parent} ({exc.strerror or exc})") from None
+    os.close(handle)
+    os.unlink(probe)
     return path
 
 

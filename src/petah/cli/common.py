@@ -10,6 +10,7 @@ import shlex
 import sys
 import types
 import typing
+import warnings
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Annotated, Optional, Union
@@ -18,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from petah.errors import PetahError
+from petah.errors import PetahError, PetahWarning
 
 out = Console()
 err = Console(stderr=True)
@@ -69,6 +70,22 @@ def data_spec(argument: str | None, option: str | None) -> str:
     if argument is None and option is None:
         raise PetahError("no dataset given: pass DATA (or --data DATA)")
     return argument if argument is not None else option
+
+
+def trust_policy(trust: Path | None, require_signed: bool, packages: list[Path] = ()):
+    """--trust / --require-signed as a ``petah.packages.TrustPolicy`` (None: neither given), with
+    every package in ``packages`` checked against it now: a refused package stops the command
+    before any backbone or data loads and before anything is written (the library checks again as
+    it reads them, and warns then: once)."""
+    from petah.packages import TrustPolicy, read_trusted
+
+    policy = TrustPolicy.from_options(trust, require_signed)
+    if policy is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PetahWarning)
+            for package in packages:
+                read_trusted(package, policy)
+    return policy
 
 
 def augment(hflip: bool, no_augment: bool):

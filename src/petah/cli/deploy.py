@@ -12,7 +12,9 @@ from petah.cli.common import (
     AdapterDtypeOpt,
     BackboneOpt,
     JsonOpt,
+    RequireSignedOpt,
     SizeOpt,
+    TrustOpt,
     WeightsOpt,
     backbone,
     command_line,
@@ -20,6 +22,7 @@ from petah.cli.common import (
     emit_json,
     out,
     package_intensity,
+    trust_policy,
 )
 from petah.errors import PetahError
 from petah.prune.pruner import PruneConfig
@@ -47,6 +50,8 @@ def export(
                        "part, the auto checks on its validation part.")] = None,
     calibration_images: Annotated[int, typer.Option(
         "--calibration-images", help="Images --int8 calibrates on.")] = 64,
+    trust: TrustOpt = None,
+    require_signed: RequireSignedOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Export tasks: one merged ONNX model each, (--ort-adapters) one base + adapter files, or (--peft) PEFT
@@ -54,6 +59,7 @@ def export(
     from petah.data import Preprocess, load_image
     from petah.export import export_base_and_adapters, export_merged
 
+    policy = trust_policy(trust, require_signed, packages)  # every package, before anything loads or is written
     int8_data = None
     if int8 is not None:  # mode and data are checked by export_merged, before any export
         from petah.data import BUILTIN, load_dataset
@@ -70,7 +76,7 @@ def export(
                                      intensity=package_intensity(packages[0]))
     bb = backbone(backbone_spec, weights, img_size)
     if peft_dir is not None:
-        _export_peft(bb, packages, peft_dir, json_out)
+        _export_peft(bb, packages, peft_dir, json_out, policy)
         return
     real = None
     if parity_images:  # as the first package sees them (its intensity mode): parity compares ONNX and torch
@@ -87,7 +93,7 @@ def export(
             # one base for several tasks: any of their images, the classes need not match
             calibration = calibration_batches(read_manifest(packages[0]), int8_data[0], calibration_images,
                                               check_classes=False)
-        result = export_base_and_adapters(bb, list(packages), output, real, calibration).to_dict()
+        result = export_base_and_adapters(bb, list(packages), output, real, calibration, trust=policy).to_dict()
         if json_out:
             emit_json(result)
             return
@@ -100,7 +106,7 @@ def export(
         out.print(table)
         return
     results = [export_merged(bb, pkg, output / f"{pkg.stem}.onnx", real, int8=int8, data=int8_data,
-                             calibration_images=calibration_images).to_dict() for pkg in packages]
+                             calibration_images=calibration_images, trust=policy).to_dict() for pkg in packages]
     if json_out:
         emit_json({"exports": results})
         return
@@ -121,10 +127,10 @@ def export(
     out.print(table)
 
 
-def _export_peft(bb, packages: list[Path], folder: Path, json_out: bool) -> None:
+def _export_peft(bb, packages: list[Path], folder: Path, json_out: bool, policy) -> None:
     from petah.export.peft_interop import export_peft_folders
 
-    results = export_peft_folders(bb, packages, folder)
+    results = export_peft_folders(bb, packages, folder, trust=policy)
     if json_out:
         emit_json({"exports": results})
         return
@@ -207,12 +213,14 @@ def upgrade(
     package: Annotated[Path, typer.Argument(help="A .petah package (format 1 or 2).")],
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Where to write the upgraded package (default: replace PKG, atomically).")] = None,
+    trust: TrustOpt = None,
+    require_signed: RequireSignedOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Rewrite a package in the current format (v2: the content hash covers manifest and tensors)."""
     from petah.packages import FORMAT_VERSION, upgrade_package
 
-    path, was = upgrade_package(package, output)
+    path, was = upgrade_package(package, output, trust=trust_policy(trust, require_signed))
     summary = {"package": str(path), "from_version": was, "format_version": FORMAT_VERSION,
                "package_bytes": path.stat().st_size}
     if json_out:

@@ -9,21 +9,37 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from petah.cli.common import JsonOpt, SizeOpt, WeightsOpt, backbone, config_options, emit_json, out, print_fields
+from petah.cli.common import (
+    JsonOpt,
+    RequireSignedOpt,
+    SizeOpt,
+    TrustOpt,
+    WeightsOpt,
+    backbone,
+    config_options,
+    emit_json,
+    out,
+    print_fields,
+    trust_policy,
+)
 from petah.errors import PetahError
 from petah.plans import PlanConfig
 
 
 def inspect_(
     package: Annotated[Path, typer.Argument(help="A .petah task package, or a petah backbone file (.safetensors).")],
+    trust: TrustOpt = None,
+    require_signed: RequireSignedOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Show a package's manifest and sizes, or a backbone file's parameters, MACs and size."""
     from petah import api
 
     if package.suffix == ".safetensors":
+        if trust is not None or require_signed:  # a backbone file has no signature: never pass it silently
+            raise PetahError(f"{package} is a backbone file; --trust and --require-signed check .petah packages")
         return _inspect_backbone(package, json_out)
-    info = api.inspect_package(package)
+    info = api.inspect_package(package, trust=trust_policy(trust, require_signed))
     if json_out:
         emit_json(info)
         return
@@ -41,7 +57,8 @@ def inspect_(
         ("sections", ", ".join(f"{k}: {v['parameters']:,} params" for k, v in info["sections"].items())),
         ("format", f"v{info['format_version']}, content sha256 {info['content_sha256'][:16]}"
                    if info["content_sha256"] else f"v{info['format_version']}: no manifest hash (petah upgrade)"),
-        ("signature", "present (not verified here)" if info["signature_present"] else "none"),
+        ("signature", f"verified against --trust {trust}" if info["signature_verified"] else
+                      "present (not verified: --trust DIR checks it)" if info["signature_present"] else "none"),
         ("created", f"{info['created_at']} by petah {info['petah_version']}"),
     ])
 

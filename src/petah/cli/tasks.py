@@ -31,6 +31,7 @@ from petah.cli.common import (
     err,
     out,
     package_intensity,
+    trust_policy,
     warn_skipped,
 )
 from petah.cli.show import stage_rows
@@ -143,6 +144,8 @@ def adapt(
     from petah.tasks import plot_confusion
 
     api.check_writable(output)  # before the backbone and data load; api.adapt checks again
+    if confusion_png is not None:  # written after training: checked before it
+        api.check_writable(confusion_png)
     torch.manual_seed(training.seed)
     bb = backbone(backbone_spec, weights, img_size)
     train, val = load_dataset(data_spec(data, data_opt), val_split, training.seed, strict, intensity=intensity)
@@ -195,6 +198,8 @@ def eval_(
     confusion_png: Annotated[Path | None, typer.Option(
         "--confusion-png", help="Write the confusion matrix as a PNG (classification).")] = None,
     strict: StrictOpt = False,
+    trust: TrustOpt = None,
+    require_signed: RequireSignedOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Evaluate a package on the validation part of DATA (classification: top-1, per-class precision /
@@ -204,11 +209,14 @@ def eval_(
     from petah.data import load_dataset
     from petah.tasks import plot_confusion
 
+    policy = trust_policy(trust, require_signed, [package])  # before the backbone and data load
+    if confusion_png is not None:
+        api.check_writable(confusion_png)
     bb = backbone(backbone_spec, weights, img_size)
     intensity = package_intensity(package)  # the images as the package was trained on them
     _train, val = load_dataset(data_spec(data, data_opt), val_split, seed, strict, intensity=intensity)
     warn_skipped(val)
-    report = api.evaluate(bb, package, val)
+    report = api.evaluate(bb, package, val, trust=policy)
     if confusion_png and "confusion_matrix" in report:
         plot_confusion(report, confusion_png, package.stem)
     if json_out:

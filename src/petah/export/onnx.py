@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 from petah import __version__
 from petah.backbones import Backbone
 from petah.errors import PetahError
-from petah.files import atomic_write_bytes
-from petah.packages import TaskPackage, load_task, read_package
+from petah.files import atomic_write_bytes, check_writable
+from petah.packages import TaskPackage, TrustPolicy, load_task, read_trusted
 from petah.runtime.onnx import INPUT, merged_task_module, to_onnx_bytes
 
 
@@ -101,11 +101,13 @@ def calibration_sets(manifest, data: tuple, count: int, seed: int = 0) -> tuple[
 def export_merged(
     backbone: Backbone, package: TaskPackage | str | Path, output: str | Path, real_inputs: torch.Tensor | None = None,
     *, int8: str | None = None, data: tuple | None = None, calibration_images: int = 64,
+    trust: TrustPolicy | None = None,
 ) -> ExportResult:
     """Write one ONNX model for a task (adapters merged) and check it against PyTorch; with
-    ``int8`` (always | auto), quantized on ``data`` (the task's (train, val) images)."""
-    if not isinstance(package, TaskPackage):
-        package = read_package(package)
+    ``int8`` (always | auto), quantized on ``data`` (the task's (train, val) images). ``trust``:
+    who must have signed the package."""
+    package, _origin = read_trusted(package, trust)
+    check_writable(output)
     calibration = validation = None
     if int8 is not None:  # every check before the (slow) export
         from petah.export.int8 import MODES

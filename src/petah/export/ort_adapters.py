@@ -32,8 +32,8 @@ from petah import __version__
 from petah.backbones import Backbone
 from petah.errors import PetahError
 from petah.export.onnx import with_metadata, worst_error
-from petah.files import atomic_write_bytes, inside, staged_folder
-from petah.packages import LoadedTask, Manifest, TaskPackage, load_task, read_package
+from petah.files import atomic_write_bytes, check_writable, inside, staged_folder
+from petah.packages import LoadedTask, Manifest, TrustPolicy, load_task, read_trusted
 from petah.plans import LORA, Target
 from petah.runtime.onnx import INPUT, OUTPUT, to_onnx_bytes
 from petah.tasks import ClassificationModel
@@ -199,15 +199,18 @@ class AdapterExport:
 
 def export_base_and_adapters(backbone: Backbone, packages: list, output: str | Path,
                              real_inputs: torch.Tensor | None = None,
-                             int8_calibration: list[np.ndarray] | None = None) -> AdapterExport:
+                             int8_calibration: list[np.ndarray] | None = None,
+                             trust: TrustPolicy | None = None) -> AdapterExport:
     """Write ``base.onnx`` + ``<task>.onnx_adapter`` (+ ``<task>.json`` labels) and check parity.
     With ``int8_calibration`` (preprocessed image batches) the base graph is int8 (as
     ``petah.export.int8`` quantizes, calibrated with neutral adapters) while every node that reads
-    an adapter tensor stays float, so the float adapter files switch tasks as before."""
+    an adapter tensor stays float, so the float adapter files switch tasks as before. ``trust``:
+    who must have signed the packages (all are checked before anything is written)."""
     import onnxruntime as ort
 
     output = Path(output)
-    loaded = [(p, read_package(p) if not isinstance(p, TaskPackage) else p) for p in packages]
+    check_writable(output / "base.onnx")
+    loaded = [(p, read_trusted(p, trust)[0]) for p in packages]
     if not loaded:
         raise PetahError("no packages to export")
     first = loaded[0][1].manifest

@@ -36,8 +36,8 @@ from petah.adapters import TaskAdapter
 from petah.adapters.model import lora_config
 from petah.backbones import Backbone
 from petah.errors import PetahError
-from petah.files import inside
-from petah.packages import TaskPackage, build_package, load_task, read_package
+from petah.files import check_writable, inside
+from petah.packages import TaskPackage, TrustPolicy, build_package, load_task, read_package, read_trusted
 from petah.plans import CHANNEL_SCALE, LORA, PlanConfig, Target
 from petah.tasks import Classification
 
@@ -286,10 +286,13 @@ def import_peft(backbone: Backbone, folder: str | Path, task_name: str | None = 
                      "classes": classes, "backbone_checked": bool(info), "max_abs_error": error}
 
 
-def export_peft_folders(backbone: Backbone, packages: list, folder: str | Path) -> list[dict]:
+def export_peft_folders(backbone: Backbone, packages: list, folder: str | Path,
+                        trust: TrustPolicy | None = None) -> list[dict]:
     """Several tasks as PEFT LoRA folders: ``folder`` itself for one package, ``folder/<task>`` for
-    several (two packages of one task name are refused, before anything is written)."""
-    loaded = [package if isinstance(package, TaskPackage) else read_package(package) for package in packages]
+    several (two packages of one task name, or one ``trust`` refuses, are refused before anything
+    is written)."""
+    check_writable(Path(folder) / TASK_FILE)
+    loaded = [read_trusted(package, trust)[0] for package in packages]
     names = [package.task_name for package in loaded]
     if len({n.casefold() for n in names}) != len(names):  # folders a and A collide on case-insensitive disks
         raise PetahError(f"two packages share a task name ({', '.join(names)}); export them one at a time")

@@ -31,7 +31,14 @@ from petah.packages.format import (
     write_package,
 )
 from petah.packages.manifest import FORMAT_VERSION, BackboneRef, Manifest, PlanRecord, TaskInfo, check_task_name
-from petah.packages.signing import SignatureError, TrustPolicy, TrustStore, generate_keypair, sign_package
+from petah.packages.signing import (
+    SignatureError,
+    TrustPolicy,
+    TrustStore,
+    generate_keypair,
+    read_trusted,
+    sign_package,
+)
 
 __all__ = [
     "DTYPES", "FORMAT_VERSION", "BackboneRef", "LoadedTask", "Manifest", "PlanRecord", "TaskInfo", "TaskPackage",
@@ -39,5 +46,5 @@ __all__ = [
     "content_sha256", "describe_package", "encode_package", "head_from_package", "load_task", "merged_backbone",
     "open_package", "pack_tensors", "read_manifest", "read_package", "set_signature", "signed_message",
     "upgrade_package", "write_package", "SignatureError", "TrustPolicy", "TrustStore", "generate_keypair",
-    "sign_package",
+    "read_trusted", "sign_package",
 ]

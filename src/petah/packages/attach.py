@@ -20,9 +20,9 @@ from petah.adapters.model import ADAPTER
 from petah.backbones import Backbone, build_plain, fingerprint
 from petah.data import Preprocess
 from petah.errors import BackboneMismatch, PetahError
-from petah.packages.format import TaskPackage, content_matches, pack_tensors, read_package
+from petah.packages.format import TaskPackage, pack_tensors
 from petah.packages.manifest import ADAPTER_DTYPES, BackboneRef, Manifest, PlanRecord, TaskInfo, check_task_name
-from petah.packages.signing import SignatureError
+from petah.packages.signing import TrustPolicy, read_trusted
 from petah.plans import stage_function
 from petah.plans.budget import stage_summary
 from petah.tasks import Classification, task_kind
@@ -75,15 +75,7 @@ def check_backbone(manifest: Manifest, backbone: Backbone, origin: str = "packag
 def open_package(package: TaskPackage | str | Path, backbone: Backbone, trust=None) -> tuple[TaskPackage, str]:
     """Read and verify a package (unless already read), check who signed it (``trust``, a
     ``TrustPolicy``) and that it fits ``backbone``; returns it and the name errors use for it."""
-    if isinstance(package, TaskPackage):
-        origin = f"package {package.task_name}"
-        if trust is not None and not content_matches(package):  # in memory: read_package never checked it
-            raise SignatureError(f"{origin}: its manifest and tensors do not match its content hash")
-    else:
-        origin = f"package {package}"
-        package = read_package(package)
-    if trust is not None:
-        trust.check(package, origin)
+    package, origin = read_trusted(package, trust)
     check_backbone(package.manifest, backbone, origin)
     return package, origin
 
@@ -163,9 +155,10 @@ class LoadedTask:
         return task_kind(self.manifest.task.kind)
 
 
-def load_task(backbone: Backbone, package: TaskPackage | str | Path) -> LoadedTask:
-    """Attach a package to a copy of ``backbone`` (refused unless it was trained on it)."""
-    package, origin = open_package(package, backbone)
+def load_task(backbone: Backbone, package: TaskPackage | str | Path, trust: TrustPolicy | None = None) -> LoadedTask:
+    """Attach a package to a copy of ``backbone`` (refused unless it was trained on it, and unless
+    ``trust`` accepts who signed it)."""
+    package, origin = open_package(package, backbone, trust)
     manifest = package.manifest
     work = replace(backbone, model=copy.deepcopy(backbone.model))
     adapter, head = attach_package(work, package, origin)
@@ -184,10 +177,11 @@ def merged_backbone(backbone: Backbone, package: TaskPackage | str | Path) -> tu
     return merged, task
 
 
-def describe_package(path: str | Path) -> dict:
-    """Manifest summary and sizes of a package file (verified as on load)."""
+def describe_package(path: str | Path, trust: TrustPolicy | None = None) -> dict:
+    """Manifest summary and sizes of a package file (verified as on load; with ``trust``, refused
+    unless it accepts who signed it)."""
     path = Path(path)
-    package = read_package(path)
+    package, _origin = read_trusted(path, trust)
     manifest = package.manifest
     package_bytes = path.stat().st_size
     backbone_bytes = manifest.backbone.weights_bytes
@@ -214,7 +208,8 @@ def describe_package(path: str | Path) -> dict:
         "adapter_dtype": manifest.adapter_dtype,
         "format_version": manifest.format_version,
         "content_sha256": manifest.content_sha256,
-        "signature_present": bool(package.signature),  # present, not verified: trust is the fleet's check
+        "signature_present": bool(package.signature),
+        "signature_verified": trust is not None and bool(package.signature),  # trust refuses one that fails
         "petah_version": manifest.petah_version,
         "created_at": manifest.created_at,
         "training": manifest.training,

@@ -191,14 +191,17 @@ def read_package(path: str | Path) -> TaskPackage:
     return TaskPackage(manifest, tensors, signature)
 
 
-def upgrade_package(path: str | Path, output: str | Path | None = None) -> tuple[Path, int]:
-    """Rewrite a package in the current format; returns the path and the version it had.
+def upgrade_package(path: str | Path, output: str | Path | None = None, trust=None) -> tuple[Path, int]:
+    """Rewrite a package in the current format; returns the path and the version it had. With
+    ``trust`` (a ``TrustPolicy``) a package it refuses is refused before anything is written.
 
     A current file is verified and copied byte for byte (its content hash and signature stay valid)."""
     path = Path(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PetahWarning)  # upgrading is the answer to that warning
         package = read_package(path)
+    if trust is not None:
+        trust.check(package, f"package {path}")
     was = package.manifest.format_version
     if was == FORMAT_VERSION:
         if output is not None and Path(output).resolve() != path.resolve():

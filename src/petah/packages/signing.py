@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from petah.errors import PetahError, PetahWarning
-from petah.packages.format import TaskPackage, read_package, set_signature, signed_message
+from petah.packages.format import TaskPackage, content_matches, read_package, set_signature, signed_message
 
 KEYID = re.compile(r"[0-9a-f]{64}")
 MAX_SIGNATURES = 16  # a slot is untrusted input: bounded like everything else read from a package
@@ -223,5 +223,21 @@ class TrustPolicy:
                              "copied from another package)")
 
 
+def read_trusted(package: TaskPackage | str | Path, trust: TrustPolicy | None = None) -> tuple[TaskPackage, str]:
+    """Read and verify a package (unless already read) and check who signed it (``trust``; None:
+    any package that verifies); returns it and the name errors use for it. Loading, export and
+    inspect read through it, so ``--trust`` / ``--require-signed`` mean the same for each."""
+    if isinstance(package, TaskPackage):
+        origin = f"package {package.task_name}"
+        if trust is not None and not content_matches(package):  # in memory: read_package never checked it
+            raise SignatureError(f"{origin}: its manifest and tensors do not match its content hash")
+    else:
+        origin = f"package {package}"
+        package = read_package(package)
+    if trust is not None:
+        trust.check(package, origin)
+    return package, origin
+
+
 __all__ = ["SignatureError", "TrustPolicy", "TrustStore", "generate_keypair", "keyid", "load_private_key",
-           "load_public_key", "parse_signatures", "sign_package"]
+           "load_public_key", "parse_signatures", "read_trusted", "sign_package"]
