@@ -1,5 +1,8 @@
+import contextlib
 import json
 import os
+import resource
+import socket
 import subprocess
 import sys
 
@@ -102,3 +105,37 @@ def untrained_and_trained(backbone, train, val, config, name="task"):
     fresh = kind.build_model(backbone.model, kind.head_for(backbone, len(train.classes)))
     untrained = kind.evaluate(fresh, api.eval_loader(val, api.preprocess_for(backbone), kind), val.classes)
     return untrained, api.adapt(backbone, train, val, plan=PlanConfig(), config=config, task_name=name).metrics
+
+
+# --- clients that hold sockets open (the front-door tests of the station and the hub) -----------------
+@contextlib.contextmanager
+def sockets_allowed(count: int):
+    """Let this process open ``count`` sockets (the soft file limit raised), or skip."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < count + 256:
+        pytest.skip(f"this process may open only {hard} files")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, count + 256), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def idle_and_slow_clients(url: str, idle: int, slow: int,
+                          path: str = "/v1/predict") -> tuple[list[socket.socket], list[socket.socket]]:
+    """``idle`` sockets that send nothing and ``slow`` ones that start a request and never end its headers."""
+    host, port = url.split("//")[1].split(":")
+    opened = [socket.create_connection((host, int(port)), timeout=5) for _ in range(idle + slow)]
+    for sock in opened[idle:]:  # slowloris: a request whose headers never end
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: server\r\n".encode())
+    return opened[:idle], opened[idle:]
+
+
+def closed_by_server(sock: socket.socket, wait_s: float) -> bool:
+    sock.settimeout(wait_s)
+    try:
+        return sock.recv(64) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False

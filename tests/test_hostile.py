@@ -6,8 +6,6 @@ import contextlib
 import hashlib
 import io
 import os
-import resource
-import socket
 import subprocess
 import time
 
@@ -15,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import petah_process
+from conftest import closed_by_server, idle_and_slow_clients, petah_process, sockets_allowed
 from petah.backbones import create_backbone, demo_backbone_path
 from petah.errors import PetahError, PetahWarning
 from petah.packages import encode_package, generate_keypair, read_package
@@ -148,36 +146,6 @@ def test_refused_uploads_name_the_upload_not_server_paths(tmp_path, backbone):
 
 
 # --- the front door: idle and slow sockets ------------------------------------------------------------
-@contextlib.contextmanager
-def sockets_allowed(count: int):
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < count + 256:
-        pytest.skip(f"this process may open only {hard} files")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, count + 256), hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
-def idle_and_slow_clients(url: str, idle: int, slow: int) -> tuple[list[socket.socket], list[socket.socket]]:
-    host, port = url.split("//")[1].split(":")
-    opened = [socket.create_connection((host, int(port)), timeout=5) for _ in range(idle + slow)]
-    for sock in opened[idle:]:  # slowloris: a request whose headers never end
-        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: station\r\n")
-    return opened[:idle], opened[idle:]
-
-
-def closed_by_server(sock: socket.socket, wait_s: float) -> bool:
-    sock.settimeout(wait_s)
-    try:
-        return sock.recv(64) == b""
-    except (ConnectionResetError, BrokenPipeError):
-        return True
-    except TimeoutError:
-        return False
-
-
 def test_a_thousand_idle_sockets_and_slowloris_do_not_lock_clients_out(tokens, tmp_path):
     with sockets_allowed(1200), station_process(
             "-b", str(demo_backbone_path()), "-p", str(DIGITS), "--state-dir", str(tmp_path / "s"),

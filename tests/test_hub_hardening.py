@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import closed_by_server, idle_and_slow_clients, sockets_allowed
 from petah.errors import PetahError
 from petah.fleet.client import _multipart, call, publish_release
 from petah.fleet.hub import Hub, add_device, running_hub
@@ -21,6 +22,8 @@ from petah.fleet.metadata import init_repository
 from petah.http import MAX_JSON_DEPTH, json_too_deep
 from petah.packages import generate_keypair
 from petah.serve import demo_packages
+
+pytestmark = pytest.mark.server
 
 DIGITS = Path(next(p for p in demo_packages() if p.stem == "digits"))
 DEEP = 30_000  # levels: 60 KB of brackets, under the 64 KB report limit
@@ -149,3 +152,26 @@ def test_a_symlinked_incoming_folder_is_refused_not_followed(tmp_path, keys):
     with pytest.raises(PetahError, match="incoming/ is a symlink or a file"):
         Hub(root)
     assert (elsewhere / f"petah-{'01' * 8}.tmp").read_text() == "not the hub's"
+
+
+def test_a_thousand_idle_sockets_and_slowloris_do_not_lock_devices_out(tmp_path, keys):
+    root = new_hub(tmp_path, keys)
+    add_device(root, "dev", tmp_path / "dev.token")
+    device = {"Authorization": f"Bearer {(tmp_path / 'dev.token').read_text().strip()}",
+              "Content-Type": "application/json"}
+    with sockets_allowed(1200), running_hub(Hub(root), header_timeout_s=2, max_connections=600) as (url, _server):
+        idle, slow = idle_and_slow_clients(url, 1000, 30, path="/v1/devices/dev/poll")
+        try:
+            for _ in range(3):
+                started = time.perf_counter()
+                assert json.loads(call(f"{url}/healthz", timeout=5)) == {"status": "ok"}
+                assert "desired" in json.loads(call(f"{url}/v1/devices/dev/poll", "POST", b"{}", device, timeout=5))
+                assert time.perf_counter() - started < 1.0
+                for sock in slow:
+                    sock.sendall(b"X-Trickle: 1\r\n")
+                time.sleep(0.5)
+            assert closed_by_server(idle[0], 1)  # evicted at the cap
+            assert all(closed_by_server(sock, 3) for sock in slow + idle[-5:])  # past the header deadline
+        finally:
+            for sock in idle + slow:
+                sock.close()

@@ -47,10 +47,9 @@ def hub_serve(
     ssl_certfile: Annotated[str | None, typer.Option("--ssl-certfile", help="TLS certificate (PEM).")] = None,
 ) -> None:
     """Serve the hub until SIGTERM / Ctrl-C."""
-    import uvicorn
-
-    from petah.fleet.hub import Hub, create_hub_app
+    from petah.fleet.hub import HUB_MAX_REQUESTS, Hub, create_hub_app
     from petah.http import listen
+    from petah.http_server import serve_guarded
     from petah.serve.config import is_loopback
 
     if not is_loopback(host) and not (ssl_keyfile and ssl_certfile):
@@ -62,8 +61,8 @@ def hub_serve(
     sock = listen(host, port)
     scheme = "https" if ssl_certfile else "http"
     print(f"petah hub: {root} on {scheme}://{host}:{sock.getsockname()[1]}/", file=sys.stdout, flush=True)
-    uvicorn.Server(uvicorn.Config(create_hub_app(hub), log_level="warning", ssl_keyfile=ssl_keyfile,
-                                  ssl_certfile=ssl_certfile)).run(sockets=[sock])
+    serve_guarded(create_hub_app(hub), sock, max_requests=HUB_MAX_REQUESTS, ssl_keyfile=ssl_keyfile,
+                  ssl_certfile=ssl_certfile)
 
 
 @hub_app.command("status")

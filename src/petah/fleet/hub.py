@@ -36,10 +36,12 @@ from petah.files import inside
 from petah.fleet.metadata import Repository, parse_metadata, target_path, verify_role
 from petah.fleet.registry import ACTIVE, Registry, check_rollout
 from petah.http import ClientError, form_files, listen, parse_json, read_body
+from petah.http_server import guarded_server
 
 DEVICE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MAX_RELEASE_BYTES = 64 * 1024 * 1024
 MAX_REPORT_BYTES = 64 * 1024
+HUB_MAX_REQUESTS = 1024  # requests in progress at once (each body is bounded); past it 503 with Retry-After
 
 
 def finite_number(settings: dict, key: str, default):
@@ -184,7 +186,8 @@ class Hub:
 
 def create_hub_app(hub: Hub, faults: Faults | None = None):
     faults = faults or Faults()
-    app = FastAPI(title="petah hub", version="1")
+    # FastAPI's /docs and /redoc load their UI from a public CDN: off (the schema stays at /openapi.json)
+    app = FastAPI(title="petah hub", version="1", docs_url=None, redoc_url=None)
 
     @app.exception_handler(ClientError)
     async def client_error(_request, exc: ClientError):
@@ -312,15 +315,14 @@ def create_hub_app(hub: Hub, faults: Faults | None = None):
 
 @contextlib.contextmanager
 def running_hub(hub: Hub, faults: Faults | None = None, host: str = "127.0.0.1", port: int = 0,
-                log_level: str = "warning"):
+                log_level: str = "warning", **guards):
     """The hub served by uvicorn on a thread of this process (tests, ``petah bench fleet``); yields
-    its URL and the server (``server.should_exit``)."""
+    its URL and the server (``server.should_exit``); ``guards`` go to ``guarded_server``."""
     import time
 
-    import uvicorn
-
     sock = listen(host, port)
-    server = uvicorn.Server(uvicorn.Config(create_hub_app(hub, faults), log_level=log_level, lifespan="off"))
+    server = guarded_server(create_hub_app(hub, faults), max_requests=HUB_MAX_REQUESTS, log_level=log_level,
+                            lifespan="off", **guards)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
