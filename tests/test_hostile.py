@@ -229,3 +229,14 @@ def test_a_read_only_or_full_state_dir_refuses_changes_with_503_and_changes_noth
             full = client.install("fresh", v2[:-1] + b"\1", ADMIN)  # another package's bytes: needs new space
             assert full.status == 503 and "disk is full" in full.json()["error"], full.body
             assert client.tasks() == before
+        (disk / "filler").unlink()
+        (state / "packages" / f"{sha_of(TEXTURES.read_bytes())}.petah").unlink()  # one stored package lost
+        listed = (state / "station.json").read_bytes()
+        assert subprocess.run(["mount", "-o", "remount,ro", str(disk)]).returncode == 0
+        try:  # a start on a read-only disk serves every task that loads and reports the rest
+            with station_process(*common, "--state-dir", str(state)) as (_, url):
+                assert [(t["name"], t["version"]) for t in StationClient(url).tasks()] == [
+                    ("digits", sha_of(v2)[:12])]
+        finally:
+            subprocess.run(["mount", "-o", "remount,rw", str(disk)])
+        assert (state / "station.json").read_bytes() == listed
