@@ -35,6 +35,7 @@ from petah.packages import (
 from petah.packages.manifest import MAX_LABEL_CHARS, MAX_LABELS
 from petah.plans import PlanConfig
 from petah.tasks import TASK_KINDS, Classification, kind_for_data
+from petah.tasks.anomaly import Anomaly, AnomalyConfig, bank_rows, choose_threshold
 from petah.train import TrainConfig, Trainer, TrainResult, barrier, is_main_process, setup
 from petah.train.distributed import check_ranks_agree, eval_indices
 from petah.train.trainer import frozen_norms, schedule_steps
@@ -73,7 +74,8 @@ def _check_labels(train: LabeledImages, val: LabeledImages) -> None:
         raise PetahError("training and validation sets name different classes")
 
 
-CLASS_NOUNS = {"classification": "class folder", "segmentation": "class", "detection": "category"}  # as DATA has them
+CLASS_NOUNS = {"classification": "class folder", "segmentation": "class", "detection": "category",
+               "anomaly": "class"}  # as DATA has them
 
 
 def _check_label_limits(data: LabeledImages) -> None:
@@ -101,7 +103,8 @@ def check_task(task: str | None, data: LabeledImages):
         raise PetahError(f"unknown task kind {task!r}; choose one of {', '.join(TASK_KINDS)}")
     if task is not None and task != kind.kind:
         raise PetahError(f"task {task}: {data.source} is labelled for {kind.kind} (segmentation: images/ + masks/ + "
-                         "classes.txt, or builtin:defects; detection: a COCO annotations.json, or builtin:digit-boxes)")
+                         "classes.txt, or builtin:defects; detection: a COCO annotations.json, or builtin:digit-boxes; "
+                         "anomaly: MVTec AD's train/good/ + test/, or builtin:surface-anomalies)")
     return kind
 
 
@@ -174,13 +177,15 @@ def adapt(
     dice: bool = False,
     task: str | None = None,
     output: str | Path | None = None,
+    anomaly: AnomalyConfig | None = None,
 ) -> AdaptResult:
     """Train one task's adapters and head on a copy of ``backbone``; the shared one is untouched.
 
     The task kind follows the data: class labels (classification) or per-pixel masks
     (segmentation; ``dice`` adds a soft-dice term to the cross-entropy). ``task``, when given, must
     agree with it. With ``output`` the package is written there, and the path is checked before
-    any training.
+    any training. Anomaly data (good images to learn from) is fitted instead (``anomaly``: its
+    bank and threshold settings; see ``_fit_anomaly``).
     """
     check_dtype("adapter_dtype", adapter_dtype)
     if output is not None:
@@ -190,6 +195,8 @@ def adapt(
     _check_label_limits(train)  # the validation set names the same classes
     kind = check_task(task, train)
     plan, config = plan or PlanConfig(), config or TrainConfig()
+    if kind is Anomaly:
+        return _fit_anomaly(backbone, train, val, plan, config, task_name, anomaly or AnomalyConfig(), output)
     _check_ranks(config, train, val, plan=plan.to_dict(), task=task_name,
                  backbone=backbone.identity(), dtype=adapter_dtype,
                  kind=kind.kind, dice=dice)
@@ -228,6 +235,66 @@ def adapt(
     if output is not None:
         save_package(adapted, output)
     return adapted
+
+
+def _fit_anomaly(backbone: Backbone, train, val, plan: PlanConfig, config: TrainConfig, task_name: str,
+                 settings: AnomalyConfig, output: str | Path | None) -> AdaptResult:
+    """An anomaly task: a coreset of the good training images' patch features on the frozen
+    backbone (no adapter yet: ``petah.tasks.anomaly``), its threshold chosen on the validation
+    images; with ``plan.budget`` the bank gets what the budget leaves beside the manifest."""
+    from petah.plans.base import DEFAULT_RANK
+
+    if (plan.preset not in ("petah", "linear-probe") or plan.rank != DEFAULT_RANK or plan.stage_ranks
+            or plan.targets or plan.task_norm != "none"):
+        raise PetahError("anomaly tasks adapt no layer (the bank sits on the frozen backbone): drop --plan, --rank, "
+                         "--stage-rank, --target and --task-norm")
+    if train.labels.any():
+        raise PetahError(f"{train.source}: anomaly training takes good images only")
+    head_only = PlanConfig(preset="linear-probe")
+    started = time.perf_counter()
+    preprocess = preprocess_for(backbone)
+    head = Anomaly.head_for(backbone)
+    dim = sum(head.in_channels)
+    budget = None
+    if plan.budget is not None:
+        from petah.plans.budget import budget_bytes
+
+        one_row = planned_bytes(backbone, head_only, train, val, head=head, task_name=task_name)
+        budget = budget_bytes(plan.budget, backbone.weights_bytes) - one_row + dim * 2
+    fitted = Anomaly.fit(backbone.model, head, eval_loader(train, preprocess, Anomaly),
+                         lambda patches: bank_rows(budget, dim, patches, settings.coreset_ratio), config.seed)
+    patches = len(train) * _patches_per_image(backbone, fitted)
+    model = Anomaly.build_model(backbone.model, fitted)
+    scores, anomalous, _maps, _masks = Anomaly.scores(model, eval_loader(val, preprocess, Anomaly))
+    fitted.threshold, rule = choose_threshold(scores, anomalous, settings.max_false_reject)
+    metrics = Anomaly.evaluate(model, eval_loader(val, preprocess, Anomaly))
+    seconds = time.perf_counter() - started
+    frozen = {name: p.requires_grad for name, p in backbone.model.named_parameters()}
+    adapter = TaskAdapter(backbone, head_only, targets=[], name="anomaly-package")  # adds nothing: no targets
+    try:
+        package = build_package(backbone, adapter, fitted, task_name=task_name, labels=train.classes, kind=Anomaly,
+                                trainable_parameters=0, metrics=metrics,
+                                preprocessing={**backbone.preprocessing(), "intensity": train.intensity},
+                                training={"method": "patchcore", "seed": config.seed, "seconds": round(seconds, 2),
+                                          "coreset_ratio": settings.coreset_ratio, "budget": plan.budget,
+                                          "bank_rows": fitted.size, "good_patches": patches,
+                                          "threshold_rule": rule, "max_false_reject": settings.max_false_reject,
+                                          "train_data": train.source, "val_data": val.source,
+                                          "train_images": len(train)})
+    finally:
+        adapter.remove()
+        for name, param in backbone.model.named_parameters():  # the caller's backbone, as it was
+            param.requires_grad_(frozen[name])
+    fitted_only = TrainResult(steps=0, epochs=0, seconds=seconds, images_per_second=0.0, last_loss=0.0)
+    adapted = AdaptResult(package, metrics, fitted_only)
+    if output is not None:
+        save_package(adapted, output)
+    return adapted
+
+
+def _patches_per_image(backbone: Backbone, head) -> int:
+    side = backbone.img_size // head.strides[0]
+    return side * side
 
 
 def _metadata_room(classes: list[str], val_images: int) -> int:
@@ -483,6 +550,7 @@ def predict_files(backbone: Backbone, packages: list, paths: list[str | Path], *
 
 def _predict_each(runtime, files: list[Path], top_k: int, out_dir: str | Path | None):
     from petah.data.images import load_image_modes
+    from petah.tasks.anomaly import save_anomaly_map, save_heatmap
     from petah.tasks.detection import save_box_overlay
     from petah.tasks.segmentation import save_mask, save_overlay
 
@@ -502,10 +570,14 @@ def _predict_each(runtime, files: list[Path], top_k: int, out_dir: str | Path | 
         for name, preds, image in outputs:
             result = dict(preds[0])
             mask = result.pop("mask", None)
+            anomaly_map = result.pop("anomaly_map", None)  # a float map: written as images, never in the JSON
+            if out_dir is not None and anomaly_map is not None:
+                base = _output_base(out_dir, names[path], name)
+                save_anomaly_map(anomaly_map, result["threshold"], f"{base}.anomaly.png")
+                save_heatmap(image, anomaly_map, result["threshold"], f"{base}.heatmap.png")
+                result.update({"anomaly_map": f"{base}.anomaly.png", "overlay": f"{base}.heatmap.png"})
             if out_dir is not None and (mask is not None or "boxes" in result):
-                safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)  # a task name never leaves --out-dir
-                base = Path(out_dir) / f"{names[path]}.{safe}"
-                base.parent.mkdir(parents=True, exist_ok=True)
+                base = _output_base(out_dir, names[path], name)
                 if mask is not None:
                     save_mask(mask, f"{base}.mask.png")
                     save_overlay(image, mask, f"{base}.overlay.png")
@@ -515,6 +587,13 @@ def _predict_each(runtime, files: list[Path], top_k: int, out_dir: str | Path | 
                     result["overlay"] = f"{base}.boxes.png"
             tasks[name] = result
         yield {"image": str(path), "tasks": tasks}
+
+
+def _output_base(out_dir: str | Path, stem: str, task: str) -> Path:
+    """``OUT_DIR/STEM.TASK`` (the caller adds a suffix); a task name never leaves ``out_dir``."""
+    base = Path(out_dir) / f"{stem}.{re.sub(r'[^A-Za-z0-9._-]', '_', task)}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    return base
 
 
 def _unique_stems(files: list[Path]) -> dict[Path, str]:

@@ -30,14 +30,15 @@ from petah.cli.common import (
     emit_json,
     err,
     out,
-    package_intensity,
     trust_policy,
     warn_skipped,
 )
 from petah.cli.show import stage_rows
 from petah.data.images import DEFAULT_INTENSITY
 from petah.errors import PetahError
+from petah.packages import read_manifest
 from petah.plans import PlanConfig
+from petah.tasks.anomaly import AnomalyConfig
 from petah.train.distributed import is_main_process
 from petah.train.trainer import TrainConfig
 
@@ -90,6 +91,14 @@ def _score_table(title: str, column: str, scores: dict) -> Table:
 
 
 def metrics_table(title: str, report: dict) -> Table:
+    if "image_auroc" in report:  # anomaly
+        table = Table(title=f"{title}: image AUROC {_or_dash(report['image_auroc'])}, pixel AUROC "
+                            f"{_or_dash(report['pixel_auroc'])} on {report['images']} images "
+                            f"({report['anomalous_images']} anomalous)")
+        for col in ("threshold", "precision", "recall", "F1", "false rejects"):
+            table.add_column(col, justify="right")
+        table.add_row(*(f"{report[k]:.3f}" for k in ("threshold", "precision", "recall", "f1", "false_reject_rate")))
+        return table
     if "mAP" in report:  # detection
         return _score_table(f"{title}: mAP {report['mAP']:.4f}, mAP@.5 {report['mAP50']:.4f} on "
                             f"{report['samples']} images", "AP", report["per_class_ap"])
@@ -104,6 +113,10 @@ def metrics_table(title: str, report: dict) -> Table:
     return table
 
 
+def _or_dash(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 IntensityOpt = Annotated[str, typer.Option(
     "--intensity", help="Images deeper than 8 bits (16-bit): dtype (scale by the type's range) | range (each "
                         "image's min..max) | percentile (each image's 0.5..99.5 percentiles). Recorded in the "
@@ -112,6 +125,7 @@ IntensityOpt = Annotated[str, typer.Option(
 
 @config_options(PlanConfig, "plan")
 @config_options(TrainConfig, "training")
+@config_options(AnomalyConfig, "anomaly")
 def adapt(
     backbone_spec: BackboneOpt,
     output: Annotated[Path, typer.Option("--output", "-o", help="Package file to write (.petah).")],
@@ -135,8 +149,10 @@ def adapt(
     json_out: JsonOpt = False,
     training: TrainConfig = None,
     plan: PlanConfig = None,
+    anomaly: AnomalyConfig = None,
 ) -> None:
-    """Step 2: train one task's adapters + head on a frozen backbone; write a .petah package."""
+    """Step 2: train one task's adapters + head on a frozen backbone; write a .petah package
+    (anomaly: fit a memory bank of good patches on the frozen backbone)."""
     import torch
 
     from petah import api
@@ -148,20 +164,22 @@ def adapt(
         api.check_writable(confusion_png)
     torch.manual_seed(training.seed)
     bb = backbone(backbone_spec, weights, img_size)
-    train, val = load_dataset(data_spec(data, data_opt), val_split, training.seed, strict, intensity=intensity)
+    train, val = load_dataset(data_spec(data, data_opt), val_split, training.seed, strict, intensity=intensity,
+                              task=task)
     kind = api.check_task(task, train)  # refused before any training (api.adapt checks again)
     warn_skipped(train)
     task_name = name or output.stem
     result = api.adapt(bb, train, val, plan=plan, config=training, task_name=task_name,
                        augment=augment(hflip, no_augment), adapter_dtype=adapter_dtype, dice=dice, task=task,
-                       output=output)
+                       output=output, anomaly=anomaly)
     if not is_main_process():  # under torchrun, rank 0 alone writes and reports
         return
     if confusion_png and kind.kind == "classification":
         plot_confusion(result.metrics, confusion_png, f"{task_name} ({plan.preset})")
     info = api.inspect_package(output)
     summary = {
-        "package": str(output), "task": info["task"]["name"], "kind": kind.kind, "plan": plan.preset,
+        "package": str(output), "task": info["task"]["name"], "kind": kind.kind,
+        "plan": result.package.manifest.training.get("method", plan.preset),  # anomaly: its method
         "accuracy": result.metrics["accuracy"], kind.primary_metric: result.metrics[kind.primary_metric],
         "skipped_samples": len(getattr(train, "skipped", [])),
         "package_bytes": info["package_bytes"], "backbone_bytes": info["backbone_bytes"], "ratio": info["ratio"],
@@ -213,8 +231,9 @@ def eval_(
     if confusion_png is not None:
         api.check_writable(confusion_png)
     bb = backbone(backbone_spec, weights, img_size)
-    intensity = package_intensity(package)  # the images as the package was trained on them
-    _train, val = load_dataset(data_spec(data, data_opt), val_split, seed, strict, intensity=intensity)
+    manifest = read_manifest(package)  # the images as the package was trained on them (intensity), its kind
+    _train, val = load_dataset(data_spec(data, data_opt), val_split, seed, strict, intensity=manifest.intensity,
+                               task=manifest.task.kind)
     warn_skipped(val)
     report = api.evaluate(bb, package, val, trust=policy)
     if confusion_png and "confusion_matrix" in report:
@@ -276,6 +295,10 @@ def predict(
 
 
 def _describe(result: dict) -> str:
+    if "anomalous" in result:
+        verdict = "ANOMALY" if result["anomalous"] else "good"
+        return f"{verdict} ({result['score']:.3f} vs {result['threshold']:.3f})" + (
+            f" → {result['overlay']}" if "overlay" in result else "")
     if "label" in result:
         return f"{result['label']} ({result['score']:.2f})"
     if "boxes" in result:

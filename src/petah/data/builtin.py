@@ -165,6 +165,40 @@ def defects(count: int = 480, size: int = 64, seed: int = 0):
     return data.subset(range(count - n_val), "defects[train]"), data.subset(range(count - n_val, count), "defects[val]")
 
 
+def surface_anomalies(train_count: int = 160, val_good: int = 40, val_defective: int = 80, size: int = 64,
+                      seed: int = 0):
+    """Anomaly stand-in: good 64 px crops of scikit-image's brick / grass / gravel photos to learn
+    from; held out, good crops and crops with 1-3 painted scratches, spots or cracks (the defect
+    type of the first one named), with their masks. Deterministic (seeded); train and held-out crops
+    come from separate generators, so no held-out crop is a training one."""
+    from skimage import data as skdata
+
+    from petah.data.anomaly import GOOD, anomaly_set
+
+    photos = [getattr(skdata, name)().astype(np.float64) for name in ("brick", "grass", "gravel")]
+
+    def crops(count: int, defective: bool, rng: np.random.Generator):
+        images, defects, masks = [], [], []
+        for _ in range(count):
+            photo = photos[int(rng.integers(len(photos)))]
+            top, left = (int(rng.integers(0, photo.shape[i] - size)) for i in (0, 1))
+            image = np.rot90(photo[top : top + size, left : left + size], int(rng.integers(4))).copy()
+            mask = np.zeros((size, size), dtype=np.uint8)
+            kinds = [int(rng.integers(1, 4)) for _ in range(int(rng.integers(1, 4)))] if defective else []
+            for kind in kinds:
+                _paint_defect(image, mask, kind, rng)
+            images.append(array_to_rgb(image.astype(np.uint8)))
+            defects.append(DEFECT_CLASSES[kinds[0]] if kinds else GOOD)
+            masks.append(torch.from_numpy((mask > 0).astype(np.uint8)))
+        return images, defects, masks
+
+    train = anomaly_set(*crops(train_count, False, np.random.default_rng(seed)), "surface-anomalies[train]")
+    rng = np.random.default_rng(seed + 1)
+    good, bad = crops(val_good, False, rng), crops(val_defective, True, rng)
+    val = anomaly_set(good[0] + bad[0], good[1] + bad[1], good[2] + bad[2], "surface-anomalies[val]")
+    return train, val
+
+
 def digit_boxes(count: int = 480, size: int = 64, seed: int = 0):
     """Detection stand-in: 1-4 real handwritten digits (scikit-learn's 8x8 scans, scaled to 16-28 px)
     placed without overlap on a noisy 64 px canvas, with their boxes; 10 classes. Deterministic
@@ -211,6 +245,7 @@ BUILTIN: dict[str, Callable[[], tuple]] = {
     "fashion-mnist": fashion_mnist,
     "defects": defects,  # segmentation
     "digit-boxes": digit_boxes,  # detection
+    "surface-anomalies": surface_anomalies,  # anomaly (good images only to learn from)
 }
 
 

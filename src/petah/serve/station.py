@@ -370,6 +370,7 @@ class Station:
     @staticmethod
     def render(prediction: Prediction, uploads: list[Upload]) -> list[dict]:
         """JSON-ready results: each task's result tagged with its version; masks as PNG (base64)."""
+        from petah.tasks.anomaly import anomaly_map_png
         from petah.tasks.segmentation import mask_png
 
         images = []
@@ -381,6 +382,11 @@ class Station:
                     mask = row.pop("mask")
                     row["mask_png"] = base64.b64encode(mask_png(mask)).decode("ascii")
                     row["mask_size"] = [int(mask.shape[1]), int(mask.shape[0])]
+                if "anomaly_map" in row:  # grey: 128 at the threshold (petah.tasks.anomaly.anomaly_map_image)
+                    anomaly_map = row.pop("anomaly_map")
+                    row["anomaly_map_png"] = base64.b64encode(anomaly_map_png(anomaly_map, row["threshold"])
+                                                              ).decode("ascii")
+                    row["map_size"] = [int(anomaly_map.shape[1]), int(anomaly_map.shape[0])]
                 tasks[name] = row
             images.append({"name": upload.name, "tasks": tasks})
         return images
