@@ -36,6 +36,7 @@ FEATURE_STRIDES = (8, 16)  # PatchCore's usual levels (layers 2 and 3 of a ResNe
 MIN_GRID = 16  # patches a side the bank's feature level keeps (see feature_stride)
 PROJECTION_DIM = 128  # coreset selection runs on a random projection (Johnson-Lindenstrauss), as PatchCore does
 LABELS = ("good", "anomaly")
+MAX_BANK_ROWS = 100_000  # the largest count a manifest's head may declare (29 MB at 144 dims: past any device)
 
 
 @dataclass
@@ -156,8 +157,8 @@ def coreset_indices(features: torch.Tensor, count: int, seed: int = 0) -> torch.
 
 def bank_rows(budget_bytes: int | None, dim: int, patches: int, ratio: float) -> int:
     """How many patch features the bank keeps: the coreset ratio of the good patches, capped by the
-    bytes a budget leaves for it (each row ``dim`` fp16 values)."""
-    rows = max(1, int(round(patches * ratio)))
+    bytes a budget leaves for it (each row ``dim`` fp16 values) and by ``MAX_BANK_ROWS``."""
+    rows = min(max(1, int(round(patches * ratio))), MAX_BANK_ROWS)
     if budget_bytes is not None:
         fits = budget_bytes // (dim * BANK_DTYPE.itemsize)
         if fits < 1:
