@@ -3,6 +3,7 @@ rollout with gate, halt, withdraw and return, over a real hub on 127.0.0.1."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import shutil
@@ -179,7 +180,11 @@ def station(backbone, tmp: Path, hub_url: str, hub_root: Path, trusted: Path, de
                          golden=str(golden), health_window_s=0.1, poll_s=0.1, engine="torch", threads=1)
     stn = Station(backbone, tmp / f"state-{device}", config)
     stn.start()
-    return Agent(stn)
+    agent = Agent(stn)
+    # these tests follow the rollout, not the gate's speed rule: two versions of one task timed on a
+    # 30-image golden set differed by up to 1.14x on a loaded machine, near the 1.2x limit
+    agent.rule = dataclasses.replace(agent.rule, max_slowdown=3.0)
+    return agent
 
 
 def versions(agents) -> list[str | None]:
