@@ -221,3 +221,19 @@ def test_the_station_answers_with_score_decision_and_map_png(backbone, surfaces,
     assert row["kind"] == "anomaly" and row["anomalous"] == (row["score"] > row["threshold"])
     picture = Image.open(io.BytesIO(base64.b64decode(row["anomaly_map_png"])))
     assert picture.mode == "L" and list(picture.size) == row["map_size"] == [64, 64]
+
+
+def test_the_golden_set_gate_scores_an_anomaly_task(backbone, surfaces, fitted, tmp_path):
+    from petah.fleet.gate import score_versions
+
+    _result, path = fitted
+    _train, val = surfaces
+    golden = tmp_path / "golden" / "surface"
+    for i, (image, defect) in enumerate(zip(val.images, val.defects, strict=True)):
+        write_png(golden / ("good" if defect == "good" else "defect") / f"{i}.png", image.permute(1, 2, 0).numpy())
+    (score,) = score_versions(backbone, {"current": path}, tmp_path / "golden").values()
+    assert score.metric == "image_auroc" and 50 < score.value <= 100 and score.seconds > 0
+    for image in (golden / "defect").iterdir():  # good parts only: the share answered "good" at the threshold
+        image.unlink()
+    (score,) = score_versions(backbone, {"current": path}, tmp_path / "golden").values()
+    assert score.metric == "accuracy" and 0 <= score.value <= 100

@@ -132,3 +132,20 @@ def test_bench_source_is_trained_once_per_recipe(tmp_path):
     assert len(calls) == 1 and again["reused"] and again["path"] == first["path"] and again["source_accuracy"] == 0.5
     other = source_backbone(replace(source, lr=1e-3), tmp_path, fake_run, log=lambda message: None)
     assert len(calls) == 2 and other["path"] != first["path"]  # another recipe is another file
+
+
+def test_bench_anomaly_holds_petah_against_patchcore_by_the_book():
+    from petah.bench.anomaly import one_class_sets, run_anomaly_bench
+
+    result = run_anomaly_bench(one_class=(), repeats=1)
+    (row,) = result["sets"]
+    assert row["set"] == "surface-anomalies" and row["anomalous"] > 0
+    for method in ("petah", "patchcore"):
+        assert 0.5 < row[method]["image_auroc"] <= 1 and 0.5 < row[method]["pixel_auroc"] <= 1, row
+        assert row[method]["bytes"] > 0
+    assert [r["batch"] for r in result["latency"]] == [1, 8] and all(r["ratio"] > 0 for r in result["latency"])
+    assert set(result["targets"]) >= {"auroc_within_1_point", "bytes_at_most_5_percent", "latency_at_most_1_5x"}
+    sets = one_class_sets("faces")  # each class in turn as good: trained on it alone, scored on all
+    assert [name for name, _train, _val in sets] == ["faces:face", "faces:non-face"]
+    _name, train, val = sets[0]
+    assert not train.labels.any() and 0 < int(val.labels.sum()) < len(val)

@@ -117,14 +117,14 @@ def reference_scores(backbone, package_bytes: bytes, images: list[bytes], tmp: P
 def test_tasks_contract_and_predict_every_kind(demo_station):
     client = StationClient(demo_station["url"])
     tasks = client.tasks()
-    assert [t["name"] for t in tasks] == ["defects", "digit-boxes", "digits", "textures"]
+    assert [t["name"] for t in tasks] == ["defects", "digit-boxes", "digits", "surfaces", "textures"]
     for row in tasks:
         assert set(row) == {"name", "kind", "labels", "version", "bytes", "metrics", "loaded_at", "previous_version",
                             "candidate_version"}
         assert len(row["version"]) == 12 and row["bytes"] > 100_000 and row["previous_version"] is None
     kinds = {t["name"]: t["kind"] for t in tasks}
     assert kinds == {"defects": "segmentation", "digit-boxes": "detection", "digits": "classification",
-                     "textures": "classification"}
+                     "surfaces": "anomaly", "textures": "classification"}
 
     image = digit_image(1, size=96)
     reply = client.predict([("one.png", image), ("two.png", digit_image(2))])
@@ -147,6 +147,11 @@ def test_tasks_contract_and_predict_every_kind(demo_station):
         x0, y0, x1, y1 = found["box"]
         assert -1 <= x0 <= x1 <= 97 and -1 <= y0 <= y1 <= 97 and found["label"] in digit_labels
 
+    surfaces = first["surfaces"]  # anomaly: score, decision and the map as a grey PNG at the image's size
+    picture = Image.open(io.BytesIO(base64.b64decode(surfaces["anomaly_map_png"])))
+    assert picture.mode == "L" and picture.size == (96, 96) and surfaces["map_size"] == [96, 96]
+    assert surfaces["anomalous"] == (surfaces["score"] > surfaces["threshold"])
+
     only = client.predict([("one.png", image)], tasks=["digits"]).json()["images"][0]["tasks"]
     assert list(only) == ["digits"] and only["digits"]["top"] == top  # same answer alone as with every task
     raw = client.request("POST", "/v1/predict?tasks=textures", image, {"Content-Type": "image/png"}).json()
@@ -156,10 +161,10 @@ def test_tasks_contract_and_predict_every_kind(demo_station):
 def test_health_metrics_and_openapi(demo_station):
     client = StationClient(demo_station["url"])
     client.predict([("a.png", digit_image(3))], tasks=["digits"])
-    assert client.request("GET", "/healthz").json() == {"status": "ok", "tasks": 4}
+    assert client.request("GET", "/healthz").json() == {"status": "ok", "tasks": 5}
     text = client.request("GET", "/metrics").body.decode()
     for series in ('petah_task_requests_total{task="digits"}', "petah_task_latency_seconds_bucket",
-                   "petah_batch_images_bucket", "petah_tasks_loaded 4.0", "petah_resident_bytes",
+                   "petah_batch_images_bucket", "petah_tasks_loaded 5.0", "petah_resident_bytes",
                    "petah_swap_pause_seconds_bucket", "process_resident_memory_bytes"):
         assert series in text, series
     schema = client.request("GET", "/openapi.json").json()
@@ -471,7 +476,7 @@ def test_page_shows_what_the_api_answers(demo_station, tmp_path):
             page.wait_for_selector("#tasks tbody tr[data-task='digits']")
             assert page.locator("#tasks tbody tr").count() == len(want)
             page.set_input_files("#file", str(image_path))
-            page.wait_for_function("document.querySelectorAll('#results .card').length === 4")
+            page.wait_for_function("document.querySelectorAll('#results .card').length === 5")
             digits = page.locator(".card[data-task='digits']")
             assert digits.get_attribute("data-top-label") == want["digits"]["label"]
             assert digits.get_attribute("data-version") == want["digits"]["version"]
@@ -481,6 +486,10 @@ def test_page_shows_what_the_api_answers(demo_station, tmp_path):
             shown = {shares.nth(i).get_attribute("data-class"): float(shares.nth(i).get_attribute("data-share"))
                      for i in range(shares.count())}
             assert shown == want["defects"]["pixels"]
+            anomaly = page.locator(".card[data-task='surfaces']")
+            assert anomaly.get_attribute("data-anomalous") == str(want["surfaces"]["anomalous"]).lower()
+            assert float(anomaly.get_attribute("data-score")) == want["surfaces"]["score"]
+            assert anomaly.locator("canvas").count() == 1
             page.wait_for_function("document.getElementById('c-requests').textContent !== '–'")
             assert page.locator("#error").text_content() == ""
             shot = tmp_path / "station.png"

@@ -16,6 +16,7 @@ from petah.backbones import create_backbone, demo_backbone_path
 from petah.data import Augment, load_builtin
 from petah.plans import PlanConfig
 from petah.tasks import kind_for_data
+from petah.tasks.anomaly import AnomalyConfig
 from petah.train import TrainConfig
 from petah.train.trainer import stderr
 
@@ -38,6 +39,9 @@ DEMO_TASKS = (
     DemoTask("defects", "defects", epochs=10, batch_size=32, dice=True, plans=("petah",)),  # segmentation
     DemoTask("digit-boxes", "digit-boxes", epochs=18, batch_size=32, plans=("petah",)),  # detection
 )
+# anomaly: good surfaces only, a memory bank fitted on the frozen backbone (no training run)
+DEMO_ANOMALY_TASKS = (DemoTask("surfaces", "surface-anomalies", epochs=0, plans=("patchcore",)),)
+QUICK_CORESET = 0.01  # --max-steps: the anomaly bank's quick look (the full demo keeps 10 %)
 DEMO_PLANS = {
     "petah": dict(lr=2e-3, head_lr=1e-2),
     "linear-probe": dict(lr=1e-2, head_lr=1e-2),
@@ -45,11 +49,19 @@ DEMO_PLANS = {
 
 
 def run_demo(output: str | Path, tasks=DEMO_TASKS, plans=DEMO_PLANS, backbone_path: str | Path | None = None,
-             max_steps: int | None = None) -> list[dict]:
-    """Adapt every demo task with every plan, write the packages, return one row each."""
+             max_steps: int | None = None, anomaly_tasks=()) -> list[dict]:
+    """Adapt every demo task with every plan (and fit every anomaly task), write the packages,
+    return one row each."""
     output = Path(output)
     backbone = create_backbone(weights=str(backbone_path or demo_backbone_path()))
     rows = []
+    for task in anomaly_tasks:
+        train, val = load_builtin(task.dataset)
+        stderr.print(f"fitting {task.name} ({len(train)} good images) ...")
+        settings = AnomalyConfig(coreset_ratio=AnomalyConfig.coreset_ratio if max_steps is None else QUICK_CORESET)
+        result = api.adapt(backbone, train, val, task_name=task.name, anomaly=settings)
+        rows.append(_row(task, "patchcore", result, api.save_package(result, output / f"{task.name}-patchcore.petah"),
+                         backbone, train))
     for task in tasks:
         train, val = load_builtin(task.dataset)
         for plan, rates in plans.items():
@@ -62,17 +74,21 @@ def run_demo(output: str | Path, tasks=DEMO_TASKS, plans=DEMO_PLANS, backbone_pa
             result = api.adapt(backbone, train, val, plan=PlanConfig(preset=plan), config=config, task_name=task.name,
                                augment=Augment(), dice=task.dice)
             path = api.save_package(result, output / f"{task.name}-{plan}.petah")
-            kind = kind_for_data(train)
-            rows.append({
-                "task": task.name,
-                "kind": kind.kind,
-                "plan": plan,
-                "metric": kind.primary_metric,
-                "score": result.metrics[kind.primary_metric],
-                "accuracy": result.metrics["accuracy"],
-                "package_bytes": path.stat().st_size,
-                "backbone_bytes": backbone.weights_bytes,
-                "train_seconds": round(result.train.seconds, 2),
-                "package": str(path),
-            })
+            rows.append(_row(task, plan, result, path, backbone, train))
     return rows
+
+
+def _row(task: DemoTask, plan: str, result, path: Path, backbone, train) -> dict:
+    kind = kind_for_data(train)
+    return {
+        "task": task.name,
+        "kind": kind.kind,
+        "plan": plan,
+        "metric": kind.primary_metric,
+        "score": result.metrics[kind.primary_metric],
+        "accuracy": result.metrics["accuracy"],
+        "package_bytes": path.stat().st_size,
+        "backbone_bytes": backbone.weights_bytes,
+        "train_seconds": round(result.train.seconds, 2),
+        "package": str(path),
+    }

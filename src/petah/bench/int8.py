@@ -28,7 +28,7 @@ from petah.tasks import task_kind
 from petah.testing import synthetic_package
 
 DEMO_DATA = {"digits": "builtin:digits", "textures": "builtin:textures", "defects": "builtin:defects",
-             "digit-boxes": "builtin:digit-boxes"}
+             "digit-boxes": "builtin:digit-boxes", "surfaces": "builtin:surface-anomalies"}
 FAMILIES = ("efficientformerv2_s0", "mobilevitv2_050", "fastvit_sa12")
 TRANSFER_FAMILIES = ("mobilevitv2_050", "fastvit_sa12")
 

@@ -134,6 +134,44 @@ def bench_int8(
     out.print(table)
 
 
+@bench_app.command("anomaly")
+def bench_anomaly(
+    one_class: Annotated[str, typer.Option(
+        "--one-class", help="Comma-separated built-in classification sets run as one-class benchmarks (each class "
+                            "in turn as good; '' for none).")] = "textures,faces",
+    repeats: Annotated[int, typer.Option("--repeats", help="Interleaved runtime calls per latency figure.")] = 30,
+    json_out: JsonOpt = False,
+) -> None:
+    """The anomaly task vs PatchCore by the book on the demo backbone: image / pixel AUROC, bytes,
+    latency vs a classification task."""
+    from petah.bench.anomaly import run_anomaly_bench
+    from petah.data import BUILTIN
+
+    sets = tuple(s.strip() for s in one_class.split(",") if s.strip())
+    unknown = [s for s in sets if s not in BUILTIN or s in ("defects", "digit-boxes", "surface-anomalies")]
+    if unknown:
+        raise PetahError(f"--one-class {unknown[0]}: not a built-in classification set")
+    if repeats < 1:
+        raise PetahError("--repeats must be at least 1")
+    result = run_anomaly_bench(sets, repeats)
+    if json_out:
+        emit_json(result)
+        return
+    table = Table(title=f"anomaly: petah vs PatchCore by the book on {result['backbone']}")
+    for column in ("set", "petah AUROC", "book AUROC", "petah pixel", "book pixel", "petah % bytes", "book % bytes"):
+        table.add_column(column, justify="right")
+    show = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for r in result["sets"]:
+        p, b = r["petah"], r["patchcore"]
+        table.add_row(r["set"], show(p["image_auroc"]), show(b["image_auroc"]), show(p["pixel_auroc"]),
+                      show(b["pixel_auroc"]), f"{p['percent']:.2f}", f"{b['percent']:.2f}")
+    out.print(table)
+    for r in result["latency"]:
+        out.print(f"batch {r['batch']}: anomaly {r['anomaly_ms']:.2f} ms / image, classification "
+                  f"{r['classification_ms']:.2f} ms ({r['ratio']:.2f}x)")
+    out.print(f"targets: {result['targets']}")
+
+
 @bench_app.command("fleet")
 def bench_fleet(
     devices: Annotated[int, typer.Option("--devices", help="Stations (one of them a child process that is "

@@ -312,16 +312,17 @@ def demo(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the demo's task packages.")
                       ] = Path("demo-out"),
     max_steps: Annotated[int | None, typer.Option(
-        "--max-steps", help="Cap each training run (a quick look; accuracy suffers).")] = None,
+        "--max-steps", help="Cap each training run, and keep 1 % of the anomaly task's patches (a quick look; "
+                            "accuracy suffers).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Offline demo: adapt the bundled backbone to classification and segmentation tasks with two plans; print a
-    table."""
-    from petah.demo import run_demo
+    """Offline demo: adapt the bundled backbone to classification, segmentation and detection tasks
+    (the classification ones with two plans) and fit an anomaly task on good surfaces; print a table."""
+    from petah.demo import DEMO_ANOMALY_TASKS, run_demo
 
     if max_steps is not None and max_steps < 1:
         raise PetahError(f"--max-steps must be at least 1, got {max_steps}")
-    rows = run_demo(output, max_steps=max_steps)
+    rows = run_demo(output, max_steps=max_steps, anomaly_tasks=DEMO_ANOMALY_TASKS)
     if json_out:
         emit_json({"tasks": rows})
         return

@@ -95,6 +95,18 @@ def _load_part(folders: list[Path], ground_truth: Path | None, source: str, inte
     return anomaly_set(images, defects, masks, source, intensity)
 
 
+def load_anomaly_folder(root: str | Path, intensity: str = DEFAULT_INTENSITY, truth: Path | None = None,
+                        source: str | None = None) -> AnomalyImages:
+    """One held-out folder (a validation part, a device's golden set): ``good/`` and ``<defect>/``
+    folders, masks from ``truth/<defect>/<stem>_mask.png`` (default: ``ground_truth/`` inside it)."""
+    root = Path(root)
+    folders = [f for f in _subfolders(root) if f.name != "ground_truth"]
+    if not any(f.name == GOOD for f in folders):
+        raise PetahError(f"{root}: needs a good/ folder (good images to set and check the threshold on)")
+    truth = truth if truth is not None else root / "ground_truth"
+    return _load_part(folders, truth if truth.is_dir() else None, source or str(root), intensity)
+
+
 def is_anomaly_folder(root: Path) -> bool:
     """MVTec AD's layout: ``train/good/`` and nothing else under ``train/``, and a ``test/`` folder."""
     train = root / "train"
@@ -119,12 +131,8 @@ def load_anomaly_splits(root: str | Path, val_split: float | None = None, seed: 
         raise PetahError(f"{good_dir}: no good images to learn from")
     held_out = root / "test" if (root / "test").is_dir() else root / "val"
     if held_out.is_dir():
-        folders = _subfolders(held_out)
-        if not any(f.name == GOOD for f in folders):
-            raise PetahError(f"{held_out}: needs a good/ folder (good images to set the threshold on)")
-        truth = root / "ground_truth" if (root / "ground_truth").is_dir() else held_out / "ground_truth"
-        val = _load_part([f for f in folders if f.name != "ground_truth"], truth if truth.is_dir() else None,
-                         f"{root}[{held_out.name}]", intensity)
+        truth = root / "ground_truth" if (root / "ground_truth").is_dir() else None  # MVTec AD keeps it beside test/
+        val = load_anomaly_folder(held_out, intensity, truth, f"{root}[{held_out.name}]")
         if val_split is not None:
             raise PetahError(f"{root} has its own {held_out.name}/ part: leave out --val-split")
         return train, val
@@ -159,4 +167,4 @@ class AnomalyView(Dataset):
 
 
 __all__ = ["ANOMALY_CLASSES", "GOOD", "AnomalyImages", "AnomalyView", "anomaly_set", "is_anomaly_folder",
-           "load_anomaly_splits"]
+           "load_anomaly_folder", "load_anomaly_splits"]

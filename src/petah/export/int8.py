@@ -31,7 +31,8 @@ from petah.runtime.onnx import INPUT
 
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 MODES = ("always", "auto")
-TOLERANCE = {"classification": 1.0, "segmentation": 1.5, "detection": 2.0}  # points of the primary metric
+TOLERANCE = {"classification": 1.0, "segmentation": 1.5, "detection": 2.0,  # points of the primary metric
+             "anomaly": 1.0}  # image AUROC points
 CALIBRATION_BATCH = 8
 
 
@@ -72,7 +73,8 @@ def batches(kind, data, preprocess, batch_size: int, limit: int | None = None) -
     view = kind.view(data, preprocess)
     loader = DataLoader(view, batch_size=batch_size, shuffle=False, collate_fn=getattr(view, "collate", None))
     out, count = [], 0
-    for images, _ in loader:
+    for batch in loader:  # images first, whatever the task kind's targets
+        images = batch[0]
         out.append(images.numpy())
         count += len(images)
         if limit is not None and count >= limit:

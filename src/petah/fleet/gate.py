@@ -2,7 +2,8 @@
 small labelled set kept on the device, and not run much slower.
 
 ``GOLDEN/<task>/`` holds the set in the task's usual format: class sub-folders (classification),
-``images/`` + ``masks/`` (segmentation) or a COCO JSON (detection) — all of it is the set.
+``images/`` + ``masks/`` (segmentation), a COCO JSON (detection) or ``good/`` + ``<defect>/``
+folders with optional ``ground_truth/`` masks (anomaly) — all of it is the set.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from petah.tasks import task_kind
 BATCH = 32
 
 
-def load_golden(folder: str | Path, task: str, labels: list[str], intensity: str):
+def load_golden(folder: str | Path, task: str, labels: list[str], intensity: str, kind: str = "classification"):
     """The task's golden set, or None when the device keeps none for it."""
+    from petah.data.anomaly import load_anomaly_folder
     from petah.data.datasets import load_image_folder
     from petah.data.detection import coco_json, is_coco_folder, load_coco
     from petah.data.segmentation import is_mask_folder, load_mask_folder
@@ -33,6 +35,8 @@ def load_golden(folder: str | Path, task: str, labels: list[str], intensity: str
     root = inside(folder, task)
     if not root.is_dir():
         return None
+    if kind == "anomaly":
+        return load_anomaly_folder(root, intensity)
     if is_mask_folder(root):
         return load_mask_folder(root, labels, strict=True, intensity=intensity)
     if is_coco_folder(root):
@@ -60,7 +64,7 @@ def _batch_seconds(tasks: dict, data) -> dict[str, float]:
     """Median forward time of a golden batch per version, each batch run by the versions back to
     back (the order alternating): a busy moment slows both sides of a pair. Whole passes timed one
     after the other differed up to 1.9x between identical versions on a busy machine."""
-    batches = [images for images, _ in _loader(next(iter(tasks.values())), data, TIMING_BATCH)]
+    batches = [batch[0] for batch in _loader(next(iter(tasks.values())), data, TIMING_BATCH)]  # images first
     times: dict[str, list[float]] = {name: [] for name in tasks}
     order = list(tasks)
     with torch.inference_mode():
@@ -77,8 +81,8 @@ def score_versions(backbone, packages: dict[str, Path], golden: str | Path) -> d
     """Each package scored on its task's golden set (None when there is none), and timed."""
     tasks = {name: load_task(backbone, path) for name, path in packages.items()}
     # each version reads the set with its own labels and intensity mode (a new version may add a class)
-    data = {name: load_golden(golden, t.manifest.task.name, t.manifest.labels, t.manifest.intensity)
-            for name, t in tasks.items()}
+    data = {name: load_golden(golden, t.manifest.task.name, t.manifest.labels, t.manifest.intensity,
+                              t.manifest.task.kind) for name, t in tasks.items()}
     first = next(iter(data.values()))
     if first is None:
         return None
@@ -90,7 +94,10 @@ def score_versions(backbone, packages: dict[str, Path], golden: str | Path) -> d
         kind = task_kind(task.manifest.task.kind)
         with torch.inference_mode():
             metrics = kind.evaluate(task.model, _loader(task, data[name], BATCH), data[name].classes)
-        scores[name] = Score(kind.primary_metric, 100 * float(metrics[kind.primary_metric]), seconds[name])
+        metric = kind.primary_metric
+        if metrics[metric] is None:  # anomaly AUROC on a golden set of one class only: its accuracy at the threshold
+            metric = "accuracy"
+        scores[name] = Score(metric, 100 * float(metrics[metric]), seconds[name])
     return scores
 
 

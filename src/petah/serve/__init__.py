@@ -15,7 +15,8 @@ from petah.http import listen
 from petah.serve.config import ENGINES, ServeConfig
 from petah.serve.station import Station, TaskRecord, UnknownTask, Upload
 
-DEMO_PACKAGES = ("digits", "textures", "defects", "digit-boxes")  # petah-plan packages of `petah demo`
+# the packages `petah demo` writes with the petah plan, and its anomaly task (assets/README.md)
+DEMO_PACKAGES = ("digits", "textures", "defects", "digit-boxes", "surfaces")
 
 
 def demo_packages() -> list[Path]:

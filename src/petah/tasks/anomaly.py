@@ -270,7 +270,7 @@ class Anomaly:
         tp, fp = int((flagged & anomalous).sum()), int((flagged & ~anomalous).sum())
         fn = int((~flagged & anomalous).sum())
         report = {
-            "image_auroc": _auroc(scores, anomalous),
+            "image_auroc": auroc(scores, anomalous),
             "pixel_auroc": None,
             "threshold": round(threshold, 6),
             "precision": round(tp / max(1, tp + fp), 6), "recall": round(tp / max(1, tp + fn), 6),
@@ -283,7 +283,7 @@ class Anomaly:
         if with_masks:
             pixel_scores = torch.cat([m.flatten() for m, _ in with_masks]).numpy()
             pixel_truth = torch.cat([t.flatten() > 0 for _, t in with_masks]).numpy()
-            report["pixel_auroc"] = _auroc(pixel_scores, pixel_truth)
+            report["pixel_auroc"] = auroc(pixel_scores, pixel_truth)
         return report
 
     @staticmethod
@@ -304,7 +304,7 @@ class Anomaly:
         return out
 
 
-def _auroc(scores: np.ndarray, truth: np.ndarray) -> float | None:
+def auroc(scores: np.ndarray, truth: np.ndarray) -> float | None:
     """AUROC (torchmetrics), or None when one of the two classes is absent."""
     if truth.all() or not truth.any():
         return None
@@ -343,5 +343,5 @@ def anomaly_map_png(anomaly_map: torch.Tensor, threshold: float) -> bytes:
 
 
 __all__ = ["Anomaly", "AnomalyConfig", "AnomalyModel", "LABELS", "METHOD", "PatchBank", "anomaly_map_image",
-           "anomaly_map_png", "bank_rows", "choose_threshold", "coreset_indices", "patch_features",
+           "anomaly_map_png", "auroc", "bank_rows", "choose_threshold", "coreset_indices", "patch_features",
            "save_anomaly_map", "save_heatmap", "smooth"]

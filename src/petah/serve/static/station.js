@@ -143,6 +143,25 @@ async function drawMask(canvas, base64) {
   canvas.getContext("2d").drawImage(layer, 0, 0);
 }
 
+// The anomaly map is grey: 128 at the task's threshold, 255 at twice it. Red shows where it passes
+// the threshold, stronger towards twice it (as petah predict's heatmap PNG).
+async function drawHeatmap(canvas, base64) {
+  const map = await createImageBitmap(await (await fetch("data:image/png;base64," + base64)).blob());
+  const layer = el("canvas");
+  layer.width = canvas.width || map.width; layer.height = canvas.height || map.height;
+  const ctx = layer.getContext("2d");
+  ctx.drawImage(map, 0, 0, layer.width, layer.height);
+  const pixels = ctx.getImageData(0, 0, layer.width, layer.height);
+  const d = pixels.data;
+  for (let i = 0; i < d.length; i += 4) {
+    const above = Math.max(0, Math.min(1, (d[i] - 128) / 127));
+    d[i] = 230; d[i + 1] = 25; d[i + 2] = 75; d[i + 3] = Math.round(170 * above);
+  }
+  ctx.putImageData(pixels, 0, 0);
+  if (!canvas.width) { canvas.width = layer.width; canvas.height = layer.height; }
+  canvas.getContext("2d").drawImage(layer, 0, 0);
+}
+
 function drawBoxes(canvas, boxes) {
   const ctx = canvas.getContext("2d");
   const line = Math.max(1, Math.round(Math.min(canvas.width, canvas.height) / 80));
@@ -179,6 +198,15 @@ function renderResults(image) {
         row.firstChild.prepend(el("span", {class: "swatch", style: `background:rgb(${rgb.join(",")})`}));
         card.append(row);
       }
+    } else if (result.kind === "anomaly") {
+      card.setAttribute("data-anomalous", String(result.anomalous));
+      card.setAttribute("data-score", String(result.score));
+      const canvas = imageCanvas();
+      card.append(canvas);
+      drawHeatmap(canvas, result.anomaly_map_png).catch((e) => showError("anomaly map: " + e.message));
+      card.append(el("p", {class: result.anomalous ? "verdict bad" : "verdict good",
+        text: `${result.anomalous ? "anomaly" : "good"}: score ${result.score.toFixed(3)} ` +
+          `(threshold ${result.threshold.toFixed(3)})`}));
     } else if (result.kind === "detection") {
       card.setAttribute("data-box-count", String(result.boxes.length));
       const canvas = imageCanvas();
