@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import hashlib
+import math
 import re
 import time
 from dataclasses import dataclass, replace
@@ -253,7 +254,7 @@ def _fit_anomaly(backbone: Backbone, train, val, plan: PlanConfig, config: Train
     head_only = PlanConfig(preset="linear-probe")
     started = time.perf_counter()
     preprocess = preprocess_for(backbone)
-    head = Anomaly.head_for(backbone)
+    head = Anomaly.head_for(backbone, strides=settings.feature_strides)
     dim = sum(head.in_channels)
     budget = None
     if plan.budget is not None:
@@ -293,7 +294,7 @@ def _fit_anomaly(backbone: Backbone, train, val, plan: PlanConfig, config: Train
 
 
 def _patches_per_image(backbone: Backbone, head) -> int:
-    side = backbone.img_size // head.strides[0]
+    side = math.ceil(backbone.img_size / head.strides[0])
     return side * side
 
 

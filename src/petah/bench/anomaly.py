@@ -41,9 +41,17 @@ from petah.data.anomaly import AnomalyImages, anomaly_set
 from petah.data.builtin import surface_anomalies
 from petah.packages import encode_package
 from petah.runtime import Runtime
-from petah.tasks.anomaly import Anomaly, AnomalyConfig, auroc, coreset_indices, patch_features, smooth
+from petah.tasks.anomaly import (
+    FEATURE_STRIDES,
+    Anomaly,
+    AnomalyConfig,
+    auroc,
+    coreset_indices,
+    patch_features,
+    smooth,
+)
 
-BOOK_STRIDES = (8, 16)
+BOOK_STRIDES = FEATURE_STRIDES  # the paper's two middle levels
 BOOK_CORESET = 0.1
 BOOK_NEIGHBOURS = 9  # b in the paper's reweighting
 ONE_CLASS_SETS = ("textures", "faces")
