@@ -55,13 +55,6 @@ def run_demo(output: str | Path, tasks=DEMO_TASKS, plans=DEMO_PLANS, backbone_pa
     output = Path(output)
     backbone = create_backbone(weights=str(backbone_path or demo_backbone_path()))
     rows = []
-    for task in anomaly_tasks:
-        train, val = load_builtin(task.dataset)
-        stderr.print(f"fitting {task.name} ({len(train)} good images) ...")
-        settings = AnomalyConfig(coreset_ratio=AnomalyConfig.coreset_ratio if max_steps is None else QUICK_CORESET)
-        result = api.adapt(backbone, train, val, task_name=task.name, anomaly=settings)
-        rows.append(_row(task, "patchcore", result, api.save_package(result, output / f"{task.name}-patchcore.petah"),
-                         backbone, train))
     for task in tasks:
         train, val = load_builtin(task.dataset)
         for plan, rates in plans.items():
@@ -75,6 +68,13 @@ def run_demo(output: str | Path, tasks=DEMO_TASKS, plans=DEMO_PLANS, backbone_pa
                                augment=Augment(), dice=task.dice)
             path = api.save_package(result, output / f"{task.name}-{plan}.petah")
             rows.append(_row(task, plan, result, path, backbone, train))
+    for task in anomaly_tasks:
+        train, val = load_builtin(task.dataset)
+        stderr.print(f"fitting {task.name} ({len(train)} good images) ...")
+        settings = AnomalyConfig(coreset_ratio=AnomalyConfig.coreset_ratio if max_steps is None else QUICK_CORESET)
+        result = api.adapt(backbone, train, val, task_name=task.name, anomaly=settings)
+        rows.append(_row(task, "patchcore", result, api.save_package(result, output / f"{task.name}-patchcore.petah"),
+                         backbone, train))
     return rows
 
 
