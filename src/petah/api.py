@@ -37,6 +37,7 @@ from petah.packages.manifest import MAX_LABEL_CHARS, MAX_LABELS
 from petah.plans import PlanConfig
 from petah.tasks import TASK_KINDS, Classification, kind_for_data
 from petah.tasks.anomaly import Anomaly, AnomalyConfig, bank_rows, choose_threshold
+from petah.tasks.anomaly import report as anomaly_report
 from petah.train import TrainConfig, Trainer, TrainResult, barrier, is_main_process, setup
 from petah.train.distributed import check_ranks_agree, eval_indices
 from petah.train.trainer import frozen_norms, schedule_steps
@@ -266,9 +267,9 @@ def _fit_anomaly(backbone: Backbone, train, val, plan: PlanConfig, config: Train
                          lambda patches: bank_rows(budget, dim, patches, settings.coreset_ratio), config.seed)
     patches = len(train) * _patches_per_image(backbone, fitted)
     model = Anomaly.build_model(backbone.model, fitted)
-    scores, anomalous, _maps, _masks = Anomaly.scores(model, eval_loader(val, preprocess, Anomaly))
+    scores, anomalous, maps, masks = Anomaly.scores(model, eval_loader(val, preprocess, Anomaly))
     fitted.threshold, rule = choose_threshold(scores, anomalous, settings.max_false_reject)
-    metrics = Anomaly.evaluate(model, eval_loader(val, preprocess, Anomaly))
+    metrics = anomaly_report(scores, anomalous, maps, masks, fitted.threshold)
     seconds = time.perf_counter() - started
     frozen = {name: p.requires_grad for name, p in backbone.model.named_parameters()}
     adapter = TaskAdapter(backbone, head_only, targets=[], name="anomaly-package")  # adds nothing: no targets

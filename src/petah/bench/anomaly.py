@@ -48,6 +48,7 @@ from petah.tasks.anomaly import (
     auroc,
     coreset_indices,
     patch_features,
+    pixel_auroc,
     smooth,
 )
 
@@ -128,13 +129,8 @@ def book_metrics(book: BookPatchCore, loader) -> dict:
         labels += targets.tolist()
         maps += list(m)
         masks += list(target_masks)
-    anomalous = np.array(labels, dtype=bool)
-    report = {"image_auroc": auroc(np.array(scores), anomalous), "pixel_auroc": None}
-    with_masks = [(m, t) for m, t in zip(maps, masks, strict=True) if t is not None]
-    if with_masks:
-        report["pixel_auroc"] = auroc(torch.cat([m.flatten() for m, _ in with_masks]).numpy(),
-                                       torch.cat([t.flatten() > 0 for _, t in with_masks]).numpy())
-    return report
+    return {"image_auroc": auroc(np.array(scores), np.array(labels, dtype=bool)),
+            "pixel_auroc": pixel_auroc(maps, masks)}
 
 
 def run_set(backbone, name: str, train: AnomalyImages, val: AnomalyImages, seed: int = 0) -> dict:

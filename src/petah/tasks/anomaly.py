@@ -276,27 +276,7 @@ class Anomaly:
     @classmethod
     def evaluate(cls, model: AnomalyModel, loader, classes: list[str] | None = None) -> dict:
         """Image AUROC, pixel AUROC (where masks exist), and precision / recall / F1 at the head's threshold."""
-        scores, anomalous, maps, masks = cls.scores(model, loader)
-        threshold = model.head.threshold
-        flagged = scores > threshold
-        tp, fp = int((flagged & anomalous).sum()), int((flagged & ~anomalous).sum())
-        fn = int((~flagged & anomalous).sum())
-        report = {
-            "image_auroc": auroc(scores, anomalous),
-            "pixel_auroc": None,
-            "threshold": round(threshold, 6),
-            "precision": round(tp / max(1, tp + fp), 6), "recall": round(tp / max(1, tp + fn), 6),
-            "f1": round(2 * tp / max(1, 2 * tp + fp + fn), 6),
-            "accuracy": round(float((flagged == anomalous).mean()), 6) if len(scores) else 0.0,
-            "false_reject_rate": round(fp / max(1, int((~anomalous).sum())), 6),
-            "images": int(len(scores)), "anomalous_images": int(anomalous.sum()),
-        }
-        with_masks = [(m, t) for m, t in zip(maps, masks, strict=True) if t is not None and t.numel()]
-        if with_masks:
-            pixel_scores = torch.cat([m.flatten() for m, _ in with_masks]).numpy()
-            pixel_truth = torch.cat([t.flatten() > 0 for _, t in with_masks]).numpy()
-            report["pixel_auroc"] = auroc(pixel_scores, pixel_truth)
-        return report
+        return report(*cls.scores(model, loader), model.head.threshold)
 
     @staticmethod
     @torch.no_grad()
@@ -314,6 +294,32 @@ class Anomaly:
                         "threshold": round(threshold, 6), "anomalous": bool(score > threshold),
                         "anomaly_map": row[0].float()})
         return out
+
+
+def report(scores: np.ndarray, anomalous: np.ndarray, maps: list, masks: list, threshold: float) -> dict:
+    """The metrics of ``Anomaly.scores``' output at ``threshold`` (scored once, judged here)."""
+    flagged = scores > threshold
+    tp, fp = int((flagged & anomalous).sum()), int((flagged & ~anomalous).sum())
+    fn = int((~flagged & anomalous).sum())
+    return {
+        "image_auroc": auroc(scores, anomalous),
+        "pixel_auroc": pixel_auroc(maps, masks),
+        "threshold": round(threshold, 6),
+        "precision": round(tp / max(1, tp + fp), 6), "recall": round(tp / max(1, tp + fn), 6),
+        "f1": round(2 * tp / max(1, 2 * tp + fp + fn), 6),
+        "accuracy": round(float((flagged == anomalous).mean()), 6) if len(scores) else 0.0,
+        "false_reject_rate": round(fp / max(1, int((~anomalous).sum())), 6),
+        "images": int(len(scores)), "anomalous_images": int(anomalous.sum()),
+    }
+
+
+def pixel_auroc(maps: list[torch.Tensor], masks: list[torch.Tensor | None]) -> float | None:
+    """AUROC over the pixels of the images whose mask is known (None when none is)."""
+    known = [(m, t) for m, t in zip(maps, masks, strict=True) if t is not None and t.numel()]
+    if not known:
+        return None
+    return auroc(torch.cat([m.flatten() for m, _ in known]).numpy(),
+                 torch.cat([t.flatten() > 0 for _, t in known]).numpy())
 
 
 def auroc(scores: np.ndarray, truth: np.ndarray) -> float | None:
@@ -354,6 +360,6 @@ def anomaly_map_png(anomaly_map: torch.Tensor, threshold: float) -> bytes:
     return buffer.getvalue()
 
 
-__all__ = ["Anomaly", "AnomalyConfig", "AnomalyModel", "LABELS", "METHOD", "PatchBank", "anomaly_map_image",
+__all__ = ["LABELS", "METHOD", "Anomaly", "AnomalyConfig", "AnomalyModel", "PatchBank", "anomaly_map_image",
            "anomaly_map_png", "auroc", "bank_rows", "choose_threshold", "coreset_indices", "patch_features",
-           "save_anomaly_map", "save_heatmap", "smooth"]
+           "pixel_auroc", "report", "save_anomaly_map", "save_heatmap", "smooth"]

@@ -127,39 +127,31 @@ function imageCanvas() {
   return canvas;
 }
 
-async function drawMask(canvas, base64) {
-  const mask = await createImageBitmap(await (await fetch("data:image/png;base64," + base64)).blob());
+// A PNG the station sent (base64), scaled over the image's canvas; recolor(d, i) sets pixel i's RGBA.
+async function drawOverlay(canvas, base64, recolor) {
+  const picture = await createImageBitmap(await (await fetch("data:image/png;base64," + base64)).blob());
   const layer = el("canvas");
-  layer.width = canvas.width || mask.width; layer.height = canvas.height || mask.height;
+  layer.width = canvas.width || picture.width; layer.height = canvas.height || picture.height;
   const ctx = layer.getContext("2d");
-  ctx.drawImage(mask, 0, 0, layer.width, layer.height);
+  ctx.drawImage(picture, 0, 0, layer.width, layer.height);
   const pixels = ctx.getImageData(0, 0, layer.width, layer.height);
-  for (let i = 0; i < pixels.data.length; i += 4) { // background (class 0, black) stays clear
-    const d = pixels.data;
-    d[i + 3] = (d[i] || d[i + 1] || d[i + 2]) ? 140 : 0;
-  }
+  for (let i = 0; i < pixels.data.length; i += 4) recolor(pixels.data, i);
   ctx.putImageData(pixels, 0, 0);
   if (!canvas.width) { canvas.width = layer.width; canvas.height = layer.height; }
   canvas.getContext("2d").drawImage(layer, 0, 0);
 }
 
+function drawMask(canvas, base64) { // background (class 0, black) stays clear
+  return drawOverlay(canvas, base64, (d, i) => { d[i + 3] = (d[i] || d[i + 1] || d[i + 2]) ? 140 : 0; });
+}
+
 // The anomaly map is grey: 128 at the task's threshold, 255 at twice it. Red shows where it passes
 // the threshold, stronger towards twice it (as petah predict's heatmap PNG).
-async function drawHeatmap(canvas, base64) {
-  const map = await createImageBitmap(await (await fetch("data:image/png;base64," + base64)).blob());
-  const layer = el("canvas");
-  layer.width = canvas.width || map.width; layer.height = canvas.height || map.height;
-  const ctx = layer.getContext("2d");
-  ctx.drawImage(map, 0, 0, layer.width, layer.height);
-  const pixels = ctx.getImageData(0, 0, layer.width, layer.height);
-  const d = pixels.data;
-  for (let i = 0; i < d.length; i += 4) {
+function drawHeatmap(canvas, base64) {
+  return drawOverlay(canvas, base64, (d, i) => {
     const above = Math.max(0, Math.min(1, (d[i] - 128) / 127));
     d[i] = 230; d[i + 1] = 25; d[i + 2] = 75; d[i + 3] = Math.round(170 * above);
-  }
-  ctx.putImageData(pixels, 0, 0);
-  if (!canvas.width) { canvas.width = layer.width; canvas.height = layer.height; }
-  canvas.getContext("2d").drawImage(layer, 0, 0);
+  });
 }
 
 function drawBoxes(canvas, boxes) {
