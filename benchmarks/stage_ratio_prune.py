@@ -25,9 +25,9 @@ import torch
 
 from petah import api
 from petah.backbones import create_backbone, demo_backbone_path
-from petah.bench.latency import interleaved_medians, ort_session
 from petah.data import Augment, load_builtin
 from petah.demo import DEMO_PLANS, DEMO_TASKS
+from petah.export.timing import interleaved_medians, ort_session
 from petah.plans import PlanConfig
 from petah.prune import PruneConfig
 from petah.runtime.onnx import INPUT, to_onnx_bytes

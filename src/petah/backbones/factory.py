@@ -12,6 +12,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save
 
+from petah.backbones.pruned import apply_changes
 from petah.backbones.weights import adapt_state_dict, read_state_dict, tensors_sha256
 from petah.errors import PetahError
 from petah.files import atomic_write_bytes
@@ -104,8 +105,6 @@ def _build(name: str, family: Family | None, img_size: int, pretrained: bool = F
 def _build_pruned(name: str, family: Family | None, img_size: int, architecture: dict,
                   weights: dict[str, torch.Tensor]) -> nn.Module:
     """The timm model, reparameterized, then cut down to a pruned architecture (no weights yet)."""
-    from petah.prune.architecture import apply_changes
-
     model = _build(name, family, img_size)
     _reparameterize(model)
     return apply_changes(model, architecture, weights)

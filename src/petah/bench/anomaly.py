@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from petah import api
 from petah.backbones import create_backbone, demo_backbone_path
 from petah.backbones.features import feature_levels, level_indices, multi_scale_features
-from petah.bench.latency import interleaved_medians
 from petah.data import load_dataset
 from petah.data.anomaly import AnomalyImages, anomaly_set
 from petah.data.builtin import surface_anomalies
+from petah.export.timing import interleaved_medians
 from petah.packages import encode_package
 from petah.runtime import Runtime
 from petah.tasks.anomaly import (

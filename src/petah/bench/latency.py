@@ -8,15 +8,13 @@ depend on the values, and the bench then needs no training and no data.
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from petah.backbones import create_backbone
+from petah.export.timing import interleaved_medians, ort_session
 from petah.packages import write_package
 from petah.plans import PlanConfig
 from petah.runtime import Runtime
@@ -30,41 +28,6 @@ def resident_bytes(runtime: Runtime) -> int:
     for task in runtime.tasks.values():
         tensors += list(task.head.parameters()) + list(task.overrides.values())
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call of each variant, run round-robin on the same inputs."""
-    for fn in variants.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(repeats):
-        for key, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            samples[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
-def ort_session(model: str | bytes):
-    """An ONNX Runtime CPU session set up for fair side-by-side timing."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # ORT's worker threads spin after a run and would steal the cores from the next torch call
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.intra_op_num_threads = torch.get_num_threads()
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-
-
-def ort_medians(graphs: dict[str, bytes], x, repeats: int) -> dict[str, float]:
-    """Median seconds per run of each ONNX graph on input ``x`` (a numpy batch), sessions timed
-    round-robin in one run."""
-    from petah.runtime.onnx import INPUT
-
-    sessions = {name: ort_session(graph) for name, graph in graphs.items()}
-    return interleaved_medians({name: (lambda s=s: s.run(None, {INPUT: x})) for name, s in sessions.items()}, repeats)
 
 
 def run_latency(name: str = "efficientformerv2_s0", img_size: int = 224, batch: int = 1, repeats: int = 20,
@@ -166,6 +129,6 @@ def run_latency(name: str = "efficientformerv2_s0", img_size: int = 224, batch: 
         "switch_ms": {k: round(v * 1e3, 4) for k, v in switches.items()},
         "switch_speedup_vs_reload": round(switches["reload a full fine-tuned model"] / switches["unmerged swap"], 1),
         "resident_bytes_by_tasks": memory,  # backbone + N packages (tensor bytes, fp32 in memory)
-        "package_bytes": sum(t.numel() * t.element_size() for t in full.tensors.values()),
+        "package_bytes": sum(int(t.nbytes) for t in full.tensors.values()),
         "backbone_bytes": backbone.weights_bytes,
     }

@@ -180,7 +180,8 @@ def _adalora(backbone, train, config, equal_bytes: int, tries: int = 3):
     from petah.adapters.model import lora_config
     from petah.api import preprocess_for
     from petah.data import Augment
-    from petah.plans import PlanConfig, resolve_targets
+    from petah.plans import PlanConfig
+    from petah.plans.targets import resolve_targets
     from petah.tasks import Classification
     from petah.train import Trainer
     from petah.train.trainer import frozen_norms, schedule_steps
@@ -256,7 +257,7 @@ def _peft_by_hand(backbone, train, config):
 def _latency_ms(model, img_size: int, repeats: int = 20) -> float:
     import torch
 
-    from petah.bench.latency import interleaved_medians
+    from petah.export.timing import interleaved_medians
 
     x = torch.randn(1, 3, img_size, img_size)
     model.eval()

@@ -21,9 +21,9 @@ import torch
 
 from petah import api
 from petah.backbones import Backbone, create_backbone, save_backbone
-from petah.bench.latency import ort_medians
 from petah.data import load_builtin
 from petah.demo import DEMO_PLANS, DEMO_TASKS, demo_backbone_path, run_demo
+from petah.export.timing import ort_medians
 from petah.prune import PruneConfig
 from petah.runtime.onnx import to_onnx_bytes
 

@@ -27,6 +27,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from petah.errors import PetahError
+from petah.export.timing import ort_medians, ort_session
 from petah.runtime.onnx import INPUT
 
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
@@ -168,16 +169,12 @@ def weight_sqnr(graph: bytes, nodes: list[str]) -> dict[str, float]:
 
 
 def score(graph: bytes, head: nn.Module, kind, val_batches: list[tuple], classes: list[str]) -> float:
-    from petah.bench.latency import ort_session
-
     metrics = kind.evaluate(OrtModule(ort_session(graph), head), val_batches, classes)
     return 100 * float(metrics[kind.primary_metric])
 
 
 def latency_ms(graphs: dict[str, bytes], x: np.ndarray, repeats: int = 40) -> dict[str, float]:
     """Median batch latency of each graph on this CPU, runs interleaved."""
-    from petah.bench.latency import ort_medians
-
     return {name: 1000 * seconds for name, seconds in ort_medians(graphs, x, repeats).items()}
 
 

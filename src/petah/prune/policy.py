@@ -92,7 +92,7 @@ def _readout(pruned: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 
 def _latency(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
-    from petah.bench.latency import ort_medians
+    from petah.export.timing import ort_medians
     from petah.runtime.onnx import to_onnx_bytes
 
     return ort_medians({k: to_onnx_bytes(m, x, k) for k, m in models.items()}, x.numpy(), repeats)

@@ -4,6 +4,9 @@ A pruned model is its timm model with smaller tensors and a few changed size att
 (``out_channels``, ``num_heads``, ``dh``…). Recording only those attribute changes, next to the
 tensors' own shapes in the safetensors file, rebuilds it without pickle: build the timm model,
 set the attributes, give every tensor its stored shape, load the weights strictly.
+
+It lives with the backbones (not in ``petah.prune``) because loading a pruned backbone must not
+import the pruner and Torch-Pruning: ``petah.prune`` records the changes, this module rebuilds them.
 """
 
 from __future__ import annotations
