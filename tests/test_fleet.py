@@ -7,6 +7,8 @@ import dataclasses
 import datetime as dt
 import hashlib
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -20,7 +22,8 @@ from petah.bench.fleet import digits_versions, golden_digits, sha256_file, wait_
 from petah.errors import PetahError
 from petah.fleet.agent import Agent
 from petah.fleet.client import hub_status, publish_release, sign_release, withdraw_release
-from petah.fleet.hub import Hub, add_device, running_hub
+from petah.fleet.hub import Hub, add_device
+from petah.fleet.hub_app import running_hub
 from petah.fleet.metadata import init_repository, rotate_targets_key, signer
 from petah.fleet.registry import stage_rank
 from petah.packages import generate_keypair, read_package
@@ -300,6 +303,20 @@ def test_a_managed_station_refuses_changes_by_hand_and_bad_options(tmp_path, key
         with pytest.raises(PetahError, match=needle):
             with station_process("--demo", "--state-dir", str(tmp_path / "other"), *options, timeout=60):
                 pass
+
+
+def test_a_station_checks_its_device_id_without_importing_the_hub(tmp_path):
+    """--device-id is checked by petah.fleet.ids: a station loads neither the hub (its app, its SQLite
+    registry) nor the fleet bench's fault injection."""
+    for name in ("root.json", "line-1.token"):
+        (tmp_path / name).write_text("x" * 20)
+    code = ("import sys, petah.serve.app, petah.fleet.agent; from petah.serve import ServeConfig; "
+            f"ServeConfig(hub='http://127.0.0.1:1', trust_root={str(tmp_path / 'root.json')!r}, device_id='line-1', "
+            f"device_token_file={str(tmp_path / 'line-1.token')!r}); "
+            "print(sorted(m for m in sys.modules if m.startswith(('petah.fleet.hub', 'petah.fleet.registry', "
+            "'petah.fleet.routers', 'petah.bench', 'sqlite3'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_hub_answers_hostile_requests_with_400(tmp_path, keys, packages):

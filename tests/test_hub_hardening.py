@@ -17,7 +17,8 @@ import pytest
 from conftest import closed_by_server, idle_and_slow_clients, sockets_allowed
 from petah.errors import PetahError
 from petah.fleet.client import _multipart, call, publish_release
-from petah.fleet.hub import Hub, add_device, running_hub
+from petah.fleet.hub import Hub, add_device
+from petah.fleet.hub_app import running_hub
 from petah.fleet.metadata import init_repository
 from petah.http import MAX_JSON_DEPTH, json_too_deep
 from petah.packages import generate_keypair

@@ -148,9 +148,11 @@ def run_fleet_bench(devices: int = 20, *, poll_s: float = 0.5, health_window_s: 
                     timeout_s: float = 240.0, faults: dict | None = None, hub_down_s: float = 4.0,
                     workdir: str | Path | None = None) -> dict:
     from petah.backbones import create_backbone, demo_backbone_path
+    from petah.bench.faults import Faults
     from petah.fleet.agent import Agent
     from petah.fleet.client import hub_status, publish_release
-    from petah.fleet.hub import Faults, Hub, add_device, running_hub
+    from petah.fleet.hub import Hub, add_device
+    from petah.fleet.hub_app import running_hub
     from petah.fleet.metadata import init_repository
     from petah.packages import generate_keypair
     from petah.serve import ServeConfig, Station
@@ -180,7 +182,7 @@ def run_fleet_bench(devices: int = 20, *, poll_s: float = 0.5, health_window_s: 
         settings = {"stages": [10, 50, 100], "min_healthy": 0.9, "max_failed": 0.2}
         agents: list[Agent] = []
         # the dropped connections are the point here: uvicorn's tracebacks about them are not news
-        with running_hub(hub, fault_plan, log_level="critical") as (url, _server):
+        with running_hub(hub, middleware=[fault_plan.middleware()], log_level="critical") as (url, _server):
             common = dict(hub=url, trust_root=str(trusted), golden=str(golden), poll_s=poll_s,
                           health_window_s=health_window_s, engine="torch", threads=1)
             child = ChildStation(["-b", str(backbone_path), "--state-dir", str(tmp / f"state-{ids[0]}"),

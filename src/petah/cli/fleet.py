@@ -47,7 +47,7 @@ def hub_serve(
     ssl_certfile: Annotated[str | None, typer.Option("--ssl-certfile", help="TLS certificate (PEM).")] = None,
 ) -> None:
     """Serve the hub until SIGTERM / Ctrl-C."""
-    from petah.fleet.hub import HUB_MAX_REQUESTS, Hub, create_hub_app
+    from petah.fleet.hub_app import HUB_MAX_REQUESTS, Hub, create_hub_app
     from petah.http import listen
     from petah.http_server import serve_guarded
     from petah.serve.config import is_loopback

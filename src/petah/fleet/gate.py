@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from petah.errors import PetahError
 from petah.files import inside
-from petah.packages import load_task
+from petah.runtime.attach import load_task
 from petah.tasks import task_kind
 
 BATCH = 32

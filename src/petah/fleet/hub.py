@@ -1,5 +1,6 @@
 """The hub: serves TUF metadata and release packages (static files), takes signed releases,
-decides rollout stages and collects device reports (``petah hub serve``).
+decides rollout stages and collects device reports. ``Hub`` does the work without HTTP; its API
+is ``petah.fleet.hub_app`` (``petah hub serve``).
 
 Layout of ``--root DIR``::
 
@@ -17,31 +18,14 @@ their own bearer token (``petah hub add-device``).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import random
-import re
 import secrets
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
-
-from fastapi import FastAPI, Header, Request
-from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 
 from petah.errors import PetahError
-from petah.files import inside
+from petah.fleet.ids import check_device_id
 from petah.fleet.metadata import Repository, parse_metadata, target_path, verify_role
 from petah.fleet.registry import ACTIVE, Registry, check_rollout
-from petah.http import ClientError, form_files, listen, parse_json, read_body
-from petah.http_server import guarded_server
-
-DEVICE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-MAX_RELEASE_BYTES = 64 * 1024 * 1024
-MAX_REPORT_BYTES = 64 * 1024
-HUB_MAX_REQUESTS = 1024  # requests in progress at once (each body is bounded); past it 503 with Retry-After
 
 
 def finite_number(settings: dict, key: str, default):
@@ -54,19 +38,6 @@ def finite_number(settings: dict, key: str, default):
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise PetahError(f"{key} must be a finite number, got {value!r}")
     return float(value)
-
-
-def check_id(value, label: str) -> int:
-    """A whole number that fits SQLite's integers (a request may carry any size)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
-        raise ClientError(400, f"{label} must be a whole number in [0, 2^63)")
-    return value
-
-
-def check_device_id(device_id: str) -> str:
-    if not isinstance(device_id, str) or not DEVICE_ID.fullmatch(device_id):
-        raise PetahError(f"device id {device_id!r}: use 1-64 characters of A-Z a-z 0-9 . _ -")
-    return device_id
 
 
 def add_device(root: str | Path, device_id: str, token_file: str | Path) -> Path:
@@ -89,32 +60,6 @@ def add_device(root: str | Path, device_id: str, token_file: str | Path) -> Path
     with os.fdopen(fd, "w") as handle:
         handle.write(token + "\n")
     return token_file
-
-
-@dataclass
-class Faults:
-    """Faults the hub injects into its own answers (``petah bench fleet``; off by default):
-    each probability applies per request to metadata / target downloads."""
-    drop: float = 0.0  # close the connection mid-answer
-    truncate: float = 0.0  # send half of a target
-    corrupt: float = 0.0  # flip a byte of a target
-    delay: float = 0.0  # answer after ``delay_s``
-    delay_s: float = 2.0
-    down: bool = False  # every request fails (the hub is "down")
-    seed: int = 0
-    counts: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        self._rng = random.Random(self.seed)
-        self._lock = threading.Lock()
-
-    def draw(self, kind: str) -> bool:
-        p = getattr(self, kind)
-        with self._lock:
-            hit = p > 0 and self._rng.random() < p
-            if hit:
-                self.counts[kind] = self.counts.get(kind, 0) + 1
-        return hit
 
 
 class Hub:
@@ -184,157 +129,4 @@ class Hub:
         return {"release": release_id, "state": "withdrawn"}
 
 
-def create_hub_app(hub: Hub, faults: Faults | None = None):
-    faults = faults or Faults()
-    # FastAPI's /docs and /redoc load their UI from a public CDN: off (the schema stays at /openapi.json)
-    app = FastAPI(title="petah hub", version="1", docs_url=None, redoc_url=None)
-
-    @app.exception_handler(ClientError)
-    async def client_error(_request, exc: ClientError):
-        return JSONResponse({"error": exc.message}, exc.status, headers=exc.headers)
-
-    @app.exception_handler(PetahError)
-    async def petah_error(_request, exc: PetahError):
-        return JSONResponse({"error": str(exc)}, 400)
-
-    @app.exception_handler(Exception)
-    async def internal_error(_request, _exc: Exception):
-        return JSONResponse({"error": "internal error (the hub's log has the details)"}, 500)
-
-    @app.middleware("http")
-    async def inject(request: Request, call_next):
-        if faults.down:
-            faults.counts["down"] = faults.counts.get("down", 0) + 1
-            return JSONResponse({"error": "hub down (fault injection)"}, 503)
-        if faults.draw("delay"):
-            await asyncio.sleep(faults.delay_s)
-        return await call_next(request)
-
-    def device(device_id: str, authorization: str | None) -> str:
-        check_device_id(device_id)
-        token = (authorization or "").removeprefix("Bearer ").strip()
-        if not hub.registry.token_matches(device_id, token):
-            raise ClientError(401, f"device {device_id}: wrong or missing device token", {"WWW-Authenticate": "Bearer"})
-        return device_id
-
-    def static(path: Path) -> Response:
-        if not path.is_file():
-            raise ClientError(404, "not found")
-        data = path.read_bytes()
-        if faults.draw("drop"):
-            async def broken():
-                yield data[: len(data) // 3]
-                raise ConnectionAbortedError("fault injection: connection dropped")
-            from starlette.responses import StreamingResponse
-            return StreamingResponse(broken(), headers={"Content-Length": str(len(data))})
-        return Response(data, media_type="application/octet-stream")
-
-    @app.get("/metadata/{name}")
-    async def metadata(name: str):
-        if name == "timestamp.json":
-            await run_in_threadpool(hub.repository.refresh)  # re-signed before it gets stale
-        try:
-            return static(hub.repository.file(name))
-        except PetahError:
-            raise ClientError(404, "not found") from None
-
-    @app.get("/targets/{task}/{name}")
-    async def target(task: str, name: str):
-        try:
-            path = inside(hub.repository.targets_dir, task, name)
-        except PetahError:
-            raise ClientError(404, "not found") from None
-        if path.is_file() and (faults.truncate or faults.corrupt):
-            data = path.read_bytes()
-            if faults.draw("truncate"):
-                return Response(data[: len(data) // 2], media_type="application/octet-stream")
-            if faults.draw("corrupt"):
-                flipped = bytearray(data)
-                flipped[len(data) // 2] ^= 0xFF
-                return Response(bytes(flipped), media_type="application/octet-stream")
-        return static(path)
-
-    @app.post("/v1/releases")
-    async def publish(request: Request):
-        body = await read_body(request, MAX_RELEASE_BYTES)
-        parts = await form_files(request, body, ("package", "targets", "settings"))
-        settings = parse_json(parts["settings"] or b"{}", "settings")
-        if not isinstance(settings, dict):
-            raise ClientError(400, "settings must be a JSON object")
-        return await run_in_threadpool(hub.publish, parts["package"], parts["targets"], settings)
-
-    @app.post("/v1/releases/{release_id}/withdraw")
-    async def withdraw(release_id: int, request: Request):
-        check_id(release_id, "the release id")
-        body = await read_body(request, MAX_RELEASE_BYTES)
-        return await run_in_threadpool(hub.withdraw, release_id, body)
-
-    @app.get("/v1/releases")
-    def releases():
-        return hub.registry.status()
-
-    @app.get("/v1/targets-metadata")
-    def current_targets():
-        return Response(hub.repository.current_targets(), media_type="application/json")
-
-    async def json_body(request: Request, what: str) -> dict:
-        data = parse_json(await read_body(request, MAX_REPORT_BYTES), what)
-        if not isinstance(data, dict):
-            raise ClientError(400, f"{what} must be a JSON object")
-        return data
-
-    @app.post("/v1/devices/{device_id}/poll")
-    async def poll(device_id: str, request: Request, authorization: Annotated[str | None, Header()] = None):
-        device(device_id, authorization)
-        data = await json_body(request, "the poll body")
-        installed = data.get("installed", {})
-        if not isinstance(installed, dict) or not all(isinstance(v, str) for v in installed.values()):
-            raise ClientError(400, "installed must map task names to sha256 strings")
-        return await run_in_threadpool(hub.registry.poll, device_id, str(data.get("backbone", ""))[:64],
-                                       installed, str(data.get("state", ""))[:200])
-
-    @app.post("/v1/devices/{device_id}/report")
-    async def report(device_id: str, request: Request, authorization: Annotated[str | None, Header()] = None):
-        device(device_id, authorization)
-        data = await json_body(request, "the report body")
-        release = data.get("release")
-        if release is not None:
-            check_id(release, "release")
-        numbers = [check_id(data.get("bytes", 0), "bytes"), check_id(data.get("retries", 0), "retries")]
-        await run_in_threadpool(hub.registry.report, device_id, str(data.get("event")), release,
-                                data.get("task") if isinstance(data.get("task"), str) else None,
-                                str(data.get("detail", "")), *numbers)
-        return {"ok": True}
-
-    @app.get("/healthz")
-    def healthz():
-        return {"status": "ok"}
-
-    return app
-
-
-@contextlib.contextmanager
-def running_hub(hub: Hub, faults: Faults | None = None, host: str = "127.0.0.1", port: int = 0,
-                log_level: str = "warning", **guards):
-    """The hub served by uvicorn on a thread of this process (tests, ``petah bench fleet``); yields
-    its URL and the server (``server.should_exit``); ``guards`` go to ``guarded_server``."""
-    import time
-
-    sock = listen(host, port)
-    server = guarded_server(create_hub_app(hub, faults), max_requests=HUB_MAX_REQUESTS, log_level=log_level,
-                            lifespan="off", **guards)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise PetahError("the hub did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://{host}:{sock.getsockname()[1]}", server
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
-__all__ = ["Faults", "Hub", "add_device", "check_device_id", "create_hub_app", "running_hub"]
+__all__ = ["Hub", "add_device"]

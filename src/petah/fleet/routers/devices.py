@@ -1,0 +1,44 @@
+"""What devices send, each with its own bearer token: polls (what should I run?) and reports (what
+happened)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from petah.fleet.routers.deps import DeviceDep, HubDep, check_id
+from petah.http import ClientError, parse_json, read_body
+
+MAX_REPORT_BYTES = 64 * 1024
+
+router = APIRouter()
+
+
+async def json_body(request: Request, what: str) -> dict:
+    data = parse_json(await read_body(request, MAX_REPORT_BYTES), what)
+    if not isinstance(data, dict):
+        raise ClientError(400, f"{what} must be a JSON object")
+    return data
+
+
+@router.post("/v1/devices/{device_id}/poll")
+async def poll(device: DeviceDep, request: Request, hub: HubDep):
+    data = await json_body(request, "the poll body")
+    installed = data.get("installed", {})
+    if not isinstance(installed, dict) or not all(isinstance(v, str) for v in installed.values()):
+        raise ClientError(400, "installed must map task names to sha256 strings")
+    return await run_in_threadpool(hub.registry.poll, device, str(data.get("backbone", ""))[:64],
+                                   installed, str(data.get("state", ""))[:200])
+
+
+@router.post("/v1/devices/{device_id}/report")
+async def report(device: DeviceDep, request: Request, hub: HubDep):
+    data = await json_body(request, "the report body")
+    release = data.get("release")
+    if release is not None:
+        check_id(release, "release")
+    numbers = [check_id(data.get("bytes", 0), "bytes"), check_id(data.get("retries", 0), "retries")]
+    await run_in_threadpool(hub.registry.report, device, str(data.get("event")), release,
+                            data.get("task") if isinstance(data.get("task"), str) else None,
+                            str(data.get("detail", "")), *numbers)
+    return {"ok": True}

@@ -1,0 +1,15 @@
+"""/v1/stats: the counters the page shows."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from petah.serve.routers.deps import StationDep, require_api_token
+
+router = APIRouter(dependencies=[Depends(require_api_token)])
+
+
+@router.get("/v1/stats", summary="Counters the page shows")
+def stats(station: StationDep):
+    return {**station.metrics.summary(), "engine": station.engine.name, "backbone": station.backbone.describe(),
+            "queue_depth": station.worker.depth}
