@@ -17,6 +17,7 @@ from petah.errors import PetahError
 from petah.packages import encode_package, read_package, write_package
 from petah.plans import PlanConfig
 from petah.runtime import Runtime
+from petah.runtime.attach import torch_section
 from petah.tasks.anomaly import (
     AnomalyConfig,
     anomaly_map_png,
@@ -54,7 +55,7 @@ def test_learns_from_good_images_only_and_finds_painted_defects(backbone, surfac
     manifest = result.package.manifest
     assert manifest.task.kind == "anomaly" and manifest.head["method"] == "patchcore"
     assert manifest.plan.targets == () and result.package.section("adapter") == {}  # no backbone copy, no adapter
-    bank = result.package.section("head")["bank"]
+    bank = torch_section(result.package, "head")["bank"]
     assert bank.dtype == torch.float16 and bank.shape[0] == manifest.training["bank_rows"]
     assert len(encode_package(result.package)) < 0.05 * backbone.weights_bytes
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import write_pattern_folder
+from petah.backbones.tensors import to_torch
 from petah.packages.format import read_package
 
 ENV = {**os.environ, "PETAH_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PETAH_DEVICE": "cpu"}
@@ -45,7 +46,7 @@ def setup_dir(tmp_path_factory):
 
 
 def _tensors(path):
-    return read_package(path).tensors
+    return {k: to_torch(v) for k, v in read_package(path).tensors.items()}
 
 
 def test_one_and_two_processes_train_the_same_model(setup_dir):

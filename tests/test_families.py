@@ -93,3 +93,25 @@ def test_generic_plan_errors_name_the_pattern():
         TaskAdapter(backbone, PlanConfig(targets=["(("]))
     adapter = TaskAdapter(backbone, PlanConfig(targets=[r"^layer4\.0\.conv\d$"]))
     assert [t.module for t in adapter.targets] == ["layer4.0.conv1", "layer4.0.conv2"]
+
+
+def test_the_device_merge_matches_the_torch_runtime(family_task, tmp_path):
+    """The device backbone (one graph, nothing folded) with a package merged in numpy answers what
+    the torch runtime answers: the same LoRA / channel-scale merge, owned norm statistics and head."""
+    import onnxruntime as ort
+
+    from petah.device import read_device_backbone, task_graph
+    from petah.export.device import export_device
+
+    backbone, path = family_task
+    export_device(backbone, tmp_path / "device")
+    device = read_device_backbone(tmp_path / "device")
+    assert device.fingerprint == backbone.fingerprint
+    owned = synthetic_package(backbone, "owned", PlanConfig(task_norm="stats", rank=4), classes=3, seed=1)
+    x = torch.randn(3, 3, backbone.img_size, backbone.img_size)
+    for package in (read_package(path), owned):
+        graph = task_graph(device, package, "the package")
+        got = ort.InferenceSession(graph.graph, providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
+        with torch.no_grad():
+            expected = load_task(backbone, package).model(x).numpy()
+        assert np.abs(got - expected).max() < 1e-4

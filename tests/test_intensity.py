@@ -15,9 +15,9 @@ import conftest
 from conftest import one_json, write_pattern_folder
 from conftest import petah_process as petah
 from petah import api
+from petah import imaging as images_module
 from petah.backbones import create_backbone
 from petah.data import DEFAULT_INTENSITY, INTENSITY_MODES, Preprocess, array_to_rgb, load_dataset, load_image
-from petah.data import images as images_module
 from petah.errors import PetahError
 from petah.packages.format import read_package
 from petah.train import TrainConfig

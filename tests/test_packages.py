@@ -11,6 +11,7 @@ from petah.data import load_dataset
 from petah.errors import PetahError
 from petah.packages import read_package
 from petah.plans import PlanConfig
+from petah.runtime.attach import torch_section
 from petah.train import TrainConfig
 
 
@@ -61,7 +62,7 @@ def test_frozen_batchnorm_statistics_do_not_drift(backbone, image_folder):
     # and a task with its own statistics stores them
     result = api.adapt(backbone, train, val, plan=PlanConfig(task_norm="stats"), config=TrainConfig(max_steps=3,
                        batch_size=8))
-    stats = {k: v for k, v in result.package.section("override").items() if k.endswith("running_mean")}
+    stats = {k: v for k, v in torch_section(result.package, "override").items() if k.endswith("running_mean")}
     assert stats and any(not torch.equal(v, backbone.model.state_dict()[k]) for k, v in stats.items())
 
 
@@ -127,8 +128,8 @@ def test_fp16_adapters_keep_accuracy_and_halve_bytes(backbone, image_folder, tmp
 
 def test_owned_norm_statistics_are_stored_in_fp16_with_fp16_adapters(backbone):
     from petah.adapters import TaskAdapter
-    from petah.packages import build_package
     from petah.runtime import Runtime
+    from petah.runtime.attach import build_package
     from petah.tasks import Classification
 
     work = dataclasses.replace(backbone, model=copy.deepcopy(backbone.model))
@@ -141,7 +142,7 @@ def test_owned_norm_statistics_are_stored_in_fp16_with_fp16_adapters(backbone):
     stored = {}
     for dtype in ("float16", "float32"):
         package = build_package(backbone, adapter, head, task_name="t", labels=["a", "b", "c"], adapter_dtype=dtype)
-        overrides = package.section("override")
+        overrides = torch_section(package, "override")
         stats = {k: v for k, v in overrides.items() if k.endswith(("running_mean", "running_var"))}
         assert stats and {v.dtype for v in stats.values()} == {getattr(torch, dtype)}
         assert {v.dtype for k, v in overrides.items() if k.endswith("num_batches_tracked")} <= {torch.int64}

@@ -8,7 +8,7 @@ from petah.adapters import TaskAdapter, refresh_attention_caches
 from petah.backbones import create_backbone
 from petah.errors import PetahError
 from petah.plans import CHANNEL_SCALE, FAMILIES, LORA, PRESETS, PlanConfig, family_for
-from petah.plans.base import is_grouped
+from petah.plans.targets import is_grouped
 
 
 def test_every_family_is_covered():

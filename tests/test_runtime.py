@@ -1,5 +1,6 @@
 """The multi-task runtime: one backbone, several packages, switching, merged mode, rollback."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,7 +108,7 @@ def test_failed_reload_rolls_back_and_good_reload_replaces(setup, tmp_path):
     # a newer "a" whose adapter tensors do not fit the layers: the load fails half-way
     broken = read_package(packages["a"])
     key = next(k for k in broken.tensors if k.endswith("lora_A"))
-    broken.tensors[key] = torch.zeros(3, 3)
+    broken.tensors[key] = np.zeros((3, 3), np.float32)
     with pytest.raises(PetahError):
         runtime.load(broken)
     torch.testing.assert_close(runtime.forward(x, "a"), before, rtol=0, atol=0)

@@ -120,7 +120,8 @@ def test_tasks_contract_and_predict_every_kind(demo_station):
     assert [t["name"] for t in tasks] == ["defects", "digit-boxes", "digits", "surfaces", "textures"]
     for row in tasks:
         assert set(row) == {"name", "kind", "labels", "version", "bytes", "metrics", "loaded_at", "previous_version",
-                            "candidate_version"}
+                            "candidate_version", "held"}
+        assert row["held"] == {"form": "adapters", "engine": "torch"}
         assert len(row["version"]) == 12 and row["bytes"] > 100_000 and row["previous_version"] is None
     kinds = {t["name"]: t["kind"] for t in tasks}
     assert kinds == {"defects": "segmentation", "digit-boxes": "detection", "digits": "classification",

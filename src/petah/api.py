@@ -21,20 +21,18 @@ from petah.backbones.factory import fp32_safetensors_bytes
 from petah.data import Augment, LabeledImages, Preprocess, TrainingView
 from petah.errors import PetahError
 from petah.files import check_writable
-from petah.packages import (
+from petah.packages import TaskPackage, check_task_name, describe_package, write_package
+from petah.packages.manifest import MAX_LABEL_CHARS, MAX_LABELS
+from petah.plans import PlanConfig
+from petah.runtime.attach import (
     LoadedTask,
-    TaskPackage,
     attach_package,
     build_package,
     check_dtype,
-    check_task_name,
-    describe_package,
     load_task,
     merged_backbone,
-    write_package,
+    torch_section,
 )
-from petah.packages.manifest import MAX_LABEL_CHARS, MAX_LABELS
-from petah.plans import PlanConfig
 from petah.tasks import TASK_KINDS, Classification, kind_for_data
 from petah.tasks.anomaly import Anomaly, AnomalyConfig, bank_rows, choose_threshold
 from petah.tasks.anomaly import report as anomaly_report
@@ -225,7 +223,7 @@ def adapt(
                             adapter_dtype=adapter_dtype, trainable_parameters=trainable,
                             preprocessing={**backbone.preprocessing(), "intensity": train.intensity})
     # Evaluate what ships: adapters round-tripped through the package dtype.
-    adapter.load_state(package.section("adapter"), package.section("override"))
+    adapter.load_state(torch_section(package, "adapter"), torch_section(package, "override"))
     metrics = kind.evaluate(trainer.model, eval_loader(val, preprocess_for(backbone), kind), val.classes)
     package.manifest.metrics = metrics
     package.manifest.training = {**config.to_dict(), "seconds": round(result.seconds, 2), "steps": result.steps,

@@ -1,4 +1,7 @@
-"""Turn any image (file, PIL, array; gray, RGBA, 16-bit, any size) into an RGB uint8 tensor.
+"""Turn any image (file, PIL, array; gray, RGBA, 16-bit, any size) into an RGB uint8 array (3, H, W).
+
+numpy and Pillow only: the device side decodes with it; ``petah.data.images`` hands the same
+arrays to torch.
 
 Two input policies live here:
 
@@ -20,13 +23,14 @@ Two input policies live here:
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 from rich.console import Console
 
@@ -101,7 +105,7 @@ def _warn_low_range(arr: np.ndarray, top: float, source: str) -> None:
                   highlight=False, soft_wrap=True)  # one line, however long the path
 
 
-def array_to_rgb(array: np.ndarray, intensity: str = "dtype", source: str = "an image array") -> torch.Tensor:
+def array_to_rgb(array: np.ndarray, intensity: str = "dtype", source: str = "an image array") -> np.ndarray:
     """(H, W), (H, W, 1|3|4) array of any numeric dtype -> (3, H, W) uint8.
 
     uint8 and bool arrays are taken as they are. Deeper ones follow ``intensity`` (see the module
@@ -135,10 +139,10 @@ def array_to_rgb(array: np.ndarray, intensity: str = "dtype", source: str = "an 
         raise PetahError(f"image array of dtype {arr.dtype} is not supported")
     if out.shape[-1] == 1:
         out = np.repeat(out, 3, axis=-1)
-    return torch.from_numpy(np.array(out)).permute(2, 0, 1).contiguous()
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
 
 
-def pil_to_rgb(image: Image.Image, intensity: str = "dtype", source: str = "an image") -> torch.Tensor:
+def pil_to_rgb(image: Image.Image, intensity: str = "dtype", source: str = "an image") -> np.ndarray:
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         return array_to_rgb(np.asarray(image, dtype=np.uint16), intensity, source)
     if image.mode == "I":  # 32-bit int container, in practice 16-bit data
@@ -164,13 +168,13 @@ def _refuse_huge(image: Image.Image, path: Path | str) -> None:
                          f"petah's limit of {_megapixels(limit)} (PETAH_MAX_IMAGE_PIXELS raises it)")
 
 
-def load_image(path: str | Path, intensity: str = DEFAULT_INTENSITY) -> torch.Tensor:
+def load_image(path: str | Path, intensity: str = DEFAULT_INTENSITY) -> np.ndarray:
     """An image file -> (3, H, W) uint8; any problem (unreadable, too large) is a one-line ``PetahError``."""
     return load_image_modes(path, (intensity,))[intensity]
 
 
 def load_image_modes(path: str | Path | bytes, intensities: tuple[str, ...], name: str | None = None
-                     ) -> dict[str, torch.Tensor]:
+                     ) -> dict[str, np.ndarray]:
     """An image file (or its bytes, e.g. an upload, named ``name`` in errors) decoded once, as
     (3, H, W) uint8 under each intensity mode (tasks trained with different modes share one read)."""
     if isinstance(path, bytes | bytearray | memoryview):
@@ -195,3 +199,61 @@ def load_image_modes(path: str | Path | bytes, intensities: tuple[str, ...], nam
     except (OSError, ValueError, SyntaxError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise PetahError(f"cannot read image {path}: {reason}") from exc
+
+
+@functools.lru_cache(maxsize=64)
+def resize_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """(size_out, size_in) weights of an antialiased bilinear (triangle filter) resize, as torch's
+    ``interpolate(..., antialias=True)`` and Pillow compute them (align_corners=False). Why not
+    Pillow's own resize: it rounds to uint8 between the two passes; the build side resizes float
+    images, and the device must give the graph the same numbers."""
+    scale = size_in / size_out
+    support = max(scale, 1.0)  # the triangle's half-width, widened when shrinking (antialiasing)
+    inverse = 1.0 / support
+    weights = np.zeros((size_out, size_in), dtype=np.float64)
+    for i in range(size_out):
+        center = scale * (i + 0.5)
+        start = max(int(center - support + 0.5), 0)
+        stop = min(int(center + support + 0.5), size_in)
+        taps = np.arange(start, stop)
+        w = np.clip(1.0 - np.abs((taps - center + 0.5) * inverse), 0.0, None)
+        total = w.sum()
+        weights[i, start:stop] = w / total if total > 0 else w
+    return weights.astype(np.float32)
+
+
+def resize_float(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(C, H, W) float32 -> (C, height, width), separable antialiased bilinear."""
+    if image.shape[-2:] == (height, width):
+        return image
+    rows, cols = resize_matrix(image.shape[-2], height), resize_matrix(image.shape[-1], width)
+    return np.matmul(np.matmul(rows, image), cols.T)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize + normalise as a package records it (``preprocessing`` in its manifest)."""
+
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    # How image files deeper than 8 bits were brought to 8 bits (see the module doc); applied when the
+    # files are loaded, not here (this class sees uint8 images). Packages from before it mean "dtype".
+    intensity: str = "dtype"
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        intensity = data.get("intensity", "dtype")
+        if intensity not in INTENSITY_MODES:
+            raise ValueError(f"intensity must be one of {' | '.join(INTENSITY_MODES)}, got {intensity!r}")
+        return cls(int(data["img_size"]), tuple(data["mean"]), tuple(data["std"]), intensity)
+
+    def array(self, image: np.ndarray) -> np.ndarray:
+        """(3, H, W) uint8 -> (3, img_size, img_size) float32, normalised."""
+        x = resize_float(image.astype(np.float32) / np.float32(255.0), self.img_size, self.img_size)
+        mean = np.asarray(self.mean, dtype=np.float32).reshape(-1, 1, 1)
+        std = np.asarray(self.std, dtype=np.float32).reshape(-1, 1, 1)
+        return (x - mean) / std
+
+    def array_batch(self, images: list[np.ndarray]) -> np.ndarray:
+        return np.stack([self.array(image) for image in images]).astype(np.float32, copy=False)

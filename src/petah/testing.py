@@ -10,8 +10,9 @@ import torch
 
 from petah.adapters import TaskAdapter
 from petah.backbones import Backbone
-from petah.packages import TaskPackage, build_package
+from petah.packages import TaskPackage
 from petah.plans import PlanConfig
+from petah.runtime.attach import build_package
 from petah.tasks import Classification
 
 

@@ -3,6 +3,7 @@
 from importlib import resources
 from pathlib import Path
 
+from petah import DEMO_BACKBONE  # made by petah prepare: see assets/README.md
 from petah.backbones.factory import (
     Backbone,
     build_plain,
@@ -12,8 +13,6 @@ from petah.backbones.factory import (
     resolve_backbone,
     save_backbone,
 )
-
-DEMO_BACKBONE = "efficientformerv2_s0-64-fashion.safetensors"  # made by petah prepare: see assets/README.md
 
 
 def demo_backbone_path() -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 
@@ -11,24 +10,15 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from petah.backbones.tensors import to_numpy
 from petah.errors import PetahError
-
-
-def tensor_digest_update(digest: hashlib._Hash, key: str, tensor: torch.Tensor) -> None:
-    """Feed (key, shape, dtype, raw bytes) of one tensor into a running sha256."""
-    t = tensor.detach().cpu().contiguous()
-    digest.update(key.encode())
-    digest.update(str(tuple(t.shape)).encode())
-    digest.update(str(t.dtype).encode())
-    digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+from petah.packages.tensors import tensors_sha256 as numpy_tensors_sha256
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over every tensor in sorted key order (the canonical order of the project)."""
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        tensor_digest_update(digest, key, tensors[key])
-    return digest.hexdigest()
+    """sha256 over every tensor in sorted key order (the canonical order of the project; defined
+    and computed by ``petah.packages.tensors``, which the device side shares)."""
+    return numpy_tensors_sha256({key: to_numpy(tensor) for key, tensor in tensors.items()})
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -2,27 +2,86 @@
 
 One module per verb group (``tasks``, ``deploy``, ``show``, ``bench``); each lists its verbs in
 ``COMMANDS``. ``common`` holds what they share, including the options derived from the configs.
+
+The device verbs (serve, verify, inspect, sign, hub, …) are registered at once; the build verbs
+(adapt, export, bench, …) are imported only when run, so ``petah serve`` never loads the training
+stack, and on a device install a build verb answers one line saying it needs the full install.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 import warnings
 from typing import Annotated
 
+import click
 import typer
+from typer.core import TyperGroup
 
-from petah.cli import bench, deploy, fleet, serve, show, sign, tasks
+from petah.cli import fleet, serve, show, sign
 from petah.cli.common import STATE, emit_json, err
 from petah.errors import PetahError, PetahWarning
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# build verbs: name -> (module, attribute: a COMMANDS entry or a sub-app, one-line help for the list)
+BUILD_VERBS = {
+    "prepare": ("petah.cli.tasks", "COMMANDS", "Prepare the shared backbone once."),
+    "adapt": ("petah.cli.tasks", "COMMANDS", "Adapt a task package on a backbone."),
+    "eval": ("petah.cli.tasks", "COMMANDS", "Evaluate a task package on data."),
+    "predict": ("petah.cli.tasks", "COMMANDS", "Predict image files with task packages."),
+    "demo": ("petah.cli.tasks", "COMMANDS", "The offline demo: adapt, compare, serve-ready packages."),
+    "export": ("petah.cli.deploy", "COMMANDS", "Export tasks (ONNX, PEFT) or a device backbone."),
+    "import-peft": ("petah.cli.deploy", "COMMANDS", "Make a package from a PEFT LoRA folder."),
+    "prune": ("petah.cli.deploy", "COMMANDS", "Prune the shared backbone."),
+    "upgrade": ("petah.cli.deploy", "COMMANDS", "Rewrite a package in the current format."),
+    "bench": ("petah.cli.bench", "bench_app", "Benchmarks: side-by-side measurements in one run."),
+}
+TRAINING_STACK = ("torch", "torchvision", "timm", "peft", "transformers", "torchmetrics", "matplotlib", "scipy",
+                  "torch_pruning", "sklearn", "skimage", "mlxtend", "pycocotools", "onnxscript")
+
+
+class LazyGroup(TyperGroup):
+    """click's lazy-loading group: a build verb's module is imported when it is run (or its help shown)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(BUILD_VERBS))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        command = super().get_command(ctx, name)
+        if command is not None or name not in BUILD_VERBS:
+            return command
+        module_name, attribute, summary = BUILD_VERBS[name]
+        if ctx.resilient_parsing or "--help" in sys.argv[1:2] or len(sys.argv) < 2:  # `petah --help` lists
+            return click.Command(name, short_help=summary, help=summary)  # verbs without importing them
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            if (exc.name or "").split(".")[0] not in TRAINING_STACK:
+                raise
+            return _needs_full_install(name, summary, exc.name)
+        target = getattr(module, attribute)
+        if isinstance(target, typer.Typer):
+            return typer.main.get_group(target)
+        single = typer.Typer()
+        single.command(name)(target[name])
+        return typer.main.get_command(single)
+
+
+def _needs_full_install(name: str, summary: str, missing: str) -> click.Command:
+    def refuse(**_ignored) -> None:
+        raise PetahError(f"petah {name} needs the full install (pip install 'petah[build]'): this device install "
+                         f"has no {missing}")
+
+    return click.Command(name, short_help=summary, callback=refuse, add_help_option=False,
+                         context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+
+
+app = typer.Typer(cls=LazyGroup, add_completion=False, no_args_is_help=True,
                   help="Parameter-efficient task adaptation of hybrid vision transformers.")
-for _group in (tasks, deploy, show, serve, sign, fleet):
+for _group in (show, serve, sign, fleet):
     for _name, _command in _group.COMMANDS.items():
         app.command(_name)(_command)
 app.add_typer(show.plan_app, name="plan")
-app.add_typer(bench.bench_app, name="bench")
 app.add_typer(fleet.hub_app, name="hub")
 
 

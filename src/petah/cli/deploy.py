@@ -29,8 +29,8 @@ from petah.prune.pruner import PruneConfig
 
 
 def export(
-    packages: Annotated[list[Path], typer.Argument(help="One or more .petah task packages.")],
-    backbone_spec: BackboneOpt,
+    packages: Annotated[list[Path] | None, typer.Argument(help="One or more .petah task packages.")] = None,
+    backbone_spec: BackboneOpt = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the ONNX files (<task>.onnx).")
                       ] = Path("export"),
     weights: WeightsOpt = "none",
@@ -50,14 +50,36 @@ def export(
                        "part, the auto checks on its validation part.")] = None,
     calibration_images: Annotated[int, typer.Option(
         "--calibration-images", help="Images --int8 calibrates on.")] = 64,
+    device: Annotated[bool, typer.Option(
+        "--device", help="Export the backbone for a device install (no packages): one graph + weights + index, "
+                         "that `petah serve -b DIR` merges task packages into without torch.")] = False,
     trust: TrustOpt = None,
     require_signed: RequireSignedOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Export tasks: one merged ONNX model each, (--ort-adapters) one base + adapter files, or (--peft) PEFT
-    folders."""
+    folders; or (--device) the backbone for a device install."""
     from petah.data import Preprocess, load_image
     from petah.export import export_base_and_adapters, export_merged
+
+    if backbone_spec is None:
+        raise PetahError("name the backbone: --backbone (-b) FILE or a timm model name")
+    if device:
+        if packages or ort_adapters or peft_dir is not None or int8 is not None:
+            raise PetahError("--device exports the backbone alone: no packages, --ort-adapters, --peft or --int8 "
+                             "(a device merges packages itself)")
+        from petah.export.device import export_device
+
+        info = export_device(backbone(backbone_spec, weights, img_size), output)
+        if json_out:
+            emit_json({k: v for k, v in info.items() if k != "index"} | {"index_entries": len(info["index"])})
+            return
+        out.print(f"device backbone {info['backbone']['name']}@{info['backbone']['img_size']}px in {output}/: graph "
+                  f"{info['graph_bytes']:,} bytes, weights {info['weights_bytes']:,} bytes, {len(info['index'])} "
+                  "indexed weights", highlight=False)
+        return
+    if not packages:
+        raise PetahError("name one or more .petah packages to export (or --device for the backbone alone)")
 
     policy = trust_policy(trust, require_signed, packages)  # every package, before anything loads or is written
     int8_data = None

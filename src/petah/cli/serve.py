@@ -16,7 +16,8 @@ from petah.serve.config import ServeConfig
 def serve(
     config: ServeConfig,
     backbone_spec: Annotated[str | None, typer.Option(
-        "--backbone", "-b", help="A petah backbone file, or a timm model name (not with --demo).")] = None,
+        "--backbone", "-b", help="A device backbone folder (petah export --device: no torch needed), a petah "
+                                 "backbone file, or a timm model name (not with --demo).")] = None,
     weights: WeightsOpt = "none",
     img_size: SizeOpt = None,
     package: Annotated[list[Path] | None, typer.Option(
@@ -31,8 +32,7 @@ def serve(
 ) -> None:
     """Serve every task over HTTP on one resident backbone: /v1/predict, /v1/tasks, admin task
     swaps, /healthz, /metrics and the inspection page at /. Stops cleanly on SIGTERM / Ctrl-C."""
-    from petah.backbones import demo_backbone_path, resolve_backbone
-    from petah.serve import Station, bind, demo_packages, run_station
+    from petah.serve import Station, bind, demo_on_device, demo_packages, run_station, station_backbone
 
     if demo == (backbone_spec is not None):
         raise PetahError("give either --backbone (-b) or --demo")
@@ -49,11 +49,11 @@ def serve(
         if not path.is_file():
             raise PetahError(f"package not found: {path}")
     if demo:
-        backbone_spec, files = str(demo_backbone_path()), demo_packages() + files
+        files = demo_packages(demo_on_device(config.engine)) + files
     sock = bind(config)  # a taken port fails before the backbone loads
     try:
-        station = Station(resolve_backbone(backbone_spec, weights=weights, img_size=img_size), state_dir, config,
-                          packages=files)
+        station = Station(station_backbone(backbone_spec, weights, img_size, demo=demo, engine=config.engine),
+                          state_dir, config, packages=files)
     except BaseException:
         sock.close()
         raise

@@ -33,13 +33,13 @@ def inspect_(
     json_out: JsonOpt = False,
 ) -> None:
     """Show a package's manifest and sizes, or a backbone file's parameters, MACs and size."""
-    from petah import api
+    from petah.packages import describe_package
 
     if package.suffix == ".safetensors":
         if trust is not None or require_signed:  # a backbone file has no signature: never pass it silently
             raise PetahError(f"{package} is a backbone file; --trust and --require-signed check .petah packages")
         return _inspect_backbone(package, json_out)
-    info = api.inspect_package(package, trust=trust_policy(trust, require_signed))
+    info = describe_package(package, trust=trust_policy(trust, require_signed))
     if json_out:
         emit_json(info)
         return

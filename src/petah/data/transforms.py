@@ -13,24 +13,13 @@ from dataclasses import dataclass
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from petah.data.images import INTENSITY_MODES
+from petah import imaging
 
 
 @dataclass(frozen=True)
-class Preprocess:
-    img_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    # How image files deeper than 8 bits were brought to 8 bits (petah.data.images); applied when the
-    # files are loaded, not here (this class sees uint8 tensors). Packages from before it mean "dtype".
-    intensity: str = "dtype"
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Preprocess:
-        intensity = data.get("intensity", "dtype")
-        if intensity not in INTENSITY_MODES:
-            raise ValueError(f"intensity must be one of {' | '.join(INTENSITY_MODES)}, got {intensity!r}")
-        return cls(int(data["img_size"]), tuple(data["mean"]), tuple(data["std"]), intensity)
+class Preprocess(imaging.Preprocess):
+    """The recorded preprocessing on torch tensors (training, the torch runtime); the numpy form
+    (``array``) is the device side's and gives the same numbers."""
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         x = image.float().div_(255.0)

@@ -20,7 +20,8 @@ from petah import __version__
 from petah.backbones import Backbone
 from petah.errors import PetahError
 from petah.files import atomic_write_bytes, check_writable
-from petah.packages import TaskPackage, TrustPolicy, load_task, read_trusted
+from petah.packages import TaskPackage, TrustPolicy, read_trusted
+from petah.runtime.attach import load_task
 from petah.runtime.onnx import INPUT, merged_task_module, to_onnx_bytes
 
 

@@ -33,8 +33,9 @@ from petah.backbones import Backbone
 from petah.errors import PetahError
 from petah.export.onnx import with_metadata, worst_error
 from petah.files import atomic_write_bytes, check_writable, inside, staged_folder
-from petah.packages import LoadedTask, Manifest, TrustPolicy, load_task, read_trusted
+from petah.packages import Manifest, TrustPolicy, read_trusted
 from petah.plans import LORA, Target
+from petah.runtime.attach import LoadedTask, load_task
 from petah.runtime.onnx import INPUT, OUTPUT, to_onnx_bytes
 from petah.tasks import ClassificationModel
 

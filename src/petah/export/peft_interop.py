@@ -37,8 +37,9 @@ from petah.adapters.model import lora_config
 from petah.backbones import Backbone
 from petah.errors import PetahError
 from petah.files import check_writable, inside
-from petah.packages import TaskPackage, TrustPolicy, build_package, load_task, read_package, read_trusted
+from petah.packages import TaskPackage, TrustPolicy, read_package, read_trusted
 from petah.plans import CHANNEL_SCALE, LORA, PlanConfig, Target
+from petah.runtime.attach import build_package, load_task
 from petah.tasks import Classification
 
 TASK_FILE = "petah_task.json"

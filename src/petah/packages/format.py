@@ -18,34 +18,29 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 from safetensors import safe_open
-from safetensors.torch import save
+from safetensors.numpy import save
 
 from petah import __version__
-from petah.backbones.weights import tensors_sha256
 from petah.errors import PetahError, PetahWarning
 from petah.files import atomic_write_bytes
 from petah.packages.manifest import FORMAT, FORMAT_VERSION, HASH_FIELD, V1_HASH_FIELD, Manifest, canonical_json
+from petah.packages.tensors import SAFETENSORS_NAMES, raw_bytes, tensors_sha256
 
 SECTIONS = ("adapter", "override", "head")
 MAX_MANIFEST_CHARS = 32 * 2**20  # 100,000 labels of 200 characters fit; a larger header is not a manifest
 SIGNATURE_KEY = "signature"
 HEADER_KEYS = ("format", "manifest", SIGNATURE_KEY)
-# safetensors' names of torch dtypes: the dtype a third-party reader sees in the file's header
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
 
 
 @dataclass
 class TaskPackage:
     manifest: Manifest
-    tensors: dict[str, torch.Tensor]  # "section/name" -> tensor
+    tensors: dict[str, np.ndarray]  # "section/name" -> array (the torch side converts: petah.backbones.tensors)
     signature: str = ""  # the header's signature slot, as stored (empty: unsigned)
 
-    def section(self, name: str) -> dict[str, torch.Tensor]:
+    def section(self, name: str) -> dict[str, np.ndarray]:
         prefix = name + "/"
         return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
 
@@ -57,34 +52,25 @@ class TaskPackage:
 NORM_STATISTICS = ("running_mean", "running_var")  # BatchNorm buffers a task owns with task_norm="stats"
 
 
-def statistics_dtype(adapter_dtype: torch.dtype) -> torch.dtype:
+def statistics_dtype(adapter_dtype: str) -> str:
     """How owned norm statistics are stored: fp16 unless adapters are fp32 (measured, docs/format.md)."""
-    return torch.float32 if adapter_dtype == torch.float32 else torch.float16
+    return "float32" if adapter_dtype == "float32" else "float16"
 
 
-def pack_tensors(adapters: dict, overrides: dict, head: dict, adapter_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Adapters may be stored in a smaller float type; so are owned norm statistics (fp16 unless
-    adapters are fp32: measured, docs/format.md); other overrides and the head stay as trained."""
-    stats_dtype = statistics_dtype(adapter_dtype)
-    out = {f"adapter/{k}": v.detach().cpu().to(adapter_dtype).contiguous() for k, v in adapters.items()}
-    out.update({f"override/{k}": (v.detach().cpu().to(stats_dtype) if k.endswith(NORM_STATISTICS) else
-                                  v.detach().cpu()).contiguous() for k, v in overrides.items()})
-    out.update({f"head/{k}": v.detach().cpu().contiguous() for k, v in head.items()})
-    return out
-
-
-def content_sha256(manifest: dict, tensors: dict[str, torch.Tensor]) -> str:
+def content_sha256(manifest: dict, tensors: dict[str, np.ndarray]) -> str:
     """sha256(canonical manifest without its hash + "\\n", then per tensor in sorted name order:
     its canonical {"dtype", "name", "shape"} JSON + "\\n" and its raw little-endian bytes)."""
     hashed = {k: v for k, v in manifest.items() if k != HASH_FIELD}
     digest = hashlib.sha256(canonical_json(hashed) + b"\n")
     for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
-        if tensor.dtype not in SAFETENSORS_DTYPES:
-            raise PetahError(f"tensor {name} has dtype {tensor.dtype}, which a package cannot store")
-        header = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "name": name, "shape": list(tensor.shape)}
+        tensor = tensors[name]
+        dtype = getattr(tensor, "dtype", None)
+        if not isinstance(tensor, np.ndarray) or dtype.newbyteorder("=") not in SAFETENSORS_NAMES:
+            raise PetahError(f"tensor {name} has dtype {dtype}, which a package cannot store")
+        header = {"dtype": SAFETENSORS_NAMES[dtype.newbyteorder("=")], "name": name,
+                  "shape": [int(n) for n in tensor.shape]}
         digest.update(canonical_json(header) + b"\n")
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(raw_bytes(tensor))
     return digest.hexdigest()
 
 
@@ -109,7 +95,11 @@ def encode_package(package: TaskPackage) -> bytes:
     manifest.content_sha256 = content_sha256(manifest.to_dict(with_hash=False), package.tensors)
     header = {"format": FORMAT, "manifest": canonical_json(manifest.to_dict()).decode(),
               SIGNATURE_KEY: package.signature}
-    return save(package.tensors, metadata=header)
+    return save(_contiguous(package.tensors), metadata=header)
+
+
+def _contiguous(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.require(v, requirements="C") for k, v in tensors.items()}
 
 
 def write_package(path: str | Path, package: TaskPackage) -> Path:
@@ -121,7 +111,7 @@ def _header(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise PetahError(f"package not found: {path}")
     try:
-        with safe_open(str(path), framework="pt") as handle:
+        with safe_open(str(path), framework="numpy") as handle:
             return handle.metadata() or {}
     except Exception as exc:  # safetensors raises several types for a bad header
         raise PetahError(f"{path} is not a readable petah package (truncated or corrupt): "
@@ -166,7 +156,7 @@ def read_package(path: str | Path) -> TaskPackage:
     header = _header(path)
     raw = _raw_manifest(path, header)
     try:
-        with safe_open(str(path), framework="pt") as handle:
+        with safe_open(str(path), framework="numpy") as handle:
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     except Exception as exc:  # safetensors raises several types for truncated data
         raise PetahError(f"{path} is truncated or corrupt: {str(exc).splitlines()[0]}") from exc
@@ -220,6 +210,6 @@ def set_signature(path: str | Path, signature: str) -> Path:
                          "`petah upgrade` it before signing")
     header = _header(path)  # the manifest string is kept byte for byte: nothing hashed is rewritten
     mode = stat.S_IMODE(path.stat().st_mode)
-    atomic_write_bytes(path, save(package.tensors, metadata={**header, SIGNATURE_KEY: signature}))
+    atomic_write_bytes(path, save(_contiguous(package.tensors), metadata={**header, SIGNATURE_KEY: signature}))
     os.chmod(path, mode)  # whoever could read the package still can (the temp file was 0600)
     return path

@@ -16,6 +16,7 @@ from typing import Any
 
 from petah import __version__
 from petah.errors import PetahError
+from petah.imaging import Preprocess
 from petah.plans import CHANNEL_SCALE, LORA, MAX_RANK, PlanConfig, Target
 
 FORMAT = "petah-task"
@@ -30,6 +31,8 @@ MAX_LABEL_CHARS = 200
 MAX_HEAD_LIST = 16  # strides, channels, grids: a handful per head
 MAX_HEAD_NUMBER = MAX_LABELS  # any width or count a head description declares (shapes are checked on attach)
 METHODS = (LORA, CHANNEL_SCALE)
+# the task kinds a package may hold (petah.tasks implements each; a test keeps the two equal)
+TASK_KIND_NAMES = ("classification", "segmentation", "detection", "anomaly")
 ADAPTER_DTYPES = ("float16", "bfloat16", "float32")  # how adapter tensors may be stored
 CORE_FIELDS = ("format", "format_version", "petah_version", "task", "backbone", "preprocessing", "plan", "head",
                "adapter_dtype", "trainable_parameters", "metrics", "training", "created_at", HASH_FIELD, V1_HASH_FIELD)
@@ -214,8 +217,6 @@ class Manifest:
     def intensity(self) -> str:
         """How the task's images deeper than 8 bits became 8-bit (``Preprocess`` knows the default of
         packages that predate the field)."""
-        from petah.data import Preprocess
-
         return Preprocess.from_dict(self.preprocessing).intensity
 
     def tensor_names(self) -> set[str]:
@@ -244,9 +245,6 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: object, origin: str = "package") -> Manifest:
         """Validate an untrusted manifest (v1 or v2) and type it; a one-line PetahError names what is wrong."""
-        from petah.data import Preprocess
-        from petah.tasks import TASK_KINDS
-
         root = _Fields(data, "", origin)
         version = root.data.get("format_version")
         if type(version) is not int or version not in READABLE_VERSIONS:
@@ -254,8 +252,8 @@ class Manifest:
                              f"(this petah reads {', '.join(map(str, READABLE_VERSIONS))})")
         task_fields = root.nested("task")
         kind = task_fields.text("kind")
-        if kind not in TASK_KINDS:
-            raise task_fields.fail("kind", f"one of {', '.join(TASK_KINDS)}")
+        if kind not in TASK_KIND_NAMES:
+            raise task_fields.fail("kind", f"one of {', '.join(TASK_KIND_NAMES)}")
         task = TaskInfo(check_task_name(task_fields.text("name"), origin), kind,
                         tuple(task_fields.strings("labels", MAX_LABELS, MAX_LABEL_CHARS)))
 

@@ -9,8 +9,6 @@ from petah.plans.base import (
     Family,
     PlanConfig,
     Target,
-    override_names,
-    resolve_targets,
 )
 
 FAMILIES: tuple[Family, ...] = (
@@ -40,5 +38,5 @@ def stage_function(model_name: str):
 
 __all__ = [
     "CHANNEL_SCALE", "FAMILIES", "LORA", "MAX_RANK", "PRESETS", "Family", "PlanConfig", "Target",
-    "family_for", "override_names", "stage_function", "resolve_targets",
+    "family_for", "stage_function",
 ]

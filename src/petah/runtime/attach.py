@@ -1,9 +1,6 @@
-"""Packages meet models: build a package from a trained adapter + head, open one for a backbone
-(read, verify, check the backbone), and attach it (adapters, owned tensors, head).
-
-Used by the build side (api, export, bench) and the device side (runtime) alike; it imports
-nothing from the training stack.
-"""
+"""Packages meet torch models: build a package from a trained adapter + head, and attach one to a
+backbone (adapters, owned tensors, head). The build side and the torch runtime use it; reading,
+verifying and checking a package against a backbone is ``petah.packages`` (no torch)."""
 
 from __future__ import annotations
 
@@ -18,13 +15,21 @@ import torch.nn as nn
 from petah.adapters import TaskAdapter
 from petah.adapters.model import ADAPTER
 from petah.backbones import Backbone, build_plain, fingerprint
+from petah.backbones.tensors import to_numpy, to_torch
 from petah.data import Preprocess
-from petah.errors import BackboneMismatch, PetahError
-from petah.packages.format import TaskPackage, pack_tensors
-from petah.packages.manifest import ADAPTER_DTYPES, BackboneRef, Manifest, PlanRecord, TaskInfo, check_task_name
-from petah.packages.signing import TrustPolicy, read_trusted
-from petah.plans import stage_function
-from petah.plans.budget import stage_summary
+from petah.errors import PetahError
+from petah.packages import (
+    ADAPTER_DTYPES,
+    BackboneRef,
+    Manifest,
+    PlanRecord,
+    TaskInfo,
+    TaskPackage,
+    TrustPolicy,
+    check_task_name,
+    open_package,
+)
+from petah.packages.format import NORM_STATISTICS, statistics_dtype
 from petah.tasks import Classification, task_kind
 
 DTYPES = {name: getattr(torch, name) for name in ADAPTER_DTYPES}  # "float16" -> torch.float16 …
@@ -46,12 +51,28 @@ def backbone_ref(backbone: Backbone) -> BackboneRef:
                        bool(backbone.pruned))
 
 
+def pack_tensors(adapters: dict, overrides: dict, head: dict, adapter_dtype: str) -> dict:
+    """A package's arrays: adapters in ``adapter_dtype``; owned norm statistics fp16 unless adapters
+    are fp32 (measured, docs/format.md); other overrides and the head stay as trained."""
+    stored, stats = DTYPES[adapter_dtype], DTYPES[statistics_dtype(adapter_dtype)]
+    out = {f"adapter/{k}": to_numpy(v.detach().to(stored)) for k, v in adapters.items()}
+    out.update({f"override/{k}": to_numpy(v.detach().to(stats) if k.endswith(NORM_STATISTICS) else v.detach())
+                for k, v in overrides.items()})
+    out.update({f"head/{k}": to_numpy(v.detach()) for k, v in head.items()})
+    return out
+
+
+def torch_section(package: TaskPackage, name: str) -> dict[str, torch.Tensor]:
+    """One section of a package as torch tensors (sharing the arrays' memory)."""
+    return {k: to_torch(v) for k, v in package.section(name).items()}
+
+
 def build_package(backbone: Backbone, adapter: TaskAdapter, head: nn.Module, *, task_name: str, labels: list[str],
                   kind=Classification, adapter_dtype: str = "float16", **fields) -> TaskPackage:
     """A task package from a trained (or given) adapter and head; ``fields``: the manifest's
     optional fields (metrics, training, trainable_parameters, preprocessing, created_at)."""
-    stored = check_dtype("adapter_dtype", adapter_dtype)
-    tensors = pack_tensors(adapter.adapter_state(), adapter.override_state(), head.state_dict(), stored)
+    check_dtype("adapter_dtype", adapter_dtype)
+    tensors = pack_tensors(adapter.adapter_state(), adapter.override_state(), head.state_dict(), adapter_dtype)
     manifest = Manifest(
         task=TaskInfo(check_task_name(task_name), kind.kind, tuple(labels)),
         backbone=backbone_ref(backbone),
@@ -63,21 +84,6 @@ def build_package(backbone: Backbone, adapter: TaskAdapter, head: nn.Module, *, 
         **fields,
     )
     return TaskPackage(manifest, tensors)
-
-
-def check_backbone(manifest: Manifest, backbone: Backbone, origin: str = "package") -> None:
-    """Refuse a package trained on another backbone, naming both."""
-    want = manifest.backbone
-    if (want.name, want.img_size, want.fingerprint) != (backbone.name, backbone.img_size, backbone.fingerprint):
-        raise BackboneMismatch(f"{origin} was trained on {want.describe()}, but the backbone is {backbone.describe()}")
-
-
-def open_package(package: TaskPackage | str | Path, backbone: Backbone, trust=None) -> tuple[TaskPackage, str]:
-    """Read and verify a package (unless already read), check who signed it (``trust``, a
-    ``TrustPolicy``) and that it fits ``backbone``; returns it and the name errors use for it."""
-    package, origin = read_trusted(package, trust)
-    check_backbone(package.manifest, backbone, origin)
-    return package, origin
 
 
 def attach_package(backbone: Backbone, package: TaskPackage, origin: str,
@@ -92,7 +98,7 @@ def head_from_package(package: TaskPackage, origin: str) -> nn.Module:
     do it beside a running backbone."""
     manifest = package.manifest
     kind = task_kind(manifest.task.kind)
-    head_tensors = package.section("head")
+    head_tensors = torch_section(package, "head")
     check_head(kind, manifest.head, head_tensors, origin)  # before any layer is really allocated
     head = kind.head_from_manifest(manifest.head)
     head.load_state_dict(head_tensors)
@@ -107,7 +113,7 @@ def attach_adapters(backbone: Backbone, package: TaskPackage, origin: str, name:
     except (AttributeError, ValueError, TypeError, KeyError) as exc:
         raise PetahError(f"{origin} names layers this backbone lacks: {_first_line(exc)}") from exc
     try:
-        adapter.load_state(package.section("adapter"), package.section("override"))
+        adapter.load_state(torch_section(package, "adapter"), torch_section(package, "override"))
     except PetahError as exc:
         raise PetahError(f"{origin}: {exc}") from exc
     return adapter
@@ -175,42 +181,3 @@ def merged_backbone(backbone: Backbone, package: TaskPackage | str | Path) -> tu
     merged = replace(backbone, model=plain, fingerprint=fingerprint(plain),
                      source={**backbone.source, "merged_task": task.name})
     return merged, task
-
-
-def describe_package(path: str | Path, trust: TrustPolicy | None = None) -> dict:
-    """Manifest summary and sizes of a package file (verified as on load; with ``trust``, refused
-    unless it accepts who signed it)."""
-    path = Path(path)
-    package, _origin = read_trusted(path, trust)
-    manifest = package.manifest
-    package_bytes = path.stat().st_size
-    backbone_bytes = manifest.backbone.weights_bytes
-    sections = {
-        name: {"tensors": len(part), "parameters": sum(t.numel() for t in part.values()),
-               "bytes": sum(t.numel() * t.element_size() for t in part.values())}
-        for name in ("adapter", "override", "head")
-        for part in [package.section(name)]
-    }
-    return {
-        "package": str(path),
-        "package_bytes": package_bytes,
-        "backbone_bytes": backbone_bytes,
-        "ratio": round(package_bytes / backbone_bytes, 6) if backbone_bytes else None,
-        "backbone": manifest.backbone.name,
-        "img_size": manifest.backbone.img_size,
-        "fingerprint": manifest.backbone.fingerprint,
-        "plan": manifest.plan.config,
-        "adapted_layers": len(manifest.plan.targets),
-        "stages": stage_summary(manifest.plan.targets, stage_function(manifest.backbone.name)),
-        "task": manifest.task.to_dict(),
-        "metrics": {k: v for k, v in manifest.metrics.items() if k in ("accuracy", "mIoU", "mAP", "mAP50", "samples")},
-        "sections": sections,
-        "adapter_dtype": manifest.adapter_dtype,
-        "format_version": manifest.format_version,
-        "content_sha256": manifest.content_sha256,
-        "signature_present": bool(package.signature),
-        "signature_verified": trust is not None and bool(package.signature),  # trust refuses one that fails
-        "petah_version": manifest.petah_version,
-        "created_at": manifest.created_at,
-        "training": manifest.training,
-    }

@@ -1,6 +1,7 @@
-"""What runs the tasks inside the station. An engine is used from two sides: ``prepare`` may run on
-any thread beside inference (it reads and verifies a package and builds what it can on its own);
-``install`` / ``unload`` / ``run`` run only on the inference thread."""
+"""The station's torch-side engines (full install only; ``petah.serve.engine`` loads them lazily):
+the torch runtime (one backbone, adapters unmerged) and one torch-exported merged ONNX graph per
+task. The interface is ``petah.serve.engine``'s: ``prepare`` beside inference, ``install`` /
+``unload`` / ``run`` on the inference thread; ``run`` takes (3, H, W) uint8 numpy images."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch.nn as nn
 
 from petah.backbones import Backbone
 from petah.data import Preprocess
+from petah.device.session import session_options
 from petah.packages import Manifest, TrustPolicy, check_task_name, open_package
 from petah.runtime import PreparedTask, Runtime
 from petah.tasks import task_kind
@@ -45,8 +47,12 @@ class TorchEngine:
     def unload(self, name: str) -> None:
         self.runtime.unload(name)
 
-    def run(self, images: list[torch.Tensor], names: list[str], top_k: int) -> dict[str, list[dict]]:
-        return self.runtime.run(images, tasks=names, top_k=top_k)
+    def held(self, name: str) -> dict:
+        """How a task is held (``/v1/tasks``): its adapters beside the shared backbone, unmerged."""
+        return {"form": "adapters", "engine": self.name}
+
+    def run(self, images: list, names: list[str], top_k: int) -> dict[str, list[dict]]:
+        return self.runtime.run([torch.from_numpy(image) for image in images], tasks=names, top_k=top_k)
 
 
 @dataclass
@@ -69,16 +75,10 @@ class OnnxEngine:
     name = "onnx"
 
     def __init__(self, backbone: Backbone, threads: int, trust: TrustPolicy | None = None):
-        import onnxruntime as ort
-
         self.backbone = backbone
         self.trust = trust
         self.preprocess = Preprocess(backbone.img_size, backbone.mean, backbone.std)
-        self.options = ort.SessionOptions()
-        self.options.intra_op_num_threads = threads  # deliberate, as for torch
-        self.options.inter_op_num_threads = 1
-        # one thread pool per session: idle pools must not spin, or every added task slows the others
-        self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.options = session_options(threads)
         self.tasks: dict[str, OnnxTask] = {}
 
     def prepare(self, path: Path, name: str | None) -> OnnxTask:
@@ -102,7 +102,12 @@ class OnnxEngine:
     def unload(self, name: str) -> None:
         del self.tasks[name]
 
-    def run(self, images: list[torch.Tensor], names: list[str], top_k: int) -> dict[str, list[dict]]:
+    def held(self, name: str) -> dict:
+        """How a task is held (``/v1/tasks``): a whole merged graph of its own (a backbone copy)."""
+        return {"form": "merged copy", "engine": self.name}
+
+    def run(self, images: list, names: list[str], top_k: int) -> dict[str, list[dict]]:
+        images = [torch.from_numpy(image) for image in images]
         batch = self.preprocess.batch(images).numpy()
         sizes = [tuple(image.shape[-2:]) for image in images]
         results = {}
@@ -114,16 +119,4 @@ class OnnxEngine:
         return results
 
 
-ENGINE_CLASSES = {"torch": TorchEngine, "onnx": OnnxEngine}
-
-
-def choose_engine(choice: str, backbone: Backbone, tasks: int, budget_bytes: float) -> str:
-    """``auto``: onnx (measured 4x the torch engine's speed on the demo tasks) while one merged
-    graph per task (a backbone copy each) fits the budget, else torch (one shared backbone)."""
-    if choice != "auto":
-        return choice
-    per_task = backbone.weights_bytes or sum(p.numel() * 4 for p in backbone.model.parameters())
-    return "onnx" if max(tasks, 1) * per_task <= budget_bytes else "torch"
-
-
-__all__ = ["ENGINE_CLASSES", "OnnxEngine", "TorchEngine", "choose_engine"]
+__all__ = ["OnnxEngine", "TorchEngine"]

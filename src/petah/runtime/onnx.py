@@ -18,7 +18,8 @@ import torch.nn as nn
 
 from petah.backbones import Backbone
 from petah.errors import PetahError
-from petah.packages import Manifest, TaskPackage, merged_backbone
+from petah.packages import Manifest, TaskPackage
+from petah.runtime.attach import merged_backbone
 
 OPSET = 17
 INPUT, OUTPUT = "image", "logits"

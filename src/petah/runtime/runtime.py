@@ -22,15 +22,8 @@ from petah.adapters import TaskAdapter, refresh_attention_caches, release, remov
 from petah.backbones import Backbone
 from petah.data import Preprocess
 from petah.errors import PetahError
-from petah.packages import (
-    Manifest,
-    TaskPackage,
-    TrustPolicy,
-    attach_adapters,
-    check_task_name,
-    head_from_package,
-    open_package,
-)
+from petah.packages import Manifest, TaskPackage, TrustPolicy, check_task_name, open_package
+from petah.runtime.attach import attach_adapters, head_from_package, torch_section
 from petah.tasks import task_kind
 
 MODES = ("unmerged", "merged")
@@ -152,7 +145,7 @@ class Runtime:
                     raise
                 raise PetahError(f"{origin} cannot be loaded: {type(exc).__name__}: {exc}") from exc
         model = prepared.kind.build_model(self.backbone.model, prepared.head).eval()
-        task = RuntimeTask(name, package.manifest, adapter, prepared.head, package.section("override"),
+        task = RuntimeTask(name, package.manifest, adapter, prepared.head, torch_section(package, "override"),
                            prepared.first_adapted_stage, model)
         old = self.tasks.get(name)
         self.tasks[name] = task  # the swap: from here on the new version serves

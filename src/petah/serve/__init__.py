@@ -6,12 +6,18 @@ HTTP API in front of it; ``run_station`` binds and serves until SIGTERM / Ctrl-C
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 import sys
 from importlib import resources
 from pathlib import Path
 
+from petah import DEMO_BACKBONE
+from petah.device import HEAD_KINDS, read_device_backbone
+from petah.device.bundle import MANIFEST_FILE
+from petah.errors import PetahError
 from petah.http import listen
+from petah.packages import read_manifest
 from petah.serve.config import ENGINES, ServeConfig
 from petah.serve.station import Station, TaskRecord, UnknownTask, Upload
 
@@ -19,10 +25,36 @@ from petah.serve.station import Station, TaskRecord, UnknownTask, Upload
 DEMO_PACKAGES = ("digits", "textures", "defects", "digit-boxes", "surfaces")
 
 
-def demo_packages() -> list[Path]:
-    """The bundled demo packages (see assets/README.md), for the bundled demo backbone."""
-    folder = resources.files("petah") / "assets" / "demo"
-    return [Path(str(folder / f"{name}.petah")) for name in DEMO_PACKAGES]
+def _assets() -> Path:
+    return Path(str(resources.files("petah") / "assets"))
+
+
+def demo_on_device(engine: str) -> bool:
+    """Whether ``serve --demo`` runs on the device engine: asked for, or the install has no torch."""
+    return engine == "device" or (engine == "auto" and importlib.util.find_spec("torch") is None)
+
+
+def demo_packages(on_device: bool = False) -> list[Path]:
+    """The bundled demo packages (see assets/README.md), for the bundled demo backbone; on the
+    device engine, those of the task kinds it runs."""
+    paths = [_assets() / "demo" / f"{name}.petah" for name in DEMO_PACKAGES]
+    return [p for p in paths if read_manifest(p).task.kind in HEAD_KINDS] if on_device else paths
+
+
+def station_backbone(spec: str | None, weights: str = "none", img_size: int | None = None, *,
+                     demo: bool = False, engine: str = "auto"):
+    """What the station serves on: a device backbone folder (no torch), or on the full install a
+    backbone file / timm name; ``demo``: the bundled demo backbone in the form the engine runs."""
+    if demo and demo_on_device(engine):
+        return read_device_backbone(_assets() / "demo" / "device", weights=_assets() / DEMO_BACKBONE)
+    if spec is not None and (Path(spec) / MANIFEST_FILE).is_file():
+        return read_device_backbone(spec)
+    try:
+        from petah.backbones import demo_backbone_path, resolve_backbone
+    except ImportError as exc:
+        raise PetahError(f"-b {spec}: this install has no {exc.name} (a device install); give a device backbone "
+                         "folder (petah export --device on a build machine)") from None
+    return resolve_backbone(str(demo_backbone_path()) if demo else spec, weights=weights, img_size=img_size)
 
 
 def bind(config: ServeConfig) -> socket.socket:
@@ -49,4 +81,4 @@ def run_station(station: Station, sock: socket.socket | None = None) -> None:
 
 
 __all__ = ["DEMO_PACKAGES", "ENGINES", "ServeConfig", "Station", "TaskRecord", "UnknownTask", "Upload", "bind",
-           "demo_packages", "run_station"]
+           "demo_on_device", "demo_packages", "station_backbone", "run_station"]

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 from petah.errors import PetahError
 from petah.http import read_token
 from petah.options import option
-
-ENGINES = ("torch", "onnx", "auto")
+from petah.serve.engine import ENGINES
 
 
 def is_loopback(host: str) -> bool:
@@ -39,8 +38,9 @@ class ServeConfig:
                                    help="Most megapixels the images of one request may hold together (checked "
                                         "from their headers before decoding: dense tasks work at full size).")
     engine: str = option("auto", cli="--engine",
-                         help="torch (one backbone, adapters unmerged: least memory), onnx (ONNX Runtime, one "
-                              "merged graph per task: fastest) or auto (onnx while the per-task graphs fit "
+                         help="device (a device backbone folder: numpy merge + ONNX Runtime, no torch), torch (one "
+                              "backbone, adapters unmerged: least memory), onnx (ONNX Runtime, one merged graph per "
+                              "task) or auto (device for a device folder; else onnx while the per-task graphs fit "
                               "--onnx-budget-mb, else torch); see docs/deploy.md for the measurements.")
     onnx_budget_mb: float = option(512.0, cli="--onnx-budget-mb",
                                    help="--engine auto: the memory the onnx engine's per-task graphs may take.")
@@ -122,7 +122,7 @@ class ServeConfig:
             if missing:
                 raise PetahError(f"--hub needs {', '.join(missing)}")
             from petah.fleet.client import check_hub_url
-            from petah.fleet.hub import check_device_id
+            from petah.fleet.ids import check_device_id
 
             check_hub_url(self.hub)
             check_device_id(self.device_id)

@@ -19,12 +19,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from petah.backbones import Backbone
-from petah.data.images import load_image_modes
 from petah.errors import PetahError, PetahWarning
+from petah.imaging import load_image_modes
 from petah.packages import Manifest, SignatureError, TrustPolicy, check_task_name, read_manifest
 from petah.serve.config import ServeConfig
-from petah.serve.engine import ENGINE_CLASSES, choose_engine
+from petah.serve.engine import choose_engine, engine_class
 from petah.serve.metrics import StationMetrics
 from petah.serve.state import Entry, StateDir, StateUnwritable
 from petah.serve.worker import BatchWorker, Busy, Job
@@ -112,7 +111,7 @@ def now_utc() -> str:
 
 
 class Station:
-    def __init__(self, backbone: Backbone, state_dir: str | Path, config: ServeConfig | None = None,
+    def __init__(self, backbone, state_dir: str | Path, config: ServeConfig | None = None,
                  packages: list[Path] = ()):
         """Serve the state folder's set, then install ``packages`` into it (as an admin upload would)."""
         self.config = config or ServeConfig()
@@ -121,7 +120,7 @@ class Station:
         engine = choose_engine(self.config.engine, backbone, len(self.state.entries) + len(packages),
                                self.config.onnx_budget_mb * 1024 * 1024)
         trust = TrustPolicy.from_options(self.config.trust, self.config.require_signed)
-        self.engine = ENGINE_CLASSES[engine](backbone, self.config.inference_threads, trust)
+        self.engine = engine_class(engine)(backbone, self.config.inference_threads, trust)
         self.backbone = self.engine.backbone  # the engine's: the caller's copy can be freed
         self.tasks: dict[str, TaskRecord] = {}  # changed only on the inference thread (with the engine)
         self.candidates: dict[str, str] = {}  # task -> sha256 of a release being installed / watched (agent)
@@ -370,19 +369,20 @@ class Station:
     @staticmethod
     def render(prediction: Prediction, uploads: list[Upload]) -> list[dict]:
         """JSON-ready results: each task's result tagged with its version; masks as PNG (base64)."""
-        from petah.tasks.anomaly import anomaly_map_png
-        from petah.tasks.segmentation import mask_png
-
         images = []
         for upload, result in zip(uploads, prediction.results, strict=True):
             tasks = {}
             for name, row in result.items():
                 row = {**prediction.tags[name], **row}
-                if "mask" in row:
+                if "mask" in row:  # dense answers come from the torch engines (full install) for now
+                    from petah.tasks.segmentation import mask_png
+
                     mask = row.pop("mask")
                     row["mask_png"] = base64.b64encode(mask_png(mask)).decode("ascii")
                     row["mask_size"] = [int(mask.shape[1]), int(mask.shape[0])]
                 if "anomaly_map" in row:  # grey: 128 at the threshold (petah.tasks.anomaly.anomaly_map_image)
+                    from petah.tasks.anomaly import anomaly_map_png
+
                     anomaly_map = row.pop("anomaly_map")
                     row["anomaly_map_png"] = base64.b64encode(anomaly_map_png(anomaly_map, row["threshold"])
                                                               ).decode("ascii")
@@ -392,7 +392,8 @@ class Station:
         return images
 
     def task_list(self) -> list[dict]:
-        return [record.to_dict(self.candidates.get(name)) for name, record in sorted(self.tasks.items())]
+        return [{**record.to_dict(self.candidates.get(name)), "held": self.engine.held(name)}
+                for name, record in sorted(self.tasks.items())]
 
     def predict_now(self, images: list[tuple[str, bytes]], tasks: tuple[str, ...]) -> list[dict]:
         """Results for image files through the request path (decode, queue, batch), from Python."""

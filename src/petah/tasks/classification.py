@@ -15,6 +15,8 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from petah.device import decode
+
 
 class ClassificationModel(nn.Module):
     """Backbone (pooled features, ``num_classes=0``) followed by the task's head."""
@@ -96,19 +98,8 @@ class Classification:
         }
 
     @staticmethod
-    @torch.no_grad()
     def decode(logits: torch.Tensor, classes: list[str], top_k: int = 3, sizes=None, **_context) -> list[dict]:
-        probs = logits.softmax(dim=1)
-        k = min(top_k, probs.shape[1])
-        scores, idx = probs.topk(k, dim=1)
-        return [
-            {
-                "label": classes[int(i[0])],
-                "score": round(float(s[0]), 6),
-                "top": [{"label": classes[int(j)], "score": round(float(t), 6)} for t, j in zip(s, i, strict=True)],
-            }
-            for s, i in zip(scores, idx, strict=True)
-        ]
+        return decode.classification(logits.detach().float().cpu().numpy(), classes, top_k)
 
 
 def plot_confusion(report: dict, path: str | Path, title: str = "") -> Path:

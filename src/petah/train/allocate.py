@@ -32,9 +32,9 @@ from torch.utils.data import DataLoader
 
 from petah.errors import PetahError
 from petah.packages.format import statistics_dtype
-from petah.plans import CHANNEL_SCALE, LORA, PlanConfig, Target, resolve_targets, stage_function
-from petah.plans.base import NORM_TYPES, weight_matrix_shape
+from petah.plans import CHANNEL_SCALE, LORA, PlanConfig, Target, stage_function
 from petah.plans.budget import Ladder, allocate, stage_summary
+from petah.plans.targets import NORM_TYPES, resolve_targets, weight_matrix_shape
 
 # Probe length as a share of the training steps (the issue's cap: +15 % of training time), with
 # floors so a short run still sees a few batches and ceilings so a long one does not pay more.
@@ -66,7 +66,7 @@ class _Pricing:
 
     def __init__(self, adapter_dtype: torch.dtype):
         self.adapter = torch.finfo(adapter_dtype).bits // 8
-        self.stats = torch.finfo(statistics_dtype(adapter_dtype)).bits // 8
+        self.stats = 4 if statistics_dtype(str(adapter_dtype).removeprefix("torch.")) == "float32" else 2
 
     def lora(self, target: Target, layer: nn.Module) -> tuple[int, int]:
         """(bytes of one rank, what the layer's first rank adds on top: two tensor entries)."""

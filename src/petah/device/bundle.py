@@ -1,0 +1,128 @@
+"""The device's backbone: the folder ``petah export --device`` writes (graph + weights + index),
+read and verified without torch. Everything in it is untrusted until its hashes check out: the
+manifest names the sha256 of the graph and of the weights file, and the weights must give the
+backbone's fingerprint, so a package trained on this backbone is known to fit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+
+from petah.errors import PetahError
+from petah.imaging import Preprocess
+from petah.packages.tensors import tensors_sha256
+
+BUNDLE_FORMAT = "petah-device"
+BUNDLE_VERSION = 1
+GRAPH_FILE, WEIGHTS_FILE, MANIFEST_FILE = "backbone.onnx", "weights.safetensors", "device.json"
+MAX_MANIFEST_BYTES = 16 * 2**20
+
+
+@dataclass
+class DeviceBackbone:
+    """The shared backbone on a device: graph bytes, every weight once (numpy), and its identity."""
+
+    name: str
+    img_size: int
+    fingerprint: str
+    weights_bytes: int
+    pruned: bool
+    preprocessing: dict
+    num_features: int
+    outputs: dict
+    index: dict[str, str]  # state-dict key -> initializer name in the graph
+    graph: bytes
+    weights: dict[str, np.ndarray] = field(repr=False)
+    path: Path | None = None
+
+    def describe(self) -> str:
+        pruned = "pruned " if self.pruned else ""
+        return f"{pruned}{self.name}@{self.img_size}px (fingerprint {self.fingerprint[:12]})"
+
+    def identity(self) -> dict:
+        return {"name": self.name, "img_size": self.img_size, "fingerprint": self.fingerprint,
+                "weights_bytes": self.weights_bytes, "pruned": self.pruned}
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess.from_dict(self.preprocessing)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.weights.values())
+
+
+def _compute_dtype(array: np.ndarray) -> np.ndarray:
+    """Weights may be stored in 16 bits (a backbone file's choice); the graph computes in float32,
+    as the build side does after loading them, and the fingerprint is over that."""
+    if array.dtype.kind == "f" or str(array.dtype) == "bfloat16":
+        return np.asarray(array, dtype=np.float32)
+    return array
+
+
+def _fail(path: Path, what: str) -> PetahError:
+    return PetahError(f"device backbone {path}: {what}")
+
+
+def read_device_backbone(path: str | Path, weights: str | Path | None = None) -> DeviceBackbone:
+    """Read and verify a device backbone folder; any problem is one line naming the folder.
+    ``weights``: the weights file when it is not the folder's own (the bundled demo shares the
+    demo backbone's file); its sha256 must still be the one the manifest names."""
+    path = Path(path)
+    files = {name: path / name for name in (GRAPH_FILE, WEIGHTS_FILE, MANIFEST_FILE)}
+    if weights is not None:
+        files[WEIGHTS_FILE] = Path(weights)
+    if not path.is_dir():
+        raise PetahError(f"device backbone not found: {path} (make one with `petah export --device -b NAME -o DIR`)")
+    for name, file in files.items():
+        if not file.is_file():
+            raise _fail(path, f"{name} is missing")
+    if files[MANIFEST_FILE].stat().st_size > MAX_MANIFEST_BYTES:
+        raise _fail(path, f"{MANIFEST_FILE} is over {MAX_MANIFEST_BYTES // 2**20} MiB")
+    try:
+        info = json.loads(files[MANIFEST_FILE].read_text(encoding="utf-8"))
+    except (ValueError, UnicodeError, RecursionError) as exc:
+        raise _fail(path, f"{MANIFEST_FILE} is not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(info, dict) or info.get("format") != BUNDLE_FORMAT:
+        raise _fail(path, f"{MANIFEST_FILE} is not a petah device manifest")
+    if info.get("format_version") != BUNDLE_VERSION:
+        raise _fail(path, f"format version {info.get('format_version')!r} (this petah reads {BUNDLE_VERSION})")
+    graph = files[GRAPH_FILE].read_bytes()
+    if hashlib.sha256(graph).hexdigest() != info.get("graph_sha256"):
+        raise _fail(path, f"{GRAPH_FILE} was modified or is corrupt (its sha256 does not match {MANIFEST_FILE})")
+    digest = hashlib.sha256()
+    with files[WEIGHTS_FILE].open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != info.get("weights_sha256"):
+        raise _fail(path, f"{WEIGHTS_FILE} was modified or is corrupt (its sha256 does not match {MANIFEST_FILE})")
+    try:
+        with safe_open(str(files[WEIGHTS_FILE]), framework="numpy") as handle:
+            weights = {key: _compute_dtype(handle.get_tensor(key)) for key in handle.keys()}
+        backbone, outputs, index = info["backbone"], info["outputs"], info["index"]
+        device = DeviceBackbone(
+            name=str(backbone["name"]), img_size=int(backbone["img_size"]), fingerprint=str(backbone["fingerprint"]),
+            weights_bytes=int(backbone.get("weights_bytes") or 0), pruned=bool(backbone.get("pruned")),
+            preprocessing=dict(info["preprocessing"]), num_features=int(info["num_features"]),
+            outputs=dict(outputs), index={str(k): str(v) for k, v in dict(index).items()}, graph=graph,
+            weights=weights, path=path)
+        Preprocess.from_dict(device.preprocessing)
+    except PetahError:
+        raise
+    except Exception as exc:  # a malformed field of any kind
+        raise _fail(path, f"{MANIFEST_FILE} is malformed ({type(exc).__name__}: {exc})") from None
+    if tensors_sha256(weights) != device.fingerprint:
+        raise _fail(path, "its weights do not give the backbone fingerprint it names")
+    unknown = sorted(set(device.index) - set(weights))
+    if unknown:
+        raise _fail(path, f"the index names {unknown[0]}, which its weights lack")
+    return device
+
+
+__all__ = ["BUNDLE_FORMAT", "BUNDLE_VERSION", "DeviceBackbone", "GRAPH_FILE", "MANIFEST_FILE", "WEIGHTS_FILE",
+           "read_device_backbone"]

@@ -1,0 +1,130 @@
+"""The device install: the station, package reading and the CLI's device verbs without the
+training stack. ``.ci/run`` runs this file in a second environment made with ``pip install .``
+(no torch); it imports nothing from torch, so it runs on the full install as well."""
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import CLI_ENV
+from petah.serve import demo_packages
+from petah.serve.client import StationClient, station_process
+
+pytestmark = pytest.mark.device
+TRAINING_STACK = ("torch", "torchvision", "timm", "peft", "transformers", "scipy", "torchmetrics", "matplotlib",
+                  "torch_pruning")
+ADMIN = "admin-token-for-device-tests-0123456789"
+PACKAGES = {p.stem: p for p in demo_packages()}
+
+
+def png(seed: int, size: int = 64) -> bytes:
+    buffer = io.BytesIO()
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def imported_modules(*args: str) -> set[str]:
+    """Every module a fresh interpreter imports to run ``args`` (``python -X importtime``)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, text=True,
+                          env=CLI_ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+
+
+@pytest.mark.parametrize("args", [
+    ("-c", "import petah.serve, petah.fleet.agent, petah.packages, petah.device"),
+    ("-m", "petah", "serve", "--help"),
+    ("-m", "petah", "verify", "--help"),
+    ("-m", "petah", "--help"),
+], ids=["library", "serve --help", "verify --help", "petah --help"])
+def test_the_device_side_never_imports_the_training_stack(args):
+    heavy = sorted(m for m in imported_modules(*args) if m.split(".")[0] in TRAINING_STACK)
+    assert heavy == [], heavy[:5]
+
+
+@pytest.fixture(scope="module")
+def device_station(tmp_path_factory):
+    root = tmp_path_factory.mktemp("device")
+    (root / "admin").write_text(ADMIN + "\n")
+    with station_process("--demo", "--engine", "device", "--state-dir", str(root / "state"), "--admin-token-file",
+                         str(root / "admin"), "--threads", "1", "--max-wait-ms", "3") as (proc, url):
+        yield {"url": url, "proc": proc, "root": root}
+
+
+def test_the_demo_answers_on_the_device_engine(device_station):
+    client = StationClient(device_station["url"])
+    tasks = {t["name"]: t for t in client.tasks()}
+    assert {"digits", "textures"} <= set(tasks)
+    assert all(t["held"]["form"] == "merged" and t["held"]["own_bytes"] > 0 for t in tasks.values())
+    images = [("a.png", png(0)), ("b.png", png(1))]
+    first = client.predict(images, ["digits", "textures"])
+    assert first.status == 200, first.body
+    rows = first.json()["images"]
+    assert len(rows) == 2
+    for row in rows:
+        digits = row["tasks"]["digits"]
+        assert digits["label"] in tasks["digits"]["labels"] and 0 < digits["score"] <= 1
+        assert [t["score"] for t in digits["top"]] == sorted((t["score"] for t in digits["top"]), reverse=True)
+    assert client.predict(images, ["digits", "textures"]).json()["images"] == rows  # deterministic
+
+
+def test_swap_rollback_and_delete_on_the_device_engine(device_station):
+    client = StationClient(device_station["url"])
+    image = [("a.png", png(2))]
+
+    def answer(task: str) -> tuple:
+        row = client.predict(image, [task]).json()["images"][0]["tasks"][task]
+        return row["version"], [(t["label"], t["score"]) for t in row["top"]]
+
+    digits, textures = answer("digits"), answer("textures")
+    assert client.install("swap", PACKAGES["textures"].read_bytes(), ADMIN).status in (200, 201)
+    assert answer("swap") == textures
+    assert client.install("swap", PACKAGES["digits"].read_bytes(), ADMIN).status in (200, 201)
+    assert answer("swap") == digits  # hot swap: the new version answers
+    assert client.rollback("swap", ADMIN).status == 200
+    assert answer("swap") == textures  # and the one before it is back
+    assert client.delete("swap", ADMIN).status == 200
+    assert "swap" not in {t["name"] for t in client.tasks()}
+    refused = client.install("boxes", PACKAGES["digit-boxes"].read_bytes(), ADMIN)  # a dense task: not yet here
+    assert refused.status == 400 and "device engine runs classification" in refused.json()["error"]
+
+
+def test_a_tampered_device_backbone_is_refused_in_one_line(tmp_path):
+    from petah.serve import _assets
+
+    folder = tmp_path / "device"
+    shutil.copytree(_assets() / "demo" / "device", folder)
+    shutil.copy(_assets() / "efficientformerv2_s0-64-fashion.safetensors", folder / "weights.safetensors")
+    graph = bytearray((folder / "backbone.onnx").read_bytes())
+    graph[-10] ^= 1
+    (folder / "backbone.onnx").write_bytes(bytes(graph))
+    proc = subprocess.run([sys.executable, "-m", "petah", "serve", "-b", str(folder), "--state-dir",
+                           str(tmp_path / "state")], capture_output=True, text=True, env=CLI_ENV, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "backbone.onnx was modified or is corrupt" in lines[0]
+
+
+def test_inspect_works_on_the_device_install():
+    proc = subprocess.run([sys.executable, "-m", "petah", "inspect", str(PACKAGES["digits"]), "--json"],
+                          capture_output=True, text=True, env=CLI_ENV, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["task"]["name"] == "digits"
+
+
+def test_build_verbs_say_they_need_the_full_install():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("the full install: build verbs run here")
+    proc = subprocess.run([sys.executable, "-m", "petah", "adapt", "builtin:digits"], capture_output=True, text=True,
+                          env=CLI_ENV, timeout=120)
+    assert proc.returncode == 2 and "needs the full install" in proc.stderr
