@@ -2,6 +2,7 @@
 training stack. ``.ci/run`` runs this file in a second environment made with ``pip install .``
 (no torch); it imports nothing from torch, so it runs on the full install as well."""
 
+import base64
 import io
 import json
 import shutil
@@ -61,18 +62,27 @@ def device_station(tmp_path_factory):
 def test_the_demo_answers_on_the_device_engine(device_station):
     client = StationClient(device_station["url"])
     tasks = {t["name"]: t for t in client.tasks()}
-    assert {"digits", "textures"} <= set(tasks)
+    assert set(tasks) == {"digits", "textures", "defects", "digit-boxes"}  # the anomaly bank is not on devices yet
     assert all(t["held"]["form"] == "merged" and t["held"]["own_bytes"] > 0 for t in tasks.values())
-    images = [("a.png", png(0)), ("b.png", png(1))]
-    first = client.predict(images, ["digits", "textures"])
+    images = [("a.png", png(0)), ("b.png", png(1, size=80))]
+    first = client.predict(images, list(tasks))
     assert first.status == 200, first.body
     rows = first.json()["images"]
     assert len(rows) == 2
-    for row in rows:
+    for row, size in zip(rows, (64, 80), strict=True):
         digits = row["tasks"]["digits"]
         assert digits["label"] in tasks["digits"]["labels"] and 0 < digits["score"] <= 1
         assert [t["score"] for t in digits["top"]] == sorted((t["score"] for t in digits["top"]), reverse=True)
-    assert client.predict(images, ["digits", "textures"]).json()["images"] == rows  # deterministic
+        defects = row["tasks"]["defects"]
+        mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(defects["mask_png"]))))
+        assert mask.shape == (size, size) and defects["mask_size"] == [size, size]
+        assert set(np.unique(mask)) <= set(range(len(tasks["defects"]["labels"])))
+        assert abs(sum(defects["pixels"].values()) - 1) < 1e-4
+        for box in row["tasks"]["digit-boxes"]["boxes"]:
+            assert box["label"] in tasks["digit-boxes"]["labels"] and 0.2 < box["score"] <= 1
+            x0, y0, x1, y1 = box["box"]
+            assert 0 <= x0 <= x1 <= size and 0 <= y0 <= y1 <= size
+    assert client.predict(images, list(tasks)).json()["images"] == rows  # deterministic
 
 
 def test_swap_rollback_and_delete_on_the_device_engine(device_station):
@@ -92,7 +102,7 @@ def test_swap_rollback_and_delete_on_the_device_engine(device_station):
     assert answer("swap") == textures  # and the one before it is back
     assert client.delete("swap", ADMIN).status == 200
     assert "swap" not in {t["name"] for t in client.tasks()}
-    refused = client.install("boxes", PACKAGES["digit-boxes"].read_bytes(), ADMIN)  # a dense task: not yet here
+    refused = client.install("bank", PACKAGES["surfaces"].read_bytes(), ADMIN)  # anomaly: not yet on devices
     assert refused.status == 400 and "device engine runs classification" in refused.json()["error"]
 
 

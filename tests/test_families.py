@@ -115,3 +115,47 @@ def test_the_device_merge_matches_the_torch_runtime(family_task, tmp_path):
         with torch.no_grad():
             expected = load_task(backbone, package).model(x).numpy()
         assert np.abs(got - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("name, size", [("efficientformerv2_s0", 64), ("mobilevit_xxs", 64)])
+@pytest.mark.parametrize("kind_name", ["segmentation", "detection"])
+def test_dense_heads_run_on_the_device_as_in_the_torch_runtime(name, size, kind_name, tmp_path):
+    """A dense package carries its head's graph (format 3): the device's answers (raw outputs and
+    decoded masks / boxes, decoded in numpy) equal the torch runtime's."""
+    import onnxruntime as ort
+
+    from petah.device import decode, read_device_backbone, task_graph
+    from petah.export.device import export_device
+    from petah.tasks import task_kind
+
+    torch.manual_seed(0)
+    backbone = create_backbone(name, size)
+    export_device(backbone, tmp_path / "device")
+    kind = task_kind(kind_name)
+    head = kind.head_for(backbone, 3)
+    with torch.no_grad():
+        for param in head.parameters():
+            param.add_(torch.randn(param.shape) * 0.05)
+    plain = synthetic_package(backbone, "t", PlanConfig(), classes=3)
+    from petah.runtime.attach import build_package
+
+    work = load_task(backbone, plain)
+    package = build_package(backbone, work.adapter, head, task_name="t", labels=["a", "b", "c"], kind=kind,
+                            adapter_dtype="float32")
+    package = read_package(write_package(tmp_path / "t.petah", package))
+    assert package.manifest.format_version == 3 and "graph/head" in package.tensors
+    graph = task_graph(read_device_backbone(tmp_path / "device"), package, "the package")
+    x = torch.randn(2, 3, size, size)
+    got = ort.InferenceSession(graph.graph, providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
+    task = load_task(backbone, package)
+    with torch.no_grad():
+        expected = task.model(x)
+    assert np.abs(got - expected.numpy()).max() < 1e-4
+    sizes = [(size, size), (size + 16, size - 8)]
+    if kind_name == "detection":
+        want = kind.decode(expected, task.classes, sizes=sizes, head=task.model.head, img_size=size)
+        assert decode.detection(expected.numpy(), task.classes, package.manifest.head, size, sizes) == want
+    else:
+        want = kind.decode(expected, task.classes, sizes=sizes)
+        have = decode.segmentation(got, task.classes, sizes)
+        assert all(np.mean(h["mask"] == w["mask"].numpy()) > 0.995 for h, w in zip(have, want, strict=True))

@@ -257,3 +257,19 @@ class Preprocess:
 
     def array_batch(self, images: list[np.ndarray]) -> np.ndarray:
         return np.stack([self.array(image) for image in images]).astype(np.float32, copy=False)
+
+
+@functools.lru_cache(maxsize=64)
+def bilinear_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """(size_out, size_in) weights of a plain bilinear resize (align_corners=False, no antialias),
+    as torch's ``interpolate(mode="bilinear")`` computes it: what dense answers are resized with."""
+    scale = size_in / size_out
+    weights = np.zeros((size_out, size_in), dtype=np.float32)
+    for i in range(size_out):
+        source = max((i + 0.5) * scale - 0.5, 0.0)
+        low = min(int(source), size_in - 1)
+        high = min(low + 1, size_in - 1)
+        frac = source - low
+        weights[i, low] += 1.0 - frac
+        weights[i, high] += frac
+    return weights

@@ -232,23 +232,30 @@ def prune(
 
 
 def upgrade(
-    package: Annotated[Path, typer.Argument(help="A .petah package (format 1 or 2).")],
+    package: Annotated[Path, typer.Argument(help="A .petah package (format 1, 2 or 3).")],
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Where to write the upgraded package (default: replace PKG, atomically).")] = None,
     trust: TrustOpt = None,
     require_signed: RequireSignedOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Rewrite a package in the current format (v2: the content hash covers manifest and tensors)."""
-    from petah.packages import FORMAT_VERSION, upgrade_package
+    """Rewrite a package in the current format (v2: the content hash covers manifest and tensors; v3: a
+    dense task's package carries its head's graph, which a device install needs)."""
+    from petah.packages import read_package, upgrade_package, write_package
+    from petah.runtime.attach import add_head_graph
 
     path, was = upgrade_package(package, output, trust=trust_policy(trust, require_signed))
-    summary = {"package": str(path), "from_version": was, "format_version": FORMAT_VERSION,
+    upgraded = read_package(path)
+    if add_head_graph(upgraded):  # a new hash: an old signature no longer applies (re-sign it)
+        upgraded.signature = ""
+        write_package(path, upgraded)
+    version = upgraded.manifest.format_version
+    summary = {"package": str(path), "from_version": was, "format_version": version,
                "package_bytes": path.stat().st_size}
     if json_out:
         emit_json(summary)
         return
-    out.print(f"wrote {path}: format {was} -> {FORMAT_VERSION}, {summary['package_bytes']:,} bytes")
+    out.print(f"wrote {path}: format {was} -> {version}, {summary['package_bytes']:,} bytes")
 
 
 COMMANDS = {"export": export, "import-peft": import_peft_cmd, "prune": prune, "upgrade": upgrade}

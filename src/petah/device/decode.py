@@ -3,7 +3,17 @@ task kinds return too (one definition of each answer)."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+
+from petah.imaging import bilinear_matrix
+
+# torchvision's FCOS post-processing as petah's detection head uses it (petah.tasks.detection._engine):
+# the device has no torchvision, so the same steps are written here in numpy and checked against it
+NMS_IOU, TOPK_CANDIDATES, DETECTIONS_PER_IMAGE = 0.6, 1000, 100
+PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                    [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60]], dtype=np.uint8)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -24,4 +34,133 @@ def classification(logits: np.ndarray, classes: list[str], top_k: int = 3) -> li
     return rows
 
 
-__all__ = ["classification", "softmax"]
+def segmentation(logits: np.ndarray, classes: list[str], sizes: list[tuple[int, int]] | None = None) -> list[dict]:
+    """Per image: the class-index mask at the image's own size (bilinear, as torch resizes) and each
+    class's pixel share."""
+    out = []
+    for i, row in enumerate(np.asarray(logits, dtype=np.float32)):
+        if sizes is not None and tuple(sizes[i]) != row.shape[-2:]:
+            h, w = sizes[i]
+            row = np.matmul(np.matmul(bilinear_matrix(row.shape[-2], h), row), bilinear_matrix(row.shape[-1], w).T)
+        mask = row.argmax(0).astype(np.uint8)
+        counts = np.bincount(mask.reshape(-1), minlength=len(classes)) / mask.size
+        out.append({"mask": mask, "pixels": {c: round(float(f), 6) for c, f in zip(classes, counts, strict=True)
+                                             if f > 0}})
+    return out
+
+
+def mask_image(mask: np.ndarray):
+    """A palette image of class indices (VOC style): viewers show colours, tools read indices."""
+    from PIL import Image
+
+    image = Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="P")
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    palette[: len(PALETTE)] = PALETTE
+    image.putpalette(palette.flatten().tolist())
+    return image
+
+
+def mask_png(mask: np.ndarray) -> bytes:
+    """The class-index mask as PNG bytes (what the station sends)."""
+    buffer = io.BytesIO()
+    mask_image(mask).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def fcos_anchors(img_size: int, grids: list[int], strides: list[int]) -> list[np.ndarray]:
+    """torchvision's AnchorGenerator for one square anchor of the level's stride per location:
+    centred on the grid points, the grid step being ``img_size // grid``."""
+    anchors = []
+    for grid, stride in zip(grids, strides, strict=True):
+        half = round(stride / 2)
+        step = img_size // grid
+        ys, xs = np.meshgrid(np.arange(grid) * step, np.arange(grid) * step, indexing="ij")
+        xs, ys = xs.reshape(-1).astype(np.float32), ys.reshape(-1).astype(np.float32)
+        anchors.append(np.stack([xs - half, ys - half, xs + half, ys + half], axis=1))
+    return anchors
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Greedy non-maximum suppression: indices kept, best score first."""
+    order = np.argsort(-scores, kind="stable")
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    keep = []
+    while order.size:
+        best, rest = order[0], order[1:]
+        keep.append(best)
+        x0 = np.maximum(boxes[best, 0], boxes[rest, 0])
+        y0 = np.maximum(boxes[best, 1], boxes[rest, 1])
+        x1 = np.minimum(boxes[best, 2], boxes[rest, 2])
+        y1 = np.minimum(boxes[best, 3], boxes[rest, 3])
+        inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+        with np.errstate(divide="ignore", invalid="ignore"):  # degenerate boxes: torchvision keeps them too
+            overlap = inter / (area[best] + area[rest] - inter)
+        order = rest[~(overlap > iou)]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def fcos_detections(outputs: np.ndarray, img_size: int, grids: list[int], strides: list[int],
+                    score_threshold: float) -> list[dict[str, np.ndarray]]:
+    """Boxes (xyxy, input pixels), scores and labels per image from the head's raw output
+    (N, locations, classes + 4 + 1): per level, score = sqrt(sigmoid(class) * sigmoid(centerness))
+    above the threshold, the top candidates, boxes decoded as ltrb distances scaled by the anchor
+    size and clipped; then class-wise NMS over all levels, the best 100 kept."""
+    outputs = np.asarray(outputs, dtype=np.float32)
+    classes = outputs.shape[2] - 5
+    per_level = [g * g for g in grids]
+    if sum(per_level) != outputs.shape[1]:
+        raise ValueError(f"{outputs.shape[1]} locations do not match the head's feature maps {grids}")
+    anchors = fcos_anchors(img_size, grids, strides)
+    found = []
+    for image in outputs:
+        boxes, scores, labels = [], [], []
+        start = 0
+        for count, level_anchors in zip(per_level, anchors, strict=True):
+            level = image[start:start + count]
+            start += count
+            score = np.sqrt(sigmoid(level[:, :classes]) * sigmoid(level[:, classes + 4:]))
+            flat = score.reshape(-1)
+            candidates = np.flatnonzero(flat > score_threshold)
+            if candidates.size > TOPK_CANDIDATES:
+                candidates = candidates[np.argsort(-flat[candidates], kind="stable")[:TOPK_CANDIDATES]]
+            where, label = candidates // classes, candidates % classes
+            anchor = level_anchors[where]
+            size = np.stack([anchor[:, 2] - anchor[:, 0], anchor[:, 3] - anchor[:, 1]] * 2, axis=1)
+            codes = level[where, classes:classes + 4] * size
+            cx, cy = (anchor[:, 0] + anchor[:, 2]) / 2, (anchor[:, 1] + anchor[:, 3]) / 2
+            box = np.stack([cx - codes[:, 0], cy - codes[:, 1], cx + codes[:, 2], cy + codes[:, 3]], axis=1)
+            boxes.append(np.clip(box, 0, img_size))
+            scores.append(flat[candidates])
+            labels.append(label)
+        boxes, scores, labels = np.concatenate(boxes), np.concatenate(scores), np.concatenate(labels)
+        if boxes.size:  # class-wise: boxes of different classes never suppress each other
+            offset = labels[:, None].astype(np.float32) * (boxes.max() + 1)
+            keep = nms(boxes + offset, scores, NMS_IOU)[:DETECTIONS_PER_IMAGE]
+        else:
+            keep = np.zeros(0, dtype=np.int64)
+        found.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+    return found
+
+
+def detection(outputs: np.ndarray, classes: list[str], head: dict, img_size: int,
+              sizes: list[tuple[int, int]] | None = None) -> list[dict]:
+    """Per image: boxes in the image's own pixels (xyxy), label and score, best first."""
+    rows = []
+    found_all = fcos_detections(outputs, img_size, [int(g) for g in head["grids"]], [int(s) for s in head["strides"]],
+                                float(head.get("score_threshold", 0.2)))
+    for i, found in enumerate(found_all):
+        h, w = sizes[i] if sizes is not None else (img_size, img_size)
+        scale = np.array([w / img_size, h / img_size, w / img_size, h / img_size], dtype=np.float32)
+        rows.append({"boxes": [
+            {"label": classes[int(label)], "score": round(float(score), 6),
+             "box": [round(float(v), 2) for v in box * scale]}
+            for box, score, label in zip(found["boxes"], found["scores"], found["labels"], strict=True)]})
+    return rows
+
+
+__all__ = ["PALETTE", "classification", "detection", "fcos_detections", "mask_image", "mask_png", "nms",
+           "segmentation", "softmax"]

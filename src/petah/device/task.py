@@ -19,7 +19,12 @@ from petah.packages import Manifest, TaskPackage
 from petah.plans import CHANNEL_SCALE, LORA, PlanConfig
 
 LOGITS = "logits"
-HEAD_KINDS = ("classification",)  # what the device engine can run without torch (dense heads: next)
+OUTPUTS = "outputs"
+# what the device engine runs without torch: classification (a linear head, built here) and the dense
+# kinds whose package carries its head's graph (format 3); anomaly's memory bank is not yet here
+HEAD_KINDS = ("classification", "segmentation", "detection")
+GRAPH_HEAD_KINDS = ("segmentation", "detection")
+RENAMED = "head::"  # the head graph's own value names, kept apart from the backbone's
 
 
 def lora_scaling(config: PlanConfig) -> float:
@@ -95,8 +100,80 @@ def _needed_nodes(graph, outputs: set[str]) -> list:
     return keep[::-1]
 
 
+def _linear_head(manifest: Manifest, tensors: dict, backbone: DeviceBackbone, origin: str):
+    """A classification head as graph nodes: Gemm over the pooled features."""
+    from onnx import helper, numpy_helper
+
+    head = manifest.head
+    if head.get("type") != "linear":
+        raise PetahError(f"{origin}: a classification head of type {head.get('type')!r} is not one this petah knows")
+    weight, bias = tensors.get("weight"), tensors.get("bias")
+    classes = len(manifest.labels)
+    if (weight is None or bias is None or weight.shape != (classes, backbone.num_features)
+            or bias.shape != (classes,)):
+        raise PetahError(f"{origin}: its head does not fit {backbone.num_features} features and {classes} classes")
+    pooled = backbone.outputs["pooled"]
+    nodes = [helper.make_node("Gemm", [pooled, "head.weight", "head.bias"], [LOGITS], transB=1)]
+    initializers = [numpy_helper.from_array(np.asarray(weight, np.float32), "head.weight"),
+                    numpy_helper.from_array(np.asarray(bias, np.float32), "head.bias")]
+    output = helper.make_tensor_value_info(LOGITS, 1, ["batch", classes])  # 1: FLOAT
+    return [pooled], nodes, initializers, output
+
+
+def _graph_head(manifest: Manifest, package: TaskPackage, backbone: DeviceBackbone, origin: str):
+    """A dense head from the graph its package carries: its value names kept apart from the
+    backbone's, its inputs the backbone's feature maps, its weights the package's head tensors."""
+    import onnx
+    from onnx import numpy_helper
+
+    from petah.packages.manifest import GRAPH_TENSOR
+
+    if not manifest.head.get("graph") or GRAPH_TENSOR not in package.tensors:
+        raise PetahError(f"{origin} has no head graph (made before petah 0.1's format 3): run `petah upgrade` on "
+                         "it on a build machine, or serve it with --engine torch on the full install")
+    try:
+        head = onnx.load_from_string(np.asarray(package.tensors[GRAPH_TENSOR], np.uint8).tobytes())
+    except Exception as exc:  # protobuf raises several types for bad bytes
+        raise PetahError(f"{origin}: its head graph is not a readable ONNX graph ({type(exc).__name__})") from None
+    inputs = [name for name in str(manifest.head.get("graph_inputs", "")).split(",") if name]
+    levels = {level["name"] for level in backbone.outputs.get("levels", [])}
+    graph_inputs = [value.name for value in head.graph.input]
+    if not inputs or graph_inputs != inputs or not set(inputs) <= levels or len(head.graph.output) != 1:
+        raise PetahError(f"{origin}: its head graph reads {graph_inputs}, which {backbone.describe()} does not give")
+    tensors = package.section("head")
+    weights = {f"head.{key}": value for key, value in tensors.items()}
+    keep = set(inputs) | set(weights)
+
+    def rename(name: str) -> str:
+        return name if not name or name in keep else RENAMED + name
+
+    nodes = []
+    for node in head.graph.node:
+        if node.op_type in ("Loop", "If", "Scan"):  # subgraphs would need their own renaming; no head has them
+            raise PetahError(f"{origin}: its head graph holds a {node.op_type} node, which a head does not need")
+        node.input[:] = [rename(n) for n in node.input]
+        node.output[:] = [rename(n) for n in node.output]
+        node.name = rename(node.name)
+        nodes.append(node)
+    used = {name for node in nodes for name in node.input}
+    missing = sorted(name for name in used if name.startswith("head.") and name not in weights)
+    if missing:
+        raise PetahError(f"{origin}: its head graph needs {missing[0]}, which the package does not hold")
+    initializers = []
+    for init in head.graph.initializer:
+        init.name = rename(init.name)
+        initializers.append(init)
+    initializers += [numpy_helper.from_array(np.asarray(value, np.float32), name)
+                     for name, value in weights.items() if name in used]
+    output = head.graph.output[0]
+    nodes.append(onnx.helper.make_node("Identity", [rename(output.name)], [OUTPUTS]))
+    output.name = OUTPUTS
+    return inputs, nodes, initializers, output
+
+
 def task_graph(backbone: DeviceBackbone, package: TaskPackage, origin: str) -> TaskGraph:
-    """The task's graph with every weight in it (ONNX Runtime folds and packs it when a session opens)."""
+    """The task's graph with every weight in it (ONNX Runtime folds and packs it when a session
+    opens): the part of the backbone its head reads, then the head."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -105,34 +182,26 @@ def task_graph(backbone: DeviceBackbone, package: TaskPackage, origin: str) -> T
     if kind not in HEAD_KINDS:
         raise PetahError(f"{origin} is a {kind} task; the device engine runs {', '.join(HEAD_KINDS)} tasks "
                          "(serve it with --engine torch on the full install)")
-    head = manifest.head
-    if head.get("type") != "linear":
-        raise PetahError(f"{origin}: a classification head of type {head.get('type')!r} is not one this petah knows")
-    tensors = package.section("head")
-    weight, bias = tensors.get("weight"), tensors.get("bias")
-    classes = len(manifest.labels)
-    if (weight is None or bias is None or weight.shape != (classes, backbone.num_features)
-            or bias.shape != (classes,)):
-        raise PetahError(f"{origin}: its head does not fit {backbone.num_features} features and {classes} classes")
+    if kind in GRAPH_HEAD_KINDS:
+        reads, head_nodes, head_initializers, output = _graph_head(manifest, package, backbone, origin)
+    else:
+        reads, head_nodes, head_initializers, output = _linear_head(manifest, package.section("head"), backbone,
+                                                                    origin)
     changed = merged_weights(backbone, package, origin)
     model = onnx.load_from_string(backbone.graph)
-    pooled = backbone.outputs["pooled"]
-    nodes = _needed_nodes(model.graph, {pooled})
-    nodes.append(helper.make_node("Gemm", [pooled, "head.weight", "head.bias"], [LOGITS], transB=1))
+    nodes = _needed_nodes(model.graph, set(reads)) + head_nodes
     used = {name for node in nodes for name in node.input}
     initializers = [init for init in model.graph.initializer if init.name in used]
     for key, name in backbone.index.items():
         if name in used:
             initializers.append(numpy_helper.from_array(changed.get(key, backbone.weights[key]), name))
-    initializers += [numpy_helper.from_array(np.asarray(weight, np.float32), "head.weight"),
-                     numpy_helper.from_array(np.asarray(bias, np.float32), "head.bias")]
-    batch = model.graph.input[0].type.tensor_type.shape.dim[0].dim_param or "batch"
-    out = helper.make_graph(nodes, f"{manifest.task.name}", list(model.graph.input),
-                            [helper.make_tensor_value_info(LOGITS, onnx.TensorProto.FLOAT, [batch, classes])],
-                            initializers)
+    out = helper.make_graph(nodes, manifest.task.name, list(model.graph.input), [output],
+                            initializers + head_initializers)
     merged = helper.make_model(out, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    changed_bytes = sum(int(a.nbytes) for a in changed.values()) + int(weight.size + bias.size) * 4
+    head_bytes = sum(int(np.asarray(v).nbytes) for v in package.section("head").values())
+    changed_bytes = sum(int(a.nbytes) for a in changed.values()) + head_bytes
     return TaskGraph(manifest, merged.SerializeToString(), changed_bytes)
 
 
-__all__ = ["HEAD_KINDS", "LOGITS", "TaskGraph", "lora_delta", "lora_scaling", "merged_weights", "task_graph"]
+__all__ = ["GRAPH_HEAD_KINDS", "HEAD_KINDS", "LOGITS", "OUTPUTS", "TaskGraph", "lora_delta", "lora_scaling",
+           "merged_weights", "task_graph"]

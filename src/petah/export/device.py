@@ -43,7 +43,7 @@ from petah.errors import PetahError
 from petah.export.onnx import with_metadata
 from petah.files import atomic_write_bytes, check_writable, staged_folder
 from petah.packages.manifest import canonical_json
-from petah.runtime.onnx import INPUT, OPSET
+from petah.runtime.graphs import INPUT, OPSET, strip_named_initializers
 
 POOLED = "pooled"
 PREFIX = "model."  # the wrapper's attribute: initializer names are PREFIX + state-dict key
@@ -102,7 +102,7 @@ def export_device(backbone: Backbone, output: str | Path, weights_file: str | Pa
         except Exception as exc:  # the exporter raises many types
             raise PetahError(f"cannot export {backbone.name} for a device: {str(exc).splitlines()[0]}") from exc
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    graph, index = _strip_initializers(buffer.getvalue(), state)
+    graph, index = strip_named_initializers(buffer.getvalue(), state, PREFIX)
     graph = with_metadata(graph, {"petah.format": f"{BUNDLE_FORMAT}/{BUNDLE_VERSION}",
                                   "petah.backbone": backbone.identity()})
     weights = save(state) if weights_file is None else Path(weights_file).read_bytes()
@@ -125,34 +125,6 @@ def export_device(backbone: Backbone, output: str | Path, weights_file: str | Pa
         atomic_write_bytes(staging / MANIFEST_FILE, canonical_json(info) + b"\n")
     read_device_backbone(output, weights_file)  # what a device will check, checked before anyone ships it
     return {**info, "path": str(output), "graph_bytes": len(graph), "weights_bytes": len(weights)}
-
-
-def _strip_initializers(graph: bytes, state: dict[str, torch.Tensor]) -> tuple[bytes, dict[str, str]]:
-    """The graph without the weights it gets from ``weights.safetensors`` (kept once, not twice).
-    Every state-dict tensor must be an initializer under its own name: a weight the exporter had
-    renamed or folded could not be found by a device's merge."""
-    import onnx
-
-    model = onnx.load_from_string(graph)
-    names = {init.name for init in model.graph.initializer}
-    wanted = {PREFIX + key for key in state}
-    # The exporter merges initializers of equal value (untrained norms are all ones / zeros) and
-    # names the others through Identity nodes; each gets its own initializer back, or a task that
-    # changes one of them would change them all.
-    aliases = [node for node in model.graph.node
-               if node.op_type == "Identity" and node.input[0] in names and node.output[0] in wanted]
-    for node in aliases:
-        model.graph.node.remove(node)
-    names |= {node.output[0] for node in aliases}
-    used = {name for node in model.graph.node for name in node.input}
-    lost = sorted(name for name in used if name.startswith(PREFIX) and name not in names)
-    if lost:
-        raise PetahError(f"the device graph lost the name of {lost[0]} (and {len(lost) - 1} more)")
-    index = {key: PREFIX + key for key in sorted(state) if PREFIX + key in names}
-    kept = [init for init in model.graph.initializer if init.name not in set(index.values())]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-    return model.SerializeToString(), index
 
 
 __all__ = ["export_device"]

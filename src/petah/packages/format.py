@@ -25,7 +25,15 @@ from safetensors.numpy import save
 from petah import __version__
 from petah.errors import PetahError, PetahWarning
 from petah.files import atomic_write_bytes
-from petah.packages.manifest import FORMAT, FORMAT_VERSION, HASH_FIELD, V1_HASH_FIELD, Manifest, canonical_json
+from petah.packages.manifest import (
+    CURRENT_VERSIONS,
+    FORMAT,
+    FORMAT_VERSION,
+    HASH_FIELD,
+    V1_HASH_FIELD,
+    Manifest,
+    canonical_json,
+)
 from petah.packages.tensors import SAFETENSORS_NAMES, raw_bytes, tensors_sha256
 
 SECTIONS = ("adapter", "override", "head")
@@ -90,7 +98,7 @@ def encode_package(package: TaskPackage) -> bytes:
     """The file's bytes; the manifest is stamped with this format version and its content hash.
     What a reader would refuse is refused here, so nothing unreadable is ever written."""
     manifest = package.manifest
-    manifest.format_version, manifest.petah_version = FORMAT_VERSION, __version__
+    manifest.format_version, manifest.petah_version = manifest.written_version(), __version__
     Manifest.from_dict(manifest.to_dict(with_hash=False), f"package {manifest.task.name}")
     manifest.content_sha256 = content_sha256(manifest.to_dict(with_hash=False), package.tensors)
     header = {"format": FORMAT, "manifest": canonical_json(manifest.to_dict()).decode(),
@@ -193,7 +201,7 @@ def upgrade_package(path: str | Path, output: str | Path | None = None, trust=No
     if trust is not None:
         trust.check(package, f"package {path}")
     was = package.manifest.format_version
-    if was == FORMAT_VERSION:
+    if was in CURRENT_VERSIONS:
         if output is not None and Path(output).resolve() != path.resolve():
             atomic_write_bytes(Path(output), path.read_bytes())
         return Path(output or path), was
@@ -205,7 +213,7 @@ def set_signature(path: str | Path, signature: str) -> Path:
     """Rewrite only the header's signature slot; the content hash (and so what was signed) is unchanged."""
     path = Path(path)
     package = read_package(path)
-    if package.manifest.format_version != FORMAT_VERSION:
+    if package.manifest.format_version not in CURRENT_VERSIONS:
         raise PetahError(f"{path} is a format-{package.manifest.format_version} package: "
                          "`petah upgrade` it before signing")
     header = _header(path)  # the manifest string is kept byte for byte: nothing hashed is rewritten

@@ -20,8 +20,11 @@ from petah.imaging import Preprocess
 from petah.plans import CHANNEL_SCALE, LORA, MAX_RANK, PlanConfig, Target
 
 FORMAT = "petah-task"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # the newest: v2 + a head graph (``graph/head``) for heads a device runs as a graph
+GRAPH_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+CURRENT_VERSIONS = (2, 3)  # hashed manifests: signable; a package without a head graph is written as v2
+GRAPH_TENSOR = "graph/head"
 HASH_FIELD = "content_sha256"  # v2: covers the manifest (all but this field) and the tensors
 V1_HASH_FIELD = "payload_sha256"  # v1: covered the tensors only
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -205,9 +208,14 @@ class Manifest:
     training: dict = field(default_factory=dict)
     created_at: str | None = None
     petah_version: str = __version__
-    format_version: int = FORMAT_VERSION
+    format_version: int = 2
     content_sha256: str | None = None
     extra: dict = field(default_factory=dict)  # fields this petah does not know: kept (and hashed) as they are
+
+    def written_version(self) -> int:
+        """The version this manifest is written as: v3 only where it needs v3 (a head graph), so
+        stations of the petah before it keep reading every other package."""
+        return GRAPH_VERSION if self.head.get("graph") else 2
 
     @property
     def labels(self) -> list[str]:
@@ -227,6 +235,8 @@ class Manifest:
             names |= {f"adapter/{target.module}.{s}" for s in suffixes}
         names |= {f"override/{k}" for k in self.plan.overrides}
         names |= {f"head/{k}" for k in self.head["tensors"]}
+        if self.head.get("graph"):
+            names.add(GRAPH_TENSOR)
         return names
 
     def to_dict(self, with_hash: bool = True) -> dict:

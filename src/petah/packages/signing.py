@@ -26,6 +26,7 @@ from pathlib import Path
 
 from petah.errors import PetahError, PetahWarning
 from petah.packages.format import TaskPackage, content_matches, read_package, set_signature, signed_message
+from petah.packages.manifest import CURRENT_VERSIONS
 
 KEYID = re.compile(r"[0-9a-f]{64}")
 MAX_SIGNATURES = 16  # a slot is untrusted input: bounded like everything else read from a package
@@ -132,7 +133,7 @@ def sign_package(path: str | Path, key_path: str | Path) -> str:
     key = load_private_key(key_path)
     package = read_package(path)  # verified: nobody signs what fails its own hash
     origin = f"package {path}"
-    if package.manifest.format_version != 2:
+    if package.manifest.format_version not in CURRENT_VERSIONS:
         raise PetahError(f"{path} is a format-{package.manifest.format_version} package: "
                          "`petah upgrade` it before signing")
     kid = keyid(key.public_key())

@@ -9,6 +9,7 @@ import datetime as dt
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -30,6 +31,8 @@ from petah.packages import (
     open_package,
 )
 from petah.packages.format import NORM_STATISTICS, statistics_dtype
+from petah.packages.manifest import GRAPH_TENSOR
+from petah.runtime.graphs import GRAPH_HEADS, head_graph
 from petah.tasks import Classification, task_kind
 
 DTYPES = {name: getattr(torch, name) for name in ADAPTER_DTYPES}  # "float16" -> torch.float16 …
@@ -83,7 +86,23 @@ def build_package(backbone: Backbone, adapter: TaskAdapter, head: nn.Module, *, 
         created_at=fields.pop("created_at", now_utc()),
         **fields,
     )
-    return TaskPackage(manifest, tensors)
+    package = TaskPackage(manifest, tensors)
+    if kind.kind in GRAPH_HEADS:
+        add_head_graph(package, head)
+    return package
+
+
+def add_head_graph(package: TaskPackage, head: nn.Module | None = None) -> bool:
+    """Give a dense task's package the graph of its head (format 3), so a device runs it without
+    torch; ``head``: the package's own head when already built. False where it has one or needs none."""
+    manifest = package.manifest
+    if manifest.task.kind not in GRAPH_HEADS or manifest.head.get("graph"):
+        return False
+    head = head if head is not None else head_from_package(package, f"package {manifest.task.name}")
+    graph, inputs = head_graph(manifest.task.kind, head, manifest.backbone.img_size)
+    package.tensors[GRAPH_TENSOR] = np.frombuffer(graph, dtype=np.uint8).copy()
+    manifest.head = {**manifest.head, "graph": "onnx", "graph_inputs": ",".join(inputs)}
+    return True
 
 
 def attach_package(backbone: Backbone, package: TaskPackage, origin: str,

@@ -20,9 +20,7 @@ from petah.backbones import Backbone
 from petah.errors import PetahError
 from petah.packages import Manifest, TaskPackage
 from petah.runtime.attach import merged_backbone
-
-OPSET = 17
-INPUT, OUTPUT = "image", "logits"
+from petah.runtime.graphs import INPUT, OPSET, OUTPUT
 
 
 def merged_task_module(backbone: Backbone, package: TaskPackage | str | Path) -> tuple[nn.Module, Manifest]:

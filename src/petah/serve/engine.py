@@ -75,9 +75,17 @@ class DeviceEngine:
             task = self.tasks[name]
             if task.preprocess not in batches:
                 batches[task.preprocess] = task.preprocess.array_batch(images)
-            logits = task.session.run(None, {"image": batches[task.preprocess]})[0]
-            results[name] = answers.classification(logits, task.manifest.labels, top_k)
+            outputs = task.session.run(None, {"image": batches[task.preprocess]})[0]
+            results[name] = self.decode(task.manifest, outputs, [image.shape[-2:] for image in images], top_k)
         return results
+
+    def decode(self, manifest: Manifest, outputs, sizes: list, top_k: int) -> list[dict]:
+        kind, labels = manifest.task.kind, manifest.labels
+        if kind == "segmentation":
+            return answers.segmentation(outputs, labels, sizes)
+        if kind == "detection":
+            return answers.detection(outputs, labels, manifest.head, self.backbone.img_size, sizes)
+        return answers.classification(outputs, labels, top_k)
 
 
 def engine_class(name: str):

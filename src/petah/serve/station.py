@@ -17,8 +17,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
+from petah.device.decode import mask_png
 from petah.errors import PetahError, PetahWarning
 from petah.imaging import load_image_modes
 from petah.packages import Manifest, SignatureError, TrustPolicy, check_task_name, read_manifest
@@ -374,11 +376,9 @@ class Station:
             tasks = {}
             for name, row in result.items():
                 row = {**prediction.tags[name], **row}
-                if "mask" in row:  # dense answers come from the torch engines (full install) for now
-                    from petah.tasks.segmentation import mask_png
-
+                if "mask" in row:
                     mask = row.pop("mask")
-                    row["mask_png"] = base64.b64encode(mask_png(mask)).decode("ascii")
+                    row["mask_png"] = base64.b64encode(mask_png(np.asarray(mask))).decode("ascii")
                     row["mask_size"] = [int(mask.shape[1]), int(mask.shape[0])]
                 if "anomaly_map" in row:  # grey: 128 at the threshold (petah.tasks.anomaly.anomaly_map_image)
                     from petah.tasks.anomaly import anomaly_map_png

@@ -19,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from petah.backbones.features import DENSE_STRIDES, feature_levels, level_indices, multi_scale_features
 from petah.data.segmentation import IGNORE, SegmentationView
+from petah.device import decode
 from petah.files import atomic_write_image
 
 HEAD_WIDTH = 64
@@ -133,43 +134,21 @@ class Segmentation:
         }
 
     @staticmethod
-    @torch.no_grad()
     def decode(logits: torch.Tensor, classes: list[str], top_k: int = 3, sizes: list[tuple[int, int]] | None = None,
                **_context) -> list[dict]:
-        """Per image: the class-index mask at the image's own size and each class's pixel share."""
-        out = []
-        for i, row in enumerate(logits):
-            if sizes is not None:
-                row = F.interpolate(row[None], size=sizes[i], mode="bilinear", align_corners=False)[0]
-            mask = row.argmax(0).to(torch.uint8)
-            counts = torch.bincount(mask.flatten().long(), minlength=len(classes)).float() / mask.numel()
-            pixels = {c: round(float(f), 6) for c, f in zip(classes, counts, strict=True) if f > 0}
-            out.append({"mask": mask, "pixels": pixels})
-        return out
-
-
-PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-                    [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60]], dtype=np.uint8)
+        """Per image: the class-index mask at the image's own size and each class's pixel share
+        (``petah.device.decode.segmentation``: one definition for every engine)."""
+        rows = decode.segmentation(logits.detach().float().cpu().numpy(), classes, sizes)
+        return [{**row, "mask": torch.from_numpy(row["mask"])} for row in rows]
 
 
 def mask_image(mask: torch.Tensor):
-    """A palette image of class indices (VOC style): viewers show colours, tools read indices."""
-    from PIL import Image
-
-    image = Image.fromarray(mask.numpy(), mode="P")
-    palette = np.zeros((256, 3), dtype=np.uint8)
-    palette[: len(PALETTE)] = PALETTE
-    image.putpalette(palette.flatten().tolist())
-    return image
+    """A palette image of class indices (VOC style): ``petah.device.decode`` draws it."""
+    return decode.mask_image(mask.numpy())
 
 
 def mask_png(mask: torch.Tensor) -> bytes:
-    """The class-index mask as PNG bytes (what the station sends)."""
-    import io
-
-    buffer = io.BytesIO()
-    mask_image(mask).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return decode.mask_png(mask.numpy())
 
 
 def save_mask(mask: torch.Tensor, path) -> None:
@@ -182,7 +161,7 @@ def save_overlay(image: torch.Tensor, mask: torch.Tensor, path, alpha: float = 0
 
     rgb = image.permute(1, 2, 0).numpy().astype(np.float32)
     index = mask.numpy().astype(np.int64)
-    colours = PALETTE[index % len(PALETTE)].astype(np.float32)
+    colours = decode.PALETTE[index % len(decode.PALETTE)].astype(np.float32)
     tint = (index > 0)[..., None]
     blended = np.where(tint, (1 - alpha) * rgb + alpha * colours, rgb)
     atomic_write_image(Image.fromarray(blended.clip(0, 255).astype(np.uint8)), path)

@@ -2,7 +2,7 @@
 // table and counters fresh. Plain JS, no external files: it works offline on the line PC.
 "use strict";
 
-// petah.tasks.segmentation.PALETTE: the colours the mask PNG uses for class 0, 1, 2, …
+// petah.device.decode.PALETTE: the colours the mask PNG uses for class 0, 1, 2, …
 const PALETTE = [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
   [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60]];
 const $ = (id) => document.getElementById(id);
