@@ -138,3 +138,25 @@ def test_build_verbs_say_they_need_the_full_install():
     proc = subprocess.run([sys.executable, "-m", "petah", "adapt", "builtin:digits"], capture_output=True, text=True,
                           env=CLI_ENV, timeout=120)
     assert proc.returncode == 2 and "needs the full install" in proc.stderr
+
+
+def test_the_golden_set_gate_scores_on_the_device(tmp_path):
+    from petah.errors import PetahError
+    from petah.fleet.gate import score_versions
+    from petah.serve import station_backbone
+    from petah.serve.engine import DeviceEngine
+
+    backbone = station_backbone(None, demo=True, engine="device")
+    engine = DeviceEngine(backbone, threads=1)
+    golden = tmp_path / "golden"
+    for label in ("3", "7"):
+        (golden / "digits" / label).mkdir(parents=True)
+        for i in range(3):
+            (golden / "digits" / label / f"{i}.png").write_bytes(png(10 * int(label) + i))
+    scores = score_versions(backbone, {"current": PACKAGES["digits"], "candidate": PACKAGES["digits"]}, golden, engine)
+    assert scores["current"].metric == "accuracy" and scores["current"].value == scores["candidate"].value
+    assert 0 <= scores["current"].value <= 100 and scores["current"].seconds > 0
+    assert score_versions(backbone, {"current": PACKAGES["textures"]}, golden, engine) is None  # no set for it
+    (golden / "defects" / "images").mkdir(parents=True)
+    with pytest.raises(PetahError, match="needs the full install"):
+        score_versions(backbone, {"current": PACKAGES["defects"]}, golden, engine)

@@ -181,3 +181,26 @@ def test_staged_install_leaves_the_live_model_alone_until_installed(setup):
     reference.load(packages["a"])
     got, want = runtime.forward_many(x, ["a", "b"]), reference.forward_many(x, ["a", "b"])
     assert all(torch.allclose(got[n], want[n], atol=1e-6) for n in want)
+
+
+def test_the_device_gate_scores_what_the_torch_gate_scores(tmp_path):
+    """The same golden set, the same package: the device engine's accuracy is the torch runtime's."""
+    from PIL import Image
+
+    from conftest import make_pattern
+    from petah.backbones import demo_backbone_path
+    from petah.fleet.gate import score_versions
+    from petah.serve import demo_packages, station_backbone
+    from petah.serve.engine import DeviceEngine
+
+    digits = next(p for p in demo_packages() if p.stem == "digits")
+    golden = tmp_path / "golden"
+    for label in range(10):
+        (golden / "digits" / str(label)).mkdir(parents=True)
+        for i in range(2):
+            pattern = make_pattern(label, size=64, seed=i)
+            Image.fromarray(pattern).save(golden / "digits" / str(label) / f"{i}.png")
+    device = station_backbone(None, demo=True, engine="device")
+    on_device = score_versions(device, {"v": digits}, golden, DeviceEngine(device, threads=1))["v"]
+    with_torch = score_versions(create_backbone(weights=str(demo_backbone_path())), {"v": digits}, golden)["v"]
+    assert (on_device.metric, on_device.value) == (with_torch.metric, with_torch.value)

@@ -1,18 +1,25 @@
 """``petah bench serve``: the station measured as a client sees it, every figure from one run.
 
-Real station processes (``petah serve`` on 127.0.0.1) with the demo backbone and its four demo
-packages; clients are threads of this process, each with its own keep-alive connection, sending
-one image per request for every task. Measured per engine: requests/s and p50 / p99 latency at
-1 / 4 / 16 concurrent clients with batching on (``--max-batch 16``) and off (``--max-batch 1``);
-the pause the inference thread spends on a swap (p50 / p99 over flips between two versions of a
-task, under load); resident memory with 1 / 4 / 8 tasks loaded. The clients share the CPU with
-the server, as a line PC's camera software would: the absolute figures are for that setting,
-the ratios are what to compare.
+Real station processes (``petah serve`` on 127.0.0.1) with the demo backbone and its four
+classification / dense demo packages (every engine serves the same four); clients are threads of
+this process, each with its own keep-alive connection, sending one image per request for every
+task. Measured per engine: seconds from start to the first answer and resident memory then;
+requests/s and p50 / p99 latency at 1 / 4 / 16 concurrent clients with batching on
+(``--max-batch 16``) and off (``--max-batch 1``); the pause the inference thread spends on a swap
+(p50 / p99 over flips between two versions of a task, under load); resident memory with 1 / 4 / 8
+tasks loaded. ``device`` runs on a device backbone folder (``petah export --device``), with
+``device_python`` in another environment (a device install, no torch): its installed size is
+reported beside this one's. The clients share the CPU with the server, as a line PC's camera
+software would: the absolute figures are for that setting, the ratios are what to compare.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -21,12 +28,14 @@ from pathlib import Path
 import numpy as np
 
 from petah.backbones import demo_backbone_path
+from petah.device.bundle import WEIGHTS_FILE
 from petah.errors import PetahError
-from petah.serve import DEMO_PACKAGES, demo_packages
+from petah.serve import demo_packages
 from petah.serve.client import StationClient, station_process
 from petah.serve.metrics import quantile_ms
 
 ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"
+TASKS = ("digits", "textures", "defects", "digit-boxes")  # what every engine serves (the anomaly bank: not on devices)
 BATCHING = {"on": ("--max-batch", "16", "--max-wait-ms", "5"), "off": ("--max-batch", "1", "--max-wait-ms", "0")}
 
 
@@ -82,23 +91,55 @@ def drive(url: str, clients: int, seconds: float, images: list[bytes], tasks: li
             "p50_ms": quantile_ms(done, 0.5), "p99_ms": quantile_ms(done, 0.99)}
 
 
-def measure_throughput(engine: str, batching: str, clients: tuple[int, ...], seconds: float, state: Path,
-                       images: list[bytes], threads: int) -> list[dict]:
-    with station_process("--demo", "--state-dir", str(state), "--engine", engine, "--threads", str(threads),
-                         *BATCHING[batching]) as (_proc, url):
-        drive(url, 1, min(1.0, seconds), images)  # warm-up
-        return [{"engine": engine, "batching": batching, **drive(url, n, seconds, images)} for n in clients]
+class Setup:
+    """How each engine's station starts: backbone argument, interpreter, the four packages."""
+
+    def __init__(self, root: Path, device_python: str | None):
+        self.python = {"device": device_python}
+        self.packages = [p for p in demo_packages() if p.stem in TASKS]
+        folder = root / "device-backbone"  # the demo's device folder with the demo weights beside it
+        shutil.copytree(Path(str(demo_backbone_path().parent)) / "demo" / "device", folder)
+        shutil.copy(demo_backbone_path(), folder / WEIGHTS_FILE)
+        self.backbone = {"device": str(folder)}
+
+    def args(self, engine: str, state: Path, threads: int, *extra: str, packages: bool = True) -> tuple[str, ...]:
+        backbone = self.backbone.get(engine, str(demo_backbone_path()))
+        files = [arg for p in self.packages for arg in ("--package", str(p))] if packages else []
+        return ("-b", backbone, *files, "--state-dir", str(state), "--engine", engine, "--threads", str(threads),
+                *extra)
 
 
-def measure_swaps(engine: str, state: Path, swaps: int, images: list[bytes], threads: int,
+def measure_start(engine: str, setup: Setup, state: Path, threads: int, images: list[bytes]) -> dict:
+    """Seconds from starting the process to the first answer (all four tasks), and resident memory then."""
+    began = time.perf_counter()
+    with station_process(*setup.args(engine, state, threads), python=setup.python.get(engine)) as (_proc, url):
+        client = StationClient(url)
+        reply = client.predict([("first.png", images[0])], list(TASKS))
+        first = time.perf_counter() - began
+        if reply.status != 200:
+            raise PetahError(f"bench serve: the {engine} station's first answer failed: {reply.body[:200]!r}")
+        stats = client.request("GET", "/v1/stats").json()
+    return {"engine": engine, "seconds_to_first_answer": round(first, 2), "resident_bytes": stats["resident_bytes"]}
+
+
+def measure_throughput(engine: str, setup: Setup, batching: str, clients: tuple[int, ...], seconds: float,
+                       state: Path, images: list[bytes], threads: int) -> list[dict]:
+    with station_process(*setup.args(engine, state, threads, *BATCHING[batching]),
+                         python=setup.python.get(engine)) as (_proc, url):
+        drive(url, 1, min(1.0, seconds), images, list(TASKS))  # warm-up
+        return [{"engine": engine, "batching": batching, **drive(url, n, seconds, images, list(TASKS))}
+                for n in clients]
+
+
+def measure_swaps(engine: str, setup: Setup, state: Path, swaps: int, images: list[bytes], threads: int,
                   token_file: Path) -> dict:
     """Flip a task between two versions ``swaps`` times while 4 clients keep predicting: the
     inference thread's pauses (each swap, and the clean-up after it: what a request can wait for)
     and the requests' latencies, beside the same load without swaps (preparing a version beside
     inference takes CPU from it: requests slow down, none stops)."""
     packages = {p.stem: p.read_bytes() for p in demo_packages()}
-    with station_process("--demo", "--state-dir", str(state), "--engine", engine, "--threads", str(threads),
-                         "--admin-token-file", str(token_file)) as (_proc, url):
+    with station_process(*setup.args(engine, state, threads, "--admin-token-file", str(token_file)),
+                         python=setup.python.get(engine)) as (_proc, url):
         admin = StationClient(url)
         for package in (packages["textures"], packages["digits"]):  # two versions of task "flip"
             admin.install("flip", package, ADMIN_TOKEN)
@@ -121,13 +162,14 @@ def measure_swaps(engine: str, state: Path, swaps: int, images: list[bytes], thr
             "latency_p99_ms_without": baseline["p99_ms"]}
 
 
-def measure_memory(engine: str, state: Path, threads: int, token_file: Path, images: list[bytes]) -> dict:
+def measure_memory(engine: str, setup: Setup, state: Path, threads: int, token_file: Path,
+                   images: list[bytes]) -> dict:
     """Resident bytes with 1, 4 and 8 tasks (the four demo packages under two names each)."""
-    packages = [(p.stem, p.read_bytes()) for p in demo_packages()]
+    packages = [(p.stem, p.read_bytes()) for p in setup.packages]
     plan = [(f"{stem}-{copy}", data) for copy in (1, 2) for stem, data in packages]
     rows = {}
-    with station_process("-b", str(demo_backbone_path()), "--state-dir", str(state), "--engine", engine,
-                         "--threads", str(threads), "--admin-token-file", str(token_file)) as (_proc, url):
+    with station_process(*setup.args(engine, state, threads, "--admin-token-file", str(token_file), packages=False),
+                         python=setup.python.get(engine)) as (_proc, url):
         client = StationClient(url)
         installed = 0
         for count in (1, 4, 8):
@@ -148,26 +190,43 @@ def measure_memory(engine: str, state: Path, threads: int, token_file: Path, ima
             "ratio_to_package_bytes": round(added / per_package, 2)}
 
 
-def run_serve_bench(engines: tuple[str, ...] = ("torch", "onnx"), clients: tuple[int, ...] = (1, 4, 16),
-                    seconds: float = 4.0, swaps: int = 40, threads: int = 2) -> dict:
+def installed_bytes(python: str) -> dict:
+    """The environment of ``python``: its site-packages' size (what ``du`` counts) and whether it has torch."""
+    code = ("import importlib.util, sysconfig; print(sysconfig.get_paths()['purelib']); "
+            "print(importlib.util.find_spec('torch') is not None)")
+    lines = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout.split()
+    total = 0
+    for folder, _dirs, files in os.walk(lines[0]):
+        total += sum(os.lstat(os.path.join(folder, name)).st_blocks * 512 for name in files)
+    return {"python": python, "site_packages_bytes": total, "has_torch": lines[1] == "True"}
+
+
+def run_serve_bench(engines: tuple[str, ...] = ("device", "onnx", "torch"), clients: tuple[int, ...] = (1, 4, 16),
+                    seconds: float = 4.0, swaps: int = 40, threads: int = 2, device_python: str | None = None) -> dict:
     images = bench_images()
     with tempfile.TemporaryDirectory(prefix="petah-bench-serve-") as tmp:
         root = Path(tmp)
+        setup = Setup(root, device_python)
         token_file = root / "admin-token"
         token_file.write_text(ADMIN_TOKEN)
+        start = [measure_start(e, setup, root / f"start-{e}", threads, images) for e in engines]
         throughput = []
         for engine in engines:
             for batching in ("on", "off"):
-                throughput += measure_throughput(engine, batching, clients, seconds, root / f"t-{engine}-{batching}",
-                                                 images, threads)
-        swap_rows = [measure_swaps(e, root / f"s-{e}", swaps, images, threads, token_file) for e in engines]
-        memory = [measure_memory(e, root / f"m-{e}", threads, token_file, images) for e in engines]
-    return {"tasks": list(DEMO_PACKAGES), "threads": threads, "seconds_per_point": seconds,
-            "throughput": throughput, "swaps": swap_rows, "memory": memory,
-            "ratios": ratios(throughput, swap_rows, memory, clients)}
+                throughput += measure_throughput(engine, setup, batching, clients, seconds,
+                                                 root / f"t-{engine}-{batching}", images, threads)
+        swap_rows = [measure_swaps(e, setup, root / f"s-{e}", swaps, images, threads, token_file) for e in engines]
+        memory = [measure_memory(e, setup, root / f"m-{e}", threads, token_file, images) for e in engines]
+    installs = {"this": installed_bytes(sys.executable)}
+    if device_python:
+        installs["device"] = installed_bytes(device_python)
+    return {"tasks": list(TASKS), "threads": threads, "seconds_per_point": seconds, "installs": installs,
+            "start": start, "throughput": throughput, "swaps": swap_rows, "memory": memory,
+            "ratios": ratios(throughput, swap_rows, memory, clients, start)}
 
 
-def ratios(throughput: list[dict], swaps: list[dict], memory: list[dict], clients: tuple[int, ...]) -> dict:
+def ratios(throughput: list[dict], swaps: list[dict], memory: list[dict], clients: tuple[int, ...],
+           start: list[dict]) -> dict:
     """The issue's targets as measured ratios (one run)."""
     rps = {(r["engine"], r["batching"], r["clients"]): r["requests_per_s"] for r in throughput}
     engines = sorted({r["engine"] for r in throughput})
@@ -183,6 +242,13 @@ def ratios(throughput: list[dict], swaps: list[dict], memory: list[dict], client
     if set(engines) >= {"torch", "onnx"}:
         out[f"onnx / torch requests/s at {lo} client"] = ratio(("onnx", "on", lo), ("torch", "on", lo))
         out[f"onnx / torch requests/s at {hi} clients"] = ratio(("onnx", "on", hi), ("torch", "on", hi))
+    if set(engines) >= {"device", "onnx"}:
+        for n in clients:
+            out[f"device / onnx requests/s at {n} clients"] = ratio(("device", "on", n), ("onnx", "on", n))
+    by_engine = {row["engine"]: row for row in start}
+    if {"device", "torch"} <= set(by_engine):
+        out["device / torch resident bytes at start"] = round(by_engine["device"]["resident_bytes"]
+                                                              / by_engine["torch"]["resident_bytes"], 2)
     for row in memory:
         out[f"{row['engine']}: resident bytes per added task / its package bytes"] = row["ratio_to_package_bytes"]
     for row in swaps:

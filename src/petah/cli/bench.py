@@ -50,23 +50,29 @@ def bench_latency(
 
 @bench_app.command("serve")
 def bench_serve(
-    engines: Annotated[str, typer.Option("--engines", help="Comma-separated engines to measure.")] = "torch,onnx",
+    engines: Annotated[str, typer.Option("--engines", help="Comma-separated engines to measure.")
+                       ] = "device,onnx,torch",
     seconds: Annotated[float, typer.Option("--seconds", help="Seconds of load per measured point.")] = 4.0,
     swaps: Annotated[int, typer.Option("--swaps", help="Swaps timed per engine.")] = 40,
     threads: Annotated[int, typer.Option("--threads", help="The station's inference threads.")] = 2,
+    device_python: Annotated[str | None, typer.Option(
+        "--device-python", help="The interpreter of a device install (no torch) to run the device engine's "
+                                "stations with; its installed size is reported.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """The station under load: requests/s and p50 / p99 at 1 / 4 / 16 clients per engine, batching on
-    and off; swap pause; resident memory with 1 / 4 / 8 tasks."""
+    """The station under load: seconds to the first answer and memory at start; requests/s and p50 / p99
+    at 1 / 4 / 16 clients per engine, batching on and off; swap pause; resident memory with 1 / 4 / 8 tasks."""
     from petah.bench.serve import run_serve_bench
     from petah.serve import ENGINES
 
     chosen = tuple(e.strip() for e in engines.split(",") if e.strip())
     if not chosen or any(e not in ENGINES or e == "auto" for e in chosen):
-        raise PetahError(f"--engines takes torch and / or onnx, got {engines!r}")
+        raise PetahError(f"--engines takes device, onnx and / or torch, got {engines!r}")
     if seconds <= 0 or swaps < 1 or threads < 1:
         raise PetahError("--seconds must be > 0, --swaps and --threads at least 1")
-    result = run_serve_bench(chosen, seconds=seconds, swaps=swaps, threads=threads)
+    if device_python is not None and not Path(device_python).is_file():
+        raise PetahError(f"--device-python {device_python}: no such interpreter")
+    result = run_serve_bench(chosen, seconds=seconds, swaps=swaps, threads=threads, device_python=device_python)
     if json_out:
         emit_json(result)
         return

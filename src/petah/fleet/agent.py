@@ -311,7 +311,7 @@ class Agent:
         versions = {"candidate": path}
         if entry is not None:
             versions["current"] = self.station.state.package_path(entry.sha256)
-        scores = score_versions(self.station.backbone, versions, self.station.config.golden)
+        scores = score_versions(self.station.backbone, versions, self.station.config.golden, self.station.engine)
         if scores is None:
             return None
         reason = self.rule.judge(scores["candidate"], scores.get("current"), signed_min_score(custom))

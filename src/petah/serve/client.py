@@ -112,11 +112,12 @@ STARTED = re.compile(r"petah station: \d+ task\(s\) on (https?://\S+?)/? ")
 
 
 @contextlib.contextmanager
-def station_process(*args: str, timeout: float = 120.0, env: dict | None = None) -> Iterator[tuple[subprocess.Popen,
-                                                                                                      str]]:
-    """``petah serve ARGS --port 0`` as a child process; yields it and its URL once it answers,
-    and stops it (SIGTERM, then SIGKILL after 30 s) on the way out."""
-    proc = subprocess.Popen([sys.executable, "-m", "petah", "serve", *args, "--port", "0"],
+def station_process(*args: str, timeout: float = 120.0, env: dict | None = None,
+                    python: str | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``petah serve ARGS --port 0`` as a child process (of ``python``: another environment's
+    interpreter, e.g. a device install); yields it and its URL once it answers, and stops it
+    (SIGTERM, then SIGKILL after 30 s) on the way out."""
+    proc = subprocess.Popen([python or sys.executable, "-m", "petah", "serve", *args, "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
     found: list[str] = []
