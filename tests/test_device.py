@@ -107,11 +107,12 @@ def test_swap_rollback_and_delete_on_the_device_engine(device_station):
 
 
 def test_a_tampered_device_backbone_is_refused_in_one_line(tmp_path):
-    from petah.serve import _assets
+    from petah.serve import demo_device_files
 
+    source, weights = demo_device_files()
     folder = tmp_path / "device"
-    shutil.copytree(_assets() / "demo" / "device", folder)
-    shutil.copy(_assets() / "efficientformerv2_s0-64-fashion.safetensors", folder / "weights.safetensors")
+    shutil.copytree(source, folder)
+    shutil.copy(weights, folder / "weights.safetensors")
     graph = bytearray((folder / "backbone.onnx").read_bytes())
     graph[-10] ^= 1
     (folder / "backbone.onnx").write_bytes(bytes(graph))
@@ -143,10 +144,10 @@ def test_build_verbs_say_they_need_the_full_install():
 def test_the_golden_set_gate_scores_on_the_device(tmp_path):
     from petah.errors import PetahError
     from petah.fleet.gate import score_versions
-    from petah.serve import station_backbone
+    from petah.serve import demo_device_backbone
     from petah.serve.engine import DeviceEngine
 
-    backbone = station_backbone(None, demo=True, engine="device")
+    backbone = demo_device_backbone()
     engine = DeviceEngine(backbone, threads=1)
     golden = tmp_path / "golden"
     for label in ("3", "7"):

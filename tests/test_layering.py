@@ -30,6 +30,22 @@ RULES = [
      "loading a pruned backbone must not need Torch-Pruning"),
 ]
 
+# the device side: never the training stack, never torch task code (serve reaches petah.runtime only
+# lazily, on the full install; fleet.gate imports petah.runtime.golden only for a torch backbone: the
+# test_device guard checks in fresh interpreters that neither loads torch when serving)
+DEVICE_SIDE = {
+    "petah.packages": "the package core is read on devices without torch",
+    "petah.plans": "plan descriptions are read with packages, on devices without torch",
+    "petah.device": "the device engine runs without torch",
+    "petah.imaging": "images are decoded on devices without torch",
+    "petah.serve": "the station reaches torch only via the runtime",
+    "petah.fleet": "the agent and the gate run on devices without torch",
+}
+TORCH_SIDE = ("petah.adapters", "petah.backbones", "petah.tasks", "petah.runtime", "petah.train", "petah.export",
+              "petah.api", "petah.data", "torch")
+RULES += [(importer, forbidden, (), why) for importer, why in DEVICE_SIDE.items() for forbidden in TORCH_SIDE
+          if not (importer in ("petah.serve", "petah.fleet") and forbidden == "petah.runtime")]
+
 
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(SRC).with_suffix("").parts)

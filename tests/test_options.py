@@ -129,7 +129,7 @@ def test_stage_rank_for_a_stage_the_backbone_lacks_is_refused(small_backbone):
 
 
 def test_rank_above_a_layers_smaller_side_is_capped(small_backbone):
-    from petah.plans.targets import min_dimension
+    from petah.adapters.targets import min_dimension
 
     summary = api.plan_summary(small_backbone, plan=PlanConfig(rank=MAX_RANK))
     lora = [layer for layer in summary["layers"] if layer["method"] == "lora"]

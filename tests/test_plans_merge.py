@@ -5,10 +5,10 @@ import torch
 
 from conftest import FAMILY_MODELS, wake_zero_init_scales
 from petah.adapters import TaskAdapter, refresh_attention_caches
+from petah.adapters.targets import is_grouped
 from petah.backbones import create_backbone
 from petah.errors import PetahError
 from petah.plans import CHANNEL_SCALE, FAMILIES, LORA, PRESETS, PlanConfig, family_for
-from petah.plans.targets import is_grouped
 
 
 def test_every_family_is_covered():

@@ -190,7 +190,7 @@ def test_the_device_gate_scores_what_the_torch_gate_scores(tmp_path):
     from conftest import make_pattern
     from petah.backbones import demo_backbone_path
     from petah.fleet.gate import score_versions
-    from petah.serve import demo_packages, station_backbone
+    from petah.serve import demo_device_backbone, demo_packages
     from petah.serve.engine import DeviceEngine
 
     digits = next(p for p in demo_packages() if p.stem == "digits")
@@ -200,7 +200,7 @@ def test_the_device_gate_scores_what_the_torch_gate_scores(tmp_path):
         for i in range(2):
             pattern = make_pattern(label, size=64, seed=i)
             Image.fromarray(pattern).save(golden / "digits" / str(label) / f"{i}.png")
-    device = station_backbone(None, demo=True, engine="device")
+    device = demo_device_backbone()
     on_device = score_versions(device, {"v": digits}, golden, DeviceEngine(device, threads=1))["v"]
     with_torch = score_versions(create_backbone(weights=str(demo_backbone_path())), {"v": digits}, golden)["v"]
     assert (on_device.metric, on_device.value) == (with_torch.metric, with_torch.value)

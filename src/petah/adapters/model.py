@@ -21,11 +21,11 @@ from peft.tuners.lora import LoraLayer
 
 from petah.adapters.channel_scale import ChannelScale
 from petah.adapters.inference import use_weight_space_inference
+from petah.adapters.targets import override_names, resolve_targets
 from petah.backbones import Backbone
 from petah.errors import PetahError
 from petah.plans import CHANNEL_SCALE, LORA, PlanConfig, Target
 from petah.plans.base import plain_name
-from petah.plans.targets import override_names, resolve_targets
 
 ADAPTER = "default"  # the adapter name of a model that holds a single task
 

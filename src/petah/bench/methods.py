@@ -178,10 +178,10 @@ def _adalora(backbone, train, config, equal_bytes: int, tries: int = 3):
     from safetensors.torch import load_file, save
 
     from petah.adapters.model import lora_config
+    from petah.adapters.targets import resolve_targets
     from petah.api import preprocess_for
     from petah.data import Augment
     from petah.plans import PlanConfig
-    from petah.plans.targets import resolve_targets
     from petah.tasks import Classification
     from petah.train import Trainer
     from petah.train.trainer import frozen_norms, schedule_steps

@@ -30,7 +30,7 @@ import numpy as np
 from petah.backbones import demo_backbone_path
 from petah.device.bundle import WEIGHTS_FILE
 from petah.errors import PetahError
-from petah.serve import demo_packages
+from petah.serve import demo_device_files, demo_packages
 from petah.serve.client import StationClient, station_process
 from petah.serve.metrics import quantile_ms
 
@@ -97,9 +97,10 @@ class Setup:
     def __init__(self, root: Path, device_python: str | None):
         self.python = {"device": device_python}
         self.packages = [p for p in demo_packages() if p.stem in TASKS]
+        source, weights = demo_device_files()
         folder = root / "device-backbone"  # the demo's device folder with the demo weights beside it
-        shutil.copytree(Path(str(demo_backbone_path().parent)) / "demo" / "device", folder)
-        shutil.copy(demo_backbone_path(), folder / WEIGHTS_FILE)
+        shutil.copytree(source, folder)
+        shutil.copy(weights, folder / WEIGHTS_FILE)
         self.backbone = {"device": str(folder)}
 
     def args(self, engine: str, state: Path, threads: int, *extra: str, packages: bool = True) -> tuple[str, ...]:

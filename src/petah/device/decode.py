@@ -67,6 +67,20 @@ def mask_png(mask: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def anomaly_map_image(anomaly_map: np.ndarray, threshold: float):
+    """An anomaly map as an 8-bit grey image: 0 at distance 0, 128 at the threshold, 255 at twice it."""
+    from PIL import Image
+
+    scale = 128.0 / threshold if threshold > 0 else 1.0
+    return Image.fromarray(np.clip(np.rint(np.asarray(anomaly_map) * scale), 0, 255).astype(np.uint8), mode="L")
+
+
+def anomaly_map_png(anomaly_map: np.ndarray, threshold: float) -> bytes:
+    buffer = io.BytesIO()
+    anomaly_map_image(anomaly_map, threshold).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
@@ -162,5 +176,5 @@ def detection(outputs: np.ndarray, classes: list[str], head: dict, img_size: int
     return rows
 
 
-__all__ = ["PALETTE", "classification", "detection", "fcos_detections", "mask_image", "mask_png", "nms",
-           "segmentation", "softmax"]
+__all__ = ["PALETTE", "anomaly_map_image", "anomaly_map_png", "classification", "detection", "fcos_detections",
+           "mask_image", "mask_png", "nms", "segmentation", "softmax"]

@@ -29,6 +29,17 @@ def _assets() -> Path:
     return Path(str(resources.files("petah") / "assets"))
 
 
+def demo_device_files() -> tuple[Path, Path]:
+    """The bundled demo's device backbone: its folder (graph + device.json) and the weights file it
+    shares with the demo backbone."""
+    return _assets() / "demo" / "device", _assets() / DEMO_BACKBONE
+
+
+def demo_device_backbone():
+    folder, weights = demo_device_files()
+    return read_device_backbone(folder, weights=weights)
+
+
 def demo_on_device(engine: str) -> bool:
     """Whether ``serve --demo`` runs on the device engine: asked for, or the install has no torch."""
     return engine == "device" or (engine == "auto" and importlib.util.find_spec("torch") is None)
@@ -46,11 +57,11 @@ def station_backbone(spec: str | None, weights: str = "none", img_size: int | No
     """What the station serves on: a device backbone folder (no torch), or on the full install a
     backbone file / timm name; ``demo``: the bundled demo backbone in the form the engine runs."""
     if demo and demo_on_device(engine):
-        return read_device_backbone(_assets() / "demo" / "device", weights=_assets() / DEMO_BACKBONE)
+        return demo_device_backbone()
     if spec is not None and (Path(spec) / MANIFEST_FILE).is_file():
         return read_device_backbone(spec)
     try:
-        from petah.backbones import demo_backbone_path, resolve_backbone
+        from petah.runtime import demo_backbone_path, resolve_backbone
     except ImportError as exc:
         raise PetahError(f"-b {spec}: this install has no {exc.name} (a device install); give a device backbone "
                          "folder (petah export --device on a build machine)") from None
@@ -81,4 +92,5 @@ def run_station(station: Station, sock: socket.socket | None = None) -> None:
 
 
 __all__ = ["DEMO_PACKAGES", "ENGINES", "ServeConfig", "Station", "TaskRecord", "UnknownTask", "Upload", "bind",
-           "demo_on_device", "demo_packages", "station_backbone", "run_station"]
+           "demo_device_backbone", "demo_device_files", "demo_on_device", "demo_packages", "station_backbone",
+           "run_station"]

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from petah.device.decode import mask_png
+from petah.device.decode import anomaly_map_png, mask_png
 from petah.errors import PetahError, PetahWarning
 from petah.imaging import load_image_modes
 from petah.packages import Manifest, SignatureError, TrustPolicy, check_task_name, read_manifest
@@ -381,9 +381,7 @@ class Station:
                     row["mask_png"] = base64.b64encode(mask_png(np.asarray(mask))).decode("ascii")
                     row["mask_size"] = [int(mask.shape[1]), int(mask.shape[0])]
                 if "anomaly_map" in row:  # grey: 128 at the threshold (petah.tasks.anomaly.anomaly_map_image)
-                    from petah.tasks.anomaly import anomaly_map_png
-
-                    anomaly_map = row.pop("anomaly_map")
+                    anomaly_map = np.asarray(row.pop("anomaly_map"))
                     row["anomaly_map_png"] = base64.b64encode(anomaly_map_png(anomaly_map, row["threshold"])
                                                               ).decode("ascii")
                     row["map_size"] = [int(anomaly_map.shape[1]), int(anomaly_map.shape[0])]

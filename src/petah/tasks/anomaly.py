@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import BinaryAUROC
 
 from petah.backbones.features import feature_levels, level_indices, multi_scale_features
+from petah.device import decode
 from petah.errors import PetahError
 from petah.files import atomic_write_image
 from petah.options import option
@@ -332,10 +333,7 @@ def auroc(scores: np.ndarray, truth: np.ndarray) -> float | None:
 
 def anomaly_map_image(anomaly_map: torch.Tensor, threshold: float):
     """The map as an 8-bit grey image: 0 at distance 0, 128 at the threshold, 255 at twice it."""
-    from PIL import Image
-
-    scale = 128.0 / threshold if threshold > 0 else 1.0
-    return Image.fromarray(np.clip(np.rint(anomaly_map.numpy() * scale), 0, 255).astype(np.uint8), mode="L")
+    return decode.anomaly_map_image(anomaly_map.numpy(), threshold)
 
 
 def save_anomaly_map(anomaly_map: torch.Tensor, threshold: float, path) -> None:
@@ -353,11 +351,7 @@ def save_heatmap(image: torch.Tensor, anomaly_map: torch.Tensor, threshold: floa
 
 
 def anomaly_map_png(anomaly_map: torch.Tensor, threshold: float) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    anomaly_map_image(anomaly_map, threshold).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return decode.anomaly_map_png(anomaly_map.numpy(), threshold)
 
 
 __all__ = ["LABELS", "METHOD", "Anomaly", "AnomalyConfig", "AnomalyModel", "PatchBank", "anomaly_map_image",

@@ -30,11 +30,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from petah.adapters.targets import NORM_TYPES, resolve_targets, weight_matrix_shape
 from petah.errors import PetahError
 from petah.packages.format import statistics_dtype
 from petah.plans import CHANNEL_SCALE, LORA, PlanConfig, Target, stage_function
 from petah.plans.budget import Ladder, allocate, stage_summary
-from petah.plans.targets import NORM_TYPES, resolve_targets, weight_matrix_shape
 
 # Probe length as a share of the training steps (the cap: +15 % of training time), with
 # floors so a short run still sees a few batches and ceilings so a long one does not pay more.
