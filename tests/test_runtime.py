@@ -204,3 +204,47 @@ def test_the_device_gate_scores_what_the_torch_gate_scores(tmp_path):
     on_device = score_versions(device, {"v": digits}, golden, DeviceEngine(device, threads=1))["v"]
     with_torch = score_versions(create_backbone(weights=str(demo_backbone_path())), {"v": digits}, golden)["v"]
     assert (on_device.metric, on_device.value) == (with_torch.metric, with_torch.value)
+
+
+def test_tasks_that_leave_the_early_stages_alone_share_one_trunk_on_the_device():
+    """Budget plans give early stages rank 0: the device engine runs that part once for all such
+    tasks (weights held once) and each task's own part after it; answers as the torch runtime's."""
+    from petah.backbones import demo_backbone_path
+    from petah.device import decode
+    from petah.runtime.attach import load_task
+    from petah.serve import demo_device_backbone
+    from petah.serve.engine import DeviceEngine
+
+    backbone = create_backbone(weights=str(demo_backbone_path()))
+    late = PlanConfig(stage_ranks={0: 0, 1: 0, 2: 0})
+    packages = {f"late{i}": synthetic_package(backbone, f"late{i}", late, classes=4, seed=i) for i in range(2)}
+    packages["all"] = synthetic_package(backbone, "all", PlanConfig(), classes=4, seed=3)
+    engine = DeviceEngine(demo_device_backbone(), threads=1)
+    for name, package in packages.items():
+        engine.install(engine.prepare(package, name))
+    held = {name: engine.held(name) for name in packages}
+    assert held["late0"]["form"] == "shared trunk + merged" and held["late0"]["trunk_tasks"] == 2
+    assert engine.tasks["late0"].trunk is engine.tasks["late1"].trunk and len(engine.trunks) == 1
+    assert held["all"]["form"] == "merged"  # its first stage is adapted: nothing to share
+    assert held["late0"]["own_bytes"] + held["late0"]["trunk_bytes"] <= held["all"]["own_bytes"]
+    images = [np.random.default_rng(i).integers(0, 256, (3, 64, 64), dtype=np.uint8) for i in range(3)]
+    answers = engine.run(images, list(packages), top_k=4)
+    x = torch.stack([backbone_input(backbone, image) for image in images])
+    for name, package in packages.items():
+        with torch.no_grad():
+            logits = load_task(backbone, package).model(x).numpy()
+        want = decode.classification(logits, [str(i) for i in range(4)], 4)
+        got = answers[name]
+        assert [row["label"] for row in got] == [row["label"] for row in want]
+        assert all(abs(a["score"] - b["score"]) < 1e-4 for g, w in zip(got, want, strict=True)
+                   for a, b in zip(g["top"], w["top"], strict=True))
+    engine.unload("late0")
+    assert len(engine.trunks) == 1
+    engine.unload("late1")
+    assert not engine.trunks
+
+
+def backbone_input(backbone, image: np.ndarray) -> torch.Tensor:
+    from petah.data import Preprocess
+
+    return Preprocess(backbone.img_size, backbone.mean, backbone.std)(torch.from_numpy(image))

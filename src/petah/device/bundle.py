@@ -39,6 +39,7 @@ class DeviceBackbone:
     graph: bytes
     weights: dict[str, np.ndarray] = field(repr=False)
     path: Path | None = None
+    _value_types: dict | None = field(default=None, repr=False)
 
     def describe(self) -> str:
         pruned = "pruned " if self.pruned else ""
@@ -55,6 +56,25 @@ class DeviceBackbone:
     @property
     def resident_bytes(self) -> int:
         return sum(int(a.nbytes) for a in self.weights.values())
+
+    def value_types(self) -> dict[str, int]:
+        """Element type (ONNX TensorProto enum) of every value in the graph, inferred once with the
+        weights' shapes (what a graph cut between a trunk and a task declares)."""
+        if self._value_types is None:
+            import onnx
+            from onnx import numpy_helper
+
+            model = onnx.load_from_string(self.graph)
+            if model.graph.value_info:  # the exporter records them (petah export --device)
+                self._value_types = {value.name: value.type.tensor_type.elem_type for value in
+                                     [*model.graph.value_info, *model.graph.input, *model.graph.output]}
+                return self._value_types
+            model.graph.initializer.extend(numpy_helper.from_array(self.weights[key], name)
+                                           for key, name in self.index.items())
+            inferred = onnx.shape_inference.infer_shapes(model)
+            self._value_types = {value.name: value.type.tensor_type.elem_type for value in
+                                 [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+        return self._value_types
 
 
 def _compute_dtype(array: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ bias) by ``1 + delta``. Only changed weights are new arrays; every other one is 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,10 +85,23 @@ def merged_weights(backbone: DeviceBackbone, package: TaskPackage, origin: str) 
 
 
 @dataclass
+class Trunk:
+    """The part of the backbone before a task's first changed weight: one graph for every task that
+    leaves the same leading part alone, run once per batch for all of them."""
+
+    key: str  # equal for equal trunks
+    graph: bytes
+    cut: list[str]  # its outputs: what the tasks' own parts read
+    weight_bytes: int
+
+
+@dataclass
 class TaskGraph:
     manifest: Manifest
-    graph: bytes
+    graph: bytes  # image -> answer; with a trunk: the trunk's outputs (``trunk.cut``) -> answer
     changed_bytes: int  # what the task holds beside the backbone's weights (merged weights + head)
+    trunk: Trunk | None = None
+    own_weight_bytes: int = 0  # the weights its own graph holds (its part of the backbone, merged, and its head)
 
 
 def _needed_nodes(graph, outputs: set[str]) -> list:
@@ -190,18 +204,82 @@ def task_graph(backbone: DeviceBackbone, package: TaskPackage, origin: str) -> T
     changed = merged_weights(backbone, package, origin)
     model = onnx.load_from_string(backbone.graph)
     nodes = _needed_nodes(model.graph, set(reads)) + head_nodes
-    used = {name for node in nodes for name in node.input}
-    initializers = [init for init in model.graph.initializer if init.name in used]
-    for key, name in backbone.index.items():
-        if name in used:
-            initializers.append(numpy_helper.from_array(changed.get(key, backbone.weights[key]), name))
-    out = helper.make_graph(nodes, manifest.task.name, list(model.graph.input), [output],
-                            initializers + head_initializers)
-    merged = helper.make_model(out, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    weights = {name: changed.get(key, backbone.weights[key]) for key, name in backbone.index.items()}
+    constants = {init.name: init for init in model.graph.initializer} | {init.name: init for init in head_initializers}
+
+    def build(part: list, inputs: list, outputs: list) -> tuple[bytes, int]:
+        used = {name for node in part for name in node.input}
+        initializers = [constants[name] for name in sorted(used & set(constants))]
+        arrays = [numpy_helper.from_array(weights[name], name) for name in sorted(used & set(weights))]
+        graph = helper.make_graph(part, "task", inputs, outputs, initializers + arrays)  # equal trunks, equal bytes
+        made = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+        return made.SerializeToString(), sum(int(weights[n].nbytes) for n in used & set(weights))
+
     head_bytes = sum(int(np.asarray(v).nbytes) for v in package.section("head").values())
     changed_bytes = sum(int(a.nbytes) for a in changed.values()) + head_bytes
-    return TaskGraph(manifest, merged.SerializeToString(), changed_bytes)
+    image = list(model.graph.input)
+    split = _split_trunk(nodes, len(head_nodes), {backbone.index[k] for k in changed if k in backbone.index},
+                         image[0].name, backbone)
+    if split is None:
+        graph, own = build(nodes, image, [output])
+        return TaskGraph(manifest, graph, changed_bytes, None, own + head_bytes)
+    trunk_nodes, task_nodes, cut = split
+    typed = _cut_types(backbone, cut)
+    trunk_graph, trunk_bytes = build(trunk_nodes, image, typed)
+    key = hashlib.sha256(trunk_graph).hexdigest()
+    graph, own = build(task_nodes, typed, [output])
+    return TaskGraph(manifest, graph, changed_bytes, Trunk(key, trunk_graph, cut, trunk_bytes), own + head_bytes)
 
 
-__all__ = ["GRAPH_HEAD_KINDS", "HEAD_KINDS", "LOGITS", "OUTPUTS", "TaskGraph", "lora_delta", "lora_scaling",
+MIN_TRUNK_FRACTION = 0.1  # a shorter unchanged lead is not worth a second session per batch
+
+
+def _split_trunk(nodes: list, head_count: int, changed: set[str], image: str, backbone: DeviceBackbone):
+    """(trunk nodes, task nodes, cut values) where the task leaves a leading part of the backbone
+    unchanged, or None. A node is the task's when it reads a changed weight or a value of the task's
+    (the head's nodes always are); the trunk is every other node that depends on the image; nodes of
+    constants alone go with whoever reads them."""
+    own_values: set[str] = set()
+    from_image: set[str] = {image}
+    mine = [False] * len(nodes)
+    for i, node in enumerate(nodes):
+        if i >= len(nodes) - head_count or any(n in changed or n in own_values for n in node.input):
+            mine[i] = True
+            own_values.update(node.output)
+        if any(n in from_image for n in node.input):
+            from_image.update(node.output)
+    constant = [node for node, m in zip(nodes, mine, strict=True)
+                if not m and not any(n in from_image for n in node.output)]
+    trunk = [node for node, m in zip(nodes, mine, strict=True)
+             if not m and any(n in from_image for n in node.output)]
+    task = [node for node, m in zip(nodes, mine, strict=True) if m]
+    trunk_outputs = {n for node in trunk for n in node.output}
+    cut = sorted({n for node in task for n in node.input} & trunk_outputs)
+    shared = {n for node in trunk for n in node.input if n in backbone.index.values()}
+    shared_bytes = sum(int(backbone.weights[k].nbytes) for k, v in backbone.index.items() if v in shared)
+    if not cut or shared_bytes < MIN_TRUNK_FRACTION * backbone.resident_bytes:
+        return None
+    order = {id(node): i for i, node in enumerate(nodes)}
+
+    def with_constants(part: list) -> list:
+        """``part`` and the constant computations (no image in them) it reads, in graph order."""
+        needed, extra = {n for node in part for n in node.input}, []
+        for node in reversed(constant):
+            if needed.intersection(node.output):
+                extra.append(node)
+                needed.update(node.input)
+        return sorted(part + extra, key=lambda node: order[id(node)])
+
+    return with_constants(trunk), with_constants(task), cut
+
+
+def _cut_types(backbone: DeviceBackbone, cut: list[str]) -> list:
+    """Typed graph inputs / outputs for the cut values (their element type from the backbone graph)."""
+    from onnx import helper
+
+    types = backbone.value_types()
+    return [helper.make_tensor_value_info(name, types.get(name) or 1, None) for name in cut]  # 1: FLOAT
+
+
+__all__ = ["GRAPH_HEAD_KINDS", "HEAD_KINDS", "LOGITS", "OUTPUTS", "TaskGraph", "Trunk", "lora_delta", "lora_scaling",
            "merged_weights", "task_graph"]

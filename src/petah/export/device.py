@@ -102,7 +102,7 @@ def export_device(backbone: Backbone, output: str | Path, weights_file: str | Pa
         except Exception as exc:  # the exporter raises many types
             raise PetahError(f"cannot export {backbone.name} for a device: {str(exc).splitlines()[0]}") from exc
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    graph, index = strip_named_initializers(buffer.getvalue(), state, PREFIX)
+    graph, index = strip_named_initializers(_with_value_types(buffer.getvalue()), state, PREFIX)
     graph = with_metadata(graph, {"petah.format": f"{BUNDLE_FORMAT}/{BUNDLE_VERSION}",
                                   "petah.backbone": backbone.identity()})
     weights = save(state) if weights_file is None else Path(weights_file).read_bytes()
@@ -125,6 +125,22 @@ def export_device(backbone: Backbone, output: str | Path, weights_file: str | Pa
         atomic_write_bytes(staging / MANIFEST_FILE, canonical_json(info) + b"\n")
     read_device_backbone(output, weights_file)  # what a device will check, checked before anyone ships it
     return {**info, "path": str(output), "graph_bytes": len(graph), "weights_bytes": len(weights)}
+
+
+def _with_value_types(graph: bytes) -> bytes:
+    """The graph with every value's element type recorded (no shapes: the batch axis stays free),
+    which a device needs where it cuts the graph between a shared trunk and a task's own part."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load_from_string(graph)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    known = {value.name for value in [*model.graph.input, *model.graph.output]}
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(helper.make_tensor_value_info(value.name, value.type.tensor_type.elem_type, None)
+                                  for value in inferred.graph.value_info
+                                  if value.name not in known and value.type.tensor_type.elem_type)
+    return model.SerializeToString()
 
 
 __all__ = ["export_device"]

@@ -23,17 +23,30 @@ ENGINES = ("auto", "device", "onnx", "torch")
 
 
 @dataclass
+class TrunkSession:
+    key: str
+    session: object  # onnxruntime.InferenceSession: image -> the cut values
+    cut: list[str]
+    weight_bytes: int
+
+
+@dataclass
 class DeviceTask:
     name: str
     manifest: Manifest
-    session: object  # onnxruntime.InferenceSession of the task's graph
+    session: object  # onnxruntime.InferenceSession of the task's graph (from the image, or from its trunk's cut)
     preprocess: Preprocess
     changed_bytes: int
+    own_weight_bytes: int
+    trunk: TrunkSession | None = None
 
 
 class DeviceEngine:
     """The device install's engine: the shared backbone's weights held once in numpy; per task a
-    graph with its merged weights, opened by ONNX Runtime (which folds and packs them)."""
+    graph with its merged weights, opened by ONNX Runtime (which folds and packs them). A task that
+    leaves a leading part of the backbone unchanged (budget plans give early stages rank 0) runs
+    that part as a trunk shared with every task that leaves the same part alone: its weights held
+    once, and run once per batch for all of them."""
 
     name = "device"
 
@@ -41,41 +54,75 @@ class DeviceEngine:
         self.backbone = backbone
         self.trust = trust
         self.options = session_options(threads)
+        # no arena: a session's arena kept ~6 MB more per task on the demo for no speed at batch 1 (measured)
+        self.options.enable_cpu_mem_arena = False
         self.tasks: dict[str, DeviceTask] = {}
+        self.trunks: dict[str, TrunkSession] = {}  # changed only on the inference thread
 
-    def prepare(self, path: Path, name: str | None) -> DeviceTask:
+    def _session(self, graph: bytes):
         import onnxruntime as ort
 
+        return ort.InferenceSession(graph, self.options, providers=["CPUExecutionProvider"])
+
+    def prepare(self, path: Path, name: str | None) -> DeviceTask:
         package, origin = open_package(path, self.backbone, self.trust)
         name = check_task_name(name or package.task_name, origin)
         graph = task_graph(self.backbone, package, f"task {name}")
-        session = ort.InferenceSession(graph.graph, self.options, providers=["CPUExecutionProvider"])
-        return DeviceTask(name, package.manifest, session, Preprocess.from_dict(package.manifest.preprocessing),
-                          graph.changed_bytes)
+        trunk = None
+        if graph.trunk is not None:
+            trunk = self.trunks.get(graph.trunk.key)  # a trunk being installed meanwhile is only opened twice
+            if trunk is None:
+                trunk = TrunkSession(graph.trunk.key, self._session(graph.trunk.graph), graph.trunk.cut,
+                                     graph.trunk.weight_bytes)
+        return DeviceTask(name, package.manifest, self._session(graph.graph),
+                          Preprocess.from_dict(package.manifest.preprocessing), graph.changed_bytes,
+                          graph.own_weight_bytes, trunk)
 
     def install(self, prepared: DeviceTask) -> Manifest:
+        if prepared.trunk is not None:
+            prepared.trunk = self.trunks.setdefault(prepared.trunk.key, prepared.trunk)
         self.tasks[prepared.name] = prepared
+        self._drop_unused_trunks()
         return prepared.manifest
+
+    def _drop_unused_trunks(self) -> None:
+        used = {task.trunk.key for task in self.tasks.values() if task.trunk is not None}
+        for key in set(self.trunks) - used:
+            del self.trunks[key]
 
     def retire(self) -> None:
         """Nothing to do: a replaced session is freed with its last reference."""
 
     def unload(self, name: str) -> None:
         del self.tasks[name]
+        self._drop_unused_trunks()
 
     def held(self, name: str) -> dict:
-        """How a task is held in memory (``/v1/tasks``): merged into its own graph, the weights it
-        changes in its own arrays beside the backbone's shared ones."""
-        return {"form": "merged", "engine": self.name, "own_bytes": self.tasks[name].changed_bytes}
+        """How a task is held in memory (``/v1/tasks``): merged into its own graph (``own_bytes``: the
+        weights in it, its part of the backbone merged and its head), after a shared trunk where it
+        leaves the backbone's leading part alone (``trunk_bytes``, held once for all its tasks)."""
+        task = self.tasks[name]
+        if task.trunk is None:
+            return {"form": "merged", "engine": self.name, "own_bytes": task.own_weight_bytes}
+        sharing = sum(1 for t in self.tasks.values() if t.trunk is not None and t.trunk.key == task.trunk.key)
+        return {"form": "shared trunk + merged", "engine": self.name, "own_bytes": task.own_weight_bytes,
+                "trunk_bytes": task.trunk.weight_bytes, "trunk_tasks": sharing}
 
     def run(self, images: list, names: list[str], top_k: int) -> dict[str, list[dict]]:
         batches: dict[Preprocess, object] = {}  # tasks of one backbone share their preprocessing
+        trunks: dict[tuple, dict] = {}  # each trunk runs once per batch for all its tasks
         results = {}
         for name in names:
             task = self.tasks[name]
             if task.preprocess not in batches:
                 batches[task.preprocess] = task.preprocess.array_batch(images)
-            outputs = task.session.run(None, {"image": batches[task.preprocess]})[0]
+            feed = {"image": batches[task.preprocess]}
+            if task.trunk is not None:
+                key = (task.trunk.key, task.preprocess)
+                if key not in trunks:
+                    trunks[key] = dict(zip(task.trunk.cut, task.trunk.session.run(task.trunk.cut, feed), strict=True))
+                feed = trunks[key]
+            outputs = task.session.run(None, feed)[0]
             results[name] = self.decode(task.manifest, outputs, [image.shape[-2:] for image in images], top_k)
         return results
 
