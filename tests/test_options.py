@@ -66,11 +66,13 @@ def test_good_configs_pass_and_keep_their_values():
 
 # --- the CLI's options are the config fields ------------------------------------------------
 def _options(*path):
+    import click
+
     from petah.cli import app
 
     command = typer.main.get_command(app)
-    for name in path:
-        command = command.commands[name]
+    for name in path:  # build verbs are loaded on demand (petah.cli.LazyGroup)
+        command = command.get_command(click.Context(command), name)
     return {opt: param for param in command.params for opt in param.opts}
 
 

@@ -43,16 +43,25 @@ TRAINING_STACK = ("torch", "torchvision", "timm", "peft", "transformers", "torch
 class LazyGroup(TyperGroup):
     """click's lazy-loading group: a build verb's module is imported when it is run (or its help shown)."""
 
+    listing = False  # True while `petah --help` lists the verbs: they are listed without importing them
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(set(super().list_commands(ctx)) | set(BUILD_VERBS))
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self.listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self.listing = False
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         command = super().get_command(ctx, name)
         if command is not None or name not in BUILD_VERBS:
             return command
         module_name, attribute, summary = BUILD_VERBS[name]
-        if ctx.resilient_parsing or "--help" in sys.argv[1:2] or len(sys.argv) < 2:  # `petah --help` lists
-            return click.Command(name, short_help=summary, help=summary)  # verbs without importing them
+        if self.listing or ctx.resilient_parsing:
+            return click.Command(name, short_help=summary, help=summary)
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
