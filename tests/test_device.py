@@ -62,7 +62,7 @@ def device_station(tmp_path_factory):
 def test_the_demo_answers_on_the_device_engine(device_station):
     client = StationClient(device_station["url"])
     tasks = {t["name"]: t for t in client.tasks()}
-    assert set(tasks) == {"digits", "textures", "defects", "digit-boxes"}  # the anomaly bank is not on devices yet
+    assert set(tasks) == {"digits", "textures", "defects", "digit-boxes", "surfaces"}
     assert all(t["held"]["form"] == "merged" and t["held"]["own_bytes"] > 0 for t in tasks.values())
     images = [("a.png", png(0)), ("b.png", png(1, size=80))]
     first = client.predict(images, list(tasks))
@@ -78,6 +78,10 @@ def test_the_demo_answers_on_the_device_engine(device_station):
         assert mask.shape == (size, size) and defects["mask_size"] == [size, size]
         assert set(np.unique(mask)) <= set(range(len(tasks["defects"]["labels"])))
         assert abs(sum(defects["pixels"].values()) - 1) < 1e-4
+        surfaces = row["tasks"]["surfaces"]
+        assert surfaces["label"] == ("anomaly" if surfaces["score"] > surfaces["threshold"] else "good")
+        heat = np.asarray(Image.open(io.BytesIO(base64.b64decode(surfaces["anomaly_map_png"]))))
+        assert heat.shape == (size, size) and surfaces["map_size"] == [size, size]
         for box in row["tasks"]["digit-boxes"]["boxes"]:
             assert box["label"] in tasks["digit-boxes"]["labels"] and 0.2 < box["score"] <= 1
             x0, y0, x1, y1 = box["box"]
@@ -102,8 +106,14 @@ def test_swap_rollback_and_delete_on_the_device_engine(device_station):
     assert answer("swap") == textures  # and the one before it is back
     assert client.delete("swap", ADMIN).status == 200
     assert "swap" not in {t["name"] for t in client.tasks()}
-    refused = client.install("bank", PACKAGES["surfaces"].read_bytes(), ADMIN)  # anomaly: not yet on devices
-    assert refused.status == 400 and "device engine runs classification" in refused.json()["error"]
+    # a dense package from before format 3 (no head graph): refused, saying how to upgrade it
+    from petah.packages import encode_package, read_package
+
+    old = read_package(PACKAGES["defects"])
+    del old.tensors["graph/head"]
+    old.manifest.head = {k: v for k, v in old.manifest.head.items() if k not in ("graph", "graph_inputs")}
+    refused = client.install("old-defects", encode_package(old), ADMIN)
+    assert refused.status == 400 and "petah upgrade" in refused.json()["error"]
 
 
 def test_a_tampered_device_backbone_is_refused_in_one_line(tmp_path):

@@ -118,7 +118,7 @@ def test_the_device_merge_matches_the_torch_runtime(family_task, tmp_path):
 
 
 @pytest.mark.parametrize("name, size", [("efficientformerv2_s0", 64), ("mobilevit_xxs", 64)])
-@pytest.mark.parametrize("kind_name", ["segmentation", "detection"])
+@pytest.mark.parametrize("kind_name", ["segmentation", "detection", "anomaly"])
 def test_dense_heads_run_on_the_device_as_in_the_torch_runtime(name, size, kind_name, tmp_path):
     """A dense package carries its head's graph (format 3): the device's answers (raw outputs and
     decoded masks / boxes, decoded in numpy) equal the torch runtime's."""
@@ -132,15 +132,19 @@ def test_dense_heads_run_on_the_device_as_in_the_torch_runtime(name, size, kind_
     backbone = create_backbone(name, size)
     export_device(backbone, tmp_path / "device")
     kind = task_kind(kind_name)
-    head = kind.head_for(backbone, 3)
+    head = kind.head_for(backbone, 3) if kind_name != "anomaly" else kind.head_for(backbone, 2, size=40)
+    labels = ["a", "b", "c"] if kind_name != "anomaly" else ["good", "anomaly"]
     with torch.no_grad():
         for param in head.parameters():
             param.add_(torch.randn(param.shape) * 0.05)
+        if kind_name == "anomaly":
+            head.bank.copy_(torch.randn(head.bank.shape).half())
+            head.threshold = 2.0
     plain = synthetic_package(backbone, "t", PlanConfig(), classes=3)
     from petah.runtime.attach import build_package
 
     work = load_task(backbone, plain)
-    package = build_package(backbone, work.adapter, head, task_name="t", labels=["a", "b", "c"], kind=kind,
+    package = build_package(backbone, work.adapter, head, task_name="t", labels=labels, kind=kind,
                             adapter_dtype="float32")
     package = read_package(write_package(tmp_path / "t.petah", package))
     assert package.manifest.format_version == 3 and "graph/head" in package.tensors
@@ -155,6 +159,11 @@ def test_dense_heads_run_on_the_device_as_in_the_torch_runtime(name, size, kind_
     if kind_name == "detection":
         want = kind.decode(expected, task.classes, sizes=sizes, head=task.model.head, img_size=size)
         assert decode.detection(expected.numpy(), task.classes, package.manifest.head, size, sizes) == want
+    elif kind_name == "anomaly":
+        want = kind.decode(expected, task.classes, sizes=sizes, head=task.model.head)
+        have = decode.anomaly(got, task.classes, package.manifest.head["threshold"], sizes)
+        assert [(h["label"], h["anomalous"]) for h in have] == [(w["label"], w["anomalous"]) for w in want]
+        assert all(abs(h["score"] - w["score"]) < 1e-4 for h, w in zip(have, want, strict=True))
     else:
         want = kind.decode(expected, task.classes, sizes=sizes)
         have = decode.segmentation(got, task.classes, sizes)

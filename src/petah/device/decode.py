@@ -49,6 +49,22 @@ def segmentation(logits: np.ndarray, classes: list[str], sizes: list[tuple[int, 
     return out
 
 
+def anomaly(maps: np.ndarray, classes: list[str], threshold: float,
+            sizes: list[tuple[int, int]] | None = None) -> list[dict]:
+    """Per image: its score (the map's maximum), the decision against the threshold, and the map at
+    the image's own size (float distances; ``anomaly_map_png`` makes it an image)."""
+    out = []
+    for i, row in enumerate(np.asarray(maps, dtype=np.float32)):
+        row = row[0]
+        if sizes is not None and tuple(sizes[i]) != row.shape:
+            h, w = sizes[i]
+            row = bilinear_matrix(row.shape[0], h) @ row @ bilinear_matrix(row.shape[1], w).T
+        score = float(row.max())
+        out.append({"label": classes[int(score > threshold)], "score": round(score, 6),
+                    "threshold": round(threshold, 6), "anomalous": bool(score > threshold), "anomaly_map": row})
+    return out
+
+
 def mask_image(mask: np.ndarray):
     """A palette image of class indices (VOC style): viewers show colours, tools read indices."""
     from PIL import Image
@@ -188,5 +204,5 @@ def detection(outputs: np.ndarray, classes: list[str], head: dict, img_size: int
     return rows
 
 
-__all__ = ["PALETTE", "anomaly_map_image", "anomaly_map_png", "classification", "detection", "fcos_detections",
-           "mask_image", "mask_png", "nms", "overlap_matrix", "segmentation", "softmax"]
+__all__ = ["PALETTE", "anomaly", "anomaly_map_image", "anomaly_map_png", "classification", "detection",
+           "fcos_detections", "mask_image", "mask_png", "nms", "overlap_matrix", "segmentation", "softmax"]

@@ -21,10 +21,10 @@ from petah.plans import CHANNEL_SCALE, LORA, PlanConfig
 
 LOGITS = "logits"
 OUTPUTS = "outputs"
-# what the device engine runs without torch: classification (a linear head, built here) and the dense
-# kinds whose package carries its head's graph (format 3); anomaly's memory bank is not yet here
-HEAD_KINDS = ("classification", "segmentation", "detection")
-GRAPH_HEAD_KINDS = ("segmentation", "detection")
+# what the device engine runs without torch: classification (a linear head, built here) and the kinds
+# whose package carries its head's graph (format 3: dense heads, anomaly's bank and its scoring)
+HEAD_KINDS = ("classification", "segmentation", "detection", "anomaly")
+GRAPH_HEAD_KINDS = ("segmentation", "detection", "anomaly")
 RENAMED = "head::"  # the head graph's own value names, kept apart from the backbone's
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from petah.errors import PetahError
+from petah.tasks.anomaly import smooth
 
 OPSET = 17
 INPUT, OUTPUT = "image", "logits"
@@ -48,22 +49,25 @@ def strip_named_initializers(graph: bytes, state: dict, prefix: str) -> tuple[by
 
 HEAD_PREFIX = "head."
 HEAD_OUTPUT = "outputs"
-GRAPH_HEADS = ("segmentation", "detection")  # heads a device runs from the graph its package carries
+GRAPH_HEADS = ("segmentation", "detection", "anomaly")  # heads a device runs from the graph its package carries
 
 
 class _GraphHead(nn.Module):
     """A dense head as the device runs it: feature maps in (one input per stride), the task
-    model's output out (segmentation: logits at the input size, as SegmentationModel gives them)."""
+    model's output out (segmentation: logits at the input size, as SegmentationModel gives them;
+    anomaly: the smoothed distance map at the input size, as AnomalyModel gives it)."""
 
-    def __init__(self, head: nn.Module, img_size: int | None):
+    def __init__(self, head: nn.Module, kind: str, img_size: int):
         super().__init__()
-        self.head, self.img_size = head, img_size
+        self.head, self.kind, self.img_size = head, kind, img_size
 
     def forward(self, *maps: torch.Tensor) -> torch.Tensor:
         out = self.head(list(maps))
-        if self.img_size is not None:
+        if self.kind in ("segmentation", "anomaly"):
             out = torch.nn.functional.interpolate(out, size=(self.img_size, self.img_size), mode="bilinear",
                                                   align_corners=False)
+        if self.kind == "anomaly":
+            out = smooth(out, self.head.blur_sigma)
         return out
 
 
@@ -72,9 +76,9 @@ def head_graph(kind: str, head: nn.Module, img_size: int) -> tuple[bytes, list[s
     package's head tensors on the device) and its input names (``level_STRIDE``)."""
     strides = list(head.strides)
     inputs = [f"level_{s}" for s in strides]
-    maps = tuple(torch.zeros(2, c, max(2, -(-img_size // s)), max(2, -(-img_size // s)))
+    maps = tuple(torch.rand(2, c, max(2, -(-img_size // s)), max(2, -(-img_size // s)))
                  for c, s in zip(head.in_channels, strides, strict=True))
-    module = _GraphHead(head.eval(), img_size if kind == "segmentation" else None).eval()
+    module = _GraphHead(head.eval(), kind, img_size).eval()
     buffer = io.BytesIO()
     with warnings.catch_warnings():  # the legacy exporter is chosen deliberately (see the module doc)
         warnings.simplefilter("ignore")

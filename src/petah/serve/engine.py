@@ -132,6 +132,8 @@ class DeviceEngine:
             return answers.segmentation(outputs, labels, sizes)
         if kind == "detection":
             return answers.detection(outputs, labels, manifest.head, self.backbone.img_size, sizes)
+        if kind == "anomaly":
+            return answers.anomaly(outputs, labels, float(manifest.head.get("threshold", float("inf"))), sizes)
         return answers.classification(outputs, labels, top_k)
 
 

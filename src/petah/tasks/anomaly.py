@@ -286,15 +286,8 @@ class Anomaly:
         """Per image: its score (the map's maximum), the decision against the threshold, and the
         map at the image's own size (float distances; ``anomaly_map_png`` makes it an image)."""
         threshold = head.threshold if head is not None else float("inf")
-        out = []
-        for i, row in enumerate(maps):
-            if sizes is not None:
-                row = F.interpolate(row[None], size=sizes[i], mode="bilinear", align_corners=False)[0]
-            score = float(row.max())
-            out.append({"label": LABELS[int(score > threshold)], "score": round(score, 6),
-                        "threshold": round(threshold, 6), "anomalous": bool(score > threshold),
-                        "anomaly_map": row[0].float()})
-        return out
+        rows = decode.anomaly(maps.detach().float().cpu().numpy(), list(LABELS), threshold, sizes)  # one definition
+        return [{**row, "anomaly_map": torch.from_numpy(row["anomaly_map"])} for row in rows]
 
 
 def report(scores: np.ndarray, anomalous: np.ndarray, maps: list, masks: list, threshold: float) -> dict:
