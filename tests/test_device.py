@@ -171,3 +171,62 @@ def test_the_golden_set_gate_scores_on_the_device(tmp_path):
     (golden / "defects" / "images").mkdir(parents=True)
     with pytest.raises(PetahError, match="needs the full install"):
         score_versions(backbone, {"current": PACKAGES["defects"]}, golden, engine)
+
+
+def _with_head_graph(name: str, edit) -> "object":
+    """A demo package whose head graph ``edit`` changed (the package re-hashed, as a forger would)."""
+    import onnx
+
+    from petah.packages import read_package
+
+    package = read_package(PACKAGES[name])
+    graph = onnx.load_from_string(package.tensors["graph/head"].tobytes())
+    edit(graph)
+    package.tensors["graph/head"] = np.frombuffer(graph.SerializeToString(), dtype=np.uint8).copy()
+    return package
+
+
+def _external(graph) -> None:
+    from onnx import TensorProto
+
+    tensor = TensorProto(name="leak", data_type=TensorProto.FLOAT, dims=[4], data_location=TensorProto.EXTERNAL)
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", "etc/hostname"
+    graph.graph.initializer.append(tensor)
+
+
+def _contrib(graph) -> None:
+    from onnx import helper
+
+    first = graph.graph.node[0]
+    graph.graph.node.insert(1, helper.make_node("FastGelu", [first.output[0]], ["gelu"], domain="com.microsoft"))
+
+
+def _wrong_grid(package) -> None:
+    package.manifest.head = {**package.manifest.head, "grids": [3, 2, 1]}
+
+
+@pytest.mark.parametrize("name, edit, error", [
+    ("defects", _external, "outside file"),
+    ("digit-boxes", _contrib, "runs com.microsoft.FastGelu"),
+], ids=["external data (would read a device file)", "a contrib operator"])
+def test_a_head_graph_that_does_more_than_a_head_is_refused(name, edit, error):
+    from petah.device import task_graph
+    from petah.errors import PetahError
+    from petah.serve import demo_device_backbone
+
+    with pytest.raises(PetahError, match=error):
+        task_graph(demo_device_backbone(), _with_head_graph(name, edit), "the package")
+
+
+def test_a_graph_whose_output_does_not_fit_its_manifest_is_refused_at_install(tmp_path):
+    from petah.errors import PetahError
+    from petah.packages import read_package, write_package
+    from petah.serve import demo_device_backbone
+    from petah.serve.engine import DeviceEngine
+
+    package = read_package(PACKAGES["digit-boxes"])
+    _wrong_grid(package)
+    path = write_package(tmp_path / "boxes.petah", package)
+    with pytest.raises(PetahError, match="does not fit its manifest"):
+        DeviceEngine(demo_device_backbone(), threads=1).prepare(path, None)

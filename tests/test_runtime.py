@@ -248,3 +248,27 @@ def backbone_input(backbone, image: np.ndarray) -> torch.Tensor:
     from petah.data import Preprocess
 
     return Preprocess(backbone.img_size, backbone.mean, backbone.std)(torch.from_numpy(image))
+
+
+def test_the_device_gate_scores_a_task_that_runs_on_a_shared_trunk(tmp_path):
+    from PIL import Image
+
+    from conftest import make_pattern
+    from petah.backbones import demo_backbone_path
+    from petah.fleet.gate import score_versions
+    from petah.packages import write_package
+    from petah.serve import demo_device_backbone
+    from petah.serve.engine import DeviceEngine
+
+    backbone = create_backbone(weights=str(demo_backbone_path()))
+    late = synthetic_package(backbone, "late", PlanConfig(stage_ranks={0: 0, 1: 0, 2: 0}), classes=2)
+    path = write_package(tmp_path / "late.petah", late)
+    for label in ("0", "1"):
+        (tmp_path / "golden" / "late" / label).mkdir(parents=True)
+        Image.fromarray(make_pattern(int(label), size=64)).save(tmp_path / "golden" / "late" / label / "a.png")
+    device = demo_device_backbone()
+    engine = DeviceEngine(device, threads=1)
+    assert engine.prepare(path, None).trunk is not None
+    on_device = score_versions(device, {"v": path}, tmp_path / "golden", engine)["v"]
+    with_torch = score_versions(backbone, {"v": path}, tmp_path / "golden")["v"]
+    assert (on_device.metric, on_device.value) == (with_torch.metric, with_torch.value)

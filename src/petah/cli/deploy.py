@@ -246,16 +246,19 @@ def upgrade(
 
     path, was = upgrade_package(package, output, trust=trust_policy(trust, require_signed))
     upgraded = read_package(path)
-    if add_head_graph(upgraded):  # a new hash: an old signature no longer applies (re-sign it)
-        upgraded.signature = ""
+    resign = False
+    if add_head_graph(upgraded):  # a new hash: an old signature no longer applies
+        resign, upgraded.signature = bool(upgraded.signature), ""
         write_package(path, upgraded)
     version = upgraded.manifest.format_version
     summary = {"package": str(path), "from_version": was, "format_version": version,
-               "package_bytes": path.stat().st_size}
+               "package_bytes": path.stat().st_size, "signature_removed": resign}
     if json_out:
         emit_json(summary)
         return
-    out.print(f"wrote {path}: format {was} -> {version}, {summary['package_bytes']:,} bytes")
+    out.print(f"wrote {path}: format {was} -> {version}, {summary['package_bytes']:,} bytes"
+              + ("; its signature was removed (the head graph changed its content hash): sign it again" if resign
+                 else ""))
 
 
 COMMANDS = {"export": export, "import-peft": import_peft_cmd, "prune": prune, "upgrade": upgrade}

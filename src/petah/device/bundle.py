@@ -136,7 +136,11 @@ def read_device_backbone(path: str | Path, weights: str | Path | None = None) ->
         raise
     except Exception as exc:  # a malformed field of any kind
         raise _fail(path, f"{MANIFEST_FILE} is malformed ({type(exc).__name__}: {exc})") from None
-    if tensors_sha256(weights) != device.fingerprint:
+    try:
+        fingerprint = tensors_sha256(weights)
+    except KeyError as exc:  # a dtype the fingerprint has no name for
+        raise _fail(path, f"its weights hold a tensor of dtype {exc.args[0]}, which a backbone does not") from None
+    if fingerprint != device.fingerprint:
         raise _fail(path, "its weights do not give the backbone fingerprint it names")
     unknown = sorted(set(device.index) - set(weights))
     if unknown:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from petah.device.bundle import DeviceBackbone
-from petah.errors import PetahError
+from petah.errors import EngineCannotRun, PetahError
 from petah.packages import Manifest, TaskPackage
 from petah.plans import CHANNEL_SCALE, LORA, PlanConfig
 
@@ -36,11 +36,10 @@ def lora_scaling(config: PlanConfig) -> float:
 
 def lora_delta(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """B @ A as a change of a weight of ``shape`` (linear: (out, in); conv: (out, in, kh, kw))."""
-    rank = a.shape[0]
-    delta = b.reshape(b.shape[0], rank) @ a.reshape(rank, -1)
-    if delta.size != int(np.prod(shape)):
+    rank = a.shape[0] if a.ndim else 0
+    if rank < 1 or b.size != shape[0] * rank or a.size * shape[0] != int(np.prod(shape)) * rank:
         raise PetahError(f"LoRA factors {a.shape} / {b.shape} do not fit a weight of shape {shape}")
-    return delta.reshape(shape)
+    return (b.reshape(shape[0], rank) @ a.reshape(rank, -1)).reshape(shape)
 
 
 def merged_weights(backbone: DeviceBackbone, package: TaskPackage, origin: str) -> dict[str, np.ndarray]:
@@ -143,12 +142,13 @@ def _graph_head(manifest: Manifest, package: TaskPackage, backbone: DeviceBackbo
     from petah.packages.manifest import GRAPH_TENSOR
 
     if not manifest.head.get("graph") or GRAPH_TENSOR not in package.tensors:
-        raise PetahError(f"{origin} has no head graph (made before petah 0.1's format 3): run `petah upgrade` on "
-                         "it on a build machine, or serve it with --engine torch on the full install")
+        raise EngineCannotRun(f"{origin} has no head graph (made before format 3): run `petah upgrade` on it on a "
+                              "build machine, or serve it with --engine torch on the full install")
     try:
         head = onnx.load_from_string(np.asarray(package.tensors[GRAPH_TENSOR], np.uint8).tobytes())
     except Exception as exc:  # protobuf raises several types for bad bytes
         raise PetahError(f"{origin}: its head graph is not a readable ONNX graph ({type(exc).__name__})") from None
+    check_head_graph(head, origin)
     inputs = [name for name in str(manifest.head.get("graph_inputs", "")).split(",") if name]
     levels = {level["name"] for level in backbone.outputs.get("levels", [])}
     graph_inputs = [value.name for value in head.graph.input]
@@ -163,8 +163,6 @@ def _graph_head(manifest: Manifest, package: TaskPackage, backbone: DeviceBackbo
 
     nodes = []
     for node in head.graph.node:
-        if node.op_type in ("Loop", "If", "Scan"):  # subgraphs would need their own renaming; no head has them
-            raise PetahError(f"{origin}: its head graph holds a {node.op_type} node, which a head does not need")
         node.input[:] = [rename(n) for n in node.input]
         node.output[:] = [rename(n) for n in node.output]
         node.name = rename(node.name)
@@ -177,12 +175,68 @@ def _graph_head(manifest: Manifest, package: TaskPackage, backbone: DeviceBackbo
     for init in head.graph.initializer:
         init.name = rename(init.name)
         initializers.append(init)
-    initializers += [numpy_helper.from_array(np.asarray(value, np.float32), name)
-                     for name, value in weights.items() if name in used]
+    initializers += [numpy_helper.from_array(_compute_type(value), name) for name, value in weights.items()
+                     if name in used]
     output = head.graph.output[0]
     nodes.append(onnx.helper.make_node("Identity", [rename(output.name)], [OUTPUTS]))
     output.name = OUTPUTS
     return inputs, nodes, initializers, output
+
+
+# What the exporter writes for petah's heads (FPN segmentation, FCOS detection, the anomaly bank's
+# scoring) and the few ops of their kind: a head graph is untrusted input, so nothing else runs.
+HEAD_OPS = frozenset({
+    "Add", "AveragePool", "BatchNormalization", "Cast", "Concat", "Constant", "ConstantOfShape", "Conv", "Div",
+    "Flatten", "Gather",
+    "Gemm", "GlobalAveragePool", "Identity", "InstanceNormalization", "MatMul", "Max", "MaxPool", "Min", "Mul", "Neg",
+    "Pad", "Pow", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceSum", "Relu", "Reshape", "Resize", "Shape",
+    "Sigmoid", "Slice", "Softmax", "Sqrt", "Squeeze", "Sub", "Transpose", "Unsqueeze", "Clip", "Exp", "Sum",
+})
+MAX_HEAD_TENSOR_BYTES = 64 * 2**20
+OPSET_OF_HEADS = 17  # petah.runtime.graphs.OPSET
+
+
+def check_head_graph(head, origin: str) -> None:
+    """Refuse a head graph that could do more than compute a head: other operator domains or types
+    (ONNX Runtime's contrib ops, subgraphs), another opset, functions, tensors stored outside the
+    graph (ONNX Runtime would read a file of the device when the session opens) or huge ones."""
+    from onnx import AttributeProto, TensorProto
+
+    def refuse(what: str) -> PetahError:
+        return PetahError(f"{origin}: its head graph {what}, which a petah head does not hold")
+
+    opsets = {entry.domain: entry.version for entry in head.opset_import}
+    if set(opsets) - {"", "ai.onnx"} or opsets.get("", opsets.get("ai.onnx")) != OPSET_OF_HEADS:
+        raise refuse(f"uses opsets {opsets}")
+    if head.functions or head.graph.sparse_initializer:
+        raise refuse("holds functions or sparse tensors")
+
+    def check_tensor(tensor) -> None:
+        if tensor.data_location == TensorProto.EXTERNAL or tensor.external_data:
+            raise refuse("points a tensor at an outside file")
+        elements = int(np.prod([max(0, int(d)) for d in tensor.dims] or [1], dtype=np.float64))
+        if len(tensor.raw_data) > MAX_HEAD_TENSOR_BYTES or elements * 4 > MAX_HEAD_TENSOR_BYTES:
+            raise refuse("holds a tensor over 64 MiB")
+
+    for tensor in head.graph.initializer:
+        check_tensor(tensor)
+    for node in head.graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in HEAD_OPS:
+            raise refuse(f"runs {node.domain + '.' if node.domain else ''}{node.op_type}")
+        for attribute in node.attribute:
+            if attribute.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS, AttributeProto.SPARSE_TENSOR,
+                                  AttributeProto.SPARSE_TENSORS):
+                raise refuse("holds a subgraph or sparse attribute")
+            if attribute.type == AttributeProto.TENSOR:
+                check_tensor(attribute.t)
+            for tensor in attribute.tensors:
+                check_tensor(tensor)
+
+
+def _compute_type(value: np.ndarray) -> np.ndarray:
+    """A head tensor as the graph computes with it: 16-bit floats (a bank stored in fp16) as float32."""
+    value = np.asarray(value)
+    return value.astype(np.float32) if value.dtype.kind == "f" or str(value.dtype) == "bfloat16" else value
 
 
 def task_graph(backbone: DeviceBackbone, package: TaskPackage, origin: str) -> TaskGraph:
@@ -194,7 +248,7 @@ def task_graph(backbone: DeviceBackbone, package: TaskPackage, origin: str) -> T
     manifest = package.manifest
     kind = manifest.task.kind
     if kind not in HEAD_KINDS:
-        raise PetahError(f"{origin} is a {kind} task; the device engine runs {', '.join(HEAD_KINDS)} tasks "
+        raise EngineCannotRun(f"{origin} is a {kind} task; the device engine runs {', '.join(HEAD_KINDS)} tasks "
                          "(serve it with --engine torch on the full install)")
     if kind in GRAPH_HEAD_KINDS:
         reads, head_nodes, head_initializers, output = _graph_head(manifest, package, backbone, origin)
@@ -281,5 +335,5 @@ def _cut_types(backbone: DeviceBackbone, cut: list[str]) -> list:
     return [helper.make_tensor_value_info(name, types.get(name) or 1, None) for name in cut]  # 1: FLOAT
 
 
-__all__ = ["GRAPH_HEAD_KINDS", "HEAD_KINDS", "LOGITS", "OUTPUTS", "TaskGraph", "Trunk", "lora_delta", "lora_scaling",
-           "merged_weights", "task_graph"]
+__all__ = ["GRAPH_HEAD_KINDS", "HEAD_KINDS", "HEAD_OPS", "LOGITS", "OUTPUTS", "TaskGraph", "Trunk", "check_head_graph",
+           "lora_delta", "lora_scaling", "merged_weights", "task_graph"]

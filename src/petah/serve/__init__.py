@@ -63,8 +63,9 @@ def station_backbone(spec: str | None, weights: str = "none", img_size: int | No
     try:
         from petah.runtime import demo_backbone_path, resolve_backbone
     except ImportError as exc:
-        raise PetahError(f"-b {spec}: this install has no {exc.name} (a device install); give a device backbone "
-                         "folder (petah export --device on a build machine)") from None
+        what = "--demo" if demo else f"-b {spec}"
+        raise PetahError(f"{what}: this install has no {exc.name} (a device install): give a device backbone folder "
+                         "(petah export --device on a build machine), or --engine device / auto") from None
     return resolve_backbone(str(demo_backbone_path()) if demo else spec, weights=weights, img_size=img_size)
 
 

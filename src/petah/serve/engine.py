@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from petah.device import DeviceBackbone, task_graph
 from petah.device import decode as answers
 from petah.device.session import session_options
@@ -40,6 +42,18 @@ class DeviceTask:
     own_weight_bytes: int
     trunk: TrunkSession | None = None
 
+    def forward(self, batch, trunk_outputs: dict | None = None):
+        """The task's output for a preprocessed batch; ``trunk_outputs``: its trunk's, when computed
+        already for another task of the batch."""
+        if self.trunk is None:
+            return self.session.run(None, {"image": batch})[0]
+        if trunk_outputs is None:
+            trunk_outputs = self.trunk_outputs(batch)
+        return self.session.run(None, trunk_outputs)[0]
+
+    def trunk_outputs(self, batch) -> dict:
+        return dict(zip(self.trunk.cut, self.trunk.session.run(self.trunk.cut, {"image": batch}), strict=True))
+
 
 class DeviceEngine:
     """The device install's engine: the shared backbone's weights held once in numpy; per task a
@@ -59,24 +73,42 @@ class DeviceEngine:
         self.tasks: dict[str, DeviceTask] = {}
         self.trunks: dict[str, TrunkSession] = {}  # changed only on the inference thread
 
-    def _session(self, graph: bytes):
+    def _session(self, graph: bytes, origin: str):
         import onnxruntime as ort
 
-        return ort.InferenceSession(graph, self.options, providers=["CPUExecutionProvider"])
+        try:
+            return ort.InferenceSession(graph, self.options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ONNX Runtime's refusals name its internals, not the package's fault
+            raise PetahError(f"{origin}: ONNX Runtime cannot open its graph ({type(exc).__name__})") from None
 
     def prepare(self, path: Path, name: str | None) -> DeviceTask:
         package, origin = open_package(path, self.backbone, self.trust)
         name = check_task_name(name or package.task_name, origin)
-        graph = task_graph(self.backbone, package, f"task {name}")
+        origin = f"task {name}"
+        graph = task_graph(self.backbone, package, origin)
         trunk = None
         if graph.trunk is not None:
             trunk = self.trunks.get(graph.trunk.key)  # a trunk being installed meanwhile is only opened twice
             if trunk is None:
-                trunk = TrunkSession(graph.trunk.key, self._session(graph.trunk.graph), graph.trunk.cut,
+                trunk = TrunkSession(graph.trunk.key, self._session(graph.trunk.graph, origin), graph.trunk.cut,
                                      graph.trunk.weight_bytes)
-        return DeviceTask(name, package.manifest, self._session(graph.graph),
+        task = DeviceTask(name, package.manifest, self._session(graph.graph, origin),
                           Preprocess.from_dict(package.manifest.preprocessing), graph.changed_bytes,
                           graph.own_weight_bytes, trunk)
+        self._check_answers(task, origin)
+        return task
+
+    def _check_answers(self, task: DeviceTask, origin: str) -> None:
+        """One blank image through the task, decoded: a graph whose output does not fit its manifest
+        (class count, detection grid, …) is refused here, not on every request after it."""
+        size = self.backbone.img_size
+        try:
+            outputs = task.forward(task.preprocess.array_batch([np.zeros((3, size, size), np.uint8)]))
+            self.decode(task.manifest, outputs, [(size, size)], 1)
+        except PetahError:
+            raise
+        except Exception as exc:  # whatever a graph that does not fit its manifest makes fail
+            raise PetahError(f"{origin}: its graph's output does not fit its manifest ({type(exc).__name__})") from None
 
     def install(self, prepared: DeviceTask) -> Manifest:
         if prepared.trunk is not None:
@@ -101,10 +133,12 @@ class DeviceEngine:
         """How a task is held in memory (``/v1/tasks``): merged into its own graph (``own_bytes``: the
         weights in it, its part of the backbone merged and its head), after a shared trunk where it
         leaves the backbone's leading part alone (``trunk_bytes``, held once for all its tasks)."""
-        task = self.tasks[name]
+        task = self.tasks.get(name)  # read beside the inference thread (GET /v1/tasks): a copy, no KeyError
+        if task is None:
+            return {"form": "removed", "engine": self.name}
         if task.trunk is None:
             return {"form": "merged", "engine": self.name, "own_bytes": task.own_weight_bytes}
-        sharing = sum(1 for t in self.tasks.values() if t.trunk is not None and t.trunk.key == task.trunk.key)
+        sharing = sum(1 for t in list(self.tasks.values()) if t.trunk is not None and t.trunk.key == task.trunk.key)
         return {"form": "shared trunk + merged", "engine": self.name, "own_bytes": task.own_weight_bytes,
                 "trunk_bytes": task.trunk.weight_bytes, "trunk_tasks": sharing}
 
@@ -116,13 +150,14 @@ class DeviceEngine:
             task = self.tasks[name]
             if task.preprocess not in batches:
                 batches[task.preprocess] = task.preprocess.array_batch(images)
-            feed = {"image": batches[task.preprocess]}
+            batch = batches[task.preprocess]
+            shared = None
             if task.trunk is not None:
                 key = (task.trunk.key, task.preprocess)
                 if key not in trunks:
-                    trunks[key] = dict(zip(task.trunk.cut, task.trunk.session.run(task.trunk.cut, feed), strict=True))
-                feed = trunks[key]
-            outputs = task.session.run(None, feed)[0]
+                    trunks[key] = task.trunk_outputs(batch)
+                shared = trunks[key]
+            outputs = task.forward(batch, shared)
             results[name] = self.decode(task.manifest, outputs, [image.shape[-2:] for image in images], top_k)
         return results
 

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from petah.device.decode import anomaly_map_png, mask_png
-from petah.errors import PetahError, PetahWarning
+from petah.errors import EngineCannotRun, PetahError, PetahWarning
 from petah.imaging import load_image_modes
 from petah.packages import Manifest, SignatureError, TrustPolicy, check_task_name, read_manifest
 from petah.serve.config import ServeConfig
@@ -154,6 +154,10 @@ class Station:
                     raise SignatureError(f"state dir {self.state.root}: task {name} is refused by --trust / "
                                          f"--require-signed ({exc}); start with the keys it was signed with, or "
                                          "with another --state-dir") from None
+                except EngineCannotRun as exc:  # a valid package this install cannot run: kept on disk, not served
+                    warnings.warn(f"state dir: task {name} is kept but not served here: {exc}", PetahWarning,
+                                  stacklevel=2)
+                    break
                 except Exception as exc:  # whatever one stored package does, the rest of the station starts
                     warnings.warn(f"state dir: task {name} version {sha[:VERSION_CHARS]} does not load: {exc}",
                                   PetahWarning, stacklevel=2)
