@@ -261,7 +261,7 @@ def test_cli_upgrade_rewrites_a_v1_package_and_warns_once_before(tmp_path):
     assert one_json(inspected)["format_version"] == 1
     upgraded = one_json(petah_process("upgrade", v1, "--json"))
     assert upgraded == {"package": str(v1), "from_version": 1, "format_version": 2,
-                        "package_bytes": v1.stat().st_size}
+                        "package_bytes": v1.stat().st_size, "signature_removed": False}
     again = petah_process("inspect", v1, "--json")
     assert again.stderr.strip() == "" and one_json(again)["format_version"] == 2
 
