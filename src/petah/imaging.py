@@ -201,6 +201,25 @@ def load_image_modes(path: str | Path | bytes, intensities: tuple[str, ...], nam
         raise PetahError(f"cannot read image {path}: {reason}") from exc
 
 
+def class_folders(root: Path) -> list[Path]:
+    """The class sub-folders of ``root/<class>/<image>`` (hidden ones left out), sorted."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def load_class_images(folders: list[Path], classes: list[str], intensity: str) -> tuple[list[np.ndarray], list[int]]:
+    """Every image under each class folder (recursively, sorted) and its class index in ``classes``;
+    a class folder without images is refused."""
+    images, labels = [], []
+    for folder in folders:
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise PetahError(f"class folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        for file in files:
+            images.append(load_image(file, intensity))
+            labels.append(classes.index(folder.name))
+    return images, labels
+
+
 @functools.lru_cache(maxsize=64)
 def resize_matrix(size_in: int, size_out: int) -> np.ndarray:
     """(size_out, size_in) weights of an antialiased bilinear (triangle filter) resize, as torch's

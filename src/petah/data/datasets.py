@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from petah.data.images import DEFAULT_INTENSITY, IMAGE_SUFFIXES, load_image
+from petah.data.images import DEFAULT_INTENSITY
 from petah.data.transforms import Augment, Preprocess
 from petah.errors import PetahError
+from petah.imaging import class_folders, load_class_images
 
 
 @dataclass
@@ -61,10 +62,6 @@ def random_split(data, val_fraction: float, seed: int = 0):
             data.subset(sorted(order[:n_val]), f"{data.source}[val]"))
 
 
-def _class_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
 def load_image_folder(root: str | Path, classes: list[str] | None = None,
                       intensity: str = DEFAULT_INTENSITY) -> LabeledImages:
     """``root/<class>/<image>``; ``classes`` fixes the label order (for a val folder); ``intensity``: see
@@ -72,7 +69,7 @@ def load_image_folder(root: str | Path, classes: list[str] | None = None,
     root = Path(root)
     if not root.is_dir():
         raise PetahError(f"image folder not found: {root}")
-    dirs = _class_dirs(root)
+    dirs = class_folders(root)
     names = [d.name for d in dirs]
     if classes is None:
         classes = names
@@ -80,14 +77,8 @@ def load_image_folder(root: str | Path, classes: list[str] | None = None,
         raise PetahError(f"{root} has classes not in the training set: {sorted(set(names) - set(classes))}")
     if len(classes) < 2:
         raise PetahError(f"{root} needs at least two class folders, found {len(classes)}")
-    images, labels = [], []
-    for d in dirs:
-        files = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise PetahError(f"class folder {d} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        for f in files:
-            images.append(load_image(f, intensity))
-            labels.append(classes.index(d.name))
+    arrays, labels = load_class_images(dirs, list(classes), intensity)
+    images = [torch.from_numpy(array) for array in arrays]
     return LabeledImages(images, torch.tensor(labels, dtype=torch.long), list(classes), str(root), intensity=intensity)
 
 

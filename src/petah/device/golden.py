@@ -14,7 +14,7 @@ import numpy as np
 
 from petah.errors import PetahError
 from petah.files import inside
-from petah.imaging import IMAGE_SUFFIXES, Preprocess, load_image
+from petah.imaging import Preprocess, class_folders, load_class_images
 
 BATCH = 32
 TIMING_BATCH = 8
@@ -39,18 +39,11 @@ def alternating_seconds(runs: dict[str, Callable[[object], object]], batches: li
 
 def load_class_folder(root: Path, labels: list[str], intensity: str) -> tuple[list[np.ndarray], np.ndarray]:
     """``root/<class>/<image>`` with the task's labels (the rules of ``petah.data.load_image_folder``)."""
-    dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    dirs = class_folders(root)
     unknown = sorted({d.name for d in dirs} - set(labels))
     if unknown:
         raise PetahError(f"{root} has classes not in the task: {unknown}")
-    images, targets = [], []
-    for folder in dirs:
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise PetahError(f"class folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        for file in files:
-            images.append(load_image(file, intensity))
-            targets.append(labels.index(folder.name))
+    images, targets = load_class_images(dirs, labels, intensity)
     return images, np.asarray(targets, dtype=np.int64)
 
 
