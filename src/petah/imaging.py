@@ -292,3 +292,10 @@ def bilinear_matrix(size_in: int, size_out: int) -> np.ndarray:
         weights[i, low] += 1.0 - frac
         weights[i, high] += frac
     return weights
+
+
+def resize_bilinear(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(..., H, W) float maps -> (..., height, width), plain bilinear as torch resizes dense answers."""
+    if maps.shape[-2:] == (height, width):
+        return maps
+    return np.matmul(np.matmul(bilinear_matrix(maps.shape[-2], height), maps), bilinear_matrix(maps.shape[-1], width).T)

@@ -7,7 +7,7 @@ import io
 
 import numpy as np
 
-from petah.imaging import bilinear_matrix
+from petah.imaging import resize_bilinear
 
 # torchvision's FCOS post-processing as petah's detection head uses it (petah.tasks.detection._engine):
 # the device has no torchvision, so the same steps are written here in numpy and checked against it
@@ -39,9 +39,8 @@ def segmentation(logits: np.ndarray, classes: list[str], sizes: list[tuple[int, 
     class's pixel share."""
     out = []
     for i, row in enumerate(np.asarray(logits, dtype=np.float32)):
-        if sizes is not None and tuple(sizes[i]) != row.shape[-2:]:
-            h, w = sizes[i]
-            row = np.matmul(np.matmul(bilinear_matrix(row.shape[-2], h), row), bilinear_matrix(row.shape[-1], w).T)
+        if sizes is not None:
+            row = resize_bilinear(row, *sizes[i])
         mask = row.argmax(0).astype(np.uint8)
         counts = np.bincount(mask.reshape(-1), minlength=len(classes)) / mask.size
         out.append({"mask": mask, "pixels": {c: round(float(f), 6) for c, f in zip(classes, counts, strict=True)
@@ -56,9 +55,8 @@ def anomaly(maps: np.ndarray, classes: list[str], threshold: float,
     out = []
     for i, row in enumerate(np.asarray(maps, dtype=np.float32)):
         row = row[0]
-        if sizes is not None and tuple(sizes[i]) != row.shape:
-            h, w = sizes[i]
-            row = bilinear_matrix(row.shape[0], h) @ row @ bilinear_matrix(row.shape[1], w).T
+        if sizes is not None:
+            row = resize_bilinear(row, *sizes[i])
         score = float(row.max())
         out.append({"label": classes[int(score > threshold)], "score": round(score, 6),
                     "threshold": round(threshold, 6), "anomalous": bool(score > threshold), "anomaly_map": row})
