@@ -87,6 +87,33 @@ def test_the_demo_answers_on_the_device_engine(device_station):
             x0, y0, x1, y1 = box["box"]
             assert 0 <= x0 <= x1 <= size and 0 <= y0 <= y1 <= size
     assert client.predict(images, list(tasks)).json()["images"] == rows  # deterministic
+    device_station["answers"] = rows
+    # the same station under a budget for one merged task: the rest on the shared base, the same answers
+    root = device_station["root"]
+    with station_process("--demo", "--engine", "device", "--state-dir", str(root / "lean"), "--threads", "1",
+                         "--memory-budget-mb", "32") as (_, url):
+        lean = StationClient(url)
+        forms = sorted(t["held"]["form"] for t in lean.tasks())
+        assert forms.count("merged") == 1 and forms.count("shared base") == 4, forms
+        memory = lean.request("GET", "/v1/stats").json()["memory"]
+        assert memory["held_bytes"] <= memory["budget_bytes"] == 32 * 2**20
+        answers = lean.predict(images, list(tasks)).json()["images"]
+    for have, want in zip(answers, rows, strict=True):
+        for name, row in want["tasks"].items():
+            assert _close(have["tasks"][name], row), name
+
+
+def _close(have: object, want: object) -> bool:
+    """Equal answers, numbers within 0.01 (the base and merged graphs' raw outputs differ by ~1e-6;
+    a box's corners are rounded to 0.01); masks and maps (PNGs) not compared."""
+    if isinstance(want, dict):
+        return isinstance(have, dict) and set(have) == set(want) and all(
+            _close(have[k], v) for k, v in want.items() if not k.endswith("_png"))
+    if isinstance(want, list):
+        return isinstance(have, list) and len(have) == len(want) and all(map(_close, have, want))
+    if isinstance(want, float):
+        return abs(have - want) <= 0.01
+    return have == want
 
 
 def test_swap_rollback_and_delete_on_the_device_engine(device_station):
@@ -230,3 +257,79 @@ def test_a_graph_whose_output_does_not_fit_its_manifest_is_refused_at_install(tm
     path = write_package(tmp_path / "boxes.petah", package)
     with pytest.raises(PetahError, match="does not fit its manifest"):
         DeviceEngine(demo_device_backbone(), threads=1).prepare(path, None)
+
+
+MB = 2**20
+
+
+@pytest.mark.parametrize("tasks, budget, base, merged", [
+    # (name, merged bytes, base bytes or None, traffic, merged now)
+    ([("a", 10, 1, 5.0, False), ("b", 10, 1, 1.0, False)], 100, 10, {"a", "b"}),  # all fit
+    ([("a", 10, 1, 5.0, False), ("b", 10, 1, 1.0, False)], 22, 10, {"a", "b"}),  # both merged: no base graph
+    ([("a", 10, 1, 5.0, False), ("b", 10, 1, 1.0, False)], 18, 5, {"a"}),  # one + the base: the busier
+    ([("a", 10, 1, 5.0, False), ("b", 10, 1, 9.0, False)], 18, 5, {"b"}),
+    ([("a", 10, 1, 5.0, True), ("b", 10, 1, 6.0, False)], 18, 5, {"a"}),  # within the switch margin: stays
+    ([("a", 10, 1, 5.0, True), ("b", 10, 1, 7.0, False)], 18, 5, {"b"}),  # past it: changes
+    ([("a", 10, None, 0.0, True), ("b", 10, 1, 9.0, False)], 18, 5, {"a"}),  # a cannot be held on the base
+    ([("a", 30, 1, 9.0, False), ("b", 5, 1, 1.0, False)], 20, 10, {"b"}),  # a does not fit, a smaller one does
+    ([("a", 10, 1, 1.0, False)], 5, 10, set()),  # over budget even on the base: as lean as it goes
+], ids=["all fit", "no base needed", "the busier", "the other busier", "margin holds", "margin passed", "pinned",
+        "smaller fits", "nothing fits"])
+def test_the_busiest_tasks_are_held_merged_within_the_budget(tasks, budget, base, merged):
+    from petah.serve.holding import Holding, plan_merged
+
+    assert plan_merged([Holding(*t) for t in tasks], budget, base) == merged
+
+
+def test_traffic_halves_every_half_life():
+    from petah.serve.holding import Traffic
+
+    now = [0.0]
+    traffic = Traffic(half_life_s=10, clock=lambda: now[0])
+    traffic.add("a", 8)
+    now[0] = 20.0
+    traffic.add("b", 1)
+    assert traffic.scores() == pytest.approx({"a": 2.0, "b": 1.0})
+    traffic.forget("a")
+    assert set(traffic.scores()) == {"b"}
+
+
+def test_tasks_on_the_shared_base_answer_as_merged_ones_and_traffic_moves_them():
+    """Under a budget for one merged task, the rest are held on the shared base (about their
+    package each); their raw outputs equal the merged graphs'; a base task that gets the traffic is
+    merged beside inference and takes the merged place, answers unchanged."""
+    import time
+
+    from petah.serve import demo_device_backbone
+    from petah.serve.engine import DeviceEngine
+
+    backbone = demo_device_backbone()
+    merged, held = DeviceEngine(backbone, threads=1), DeviceEngine(backbone, threads=1,
+                                                                   memory_budget_bytes=2.5 * backbone.resident_bytes)
+    held.rebalance_s = 0.0
+    for engine in (merged, held):
+        for name, path in PACKAGES.items():
+            engine.install(engine.prepare(path, name))
+    forms = {name: held.held(name)["form"] for name in PACKAGES}
+    assert sorted(forms.values()).count("merged") == 1 and sorted(forms.values()).count("shared base") == 4, forms
+    memory = held.memory()
+    assert memory["held_bytes"] <= held.budget and memory["merged_tasks"] == 1
+    for name in PACKAGES:
+        assert held.held(name).get("adapter_bytes", 0) <= 3 * PACKAGES[name].stat().st_size
+    images = [np.random.default_rng(i).integers(0, 256, (3, 64, 64), dtype=np.uint8) for i in range(2)]
+
+    def raw(engine, name):
+        task = engine.tasks[name]
+        return engine.outputs(task, task.preprocess.array_batch(images))
+
+    for name in PACKAGES:
+        assert np.abs(raw(held, name) - raw(merged, name)).max() < 1e-4, name
+    busy = next(name for name, form in forms.items() if form == "shared base" and name != "surfaces")
+    want = merged.run(images, [busy], 3)[busy][0]["label"]
+    deadline = time.monotonic() + 30
+    while held.held(busy)["form"] != "merged" and time.monotonic() < deadline:
+        assert held.run(images, [busy], 3)[busy][0]["label"] == want
+        time.sleep(0.01)
+    assert held.held(busy)["form"] == "merged"
+    assert held.memory()["merged_tasks"] == 1 and held.memory()["held_bytes"] <= held.budget
+    assert np.abs(raw(held, busy) - raw(merged, busy)).max() < 1e-4

@@ -97,10 +97,21 @@ def test_generic_plan_errors_name_the_pattern():
 
 def test_the_device_merge_matches_the_torch_runtime(family_task, tmp_path):
     """The device backbone (one graph, nothing folded) with a package merged in numpy answers what
-    the torch runtime answers: the same LoRA / channel-scale merge, owned norm statistics and head."""
+    the torch runtime answers: the same LoRA / channel-scale merge, owned norm statistics and head;
+    held on the shared base (adapters as branches beside the unmerged layers) too."""
     import onnxruntime as ort
 
     from petah.device import read_device_backbone, task_graph
+    from petah.device.base import (
+        Layout,
+        NotOnBase,
+        adapter_sites,
+        base_adapters,
+        base_graph,
+        head_graph,
+        layout_inputs,
+        padded,
+    )
     from petah.export.device import export_device
 
     backbone, path = family_task
@@ -114,6 +125,21 @@ def test_the_device_merge_matches_the_torch_runtime(family_task, tmp_path):
         got = ort.InferenceSession(graph.graph, providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
         with torch.no_grad():
             expected = load_task(backbone, package).model(x).numpy()
+        assert np.abs(got - expected).max() < 1e-4
+        # held on the shared base instead: the unmerged graph with the adapters as branches, then the head
+        if package is owned:
+            with pytest.raises(NotOnBase, match="owns backbone tensors"):
+                base_adapters(device, package, "the package")
+            continue
+        adapters = base_adapters(device, package, "the package")
+        layout = Layout.of([adapters])
+        assert len(layout.lora) + len(layout.scaled) == len(package.manifest.plan.targets) > 0
+        base = ort.InferenceSession(base_graph(device, layout), providers=["CPUExecutionProvider"])
+        head, reads = head_graph(device, package, "the package")
+        feed = padded(adapters, layout_inputs(layout, adapter_sites(device)))
+        features = base.run(reads, {"image": x.numpy(), **feed})
+        got = ort.InferenceSession(head, providers=["CPUExecutionProvider"]).run(
+            None, dict(zip(reads, features, strict=True)))[0]
         assert np.abs(got - expected).max() < 1e-4
 
 

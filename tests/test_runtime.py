@@ -224,7 +224,7 @@ def test_tasks_that_leave_the_early_stages_alone_share_one_trunk_on_the_device()
         engine.install(engine.prepare(package, name))
     held = {name: engine.held(name) for name in packages}
     assert held["late0"]["form"] == "shared trunk + merged" and held["late0"]["trunk_tasks"] == 2
-    assert engine.tasks["late0"].trunk is engine.tasks["late1"].trunk and len(engine.trunks) == 1
+    assert engine.tasks["late0"].merged.trunk is engine.tasks["late1"].merged.trunk and len(engine.trunks) == 1
     assert held["all"]["form"] == "merged"  # its first stage is adapted: nothing to share
     assert held["late0"]["own_bytes"] + held["late0"]["trunk_bytes"] <= held["all"]["own_bytes"]
     images = [np.random.default_rng(i).integers(0, 256, (3, 64, 64), dtype=np.uint8) for i in range(3)]
@@ -268,7 +268,7 @@ def test_the_device_gate_scores_a_task_that_runs_on_a_shared_trunk(tmp_path):
         Image.fromarray(make_pattern(int(label), size=64)).save(tmp_path / "golden" / "late" / label / "a.png")
     device = demo_device_backbone()
     engine = DeviceEngine(device, threads=1)
-    assert engine.prepare(path, None).trunk is not None
+    assert engine.prepare(path, None).merged.trunk is not None
     on_device = score_versions(device, {"v": path}, tmp_path / "golden", engine)["v"]
     with_torch = score_versions(backbone, {"v": path}, tmp_path / "golden")["v"]
     assert (on_device.metric, on_device.value) == (with_torch.metric, with_torch.value)

@@ -67,12 +67,12 @@ def score_on_device(engine, packages: dict[str, Path], golden: str | Path) -> di
         preprocess: Preprocess = task.preprocess
         return [preprocess.array_batch(images[i:i + size]) for i in range(0, len(images), size)]
 
-    runs = {name: task.forward for name, task in tasks.items()}
+    runs = {name: (lambda batch, task=task: engine.outputs(task, batch)) for name, task in tasks.items()}
     seconds = alternating_seconds(runs, batches(first, data[next(iter(tasks))][0], TIMING_BATCH))
     scores = {}
     for name, task in tasks.items():
         images, targets = data[name]
-        predicted = np.concatenate([task.forward(batch).argmax(1) for batch in batches(task, images, BATCH)])
+        predicted = np.concatenate([engine.outputs(task, batch).argmax(1) for batch in batches(task, images, BATCH)])
         scores[name] = ("accuracy", 100 * float(np.mean(predicted == targets)), seconds[name])
     return scores
 

@@ -113,7 +113,7 @@ def _needed_nodes(graph, outputs: set[str]) -> list:
     return keep[::-1]
 
 
-def _linear_head(manifest: Manifest, tensors: dict, backbone: DeviceBackbone, origin: str):
+def linear_head(manifest: Manifest, tensors: dict, backbone: DeviceBackbone, origin: str):
     """A classification head as graph nodes: Gemm over the pooled features."""
     from onnx import helper, numpy_helper
 
@@ -133,7 +133,7 @@ def _linear_head(manifest: Manifest, tensors: dict, backbone: DeviceBackbone, or
     return [pooled], nodes, initializers, output
 
 
-def _graph_head(manifest: Manifest, package: TaskPackage, backbone: DeviceBackbone, origin: str):
+def graph_head(manifest: Manifest, package: TaskPackage, backbone: DeviceBackbone, origin: str):
     """A dense head from the graph its package carries: its value names kept apart from the
     backbone's, its inputs the backbone's feature maps, its weights the package's head tensors."""
     import onnx
@@ -251,9 +251,9 @@ def task_graph(backbone: DeviceBackbone, package: TaskPackage, origin: str) -> T
         raise EngineCannotRun(f"{origin} is a {kind} task; the device engine runs {', '.join(HEAD_KINDS)} tasks "
                          "(serve it with --engine torch on the full install)")
     if kind in GRAPH_HEAD_KINDS:
-        reads, head_nodes, head_initializers, output = _graph_head(manifest, package, backbone, origin)
+        reads, head_nodes, head_initializers, output = graph_head(manifest, package, backbone, origin)
     else:
-        reads, head_nodes, head_initializers, output = _linear_head(manifest, package.section("head"), backbone,
+        reads, head_nodes, head_initializers, output = linear_head(manifest, package.section("head"), backbone,
                                                                     origin)
     changed = merged_weights(backbone, package, origin)
     model = onnx.load_from_string(backbone.graph)

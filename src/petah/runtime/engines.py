@@ -25,7 +25,9 @@ class TorchEngine:
 
     name = "torch"
 
-    def __init__(self, backbone: Backbone, threads: int, trust: TrustPolicy | None = None):
+    def __init__(self, backbone: Backbone, threads: int, trust: TrustPolicy | None = None,
+                 memory_budget_bytes: float | None = None):
+        """``memory_budget_bytes``: not used (one backbone, every task's adapters beside it)."""
         torch.set_num_threads(threads)  # deliberate: spinning intra-op threads slow every other process
         self.runtime = Runtime(backbone, trust=trust)
 
@@ -74,7 +76,9 @@ class OnnxEngine:
 
     name = "onnx"
 
-    def __init__(self, backbone: Backbone, threads: int, trust: TrustPolicy | None = None):
+    def __init__(self, backbone: Backbone, threads: int, trust: TrustPolicy | None = None,
+                 memory_budget_bytes: float | None = None):
+        """``memory_budget_bytes``: not used here (``--engine auto`` picks this engine while it fits)."""
         self.backbone = backbone
         self.trust = trust
         self.preprocess = Preprocess(backbone.img_size, backbone.mean, backbone.std)

@@ -41,9 +41,14 @@ class ServeConfig:
                          help="device (a device backbone folder: numpy merge + ONNX Runtime, no torch), torch (one "
                               "backbone, adapters unmerged: least memory), onnx (ONNX Runtime, one merged graph per "
                               "task) or auto (device for a device folder; else onnx while the per-task graphs fit "
-                              "--onnx-budget-mb, else torch); see docs/deploy.md for the measurements.")
-    onnx_budget_mb: float = option(512.0, cli="--onnx-budget-mb",
-                                   help="--engine auto: the memory the onnx engine's per-task graphs may take.")
+                              "--memory-budget-mb, else torch); see docs/deploy.md for the measurements.")
+    memory_budget_mb: float = option(512.0, cli="--memory-budget-mb",
+                                     help="Weights the tasks may hold. Device engine: the busiest tasks are held "
+                                          "merged (fastest, a backbone's weights each) while they fit, the rest on "
+                                          "one shared base graph (about their package each, ~2x slower), re-decided "
+                                          "by traffic; 0: every task merged. --engine auto on a torch backbone: onnx "
+                                          "while its per-task graphs fit. ONNX Runtime's resident memory is about "
+                                          "1.2-2.5x these weights (docs/deploy.md).")
     threads: int = option(0, cli="--threads",
                           help="Torch / ONNX Runtime threads for inference (0: one per CPU core). Leave cores "
                                "free for other busy processes: spinning threads slow both sides many-fold.")
@@ -107,6 +112,8 @@ class ServeConfig:
             raise PetahError(f"--header-timeout-s must be in [0.1, 600], got {self.header_timeout_s}")
         if self.max_connections < 16:
             raise PetahError(f"--max-connections must be at least 16, got {self.max_connections}")
+        if not 0 <= self.memory_budget_mb <= 2**20:
+            raise PetahError(f"--memory-budget-mb must be 0 (every task merged) or more, got {self.memory_budget_mb}")
         if self.threads < 0:
             raise PetahError(f"--threads must be 0 (one per core) or more, got {self.threads}")
         if not is_loopback(self.host) and not self.token_file:

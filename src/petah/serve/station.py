@@ -119,10 +119,11 @@ class Station:
         self.config = config or ServeConfig()
         self.backbone = backbone
         self.state = StateDir(state_dir, backbone.fingerprint)
+        budget = self.config.memory_budget_mb * 2**20 or None
         engine = choose_engine(self.config.engine, backbone, len(self.state.entries) + len(packages),
-                               self.config.onnx_budget_mb * 1024 * 1024)
+                               budget or float("inf"))
         trust = TrustPolicy.from_options(self.config.trust, self.config.require_signed)
-        self.engine = engine_class(engine)(backbone, self.config.inference_threads, trust)
+        self.engine = engine_class(engine)(backbone, self.config.inference_threads, trust, memory_budget_bytes=budget)
         self.backbone = self.engine.backbone  # the engine's: the caller's copy can be freed
         self.tasks: dict[str, TaskRecord] = {}  # changed only on the inference thread (with the engine)
         self.candidates: dict[str, str] = {}  # task -> sha256 of a release being installed / watched (agent)

@@ -11,5 +11,6 @@ router = APIRouter(dependencies=[Depends(require_api_token)])
 
 @router.get("/v1/stats", summary="Counters the page shows")
 def stats(station: StationDep):
+    memory = station.engine.memory() if hasattr(station.engine, "memory") else None
     return {**station.metrics.summary(), "engine": station.engine.name, "backbone": station.backbone.describe(),
-            "queue_depth": station.worker.depth}
+            "queue_depth": station.worker.depth, "memory": memory}
