@@ -34,7 +34,7 @@ from petah.packages.manifest import (
     Manifest,
     canonical_json,
 )
-from petah.packages.tensors import SAFETENSORS_NAMES, raw_bytes, tensors_sha256
+from petah.packages.tensors import dtype_names, raw_bytes, tensors_sha256
 
 SECTIONS = ("adapter", "override", "head")
 MAX_MANIFEST_CHARS = 32 * 2**20  # 100,000 labels of 200 characters fit; a larger header is not a manifest
@@ -73,9 +73,10 @@ def content_sha256(manifest: dict, tensors: dict[str, np.ndarray]) -> str:
     for name in sorted(tensors):
         tensor = tensors[name]
         dtype = getattr(tensor, "dtype", None)
-        if not isinstance(tensor, np.ndarray) or dtype.newbyteorder("=") not in SAFETENSORS_NAMES:
+        names = dtype_names(dtype.newbyteorder("=")) if isinstance(tensor, np.ndarray) else None
+        if names is None:
             raise PetahError(f"tensor {name} has dtype {dtype}, which a package cannot store")
-        header = {"dtype": SAFETENSORS_NAMES[dtype.newbyteorder("=")], "name": name,
+        header = {"dtype": names[0], "name": name,
                   "shape": [int(n) for n in tensor.shape]}
         digest.update(canonical_json(header) + b"\n")
         digest.update(raw_bytes(tensor))
