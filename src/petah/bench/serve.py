@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +52,12 @@ def bench_images(count: int = 8, size: int = 64) -> list[bytes]:
     return images
 
 
-def drive(url: str, clients: int, seconds: float, images: list[bytes], tasks: list[str] | None = None,
+def drive(url: str, clients: int, seconds: float, images: list[bytes],
+          tasks: list[str] | Callable[[int, int], list[str]] | None = None,
           stop: threading.Event | None = None) -> dict:
     """``clients`` threads sending requests back to back for ``seconds`` (or until ``stop``):
-    throughput and latency."""
+    throughput and latency. ``tasks``: the tasks of every request, or a function of (client,
+    request number) giving them."""
     stop = stop or threading.Event()
     latencies: list[list[float]] = [[] for _ in range(clients)]
     failures = [0] * clients
@@ -68,7 +71,7 @@ def drive(url: str, clients: int, seconds: float, images: list[bytes], tasks: li
         k = i
         while time.perf_counter() < stop_at[0] and not stop.is_set():
             began = time.perf_counter()
-            reply = own.predict([(f"{k}.png", images[k % len(images)])], tasks)
+            reply = own.predict([(f"{k}.png", images[k % len(images)])], tasks(i, k) if callable(tasks) else tasks)
             if reply.status == 200:
                 latencies[i].append(time.perf_counter() - began)
             else:
@@ -191,6 +194,54 @@ def measure_memory(engine: str, setup: Setup, state: Path, threads: int, token_f
             "ratio_to_package_bytes": round(added / per_package, 2)}
 
 
+def zipf_tasks(names: list[str], exponent: float = 1.0, draws: int = 4096) -> Callable[[int, int], list[str]]:
+    """One task per request, the k-th name drawn with probability ∝ 1/k^exponent (a seeded sequence:
+    every run and every configuration sees the same requests)."""
+    weights = 1.0 / np.arange(1, len(names) + 1) ** exponent
+    sequence = np.random.default_rng(0).choice(len(names), size=draws, p=weights / weights.sum())
+    return lambda client, k: [names[sequence[(client * 977 + k) % draws]]]
+
+
+def measure_holding(setup: Setup, root: Path, threads: int, token_file: Path, images: list[bytes], seconds: float,
+                    clients: int = 4, merged_copies: int = 3) -> dict:
+    """The device engine with 8 tasks (the four demo packages under two names each) and one task per
+    request drawn Zipf-like: all held merged (a budget they fit) against a budget of the shared base
+    plus ``merged_copies`` merged tasks (the busiest are merged, the rest held on the base). Each
+    station is warmed with the same traffic first, so its choice of merged tasks settles."""
+    packages = [(p.stem, p.read_bytes()) for p in setup.packages]
+    plan = [(f"{stem}-{copy}", data) for copy in (1, 2) for stem, data in packages]
+    names = [name for name, _ in plan]
+    traffic = zipf_tasks(names)
+    rows = []
+
+    def run(label: str, budget_mb: float) -> dict:
+        state = root / f"hold-{label}"
+        args = setup.args("device", state, threads, "--admin-token-file", str(token_file), "--memory-budget-mb",
+                          f"{budget_mb:.2f}", packages=False)
+        with station_process(*args, python=setup.python.get("device")) as (_proc, url):
+            client = StationClient(url)
+            for name, data in plan:
+                if client.install(name, data, ADMIN_TOKEN).status != 200:
+                    raise PetahError(f"bench serve: installing {name} failed")
+            drive(url, clients, max(3.0, seconds), images, traffic)  # warm-up: merges follow the traffic
+            measured = drive(url, clients, seconds, images, traffic)
+            stats = client.request("GET", "/v1/stats").json()
+            forms = [t["held"]["form"] for t in client.tasks()]
+        return {"held": label, "budget_mb": round(budget_mb, 2), **measured, "memory": stats["memory"],
+                "resident_bytes": stats["resident_bytes"], "merged_tasks": forms.count("merged"),
+                "base_tasks": forms.count("shared base")}
+
+    rows.append(run("all merged", 4096.0))
+    memory = rows[0]["memory"]
+    own = memory["merged_bytes"] / len(plan)  # one merged task's graph
+    budget = (memory["backbone_bytes"] + merged_copies * own + memory["adapter_bytes"]) * 1.01 / 2**20
+    rows.append(run(f"base + {merged_copies} merged", budget))
+    return {"tasks": names, "clients": clients, "zipf_exponent": 1.0, "rows": rows,
+            "requests_per_s_ratio": round(rows[1]["requests_per_s"] / rows[0]["requests_per_s"], 2)
+            if rows[0]["requests_per_s"] else None,
+            "resident_bytes_ratio": round(rows[1]["resident_bytes"] / rows[0]["resident_bytes"], 2)}
+
+
 def installed_bytes(python: str) -> dict:
     """The environment of ``python``: its site-packages' size (what ``du`` counts) and whether it has torch."""
     code = ("import importlib.util, sysconfig; print(sysconfig.get_paths()['purelib']); "
@@ -218,12 +269,15 @@ def run_serve_bench(engines: tuple[str, ...] = ("device", "onnx", "torch"), clie
                                                  root / f"t-{engine}-{batching}", images, threads)
         swap_rows = [measure_swaps(e, setup, root / f"s-{e}", swaps, images, threads, token_file) for e in engines]
         memory = [measure_memory(e, setup, root / f"m-{e}", threads, token_file, images) for e in engines]
+        holding = measure_holding(setup, root, threads, token_file, images, seconds) if "device" in engines else None
     installs = {"this": installed_bytes(sys.executable)}
     if device_python:
         installs["device"] = installed_bytes(device_python)
     return {"tasks": list(TASKS), "threads": threads, "seconds_per_point": seconds, "installs": installs,
-            "start": start, "throughput": throughput, "swaps": swap_rows, "memory": memory,
-            "ratios": ratios(throughput, swap_rows, memory, clients, start)}
+            "start": start, "throughput": throughput, "swaps": swap_rows, "memory": memory, "holding": holding,
+            "ratios": {**ratios(throughput, swap_rows, memory, clients, start),
+                       **({"device, Zipf over 8 tasks: base + 3 merged / all merged requests/s":
+                           holding["requests_per_s_ratio"]} if holding else {})}}
 
 
 def ratios(throughput: list[dict], swaps: list[dict], memory: list[dict], clients: tuple[int, ...],

@@ -29,7 +29,7 @@ from petah.device.base import (
     layout_inputs,
     padded,
 )
-from petah.device.session import session_options
+from petah.device.session import release_memory, session_options
 from petah.errors import PetahError, PetahWarning
 from petah.imaging import Preprocess
 from petah.packages import Manifest, TaskPackage, TrustPolicy, check_task_name, open_package
@@ -139,6 +139,7 @@ class DeviceEngine:
         self.base: BaseSession | None = None  # while any task is held on it
         self.traffic = Traffic()
         self.rebalance_s = REBALANCE_S
+        self.moves = {"merged": 0, "to base": 0}  # tasks moved by traffic or budget since start
         self._next_look = 0.0
         self._builder: threading.Thread | None = None
         self._built: tuple | None = None  # (task, merged form, base session or None, tasks to move to the base)
@@ -279,6 +280,8 @@ class DeviceEngine:
             self.tasks[name].merged = None
         self._set_base(self._base_covering(forms, "the shared base"))
         self._drop_unused_trunks()
+        self.moves["to base"] += len(names)
+        release_memory()
 
     def _look_at_traffic(self) -> None:
         """Take in a finished merge; then, at most every ``rebalance_s``, start building the merge of
@@ -296,6 +299,9 @@ class DeviceEngine:
                         other.merged = None
                 self._set_base(base)
                 self._drop_unused_trunks()
+                self.moves["merged"] += 1
+                self.moves["to base"] += len(demote)
+                release_memory()  # the merge's working copies, freed on the builder's thread
         if self.budget is None or self._builder is not None or time.monotonic() < self._next_look:
             return
         self._next_look = time.monotonic() + self.rebalance_s
@@ -351,8 +357,9 @@ class DeviceEngine:
         trunks = sum(t.weight_bytes for t in list(self.trunks.values()))
         return {"budget_bytes": None if self.budget is None else int(self.budget),
                 "held_bytes": merged + adapters + base + trunks, "backbone_bytes": self.backbone.resident_bytes,
+                "merged_bytes": merged, "adapter_bytes": adapters, "base_bytes": base, "trunk_bytes": trunks,
                 "merged_tasks": sum(1 for t in tasks if t.merged is not None),
-                "base_tasks": sum(1 for t in tasks if t.merged is None)}
+                "base_tasks": sum(1 for t in tasks if t.merged is None), "moves": dict(self.moves)}
 
     def run(self, images: list, names: list[str], top_k: int) -> dict[str, list[dict]]:
         self._look_at_traffic()

@@ -6,7 +6,6 @@ HTTP lives in ``app.py``; this class is what the endpoints call, usable (and tes
 from __future__ import annotations
 
 import base64
-import ctypes
 import datetime as dt
 import io
 import logging
@@ -21,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from petah.device.decode import anomaly_map_png, mask_png
+from petah.device.session import release_memory
 from petah.errors import EngineCannotRun, PetahError, PetahWarning
 from petah.imaging import load_image_modes
 from petah.packages import Manifest, SignatureError, TrustPolicy, check_task_name, read_manifest
@@ -96,16 +96,6 @@ def decode_uploads(uploads: list[Upload], modes: tuple[str, ...]) -> dict[str, l
         for mode in modes:
             by_mode[mode].append(images[mode])
     return by_mode
-
-
-def release_memory() -> None:
-    """After a task change, give freed heap pages back to the system, so a station that swaps for
-    months does not grow (glibc keeps them otherwise). No gc.collect(): it holds the GIL for its
-    whole run, a pause for every request; replaced structures are freed without it (``retire``)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)  # glibc; elsewhere there is nothing to call
-    except (OSError, AttributeError):
-        pass
 
 
 def now_utc() -> str:
