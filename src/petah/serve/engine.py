@@ -61,8 +61,8 @@ class BaseForm:
 
     adapters: dict  # graph input name -> (module, float32 array)
     layout: Layout
-    head: object  # onnxruntime.InferenceSession: the base graph's outputs it reads -> its output
-    reads: list[str]
+    head: object  # a classification head's (weight, bias) in numpy, else an onnxruntime.InferenceSession
+    reads: list[str]  # the base graph's outputs the head reads
     weight_bytes: int  # adapters + head
     feed: dict | None = None  # its inputs at the engine's base layout (padded; set on the inference thread)
     feed_layout: Layout | None = None
@@ -85,7 +85,7 @@ class DeviceTask:
     name: str
     manifest: Manifest
     preprocess: Preprocess
-    package: TaskPackage  # kept to merge it later, when its traffic earns it a graph of its own
+    path: Path  # read again to merge it later, when its traffic earns it a graph of its own
     origin: str
     merged: MergedForm | None = None
     base: BaseForm | None = None
@@ -97,6 +97,9 @@ class DeviceTask:
         already for another task of the batch."""
         if self.merged is None:
             features = base.session.run(self.base.reads, {"image": batch, **base.feed(self.base)})
+            if isinstance(self.base.head, tuple):  # a linear head: a session's fixed cost (~2 MB) for one Gemm
+                weight, bias = self.base.head
+                return features[0] @ weight.T + bias
             return self.base.head.run(None, dict(zip(self.base.reads, features, strict=True)))[0]
         if self.merged.trunk is None:
             return self.merged.session.run(None, {"image": batch})[0]
@@ -153,8 +156,8 @@ class DeviceEngine:
         except Exception as exc:  # ONNX Runtime's refusals name its internals, not the package's fault
             raise PetahError(f"{origin}: ONNX Runtime cannot open its graph ({type(exc).__name__})") from None
 
-    def _merge(self, task: DeviceTask) -> MergedForm:
-        graph = task_graph(self.backbone, task.package, task.origin)
+    def _merge(self, task: DeviceTask, package: TaskPackage) -> MergedForm:
+        graph = task_graph(self.backbone, package, task.origin)
         trunk = None
         if graph.trunk is not None:
             trunk = self.trunks.get(graph.trunk.key)  # a trunk being installed meanwhile is only opened twice
@@ -163,15 +166,21 @@ class DeviceEngine:
                                      graph.trunk.weight_bytes)
         return MergedForm(self._session(graph.graph, task.origin), graph.own_weight_bytes, trunk)
 
-    def _base_form(self, task: DeviceTask) -> BaseForm | None:
+    def _base_form(self, task: DeviceTask, package: TaskPackage) -> BaseForm | None:
         try:
-            adapters = base_adapters(self.backbone, task.package, task.origin)
+            adapters = base_adapters(self.backbone, package, task.origin)
         except NotOnBase as exc:
             task.pinned = str(exc)
             return None
-        graph, reads = head_graph(self.backbone, task.package, task.origin)
-        head_bytes = sum(int(np.asarray(v).nbytes) for v in task.package.section("head").values())
-        return BaseForm(adapters, Layout.of([adapters]), self._session(graph, task.origin), reads,
+        graph, reads = head_graph(self.backbone, package, task.origin)  # checks the head whatever runs it
+        tensors = package.section("head")
+        if task.manifest.task.kind == "classification":
+            head = (np.asarray(tensors["weight"], np.float32), np.asarray(tensors["bias"], np.float32))
+            head_bytes = sum(int(a.nbytes) for a in head)
+        else:
+            head = self._session(graph, task.origin)
+            head_bytes = sum(int(np.asarray(v).nbytes) for v in tensors.values())
+        return BaseForm(adapters, Layout.of([adapters]), head, reads,
                         sum(int(array.nbytes) for _, array in adapters.values()) + head_bytes)
 
     def _base_session(self, layout: Layout, origin: str) -> BaseSession:
@@ -194,12 +203,12 @@ class DeviceEngine:
         package, origin = open_package(path, self.backbone, self.trust)
         name = check_task_name(name or package.task_name, origin)
         origin = f"task {name}"
-        task = DeviceTask(name, package.manifest, Preprocess.from_dict(package.manifest.preprocessing), package,
+        task = DeviceTask(name, package.manifest, Preprocess.from_dict(package.manifest.preprocessing), Path(path),
                           origin)
         if self.budget is not None:
-            task.base = self._base_form(task)
+            task.base = self._base_form(task, package)
         if task.base is None or self._merged_fits(task):
-            task.merged = self._merge(task)
+            task.merged = self._merge(task, package)
         else:
             task.new_base = self._base_covering([task.base], origin)
         self._check_answers(task, origin)
@@ -317,8 +326,11 @@ class DeviceEngine:
         self._builder.start()
 
     def _build(self, task: DeviceTask, demote: list[str]) -> None:
-        try:
-            merged = self._merge(task)
+        try:  # its file read and verified again (the state folder keeps it while it is installed)
+            package, _ = open_package(task.path, self.backbone, self.trust)
+            if package.manifest.content_sha256 != task.manifest.content_sha256:
+                raise PetahError("its file changed since it was installed")
+            merged = self._merge(task, package)
             forms = [self.tasks[n].base for n in demote if n in self.tasks and self.tasks[n].base is not None]
             base = self._base_covering(forms, task.origin) if forms else None
             self._built = (task, merged, base, demote)
