@@ -37,6 +37,14 @@ def test_round_trip_reproduces_the_trained_model(backbone, image_folder, tmp_pat
     package = read_package(path)
     assert package.manifest.backbone.fingerprint == backbone.fingerprint
     assert package.manifest.labels == train.classes
+    # its reference profile (drift and label-free estimates on stations): the training images' own numbers
+    from petah.packages.reference import INPUT_STATISTICS, Reference
+
+    reference = Reference(package.manifest.extra["reference"])
+    assert reference.images == len(train) and len(reference.input_mean) == len(INPUT_STATISTICS)
+    assert reference.metric == "accuracy" and reference.metric_value == result.metrics["accuracy"]
+    assert 0 < len(reference.feature_index) <= backbone.num_features and reference.estimator == "atc"
+    assert abs(reference.histogram.sum() - 1) < 1e-3
     assert all(k.split("/")[0] in ("adapter", "override", "head") for k in package.tensors)
     assert api.evaluate(backbone, path, val)["accuracy"] == result.metrics["accuracy"]
     # the package changes the features: adapters are really applied on load

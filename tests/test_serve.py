@@ -120,8 +120,9 @@ def test_tasks_contract_and_predict_every_kind(demo_station):
     assert [t["name"] for t in tasks] == ["defects", "digit-boxes", "digits", "surfaces", "textures"]
     for row in tasks:
         assert set(row) == {"name", "kind", "labels", "version", "bytes", "metrics", "loaded_at", "previous_version",
-                            "candidate_version", "held"}
+                            "candidate_version", "held", "drift"}
         assert row["held"] == {"form": "adapters", "engine": "torch"}
+        assert row["drift"]["state"] == "no reference" and "reference profile" in row["drift"]["why"]
         assert len(row["version"]) == 12 and row["bytes"] > 100_000 and row["previous_version"] is None
     kinds = {t["name"]: t["kind"] for t in tasks}
     assert kinds == {"defects": "segmentation", "digit-boxes": "detection", "digits": "classification",

@@ -23,6 +23,8 @@ from petah.errors import PetahError
 from petah.files import check_writable
 from petah.packages import TaskPackage, check_task_name, describe_package, write_package
 from petah.packages.manifest import MAX_LABEL_CHARS, MAX_LABELS
+from petah.packages.reference import FIELD as REFERENCE_FIELD
+from petah.packages.reference import REFERENCE_ROOM
 from petah.plans import PlanConfig
 from petah.runtime.attach import (
     LoadedTask,
@@ -36,6 +38,7 @@ from petah.runtime.attach import (
 from petah.tasks import TASK_KINDS, Classification, kind_for_data
 from petah.tasks.anomaly import Anomaly, AnomalyConfig, bank_rows, choose_threshold
 from petah.tasks.anomaly import report as anomaly_report
+from petah.tasks.reference import reference_profile
 from petah.train import TrainConfig, Trainer, TrainResult, barrier, is_main_process, setup
 from petah.train.distributed import check_ranks_agree, eval_indices
 from petah.train.trainer import frozen_norms, schedule_steps
@@ -226,6 +229,9 @@ def adapt(
     adapter.load_state(torch_section(package, "adapter"), torch_section(package, "override"))
     metrics = kind.evaluate(trainer.model, eval_loader(val, preprocess_for(backbone), kind), val.classes)
     package.manifest.metrics = metrics
+    package.manifest.extra[REFERENCE_FIELD] = reference_profile(
+        kind, trainer.model, eval_loader(train, preprocess_for(backbone), kind),
+        eval_loader(val, preprocess_for(backbone), kind), preprocess_for(backbone), metrics)
     package.manifest.training = {**config.to_dict(), "seconds": round(result.seconds, 2), "steps": result.steps,
                                  "images_per_second": round(result.images_per_second, 1),
                                  "train_data": train.source, "val_data": val.source, "train_images": len(train)}
@@ -268,6 +274,8 @@ def _fit_anomaly(backbone: Backbone, train, val, plan: PlanConfig, config: Train
     scores, anomalous, maps, masks = Anomaly.scores(model, eval_loader(val, preprocess, Anomaly))
     fitted.threshold, rule = choose_threshold(scores, anomalous, settings.max_false_reject)
     metrics = anomaly_report(scores, anomalous, maps, masks, fitted.threshold)
+    reference = reference_profile(Anomaly, model, eval_loader(train, preprocess, Anomaly),
+                                  eval_loader(val, preprocess, Anomaly), preprocess, metrics)
     seconds = time.perf_counter() - started
     frozen = {name: p.requires_grad for name, p in backbone.model.named_parameters()}
     adapter = TaskAdapter(backbone, head_only, targets=[], name="anomaly-package")  # adds nothing: no targets
@@ -281,6 +289,7 @@ def _fit_anomaly(backbone: Backbone, train, val, plan: PlanConfig, config: Train
                                           "threshold_rule": rule, "max_false_reject": settings.max_false_reject,
                                           "train_data": train.source, "val_data": val.source,
                                           "train_images": len(train)})
+        package.manifest.extra[REFERENCE_FIELD] = reference
     finally:
         adapter.remove()
         for name, param in backbone.model.named_parameters():  # the caller's backbone, as it was
@@ -299,9 +308,9 @@ def _patches_per_image(backbone: Backbone, head) -> int:
 
 def _metadata_room(classes: list[str], val_images: int) -> int:
     """Bytes the manifest gains after training (metrics: a confusion matrix, per-class scores;
-    the training record), bounded from above, so a budget is met before the metrics are known."""
+    the training record; the reference profile), bounded from above, so a budget is met before the metrics are known."""
     per_class = sum(2 * len(name) + 60 for name in classes)
-    return 2500 + per_class + len(classes) ** 2 * (len(str(val_images)) + 2)
+    return 2500 + per_class + len(classes) ** 2 * (len(str(val_images)) + 2) + REFERENCE_ROOM
 
 
 def planned_bytes(backbone: Backbone, plan: PlanConfig, train: LabeledImages, val: LabeledImages, *,

@@ -10,11 +10,14 @@ import typer
 from petah.cli.common import SizeOpt, WeightsOpt, config_options
 from petah.errors import PetahError
 from petah.serve.config import ServeConfig
+from petah.serve.drift import DriftConfig
 
 
 @config_options(ServeConfig, "config")
+@config_options(DriftConfig, "drift")
 def serve(
     config: ServeConfig,
+    drift: DriftConfig,
     backbone_spec: Annotated[str | None, typer.Option(
         "--backbone", "-b", help="A device backbone folder (petah export --device: no torch needed), a petah "
                                  "backbone file, or a timm model name (not with --demo).")] = None,
@@ -34,6 +37,7 @@ def serve(
     swaps, /healthz, /metrics and the inspection page at /. Stops cleanly on SIGTERM / Ctrl-C."""
     from petah.serve import Station, bind, demo_on_device, demo_packages, run_station, station_backbone
 
+    config.drift = drift
     if demo == (backbone_spec is not None):
         raise PetahError("give either --backbone (-b) or --demo")
     files = list(package or [])

@@ -8,6 +8,7 @@ import io
 import numpy as np
 
 from petah.imaging import resize_bilinear
+from petah.packages.reference import softmax_confidence
 
 # torchvision's FCOS post-processing as petah's detection head uses it (petah.tasks.detection._engine):
 # the device has no torchvision, so the same steps are written here in numpy and checked against it
@@ -35,16 +36,17 @@ def classification(logits: np.ndarray, classes: list[str], top_k: int = 3) -> li
 
 
 def segmentation(logits: np.ndarray, classes: list[str], sizes: list[tuple[int, int]] | None = None) -> list[dict]:
-    """Per image: the class-index mask at the image's own size (bilinear, as torch resizes) and each
-    class's pixel share."""
+    """Per image: the class-index mask at the image's own size (bilinear, as torch resizes), each
+    class's pixel share, and the confidence (the mean top-class probability over the model's pixels)."""
     out = []
     for i, row in enumerate(np.asarray(logits, dtype=np.float32)):
+        confidence = float(softmax_confidence(row, axis=0).mean())
         if sizes is not None:
             row = resize_bilinear(row, *sizes[i])
         mask = row.argmax(0).astype(np.uint8)
         counts = np.bincount(mask.reshape(-1), minlength=len(classes)) / mask.size
         out.append({"mask": mask, "pixels": {c: round(float(f), 6) for c, f in zip(classes, counts, strict=True)
-                                             if f > 0}})
+                                             if f > 0}, "confidence": round(confidence, 6)})
     return out
 
 

@@ -21,6 +21,7 @@ from petah.plans import CHANNEL_SCALE, LORA, PlanConfig
 
 LOGITS = "logits"
 OUTPUTS = "outputs"
+FEATURES = "features"  # a task graph's second output: what a station's drift check compares
 # what the device engine runs without torch: classification (a linear head, built here) and the kinds
 # whose package carries its head's graph (format 3: dense heads, anomaly's bank and its scoring)
 HEAD_KINDS = ("classification", "segmentation", "detection", "anomaly")
@@ -257,6 +258,8 @@ def task_graph(backbone: DeviceBackbone, package: TaskPackage, origin: str) -> T
                                                                     origin)
     changed = merged_weights(backbone, package, origin)
     model = onnx.load_from_string(backbone.graph)
+    feature_nodes, features = feature_output(backbone, reads)
+    head_nodes = head_nodes + feature_nodes
     nodes = _needed_nodes(model.graph, set(reads)) + head_nodes
     weights = {name: changed.get(key, backbone.weights[key]) for key, name in backbone.index.items()}
     constants = {init.name: init for init in model.graph.initializer} | {init.name: init for init in head_initializers}
@@ -275,14 +278,35 @@ def task_graph(backbone: DeviceBackbone, package: TaskPackage, origin: str) -> T
     split = _split_trunk(nodes, len(head_nodes), {backbone.index[k] for k in changed if k in backbone.index},
                          image[0].name, backbone)
     if split is None:
-        graph, own = build(nodes, image, [output])
+        graph, own = build(nodes, image, [output, features])
         return TaskGraph(manifest, graph, changed_bytes, None, own + head_bytes)
     trunk_nodes, task_nodes, cut = split
     typed = _cut_types(backbone, cut)
     trunk_graph, trunk_bytes = build(trunk_nodes, image, typed)
     key = hashlib.sha256(trunk_graph).hexdigest()
-    graph, own = build(task_nodes, typed, [output])
+    graph, own = build(task_nodes, typed, [output, features])
     return TaskGraph(manifest, graph, changed_bytes, Trunk(key, trunk_graph, cut, trunk_bytes), own + head_bytes)
+
+
+def deepest_read(backbone: DeviceBackbone, reads: list[str]) -> str | None:
+    """The feature level of largest stride among ``reads`` (None: the head reads the pooled features)."""
+    strides = {level["name"]: int(level["stride"]) for level in backbone.outputs.get("levels", [])}
+    levels = [name for name in reads if name in strides]
+    return max(levels, key=strides.__getitem__) if levels else None
+
+
+def feature_output(backbone: DeviceBackbone, reads: list[str]):
+    """Nodes giving a task's drift features (``petah.tasks.reference.model_features``): the pooled
+    features a classification head reads, else the deepest level it reads averaged over positions."""
+    from onnx import helper
+
+    deepest = deepest_read(backbone, reads)
+    if deepest is None:
+        nodes = [helper.make_node("Identity", [reads[0]], [FEATURES])]
+    else:
+        nodes = [helper.make_node("GlobalAveragePool", [deepest], [f"{FEATURES}::pooled"]),
+                 helper.make_node("Flatten", [f"{FEATURES}::pooled"], [FEATURES], axis=1)]
+    return nodes, helper.make_tensor_value_info(FEATURES, 1, ["batch", None])  # 1: FLOAT
 
 
 MIN_TRUNK_FRACTION = 0.1  # a shorter unchanged lead is not worth a second session per batch
@@ -335,5 +359,6 @@ def _cut_types(backbone: DeviceBackbone, cut: list[str]) -> list:
     return [helper.make_tensor_value_info(name, types.get(name) or 1, None) for name in cut]  # 1: FLOAT
 
 
-__all__ = ["GRAPH_HEAD_KINDS", "HEAD_KINDS", "HEAD_OPS", "LOGITS", "OUTPUTS", "TaskGraph", "Trunk", "check_head_graph",
-           "lora_delta", "lora_scaling", "merged_weights", "task_graph"]
+__all__ = ["FEATURES", "GRAPH_HEAD_KINDS", "HEAD_KINDS", "HEAD_OPS", "LOGITS", "OUTPUTS", "TaskGraph", "Trunk",
+           "check_head_graph", "deepest_read", "feature_output", "lora_delta", "lora_scaling", "merged_weights",
+           "task_graph"]

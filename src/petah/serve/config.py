@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from petah.errors import PetahError
 from petah.http import read_token
 from petah.options import option
+from petah.serve.drift import DriftConfig
 from petah.serve.engine import ENGINES
 
 
@@ -92,6 +93,9 @@ class ServeConfig:
                                 help="With --hub: still accept admin uploads, rollbacks and deletes by hand.")
     ssl_keyfile: str | None = option(None, cli="--ssl-keyfile", help="TLS private key (PEM), for HTTPS.")
     ssl_certfile: str | None = option(None, cli="--ssl-certfile", help="TLS certificate (PEM), for HTTPS.")
+
+    drift: DriftConfig = option(default_factory=DriftConfig,
+                                help="The drift check's settings (its own options: --drift-window …).")
 
     def __post_init__(self):
         for label, value in (("--max-batch", self.max_batch), ("--queue-size", self.queue_size),

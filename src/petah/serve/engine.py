@@ -30,6 +30,7 @@ from petah.device.base import (
     padded,
 )
 from petah.device.session import release_memory, session_options
+from petah.device.task import deepest_read
 from petah.errors import PetahError, PetahWarning
 from petah.imaging import Preprocess
 from petah.packages import Manifest, TaskPackage, TrustPolicy, check_task_name, open_package
@@ -63,6 +64,7 @@ class BaseForm:
     layout: Layout
     head: object  # a classification head's (weight, bias) in numpy, else an onnxruntime.InferenceSession
     reads: list[str]  # the base graph's outputs the head reads
+    deepest: str | None  # the feature level its drift features average (None: the pooled features)
     weight_bytes: int  # adapters + head
     feed: dict | None = None  # its inputs at the engine's base layout (padded; set on the inference thread)
     feed_layout: Layout | None = None
@@ -92,20 +94,27 @@ class DeviceTask:
     pinned: str | None = None  # why it cannot be held on the base (then it is always merged)
     new_base: BaseSession | None = None  # a base graph built for it in ``prepare`` (installed with it)
 
-    def forward(self, batch, base: BaseSession | None, trunk_outputs: dict | None = None):
-        """The task's output for a preprocessed batch; ``trunk_outputs``: its trunk's, when computed
-        already for another task of the batch."""
+    def forward(self, batch, base: BaseSession | None, trunk_outputs: dict | None = None) -> tuple:
+        """The task's output and its drift features (``petah.device.task.feature_output``) for a
+        preprocessed batch; ``trunk_outputs``: its trunk's, when computed already for another task."""
         if self.merged is None:
-            features = base.session.run(self.base.reads, {"image": batch, **base.feed(self.base)})
+            reads = self.base.reads
+            values = base.session.run(reads, {"image": batch, **base.feed(self.base)})
+            if self.base.deepest is None:
+                features = values[0]
+            else:
+                features = values[reads.index(self.base.deepest)].mean((2, 3))
             if isinstance(self.base.head, tuple):  # a linear head: a session's fixed cost (~2 MB) for one Gemm
                 weight, bias = self.base.head
-                return features[0] @ weight.T + bias
-            return self.base.head.run(None, dict(zip(self.base.reads, features, strict=True)))[0]
+                return values[0] @ weight.T + bias, features
+            return self.base.head.run(None, dict(zip(reads, values, strict=True)))[0], features
         if self.merged.trunk is None:
-            return self.merged.session.run(None, {"image": batch})[0]
-        if trunk_outputs is None:
-            trunk_outputs = self.trunk_outputs(batch)
-        return self.merged.session.run(None, trunk_outputs)[0]
+            outputs = self.merged.session.run(None, {"image": batch})
+        else:
+            if trunk_outputs is None:
+                trunk_outputs = self.trunk_outputs(batch)
+            outputs = self.merged.session.run(None, trunk_outputs)
+        return outputs[0], outputs[1]
 
     def trunk_outputs(self, batch) -> dict:
         trunk = self.merged.trunk
@@ -143,6 +152,7 @@ class DeviceEngine:
         self.traffic = Traffic()
         self.rebalance_s = REBALANCE_S
         self.moves = {"merged": 0, "to base": 0}  # tasks moved by traffic or budget since start
+        self.features: dict[str, np.ndarray] = {}  # per task, its last batch's drift features (inference thread)
         self._next_look = 0.0
         self._builder: threading.Thread | None = None
         self._built: tuple | None = None  # (task, merged form, base session or None, tasks to move to the base)
@@ -180,7 +190,7 @@ class DeviceEngine:
         else:
             head = self._session(graph, task.origin)
             head_bytes = sum(int(np.asarray(v).nbytes) for v in tensors.values())
-        return BaseForm(adapters, Layout.of([adapters]), head, reads,
+        return BaseForm(adapters, Layout.of([adapters]), head, reads, deepest_read(self.backbone, reads),
                         sum(int(array.nbytes) for _, array in adapters.values()) + head_bytes)
 
     def _base_session(self, layout: Layout, origin: str) -> BaseSession:
@@ -227,7 +237,7 @@ class DeviceEngine:
         size = self.backbone.img_size
         try:  # the form it is held in (the other has the same head; its branches' shapes are checked)
             batch = task.preprocess.array_batch([np.zeros((3, size, size), np.uint8)])
-            self.decode(task.manifest, task.forward(batch, task.new_base or self.base), [(size, size)], 1)
+            self.decode(task.manifest, task.forward(batch, task.new_base or self.base)[0], [(size, size)], 1)
         except PetahError:
             raise
         except Exception as exc:  # whatever a graph that does not fit its manifest makes fail
@@ -273,6 +283,7 @@ class DeviceEngine:
 
     def unload(self, name: str) -> None:
         del self.tasks[name]
+        self.features.pop(name, None)
         self.traffic.forget(name)
         self._set_base(None)
         self._drop_unused_trunks()
@@ -389,14 +400,14 @@ class DeviceEngine:
                 if key not in trunks:
                     trunks[key] = task.trunk_outputs(batch)
                 shared = trunks[key]
-            outputs = task.forward(batch, self.base, shared)
+            outputs, self.features[name] = task.forward(batch, self.base, shared)
             results[name] = self.decode(task.manifest, outputs, [image.shape[-2:] for image in images], top_k)
             self.traffic.add(name, len(images))
         return results
 
     def outputs(self, task: DeviceTask, batch):
         """A prepared or installed task's raw output for a preprocessed batch (the golden-set gate's)."""
-        return task.forward(batch, task.new_base or self.base)
+        return task.forward(batch, task.new_base or self.base)[0]
 
     def decode(self, manifest: Manifest, outputs, sizes: list, top_k: int) -> list[dict]:
         kind, labels = manifest.task.kind, manifest.labels

@@ -33,7 +33,7 @@ def quantile_ms(sorted_seconds: list[float], q: float) -> float | None:
 
 
 class StationMetrics:
-    def __init__(self, tasks_loaded, queue_depth):
+    def __init__(self, tasks_loaded, queue_depth, drift=None):
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, cpu seconds, open fds
         r = self.registry
@@ -52,6 +52,8 @@ class StationMetrics:
         Gauge("petah_resident_bytes", "Resident memory of the station process", registry=r).set_function(
             resident_bytes)
         Gauge("petah_queue_depth", "Requests waiting for inference", registry=r).set_function(queue_depth)
+        if drift is not None:
+            r.register(DriftCollector(drift))
         self.started = time.time()
         self._lock = threading.Lock()
         self._recent: collections.deque[float] = collections.deque(maxlen=RECENT)
@@ -92,4 +94,35 @@ class StationMetrics:
         return generate_latest(self.registry)
 
 
-__all__ = ["StationMetrics", "quantile_ms", "resident_bytes"]
+class DriftCollector:
+    """Per task gauges of the drift check (``petah.serve.drift``), read when /metrics is scraped."""
+
+    GAUGES = (("input_drift", "petah_task_input_drift", "Input drift of the task's recent images (reference sds)"),
+              ("feature_drift", "petah_task_feature_drift", "Feature drift of the task's recent images (reference "
+                                                             "sds, root mean square)"),
+              ("estimated", "petah_task_estimated_metric", "The task's metric estimated without labels (points)"),
+              ("confidence", "petah_task_confidence", "Mean confidence of the task's recent answers"))
+
+    def __init__(self, summaries):
+        self.summaries = summaries
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        summaries = self.summaries()
+        for key, name, text in self.GAUGES:
+            family = GaugeMetricFamily(name, text, labels=["task"])
+            for task, summary in summaries.items():
+                if isinstance(summary.get(key), int | float):
+                    family.add_metric([task], float(summary[key]))
+            yield family
+        drifting = GaugeMetricFamily("petah_task_drifting", "1 while the task is called drifting", labels=["task"])
+        alarms = GaugeMetricFamily("petah_task_drift_alarms", "Times the task was called drifting", labels=["task"])
+        for task, summary in summaries.items():
+            drifting.add_metric([task], float(summary.get("state") == "drifting"))
+            alarms.add_metric([task], float(summary.get("alarms", 0)))
+        yield drifting
+        yield alarms
+
+
+__all__ = ["DriftCollector", "StationMetrics", "quantile_ms", "resident_bytes"]

@@ -22,9 +22,11 @@ from PIL import Image
 from petah.device.decode import anomaly_map_png, mask_png
 from petah.device.session import release_memory
 from petah.errors import EngineCannotRun, PetahError, PetahWarning
-from petah.imaging import load_image_modes
+from petah.imaging import Preprocess, load_image_modes
 from petah.packages import Manifest, SignatureError, TrustPolicy, check_task_name, read_manifest
+from petah.packages.reference import input_statistics
 from petah.serve.config import ServeConfig
+from petah.serve.drift import DriftMonitor, confidences
 from petah.serve.engine import choose_engine, engine_class
 from petah.serve.metrics import StationMetrics
 from petah.serve.state import Entry, StateDir, StateUnwritable
@@ -117,7 +119,9 @@ class Station:
         self.backbone = self.engine.backbone  # the engine's: the caller's copy can be freed
         self.tasks: dict[str, TaskRecord] = {}  # changed only on the inference thread (with the engine)
         self.candidates: dict[str, str] = {}  # task -> sha256 of a release being installed / watched (agent)
-        self.metrics = StationMetrics(lambda: len(self.tasks), lambda: self.worker.depth)
+        self.drift = DriftMonitor(self.config.drift)
+        self.metrics = StationMetrics(lambda: len(self.tasks), lambda: self.worker.depth,
+                                      lambda: {name: self.drift.summary(name) for name in list(self.tasks)})
         self.worker = BatchWorker(self._run_batch, max_batch=self.config.max_batch,
                                   max_wait_s=self.config.max_wait_ms / 1000, queue_size=self.config.queue_size,
                                   on_batch=self.metrics.batch_size.observe, on_pause=self.metrics.observe_pause,
@@ -185,6 +189,7 @@ class Station:
             manifest = self.engine.install(prepared)
             record = TaskRecord(name, manifest, sha, path.stat().st_size, loaded_at, previous)
             self.tasks[name] = record
+            self.drift.watch(name, manifest)  # a new version's window starts afresh
             return record
 
         try:
@@ -269,6 +274,7 @@ class Station:
             def unload() -> None:
                 self.engine.unload(name)
                 del self.tasks[name]
+                self.drift.forget(name)
 
             try:
                 self.worker.call(unload).result() if self.worker.alive else unload()
@@ -351,6 +357,8 @@ class Station:
                         job.images.update(decode_uploads(job.sources, (mode,)))
                 images = [image for job in group for image in job.images[mode]]
                 outputs = self.engine.run(images, names, self.config.top_k)
+                if self.drift.enabled:
+                    self._watch(images, outputs)
                 for name, rows in outputs.items():
                     offset = 0
                     for j, job in enumerate(group):
@@ -362,6 +370,20 @@ class Station:
             for job, results in zip(group, per_job, strict=True):
                 if job.future.set_running_or_notify_cancel():  # False: the client went away meanwhile
                     job.future.set_result(Prediction(results, tags, total))
+
+    def _watch(self, images: list, outputs: dict[str, list[dict]]) -> None:
+        """Give the drift check what this batch showed: per task, its images' statistics as its
+        model saw them, its answers' confidences, and its features where the engine gives them."""
+        statistics: dict = {}  # tasks of one backbone share their preprocessing: computed once
+        features = getattr(self.engine, "features", {})
+        for name, rows in outputs.items():
+            manifest = self.tasks[name].manifest
+            preprocess = Preprocess.from_dict(manifest.preprocessing)
+            if preprocess not in statistics:
+                statistics[preprocess] = input_statistics(preprocess.array_batch(images), preprocess.mean,
+                                                          preprocess.std)
+            self.drift.observe(name, statistics[preprocess], confidences(manifest.task.kind, rows),
+                               features.get(name))
 
     @staticmethod
     def render(prediction: Prediction, uploads: list[Upload]) -> list[dict]:
@@ -385,8 +407,8 @@ class Station:
         return images
 
     def task_list(self) -> list[dict]:
-        return [{**record.to_dict(self.candidates.get(name)), "held": self.engine.held(name)}
-                for name, record in sorted(self.tasks.items())]
+        return [{**record.to_dict(self.candidates.get(name)), "held": self.engine.held(name),
+                 "drift": self.drift.summary(name)} for name, record in sorted(self.tasks.items())]
 
     def predict_now(self, images: list[tuple[str, bytes]], tasks: tuple[str, ...]) -> list[dict]:
         """Results for image files through the request path (decode, queue, batch), from Python."""
