@@ -12,6 +12,7 @@ from rich.table import Table
 from petah.cli.common import JsonOpt, config_options, emit_json, out
 from petah.errors import PetahError
 from petah.prune.pruner import PruneConfig
+from petah.serve.drift import DriftConfig
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: side-by-side measurements in one run.")
 
@@ -176,6 +177,48 @@ def bench_anomaly(
         out.print(f"batch {r['batch']}: anomaly {r['anomaly_ms']:.2f} ms / image, classification "
                   f"{r['classification_ms']:.2f} ms ({r['ratio']:.2f}x)")
     out.print(f"targets: {result['targets']}")
+
+
+@bench_app.command("drift")
+@config_options(DriftConfig, "drift")
+def bench_drift(
+    drift: DriftConfig,
+    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated built-in classification sets.")
+                     ] = "digits,textures",
+    unshifted: Annotated[int, typer.Option("--unshifted", help="Unshifted requests counted for false alarms.")
+                         ] = 30_000,
+    shifted: Annotated[int, typer.Option("--shifted", help="Most shifted requests sent per shift.")] = 1000,
+    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs of each task.")] = 10,
+    json_out: JsonOpt = False,
+) -> None:
+    """The drift check on built-in tasks: false alarms without a shift; per shift (brightness, blur,
+    a new background) the requests to the alarm and the label-free estimate against the truth."""
+    from petah.bench.drift import run_drift_bench
+    from petah.data import BUILTIN
+
+    names = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    dense = ("defects", "digit-boxes", "surface-anomalies")
+    unknown = [t for t in names if t not in BUILTIN or t in dense]
+    if unknown or not names:
+        raise PetahError(f"--tasks {','.join(unknown) or repr(tasks)}: not a built-in classification set (one of "
+                         f"{', '.join(b for b in BUILTIN if b not in dense)})")
+    if unshifted < 1 or shifted < drift.window or epochs < 1:
+        raise PetahError("--unshifted and --epochs must be at least 1, --shifted at least --drift-window")
+    result = run_drift_bench(names, unshifted, shifted, epochs, config=drift)
+    if json_out:
+        emit_json(result)
+        return
+    table = Table(title="drift check: requests to the alarm, estimated vs true accuracy (points)")
+    for column in ("task", "shift", "true", "estimated", "to alarm", "input drift", "feature drift"):
+        table.add_column(column, justify="right")
+    for name, row in result["tasks"].items():
+        table.add_row(name, f"none ({row['false_alarms']} alarms / {row['unshifted_requests']:,})",
+                      f"{row['true_accuracy']:.1f}", str(row["estimated_accuracy"]), "-", str(row["input_drift"]),
+                      str(row["feature_drift"]))
+        for shift, r in row["shifts"].items():
+            table.add_row("", shift, f"{r['true_accuracy']:.1f}", str(r["estimated_accuracy"]),
+                          str(r["requests_to_alarm"]), str(r["input_drift"]), str(r["feature_drift"]))
+    out.print(table)
 
 
 @bench_app.command("fleet")
