@@ -178,14 +178,20 @@ def test_build_verbs_say_they_need_the_full_install():
     assert proc.returncode == 2 and "needs the full install" in proc.stderr
 
 
-def test_the_golden_set_gate_scores_on_the_device(tmp_path):
-    from petah.errors import PetahError
-    from petah.fleet.gate import score_versions
+@pytest.fixture(scope="module")
+def device_gate():
     from petah.serve import demo_device_backbone
     from petah.serve.engine import DeviceEngine
 
     backbone = demo_device_backbone()
-    engine = DeviceEngine(backbone, threads=1)
+    return backbone, DeviceEngine(backbone, threads=1)
+
+
+def test_the_golden_set_gate_scores_on_the_device(tmp_path, device_gate):
+    from petah.errors import PetahError
+    from petah.fleet.gate import score_versions
+
+    backbone, engine = device_gate
     golden = tmp_path / "golden"
     for label in ("3", "7"):
         (golden / "digits" / label).mkdir(parents=True)
@@ -195,9 +201,106 @@ def test_the_golden_set_gate_scores_on_the_device(tmp_path):
     assert scores["current"].metric == "accuracy" and scores["current"].value == scores["candidate"].value
     assert 0 <= scores["current"].value <= 100 and scores["current"].seconds > 0
     assert score_versions(backbone, {"current": PACKAGES["textures"]}, golden, engine) is None  # no set for it
-    (golden / "defects" / "images").mkdir(parents=True)
-    with pytest.raises(PetahError, match="needs the full install"):
+    _mask_set(golden / "defects")  # a dense set is read strictly, as on the full install: a bad sample is named
+    Image.fromarray(np.full((64, 64), 9, dtype=np.uint8)).save(golden / "defects" / "masks" / "1.png")
+    with pytest.raises(PetahError, match=r"1\.png: mask value 9 is not a class index"):
         score_versions(backbone, {"current": PACKAGES["defects"]}, golden, engine)
+
+
+def _mask_set(folder) -> None:
+    """defects' layout: images/ + masks/ + classes.txt; a scratch, a spot, one ignored pixel."""
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    (folder / "classes.txt").write_text("background\nscratch\nspot\ncrack\n")
+    for i in range(3):
+        (folder / "images" / f"{i}.png").write_bytes(png(40 + i))
+        mask = np.zeros((64, 64), dtype=np.uint8)
+        mask[8 + i : 40, 20:23] = 1
+        mask[44:54, 40 + i : 50] = 2
+        mask[0, 0] = 255
+        Image.fromarray(mask).save(folder / "masks" / f"{i}.png")
+
+
+def _coco_set(folder) -> None:
+    """digit-boxes' layout: annotations.json (COCO, categories 0-9) beside its images."""
+    folder.mkdir(parents=True)
+    coco = {"images": [], "annotations": [], "categories": [{"id": i, "name": str(i)} for i in range(10)]}
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(png(50 + i))
+        coco["images"].append({"id": i, "file_name": f"{i}.png", "width": 64, "height": 64})
+        for j, (x, y, side) in enumerate([(4, 6, 20), (34 + i, 30, 24)]):
+            coco["annotations"].append({"id": 2 * i + j, "image_id": i, "category_id": (i + j) % 10,
+                                        "bbox": [x, y, side, side]})
+    (folder / "annotations.json").write_text(json.dumps(coco))
+
+
+def _anomaly_set(folder, defective: bool = True) -> None:
+    """surfaces' layout: good/ and a defect folder, its masks under ground_truth/."""
+    folders = {"good": (60, 61), "scratch": (62, 63)} if defective else {"good": (60, 61, 62)}
+    for name, seeds in folders.items():
+        (folder / name).mkdir(parents=True)
+        for seed in seeds:
+            (folder / name / f"{seed}.png").write_bytes(png(seed))
+    if defective:
+        (folder / "ground_truth" / "scratch").mkdir(parents=True)
+        for seed in (62, 63):
+            mask = np.zeros((64, 64), dtype=np.uint8)
+            mask[10:20, 10:40] = 255
+            Image.fromarray(mask).save(folder / "ground_truth" / "scratch" / f"{seed}_mask.png")
+
+
+@pytest.mark.parametrize("task, write, metric", [
+    ("defects", _mask_set, "mIoU"),
+    ("digit-boxes", _coco_set, "mAP50"),
+    ("surfaces", _anomaly_set, "image_auroc"),
+    ("surfaces", lambda folder: _anomaly_set(folder, defective=False), "accuracy"),
+], ids=["segmentation", "detection", "anomaly", "anomaly, good images only"])
+def test_the_golden_set_gate_scores_every_task_kind_on_the_device(tmp_path, device_gate, task, write, metric):
+    from petah.fleet.gate import score_versions
+
+    backbone, engine = device_gate
+    write(tmp_path / task)
+    scores = score_versions(backbone, {"current": PACKAGES[task], "candidate": PACKAGES[task]}, tmp_path, engine)
+    assert {s.metric for s in scores.values()} == {metric}
+    assert 0 <= scores["current"].value <= 100 and scores["current"].value == scores["candidate"].value
+    assert scores["current"].seconds > 0
+
+
+def test_auroc_counts_ties_half_and_keeps_large_distances_apart():
+    from petah.device.metrics import auroc
+
+    truth = np.array([False, False, True, True])
+    # the positives beat 0.1 (2 pairs) and 0.4 (1 pair), and tie the other 0.4 (half a pair): 3.5 of 4
+    assert auroc(np.array([0.1, 0.4, 0.4, 0.8]), truth) == 0.875
+    assert auroc(np.array([2.0, 3.0, 3.0, 5.0]), truth) == 0.875  # distances: only their order counts
+    assert auroc(np.array([20.0, 30.0]), np.array([False, True])) == 1.0  # no squash into a tie
+    assert auroc(np.array([0.2, 0.9]), np.array([True, True])) is None  # one class only: no curve
+
+
+def test_mean_iou_leaves_out_ignored_pixels_and_absent_classes():
+    from petah.device.metrics import class_iou, confusion_matrix, mean_iou
+
+    target = np.array([[0, 0, 0, 1, 255]])
+    predicted = np.array([[0, 0, 1, 1, 2]])  # class 2 only where the target is ignored: absent
+    confusion = confusion_matrix(target, predicted, 3)
+    assert confusion.sum() == 4 and confusion[:, 2].sum() == 0
+    iou = class_iou(confusion)
+    assert iou[0] == np.float32(2 / 3) and iou[1] == np.float32(1 / 2) and np.isnan(iou[2])
+    assert mean_iou(confusion) == pytest.approx(7 / 12, abs=1e-7)
+    assert mean_iou(confusion_matrix(np.full((2, 2), 255), np.zeros((2, 2)), 3)) == 0.0  # nothing to score
+
+
+def test_map50_counts_a_duplicate_as_false_and_a_missed_box_against_recall():
+    from petah.device.metrics import map50
+
+    truth = [{"boxes": np.array([[0, 0, 10, 10], [20, 20, 30, 30]], dtype=np.float32), "labels": np.array([0, 0])}]
+    found = [{"boxes": np.array([[0, 0, 10, 10], [0, 0, 10, 11], [40, 40, 50, 50]], dtype=np.float32),
+              "scores": np.array([0.9, 0.8, 0.7], dtype=np.float32), "labels": np.array([0, 0, 1])}]
+    # the first box finds the first ground truth (recall 0.5 at precision 1), its duplicate is a false
+    # positive and the second box is never found: precision 1 at the 51 recall points up to 0.5, 0 above;
+    # class 1 has no ground truth and stays out of the mean
+    assert map50(found, truth) == pytest.approx(51 / 101, abs=1e-12)
+    assert map50(found, [{"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, int)}]) == -1.0
 
 
 def _with_head_graph(name: str, edit) -> "object":

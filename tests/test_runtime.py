@@ -272,3 +272,177 @@ def test_the_device_gate_scores_a_task_that_runs_on_a_shared_trunk(tmp_path):
     on_device = score_versions(device, {"v": path}, tmp_path / "golden", engine)["v"]
     with_torch = score_versions(backbone, {"v": path}, tmp_path / "golden")["v"]
     assert (on_device.metric, on_device.value) == (with_torch.metric, with_torch.value)
+
+
+# --- the device gate's numbers against the torch gate's, and its numpy metrics against the libraries
+
+GOLDEN_SIDE = 80  # not the demo's 64 px: images, masks and boxes go through the views' resizing
+
+
+def _save(image: torch.Tensor, path) -> None:
+    from PIL import Image
+
+    Image.fromarray(image.permute(1, 2, 0).numpy()).resize((GOLDEN_SIDE, GOLDEN_SIDE), Image.BILINEAR).save(path)
+
+
+def _defects_golden(folder) -> None:
+    from PIL import Image
+
+    from petah.data.builtin import defects
+
+    _, val = defects(count=15, seed=5)
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    (folder / "classes.txt").write_text("\n".join(val.classes))
+    for i, (image, mask) in enumerate(zip(val.images, val.masks, strict=True)):
+        _save(image, folder / "images" / f"{i}.png")
+        mask = mask.numpy().copy()
+        mask[:2, :5] = 255  # ignored pixels
+        Image.fromarray(mask).resize((GOLDEN_SIDE, GOLDEN_SIDE), Image.NEAREST).save(folder / "masks" / f"{i}.png")
+
+
+def _digit_boxes_golden(folder) -> None:
+    import json
+
+    from petah.data.builtin import digit_boxes
+
+    _, val = digit_boxes(count=15, seed=5)
+    folder.mkdir(parents=True)
+    scale = GOLDEN_SIDE / 64
+    coco = {"images": [], "annotations": [], "categories": [{"id": i, "name": c} for i, c in enumerate(val.classes)]}
+    for i, (image, boxes, labels) in enumerate(zip(val.images, val.boxes, val.labels, strict=True)):
+        _save(image, folder / f"{i}.png")
+        coco["images"].append({"id": i, "file_name": f"{i}.png", "width": GOLDEN_SIDE, "height": GOLDEN_SIDE})
+        for (x0, y0, x1, y1), label in zip(boxes.tolist(), labels.tolist(), strict=True):
+            coco["annotations"].append({"id": len(coco["annotations"]), "image_id": i, "category_id": label,
+                                        "bbox": [x0 * scale, y0 * scale, (x1 - x0) * scale, (y1 - y0) * scale]})
+    (folder / "annotations.json").write_text(json.dumps(coco))
+
+
+def _surfaces_golden(folder, defective: int = 3) -> None:
+    from petah.data.builtin import surface_anomalies
+
+    _, val = surface_anomalies(train_count=1, val_good=3, val_defective=defective, seed=5)
+    for i, (image, defect) in enumerate(zip(val.images, val.defects, strict=True)):
+        (folder / defect).mkdir(parents=True, exist_ok=True)
+        _save(image, folder / defect / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def demo_backbones():
+    from petah.backbones import demo_backbone_path
+    from petah.serve import demo_device_backbone
+
+    return create_backbone(weights=str(demo_backbone_path())), demo_device_backbone()
+
+
+@pytest.mark.parametrize("task, write, metric", [
+    ("defects", _defects_golden, "mIoU"),
+    ("digit-boxes", _digit_boxes_golden, "mAP50"),
+    ("surfaces", _surfaces_golden, "image_auroc"),
+    ("surfaces", lambda folder: _surfaces_golden(folder, defective=0), "accuracy"),
+], ids=["segmentation", "detection", "anomaly", "anomaly, good images only"])
+def test_the_device_gate_scores_as_the_torch_gate(tmp_path, demo_backbones, task, write, metric):
+    """The same package on the same golden set: the device engine's graph and numpy metrics give the
+    number the torch task model and torchmetrics give."""
+    from petah.fleet.gate import score_versions
+    from petah.serve import demo_packages
+    from petah.serve.engine import DeviceEngine
+
+    torch_backbone, device = demo_backbones
+    package = {p.stem: p for p in demo_packages()}[task]
+    write(tmp_path / task)
+    on_device = score_versions(device, {"v": package}, tmp_path, DeviceEngine(device, threads=1))["v"]
+    with_torch = score_versions(torch_backbone, {"v": package}, tmp_path)["v"]
+    assert on_device.metric == with_torch.metric == metric
+    # both rounded as evaluate reports (6 decimals): equal but for a sum's last float32 bit at a rounding edge
+    assert on_device.value == pytest.approx(with_torch.value, abs=2e-4)
+    assert 0 < with_torch.value <= 100
+
+
+def _boxes(rng, count: int, like: np.ndarray | None = None) -> np.ndarray:
+    corner, side = rng.uniform(0, 50, (count, 2)), rng.uniform(1, 30, (count, 2))
+    boxes = np.concatenate([corner, corner + side], 1).astype(np.float32)
+    if like is not None and len(like):  # most near a ground truth: matches, duplicates, near misses
+        near = rng.random(count) < 0.7
+        boxes[near] = like[rng.integers(0, len(like), count)][near] + rng.normal(0, 3, (count, 4))[near]
+        boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 0.5)
+    return boxes
+
+
+def _recall_cases():
+    """Five boxes of one class found in the order ``hits`` (1: a match): recalls of exactly k / 5
+    meet torchmetrics' float32 recall thresholds (one rounds below 0.2, another above 0.6)."""
+    truth = [{"boxes": np.array([[12 * i, 0, 12 * i + 10, 10] for i in range(5)], np.float32),
+              "labels": np.zeros(5, int)}]
+    for hits in ([1, 0, 1, 0, 1, 0, 1, 1], [1, 1, 1, 0, 0, 0, 0, 1, 1]):
+        matches = iter(truth[0]["boxes"])
+        boxes = [next(matches) if hit else np.array([0, 40 + k, 10, 50 + k], np.float32) for k, hit in enumerate(hits)]
+        yield [{"boxes": np.stack(boxes), "scores": np.linspace(0.9, 0.1, len(hits)).astype(np.float32),
+                "labels": np.zeros(len(hits), int)}], truth
+
+
+def test_numpy_map50_equals_torchmetrics_with_pycocotools():
+    from torchmetrics.detection import MeanAveragePrecision
+
+    from petah.device.metrics import map50
+
+    rng = np.random.default_rng(0)
+    cases = list(_recall_cases())
+    for trial in range(25):
+        found, truth = [], []
+        for _ in range(int(rng.integers(1, 5))):
+            gt = _boxes(rng, int(rng.integers(0, 6)))
+            labels = rng.integers(0, 3, len(gt))
+            count = int(rng.integers(0, 8))
+            scores = rng.choice([0.3, 0.6, 0.9], count) if trial % 3 == 0 else rng.random(count)  # ties, or none
+            found.append({"boxes": _boxes(rng, count, gt), "scores": scores.astype(np.float32),
+                          "labels": np.where(rng.random(count) < 0.8, labels[rng.integers(0, len(gt), count)]
+                                             if len(gt) else 0, rng.integers(0, 3, count))})
+            truth.append({"boxes": gt, "labels": labels})
+        cases.append((found, truth))
+    for found, truth in cases:
+        metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
+        metric.update([{k: torch.from_numpy(np.asarray(v)) for k, v in f.items()} for f in found],
+                      [{k: torch.from_numpy(np.asarray(v)) for k, v in t.items()} for t in truth])
+        assert np.float32(map50(found, truth)) == float(metric.compute()["map_50"])
+
+
+def test_numpy_auroc_and_miou_equal_torchmetrics():
+    from torchmetrics.classification import BinaryAUROC, MulticlassJaccardIndex
+
+    from petah.device.metrics import auroc, confusion_matrix, mean_iou
+    from petah.tasks.anomaly import auroc as build_side_auroc
+
+    rng = np.random.default_rng(1)
+    for scale in (0.1, 0.25, 3.0, 20.0):  # ties throughout; distances far above 1 (torchmetrics would squash them)
+        scores = (rng.integers(0, 6, 40) * scale + rng.choice([0, 0.01], 40)).astype(np.float32)
+        truth = rng.random(40) < 0.4
+        if scale < 1:  # in [0, 1], torchmetrics takes the scores as they are
+            want = BinaryAUROC()(torch.from_numpy(scores), torch.from_numpy(truth.astype(np.int64)))
+            assert auroc(scores, truth) == pytest.approx(float(want), abs=1e-6)
+        assert build_side_auroc(scores, truth) == round(auroc(scores, truth), 6)
+    # distances above ~17 are no longer tied by a sigmoid: a perfect separation scores 1
+    assert build_side_auroc(np.array([18.0, 19.0, 30.0, 40.0]), np.array([False, False, True, True])) == 1.0
+    for classes in (2, 4, 9, 17):  # absent classes, ignored pixels, sums of more than 8 IoUs
+        target = rng.integers(0, classes, (3, 24, 24))
+        target[rng.random(target.shape) < 0.1] = 255
+        predicted = np.where(rng.random(target.shape) < 0.6, target % classes, rng.integers(0, classes, target.shape))
+        metric = MulticlassJaccardIndex(classes, average=None, ignore_index=255, zero_division=float("nan"))
+        iou = metric(torch.from_numpy(predicted), torch.from_numpy(target))
+        assert mean_iou(confusion_matrix(target, predicted, classes)) == pytest.approx(float(iou.nanmean()), abs=1e-6)
+
+
+def test_the_torch_conventions_the_device_metrics_follow():
+    """torch's linspace (the recall thresholds torchmetrics hands pycocotools), its nearest-exact mask resize."""
+    import torchvision.transforms.v2.functional as TF
+
+    from petah.device.metrics import recall_thresholds
+    from petah.imaging import resize_nearest
+
+    rng = np.random.default_rng(2)
+    assert np.array_equal(recall_thresholds(), torch.linspace(0.0, 1.0, 101).double().numpy())
+    for height, width, out in [(80, 80, 64), (37, 100, 64), (64, 64, 224), (333, 251, 96)]:
+        mask = rng.integers(0, 256, (height, width), dtype=np.uint8)
+        want = TF.resize(torch.from_numpy(mask)[None], [out, out], interpolation=TF.InterpolationMode.NEAREST_EXACT)
+        assert np.array_equal(resize_nearest(mask, out, out), want[0].numpy())

@@ -299,3 +299,20 @@ def resize_bilinear(maps: np.ndarray, height: int, width: int) -> np.ndarray:
     if maps.shape[-2:] == (height, width):
         return maps
     return np.matmul(np.matmul(bilinear_matrix(maps.shape[-2], height), maps), bilinear_matrix(maps.shape[-1], width).T)
+
+
+@functools.lru_cache(maxsize=64)
+def nearest_indices(size_in: int, size_out: int) -> np.ndarray:
+    """The source index of each output index in torch's ``nearest-exact`` resize (torchvision's
+    ``InterpolationMode.NEAREST_EXACT``, what the build side resizes masks with): ``floor((i + 0.5)
+    * scale)`` with the scale in float32 and the product rounded to float32, as torch computes it."""
+    scale = np.float32(size_in) / np.float32(size_out)
+    source = ((np.arange(size_out, dtype=np.float64) + 0.5) * np.float64(scale)).astype(np.float32)
+    return np.minimum(np.floor(source).astype(np.int64), size_in - 1)
+
+
+def resize_nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(..., H, W) label map -> (..., height, width), nearest-exact as torch resizes masks (no value is mixed)."""
+    if mask.shape[-2:] == (height, width):
+        return mask
+    return mask[..., nearest_indices(mask.shape[-2], height)[:, None], nearest_indices(mask.shape[-1], width)]

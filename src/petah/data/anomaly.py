@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from petah.data.datasets import LabeledImages
-from petah.data.images import DEFAULT_INTENSITY, IMAGE_SUFFIXES, load_image
-from petah.data.segmentation import read_mask
+from petah.data.images import DEFAULT_INTENSITY
 from petah.data.transforms import Preprocess
+from petah.device import golden_data
+from petah.device.golden_data import GOOD, is_anomaly_folder, subfolders
 from petah.errors import PetahError
 
-GOOD = "good"
 ANOMALY_CLASSES = ["good", "anomaly"]
 
 
@@ -55,63 +55,22 @@ def anomaly_set(images: list[torch.Tensor], defects: list[str], masks: list[torc
                          defects=defects)
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def _subfolders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _read_defect_mask(path: Path, image: torch.Tensor) -> torch.Tensor:
-    mask = read_mask(path)
-    if tuple(mask.shape) != tuple(image.shape[-2:]):
-        raise PetahError(f"{path}: mask is {tuple(mask.shape)[::-1]} px but its image is "
-                         f"{tuple(image.shape[-2:])[::-1]} px")
-    return (mask > 0).to(torch.uint8)
-
-
 def _load_part(folders: list[Path], ground_truth: Path | None, source: str, intensity: str) -> AnomalyImages:
-    """Images of ``folders`` (a folder named ``good``: good; any other: its defect type), masks from
-    ``ground_truth/<defect>/<stem>_mask.png`` where present."""
-    images, defects, masks = [], [], []
-    for folder in folders:
-        defect = folder.name
-        for file in _images_in(folder):
-            image = load_image(file, intensity)
-            mask = None
-            if defect == GOOD:
-                mask = torch.zeros(image.shape[-2:], dtype=torch.uint8)
-            elif ground_truth is not None and (ground_truth / defect / f"{file.stem}_mask.png").is_file():
-                mask = _read_defect_mask(ground_truth / defect / f"{file.stem}_mask.png", image)
-            images.append(image)
-            defects.append(defect)
-            masks.append(mask)
-        if ground_truth is not None and (ground_truth / defect).is_dir():
-            stems = {f.stem for f in _images_in(folder)}
-            orphans = [m.name for m in _images_in(ground_truth / defect) if m.stem.removesuffix("_mask") not in stems]
-            if orphans:
-                raise PetahError(f"{ground_truth / defect / orphans[0]}: a mask without an image in {folder}")
-    return anomaly_set(images, defects, masks, source, intensity)
+    """``petah.device.golden_data.read_anomaly_part`` as tensors."""
+    return _as_set(golden_data.read_anomaly_part(folders, ground_truth, intensity), source, intensity)
+
+
+def _as_set(found: golden_data.AnomalyFolder, source: str, intensity: str) -> AnomalyImages:
+    return anomaly_set([torch.from_numpy(image) for image in found.images], found.defects,
+                       [None if mask is None else torch.from_numpy(mask) for mask in found.masks], source, intensity)
 
 
 def load_anomaly_folder(root: str | Path, intensity: str = DEFAULT_INTENSITY, truth: Path | None = None,
                         source: str | None = None) -> AnomalyImages:
     """One held-out folder (a validation part, a device's golden set): ``good/`` and ``<defect>/``
-    folders, masks from ``truth/<defect>/<stem>_mask.png`` (default: ``ground_truth/`` inside it)."""
-    root = Path(root)
-    folders = [f for f in _subfolders(root) if f.name != "ground_truth"]
-    if not any(f.name == GOOD for f in folders):
-        raise PetahError(f"{root}: needs a good/ folder (good images to set and check the threshold on)")
-    truth = truth if truth is not None else root / "ground_truth"
-    return _load_part(folders, truth if truth.is_dir() else None, source or str(root), intensity)
-
-
-def is_anomaly_folder(root: Path) -> bool:
-    """MVTec AD's layout: ``train/good/`` and nothing else under ``train/``, and a ``test/`` folder."""
-    train = root / "train"
-    return (train.is_dir() and (root / "test").is_dir() and (train / GOOD).is_dir()
-            and [p.name for p in _subfolders(train)] == [GOOD])
+    folders, masks from ``truth/<defect>/<stem>_mask.png`` (default: ``ground_truth/`` inside it);
+    read by ``petah.device.golden_data.read_anomaly_folder``."""
+    return _as_set(golden_data.read_anomaly_folder(root, intensity, truth), source or str(Path(root)), intensity)
 
 
 def load_anomaly_splits(root: str | Path, val_split: float | None = None, seed: int = 0,
@@ -121,7 +80,7 @@ def load_anomaly_splits(root: str | Path, val_split: float | None = None, seed: 
     train_dir = root / "train"
     if not train_dir.is_dir():
         raise PetahError(f"{root}: an anomaly dataset needs train/ (good images only; MVTec AD: train/good/)")
-    extra = [p.name for p in _subfolders(train_dir) if p.name != GOOD]
+    extra = [p.name for p in subfolders(train_dir) if p.name != GOOD]
     if extra:
         raise PetahError(f"{train_dir / extra[0]}: train/ holds good images only (train/ or train/good/); put "
                          "defective images under test/ or val/")

@@ -11,7 +11,6 @@ the image is left out and counted in ``skipped``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,10 +18,10 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from petah.data.datasets import TrainingView, random_split
-from petah.data.images import DEFAULT_INTENSITY, load_image
+from petah.data.images import DEFAULT_INTENSITY
+from petah.device import golden_data
+from petah.device.golden_data import coco_json, is_coco_folder
 from petah.errors import PetahError
-
-BOX_TOLERANCE = 1.0  # px a box may poke out of its image (rounding in exporters)
 
 
 @dataclass
@@ -52,111 +51,14 @@ class BoxedImages:
         return b"".join(b.numpy().tobytes() + y.numpy().tobytes() for b, y in zip(self.boxes, self.labels, strict=True))
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise PetahError(f"{path}: not a readable COCO JSON file ({exc})") from exc
-    missing = [k for k in ("images", "annotations", "categories")
-               if not isinstance(data, dict) or not isinstance(data.get(k), list)]
-    if missing:
-        raise PetahError(f"{path}: COCO JSON needs lists 'images', 'annotations' and 'categories' (missing: "
-                         f"{', '.join(missing)})")
-    return data
-
-
-def _numbers(*values: float) -> str:
-    return "[" + ", ".join(f"{v:g}" for v in values) + "]"
-
-
-def _image_path(json_path: Path, file_name: str) -> Path:
-    for root in (json_path.parent, json_path.parent / "images"):
-        if (root / file_name).is_file():
-            return root / file_name
-    return json_path.parent / file_name
-
-
 def load_coco(json_path: str | Path, classes: list[str] | None = None, strict: bool = False,
               intensity: str = DEFAULT_INTENSITY) -> BoxedImages:
-    json_path = Path(json_path)
-    data = _read_json(json_path)
-    try:
-        categories = sorted(data["categories"], key=lambda c: int(c["id"]))
-        index = {int(c["id"]): i for i, c in enumerate(categories)}
-        names = [str(c["name"]) for c in categories]
-        entries = {int(img["id"]): {**img, "width": float(img["width"]), "height": float(img["height"])}
-                   for img in data["images"]}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PetahError(f"{json_path}: malformed 'categories' or 'images' entry (each needs id, name / file_name, "
-                         f"width, height): {exc!r}") from exc
-    if classes is not None and names != classes:
-        raise PetahError(f"{json_path}: categories {names[:4]}… differ from the training set's {classes[:4]}…")
-    if not names:
-        raise PetahError(f"{json_path}: no categories")
-    per_image: dict = {i: [] for i in entries}
-    problems: dict = {}  # image id (or None) -> first problem
-    for n, ann in enumerate(data["annotations"]):
-        try:
-            image_id, category = int(ann["image_id"]), int(ann["category_id"])
-            x, y, w, h = (float(v) for v in ann["bbox"])
-        except (KeyError, TypeError, ValueError) as exc:
-            problems.setdefault(None, f"{json_path}: annotation #{n} is malformed ({exc!r})")
-            continue
-        if image_id not in entries:
-            problems.setdefault(None, f"{json_path}: annotation #{n} names unknown image id {image_id}")
-            continue
-        entry = entries[image_id]
-        where = f"{json_path}: annotation #{n} of {entry.get('file_name')}"
-        if category not in index:
-            problems.setdefault(image_id, f"{where}: unknown category id {category}")
-        elif w <= 0 or h <= 0:
-            problems.setdefault(image_id, f"{where}: box {_numbers(x, y, w, h)} has no area")
-        elif (x < -BOX_TOLERANCE or y < -BOX_TOLERANCE
-              or x + w > entry["width"] + BOX_TOLERANCE or y + h > entry["height"] + BOX_TOLERANCE):
-            problems.setdefault(image_id, f"{where}: box {_numbers(x, y, w, h)} lies outside the "
-                                          f"{entry['width']:g}x{entry['height']:g} image")
-        else:
-            per_image[image_id].append(([x, y, x + w, y + h], index[category]))
-    if strict and problems:
-        raise PetahError(next(iter(problems.values())))
-    skipped = [problems[None]] if None in problems else []
-    images, boxes, labels = [], [], []
-    for image_id, entry in entries.items():
-        if image_id in problems:
-            skipped.append(problems[image_id])
-            continue
-        path = _image_path(json_path, str(entry.get("file_name")))
-        try:
-            if not path.is_file():
-                raise PetahError(f"{json_path}: image file {path} is missing")
-            image = load_image(path, intensity)
-        except PetahError as exc:
-            if strict:
-                raise
-            skipped.append(str(exc))
-            continue
-        found = per_image[image_id]
-        box = torch.tensor([b for b, _ in found], dtype=torch.float32).reshape(-1, 4)
-        box[:, 0::2] = box[:, 0::2].clamp(0, image.shape[-1])
-        box[:, 1::2] = box[:, 1::2].clamp(0, image.shape[-2])
-        images.append(image)
-        boxes.append(box)
-        labels.append(torch.tensor([c for _, c in found], dtype=torch.long))
-    if not images:
-        raise PetahError(f"{json_path}: no usable images ({len(skipped)} skipped; first: "
-                         f"{skipped[0] if skipped else '-'})")
-    return BoxedImages(images, boxes, labels, names, str(json_path), skipped, intensity)
-
-
-def coco_json(folder: Path) -> Path | None:
-    for candidate in (folder / "annotations.json", folder / "instances.json"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def is_coco_folder(root: Path) -> bool:
-    return root.suffix == ".json" or coco_json(root) is not None or coco_json(root / "train") is not None
+    """The set as ``petah.device.golden_data.read_coco`` reads it, as tensors."""
+    found = golden_data.read_coco(json_path, classes, strict, intensity)
+    return BoxedImages([torch.from_numpy(image) for image in found.images],
+                       [torch.from_numpy(boxes) for boxes in found.boxes],
+                       [torch.from_numpy(labels) for labels in found.labels], found.classes, str(Path(json_path)),
+                       found.skipped, intensity)
 
 
 def load_coco_splits(spec: str | Path, val_split: float | None, seed: int, strict: bool = False,
@@ -198,3 +100,7 @@ class DetectionView(TrainingView):
                 x = TF.horizontal_flip(x)
                 boxes[:, [0, 2]] = size - boxes[:, [2, 0]]
         return x, {"boxes": boxes, "labels": self.data.labels[index]}
+
+
+__all__ = ["BoxedImages", "DetectionView", "coco_json", "collate", "is_coco_folder", "load_coco",
+           "load_coco_splits"]

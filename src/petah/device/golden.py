@@ -1,24 +1,35 @@
 """The golden-set gate's scoring without torch: a candidate and the current version of a task run
-through the device engine's graphs on the station's golden set, scored and timed. Classification
-golden sets for now (accuracy, as ``petah eval`` computes it); the dense kinds' gate needs the full
-install (mIoU / mAP are torchmetrics' there and are not yet written in numpy here)."""
+through the device engine's graphs on the station's golden set, scored and timed. Every task kind,
+with the metric and the number the full install's gate reports for the same package and set
+(``petah.runtime.golden``: the task kinds' ``evaluate``): accuracy, mIoU, mAP50, image AUROC (its
+accuracy at the head's threshold where the set holds one class only), in points.
+
+The sets are read by ``petah.device.golden_data`` (the build side's loaders wrap the same arrays),
+brought to the model's input as the task kinds' views bring them (images resized by the package's
+preprocessing; masks nearest-exact to the input size; boxes scaled to it: predictions are compared
+at the model's resolution), and scored by ``petah.device.metrics``.
+"""
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from petah.device import decode, metrics
+from petah.device.golden_data import GOOD, coco_json, is_mask_folder, read_anomaly_folder, read_coco, read_mask_folder
 from petah.errors import PetahError
 from petah.files import inside
-from petah.imaging import Preprocess, class_folders, load_class_images
+from petah.imaging import class_folders, load_class_images, resize_nearest
 
 BATCH = 32
 TIMING_BATCH = 8
 TIMING_ROUNDS = 3
+DECIMALS = 6  # the task kinds' evaluate rounds its metrics to 6 decimals, before the gate makes points of them
 
 
 def alternating_seconds(runs: dict[str, Callable[[object], object]], batches: list) -> dict[str, float]:
@@ -47,6 +58,101 @@ def load_class_folder(root: Path, labels: list[str], intensity: str) -> tuple[li
     return images, np.asarray(targets, dtype=np.int64)
 
 
+@dataclass
+class GoldenSet:
+    """A golden set as one version reads it (with its labels and intensity mode)."""
+
+    images: list[np.ndarray]  # (3, H, W) uint8
+    targets: list | np.ndarray  # per image: class index, (H, W) mask, {"boxes", "labels"}, or anomalous (bool)
+
+
+def load_golden_set(root: Path, kind: str, labels: list[str], intensity: str) -> GoldenSet:
+    """``root`` in the layout of the task's kind (``petah.fleet.gate``'s doc lists them), strictly:
+    a bad sample is an error naming it, as on the full install."""
+    if kind == "anomaly":
+        found = read_anomaly_folder(root, intensity)
+        return GoldenSet(found.images, np.asarray([d != GOOD for d in found.defects], dtype=bool))
+    if kind == "segmentation":
+        if not is_mask_folder(root):
+            raise PetahError(f"golden set {root}: a segmentation task's set is images/ + masks/ + classes.txt")
+        masked = read_mask_folder(root, labels, strict=True, intensity=intensity)
+        return GoldenSet(masked.images, masked.masks)
+    if kind == "detection":
+        path = coco_json(root)
+        if path is None:
+            raise PetahError(f"golden set {root}: a detection task's set is a COCO annotations.json with its images")
+        boxed = read_coco(path, labels, strict=True, intensity=intensity)
+        return GoldenSet(boxed.images, [{"boxes": b, "labels": y} for b, y in zip(boxed.boxes, boxed.labels,
+                                                                                  strict=True)])
+    images, targets = load_class_folder(root, labels, intensity)
+    return GoldenSet(images, targets)
+
+
+def _outputs(engine, task, images: list[np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
+    """(index of the batch's first image, the task's raw output) per golden batch."""
+    for start in range(0, len(images), BATCH):
+        yield start, engine.outputs(task, task.preprocess.array_batch(images[start:start + BATCH]))
+
+
+def _reported(value: float) -> float:
+    """A metric as ``evaluate`` reports it (torchmetrics' float32 result, 6 decimals), in points."""
+    return 100 * round(float(np.float32(value)), DECIMALS)
+
+
+def _classification(engine, task, data: GoldenSet) -> tuple[str, float]:
+    """Top-1 accuracy (``MulticlassAccuracy(average="micro")``: correct / all in float32)."""
+    predicted = np.concatenate([outputs.argmax(1) for _, outputs in _outputs(engine, task, data.images)])
+    correct = int(np.count_nonzero(predicted == np.asarray(data.targets)))
+    return "accuracy", _reported(np.float32(correct) / np.float32(len(predicted)))
+
+
+def _segmentation(engine, task, data: GoldenSet) -> tuple[str, float]:
+    """mIoU of the answers' masks at the input size against the targets brought there nearest-exact
+    (``SegmentationView``); the engine's own decoding makes the masks."""
+    size, classes = task.preprocess.img_size, len(task.manifest.labels)
+    confusion = np.zeros((classes, classes), dtype=np.int64)
+    for start, outputs in _outputs(engine, task, data.images):
+        answers = engine.decode(task.manifest, outputs, [(size, size)] * len(outputs), 1)
+        for answer, mask in zip(answers, data.targets[start:start + len(outputs)], strict=True):
+            confusion += metrics.confusion_matrix(resize_nearest(mask, size, size), answer["mask"], classes)
+    return "mIoU", _reported(metrics.mean_iou(confusion))
+
+
+def _detection(engine, task, data: GoldenSet) -> tuple[str, float]:
+    """mAP50 of the detections in the input's pixels (the FCOS decoding the engine answers with,
+    before it scales and rounds boxes for the answer) against the boxes scaled to the input
+    (``DetectionView``: float32, x by size / width, y by size / height)."""
+    size, head = task.preprocess.img_size, task.manifest.head
+    found = []
+    for _, outputs in _outputs(engine, task, data.images):
+        found += decode.fcos_detections(outputs, size, [int(g) for g in head["grids"]],
+                                        [int(s) for s in head["strides"]], float(head.get("score_threshold", 0.2)))
+    truth = []
+    for image, target in zip(data.images, data.targets, strict=True):
+        boxes = target["boxes"].copy()
+        boxes[:, 0::2] *= np.float32(size / image.shape[-1])
+        boxes[:, 1::2] *= np.float32(size / image.shape[-2])
+        truth.append({"boxes": boxes, "labels": target["labels"]})
+    return "mAP50", _reported(metrics.map50(found, truth))
+
+
+def _anomaly(engine, task, data: GoldenSet) -> tuple[str, float]:
+    """Image AUROC of the maps' maxima (unrounded: the engine's answers round the score); on a set
+    of one class only, the accuracy of the decisions at the head's threshold."""
+    scores = np.concatenate([outputs.reshape(len(outputs), -1).max(1)
+                             for _, outputs in _outputs(engine, task, data.images)])
+    anomalous = np.asarray(data.targets, dtype=bool)
+    area = metrics.auroc(scores, anomalous)
+    if area is not None:
+        return "image_auroc", _reported(area)
+    flagged = scores.astype(np.float64) > float(task.manifest.head["threshold"])  # as the torch side compares
+    return "accuracy", 100 * round(float(np.mean(flagged == anomalous)), DECIMALS)
+
+
+SCORERS = {"classification": _classification, "segmentation": _segmentation, "detection": _detection,
+           "anomaly": _anomaly}
+
+
 def score_on_device(engine, packages: dict[str, Path], golden: str | Path) -> dict[str, tuple] | None:
     """Per version: (metric, value in points, seconds of one pass), or None when the device keeps
     no golden set for the task. ``engine``: the station's ``DeviceEngine`` (its backbone, threads, trust)."""
@@ -56,25 +162,19 @@ def score_on_device(engine, packages: dict[str, Path], golden: str | Path) -> di
     if not root.is_dir():
         return None
     kind = first.manifest.task.kind
-    if kind != "classification":
-        raise PetahError(f"the golden-set gate of a {kind} task needs the full install (its metric is computed "
-                         "with torchmetrics there); on a device install it scores classification tasks")
-    data = {name: load_class_folder(root, t.manifest.labels, t.manifest.intensity) for name, t in tasks.items()}
-    if not data[next(iter(tasks))][0]:
+    if kind not in SCORERS:
+        raise PetahError(f"the golden-set gate cannot score a {kind} task")
+    # each version reads the set with its own labels and intensity mode (a new version may add a class)
+    data = {name: load_golden_set(root, kind, t.manifest.labels, t.manifest.intensity) for name, t in tasks.items()}
+    first_images = data[next(iter(tasks))].images
+    if not first_images:
         raise PetahError(f"golden set {root} is empty")
-
-    def batches(task, images: list[np.ndarray], size: int) -> list[np.ndarray]:
-        preprocess: Preprocess = task.preprocess
-        return [preprocess.array_batch(images[i:i + size]) for i in range(0, len(images), size)]
-
+    timing = [first.preprocess.array_batch(first_images[i:i + TIMING_BATCH])
+              for i in range(0, len(first_images), TIMING_BATCH)]
     runs = {name: (lambda batch, task=task: engine.outputs(task, batch)) for name, task in tasks.items()}
-    seconds = alternating_seconds(runs, batches(first, data[next(iter(tasks))][0], TIMING_BATCH))
-    scores = {}
-    for name, task in tasks.items():
-        images, targets = data[name]
-        predicted = np.concatenate([engine.outputs(task, batch).argmax(1) for batch in batches(task, images, BATCH)])
-        scores[name] = ("accuracy", 100 * float(np.mean(predicted == targets)), seconds[name])
-    return scores
+    seconds = alternating_seconds(runs, timing)
+    return {name: (*SCORERS[kind](engine, task, data[name]), seconds[name]) for name, task in tasks.items()}
 
 
-__all__ = ["alternating_seconds", "load_class_folder", "score_on_device"]
+__all__ = ["BATCH", "SCORERS", "TIMING_BATCH", "GoldenSet", "alternating_seconds", "load_class_folder",
+           "load_golden_set", "score_on_device"]

@@ -87,7 +87,7 @@ class DeviceTask:
     name: str
     manifest: Manifest
     preprocess: Preprocess
-    path: Path  # read again to merge it later, when its traffic earns it a graph of its own
+    source: Path | TaskPackage  # its file, read again to merge it later (when its traffic earns a graph of its own)
     origin: str
     merged: MergedForm | None = None
     base: BaseForm | None = None
@@ -209,12 +209,12 @@ class DeviceEngine:
             return None
         return self._base_session(wanted, origin)
 
-    def prepare(self, path: Path, name: str | None) -> DeviceTask:
+    def prepare(self, path: Path | TaskPackage, name: str | None) -> DeviceTask:
         package, origin = open_package(path, self.backbone, self.trust)
         name = check_task_name(name or package.task_name, origin)
         origin = f"task {name}"
-        task = DeviceTask(name, package.manifest, Preprocess.from_dict(package.manifest.preprocessing), Path(path),
-                          origin)
+        source = path if isinstance(path, TaskPackage) else Path(path)  # a package read already: kept as it is
+        task = DeviceTask(name, package.manifest, Preprocess.from_dict(package.manifest.preprocessing), source, origin)
         if self.budget is not None:
             task.base = self._base_form(task, package)
         if task.base is None or self._merged_fits(task):
@@ -338,7 +338,7 @@ class DeviceEngine:
 
     def _build(self, task: DeviceTask, demote: list[str]) -> None:
         try:  # its file read and verified again (the state folder keeps it while it is installed)
-            package, _ = open_package(task.path, self.backbone, self.trust)
+            package, _ = open_package(task.source, self.backbone, self.trust)
             if package.manifest.content_sha256 != task.manifest.content_sha256:
                 raise PetahError("its file changed since it was installed")
             merged = self._merge(task, package)

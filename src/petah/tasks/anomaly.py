@@ -27,6 +27,7 @@ from torchmetrics.classification import BinaryAUROC
 
 from petah.backbones.features import feature_levels, level_indices, multi_scale_features
 from petah.device import decode
+from petah.device.metrics import dense_ranks
 from petah.errors import PetahError
 from petah.files import atomic_write_image
 from petah.options import option
@@ -317,10 +318,12 @@ def pixel_auroc(maps: list[torch.Tensor], masks: list[torch.Tensor | None]) -> f
 
 
 def auroc(scores: np.ndarray, truth: np.ndarray) -> float | None:
-    """AUROC (torchmetrics), or None when one of the two classes is absent."""
+    """AUROC (torchmetrics), or None when one of the two classes is absent. The scores go in as their
+    ranks in [0, 1]: torchmetrics squashes scores outside [0, 1] with a sigmoid, which tied every
+    distance above ~17 (measured: it understated AUROC where distances are large)."""
     if truth.all() or not truth.any():
         return None
-    return round(float(BinaryAUROC()(torch.as_tensor(scores, dtype=torch.float32),
+    return round(float(BinaryAUROC()(torch.as_tensor(dense_ranks(scores), dtype=torch.float64),
                                      torch.as_tensor(truth, dtype=torch.long))), 6)
 
 
