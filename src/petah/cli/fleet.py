@@ -67,7 +67,7 @@ def hub_serve(
 
 @hub_app.command("status")
 def hub_status_command(hub: HubOpt, json_out: JsonOpt = False) -> None:
-    """Each release's stage and per-stage counts, and the device list."""
+    """Each release's stage and per-stage counts, the device list, and the stations whose tasks drift."""
     from rich.table import Table
 
     from petah.fleet.client import hub_status
@@ -90,6 +90,8 @@ def hub_status_command(hub: HubOpt, json_out: JsonOpt = False) -> None:
         seen = f"{time.time() - d['last_seen']:.0f}" if d["last_seen"] else "never"
         devices.add_row(d["id"], (d["backbone"] or "-")[:16], installed, seen)
     out.print(devices)
+    for task, ids in sorted(status.get("drifting", {}).items()):
+        out.print(f"task {task} drifting on {len(ids)} station(s): {', '.join(ids)}", highlight=False)
 
 
 @hub_app.command("add-device")

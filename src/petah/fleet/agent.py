@@ -187,6 +187,12 @@ class Agent:
         self.rejected.add(sha)
         atomic_write_bytes(self.rejected_file, json.dumps(sorted(self.rejected)[-MAX_REJECTED:]).encode())
 
+    def drift(self) -> dict[str, dict]:
+        """Each served task's drift state and scores, as the hub keeps them (no trend)."""
+        keep = ("state", "estimated", "input_drift", "feature_drift", "alarms")
+        return {name: {k: v for k, v in self.station.drift.summary(name).items() if k in keep}
+                for name in list(self.station.tasks)}
+
     # --- one round ----------------------------------------------------------------------------
     def step(self) -> None:
         """Poll once and act on the answer, task by task (one task's failure does not stop the rest)."""
@@ -194,7 +200,7 @@ class Agent:
         entries = dict(self.station.state.entries)
         reply = self._hub("poll", {"backbone": self.station.backbone.fingerprint,
                                    "installed": {name: e.sha256 for name, e in entries.items()},
-                                   "state": "ok"})
+                                   "state": "ok", "drift": self.drift()})
         desired, withdrawn = reply.get("desired", {}), reply.get("withdrawn", {})
         if not isinstance(desired, dict) or not isinstance(withdrawn, dict):
             raise PetahError("the hub's poll answer is malformed")

@@ -33,7 +33,7 @@ CREATE TABLE IF NOT EXISTS releases (
     created REAL NOT NULL, stage_times TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS devices (
     id TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL, backbone TEXT, last_seen REAL, state TEXT,
-    installed TEXT NOT NULL DEFAULT '{}');
+    installed TEXT NOT NULL DEFAULT '{}', drift TEXT NOT NULL DEFAULT '{}');
 CREATE TABLE IF NOT EXISTS outcomes (
     device TEXT NOT NULL, release INTEGER NOT NULL, outcome TEXT NOT NULL, at REAL NOT NULL,
     PRIMARY KEY (device, release));
@@ -106,6 +106,9 @@ class Registry:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")  # a crash never leaves a half-written state
         self._db.executescript(SCHEMA)
+        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(devices)")}
+        if "drift" not in columns:  # a hub folder made before stations reported drift
+            self._db.execute("ALTER TABLE devices ADD COLUMN drift TEXT NOT NULL DEFAULT '{}'")
 
     def _tx(self, fn):
         with self._lock:
@@ -144,8 +147,8 @@ class Registry:
         return row is not None and hmac.compare_digest(row["token_sha256"], token_hash(token))
 
     def devices(self) -> list[dict]:
-        rows = self._all("SELECT id, backbone, last_seen, state, installed FROM devices ORDER BY id")
-        return [{**dict(r), "installed": json.loads(r["installed"])} for r in rows]
+        rows = self._all("SELECT id, backbone, last_seen, state, installed, drift FROM devices ORDER BY id")
+        return [{**dict(r), "installed": json.loads(r["installed"]), "drift": json.loads(r["drift"])} for r in rows]
 
     # --- releases ---------------------------------------------------------------------------------
     def add_release(self, task: str, backbone: str, sha256: str, target: str, size: int, stages: list[int],
@@ -212,12 +215,14 @@ class Registry:
                        (release.stage, release.state, json.dumps(release.stage_times), release.id))
 
     # --- what devices say and get -----------------------------------------------------------------
-    def poll(self, device_id: str, backbone: str, installed: dict[str, str], state: str) -> dict:
-        """Record a device's check-in; returns what it should run (per task: the release it is in the
-        rollout of, newest first) and which versions were withdrawn (to return from)."""
+    def poll(self, device_id: str, backbone: str, installed: dict[str, str], state: str,
+             drift: dict[str, dict] | None = None) -> dict:
+        """Record a device's check-in (``drift``: per task, its drift check's state and scores);
+        returns what it should run (per task: the release it is in the rollout of, newest first)
+        and which versions were withdrawn (to return from)."""
         def poll(db):
-            db.execute("UPDATE devices SET backbone=?, installed=?, state=?, last_seen=? WHERE id=?",
-                       (backbone, json.dumps(installed), state, time.time(), device_id))
+            db.execute("UPDATE devices SET backbone=?, installed=?, state=?, drift=?, last_seen=? WHERE id=?",
+                       (backbone, json.dumps(installed), state, json.dumps(drift or {}), time.time(), device_id))
             for release in self.releases():
                 if release.state == "rolling":
                     self._advance(db, release)
@@ -277,7 +282,13 @@ class Registry:
                              "min_score": release.min_score, "created": release.created,
                              "stage_times": release.stage_times, "counts": self.stage_counts(release),
                              "transfer": self.transfer(release.id)})
-        return {"releases": releases, "devices": self.devices()}
+        devices = self.devices()
+        drifting: dict[str, list[str]] = {}
+        for device in devices:
+            for task, summary in device["drift"].items():
+                if summary.get("state") == "drifting":
+                    drifting.setdefault(task, []).append(device["id"])
+        return {"releases": releases, "devices": devices, "drifting": drifting}
 
 
 __all__ = ["EVENTS", "Registry", "Release", "check_rollout", "stage_rank", "token_hash"]

@@ -28,7 +28,25 @@ async def poll(device: DeviceDep, request: Request, hub: HubDep):
     if not isinstance(installed, dict) or not all(isinstance(v, str) for v in installed.values()):
         raise ClientError(400, "installed must map task names to sha256 strings")
     return await run_in_threadpool(hub.registry.poll, device, str(data.get("backbone", ""))[:64],
-                                   installed, str(data.get("state", ""))[:200])
+                                   installed, str(data.get("state", ""))[:200], drift_report(data.get("drift", {})))
+
+
+DRIFT_KEYS = {"state": str, "estimated": float, "input_drift": float, "feature_drift": float, "alarms": int}
+
+
+def drift_report(value) -> dict[str, dict]:
+    """A station's drift summary per task, as the hub keeps it: known keys of the right types only,
+    at most 256 tasks (a device is authenticated, not trusted with the hub's storage)."""
+    if not isinstance(value, dict) or len(value) > 256:
+        raise ClientError(400, "drift must map at most 256 task names to summaries")
+    kept = {}
+    for task, summary in value.items():
+        if not isinstance(task, str) or len(task) > 64 or not isinstance(summary, dict):
+            raise ClientError(400, "drift must map task names to summaries")
+        kept[task] = {key: (summary[key][:20] if kind is str else summary[key]) for key, kind in DRIFT_KEYS.items()
+                      if isinstance(summary.get(key), kind if kind is not float else int | float)
+                      and not isinstance(summary.get(key), bool)}
+    return kept
 
 
 @router.post("/v1/devices/{device_id}/report")

@@ -223,11 +223,45 @@ async function refreshTasks() {
     const rows = body.tasks.map((t) => el("tr", {"data-task": t.name},
       el("td", {text: t.name}), el("td", {text: t.kind}), el("td", {class: "mono", text: t.version}),
       el("td", {class: "mono", text: t.previous_version || "–"}), el("td", {text: t.bytes.toLocaleString()}),
-      el("td", {text: String(t.labels.length)}), el("td", {text: t.loaded_at})));
+      el("td", {text: String(t.labels.length)}), el("td", {text: t.loaded_at}), driftCell(t.drift || {})));
     $("tasks").tBodies[0].replaceChildren(...rows);
   } catch (e) {
     showError(e.message);
   }
+}
+
+// A task's drift state (petah.serve.drift): a word anyone can read, the scores on hover, and a small
+// trend of the estimated metric (or the input drift where the kind has no estimate).
+function driftCell(drift) {
+  const state = drift.state || "off";
+  const words = {ok: "ok", drifting: "drifting", "warming up": "watching…", "no reference": "not watched",
+                 off: "off"};
+  const cell = el("td", {class: "drift", "data-drift": state});
+  const badge = el("span", {class: "badge " + state.replace(" ", "-"), text: words[state] || state});
+  const parts = [];
+  if (drift.estimated !== undefined) parts.push(`estimated ${drift.reference.metric} ${drift.estimated} ` +
+    `(at adapt time ${drift.reference.value})`);
+  if (drift.input_drift !== undefined) parts.push(`input drift ${drift.input_drift}`);
+  if (drift.feature_drift !== undefined) parts.push(`feature drift ${drift.feature_drift}`);
+  if (drift.why) parts.push(drift.why);
+  badge.title = parts.join(" · ");
+  cell.append(badge);
+  const trend = (drift.trend || []).map((p) => p.estimated ?? p.input_drift).filter((v) => v !== undefined);
+  if (trend.length > 1) cell.append(sparkline(trend, drift.estimated !== undefined ? 100 : null));
+  if (drift.estimated !== undefined) cell.append(el("span", {class: "muted small", text: ` ${drift.estimated}`}));
+  return cell;
+}
+
+function sparkline(values, top) {
+  const width = 90, height = 22, max = top ?? Math.max(...values, 1e-6), min = top ? 0 : 0;
+  const points = values.map((v, i) => `${(i / (values.length - 1)) * width},` +
+    `${height - ((v - min) / (max - min || 1)) * height}`).join(" ");
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("width", width); svg.setAttribute("height", height); svg.setAttribute("class", "trend");
+  const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+  line.setAttribute("points", points);
+  svg.append(line);
+  return svg;
 }
 
 async function refreshStats() {
@@ -245,4 +279,4 @@ async function refreshStats() {
 refreshTasks();
 refreshStats();
 setInterval(refreshStats, 2000);
-setInterval(refreshTasks, 10000);
+setInterval(refreshTasks, 5000);
