@@ -122,7 +122,7 @@ def test_tasks_contract_and_predict_every_kind(demo_station):
         assert set(row) == {"name", "kind", "labels", "version", "bytes", "metrics", "loaded_at", "previous_version",
                             "candidate_version", "held", "drift"}
         assert row["held"] == {"form": "adapters", "engine": "torch"}
-        assert row["drift"]["state"] == "no reference" and "reference profile" in row["drift"]["why"]
+        assert row["drift"]["state"] in ("warming up", "ok") and row["drift"]["reference"]["images"] > 0
         assert len(row["version"]) == 12 and row["bytes"] > 100_000 and row["previous_version"] is None
     kinds = {t["name"]: t["kind"] for t in tasks}
     assert kinds == {"defects": "segmentation", "digit-boxes": "detection", "digits": "classification",
@@ -500,6 +500,36 @@ def test_page_shows_what_the_api_answers(demo_station, tmp_path):
             target = os.environ.get("PETAH_STATION_SCREENSHOT")
             if target:
                 shutil.copyfile(shot, target)
+        finally:
+            browser.close()
+
+
+def test_a_task_fed_other_images_is_called_drifting_on_the_api_metrics_and_page(demo_station):
+    """Dark frames (a light failed) sent to digits: the drift check calls it drifting on /v1/tasks,
+    /metrics and the page (the station's other tests sent it noise too: no claim about the rest)."""
+    client = StationClient(demo_station["url"])
+    dark = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 4, np.uint8)).save(dark, format="PNG")
+    for i in range(60):
+        assert client.predict([(f"dark{i}.png", dark.getvalue())], ["digits"]).status == 200
+    drift = {t["name"]: t["drift"] for t in client.tasks()}
+    assert drift["digits"]["state"] == "drifting" and drift["digits"]["input_drift"] > 1.0, drift["digits"]
+    assert drift["digits"]["alarms"] >= 1 and drift["digits"]["trend"]
+    metrics = client.request("GET", "/metrics").body.decode()
+    assert 'petah_task_drifting{task="digits"} 1.0' in metrics and 'petah_task_input_drift{task="digits"}' in metrics
+    if chromium_path() is None:
+        return
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.goto(demo_station["url"] + "/")
+            page.wait_for_selector("#tasks tbody tr[data-task='digits'] td[data-drift='drifting'] .badge")
+            assert page.locator("tr[data-task='digits'] .badge").text_content() == "drifting"
+            assert "input drift" in page.locator("tr[data-task='digits'] .badge").get_attribute("title")
+            assert page.locator("tr[data-task='digits'] svg.trend").count() == 1
         finally:
             browser.close()
 
