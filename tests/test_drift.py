@@ -82,9 +82,10 @@ def test_the_window_calls_a_shifted_task_drifting(shift, state, score):
     assert summary["state"] == state, summary
     assert summary["alarms"] == (state == "drifting")
     if score == "estimated":
-        assert summary["estimated"] < summary["reference"]["value"] - 10
+        assert summary["estimated"] < summary["reference"]["value"] - 10 and summary["estimate_reliable"]
     elif score is not None:
         assert summary[score] > 1.0
+        assert summary["estimate_reliable"] is False  # confidences say little once the inputs moved
 
 
 def test_a_task_without_a_reference_says_why_and_a_young_window_waits():

@@ -240,7 +240,8 @@ function driftCell(drift) {
   const badge = el("span", {class: "badge " + state.replace(" ", "-"), text: words[state] || state});
   const parts = [];
   if (drift.estimated !== undefined) parts.push(`estimated ${drift.reference.metric} ${drift.estimated} ` +
-    `(at adapt time ${drift.reference.value})`);
+    `(at adapt time ${drift.reference.value})` + (drift.estimate_reliable === false ?
+    " — not reliable while the inputs drift" : ""));
   if (drift.input_drift !== undefined) parts.push(`input drift ${drift.input_drift}`);
   if (drift.feature_drift !== undefined) parts.push(`feature drift ${drift.feature_drift}`);
   if (drift.why) parts.push(drift.why);
