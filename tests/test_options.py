@@ -222,6 +222,24 @@ def test_write_check_creates_a_real_file_and_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the probe file is gone, no folder was made
 
 
+def test_atomic_writes_sync_the_file_then_the_folder_that_holds_its_new_name(tmp_path, monkeypatch):
+    """A rename is durable only once its folder is synced: every atomic write (packages, state,
+    metadata) syncs the temp file's bytes, renames, then syncs the folder."""
+    import stat
+
+    from petah.files import atomic_write_bytes, staged_folder
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)), real(fd))[1])
+    atomic_write_bytes(tmp_path / "a" / "state.json", b"{}")
+    assert synced == [False, True] and (tmp_path / "a" / "state.json").read_bytes() == b"{}"
+    synced.clear()
+    with staged_folder(tmp_path / "out") as stage:
+        (stage / "x").write_bytes(b"1")
+    assert synced == [True] and (tmp_path / "out" / "x").is_file()
+
+
 # --- what the data decides and where the output goes: refused before any training --------------
 def _renamed_class(root, name: bytes):
     """The pattern folder with its 'square' class folder renamed (bytes: any name Linux allows)."""

@@ -16,7 +16,24 @@ from pathlib import Path
 from petah.errors import PetahError
 
 
+def fsync_folder(folder: Path) -> None:
+    """Make a rename into ``folder`` durable: without it a power cut after ``os.replace`` can bring
+    back the old name (or none) on ext4 / xfs, though the file's own bytes were synced."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # a platform or file system that cannot open folders: nothing more to do
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems (tmpfs on old kernels, network mounts) refuse: the rename still happened
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: Path, payload: bytes) -> Path:
+    """Write ``payload`` to ``path`` so that a reader or a crash sees the old file or the new one,
+    never a part: a synced temp file in the same folder, renamed into place, the folder synced."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -29,6 +46,7 @@ def atomic_write_bytes(path: Path, payload: bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_folder(path.parent)
     return path
 
 
@@ -99,5 +117,6 @@ def staged_folder(output: str | Path) -> Iterator[Path]:
             raise PetahError(f"cannot write {output / blocked[0]}: a folder of that name is in the way")
         for item in sorted(stage.iterdir()):
             os.replace(item, output / item.name)
+        fsync_folder(output)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

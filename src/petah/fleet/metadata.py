@@ -34,7 +34,7 @@ import threading
 from pathlib import Path
 
 from petah.errors import PetahError
-from petah.files import atomic_write_bytes, inside
+from petah.files import atomic_write_bytes, fsync_folder, inside
 from petah.packages.signing import generate_keypair, load_private_key, load_public_key
 
 SPEC_VERSION = "1.0.31"
@@ -178,6 +178,7 @@ class Repository:
         with self.staged(payload) as staged:
             path.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staged, path)
+            fsync_folder(path.parent)
 
     def sweep_incoming(self) -> list[str]:
         """Remove what killed writers left in ``incoming/``: regular files named
