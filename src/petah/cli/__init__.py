@@ -92,6 +92,7 @@ for _group in (show, serve, sign, fleet):
         app.command(_name)(_command)
 app.add_typer(show.plan_app, name="plan")
 app.add_typer(fleet.hub_app, name="hub")
+app.add_typer(serve.capture_app, name="capture")
 
 
 @app.callback()

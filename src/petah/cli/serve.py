@@ -7,17 +7,20 @@ from typing import Annotated
 
 import typer
 
-from petah.cli.common import SizeOpt, WeightsOpt, config_options
+from petah.cli.common import JsonOpt, SizeOpt, WeightsOpt, config_options, emit_json, out
 from petah.errors import PetahError
+from petah.serve.capture import CaptureConfig
 from petah.serve.config import ServeConfig
 from petah.serve.drift import DriftConfig
 
 
 @config_options(ServeConfig, "config")
 @config_options(DriftConfig, "drift")
+@config_options(CaptureConfig, "capture")
 def serve(
     config: ServeConfig,
     drift: DriftConfig,
+    capture: CaptureConfig,
     backbone_spec: Annotated[str | None, typer.Option(
         "--backbone", "-b", help="A device backbone folder (petah export --device: no torch needed), a petah "
                                  "backbone file, or a timm model name (not with --demo).")] = None,
@@ -37,7 +40,7 @@ def serve(
     swaps, /healthz, /metrics and the inspection page at /. Stops cleanly on SIGTERM / Ctrl-C."""
     from petah.serve import Station, bind, demo_on_device, demo_packages, run_station, station_backbone
 
-    config.drift = drift
+    config.drift, config.capture = drift, capture
     if demo == (backbone_spec is not None):
         raise PetahError("give either --backbone (-b) or --demo")
     files = list(package or [])
@@ -62,6 +65,32 @@ def serve(
         sock.close()
         raise
     run_station(station, sock)
+
+
+capture_app = typer.Typer(no_args_is_help=True, help="Images a station captured: export them for the next adapt.")
+
+
+@capture_app.command("export")
+def capture_export(
+    folder: Annotated[Path, typer.Argument(help="A station's --capture-dir.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="A new (or empty) folder for the data sets.")],
+    include_unreviewed: Annotated[bool, typer.Option(
+        "--include-unreviewed", help="Also the answers no operator confirmed (the station's own labels).")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write the reviewed captures as data sets `petah adapt` reads: per task, class folders
+    (classification), images/ + masks/ (segmentation), COCO JSON (detection), good/ + defect/ (anomaly)."""
+    from petah.serve.capture import export_captures
+
+    summary = export_captures(folder, output, include_unreviewed)
+    if json_out:
+        emit_json(summary)
+        return
+    for task, count in sorted(summary["tasks"].items()):
+        out.print(f"{task}: {count} image(s) in {Path(summary['output']) / task}", highlight=False)
+    if not summary["tasks"]:
+        out.print(f"nothing reviewed to export among {summary['captures']} capture(s): review them on the station's "
+                  "page, or pass --include-unreviewed", highlight=False)
 
 
 COMMANDS = {"serve": serve}

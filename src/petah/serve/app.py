@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from petah.errors import BackboneMismatch, PetahError
 from petah.http_app import add_error_handlers, new_app
 from petah.packages import SignatureError
-from petah.serve.routers import admin, health, metrics, page, predict, schema, stats, tasks
+from petah.serve.routers import admin, captures, health, metrics, page, predict, schema, stats, tasks
 from petah.serve.state import StateUnwritable
 from petah.serve.station import Station, UnknownTask
 from petah.serve.worker import Busy
@@ -72,7 +72,7 @@ def create_app(station: Station) -> FastAPI:
         return response
 
     # in this order: the schema lists the paths as they come
-    for router in (health, metrics, tasks, stats, schema, predict, admin, page):
+    for router in (health, metrics, tasks, stats, schema, predict, captures, admin, page):
         app.include_router(router.router)
     page.mount_static(app)
     return app

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from petah.errors import PetahError
 from petah.http import read_token
 from petah.options import option
+from petah.serve.capture import CaptureConfig
 from petah.serve.drift import DriftConfig
 from petah.serve.engine import ENGINES
 
@@ -96,6 +97,8 @@ class ServeConfig:
 
     drift: DriftConfig = option(default_factory=DriftConfig,
                                 help="The drift check's settings (its own options: --drift-window …).")
+    capture: CaptureConfig = option(default_factory=CaptureConfig,
+                                    help="What the station keeps for re-adaptation (its own options: --capture-dir …).")
 
     def __post_init__(self):
         for label, value in (("--max-batch", self.max_batch), ("--queue-size", self.queue_size),

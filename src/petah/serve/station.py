@@ -25,6 +25,7 @@ from petah.errors import EngineCannotRun, PetahError, PetahWarning
 from petah.imaging import Preprocess, load_image_modes
 from petah.packages import Manifest, SignatureError, TrustPolicy, check_task_name, read_manifest
 from petah.packages.reference import input_statistics
+from petah.serve.capture import CaptureStore
 from petah.serve.config import ServeConfig
 from petah.serve.drift import DriftMonitor, confidences
 from petah.serve.engine import choose_engine, engine_class
@@ -120,6 +121,8 @@ class Station:
         self.tasks: dict[str, TaskRecord] = {}  # changed only on the inference thread (with the engine)
         self.candidates: dict[str, str] = {}  # task -> sha256 of a release being installed / watched (agent)
         self.drift = DriftMonitor(self.config.drift)
+        capture = self.config.capture
+        self.capture = CaptureStore(capture.capture_dir, capture) if capture.capture_dir else None
         self.metrics = StationMetrics(lambda: len(self.tasks), lambda: self.worker.depth,
                                       lambda: {name: self.drift.summary(name) for name in list(self.tasks)})
         self.worker = BatchWorker(self._run_batch, max_batch=self.config.max_batch,
@@ -405,6 +408,19 @@ class Station:
                 tasks[name] = row
             images.append({"name": upload.name, "tasks": tasks})
         return images
+
+    def keep_captures(self, uploads: list[Upload], images: list[dict]) -> list[str | None]:
+        """After answering (on a request thread): keep the images the capture strategies want."""
+        if self.capture is None:
+            return []
+        kept = []
+        for upload, image in zip(uploads, images, strict=True):
+            rows = image["tasks"]
+            manifests = {name: self.tasks[name].manifest for name in rows if name in self.tasks}
+            rows = {name: row for name, row in rows.items() if name in manifests}  # a task deleted meanwhile: left out
+            drifting = {name for name in rows if self.drift.summary(name).get("state") == "drifting"}
+            kept.append(self.capture.keep(upload.name, upload.data, rows, manifests, drifting))
+        return kept
 
     def task_list(self) -> list[dict]:
         return [{**record.to_dict(self.candidates.get(name)), "held": self.engine.held(name),

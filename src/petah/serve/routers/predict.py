@@ -57,6 +57,8 @@ async def predict(request: Request, station: StationDep):
         job = await run_in_threadpool(station.decode, uploads, tasks)
         prediction = await asyncio.wrap_future(station.submit(job))
         images = await run_in_threadpool(station.render, prediction, uploads)
+        if station.capture is not None:
+            await run_in_threadpool(station.keep_captures, uploads, images)
     finally:
         station.in_flight -= 1
     seconds = time.perf_counter() - started

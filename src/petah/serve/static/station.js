@@ -277,7 +277,80 @@ async function refreshStats() {
   } catch (e) { /* the task table shows the error */ }
 }
 
+// --- captured images: review by people who know the parts, not the model ----------------------------
+const shownCaptures = new Map(); // id -> card
+
+async function refreshCaptures() {
+  let body;
+  try { body = await api("v1/captures?limit=20"); } catch (e) { $("captures-box").hidden = true; return; }
+  $("captures-box").hidden = false;
+  $("captures-count").textContent = `${body.total} kept · ${(body.bytes / 1048576).toFixed(1)} of ` +
+    `${(body.max_bytes / 1048576).toFixed(0)} MB` + (body.dropped ? ` · ${body.dropped} dropped (full)` : "");
+  const cards = [];
+  for (const capture of body.captures) {
+    let card = shownCaptures.get(capture.id);
+    if (!card) {
+      card = captureCard(capture);
+      shownCaptures.set(capture.id, card);
+    }
+    cards.push(card);
+  }
+  $("captures").replaceChildren(...cards);
+}
+
+function captureCard(capture) {
+  const card = el("div", {class: "card capture", "data-capture": capture.id});
+  const picture = el("img", {alt: capture.source, class: "captured"});
+  fetch(`v1/captures/${capture.id}/image`, {headers: token ? {Authorization: "Bearer " + token} : {}})
+    .then((r) => r.blob()).then((b) => { picture.src = URL.createObjectURL(b); });
+  card.append(el("h3", {text: capture.source}), picture,
+              el("div", {class: "muted small", text: "kept: " + capture.reasons.join(", ")}));
+  for (const [task, answer] of Object.entries(capture.tasks)) card.append(reviewRow(capture.id, task, answer));
+  return card;
+}
+
+function reviewRow(id, task, answer) {
+  const row = el("div", {class: "review", "data-task": task});
+  const done = el("span", {class: "reviewed small"});
+  const show = (review) => {
+    row.dataset.reviewed = review ? "yes" : "no";
+    done.textContent = !review ? "" : ("label" in review ? `✓ ${review.label}` : (review.keep ? "✓ kept" : "✗ discarded"));
+  };
+  const send = async (body) => {
+    try {
+      const view = await api(`v1/captures/${id}/review`, {method: "POST", headers: {"Content-Type": "application/json"},
+                                                          body: JSON.stringify(Object.assign({task}, body))});
+      show(view.tasks[task].review);
+    } catch (e) { showError(e.message); }
+  };
+  row.append(el("strong", {text: task + " "}));
+  if (answer.kind === "classification") {
+    const choice = el("select", {"aria-label": `right class for ${task}`});
+    for (const label of answer.labels) {
+      const option = el("option", {value: label, text: label});
+      if (label === ((answer.review && answer.review.label) || answer.label)) option.selected = true;
+      choice.append(option);
+    }
+    const confirm = el("button", {class: "button", type: "button", text: "confirm"});
+    confirm.addEventListener("click", () => send({label: choice.value}));
+    row.append(el("span", {class: "small", text: `said ${answer.label} (${answer.score}) `}), choice, confirm);
+  } else {
+    const said = answer.kind === "detection" ? `${(answer.boxes || []).length} box(es)` :
+      answer.kind === "anomaly" ? (answer.anomalous ? "defect" : "good") : "mask";
+    const keep = el("button", {class: "button", type: "button", text: "keep"});
+    const discard = el("button", {class: "button", type: "button", text: "discard"});
+    keep.addEventListener("click", () => send({keep: true}));
+    discard.addEventListener("click", () => send({keep: false}));
+    row.append(el("span", {class: "small", text: `said ${said} `}), keep, discard);
+  }
+  row.append(done);
+  show(answer.review);
+  return row;
+}
+
 refreshTasks();
 refreshStats();
+refreshCaptures();
+setInterval(refreshCaptures, 5000);
 setInterval(refreshStats, 2000);
 setInterval(refreshTasks, 5000);
