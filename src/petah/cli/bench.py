@@ -221,6 +221,37 @@ def bench_drift(
     out.print(table)
 
 
+@bench_app.command("soak")
+def bench_soak(
+    minutes: Annotated[float, typer.Option("--minutes", help="Phase 1: minutes under load, swaps and rollbacks.")
+                       ] = 30.0,
+    restart_minutes: Annotated[float, typer.Option(
+        "--restart-minutes", help="Phase 2: minutes with a kill -9 and a restart every --restart-every-s.")] = 10.0,
+    restart_s: Annotated[float, typer.Option("--restart-every-s", help="Seconds between kills in phase 2.")] = 180.0,
+    clients: Annotated[int, typer.Option("--clients", help="Concurrent clients.")] = 4,
+    device_python: Annotated[str | None, typer.Option(
+        "--device-python", help="Run the station with this interpreter (a device install).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """A station under steady load for a long while: memory slope (PSS, 95 % interval), file
+    descriptors, threads, state / capture / log bytes, p99 latency, failed requests; then restarts."""
+    from petah.bench.soak import run_soak
+
+    if minutes <= 0 or restart_minutes < 0 or restart_s <= 0 or clients < 1:
+        raise PetahError("--minutes and --restart-every-s must be positive, --restart-minutes at least 0, "
+                         "--clients at least 1")
+    if device_python is not None and not Path(device_python).is_file():
+        raise PetahError(f"--device-python {device_python}: no such interpreter")
+    result = run_soak(minutes, restart_minutes, restart_s, clients, device_python=device_python)
+    if json_out:
+        emit_json(result)
+        return
+    slope = result["pss_mb_slope_per_hour"]
+    out.print(f"PSS {result['pss_mb']} MB; slope {slope['per_hour']} MB/h (95 %: {slope['low']} .. {slope['high']}, "
+              f"extrapolated); fds {result['fds']}, threads {result['threads']}; p99 {result['p99_ms_first_last']} ms; "
+              f"{result['counts']}; restarts took {result['restart_seconds']} s; end {result['end']}", highlight=False)
+
+
 @bench_app.command("fleet")
 def bench_fleet(
     devices: Annotated[int, typer.Option("--devices", help="Stations (one of them a child process that is "

@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import random
 import statistics
 import threading
@@ -32,7 +33,7 @@ import warnings
 from pathlib import Path
 
 from petah.errors import PetahError, PetahWarning
-from petah.files import atomic_write_bytes
+from petah.files import atomic_write_bytes, fsync_folder
 from petah.fleet.client import call, check_hub_url
 from petah.fleet.metadata import parse_metadata
 
@@ -40,6 +41,7 @@ MAX_TRIES = 4  # per download: the first try and three retries
 MAX_BACKOFF_S = 30.0
 HEALTH_PROBES = 5
 MAX_OUTBOX = 1000
+MAX_AUDIT_BYTES = 8 * 2**20  # the audit log rotates past this (one older file kept)
 MAX_REJECTED = 1000
 # probe latency, median over the window vs median before the install: coarser than the gate (which
 # times whole golden passes); a single probe on a busy station measured 5x its baseline with a
@@ -153,11 +155,24 @@ class Agent:
         """Append to the audit log (JSON lines); queue the report for the hub."""
         record = {"at": time.time(), "device": self.device_id, "event": event, "task": task, "release": release,
                   "detail": detail, **numbers}
-        with self._audit_lock, open(self.audit, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        with self._audit_lock:
+            self._rotate_audit()
+            with open(self.audit, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
         if send and event != "error":
             self.outbox.append({k: record[k] for k in ("event", "task", "release", "detail")} | numbers)
             del self.outbox[:-MAX_OUTBOX]  # a hub gone for days: keep the newest (the audit log keeps all)
+
+    def _rotate_audit(self) -> None:
+        """Past MAX_AUDIT_BYTES the log moves to ``audit.jsonl.1`` (replacing the older one): a station
+        that runs for months keeps at most twice that."""
+        try:
+            if self.audit.stat().st_size < MAX_AUDIT_BYTES:
+                return
+        except FileNotFoundError:
+            return
+        os.replace(self.audit, self.audit.with_name(self.audit.name + ".1"))
+        fsync_folder(self.audit.parent)
 
     def _hub(self, path: str, payload: dict) -> dict:
         body = json.dumps(payload).encode()
