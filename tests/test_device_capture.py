@@ -58,10 +58,15 @@ def test_each_strategy_keeps_what_it_is_named_after(tmp_path, strategies, rows, 
 
 
 def test_the_size_limit_is_hard_and_a_damaged_index_loses_nothing_else(tmp_path):
-    config = CaptureConfig(capture="random", capture_random=1.0, capture_max_mb=3 * len(png(1)) / 2**20)
+    probe = CaptureStore(tmp_path / "probe", CaptureConfig(capture="random", capture_random=1.0), seed=0)
+    probe.keep("0.png", png(0), {"digits": digits_answer("3", 0.9)}, MANIFESTS, set())
+    one = probe.used  # an image and its index line: the limit counts both
+    config = CaptureConfig(capture="random", capture_random=1.0, capture_max_mb=(3 * one + one // 4) / 2**20)
     store = CaptureStore(tmp_path, config, seed=0)
     kept = [store.keep(f"{i}.png", png(i), {"digits": digits_answer("3", 0.9)}, MANIFESTS, set()) for i in range(5)]
     assert sum(k is not None for k in kept) == 3 and store.listing()["dropped"] == 2
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "images").iterdir()) + (tmp_path / "index.jsonl").stat().st_size
+    assert on_disk == store.used <= store.max_bytes
     with (tmp_path / "index.jsonl").open("ab") as handle:  # a crash mid-line, and a forged path
         handle.write(b'{"id": "0000000000000000001-abcdef", "file": "../../etc/hostname", "tasks": {}}\n{"id": "00')
     again = CaptureStore(tmp_path, config)

@@ -107,7 +107,8 @@ class CaptureStore:
         self._lock = threading.Lock()
         self._random = random.Random(seed)
         self.entries, self.corrections, self.skipped_lines = self._read()
-        self.used = sum(int(e.get("bytes", 0)) for e in self.entries.values())
+        index_bytes = self.index.stat().st_size if self.index.is_file() else 0
+        self.used = sum(int(e.get("bytes", 0)) for e in self.entries.values()) + index_bytes
         self.dropped = 0  # past the size limit, or the disk refused
         self.errors = 0
 
@@ -137,10 +138,13 @@ class CaptureStore:
                     skipped += 1
         return entries, corrections, skipped
 
-    def _append(self, item: dict) -> None:
-        line = json.dumps(item, separators=(",", ":")) + "\n"
+    @staticmethod
+    def _line(item: dict) -> bytes:
+        return json.dumps(item, separators=(",", ":")).encode() + b"\n"
+
+    def _append(self, line: bytes) -> None:
         with self.index.open("ab") as handle:
-            handle.write(line.encode())
+            handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -173,25 +177,27 @@ class CaptureStore:
         if not why:
             return None
         masks = {task: base64.b64decode(row["mask_png"]) for task, row in rows.items() if "mask_png" in row}
-        size = len(data) + sum(len(m) for m in masks.values())
+        files = len(data) + sum(len(m) for m in masks.values())
+        capture_id = f"{time.time_ns():019d}-{self._random.getrandbits(24):06x}"
+        suffix = next((s for magic, s in SUFFIXES.items() if data.startswith(magic)), ".img")
+        entry = {"id": capture_id, "time": round(time.time(), 3), "file": capture_id + suffix, "bytes": files,
+                 "source": str(source)[:200], "reasons": why,
+                 "tasks": {task: {"kind": manifests[task].task.kind, "version": row.get("version"),
+                                  "labels": list(manifests[task].labels), **_answer(row)}
+                           for task, row in rows.items()}}
+        line = self._line(entry)
+        size = files + len(line)  # its index line counts against the limit too
         with self._lock:
             if self.used + size > self.max_bytes:
                 self.dropped += 1
                 return None
             self.used += size  # reserved: a concurrent capture sees it
-        capture_id = f"{time.time_ns():019d}-{self._random.getrandbits(24):06x}"
-        suffix = next((s for magic, s in SUFFIXES.items() if data.startswith(magic)), ".img")
-        entry = {"id": capture_id, "time": round(time.time(), 3), "file": capture_id + suffix, "bytes": size,
-                 "source": str(source)[:200], "reasons": why,
-                 "tasks": {task: {"kind": manifests[task].task.kind, "version": row.get("version"),
-                                  "labels": list(manifests[task].labels), **_answer(row)}
-                           for task, row in rows.items()}}
         try:
             atomic_write_bytes(self.images / entry["file"], data)
             for task, mask in masks.items():
                 atomic_write_bytes(self.images / f"{capture_id}.{task}.mask.png", mask)
             with self._lock:
-                self._append(entry)
+                self._append(line)
                 self.entries[capture_id] = entry
         except OSError:  # a full disk or a removed folder: the station goes on serving
             with self._lock:
@@ -241,7 +247,9 @@ class CaptureStore:
                 if not isinstance(keep, bool):
                     raise PetahError(f"a {answer['kind']} answer is kept or not: send keep true or false")
                 item = {"id": capture_id, "task": task, "keep": keep, "time": round(time.time(), 3)}
-            self._append(item)
+            line = self._line(item)
+            self._append(line)  # a review is never refused for the limit (a line of ~100 bytes)
+            self.used += len(line)
             self.corrections.setdefault(capture_id, {})[task] = item
             return self._view(capture_id)
 
