@@ -1,6 +1,6 @@
 """A short soak (bounded: about 50 s): a real station under steady load with hot swaps, rollbacks,
-capture on and a kill -9 + restart; nothing fails while it is up, nothing leaks descriptors, the
-restart is quick. ``petah bench soak`` runs the long version."""
+hub releases and withdrawals, capture on and a kill -9 + restart; nothing fails while it is up,
+nothing leaks descriptors, the restart is quick. ``petah bench soak`` runs the long version."""
 
 import pytest
 
@@ -11,10 +11,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 def test_a_station_under_load_swaps_restarts_and_keeps_flat():
     result = run_soak(minutes=0.4, restart_minutes=0.35, restart_s=10, clients=2, swap_s=3, sample_s=2,
-                      request_interval_s=0.02)
+                      request_interval_s=0.02, release_s=8)
     counts = result["counts"]
     assert counts["failed"] == 0 and counts["admin_failed"] == 0, counts
     assert counts["requests"] > 100 and counts["swaps"] >= 2 and counts["rollbacks"] >= 2, counts
+    assert counts["release_steps"] >= 3 and counts["release_steps_followed"] >= 2, counts
     assert len(result["restart_seconds"]) >= 1 and max(result["restart_seconds"]) < 20
     low, high = result["fds"]
     assert high - low <= 4, result["fds"]  # swaps and captures close what they open

@@ -4,7 +4,11 @@ grows: the numbers a station must keep flat for weeks, one run.
 The station (the demo's device backbone and tasks, the device engine, capture on, an admin token)
 serves ``clients`` threads of this process sending one 64 px image per request for every task; an
 admin thread hot-swaps a task between two versions every ``swap_s`` seconds and rolls it back every
-other time. Every ``sample_s`` seconds: the station's proportional set size (``/proc/PID/
+other time. The station is also managed by a hub (in this process, signed metadata): every
+``release_s`` seconds a signed release of the digits task is published (the station gates it on a
+small golden set and installs it) or withdrawn (the station returns to its previous version); a
+release step the station has not followed when the next one is due counts as not followed.
+Every ``sample_s`` seconds: the station's proportional set size (``/proc/PID/
 smaps_rollup``), open file descriptors, threads, the bytes of its state folder, capture folder and
 logs, and the interval's p99 latency. Phase 1 runs without restarts; the memory slope is fitted
 after a warm-up (a quarter of the phase) with its 95 % interval. Phase 2 adds a ``kill -9`` and a
@@ -14,6 +18,7 @@ while the station is up counts as failed. Slopes per hour are extrapolations, an
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -125,22 +130,83 @@ class SoakStation:
                 self.proc.wait()
 
 
+def _golden_set(folder: Path, task: str, classes: tuple[str, ...] = ("3", "7"), per_class: int = 4) -> None:
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in classes:
+        (folder / task / label).mkdir(parents=True)
+        for i in range(per_class):
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), np.uint8)).save(buffer, format="PNG")
+            (folder / task / label / f"{i}.png").write_bytes(buffer.getvalue())
+
+
+class HubReleases:
+    """A hub whose release key publishes and withdraws signed versions of one task in turn."""
+
+    def __init__(self, root: Path, package: Path, variants: int = 2):
+        from petah.fleet.hub import add_device
+        from petah.fleet.metadata import init_repository
+        from petah.packages import generate_keypair, sign_package
+
+        for name in ("root", "release", *[f"packager{i}" for i in range(variants)]):
+            generate_keypair(root / name)
+        self.root, self.key = root / "hub", root / "release.key"
+        self.trusted = init_repository(self.root, root / "root.key", self.key)
+        add_device(self.root, "soak-1", root / "soak-1.token")
+        _golden_set(root / "golden", package.stem)
+        self.variants = []  # same answers, other bytes (each signed by its own packager key)
+        for i in range(variants):
+            copy = root / f"{package.stem}-{i}.petah"
+            copy.write_bytes(package.read_bytes())
+            sign_package(copy, root / f"packager{i}.key")
+            self.variants.append(copy)
+        self.station_options = ["--trust-root", str(self.trusted), "--device-id", "soak-1", "--device-token-file",
+                                str(root / "soak-1.token"), "--golden", str(root / "golden"), "--poll-s", "1",
+                                "--health-window-s", "1", "--allow-manual"]
+        self.release: int | None = None
+        self.turn = 0
+        self.expected: str | None = None  # the version the station should run after the last step
+
+    def step(self, url: str, base_version: str) -> None:
+        from petah.bench.fleet import sha256_file
+        from petah.fleet.client import publish_release, withdraw_release
+
+        if self.release is None:
+            package = self.variants[self.turn % len(self.variants)]
+            self.release = publish_release(package, url, self.key, stages=[100], min_healthy=1.0,
+                                           max_failed=0.5)["release"]
+            self.expected = sha256_file(package)[:12]
+        else:
+            withdraw_release(self.release, url, self.key)
+            self.release, self.expected = None, base_version
+            self.turn += 1
+
+
 def run_soak(minutes: float = 30.0, restart_minutes: float = 10.0, restart_s: float = 180.0, clients: int = 4,
              swap_s: float = 20.0, sample_s: float = 10.0, device_python: str | None = None,
-             request_interval_s: float = 0.05) -> dict:
+             request_interval_s: float = 0.05, release_s: float | None = 60.0) -> dict:
     """Phase 1 for ``minutes`` without restarts, then phase 2 for ``restart_minutes`` with a
     ``kill -9`` and restart every ``restart_s`` seconds (see the module's docstring)."""
     import shutil
 
+    from petah.bench.fleet import sha256_file
     from petah.bench.serve import bench_images
     from petah.device.bundle import WEIGHTS_FILE
+    from petah.fleet.hub import Hub
+    from petah.fleet.hub_app import running_hub
     from petah.serve import demo_device_files, demo_packages
 
     images = bench_images()
     packages = {p.stem: p for p in demo_packages()}
     flip = [packages["digits"].read_bytes(), packages["textures"].read_bytes()]
-    with tempfile.TemporaryDirectory(prefix="petah-bench-soak-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="petah-bench-soak-") as tmp, contextlib.ExitStack() as stack:
         root = Path(tmp)
+        releases = HubReleases(root, packages["digits"]) if release_s else None
+        hub_url = stack.enter_context(running_hub(Hub(releases.root)))[0] if releases else None
         source, weights = demo_device_files()
         shutil.copytree(source, root / "backbone")
         shutil.copy(weights, root / "backbone" / WEIGHTS_FILE)
@@ -149,16 +215,20 @@ def run_soak(minutes: float = 30.0, restart_minutes: float = 10.0, restart_s: fl
                 str(root / "state"), "--admin-token-file", str(root / "admin"), "--capture-dir", str(root / "capture"),
                 "--capture-max-mb", "32", "--capture-random", "0.02",
                 *[arg for p in ("digits", "textures", "defects", "digit-boxes") for arg in ("-p", str(packages[p]))]]
+        if releases:
+            args += ["--hub", hub_url, *releases.station_options]
         station = SoakStation(root, device_python or sys.executable, args)
         station.start()
         for data in flip:  # two versions of task "flip": a rollback always has one to go back to
-            if StationClient(station.url, timeout=60).install("flip", data, ADMIN_TOKEN).status != 200:
-                raise PetahError("bench soak: installing the task it swaps failed")
+            reply = StationClient(station.url, timeout=60).install("flip", data, ADMIN_TOKEN)
+            if reply.status != 200:
+                raise PetahError(f"bench soak: installing the task it swaps failed: {reply.status} {reply.body[:300]}")
         stop = threading.Event()
         lock = threading.Lock()
         latencies: list[tuple[float, float]] = []  # (finished at, seconds)
         counts = {"requests": 0, "failed": 0, "refused_while_down": 0, "swaps": 0, "rollbacks": 0,
-                  "admin_failed": 0}
+                  "admin_failed": 0, "release_steps": 0, "release_steps_followed": 0}
+        digits_demo = sha256_file(packages["digits"])[:12]
         started = time.monotonic()
 
         def client(i: int) -> None:
@@ -205,6 +275,18 @@ def run_soak(minutes: float = 30.0, restart_minutes: float = 10.0, restart_s: fl
                     pass  # killed meanwhile
                 turn += 1
 
+        def hub_admin() -> None:
+            station_client = StationClient(station.url, timeout=30)
+            while not stop.wait(release_s):
+                try:
+                    if releases.expected is not None:
+                        rows = {row["name"]: row for row in station_client.tasks()}
+                        counts["release_steps_followed"] += rows.get("digits", {}).get("version") == releases.expected
+                    releases.step(hub_url, digits_demo)
+                    counts["release_steps"] += 1
+                except (OSError, PetahError) as error:
+                    admin_errors.append(f"hub: {error}")
+
         samples: list[dict] = []
         admin_errors: list[str] = []
 
@@ -225,6 +307,8 @@ def run_soak(minutes: float = 30.0, restart_minutes: float = 10.0, restart_s: fl
 
         threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
         threads.append(threading.Thread(target=admin, daemon=True))
+        if releases:
+            threads.append(threading.Thread(target=hub_admin, daemon=True))
         for thread in threads:
             thread.start()
         try:
@@ -250,7 +334,7 @@ def run_soak(minutes: float = 30.0, restart_minutes: float = 10.0, restart_s: fl
         counts["admin_errors"] = admin_errors[-5:]
         return summarize(samples, counts, restarts, {"minutes": minutes, "restart_minutes": restart_minutes,
                                                      "restart_s": restart_s, "clients": clients, "swap_s": swap_s,
-                                                     "sample_s": sample_s})
+                                                     "sample_s": sample_s, "release_s": release_s})
 
 
 def summarize(samples: list[dict], counts: dict, restarts: list[float], settings: dict) -> dict:
