@@ -229,6 +229,8 @@ def bench_soak(
         "--restart-minutes", help="Phase 2: minutes with a kill -9 and a restart every --restart-every-s.")] = 10.0,
     restart_s: Annotated[float, typer.Option("--restart-every-s", help="Seconds between kills in phase 2.")] = 180.0,
     clients: Annotated[int, typer.Option("--clients", help="Concurrent clients.")] = 4,
+    release_s: Annotated[float, typer.Option(
+        "--release-every-s", help="Seconds between hub release steps (publish, then withdraw); 0: no hub.")] = 60.0,
     device_python: Annotated[str | None, typer.Option(
         "--device-python", help="Run the station with this interpreter (a device install).")] = None,
     json_out: JsonOpt = False,
@@ -237,12 +239,13 @@ def bench_soak(
     descriptors, threads, state / capture / log bytes, p99 latency, failed requests; then restarts."""
     from petah.bench.soak import run_soak
 
-    if minutes <= 0 or restart_minutes < 0 or restart_s <= 0 or clients < 1:
-        raise PetahError("--minutes and --restart-every-s must be positive, --restart-minutes at least 0, "
-                         "--clients at least 1")
+    if minutes <= 0 or restart_minutes < 0 or restart_s <= 0 or clients < 1 or release_s < 0:
+        raise PetahError("--minutes and --restart-every-s must be positive, --restart-minutes and --release-every-s "
+                         "at least 0, --clients at least 1")
     if device_python is not None and not Path(device_python).is_file():
         raise PetahError(f"--device-python {device_python}: no such interpreter")
-    result = run_soak(minutes, restart_minutes, restart_s, clients, device_python=device_python)
+    result = run_soak(minutes, restart_minutes, restart_s, clients, device_python=device_python,
+                      release_s=release_s or None)
     if json_out:
         emit_json(result)
         return
