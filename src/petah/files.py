@@ -79,6 +79,55 @@ def check_writable(path: str | Path) -> Path:
     return path
 
 
+class AppendLog:
+    """A file of lines only ever appended to (a capture index, an audit log), safe against a crash
+    at any point: a line torn by a crash mid-write stays as it is (readers skip it) and the next
+    append starts on a new line, so it cannot swallow the record after it. ``sync``: each append
+    reaches the disk before it returns. ``max_bytes``: past it the file moves to ``NAME.1``
+    (replacing the older one) before the next append, one durable rename."""
+
+    def __init__(self, path: str | Path, *, sync: bool = True, max_bytes: int | None = None):
+        self.path, self.sync, self.max_bytes = Path(path), sync, max_bytes
+        self._torn = self._ends_torn()
+
+    def _ends_torn(self) -> bool:
+        try:
+            with open(self.path, "rb") as handle:
+                if handle.seek(0, os.SEEK_END) == 0:
+                    return False
+                handle.seek(-1, os.SEEK_END)
+                return handle.read(1) != b"\n"
+        except FileNotFoundError:
+            return False
+
+    def _rotate(self) -> None:
+        try:
+            if self.path.stat().st_size < self.max_bytes:
+                return
+        except FileNotFoundError:
+            return
+        os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+        fsync_folder(self.path.parent)
+        self._torn = False
+
+    def append(self, line: bytes) -> int:
+        """Append one line (ending in a newline); the bytes the file grew by."""
+        if self.max_bytes is not None:
+            self._rotate()
+        data = (b"\n" if self._torn else b"") + line
+        try:
+            with open(self.path, "ab") as handle:
+                handle.write(data)
+                handle.flush()
+                if self.sync:
+                    os.fsync(handle.fileno())
+        except BaseException:
+            self._torn = self._ends_torn()  # a full disk may have taken part of it
+            raise
+        self._torn = False
+        return len(data)
+
+
 def atomic_write_image(image, path: Path) -> Path:
     """A PIL image as PNG, written like every other file petah writes (temp file, then rename)."""
     import io

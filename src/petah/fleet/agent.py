@@ -24,7 +24,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import random
 import statistics
 import threading
@@ -33,7 +32,7 @@ import warnings
 from pathlib import Path
 
 from petah.errors import PetahError, PetahWarning
-from petah.files import atomic_write_bytes, fsync_folder
+from petah.files import AppendLog, atomic_write_bytes
 from petah.fleet.client import call, check_hub_url
 from petah.fleet.metadata import parse_metadata
 
@@ -116,6 +115,8 @@ class Agent:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._audit_lock = threading.Lock()
+        # a station that runs for months keeps at most twice MAX_AUDIT_BYTES of it
+        self._audit_log = AppendLog(self.audit, max_bytes=MAX_AUDIT_BYTES)
         self.metadata_dir.mkdir(parents=True, exist_ok=True)
         self.rejected = self._load_rejected()  # versions this station refused: never tried again
         self.downloads.mkdir(exist_ok=True)
@@ -156,23 +157,10 @@ class Agent:
         record = {"at": time.time(), "device": self.device_id, "event": event, "task": task, "release": release,
                   "detail": detail, **numbers}
         with self._audit_lock:
-            self._rotate_audit()
-            with open(self.audit, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+            self._audit_log.append((json.dumps(record) + "\n").encode())
         if send and event != "error":
             self.outbox.append({k: record[k] for k in ("event", "task", "release", "detail")} | numbers)
             del self.outbox[:-MAX_OUTBOX]  # a hub gone for days: keep the newest (the audit log keeps all)
-
-    def _rotate_audit(self) -> None:
-        """Past MAX_AUDIT_BYTES the log moves to ``audit.jsonl.1`` (replacing the older one): a station
-        that runs for months keeps at most twice that."""
-        try:
-            if self.audit.stat().st_size < MAX_AUDIT_BYTES:
-                return
-        except FileNotFoundError:
-            return
-        os.replace(self.audit, self.audit.with_name(self.audit.name + ".1"))
-        fsync_folder(self.audit.parent)
 
     def _hub(self, path: str, payload: dict) -> dict:
         body = json.dumps(payload).encode()

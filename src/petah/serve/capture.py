@@ -4,8 +4,11 @@ in the layouts ``petah adapt`` reads.
 
 ``DIR/images/<id>.<ext>`` holds each kept upload as it arrived (and ``<id>.<task>.mask.png`` a
 segmentation task's answer); ``DIR/index.jsonl`` one line per capture and one per correction,
-appended and synced (a torn last line, as a crash leaves it, is skipped on reading; nothing already
-captured is rewritten). Strategies, named after what they keep:
+appended and synced (a torn last line, as a crash leaves it, is skipped on reading and the next
+line starts after it; nothing already captured is rewritten). An image is written before its index
+line: files of petah's own naming in ``images/`` that no line names (a crash came between) are
+removed when the station opens the folder (one station per folder), so crashes cannot fill the
+disk past the limit. Strategies, named after what they keep:
 
 * ``low-confidence``: an answer less confident than its task's reference says a right answer is
   (the ATC threshold of a classification task; else the lowest tenth of its validation confidences);
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import random
 import re
 import threading
@@ -29,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from petah.errors import PetahError
-from petah.files import atomic_write_bytes, fsync_folder, inside
+from petah.files import AppendLog, atomic_write_bytes, fsync_folder, inside
 from petah.options import option
 from petah.packages.reference import FIELD, Reference
 
@@ -37,6 +39,9 @@ STRATEGIES = ("low-confidence", "drifting", "disagreeing", "random")
 DRIFT_SHARE = 0.2
 INDEX = "index.jsonl"
 CAPTURE_ID = re.compile(r"[0-9]{19}-[0-9a-f]{6}")
+# what keep() writes in images/: the upload, a task's mask, and atomic_write_bytes' temp files of both
+OWN_FILE = re.compile(r"\.?(?P<id>[0-9]{19}-[0-9a-f]{6})(\.[a-z]{3,4}|\.[A-Za-z0-9._-]{1,64}\.mask\.png)"
+                      r"(\.[A-Za-z0-9_]{8}\.tmp)?")
 SUFFIXES = {b"\x89PNG": ".png", b"\xff\xd8\xff": ".jpg", b"BM": ".bmp", b"II*\x00": ".tif", b"MM\x00*": ".tif",
             b"RIFF": ".webp"}
 
@@ -95,7 +100,9 @@ def _answer_confidence(row: dict) -> float | None:
 class CaptureStore:
     """One capture folder (thread-safe: requests append from the server's threads)."""
 
-    def __init__(self, root: str | Path, config: CaptureConfig, seed: int | None = None):
+    def __init__(self, root: str | Path, config: CaptureConfig, seed: int | None = None, sweep: bool = True):
+        """``sweep``: remove what a crash left (the station, at start); a reader beside a running
+        station (``export_captures``) must not, or it would take an image about to be indexed."""
         self.root, self.config = Path(root), config
         self.images = self.root / "images"
         self.index = self.root / INDEX
@@ -107,6 +114,8 @@ class CaptureStore:
         self._lock = threading.Lock()
         self._random = random.Random(seed)
         self.entries, self.corrections, self.skipped_lines = self._read()
+        self.swept = self._sweep() if sweep else 0
+        self._log = AppendLog(self.index)
         index_bytes = self.index.stat().st_size if self.index.is_file() else 0
         self.used = sum(int(e.get("bytes", 0)) for e in self.entries.values()) + index_bytes
         self.dropped = 0  # past the size limit, or the disk refused
@@ -138,15 +147,24 @@ class CaptureStore:
                     skipped += 1
         return entries, corrections, skipped
 
+    def _sweep(self) -> int:
+        """Remove the files a crash left between an image's write and its index line: only names of
+        petah's own making whose capture the index does not hold. A folder the process may not
+        write in keeps them (they only cost disk)."""
+        swept = 0
+        for path in self.images.iterdir():
+            match = OWN_FILE.fullmatch(path.name)
+            if match and match.group("id") not in self.entries and path.is_file() and not path.is_symlink():
+                try:
+                    path.unlink()
+                    swept += 1
+                except OSError:
+                    pass
+        return swept
+
     @staticmethod
     def _line(item: dict) -> bytes:
         return json.dumps(item, separators=(",", ":")).encode() + b"\n"
-
-    def _append(self, line: bytes) -> None:
-        with self.index.open("ab") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
 
     # --- keeping --------------------------------------------------------------------------------
     def reasons(self, rows: dict[str, dict], manifests: dict, drifting: set[str]) -> list[str]:
@@ -171,9 +189,11 @@ class CaptureStore:
             why.append("random")
         return why
 
-    def keep(self, source: str, data: bytes, rows: dict[str, dict], manifests: dict, drifting: set[str]) -> str | None:
-        """Keep one answered image when a strategy wants it and the limit allows; its id, or None."""
-        why = self.reasons(rows, manifests, drifting)
+    def keep(self, source: str, data: bytes, rows: dict[str, dict], manifests: dict, drifting: set[str],
+             why: list[str] | None = None) -> str | None:
+        """Keep one answered image when a strategy wants it and the limit allows; its id, or None.
+        ``why``: the reasons, when the caller asked ``reasons`` already (a frame is encoded only then)."""
+        why = self.reasons(rows, manifests, drifting) if why is None else why
         if not why:
             return None
         masks = {task: base64.b64decode(row["mask_png"]) for task, row in rows.items() if "mask_png" in row}
@@ -197,7 +217,7 @@ class CaptureStore:
             for task, mask in masks.items():
                 atomic_write_bytes(self.images / f"{capture_id}.{task}.mask.png", mask)
             with self._lock:
-                self._append(line)
+                self.used += self._log.append(line) - len(line)  # a newline after a torn line
                 self.entries[capture_id] = entry
         except OSError:  # a full disk or a removed folder: the station goes on serving
             with self._lock:
@@ -247,9 +267,8 @@ class CaptureStore:
                 if not isinstance(keep, bool):
                     raise PetahError(f"a {answer['kind']} answer is kept or not: send keep true or false")
                 item = {"id": capture_id, "task": task, "keep": keep, "time": round(time.time(), 3)}
-            line = self._line(item)
-            self._append(line)  # a review is never refused for the limit (a line of ~100 bytes)
-            self.used += len(line)
+            # a review is never refused for the limit (a line of ~100 bytes)
+            self.used += self._log.append(self._line(item))
             self.corrections.setdefault(capture_id, {})[task] = item
             return self._view(capture_id)
 
@@ -280,7 +299,7 @@ def export_captures(folder: str | Path, output: str | Path, include_unreviewed: 
         raise PetahError(f"{folder} is not a capture folder (no {INDEX})")
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise PetahError(f"--output {output} exists and is not an empty folder: give a new one")
-    store = CaptureStore(folder, CaptureConfig())
+    store = CaptureStore(folder, CaptureConfig(), sweep=False)
     counts: dict[str, int] = {}
     coco: dict[str, dict] = {}
     for capture_id in sorted(store.entries):
