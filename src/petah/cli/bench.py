@@ -189,11 +189,17 @@ def bench_drift(
                          ] = 30_000,
     shifted: Annotated[int, typer.Option("--shifted", help="Most shifted requests sent per shift.")] = 1000,
     epochs: Annotated[int, typer.Option("--epochs", help="Training epochs of each task.")] = 10,
+    recover: Annotated[str, typer.Option(
+        "--recover", help="Shifts to run the loop for (capture, review, export, adapt, gate), comma-separated; "
+                          "'' for none.")] = "new background",
+    stream: Annotated[int, typer.Option("--stream", help="Shifted requests the capture store watches per loop.")
+                      ] = 1000,
     json_out: JsonOpt = False,
 ) -> None:
     """The drift check on built-in tasks: false alarms without a shift; per shift (brightness, blur,
-    a new background) the requests to the alarm and the label-free estimate against the truth."""
-    from petah.bench.drift import run_drift_bench
+    a new background) the requests to the alarm and the label-free estimate against the truth; then
+    the loop: capture -> review -> export -> adapt -> gate, and the accuracy it wins back."""
+    from petah.bench.drift import SHIFTS, run_drift_bench
     from petah.data import BUILTIN
 
     names = tuple(t.strip() for t in tasks.split(",") if t.strip())
@@ -202,9 +208,12 @@ def bench_drift(
     if unknown or not names:
         raise PetahError(f"--tasks {','.join(unknown) or repr(tasks)}: not a built-in classification set (one of "
                          f"{', '.join(b for b in BUILTIN if b not in dense)})")
-    if unshifted < 1 or shifted < drift.window or epochs < 1:
-        raise PetahError("--unshifted and --epochs must be at least 1, --shifted at least --drift-window")
-    result = run_drift_bench(names, unshifted, shifted, epochs, config=drift)
+    loops = tuple(s.strip() for s in recover.split(",") if s.strip())
+    if set(loops) - set(SHIFTS):
+        raise PetahError(f"--recover {recover!r}: shifts are {', '.join(SHIFTS)}")
+    if unshifted < 1 or shifted < drift.window or epochs < 1 or stream < 1:
+        raise PetahError("--unshifted, --epochs and --stream must be at least 1, --shifted at least --drift-window")
+    result = run_drift_bench(names, unshifted, shifted, epochs, config=drift, recover_shifts=loops, stream=stream)
     if json_out:
         emit_json(result)
         return
@@ -219,6 +228,12 @@ def bench_drift(
             table.add_row("", shift, f"{r['true_accuracy']:.1f}", str(r["estimated_accuracy"]),
                           str(r["requests_to_alarm"]), str(r["input_drift"]), str(r["feature_drift"]))
     out.print(table)
+    for name, row in result["tasks"].items():
+        for shift, r in row.get("loop", {}).items():
+            out.print(f"{name}, {shift}: captured {r['captured']} of {r['requests']} ({r['captured_wrong']} answered "
+                      f"wrong); gate {r['gate']}; shifted accuracy {r['shifted_accuracy_before']} -> "
+                      f"{r['shifted_accuracy_after']} (recovered {r['recovered_share']} of the loss), unshifted "
+                      f"{r['unshifted_accuracy_after']}", highlight=False)
 
 
 @bench_app.command("soak")
@@ -253,6 +268,39 @@ def bench_soak(
     out.print(f"PSS {result['pss_mb']} MB; slope {slope['per_hour']} MB/h (95 %: {slope['low']} .. {slope['high']}, "
               f"extrapolated); fds {result['fds']}, threads {result['threads']}; p99 {result['p99_ms_first_last']} ms; "
               f"{result['counts']}; restarts took {result['restart_seconds']} s; end {result['end']}", highlight=False)
+
+
+@bench_app.command("stream")
+def bench_stream(
+    streams: Annotated[str, typer.Option("--streams", help="Concurrent streams, comma-separated.")] = "1,4,8",
+    seconds: Annotated[float, typer.Option("--seconds", help="Seconds measured per setting.")] = 20.0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Camera streams through a station: answered frames/s against inference alone, stale frames
+    skipped, the age of each answer, decode and sink CPU apart (H.264, 640x480 and 1280x720, 25 fps)."""
+    from petah.bench.stream import run_stream_bench
+
+    try:
+        counts = tuple(int(n) for n in streams.split(",") if n.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1 or max(counts) > 32 or seconds <= 0:
+        raise PetahError(f"--streams {streams!r}: 1..32 streams each, comma-separated; --seconds positive")
+    result = run_stream_bench(counts, seconds=seconds)
+    if json_out:
+        emit_json(result)
+        return
+    table = Table(title="streams through a station (all demo tasks per frame)")
+    for column in ("size", "streams", "answered fps", "in-process fps", "vs in-process", "skipped fps",
+                   "age p50 / p99 ms", "age target ms", "decode cores", "sink cores", "station cores"):
+        table.add_column(column, justify="right")
+    for size, rows in result["sizes"].items():
+        for r in rows:
+            table.add_row(size, str(r["streams"]), str(r["answered_fps"]), str(r["in_process_fps"]),
+                          str(r["vs_in_process"]), str(r["dropped_fps"]), f"{r['age_ms_p50']} / {r['age_ms_p99']}",
+                          str(r["age_target_ms"]), str(r["decode_cores"]), str(r["sink_cores"]),
+                          str(r["station_cores"]))
+    out.print(table)
 
 
 @bench_app.command("fleet")

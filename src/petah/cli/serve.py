@@ -12,15 +12,18 @@ from petah.errors import PetahError
 from petah.serve.capture import CaptureConfig
 from petah.serve.config import ServeConfig
 from petah.serve.drift import DriftConfig
+from petah.serve.line import LineConfig
 
 
 @config_options(ServeConfig, "config")
 @config_options(DriftConfig, "drift")
 @config_options(CaptureConfig, "capture")
+@config_options(LineConfig, "line")
 def serve(
     config: ServeConfig,
     drift: DriftConfig,
     capture: CaptureConfig,
+    line: LineConfig,
     backbone_spec: Annotated[str | None, typer.Option(
         "--backbone", "-b", help="A device backbone folder (petah export --device: no torch needed), a petah "
                                  "backbone file, or a timm model name (not with --demo).")] = None,
@@ -40,7 +43,7 @@ def serve(
     swaps, /healthz, /metrics and the inspection page at /. Stops cleanly on SIGTERM / Ctrl-C."""
     from petah.serve import Station, bind, demo_on_device, demo_packages, run_station, station_backbone
 
-    config.drift, config.capture = drift, capture
+    config.drift, config.capture, config.line = drift, capture, line
     if demo == (backbone_spec is not None):
         raise PetahError("give either --backbone (-b) or --demo")
     files = list(package or [])

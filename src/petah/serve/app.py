@@ -15,7 +15,9 @@ from starlette.concurrency import run_in_threadpool
 from petah.errors import BackboneMismatch, PetahError
 from petah.http_app import add_error_handlers, new_app
 from petah.packages import SignatureError
+from petah.serve.line import Line
 from petah.serve.routers import admin, captures, health, metrics, page, predict, schema, stats, tasks
+from petah.serve.routers import line as line_router
 from petah.serve.state import StateUnwritable
 from petah.serve.station import Station, UnknownTask
 from petah.serve.worker import Busy
@@ -40,9 +42,14 @@ def _status_of(exc: PetahError) -> tuple[int, dict]:
 def create_app(station: Station) -> FastAPI:
     config = station.config
 
+    line = Line(station, config.line, station.state.root)
+    station.line = line
+    station.metrics.watch_line(line.status)
+
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         station.start()
+        line.start()
         agent = None
         if config.hub:
             from petah.fleet.agent import Agent
@@ -54,6 +61,7 @@ def create_app(station: Station) -> FastAPI:
         finally:  # uvicorn got SIGTERM and has finished the in-flight requests: drain and stop
             if agent is not None:
                 await run_in_threadpool(agent.stop)
+            await run_in_threadpool(line.stop)
             await run_in_threadpool(station.stop)
 
     # FastAPI's /openapi.json would answer without the token: the schema router serves it behind it
@@ -72,7 +80,7 @@ def create_app(station: Station) -> FastAPI:
         return response
 
     # in this order: the schema lists the paths as they come
-    for router in (health, metrics, tasks, stats, schema, predict, captures, admin, page):
+    for router in (health, metrics, tasks, stats, schema, predict, captures, line_router, admin, page):
         app.include_router(router.router)
     page.mount_static(app)
     return app

@@ -12,6 +12,7 @@ from petah.options import option
 from petah.serve.capture import CaptureConfig
 from petah.serve.drift import DriftConfig
 from petah.serve.engine import ENGINES
+from petah.serve.line import LineConfig
 
 
 def is_loopback(host: str) -> bool:
@@ -99,6 +100,8 @@ class ServeConfig:
                                 help="The drift check's settings (its own options: --drift-window …).")
     capture: CaptureConfig = option(default_factory=CaptureConfig,
                                     help="What the station keeps for re-adaptation (its own options: --capture-dir …).")
+    line: LineConfig = option(default_factory=LineConfig,
+                              help="Camera streams, watched folders and result sinks (--source, --sink …).")
 
     def __post_init__(self):
         for label, value in (("--max-batch", self.max_batch), ("--queue-size", self.queue_size),

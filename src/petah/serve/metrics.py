@@ -61,6 +61,9 @@ class StationMetrics:
         self._requests = 0
         self._failed = 0
 
+    def watch_line(self, status) -> None:
+        self.registry.register(LineCollector(status))
+
     def observe_prediction(self, tasks, seconds: float) -> None:
         for task in tasks:
             self.task_requests.labels(task).inc()
@@ -125,4 +128,40 @@ class DriftCollector:
         yield alarms
 
 
-__all__ = ["DriftCollector", "StationMetrics", "quantile_ms", "resident_bytes"]
+class LineCollector:
+    """Per source and per sink counters and states of the line (``petah.serve.line``)."""
+
+    SOURCE_COUNTS = ("decoded", "taken", "dropped", "reconnects", "found", "answered", "failed")
+    SINK_COUNTS = ("queued", "delivered", "dropped", "failed_tries", "filtered")
+    UP = {"streaming", "watching", "idle", "delivering"}
+
+    def __init__(self, status):
+        self.status = status
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        status = self.status()
+        frames = CounterMetricFamily("petah_source_items", "Frames or files per source by what became of them",
+                                     labels=["source", "outcome"])
+        up = GaugeMetricFamily("petah_source_up", "1 while the source streams or its folder is watched",
+                               labels=["source"])
+        for source in status["sources"]:
+            for key in self.SOURCE_COUNTS:
+                if key in source:
+                    frames.add_metric([source["name"], key], float(source[key]))
+            up.add_metric([source["name"]], float(source["state"] in self.UP))
+        records = CounterMetricFamily("petah_sink_records", "Results per sink by what became of them",
+                                      labels=["sink", "outcome"])
+        backlog = GaugeMetricFamily("petah_sink_backlog_bytes", "Results queued on disk, not yet delivered",
+                                    labels=["sink"])
+        sink_up = GaugeMetricFamily("petah_sink_up", "1 while the sink delivers (or has nothing to)", labels=["sink"])
+        for sink in status["sinks"]:
+            for key in self.SINK_COUNTS:
+                records.add_metric([sink["name"], key], float(sink[key]))
+            backlog.add_metric([sink["name"]], float(sink["backlog_bytes"]))
+            sink_up.add_metric([sink["name"]], float(sink["state"] in self.UP))
+        yield from (frames, up, records, backlog, sink_up)
+
+
+__all__ = ["DriftCollector", "LineCollector", "StationMetrics", "quantile_ms", "resident_bytes"]

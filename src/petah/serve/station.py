@@ -31,7 +31,7 @@ from petah.serve.drift import DriftMonitor, confidences
 from petah.serve.engine import choose_engine, engine_class
 from petah.serve.metrics import StationMetrics
 from petah.serve.state import Entry, StateDir, StateUnwritable
-from petah.serve.worker import BatchWorker, Busy, Job
+from petah.serve.worker import BatchWorker, Busy, Job, Upload
 
 logger = logging.getLogger("petah.station")
 VERSION_CHARS = 12  # a task's version: this many hex digits of its package's sha256
@@ -60,12 +60,6 @@ class TaskRecord:
                 "version": self.version, "bytes": self.bytes, "metrics": self.manifest.metrics,
                 "loaded_at": self.loaded_at, "previous_version": self.previous and self.previous[:VERSION_CHARS],
                 "candidate_version": candidate and candidate[:VERSION_CHARS]}
-
-
-@dataclass
-class Upload:
-    name: str  # the client's file name, for error messages
-    data: bytes
 
 
 @dataclass
@@ -123,6 +117,7 @@ class Station:
         self.drift = DriftMonitor(self.config.drift)
         capture = self.config.capture
         self.capture = CaptureStore(capture.capture_dir, capture) if capture.capture_dir else None
+        self.line = None  # the sources and sinks (petah.serve.line.Line), set by the app that serves it
         self.metrics = StationMetrics(lambda: len(self.tasks), lambda: self.worker.depth,
                                       lambda: {name: self.drift.summary(name) for name in list(self.tasks)})
         self.worker = BatchWorker(self._run_batch, max_batch=self.config.max_batch,

@@ -25,6 +25,14 @@ class Busy(PetahError):
 
 
 @dataclass
+class Upload:
+    """An image file as it arrived (a request's part, a watched folder's file)."""
+
+    name: str  # the client's file name, for error messages
+    data: bytes
+
+
+@dataclass
 class Job:
     images: dict[str, list]  # intensity mode -> the request's images decoded that way
     tasks: tuple[str, ...]

@@ -26,17 +26,23 @@ def require_api_token(request: Request, authorization: Authorization = None) -> 
         raise unauthorized("this station needs its bearer token (Authorization: Bearer …)")
 
 
-def require_admin(request: Request, station: StationDep, authorization: Authorization = None) -> None:
+def require_admin_token(request: Request, authorization: Authorization = None) -> None:
     """The admin token alone opens the admin endpoints (it is the stronger credential: one
     Authorization header cannot carry both tokens)."""
-    token, config = request.app.state.admin_token, station.config
+    token = request.app.state.admin_token
     if token is None:
         raise ClientError(401, "admin endpoints are disabled: start petah serve with --admin-token-file")
-    if config.hub and not config.allow_manual:
-        raise ClientError(403, f"this station follows the releases of {config.hub}: changes by hand are refused "
-                               "(start it with --allow-manual to allow them)")
     if not bearer_matches(authorization, token):
         raise unauthorized("wrong or missing admin bearer token")
 
 
-__all__ = ["StationDep", "get_station", "require_admin", "require_api_token"]
+def require_admin(request: Request, station: StationDep, authorization: Authorization = None) -> None:
+    """The admin token, for changes of the served set: refused while a hub decides that set."""
+    config = station.config
+    if request.app.state.admin_token is not None and config.hub and not config.allow_manual:
+        raise ClientError(403, f"this station follows the releases of {config.hub}: changes by hand are refused "
+                               "(start it with --allow-manual to allow them)")
+    require_admin_token(request, authorization)
+
+
+__all__ = ["StationDep", "get_station", "require_admin", "require_admin_token", "require_api_token"]

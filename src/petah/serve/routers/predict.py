@@ -13,7 +13,7 @@ from starlette.datastructures import UploadFile
 
 from petah.http import ClientError, parse_form, read_body
 from petah.serve.routers.deps import StationDep, require_api_token
-from petah.serve.station import Upload
+from petah.serve.worker import Upload
 
 router = APIRouter(dependencies=[Depends(require_api_token)])
 

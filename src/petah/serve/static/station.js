@@ -348,9 +348,81 @@ function reviewRow(id, task, answer) {
   return row;
 }
 
+// --- the line: each source's newest answered frame with its answers drawn, and the sinks ----------
+const sourceCards = new Map(); // name -> {card, canvas, text, frame}
+let lineBusy = false; // a slow round must not overlap the next
+
+async function refreshLine() {
+  if (lineBusy) return;
+  lineBusy = true;
+  try { await lineRound(); } finally { lineBusy = false; }
+}
+
+async function lineRound() {
+  let sources, sinks;
+  try {
+    [sources, sinks] = [(await api("v1/sources")).sources, (await api("v1/sinks")).sinks];
+  } catch (e) { return; }
+  $("line-box").hidden = !sources.length && !sinks.length;
+  const cards = [];
+  for (const source of sources) {
+    let shown = sourceCards.get(source.name);
+    if (!shown) {
+      shown = {canvas: el("canvas"), text: el("p", {class: "small"}), answers: el("div", {class: "small"}), frame: null};
+      shown.card = el("article", {class: "card", "data-source": source.name},
+        el("h3", {}, el("span", {text: source.name}), el("span", {class: "muted small", text: source.uri})),
+        shown.canvas, shown.answers, shown.text);
+      sourceCards.set(source.name, shown);
+    }
+    const up = ["streaming", "watching"].includes(source.state);
+    shown.card.dataset.state = source.state;
+    const counts = source.kind === "stream" ?
+      `${source.taken} answered · ${source.dropped} stale frames skipped · ${source.reconnects} reconnects` :
+      `${source.answered} answered · ${source.failed} failed · ${source.waiting} waiting`;
+    const latency = source.latency_ms.p99 !== null ? ` · p99 ${source.latency_ms.p99} ms from frame to answer` : "";
+    shown.text.replaceChildren(el("span", {class: "badge " + (up ? "ok" : "drifting"), text: source.state}),
+      el("span", {text: " " + counts + latency}),
+      source.error ? el("span", {class: "error", text: " · " + source.error}) : "");
+    cards.push(shown.card);
+    try {
+      const latest = await api(`v1/sources/${encodeURIComponent(source.name)}/latest`);
+      if (latest.frame !== shown.frame) {
+        shown.frame = latest.frame;
+        await drawLatest(shown, latest);
+      }
+    } catch (e) { /* nothing answered yet */ }
+  }
+  $("sources").replaceChildren(...cards);
+  $("sinks").tBodies[0].replaceChildren(...sinks.map((s) => el("tr", {"data-sink": s.name, "data-state": s.state},
+    el("td", {text: `${s.name} (${s.uri})`}), el("td", {}, el("span", {class: "badge " +
+      (s.state === "retrying" ? "drifting" : "ok"), text: s.state})),
+    el("td", {text: String(s.delivered)}), el("td", {text: `${(s.backlog_bytes / 1024).toFixed(1)} KB`}),
+    el("td", {text: String(s.dropped)}), el("td", {class: "error", text: s.error || ""}))));
+}
+
+async function drawLatest(shown, latest) {
+  const picture = await createImageBitmap(await (await fetch("data:image/jpeg;base64," + latest.jpeg)).blob());
+  const canvas = shown.canvas;
+  canvas.width = picture.width; canvas.height = picture.height;
+  canvas.getContext("2d").drawImage(picture, 0, 0);
+  const words = [];
+  for (const [name, result] of Object.entries(latest.tasks)) {
+    if (result.kind === "detection") drawBoxes(canvas, result.boxes);
+    else if (result.kind === "segmentation") await drawMask(canvas, result.mask_png);
+    else if (result.kind === "anomaly") await drawHeatmap(canvas, result.anomaly_map_png);
+    words.push(result.kind === "classification" ? `${name}: ${result.label} (${(100 * result.score).toFixed(0)}%)` :
+      result.kind === "anomaly" ? `${name}: ${result.anomalous ? "anomaly" : "good"}` :
+      result.kind === "detection" ? `${name}: ${result.boxes.length} box(es)` : `${name}: mask`);
+  }
+  shown.answers.textContent = `frame ${latest.frame}: ` + words.join(" · ");
+  shown.answers.dataset.frame = String(latest.frame);
+}
+
 refreshTasks();
 refreshStats();
 refreshCaptures();
+refreshLine();
+setInterval(refreshLine, 1000);
 setInterval(refreshCaptures, 5000);
 setInterval(refreshStats, 2000);
 setInterval(refreshTasks, 5000);

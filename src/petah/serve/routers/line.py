@@ -1,0 +1,54 @@
+"""/v1/sources and /v1/sinks: the line's camera streams, watched folders and result sinks
+(``--source``, ``--sink``), each with its state, last error and counters."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from starlette.concurrency import run_in_threadpool
+
+from petah.http import ClientError, parse_json, read_body
+from petah.serve.routers.deps import StationDep, require_admin_token, require_api_token
+
+router = APIRouter(dependencies=[Depends(require_api_token)])
+
+
+def _status(station) -> dict:
+    line = getattr(station, "line", None)
+    return line.status() if line is not None else {"sources": [], "sinks": []}
+
+
+@router.get("/v1/sources", summary="Each source: its state, last error, frames decoded / answered / dropped, latency")
+def sources(station: StationDep):
+    return {"sources": _status(station)["sources"]}
+
+
+@router.get("/v1/sinks", summary="Each sink: its state, last error, records queued / delivered / dropped, backlog")
+def sinks(station: StationDep):
+    return {"sinks": _status(station)["sinks"]}
+
+
+@router.get("/v1/sources/{name}/latest", summary="A source's newest answered frame (JPEG, base64) with its answers")
+def latest(name: str, station: StationDep):
+    line = getattr(station, "line", None)
+    if line is None or name not in line.runs:
+        raise ClientError(404, f"no source {name[:64]!r}")
+    found = line.latest(name)
+    if found is None:
+        raise ClientError(404, f"source {name} has answered no frame yet")
+    return found
+
+
+@router.put("/v1/sources/{name}", dependencies=[Depends(require_admin_token)],
+            summary="Add or replace a source, kept across restarts (admin): {uri, tasks, fps, loop, after}")
+async def put_source(name: str, request: Request, station: StationDep):
+    data = parse_json(await read_body(request, 1 << 16), "the source body")
+    return {"source": await run_in_threadpool(station.line.put_source, name, data)}
+
+
+@router.delete("/v1/sources/{name}", dependencies=[Depends(require_admin_token)], summary="Stop a source (admin)")
+async def delete_source(name: str, station: StationDep):
+    try:
+        await run_in_threadpool(station.line.delete_source, name)
+    except KeyError:
+        raise ClientError(404, f"no source {name[:64]!r}") from None
+    return {"deleted": name}
