@@ -145,3 +145,24 @@ def closed_by_server(sock: socket.socket, wait_s: float) -> bool:
         return True
     except TimeoutError:
         return False
+
+
+def chromium_path() -> str | None:
+    """Debian's Chromium (or PETAH_CHROMIUM): the page is tested in it through Playwright."""
+    path = os.environ.get("PETAH_CHROMIUM") or "/usr/bin/chromium"
+    return path if os.path.isfile(path) else None
+
+
+@contextlib.contextmanager
+def chromium_page():
+    """A Playwright page in Chromium (30 s timeouts), closed on the way out."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(30_000)
+            yield page
+        finally:
+            browser.close()

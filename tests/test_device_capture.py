@@ -4,16 +4,14 @@ adapt` reads. ``.ci/run`` runs this file in the device environment (no torch).""
 
 import io
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CLI_ENV
+from conftest import CLI_ENV, chromium_page, chromium_path
 from petah.errors import PetahError
 from petah.packages import read_manifest
 from petah.serve import demo_packages
@@ -128,24 +126,15 @@ def test_review_on_the_page_and_export_for_the_next_adapt(tmp_path):
 
 
 def _correct_on_the_page(url: str, capture_id: str, label: str) -> None:
-    path = os.environ.get("PETAH_CHROMIUM") or "/usr/bin/chromium"
-    if not Path(path).is_file():  # the API's review stands in (the test still checks the export)
+    if chromium_path() is None:  # the API's review stands in (the test still checks the export)
         post_json(StationClient(url), f"/v1/captures/{capture_id}/review", {"task": "digits", "label": label})
         return
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=path, args=["--no-sandbox", "--disable-gpu"])
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(30_000)
-            page.goto(url + "/")
-            row = page.locator(f".capture[data-capture='{capture_id}'] .review[data-task='digits']")
-            row.locator("select").select_option(label)
-            row.locator("button", has_text="confirm").click()
-            page.wait_for_function(f"document.querySelector(\".capture[data-capture='{capture_id}'] "
-                                   f".review[data-task='digits']\").dataset.reviewed === 'yes'")
-            assert row.locator(".reviewed").text_content() == f"✓ {label}"
-            assert page.locator(f".capture[data-capture='{capture_id}'] img.captured").count() == 1
-        finally:
-            browser.close()
+    with chromium_page() as page:
+        page.goto(url + "/")
+        row = page.locator(f".capture[data-capture='{capture_id}'] .review[data-task='digits']")
+        row.locator("select").select_option(label)
+        row.locator("button", has_text="confirm").click()
+        page.wait_for_function(f"document.querySelector(\".capture[data-capture='{capture_id}'] "
+                               f".review[data-task='digits']\").dataset.reviewed === 'yes'")
+        assert row.locator(".reviewed").text_content() == f"✓ {label}"
+        assert page.locator(f".capture[data-capture='{capture_id}'] img.captured").count() == 1

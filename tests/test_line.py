@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import chromium_page, chromium_path
 from petah.bench.fleet import wait_for
 from petah.errors import PetahError
 from petah.serve.client import StationClient, station_process
@@ -306,11 +307,8 @@ def test_an_ip_camera_is_followed_through_a_disconnect(tmp_path, clip):
 
 @pytest.mark.browser
 def test_the_page_shows_each_source_with_its_newest_answer(tmp_path):
-    path = os.environ.get("PETAH_CHROMIUM") or "/usr/bin/chromium"
-    if not os.path.isfile(path):
+    if chromium_path() is None:
         pytest.skip("no Chromium (apt-get install -y chromium, or PETAH_CHROMIUM)")
-    from playwright.sync_api import sync_playwright
-
     folder = tmp_path / "camera"
     folder.mkdir()
     args = (*STATION, "--state-dir", str(tmp_path / "state"), "--source",
@@ -320,24 +318,17 @@ def test_the_page_shows_each_source_with_its_newest_answer(tmp_path):
         assert wait_for(lambda: (tmp_path / "out.jsonl").exists()
                         and len((tmp_path / "out.jsonl").read_text().splitlines()) == 2, 30)
         said = {r["task"]: r["answer"] for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=path, args=["--no-sandbox", "--disable-gpu"])
-            try:
-                page = browser.new_page()
-                page.set_default_timeout(30_000)
-                page.goto(url + "/")
-                answers = page.locator("[data-source='cam'] [data-frame='part.png']")
-                answers.wait_for()
-                text = answers.text_content()
-                assert f"digits: {said['digits']['label']} " in text
-                assert f"digit-boxes: {len(said['digit-boxes']['boxes'])} box(es)" in text
-                size = page.evaluate("(() => { const c = document.querySelector(\"[data-source='cam'] canvas\");"
-                                     " return [c.width, c.height]; })()")
-                assert size == [96, 96]
-                assert page.locator("#sinks tr[data-sink='jsonl-0']").get_attribute("data-state") in ("idle",
-                                                                                                     "delivering")
-            finally:
-                browser.close()
+        with chromium_page() as page:
+            page.goto(url + "/")
+            answers = page.locator("[data-source='cam'] [data-frame='part.png']")
+            answers.wait_for()
+            text = answers.text_content()
+            assert f"digits: {said['digits']['label']} " in text
+            assert f"digit-boxes: {len(said['digit-boxes']['boxes'])} box(es)" in text
+            size = page.evaluate("(() => { const c = document.querySelector(\"[data-source='cam'] canvas\");"
+                                 " return [c.width, c.height]; })()")
+            assert size == [96, 96]
+            assert page.locator("#sinks tr[data-sink='jsonl-0']").get_attribute("data-state") in ("idle", "delivering")
 
 
 def test_a_source_added_through_the_api_is_kept_across_restarts(tmp_path):

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import chromium_page, chromium_path
 from petah.backbones import create_backbone, demo_backbone_path
 from petah.errors import PetahError
 from petah.packages import encode_package, read_package
@@ -452,11 +453,6 @@ def _ignore_errors(call):
 
 
 # --- the page in a real browser --------------------------------------------------------------------
-def chromium_path() -> str | None:
-    path = os.environ.get("PETAH_CHROMIUM") or "/usr/bin/chromium"
-    return path if Path(path).is_file() else None
-
-
 @pytest.mark.skipif(chromium_path() is None, reason="no Chromium (apt-get install -y chromium, or PETAH_CHROMIUM)")
 def test_page_shows_what_the_api_answers(demo_station, tmp_path):
     """Upload an image through the page; it shows the same top class, box count and class shares
@@ -519,19 +515,12 @@ def test_a_task_fed_other_images_is_called_drifting_on_the_api_metrics_and_page(
     assert 'petah_task_drifting{task="digits"} 1.0' in metrics and 'petah_task_input_drift{task="digits"}' in metrics
     if chromium_path() is None:
         return
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox", "--disable-gpu"])
-        try:
-            page = browser.new_page()
-            page.goto(demo_station["url"] + "/")
-            page.wait_for_selector("#tasks tbody tr[data-task='digits'] td[data-drift='drifting'] .badge")
-            assert page.locator("tr[data-task='digits'] .badge").text_content() == "drifting"
-            assert "input drift" in page.locator("tr[data-task='digits'] .badge").get_attribute("title")
-            assert page.locator("tr[data-task='digits'] svg.trend").count() == 1
-        finally:
-            browser.close()
+    with chromium_page() as page:
+        page.goto(demo_station["url"] + "/")
+        page.wait_for_selector("#tasks tbody tr[data-task='digits'] td[data-drift='drifting'] .badge")
+        assert page.locator("tr[data-task='digits'] .badge").text_content() == "drifting"
+        assert "input drift" in page.locator("tr[data-task='digits'] .badge").get_attribute("title")
+        assert page.locator("tr[data-task='digits'] svg.trend").count() == 1
 
 
 @pytest.mark.parametrize("options, needle", [

@@ -24,6 +24,7 @@ import numpy as np
 
 from petah.errors import PetahError
 from petah.serve.client import StationClient, station_process
+from petah.serve.sources import process_cpu_s
 
 SIZES = ((640, 480), (1280, 720))
 FPS = 25
@@ -71,12 +72,6 @@ def in_process_rate(frames: list[np.ndarray], streams: int, seconds: float = 4.0
     return done * streams / (time.perf_counter() - began)
 
 
-def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def measure(clip: Path, streams: int, seconds: float, warmup: float, folder: Path) -> dict:
     out = folder / f"out-{clip.stem}-{streams}.jsonl"
     sources = [arg for i in range(streams) for arg in ("--source", f"cam{i}={clip},loop")]
@@ -94,9 +89,9 @@ def measure(clip: Path, streams: int, seconds: float, warmup: float, folder: Pat
                 raise PetahError(f"bench stream: the sources did not start: {status()['sources']}")
             time.sleep(0.2)
         time.sleep(warmup)
-        first, cpu0, t0 = status(), _cpu_s(proc.pid), time.time()
+        first, cpu0, t0 = status(), process_cpu_s(proc.pid), time.time()
         time.sleep(seconds)
-        last, cpu1, t1 = status(), _cpu_s(proc.pid), time.time()
+        last, cpu1, t1 = status(), process_cpu_s(proc.pid), time.time()
     elapsed = t1 - t0
     taken = sum(s["taken"] for s in last["sources"]) - sum(s["taken"] for s in first["sources"])
     decoded = sum(s["decoded"] for s in last["sources"]) - sum(s["decoded"] for s in first["sources"])

@@ -22,15 +22,12 @@ from petah.errors import PetahError
 from petah.files import atomic_write_bytes
 from petah.imaging import INTENSITY_MODES
 from petah.options import option
+from petah.serve.metrics import quantile_ms
 from petah.serve.sinks import Sink, SinkSpec, result_record
 from petah.serve.sources import FolderSource, Item, SourceSpec, StreamSource
-from petah.serve.worker import Busy, Job, Upload
+from petah.serve.worker import Job, Upload
 
 logger = logging.getLogger("petah.serve")
-
-
-def _specs(items, parse) -> list:
-    return [parse(item) for item in items or []]
 
 
 @dataclass
@@ -50,7 +47,7 @@ class LineConfig:
                                                              "against (default: the system's).")
 
     def __post_init__(self):
-        self.source_specs = _specs(self.sources, SourceSpec.parse)
+        self.source_specs = [SourceSpec.parse(text) for text in self.sources or []]
         self.sink_specs = [SinkSpec.parse(text, i) for i, text in enumerate(self.sinks or [])]
         names = [s.name for s in self.source_specs]
         if len(set(names)) != len(names):
@@ -73,6 +70,14 @@ class SourceRun:
     latency: list = field(default_factory=list)  # recent frame-to-answer seconds
     last: tuple | None = None  # (item, prediction) of the newest answer, for the page
     stopping: bool = False
+
+
+def _png(image) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image.transpose(1, 2, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 class Line:
@@ -177,15 +182,7 @@ class Line:
             error = None
             try:
                 tasks = self.station.check_tasks(list(spec.tasks) if spec.tasks else None)
-                job = self._job(item, tasks)
-                for _ in range(200):
-                    try:
-                        prediction = self.station.submit(job).result(timeout=120)
-                        break
-                    except Busy:  # a full queue: wait for room (a stream's next frame waits too)
-                        time.sleep(0.05)
-                else:
-                    raise PetahError("the station's queue stayed full for 10 s")
+                prediction = self.station.answer(self._job(item, tasks))  # a stream's next frame waits too
                 answered = time.time()
                 run.latency = (run.latency + [answered - item.time])[-200:]
                 run.last = (item, prediction)
@@ -195,35 +192,17 @@ class Line:
                                            {**prediction.tags[task], **row}, answered - item.time)
                     for sink in self.sinks:
                         sink.put(record)
-                self._capture(spec.name, item, prediction)
+                if self.station.capture is not None:  # frames and files go through the strategies like uploads
+                    rows = {task: {**prediction.tags[task], **row} for task, row in prediction.results[0].items()}
+                    name = item.path.name if item.path is not None else f"{spec.name}-{item.number}.png"
+                    data = item.data if item.data is not None else (lambda image=item.image: _png(image))
+                    self.station.keep_capture(name, rows, data)
             except PetahError as exc:
                 error = str(exc).splitlines()[0][:300]
             except Exception as exc:  # noqa: BLE001 - one bad frame or file must not stop the source
                 logger.exception("source %s", spec.name)
                 error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             source.finish(item, error)
-
-    def _capture(self, source: str, item: Item, prediction) -> None:
-        """Frames and files go through the capture strategies like uploads (frames as PNG)."""
-        store = self.station.capture
-        if store is None:
-            return
-        rows = {task: {**prediction.tags[task], **row} for task, row in prediction.results[0].items()}
-        manifests = {name: self.station.tasks[name].manifest for name in rows if name in self.station.tasks}
-        rows = {name: row for name, row in rows.items() if name in manifests}
-        drifting = {name for name in rows if self.station.drift.summary(name).get("state") == "drifting"}
-        why = store.reasons(rows, manifests, drifting)
-        if not why:
-            return
-        data = item.data
-        if data is None:
-            from PIL import Image
-
-            buffer = io.BytesIO()
-            Image.fromarray(item.image.transpose(1, 2, 0)).save(buffer, format="PNG")
-            data = buffer.getvalue()
-        name = item.path.name if item.path is not None else f"{source}-{item.number}.png"
-        store.keep(name, data, rows, manifests, drifting, why=why)
 
     def latest(self, name: str) -> dict | None:
         """The newest answered frame of a source as JPEG with its answers (rendered only when asked)."""
@@ -248,11 +227,8 @@ class Line:
         sources = []
         for run in self.runs.values():
             latencies = sorted(run.latency)
-            p50 = latencies[len(latencies) // 2] if latencies else None
-            p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else None
             sources.append({**run.source.status(), "tasks": list(run.source.spec.tasks or []) or "all",
-                            "latency_ms": {"p50": round(1000 * p50, 1) if p50 is not None else None,
-                                           "p99": round(1000 * p99, 1) if p99 is not None else None}})
+                            "latency_ms": {"p50": quantile_ms(latencies, 0.5), "p99": quantile_ms(latencies, 0.99)}})
         return {"sources": sources, "sinks": [sink.status() for sink in self.sinks]}
 
     def stop(self) -> None:

@@ -150,7 +150,7 @@ class Item:
     path: Path | None = None
 
 
-def _process_cpu_s(pid: int) -> float:
+def process_cpu_s(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/stat") as handle:
             fields = handle.read().rsplit(")", 1)[1].split()
@@ -208,7 +208,7 @@ class StreamSource:
                 self._last_frame = time.monotonic()
                 self._read_frames(proc)
             finally:
-                cpu = _process_cpu_s(proc.pid)  # before reaping: a zombie still has its numbers
+                cpu = process_cpu_s(proc.pid)  # before reaping: a zombie still has its numbers
                 if proc.poll() is None:
                     proc.kill()
                 proc.wait()
@@ -295,7 +295,7 @@ class StreamSource:
     @property
     def decode_cpu_s(self) -> float:
         proc = self._proc
-        live = _process_cpu_s(proc.pid) if proc is not None and proc.poll() is None else 0.0
+        live = process_cpu_s(proc.pid) if proc is not None and proc.poll() is None else 0.0
         return self._cpu_done + live
 
     def status(self) -> dict:
@@ -440,4 +440,4 @@ class FolderSource:
         self._stop.set()
 
 
-__all__ = ["FolderSource", "Item", "SourceSpec", "StreamSource"]
+__all__ = ["FolderSource", "Item", "SourceSpec", "StreamSource", "process_cpu_s"]

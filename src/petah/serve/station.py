@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -408,14 +409,21 @@ class Station:
         """After answering (on a request thread): keep the images the capture strategies want."""
         if self.capture is None:
             return []
-        kept = []
-        for upload, image in zip(uploads, images, strict=True):
-            rows = image["tasks"]
-            manifests = {name: self.tasks[name].manifest for name in rows if name in self.tasks}
-            rows = {name: row for name, row in rows.items() if name in manifests}  # a task deleted meanwhile: left out
-            drifting = {name for name in rows if self.drift.summary(name).get("state") == "drifting"}
-            kept.append(self.capture.keep(upload.name, upload.data, rows, manifests, drifting))
-        return kept
+        return [self.keep_capture(upload.name, image["tasks"], upload.data)
+                for upload, image in zip(uploads, images, strict=True)]
+
+    def keep_capture(self, name: str, rows: dict[str, dict], data: bytes | Callable[[], bytes]) -> str | None:
+        """Keep one answered image when a capture strategy wants it; ``data`` may be a function
+        giving its bytes (a line's frame is encoded only then). Its capture id, or None."""
+        if self.capture is None:
+            return None
+        manifests = {task: self.tasks[task].manifest for task in rows if task in self.tasks}
+        rows = {task: row for task, row in rows.items() if task in manifests}  # a task deleted meanwhile: left out
+        drifting = {task for task in rows if self.drift.summary(task).get("state") == "drifting"}
+        why = self.capture.reasons(rows, manifests, drifting)
+        if not why:
+            return None
+        return self.capture.keep(name, data() if callable(data) else data, rows, manifests, drifting, why=why)
 
     def task_list(self) -> list[dict]:
         return [{**record.to_dict(self.candidates.get(name)), "held": self.engine.held(name),
@@ -424,10 +432,14 @@ class Station:
     def predict_now(self, images: list[tuple[str, bytes]], tasks: tuple[str, ...]) -> list[dict]:
         """Results for image files through the request path (decode, queue, batch), from Python."""
         uploads = [Upload(name, data) for name, data in images]
-        tasks = self.check_tasks(list(tasks))
-        for _ in range(100):  # a full queue is a busy station, not a broken task: wait for room (<= 10 s)
+        return self.answer(self.decode(uploads, self.check_tasks(list(tasks)))).results
+
+    def answer(self, job: Job) -> Prediction:
+        """A job's prediction from the worker, from Python (not a request): a full queue is a busy
+        station, not a broken task, so it waits for room (at most 10 s)."""
+        for _ in range(100):
             try:
-                return self.submit(self.decode(uploads, tasks)).result(timeout=120).results
+                return self.submit(job).result(timeout=120)
             except Busy:
                 time.sleep(0.1)
         raise Busy("the station's queue stayed full for 10 s")
