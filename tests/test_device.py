@@ -143,6 +143,37 @@ def test_swap_rollback_and_delete_on_the_device_engine(device_station):
     assert refused.status == 400 and "petah upgrade" in refused.json()["error"]
 
 
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="streams need ffmpeg (apt-get install ffmpeg)")
+def test_the_line_runs_on_the_device_install(device_station, tmp_path):
+    """A triggered stream answered by regions and a watched folder, added through the admin API,
+    with a JSON-lines sink: the line on an install without torch."""
+    from petah.bench.fleet import wait_for
+
+    client = StationClient(device_station["url"])
+    clip = tmp_path / "clip.mp4"
+    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=25",
+                    "-t", "2", "-c:v", "libx264", "-pix_fmt", "yuv420p", str(clip)], check=True, timeout=60)
+    (tmp_path / "camera").mkdir()
+    sources = {"clip": {"uri": str(clip), "loop": True, "trigger": "http", "tasks": ["digits"],
+                        "regions": [{"name": "a", "box": [0, 0, 32, 48]}, {"name": "b", "box": [32, 0, 32, 48],
+                                                                          "tasks": ["defects"]}]},
+               "drop": {"uri": f"folder:{tmp_path / 'camera'}", "tasks": ["textures"]}}
+    try:
+        for name, body in sources.items():
+            made = client.request("PUT", f"/v1/sources/{name}", json.dumps(body).encode(), token=ADMIN)
+            assert made.status == 200, made.body
+        assert wait_for(lambda: client.request("GET", "/v1/sources").json()["sources"][0]["state"] == "streaming", 30)
+        answer = client.request("POST", "/v1/sources/clip/trigger", b'{"id": "p1"}')
+        assert answer.status == 200, answer.body
+        assert sorted((r["region"], r["task"], r["trigger"]) for r in answer.json()["results"]) == [
+            ("a", "digits", "p1"), ("b", "defects", "p1")]
+        (tmp_path / "camera" / "x.png").write_bytes(png(5))
+        assert wait_for(lambda: (tmp_path / "camera" / "done" / "x.png").exists(), 20)
+    finally:
+        for name in sources:
+            client.request("DELETE", f"/v1/sources/{name}", token=ADMIN)
+
+
 def test_a_tampered_device_backbone_is_refused_in_one_line(tmp_path):
     from petah.serve import demo_device_files
 

@@ -1,12 +1,15 @@
 """The line's inputs and outputs against real parts on 127.0.0.1: a watched folder written the way
-a camera does, a real MQTT broker (Debian's mosquitto) stopped mid-run and started again, an HTTP
-hook, a video file and an MJPEG camera stream served by FFmpeg (Debian's ffmpeg) decoded faster
-than the model answers. Each station is a real process on the device engine; everything is bounded."""
+a camera does, a real MQTT broker (Debian's mosquitto, with TLS from a private CA) stopped mid-run
+and started again, an HTTP hook, a video file and an MJPEG camera stream served by FFmpeg, an RTSP
+camera served by GStreamer's RTSP server (cut off and back), decoded faster than the model answers,
+triggered by MQTT messages and HTTP calls and answered by regions. Each station is a real process
+on the device engine; everything is bounded."""
 
 import getpass
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,8 +26,9 @@ from conftest import chromium_page, chromium_path
 from petah.bench.fleet import wait_for
 from petah.errors import PetahError
 from petah.serve.client import StationClient, station_process
+from petah.serve.line import trigger_id
 from petah.serve.sinks import SinkSpec
-from petah.serve.sources import SourceSpec
+from petah.serve.sources import Region, SourceSpec
 
 pytestmark = pytest.mark.server
 STATION = ("--demo", "--engine", "device", "--threads", "1")
@@ -55,22 +59,46 @@ def line_status(url: str) -> dict:
     ("cam=/no/such/thing", "neither a folder, a video file nor a stream URL"),
     ("cam=rtsp://h/x,fps=0", "fps must be a number in (0, 240]"),
     ("cam=rtsp://h/x,colour=red", "unknown option 'colour=red'"),
+    ("cam=rtsp://h/x,region=left:0:0:10", "write region=NAME:X:Y:W:H"),
+    ("cam=rtsp://h/x,region=left:0:0:10:ten", "write region=NAME:X:Y:W:H"),
+    ("cam=rtsp://h/x,region=left:0:0:0:10", "must lie in the frame with a positive size"),
+    ("cam=rtsp://h/x,region=a:0:0:1:1,region=a:1:1:1:1", "two regions have one name"),
+    ("cam=folder:/tmp,trigger", "triggers are for streams"),
+    ("cam=rtsp://h/x,trigger=mqtt://u:pw@broker", "'mqtt://u:***@broker': name the topic"),
+    ("cam=rtsp://h/x,trigger=mqtt://broker:port/t", "the port is not a number"),
+    ("cam=rtsp://h/x,trigger=ftp://h/t", "unknown option 'trigger=ftp://h/t'"),
 ])
 def test_a_bad_source_is_one_line(text, error):
-    with pytest.raises(PetahError, match=error.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
+    with pytest.raises(PetahError, match=re.escape(error)):
         SourceSpec.parse(text)
+
+
+def test_regions_and_triggers_are_read_as_written():
+    spec = SourceSpec.parse("cam=rtsp://h/x,trigger=mqtt://b/line/go,region=left:0:0:32:64:digits+defects,"
+                            "region=right:32:0:32:64")
+    assert spec.regions == (Region("left", (0, 0, 32, 64), ("digits", "defects")), Region("right", (32, 0, 32, 64)))
+    assert SourceSpec.from_dict("cam", spec.to_dict()) == spec  # as the admin API keeps it
+    image = np.random.default_rng(0).integers(0, 256, (3, 64, 64), np.uint8)
+    assert np.array_equal(spec.regions[1].crop(image), image[:, :, 32:])
+    with pytest.raises(PetahError, match=re.escape("region left (0,0 32x64) is outside the 64x48 frame")):
+        spec.regions[0].crop(image[:, :48])
+    with pytest.raises(PetahError, match="regions must be a list of"):
+        SourceSpec.from_dict("cam", {"uri": "rtsp://h/x", "regions": [{"name": "a", "box": [0, 0, 1]}]})
+    assert [trigger_id(p) for p in (b'{"id": "part-7"}', b"part-8", b"", b'{"id": 9}', b"x" * 500)] == \
+        ["part-7", "part-8", None, "9", "x" * 128]
 
 
 @pytest.mark.parametrize("text, error", [
     ("ftp://host/x", "the scheme must be one of"),
     ("mqtt://broker", "name the topic"),
     ("mqtt:///topic", "names no host"),
+    ("mqtt://u:pw@h", "'mqtt://u:***@h': name the topic"),
     ("jsonl:", "names no file"),
     ("http://h/x,min-score=high", "min-score must be a number"),
     ("http://h/x,colour=red", "unknown option"),
 ])
 def test_a_bad_sink_is_one_line(text, error):
-    with pytest.raises(PetahError, match=error):
+    with pytest.raises(PetahError, match=re.escape(error)):
         SinkSpec.parse(text)
 
 
@@ -162,21 +190,60 @@ def test_a_watched_folder_answers_each_complete_file_once(tmp_path, hook):
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 
+def private_ca(folder) -> tuple:
+    """A CA of the line's own and a certificate it signed for 127.0.0.1: (ca, certificate, key) files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def certificate(subject, key, issuer, issuer_key, ca: bool):
+        made = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            made = made.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                      critical=False)
+        return made.sign(issuer_key, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    files = folder / "ca.pem", folder / "broker.pem", folder / "broker.key"
+    pem = serialization.Encoding.PEM
+    files[0].write_bytes(certificate("line CA", ca_key, "line CA", ca_key, True).public_bytes(pem))
+    files[1].write_bytes(certificate("broker", key, "line CA", ca_key, False).public_bytes(pem))
+    files[2].write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return files
+
+
 class Broker:
     """Debian's mosquitto on a free port, with a password file and persistence (a restart keeps
-    what it owed a subscriber's session)."""
+    what it owed a subscriber's session); with ``tls``, a second listener whose certificate a
+    private CA signed (``self.ca``)."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, tls: bool = False):
         if not os.path.exists(MOSQUITTO):
             pytest.fail("mosquitto is not installed (apt-get install mosquitto; .ci/run does)")
         self.folder, self.port = folder, free_port()
         folder.mkdir(exist_ok=True)
         subprocess.run(["mosquitto_passwd", "-b", "-c", str(folder / "passwords"), "line", "s3cret"], check=True,
                        capture_output=True)
-        (folder / "mosquitto.conf").write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous false\npassword_file {folder / 'passwords'}\n"
-            f"persistence true\npersistence_location {folder}/\n"
-            f"user {getpass.getuser()}\n")  # as root it would switch to a user who cannot read the test's folder
+        conf = (f"listener {self.port} 127.0.0.1\nallow_anonymous false\npassword_file {folder / 'passwords'}\n"
+                f"persistence true\npersistence_location {folder}/\n"
+                f"user {getpass.getuser()}\n")  # as root it would switch to a user who cannot read the test's folder
+        self.tls_port = self.ca = None
+        if tls:
+            self.tls_port = free_port()
+            self.ca, cert, key = private_ca(folder)
+            conf += f"listener {self.tls_port} 127.0.0.1\ncafile {self.ca}\ncertfile {cert}\nkeyfile {key}\n"
+        (folder / "mosquitto.conf").write_text(conf)
         self.proc = None
 
     def start(self):
@@ -205,10 +272,10 @@ def broker(tmp_path):
     broker.stop()
 
 
-def subscriber(port: int, topic: str, received: list):
+def subscriber(port: int, topic: str, received: list, client_id: str = "plc"):
     import paho.mqtt.client as mqtt
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="plc", clean_session=False)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
     client.username_pw_set("line", "s3cret")
     client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
     client.on_message = lambda _c, _u, message: received.append((message.topic, json.loads(message.payload)))
@@ -278,26 +345,18 @@ def test_a_stream_faster_than_the_model_is_answered_on_its_newest_frames(tmp_pat
     assert frames == sorted(frames) and len(set(frames)) == len(frames)  # newest first, never one twice
 
 
-def test_an_ip_camera_is_followed_through_a_disconnect(tmp_path, clip):
-    """An MJPEG-over-HTTP camera (FFmpeg serving one), cut off and back."""
+def test_an_mjpeg_camera_is_answered_and_an_unreachable_one_named(tmp_path, clip):
+    """An MJPEG-over-HTTP camera (FFmpeg serving one) beside a stream that is not there."""
     port = free_port()
-    serve = ["ffmpeg", "-nostdin", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(clip), "-c:v", "mjpeg",
-             "-f", "mpjpeg", "-listen", "1", f"http://127.0.0.1:{port}/cam.mjpg"]
-    camera = subprocess.Popen(serve)
+    camera = subprocess.Popen(["ffmpeg", "-nostdin", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(clip),
+                               "-c:v", "mjpeg", "-f", "mpjpeg", "-listen", "1", f"http://127.0.0.1:{port}/cam.mjpg"])
     args = (*STATION, "--state-dir", str(tmp_path / "state"), "--source",
             f"cam=http://127.0.0.1:{port}/cam.mjpg,tasks=digits,fps=10", "--source", "gone=rtsp://127.0.0.1:9/none")
     try:
         with station_process(*args) as (_proc, url):
             assert wait_for(lambda: line_status(url)["sources"]["cam"]["taken"] >= 5, 30), line_status(url)
-            camera.kill()
-            camera.wait()
-            assert wait_for(lambda: line_status(url)["sources"]["cam"]["state"] == "reconnecting", 20)
             gone = line_status(url)["sources"]["gone"]
             assert gone["state"] == "reconnecting" and gone["error"], gone
-            camera = subprocess.Popen(serve)  # the camera comes back: the source follows by itself
-            before = line_status(url)["sources"]["cam"]["taken"]
-            assert wait_for(lambda: line_status(url)["sources"]["cam"]["taken"] > before + 3, 40), line_status(url)
-            assert line_status(url)["sources"]["cam"]["reconnects"] >= 1
             metrics = StationClient(url).request("GET", "/metrics").body.decode()
             assert 'petah_source_up{source="cam"} 1.0' in metrics and 'petah_source_up{source="gone"} 0.0' in metrics
     finally:
@@ -305,29 +364,123 @@ def test_an_ip_camera_is_followed_through_a_disconnect(tmp_path, clip):
         camera.wait()
 
 
+class RtspCamera:
+    """GStreamer's RTSP server (tests/rtsp_camera.py, run by the system's python3) on a free port."""
+
+    def __init__(self):
+        self.port, self.proc = free_port(), None
+        self.url = f"rtsp://127.0.0.1:{self.port}/cam"
+
+    def start(self):
+        self.proc = subprocess.Popen(["/usr/bin/python3", os.path.join(os.path.dirname(__file__), "rtsp_camera.py"),
+                                      str(self.port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            self.stop()
+            pytest.fail("GStreamer's RTSP server did not start (apt-get install python3-gi gir1.2-gst-rtsp-server-1.0 "
+                        f"gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly; .ci/run "
+                        f"does): {self.proc.stderr.read()[-500:]}")
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait()
+
+
+def test_a_triggered_rtsp_camera_answers_its_regions_once_per_trigger(tmp_path):
+    """An IP camera's RTSP stream, driven by the line's controller: an MQTT message or an HTTP call
+    per part, each answered on a frame decoded after it, by regions with their own tasks; results go
+    out through a broker checked against the line's private CA; the camera cut off and back."""
+    camera, broker = RtspCamera(), Broker(tmp_path / "broker", tls=True)
+    camera.start()
+    broker.start()
+    received = []
+    plc = subscriber(broker.port, "line-1/results/#", received)
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    args = (*STATION, "--state-dir", str(tmp_path / "state"), "--mqtt-ca", str(broker.ca),
+            "--source", f"cam={camera.url},trigger=mqtt://line:s3cret@127.0.0.1:{broker.port}/line-1/part,"
+                        "region=left:0:0:32:64:digits,region=right:32:0:32:64:textures+defects",
+            "--source", f"drop=folder:{drop}",
+            "--sink", f"mqtts://line:s3cret@127.0.0.1:{broker.tls_port}/line-1/results")
+    try:
+        with station_process(*args) as (_proc, url):
+            client = StationClient(url)
+            assert wait_for(lambda: line_status(url)["sources"]["cam"]["state"] == "streaming"
+                            and line_status(url)["sources"]["cam"]["trigger"]["connected"], 30), line_status(url)
+            sent = time.time()
+            plc.publish("line-1/part", json.dumps({"id": "part-1"}), qos=1)
+            assert wait_for(lambda: len(received) >= 3, 30), received
+            records = {(r["region"], r["task"]): r for _topic, r in received}
+            assert set(records) == {("left", "digits"), ("right", "textures"), ("right", "defects")}
+            assert {r["trigger"] for r in records.values()} == {"part-1"}
+            assert len({r["frame"] for r in records.values()}) == 1
+            assert records["left", "digits"]["frame_time"] >= sent - 0.01  # decoded after the trigger
+            assert {t for t, _r in received} == {"line-1/results/cam/left/digits", "line-1/results/cam/right/textures",
+                                                 "line-1/results/cam/right/defects"}
+            answer = client.request("POST", "/v1/sources/cam/trigger", json.dumps({"id": "part-2"}).encode())
+            assert answer.status == 200, answer.body
+            assert {(r["region"], r["task"], r["trigger"]) for r in answer.json()["results"]} == {
+                ("left", "digits", "part-2"), ("right", "textures", "part-2"), ("right", "defects", "part-2")}
+            assert wait_for(lambda: len(received) == 6, 20), received
+            cam = line_status(url)["sources"]["cam"]
+            assert cam["taken"] == 2 and cam["trigger"]["triggers"] == 2 and cam["dropped"] == 0, cam  # no free run
+            latest = client.request("GET", "/v1/sources/cam/latest").json()
+            assert [(r["name"], r["box"]) for r in latest["regions"]] == [("left", [0, 0, 32, 64]),
+                                                                          ("right", [32, 0, 32, 64])]
+            refused = client.request("POST", "/v1/sources/drop/trigger")
+            assert refused.status == 409 and "runs freely" in refused.json()["error"]
+            camera.stop()  # the camera goes away: a trigger gets a clear error, the source reconnects
+            assert wait_for(lambda: line_status(url)["sources"]["cam"]["state"] == "reconnecting", 20)
+            missed = client.request("POST", "/v1/sources/cam/trigger", b'{"id": "part-3"}')
+            assert missed.status == 503 and "no frame arrived within 5 s" in missed.json()["error"], missed.body
+            camera.start()
+            assert wait_for(lambda: line_status(url)["sources"]["cam"]["state"] == "streaming", 40), line_status(url)
+            again = client.request("POST", "/v1/sources/cam/trigger", b'{"id": "part-4"}')
+            assert again.status == 200 and {r["trigger"] for r in again.json()["results"]} == {"part-4"}
+            assert line_status(url)["sources"]["cam"]["reconnects"] >= 1
+            sink = line_status(url)["sinks"]["mqtts-0"]
+            assert wait_for(lambda: line_status(url)["sinks"]["mqtts-0"]["delivered"] == 9, 20), sink
+    finally:
+        plc.loop_stop()
+        plc.disconnect()
+        camera.stop()
+        broker.stop()
+
+
 @pytest.mark.browser
 def test_the_page_shows_each_source_with_its_newest_answer(tmp_path):
     if chromium_path() is None:
         pytest.skip("no Chromium (apt-get install -y chromium, or PETAH_CHROMIUM)")
-    folder = tmp_path / "camera"
-    folder.mkdir()
+    whole, parts = tmp_path / "camera", tmp_path / "fixture"
+    whole.mkdir()
+    parts.mkdir()
+    out = tmp_path / "out.jsonl"
     args = (*STATION, "--state-dir", str(tmp_path / "state"), "--source",
-            f"cam=folder:{folder},tasks=digits+digit-boxes", "--sink", f"jsonl:{tmp_path / 'out.jsonl'}")
+            f"cam=folder:{whole},tasks=digits+digit-boxes", "--source",
+            f"fixture=folder:{parts},region=top:0:0:96:48:digits,region=bottom:0:48:96:48:digit-boxes",
+            "--sink", f"jsonl:{out}")
     with station_process(*args) as (_proc, url):
-        write_like_a_camera(folder, "part.png", png(3, size=96))
-        assert wait_for(lambda: (tmp_path / "out.jsonl").exists()
-                        and len((tmp_path / "out.jsonl").read_text().splitlines()) == 2, 30)
-        said = {r["task"]: r["answer"] for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+        write_like_a_camera(whole, "part.png", png(3, size=96))
+        write_like_a_camera(parts, "two.png", png(4, size=96))
+        assert wait_for(lambda: out.exists() and len(out.read_text().splitlines()) == 4, 30)
+        said = {(r["source"], r["task"]): r["answer"] for r in map(json.loads, out.read_text().splitlines())}
         with chromium_page() as page:
             page.goto(url + "/")
             answers = page.locator("[data-source='cam'] [data-frame='part.png']")
             answers.wait_for()
             text = answers.text_content()
-            assert f"digits: {said['digits']['label']} " in text
-            assert f"digit-boxes: {len(said['digit-boxes']['boxes'])} box(es)" in text
+            assert f"digits: {said['cam', 'digits']['label']} " in text
+            assert f"digit-boxes: {len(said['cam', 'digit-boxes']['boxes'])} box(es)" in text
             size = page.evaluate("(() => { const c = document.querySelector(\"[data-source='cam'] canvas\");"
                                  " return [c.width, c.height]; })()")
             assert size == [96, 96]
+            regions = page.locator("[data-source='fixture'] [data-frame='two.png']")
+            regions.wait_for()
+            text = regions.text_content()
+            assert f"[top] digits: {said['fixture', 'digits']['label']} " in text
+            assert f"[bottom] digit-boxes: {len(said['fixture', 'digit-boxes']['boxes'])} box(es)" in text
             assert page.locator("#sinks tr[data-sink='jsonl-0']").get_attribute("data-state") in ("idle", "delivering")
 
 

@@ -7,7 +7,9 @@ with a JSON-lines sink. Measured over ``seconds`` after a warm-up: answered fram
 skipped as stale, the age of each answer at the sink (frame decoded -> answer) p50 / p99, the
 decoders' CPU (their own processes) and the sink thread's CPU apart from the station's, and —
 in this process, on the same frames — the frames/s of the same engine running the same batches
-(one frame per stream) back to back: what the line costs against inference alone.
+(one frame per stream) back to back: what the line costs against inference alone; and again with
+the same decoders running beside it (their frames thrown away): what the line costs beyond decoding,
+which on a small device takes cores from the model.
 """
 
 from __future__ import annotations
@@ -53,8 +55,16 @@ def clip_frames(clip: Path, count: int) -> list[np.ndarray]:
     return frames
 
 
-def in_process_rate(frames: list[np.ndarray], streams: int, seconds: float = 4.0, threads: int = 0) -> float:
-    """Frames/s of the device engine running batches of ``streams`` frames, all demo tasks, back to back."""
+def decoders(clip: Path, streams: int) -> list[subprocess.Popen]:
+    """``streams`` decoders of the clip at its own rate, as the station runs them, frames discarded."""
+    return [subprocess.Popen(["ffmpeg", "-nostdin", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(clip),
+                              "-an", "-f", "image2pipe", "-c:v", "ppm", "-y", os.devnull]) for _ in range(streams)]
+
+
+def in_process_rate(frames: list[np.ndarray], streams: int, seconds: float = 4.0, threads: int = 0,
+                    beside: Path | None = None) -> float:
+    """Frames/s of the device engine running batches of ``streams`` frames, all demo tasks, back to
+    back; with ``beside`` (the clip), while ``streams`` decoders of it run."""
     from petah.serve import demo_device_backbone, demo_packages
     from petah.serve.engine import DeviceEngine
 
@@ -65,11 +75,18 @@ def in_process_rate(frames: list[np.ndarray], streams: int, seconds: float = 4.0
         names.append(path.stem)
     batches = [[frames[(i * streams + j) % len(frames)] for j in range(streams)] for i in range(8)]
     engine.run(batches[0], names, 3)  # warm-up
-    done, began = 0, time.perf_counter()
-    while time.perf_counter() - began < seconds:
-        engine.run(batches[done % len(batches)], names, 3)
-        done += 1
-    return done * streams / (time.perf_counter() - began)
+    running = decoders(beside, streams) if beside is not None else []
+    try:
+        time.sleep(1.0 if running else 0.0)
+        done, began = 0, time.perf_counter()
+        while time.perf_counter() - began < seconds:
+            engine.run(batches[done % len(batches)], names, 3)
+            done += 1
+        return done * streams / (time.perf_counter() - began)
+    finally:
+        for proc in running:
+            proc.kill()
+            proc.wait()
 
 
 def measure(clip: Path, streams: int, seconds: float, warmup: float, folder: Path) -> dict:
@@ -122,12 +139,18 @@ def run_stream_bench(streams: tuple[int, ...] = (1, 4, 8), sizes=SIZES, seconds:
             for n in streams:
                 row = measure(clip, n, seconds, warmup, folder)
                 inference = in_process_rate(frames, n)
-                batch_ms = 1000 * n / inference
+                beside = in_process_rate(frames, n, beside=clip)
                 offered = n * FPS
-                row.update({"in_process_fps": round(inference, 1), "offered_fps": offered,
+                # a source's thread takes its newest frame when its last answer comes back: an answer's
+                # age is at most one frame interval + one batch of the station (n frames per batch)
+                station_batch_ms = 1000 * n / row["answered_fps"] if row["answered_fps"] else None
+                row.update({"in_process_fps": round(inference, 1), "in_process_beside_decoders_fps": round(beside, 1),
+                            "offered_fps": offered,
                             "vs_in_process": round(row["answered_fps"] / min(inference, offered), 3),
-                            "batch_ms": round(batch_ms, 1),
-                            "age_target_ms": round(batch_ms + 1000 / FPS, 1)})
+                            "vs_in_process_beside_decoders": round(row["answered_fps"] / min(beside, offered), 3),
+                            "in_process_batch_ms": round(1000 * n / inference, 1),
+                            "station_batch_ms": round(station_batch_ms, 1) if station_batch_ms else None,
+                            "age_target_ms": round(station_batch_ms + 1000 / FPS, 1) if station_batch_ms else None})
                 rows.append(row)
             results[f"{width}x{height}"] = rows
     return {"fps": FPS, "seconds": seconds, "tasks": "all demo tasks", "sizes": results}

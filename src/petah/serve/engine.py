@@ -153,6 +153,7 @@ class DeviceEngine:
         self.rebalance_s = REBALANCE_S
         self.moves = {"merged": 0, "to base": 0}  # tasks moved by traffic or budget since start
         self.features: dict[str, np.ndarray] = {}  # per task, its last batch's drift features (inference thread)
+        self.inputs: dict[Preprocess, np.ndarray] = {}  # the last batch as each preprocessing made it (drift reads it)
         self._next_look = 0.0
         self._builder: threading.Thread | None = None
         self._built: tuple | None = None  # (task, merged form, base session or None, tasks to move to the base)
@@ -403,6 +404,7 @@ class DeviceEngine:
             outputs, self.features[name] = task.forward(batch, self.base, shared)
             results[name] = self.decode(task.manifest, outputs, [image.shape[-2:] for image in images], top_k)
             self.traffic.add(name, len(images))
+        self.inputs = batches
         return results
 
     def outputs(self, task: DeviceTask, batch):

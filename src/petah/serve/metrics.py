@@ -146,10 +146,15 @@ class LineCollector:
                                      labels=["source", "outcome"])
         up = GaugeMetricFamily("petah_source_up", "1 while the source streams or its folder is watched",
                                labels=["source"])
+        triggers = CounterMetricFamily("petah_source_triggers", "Triggers per source by what became of them",
+                                       labels=["source", "outcome"])
         for source in status["sources"]:
             for key in self.SOURCE_COUNTS:
                 if key in source:
                     frames.add_metric([source["name"], key], float(source[key]))
+            for key in ("triggers", "refused", "no_frame"):
+                if "trigger" in source:
+                    triggers.add_metric([source["name"], key], float(source["trigger"][key]))
             up.add_metric([source["name"]], float(source["state"] in self.UP))
         records = CounterMetricFamily("petah_sink_records", "Results per sink by what became of them",
                                       labels=["sink", "outcome"])
@@ -161,7 +166,7 @@ class LineCollector:
                 records.add_metric([sink["name"], key], float(sink[key]))
             backlog.add_metric([sink["name"]], float(sink["backlog_bytes"]))
             sink_up.add_metric([sink["name"]], float(sink["state"] in self.UP))
-        yield from (frames, up, records, backlog, sink_up)
+        yield from (frames, up, triggers, records, backlog, sink_up)
 
 
 __all__ = ["DriftCollector", "LineCollector", "StationMetrics", "quantile_ms", "resident_bytes"]

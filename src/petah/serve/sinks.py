@@ -31,6 +31,7 @@ from pathlib import Path
 
 from petah.errors import PetahError
 from petah.files import AppendLog
+from petah.serve import mqtt
 
 logger = logging.getLogger("petah.serve")
 SCHEMES = ("mqtt", "mqtts", "http", "https", "jsonl")
@@ -52,12 +53,12 @@ class SinkSpec:
         uri, *options = [part.strip() for part in text.split(",")]
         scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
         if scheme not in SCHEMES:
-            raise PetahError(f"--sink {uri!r}: the scheme must be one of {', '.join(s + ':' for s in SCHEMES)}")
-        parsed = urllib.parse.urlsplit(uri)
-        if scheme != "jsonl" and not parsed.hostname:
-            raise PetahError(f"--sink {uri!r}: names no host")
-        if scheme.startswith("mqtt") and not parsed.path.strip("/"):
-            raise PetahError(f"--sink {uri!r}: name the topic, e.g. mqtt://broker:1883/line-1/results")
+            raise PetahError(f"--sink {mqtt.shown(uri)!r}: the scheme must be one of "
+                             f"{', '.join(s + ':' for s in SCHEMES)}")
+        if scheme.startswith("mqtt"):
+            mqtt.check_uri(uri, "--sink")
+        elif scheme.startswith("http") and not urllib.parse.urlsplit(uri).hostname:
+            raise PetahError(f"--sink {mqtt.shown(uri)!r}: names no host")
         if scheme == "jsonl" and not uri[len("jsonl:"):]:
             raise PetahError("--sink jsonl:FILE names no file")
         spec = cls(uri, f"{scheme}-{index}")
@@ -72,22 +73,18 @@ class SinkSpec:
                 try:
                     spec.min_score = float(value)
                 except ValueError:
-                    raise PetahError(f"--sink {uri!r}: min-score must be a number, got {value!r}") from None
+                    raise PetahError(f"--sink {mqtt.shown(uri)!r}: min-score must be a number, got {value!r}") from None
             elif key == "name" and value.replace("-", "").replace("_", "").isalnum():
                 spec.name = value
             else:
-                raise PetahError(f"--sink {uri!r}: unknown option {option!r} (when=TASK:LABEL|LABEL, "
+                raise PetahError(f"--sink {mqtt.shown(uri)!r}: unknown option {option!r} (when=TASK:LABEL|LABEL, "
                                  "min-score=S, name=N)")
         return spec
 
     @property
     def shown_uri(self) -> str:
         """The URI without a password (for pages, logs and errors)."""
-        parsed = urllib.parse.urlsplit(self.uri)
-        if parsed.password is None:
-            return self.uri
-        netloc = f"{parsed.username}:***@{parsed.hostname}" + (f":{parsed.port}" if parsed.port else "")
-        return urllib.parse.urlunsplit(parsed._replace(netloc=netloc))
+        return mqtt.shown(self.uri)
 
     def select(self, record: dict) -> dict | None:
         """The record as this sink sends it (boxes under min-score dropped), or None."""
@@ -109,13 +106,15 @@ class SinkSpec:
         return {**record, "answer": answer}
 
 
-def result_record(source: str, frame_time: float, frame: int, task: str, row: dict, latency_s: float) -> dict:
-    """One task's answer on one frame, as sinks send it (images left out; see the module's doc)."""
+def result_record(source: str, frame_time: float, frame: int | str, task: str, row: dict, latency_s: float,
+                  region: str | None = None, trigger: str | None = None) -> dict:
+    """One task's answer on one frame (or one region of it), as sinks send it (images left out;
+    see the module's doc); ``trigger``: the id of the trigger it answers."""
     answer = {k: v for k, v in row.items()
               if k not in ("mask", "anomaly_map", "mask_png", "anomaly_map_png", "version", "kind")}
-    return {"source": source, "frame_time": round(frame_time, 3), "frame": frame, "task": task,
-            "version": row.get("version"), "kind": row.get("kind"), "answer": answer,
-            "latency_ms": round(1000 * latency_s, 2)}
+    return {"source": source, "frame_time": round(frame_time, 3), "frame": frame, "region": region,
+            "trigger": trigger, "task": task, "version": row.get("version"), "kind": row.get("kind"),
+            "answer": answer, "latency_ms": round(1000 * latency_s, 2)}
 
 
 def _plain(value):
@@ -152,40 +151,22 @@ class HttpDelivery(Delivery):
 
 
 class MqttDelivery(Delivery):
-    """paho-mqtt: QoS 1, a record counts as delivered once the broker acknowledged it."""
+    """QoS 1: a record counts as delivered once the broker acknowledged it."""
 
     def __init__(self, uri: str, ca_file: str | None = None, timeout: float = 10.0):
-        import paho.mqtt.client as mqtt
-
-        parsed = urllib.parse.urlsplit(uri)
-        self.topic = parsed.path.strip("/")
-        self.timeout = timeout
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-        if parsed.username is not None:
-            self.client.username_pw_set(urllib.parse.unquote(parsed.username),
-                                        urllib.parse.unquote(parsed.password or ""))
-        if parsed.scheme == "mqtts":
-            self.client.tls_set(ca_certs=ca_file)
-        self.refused: str | None = None
-        self.client.on_connect = self._on_connect
-        self.client.reconnect_delay_set(1, 10)
-        self.client.connect_async(parsed.hostname, parsed.port or (8883 if parsed.scheme == "mqtts" else 1883), 30)
-        self.client.loop_start()
-
-    def _on_connect(self, client, userdata, flags, reason, properties) -> None:
-        self.refused = None if not reason.is_failure else str(reason)
+        self.topic, self.timeout = mqtt.topic(uri), timeout
+        self.connection = mqtt.Connection(uri, ca_file)
 
     def send(self, record: bytes, topic_suffix: str) -> None:
-        if not self.client.is_connected():
-            raise PetahError(f"not connected to the broker{f' (it refused: {self.refused})' if self.refused else ''}")
-        info = self.client.publish(f"{self.topic}/{topic_suffix}", record, qos=1)
+        if not self.connection.connected:
+            raise PetahError(self.connection.why_not())
+        info = self.connection.client.publish(f"{self.topic}/{topic_suffix}", record, qos=1)
         info.wait_for_publish(self.timeout)
         if not info.is_published():
-            raise PetahError("the broker did not acknowledge within "f"{self.timeout:g} s")
+            raise PetahError(f"the broker did not acknowledge within {self.timeout:g} s")
 
     def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
+        self.connection.close()
 
 
 class JsonlDelivery(Delivery):
@@ -289,7 +270,7 @@ class Sink:
             record = line.rstrip(b"\n")
             try:
                 data = json.loads(record)
-                suffix = f"{data.get('source', '-')}/{data.get('task', '-')}"
+                suffix = "/".join(str(data[k]) for k in ("source", "region", "task") if data.get(k) is not None)
             except ValueError:  # a line torn by a crash: skipped
                 self._mark(self.position + size)
                 continue

@@ -13,6 +13,14 @@ counted as dropped, so a model slower than the camera answers for frames at most
 one frame interval old. A stream that ends, fails or stalls (no frame for ``STALL_S``) is
 reconnected with backoff; a video file plays at its own rate, and ``loop`` plays it again.
 
+**Regions** (``region=NAME:X:Y:W:H[:TASK+TASK]``, repeatable): each frame or file is answered
+as those crops (pixels of the source's frame), each with its own tasks (default: the source's),
+instead of whole. **Triggers** (``trigger``, or ``trigger=mqtt(s)://BROKER/TOPIC``): a stream is
+decoded all the time (so the camera connection stays live), but answered only once per trigger —
+an HTTP call (``POST /v1/sources/NAME/trigger``) or an MQTT message from the line's controller —
+on the first frame decoded after the trigger arrived, as a part arriving drives an inspection
+station. The trigger's id (the message's ``{"id": …}`` or its text) is carried into the results.
+
 **Folders** (``folder:PATH`` or a folder's path): an image file is taken once it is complete — its
 size and modification time unchanged over ``SETTLE_S`` (a camera that writes in parts) — or at
 once when renamed into place; temp and hidden names are left alone. After the answer it is moved
@@ -39,6 +47,7 @@ import numpy as np
 
 from petah.errors import PetahError
 from petah.files import AppendLog
+from petah.serve.mqtt import check_uri, shown
 
 STALL_S = 10.0
 SETTLE_S = 0.5
@@ -48,6 +57,41 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt")
 TEMP_NAME = re.compile(r"^\.|\.(tmp|part|partial|crdownload|filepart)$|~$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Region:
+    """A crop of a source's frames, answered with its own tasks."""
+
+    name: str
+    box: tuple[int, int, int, int]  # x, y, width, height in the frame's pixels
+    tasks: tuple[str, ...] | None = None
+
+    @classmethod
+    def parse(cls, source: str, text: str) -> Region:
+        name, *fields = text.split(":")
+        usage = f"--source {source}: write region=NAME:X:Y:W:H[:TASK+TASK], got region={text!r}"
+        if not NAME.fullmatch(name) or len(fields) not in (4, 5):
+            raise PetahError(usage)
+        try:
+            x, y, w, h = (int(f) for f in fields[:4])
+        except ValueError:
+            raise PetahError(usage) from None
+        if x < 0 or y < 0 or w < 1 or h < 1:
+            raise PetahError(f"--source {source}: region {name} must lie in the frame with a positive size")
+        tasks = tuple(t for t in fields[4].split("+") if t) if len(fields) == 5 else ()
+        return cls(name, (x, y, w, h), tasks or None)
+
+    def crop(self, image: np.ndarray) -> np.ndarray:
+        """The region of a (C, H, W) image; refused when it does not lie inside."""
+        x, y, w, h = self.box
+        if x + w > image.shape[-1] or y + h > image.shape[-2]:
+            raise PetahError(f"region {self.name} ({x},{y} {w}x{h}) is outside the "
+                             f"{image.shape[-1]}x{image.shape[-2]} frame")
+        return np.ascontiguousarray(image[..., y:y + h, x:x + w])
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "box": list(self.box), "tasks": list(self.tasks) if self.tasks else None}
 
 
 @dataclass
@@ -60,6 +104,8 @@ class SourceSpec:
     fps: float | None = None
     loop: bool = False
     after: str = "move"
+    regions: tuple[Region, ...] = ()
+    trigger: str | None = None  # "http" (calls only) or an mqtt(s):// URI whose messages also trigger
 
     @classmethod
     def parse(cls, text: str) -> SourceSpec:
@@ -85,9 +131,21 @@ class SourceSpec:
                 spec.loop = True
             elif key == "after" and value in ("move", "leave"):
                 spec.after = value
+            elif key == "region":
+                spec.regions += (Region.parse(name, value),)
+            elif key == "trigger" and not value:
+                spec.trigger = "http"
+            elif key == "trigger" and value.split("://", 1)[0] in ("mqtt", "mqtts"):
+                spec.trigger = value
             else:
                 raise PetahError(f"--source {name}: unknown option {option!r} (tasks=a+b, fps=N, loop, "
-                                 "after=move|leave)")
+                                 "after=move|leave, region=NAME:X:Y:W:H[:a+b], trigger[=mqtt://BROKER/TOPIC])")
+        if len({r.name for r in spec.regions}) != len(spec.regions):
+            raise PetahError(f"--source {name}: two regions have one name")
+        if spec.trigger and spec.kind == "folder":
+            raise PetahError(f"--source {name}: a folder is answered file by file; triggers are for streams")
+        if spec.trigger and spec.trigger != "http":
+            check_uri(spec.trigger, f"--source {name}: trigger")
         spec.kind  # noqa: B018 - refuses an unknown kind of URI now, not at start
         return spec
 
@@ -115,11 +173,12 @@ class SourceSpec:
     @property
     def shown_uri(self) -> str:
         """The URI without a password (for pages and logs)."""
-        return re.sub(r"//([^/@:]+):[^/@]*@", r"//\1:***@", self.uri)
+        return shown(self.uri)
 
     def to_dict(self) -> dict:
         return {"uri": self.uri, "tasks": list(self.tasks) if self.tasks else None, "fps": self.fps,
-                "loop": self.loop, "after": self.after}
+                "loop": self.loop, "after": self.after, "regions": [r.to_dict() for r in self.regions],
+                "trigger": self.trigger}
 
     @classmethod
     def from_dict(cls, name: str, data: dict) -> SourceSpec:
@@ -127,15 +186,32 @@ class SourceSpec:
         if not isinstance(data, dict) or not isinstance(data.get("uri"), str):
             raise PetahError('a source is {"uri": "...", "tasks": [...], "fps": N, "loop": false, '
                              '"after": "move"}')
-        tasks, fps = data.get("tasks"), data.get("fps")
-        if tasks is not None and not (isinstance(tasks, list) and all(isinstance(t, str) for t in tasks)):
+        tasks, fps, trigger = data.get("tasks"), data.get("fps"), data.get("trigger")
+        regions = data.get("regions") or []
+
+        def names(value) -> bool:
+            return value is None or (isinstance(value, list) and all(isinstance(t, str) for t in value))
+
+        if not names(tasks):
             raise PetahError("tasks must be a list of task names")
         if fps is not None and not isinstance(fps, int | float):
             raise PetahError("fps must be a number")
-        if "," in data["uri"] or any("," in t or "+" in t for t in tasks or []):
-            raise PetahError("a source's URI and task names hold no commas")
+        if trigger is not None and not isinstance(trigger, str):
+            raise PetahError('trigger must be "http" or an mqtt:// URI')
+        if not isinstance(regions, list) or not all(
+                isinstance(r, dict) and isinstance(r.get("name"), str) and names(r.get("tasks"))
+                and isinstance(r.get("box"), list) and len(r["box"]) == 4
+                and all(isinstance(v, int) for v in r["box"]) for r in regions):
+            raise PetahError('regions must be a list of {"name": "...", "box": [x, y, w, h], "tasks": [...]}')
+        words = [data["uri"], trigger or "", *(tasks or [])]
+        words += [w for r in regions for w in [r["name"], *(r.get("tasks") or [])]]
+        if any("," in w for w in words) or any("+" in t or ":" in t for t in tasks or []):
+            raise PetahError("a source's URI, task and region names hold no commas")
         options = ([f"tasks={'+'.join(tasks)}"] if tasks else []) + ([f"fps={fps:g}"] if fps is not None else [])
         options += (["loop"] if data.get("loop") is True else []) + [f"after={data.get('after', 'move')}"]
+        options += [f"region={r['name']}:{':'.join(map(str, r['box']))}"
+                    + (f":{'+'.join(r['tasks'])}" if r.get("tasks") else "") for r in regions]
+        options += ([] if trigger is None else ["trigger"] if trigger == "http" else [f"trigger={trigger}"])
         return cls.parse(",".join([f"{name}={data['uri']}", *options]))
 
 
@@ -148,6 +224,17 @@ class Item:
     image: np.ndarray | None = None  # a frame: (3, H, W) uint8
     data: bytes | None = None  # a file's bytes
     path: Path | None = None
+
+
+def widen_pipe(fd: int, size: int = 1 << 20) -> None:
+    """Let a frame pass the pipe in one piece (Linux; 64 KB by default): a 640x480 frame then takes
+    one or two reads, not fifteen — measured, the reads' GIL hand-offs slowed the inference thread."""
+    import fcntl
+
+    try:
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
+    except OSError:
+        pass  # past /proc/sys/fs/pipe-max-size, or not Linux: the default pipe works, only slower
 
 
 def process_cpu_s(pid: int) -> float:
@@ -204,6 +291,7 @@ class StreamSource:
                                      "-sn", *fps, "-f", "image2pipe", "-c:v", "ppm", "pipe:1"],
                                     stdout=subprocess.PIPE, stderr=errors)
             self._proc = proc
+            widen_pipe(proc.stdout.fileno())
             try:
                 self._last_frame = time.monotonic()
                 self._read_frames(proc)
@@ -263,7 +351,7 @@ class StreamSource:
             self.size = (width, height)
             image = np.frombuffer(body, np.uint8).reshape(height, width, 3).transpose(2, 0, 1)
             with self._cond:
-                if self._latest is not None:
+                if self._latest is not None and not self.spec.trigger:
                     self.counts["dropped"] += 1  # never taken: a newer frame replaces it
                 self.counts["decoded"] += 1
                 self._latest = Item(self.counts["decoded"], now, image=image)
@@ -278,19 +366,27 @@ class StreamSource:
                 self.error = f"no frame for {STALL_S:g} s"
                 proc.kill()  # the reading thread sees the end and reconnects
 
-    def take(self, timeout: float) -> Item | None:
-        """The newest frame not yet taken (waits up to ``timeout``)."""
+    def take(self, timeout: float, after: float | None = None) -> Item | None:
+        """The newest frame not yet taken (waits up to ``timeout``); with ``after`` (a trigger's
+        time), the first one decoded at or after it."""
+        deadline = time.monotonic() + timeout
         with self._cond:
-            if self._latest is None:
-                self._cond.wait(timeout)
-            item, self._latest = self._latest, None
-            if item is not None:
-                self.counts["taken"] += 1
+            while (self._latest is None or (after is not None and self._latest.time < after)) \
+                    and not self._stop.is_set() and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+            item = self._latest
+            if item is None or (after is not None and item.time < after):
+                return None
+            self._latest = None
+            self.counts["taken"] += 1
             return item
 
     def finish(self, item: Item, error: str | None) -> None:
         if error:
             self.error = error
+
+    def ready(self) -> bool:
+        return self._latest is not None
 
     @property
     def decode_cpu_s(self) -> float:
@@ -431,6 +527,9 @@ class FolderSource:
                 (target_dir / (target.name + ".error.txt")).write_text(error + "\n")
         except OSError as exc:
             self.state, self.error = "error", f"cannot move {name} on ({exc.strerror or exc})"
+
+    def ready(self) -> bool:
+        return bool(self._queue)
 
     def status(self) -> dict:
         return {"name": self.spec.name, "kind": "folder", "uri": self.spec.shown_uri, "state": self.state,

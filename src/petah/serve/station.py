@@ -124,7 +124,7 @@ class Station:
         self.worker = BatchWorker(self._run_batch, max_batch=self.config.max_batch,
                                   max_wait_s=self.config.max_wait_ms / 1000, queue_size=self.config.queue_size,
                                   on_batch=self.metrics.batch_size.observe, on_pause=self.metrics.observe_pause,
-                                  in_flight=lambda: self.in_flight)
+                                  in_flight=lambda: self.in_flight + (self.line.in_flight() if self.line else 0))
         self.in_flight = 0  # prediction requests between arrival and answer (the batcher waits for them)
         self._changes = threading.Lock()  # one install / rollback / delete at a time (state + engine together)
         self._restore()
@@ -316,11 +316,12 @@ class Station:
             raise UnknownTask(f"no task {unknown[0]!r} is served (served: {', '.join(sorted(served)) or 'none'})")
         return tuple(dict.fromkeys(names))
 
-    def decode(self, uploads: list[Upload], tasks: tuple[str, ...]) -> Job:
-        """Each image decoded once per intensity mode its tasks were trained with (off the worker)."""
+    def decode(self, uploads: list[Upload], tasks: tuple[str, ...], modes: tuple[str, ...] | None = None) -> Job:
+        """Each image decoded once per intensity mode its tasks were trained with (off the worker),
+        or under ``modes``."""
         self._check_pixels(uploads)
         served = dict(self.tasks)  # a delete may land meanwhile: the batch then reports the task removed
-        modes = tuple(dict.fromkeys(served[t].manifest.intensity for t in tasks if t in served))
+        modes = modes or tuple(dict.fromkeys(served[t].manifest.intensity for t in tasks if t in served))
         return Job(decode_uploads(uploads, modes), tasks, len(uploads), uploads)
 
     def _check_pixels(self, uploads: list[Upload]) -> None:
@@ -375,12 +376,13 @@ class Station:
         model saw them, its answers' confidences, and its features where the engine gives them."""
         statistics: dict = {}  # tasks of one backbone share their preprocessing: computed once
         features = getattr(self.engine, "features", {})
+        inputs = getattr(self.engine, "inputs", {})  # the engine's own preprocessed batch: not resized again
         for name, rows in outputs.items():
             manifest = self.tasks[name].manifest
             preprocess = Preprocess.from_dict(manifest.preprocessing)
             if preprocess not in statistics:
-                statistics[preprocess] = input_statistics(preprocess.array_batch(images), preprocess.mean,
-                                                          preprocess.std)
+                batch = inputs[preprocess] if preprocess in inputs else preprocess.array_batch(images)
+                statistics[preprocess] = input_statistics(batch, preprocess.mean, preprocess.std)
             self.drift.observe(name, statistics[preprocess], confidences(manifest.task.kind, rows),
                                features.get(name))
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
+from petah.errors import PetahError
 from petah.http import ClientError, parse_json, read_body
+from petah.serve.line import TRIGGER_FRAME_S
 from petah.serve.routers.deps import StationDep, require_admin_token, require_api_token
 
 router = APIRouter(dependencies=[Depends(require_api_token)])
@@ -36,6 +38,26 @@ def latest(name: str, station: StationDep):
     if found is None:
         raise ClientError(404, f"source {name} has answered no frame yet")
     return found
+
+
+@router.post("/v1/sources/{name}/trigger",
+             summary='Answer a triggered source on its next frame: {"id": "part-17"} (optional); the results')
+async def trigger(name: str, request: Request, station: StationDep):
+    body = await read_body(request, 1 << 12)
+    data = parse_json(body, "the trigger body") if body.strip() else {}
+    if not isinstance(data, dict) or not isinstance(data.get("id"), str | int | None):
+        raise ClientError(400, 'a trigger is {"id": "…"} (or no body)')
+    try:
+        pending = station.line.trigger(name, None if data.get("id") is None else str(data["id"])[:128])
+    except KeyError:
+        raise ClientError(404, f"no source {name[:64]!r}") from None
+    except PetahError as exc:
+        raise ClientError(409, str(exc)) from None
+    try:
+        records = await run_in_threadpool(pending.future.result, TRIGGER_FRAME_S + 120)
+    except PetahError as exc:
+        raise ClientError(503, str(exc)) from None
+    return {"source": name, "trigger": pending.id, "results": records}
 
 
 @router.put("/v1/sources/{name}", dependencies=[Depends(require_admin_token)],

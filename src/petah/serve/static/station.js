@@ -376,7 +376,10 @@ async function lineRound() {
     }
     const up = ["streaming", "watching"].includes(source.state);
     shown.card.dataset.state = source.state;
-    const counts = source.kind === "stream" ?
+    const counts = source.trigger ?
+      `${source.trigger.triggers} triggers · ${source.taken} answered · ${source.trigger.no_frame} without a frame` +
+      (source.trigger.error ? ` · trigger: ${source.trigger.error}` : "") :
+      source.kind === "stream" ?
       `${source.taken} answered · ${source.dropped} stale frames skipped · ${source.reconnects} reconnects` :
       `${source.answered} answered · ${source.failed} failed · ${source.waiting} waiting`;
     const latency = source.latency_ms.p99 !== null ? ` · p99 ${source.latency_ms.p99} ms from frame to answer` : "";
@@ -400,19 +403,38 @@ async function lineRound() {
     el("td", {text: String(s.dropped)}), el("td", {class: "error", text: s.error || ""}))));
 }
 
+// Each region's answers are drawn on a canvas of the region's own size, then laid back over the
+// frame (a whole-frame answer is one region covering the frame), so boxes and masks keep their
+// coordinates.
 async function drawLatest(shown, latest) {
   const picture = await createImageBitmap(await (await fetch("data:image/jpeg;base64," + latest.jpeg)).blob());
   const canvas = shown.canvas;
   canvas.width = picture.width; canvas.height = picture.height;
-  canvas.getContext("2d").drawImage(picture, 0, 0);
+  const ctx = canvas.getContext("2d");
+  ctx.drawImage(picture, 0, 0);
   const words = [];
-  for (const [name, result] of Object.entries(latest.tasks)) {
-    if (result.kind === "detection") drawBoxes(canvas, result.boxes);
-    else if (result.kind === "segmentation") await drawMask(canvas, result.mask_png);
-    else if (result.kind === "anomaly") await drawHeatmap(canvas, result.anomaly_map_png);
-    words.push(result.kind === "classification" ? `${name}: ${result.label} (${(100 * result.score).toFixed(0)}%)` :
-      result.kind === "anomaly" ? `${name}: ${result.anomalous ? "anomaly" : "good"}` :
-      result.kind === "detection" ? `${name}: ${result.boxes.length} box(es)` : `${name}: mask`);
+  for (const region of latest.regions) {
+    const [x, y, w, h] = region.box;
+    const sub = document.createElement("canvas");
+    sub.width = w; sub.height = h;
+    sub.getContext("2d").drawImage(canvas, x, y, w, h, 0, 0, w, h);
+    const said = [];
+    for (const [name, result] of Object.entries(region.tasks)) {
+      if (result.kind === "detection") drawBoxes(sub, result.boxes);
+      else if (result.kind === "segmentation") await drawMask(sub, result.mask_png);
+      else if (result.kind === "anomaly") await drawHeatmap(sub, result.anomaly_map_png);
+      said.push(result.kind === "classification" ? `${name}: ${result.label} (${(100 * result.score).toFixed(0)}%)` :
+        result.kind === "anomaly" ? `${name}: ${result.anomalous ? "anomaly" : "good"}` :
+        result.kind === "detection" ? `${name}: ${result.boxes.length} box(es)` : `${name}: mask`);
+    }
+    ctx.drawImage(sub, x, y);
+    if (region.name !== null) {
+      ctx.strokeStyle = "rgb(60,140,255)"; ctx.lineWidth = 1; ctx.strokeRect(x + 0.5, y + 0.5, w - 1, h - 1);
+      ctx.fillStyle = "rgb(60,140,255)"; ctx.font = "10px system-ui"; ctx.fillText(region.name, x + 2, y + 10);
+      words.push(`[${region.name}] ` + said.join(" · "));
+    } else {
+      words.push(...said);
+    }
   }
   shown.answers.textContent = `frame ${latest.frame}: ` + words.join(" · ");
   shown.answers.dataset.frame = String(latest.frame);
