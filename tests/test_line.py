@@ -59,6 +59,8 @@ def line_status(url: str) -> dict:
     ("cam=/no/such/thing", "neither a folder, a video file nor a stream URL"),
     ("cam=rtsp://h/x,fps=0", "fps must be a number in (0, 240]"),
     ("cam=rtsp://h/x,colour=red", "unknown option 'colour=red'"),
+    ("cam=rtsp://h/x,width=big", "width must be a whole number of pixels in [16, 8192]"),
+    ("cam=folder:/tmp,width=320", "a folder's files are taken whole"),
     ("cam=rtsp://h/x,region=left:0:0:10", "write region=NAME:X:Y:W:H"),
     ("cam=rtsp://h/x,region=left:0:0:10:ten", "write region=NAME:X:Y:W:H"),
     ("cam=rtsp://h/x,region=left:0:0:0:10", "must lie in the frame with a positive size"),
@@ -330,16 +332,17 @@ def clip(tmp_path_factory):
 
 def test_a_stream_faster_than_the_model_is_answered_on_its_newest_frames(tmp_path, clip):
     args = (*STATION, "--state-dir", str(tmp_path / "state"), "--source", f"video={clip},loop",
-            "--sink", f"jsonl:{tmp_path / 'out.jsonl'}")
+            "--source", f"small={clip},loop,width=32,tasks=digits", "--sink", f"jsonl:{tmp_path / 'out.jsonl'}")
     with station_process(*args) as (_proc, url):
         assert wait_for(lambda: line_status(url)["sources"]["video"]["taken"] >= 40, 30)
         video = line_status(url)["sources"]["video"]
+        assert line_status(url)["sources"]["small"]["size"] == [32, 32]  # scaled by the decoder
     assert video["state"] == "streaming" and video["size"] == [64, 64]
     assert video["dropped"] > 0 and video["decoded"] >= video["taken"] + video["dropped"] - 1  # stale frames skipped
     # an answer is never older than about one inference (5 tasks, ~20-40 ms here) and one frame interval
     # (10 ms): a backlog of the 100 fps source would make it seconds
     assert video["latency_ms"]["p99"] < 250, video
-    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    records = [r for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines()) if r["source"] == "video"]
     assert {r["task"] for r in records} == {"digits", "textures", "defects", "digit-boxes", "surfaces"}
     frames = [r["frame"] for r in records if r["task"] == "digits"]
     assert frames == sorted(frames) and len(set(frames)) == len(frames)  # newest first, never one twice

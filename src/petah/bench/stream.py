@@ -40,9 +40,10 @@ def make_clip(folder: Path, width: int, height: int, seconds: int = 8) -> Path:
     return path
 
 
-def clip_frames(clip: Path, count: int) -> list[np.ndarray]:
-    """The clip's first ``count`` frames as (3, H, W) uint8."""
-    raw = subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(clip), "-frames:v", str(count),
+def clip_frames(clip: Path, count: int, width: int | None = None) -> list[np.ndarray]:
+    """The clip's first ``count`` frames as (3, H, W) uint8 (scaled to ``width`` as a source would)."""
+    scale = ["-vf", f"scale={width}:-2"] if width else []
+    raw = subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(clip), "-frames:v", str(count), *scale,
                           "-f", "image2pipe", "-c:v", "ppm", "pipe:1"], check=True, capture_output=True).stdout
     frames, offset = [], 0
     while offset < len(raw):
@@ -55,14 +56,16 @@ def clip_frames(clip: Path, count: int) -> list[np.ndarray]:
     return frames
 
 
-def decoders(clip: Path, streams: int) -> list[subprocess.Popen]:
+def decoders(clip: Path, streams: int, width: int | None = None) -> list[subprocess.Popen]:
     """``streams`` decoders of the clip at its own rate, as the station runs them, frames discarded."""
+    scale = ["-vf", f"scale={width}:-2"] if width else []
     return [subprocess.Popen(["ffmpeg", "-nostdin", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(clip),
-                              "-an", "-f", "image2pipe", "-c:v", "ppm", "-y", os.devnull]) for _ in range(streams)]
+                              "-an", *scale, "-f", "image2pipe", "-c:v", "ppm", "-y", os.devnull])
+            for _ in range(streams)]
 
 
 def in_process_rate(frames: list[np.ndarray], streams: int, seconds: float = 4.0, threads: int = 0,
-                    beside: Path | None = None) -> float:
+                    beside: Path | None = None, width: int | None = None) -> float:
     """Frames/s of the device engine running batches of ``streams`` frames, all demo tasks, back to
     back; with ``beside`` (the clip), while ``streams`` decoders of it run."""
     from petah.serve import demo_device_backbone, demo_packages
@@ -75,7 +78,7 @@ def in_process_rate(frames: list[np.ndarray], streams: int, seconds: float = 4.0
         names.append(path.stem)
     batches = [[frames[(i * streams + j) % len(frames)] for j in range(streams)] for i in range(8)]
     engine.run(batches[0], names, 3)  # warm-up
-    running = decoders(beside, streams) if beside is not None else []
+    running = decoders(beside, streams, width) if beside is not None else []
     try:
         time.sleep(1.0 if running else 0.0)
         done, began = 0, time.perf_counter()
@@ -89,10 +92,12 @@ def in_process_rate(frames: list[np.ndarray], streams: int, seconds: float = 4.0
             proc.wait()
 
 
-def measure(clip: Path, streams: int, seconds: float, warmup: float, folder: Path) -> dict:
-    out = folder / f"out-{clip.stem}-{streams}.jsonl"
-    sources = [arg for i in range(streams) for arg in ("--source", f"cam{i}={clip},loop")]
-    with station_process("--demo", "--engine", "device", "--state-dir", str(folder / f"state-{clip.stem}-{streams}"),
+def measure(clip: Path, streams: int, seconds: float, warmup: float, folder: Path, width: int | None = None) -> dict:
+    out = folder / f"out-{clip.stem}-{streams}-{width}.jsonl"
+    scaled = f",width={width}" if width else ""
+    sources = [arg for i in range(streams) for arg in ("--source", f"cam{i}={clip},loop{scaled}")]
+    with station_process("--demo", "--engine", "device", "--state-dir",
+                         str(folder / f"state-{clip.stem}-{streams}-{width}"),
                          *sources, "--sink", f"jsonl:{out}") as (proc, url):
         client = StationClient(url)
 
@@ -126,20 +131,22 @@ def measure(clip: Path, streams: int, seconds: float, warmup: float, folder: Pat
 
 
 def run_stream_bench(streams: tuple[int, ...] = (1, 4, 8), sizes=SIZES, seconds: float = 20.0,
-                     warmup: float = 5.0) -> dict:
+                     warmup: float = 5.0, width: int | None = None) -> dict:
+    """With ``width``, every source has the decoder scale its frames to that width (``width=N``)."""
     if shutil.which("ffmpeg") is None:
         raise PetahError("bench stream needs ffmpeg (apt-get install ffmpeg)")
+    scaled = width
     results = {}
     with tempfile.TemporaryDirectory(prefix="petah-bench-stream-") as tmp:
         folder = Path(tmp)
         for width, height in sizes:
             clip = make_clip(folder, width, height)
-            frames = clip_frames(clip, 16)
+            frames = clip_frames(clip, 16, scaled)
             rows = []
             for n in streams:
-                row = measure(clip, n, seconds, warmup, folder)
+                row = measure(clip, n, seconds, warmup, folder, scaled)
                 inference = in_process_rate(frames, n)
-                beside = in_process_rate(frames, n, beside=clip)
+                beside = in_process_rate(frames, n, beside=clip, width=scaled)
                 offered = n * FPS
                 # a source's thread takes its newest frame when its last answer comes back: an answer's
                 # age is at most one frame interval + one batch of the station (n frames per batch)
@@ -152,8 +159,8 @@ def run_stream_bench(streams: tuple[int, ...] = (1, 4, 8), sizes=SIZES, seconds:
                             "station_batch_ms": round(station_batch_ms, 1) if station_batch_ms else None,
                             "age_target_ms": round(station_batch_ms + 1000 / FPS, 1) if station_batch_ms else None})
                 rows.append(row)
-            results[f"{width}x{height}"] = rows
-    return {"fps": FPS, "seconds": seconds, "tasks": "all demo tasks", "sizes": results}
+            results[f"{width}x{height}" + (f" scaled to {scaled} wide" if scaled else "")] = rows
+    return {"fps": FPS, "seconds": seconds, "tasks": "all demo tasks", "width": scaled, "sizes": results}
 
 
 __all__ = ["run_stream_bench"]

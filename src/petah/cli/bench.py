@@ -274,6 +274,9 @@ def bench_soak(
 def bench_stream(
     streams: Annotated[str, typer.Option("--streams", help="Concurrent streams, comma-separated.")] = "1,4,8",
     seconds: Annotated[float, typer.Option("--seconds", help="Seconds measured per setting.")] = 20.0,
+    width: Annotated[int | None, typer.Option("--width", help="Sources scale frames to this width in the decoder "
+                                                              "(the source option width=N).")] = None,
+    sizes: Annotated[str, typer.Option("--sizes", help="Frame sizes, comma-separated WxH.")] = "640x480,1280x720",
     json_out: JsonOpt = False,
 ) -> None:
     """Camera streams through a station: answered frames/s against inference alone, stale frames
@@ -286,7 +289,15 @@ def bench_stream(
         counts = ()
     if not counts or min(counts) < 1 or max(counts) > 32 or seconds <= 0:
         raise PetahError(f"--streams {streams!r}: 1..32 streams each, comma-separated; --seconds positive")
-    result = run_stream_bench(counts, seconds=seconds)
+    try:
+        frame_sizes = tuple(tuple(int(v) for v in size.lower().split("x")) for size in sizes.split(",") if size.strip())
+    except ValueError:
+        frame_sizes = ()
+    if not frame_sizes or any(len(size) != 2 or not (16 <= min(size) and max(size) <= 4096) for size in frame_sizes):
+        raise PetahError(f"--sizes {sizes!r}: write WxH[,WxH…], 16..4096 pixels a side")
+    if width is not None and not 16 <= width <= 4096:
+        raise PetahError(f"--width must be 16..4096 pixels, got {width}")
+    result = run_stream_bench(counts, sizes=frame_sizes, seconds=seconds, width=width)
     if json_out:
         emit_json(result)
         return

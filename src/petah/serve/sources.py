@@ -13,6 +13,10 @@ counted as dropped, so a model slower than the camera answers for frames at most
 one frame interval old. A stream that ends, fails or stalls (no frame for ``STALL_S``) is
 reconnected with backoff; a video file plays at its own rate, and ``loop`` plays it again.
 
+``width=N`` has the decoder scale frames to N pixels wide (aspect kept) before they reach the
+station: a 1280x720 camera feeding a 64-pixel model need not move and resize full frames (regions,
+boxes and masks are then in the scaled frame's pixels).
+
 **Regions** (``region=NAME:X:Y:W:H[:TASK+TASK]``, repeatable): each frame or file is answered
 as those crops (pixels of the source's frame), each with its own tasks (default: the source's),
 instead of whole. **Triggers** (``trigger``, or ``trigger=mqtt(s)://BROKER/TOPIC``): a stream is
@@ -102,6 +106,7 @@ class SourceSpec:
     uri: str
     tasks: tuple[str, ...] | None = None
     fps: float | None = None
+    width: int | None = None  # frames scaled by the decoder to this width (aspect kept)
     loop: bool = False
     after: str = "move"
     regions: tuple[Region, ...] = ()
@@ -127,6 +132,11 @@ class SourceSpec:
                     spec.fps = -1
                 if not 0 < spec.fps <= 240:
                     raise PetahError(f"--source {name}: fps must be a number in (0, 240], got {value!r}")
+            elif key == "width":
+                if not value.isdigit() or not 16 <= int(value) <= 8192:
+                    raise PetahError(f"--source {name}: width must be a whole number of pixels in [16, 8192], "
+                                     f"got {value!r}")
+                spec.width = int(value)
             elif key == "loop" and not value:
                 spec.loop = True
             elif key == "after" and value in ("move", "leave"):
@@ -139,11 +149,13 @@ class SourceSpec:
                 spec.trigger = value
             else:
                 raise PetahError(f"--source {name}: unknown option {option!r} (tasks=a+b, fps=N, loop, "
-                                 "after=move|leave, region=NAME:X:Y:W:H[:a+b], trigger[=mqtt://BROKER/TOPIC])")
+                                 "width=N, after=move|leave, region=NAME:X:Y:W:H[:a+b], trigger[=mqtt://BROKER/TOPIC])")
         if len({r.name for r in spec.regions}) != len(spec.regions):
             raise PetahError(f"--source {name}: two regions have one name")
         if spec.trigger and spec.kind == "folder":
             raise PetahError(f"--source {name}: a folder is answered file by file; triggers are for streams")
+        if spec.width and spec.kind == "folder":
+            raise PetahError(f"--source {name}: width= scales a stream's frames; a folder's files are taken whole")
         if spec.trigger and spec.trigger != "http":
             check_uri(spec.trigger, f"--source {name}: trigger")
         spec.kind  # noqa: B018 - refuses an unknown kind of URI now, not at start
@@ -177,8 +189,8 @@ class SourceSpec:
 
     def to_dict(self) -> dict:
         return {"uri": self.uri, "tasks": list(self.tasks) if self.tasks else None, "fps": self.fps,
-                "loop": self.loop, "after": self.after, "regions": [r.to_dict() for r in self.regions],
-                "trigger": self.trigger}
+                "width": self.width, "loop": self.loop, "after": self.after,
+                "regions": [r.to_dict() for r in self.regions], "trigger": self.trigger}
 
     @classmethod
     def from_dict(cls, name: str, data: dict) -> SourceSpec:
@@ -186,7 +198,7 @@ class SourceSpec:
         if not isinstance(data, dict) or not isinstance(data.get("uri"), str):
             raise PetahError('a source is {"uri": "...", "tasks": [...], "fps": N, "loop": false, '
                              '"after": "move"}')
-        tasks, fps, trigger = data.get("tasks"), data.get("fps"), data.get("trigger")
+        tasks, fps, trigger, width = data.get("tasks"), data.get("fps"), data.get("trigger"), data.get("width")
         regions = data.get("regions") or []
 
         def names(value) -> bool:
@@ -196,6 +208,8 @@ class SourceSpec:
             raise PetahError("tasks must be a list of task names")
         if fps is not None and not isinstance(fps, int | float):
             raise PetahError("fps must be a number")
+        if width is not None and (isinstance(width, bool) or not isinstance(width, int)):
+            raise PetahError("width must be a whole number of pixels")
         if trigger is not None and not isinstance(trigger, str):
             raise PetahError('trigger must be "http" or an mqtt:// URI')
         if not isinstance(regions, list) or not all(
@@ -208,6 +222,7 @@ class SourceSpec:
         if any("," in w for w in words) or any("+" in t or ":" in t for t in tasks or []):
             raise PetahError("a source's URI, task and region names hold no commas")
         options = ([f"tasks={'+'.join(tasks)}"] if tasks else []) + ([f"fps={fps:g}"] if fps is not None else [])
+        options += [f"width={width}"] if width is not None else []
         options += (["loop"] if data.get("loop") is True else []) + [f"after={data.get('after', 'move')}"]
         options += [f"region={r['name']}:{':'.join(map(str, r['box']))}"
                     + (f":{'+'.join(r['tasks'])}" if r.get("tasks") else "") for r in regions]
@@ -284,7 +299,9 @@ class StreamSource:
 
     def _attempt(self) -> str:
         """One ffmpeg run, reading its frames until it ends; why it ended."""
-        fps = ["-vf", f"fps={self.spec.fps:g}"] if self.spec.fps else []
+        filters = ([f"fps={self.spec.fps:g}"] if self.spec.fps else []) + (
+            [f"scale={self.spec.width}:-2"] if self.spec.width else [])  # scaled before the pipe: cheaper downstream
+        fps = ["-vf", ",".join(filters)] if filters else []
         with tempfile.TemporaryFile() as errors:  # a file, not a pipe: a pipe nobody reads could fill and stall it
             # PPM frames: each says its own size (no probe, and a size change mid-stream is fine)
             proc = subprocess.Popen(["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", *self._input, "-an",
