@@ -1,4 +1,5 @@
-"""Fleet verbs: ``petah hub init | serve | status | add-device | rotate-key`` and ``petah release``."""
+"""Fleet verbs: ``petah hub init | serve | status | add-device | rotate-key | pause | resume | halt``
+and ``petah release``."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from petah.errors import PetahError
 hub_app = typer.Typer(no_args_is_help=True, help="The release hub: TUF metadata, staged rollouts, device reports.")
 RootOpt = Annotated[Path, typer.Option("--root", help="The hub's folder (metadata, targets, keys, hub.db).")]
 HubOpt = Annotated[str, typer.Option("--hub", help="The hub's URL, e.g. http://127.0.0.1:8600.")]
+TokenOpt = Annotated[Path | None, typer.Option("--token-file", help="The hub's read (or admin) token, where it has "
+                                                                    "one (petah hub serve --read-token-file).")]
 
 
 @hub_app.command("init")
@@ -45,10 +48,15 @@ def hub_serve(
     port: Annotated[int, typer.Option("--port", help="TCP port (0: any free port, printed at start).")] = 8600,
     ssl_keyfile: Annotated[str | None, typer.Option("--ssl-keyfile", help="TLS private key (PEM).")] = None,
     ssl_certfile: Annotated[str | None, typer.Option("--ssl-certfile", help="TLS certificate (PEM).")] = None,
+    admin_token_file: Annotated[Path | None, typer.Option(
+        "--admin-token-file", help="The operators' token: the page's and petah hub pause / resume / halt.")] = None,
+    read_token_file: Annotated[Path | None, typer.Option(
+        "--read-token-file", help="A token the fleet's status takes (device ids, versions, drift); open without.")
+    ] = None,
 ) -> None:
-    """Serve the hub until SIGTERM / Ctrl-C."""
+    """Serve the hub (its page at /) until SIGTERM / Ctrl-C."""
     from petah.fleet.hub_app import HUB_MAX_REQUESTS, Hub, create_hub_app
-    from petah.http import listen
+    from petah.http import listen, read_token
     from petah.http_server import serve_guarded
     from petah.serve.config import is_loopback
 
@@ -57,22 +65,25 @@ def hub_serve(
                          "(device tokens must not travel in clear text)")
     if not 0 <= port <= 65535:
         raise PetahError(f"--port must be 0..65535, got {port}")
+    admin_token = read_token(str(admin_token_file) if admin_token_file else None, "--admin-token-file")
+    reader_token = read_token(str(read_token_file) if read_token_file else None, "--read-token-file")
     hub = Hub(root)
     sock = listen(host, port)
     scheme = "https" if ssl_certfile else "http"
     print(f"petah hub: {root} on {scheme}://{host}:{sock.getsockname()[1]}/", file=sys.stdout, flush=True)
-    serve_guarded(create_hub_app(hub), sock, max_requests=HUB_MAX_REQUESTS, ssl_keyfile=ssl_keyfile,
-                  ssl_certfile=ssl_certfile)
+    serve_guarded(create_hub_app(hub, admin_token=admin_token, read_token=reader_token), sock,
+                  max_requests=HUB_MAX_REQUESTS, ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile)
 
 
 @hub_app.command("status")
-def hub_status_command(hub: HubOpt, json_out: JsonOpt = False) -> None:
+def hub_status_command(hub: HubOpt, token_file: TokenOpt = None, json_out: JsonOpt = False) -> None:
     """Each release's stage and per-stage counts, the device list, and the stations whose tasks drift."""
     from rich.table import Table
 
     from petah.fleet.client import hub_status
+    from petah.http import read_token
 
-    status = hub_status(hub)
+    status = hub_status(hub, read_token(str(token_file) if token_file else None, "--token-file"))
     if json_out:
         emit_json(status)
         return
@@ -123,6 +134,43 @@ def hub_rotate_key(
               soft_wrap=True)
 
 
+def _operate(action: str, release_id: int, hub: str, admin_token_file: Path, json_out: bool) -> None:
+    from petah.fleet.client import operate_release
+    from petah.http import read_token
+
+    result = operate_release(release_id, action, hub, read_token(str(admin_token_file), "--admin-token-file"))
+    if json_out:
+        emit_json(result)
+        return
+    out.print(f"release {result['release']} is {result['state']}", highlight=False)
+
+
+ReleaseArg = Annotated[int, typer.Argument(help="The release id (petah hub status).")]
+AdminOpt = Annotated[Path, typer.Option("--admin-token-file", help="The hub's admin token (the operators').")]
+
+
+@hub_app.command("pause")
+def hub_pause(release_id: ReleaseArg, admin_token_file: AdminOpt, hub: HubOpt = "http://127.0.0.1:8600",
+              json_out: JsonOpt = False) -> None:
+    """Pause a rolling release: no stage advances; stations keep what they run."""
+    _operate("pause", release_id, hub, admin_token_file, json_out)
+
+
+@hub_app.command("resume")
+def hub_resume(release_id: ReleaseArg, admin_token_file: AdminOpt, hub: HubOpt = "http://127.0.0.1:8600",
+               json_out: JsonOpt = False) -> None:
+    """Resume a paused or halted release: its rollout goes on from its stage."""
+    _operate("resume", release_id, hub, admin_token_file, json_out)
+
+
+@hub_app.command("halt")
+def hub_halt(release_id: ReleaseArg, admin_token_file: AdminOpt, hub: HubOpt = "http://127.0.0.1:8600",
+             json_out: JsonOpt = False) -> None:
+    """Roll back a release: halted, its stations return to their previous version (resume undoes it;
+    withdrawing it for good takes the release key: petah release --rollback)."""
+    _operate("halt", release_id, hub, admin_token_file, json_out)
+
+
 def release(
     package: Annotated[Path | None, typer.Argument(help="The .petah package to release.")] = None,
     hub: HubOpt = "http://127.0.0.1:8600",
@@ -139,6 +187,7 @@ def release(
                                                                         "must reach.")] = None,
     rollback: Annotated[int | None, typer.Option("--rollback", help="Withdraw release ID instead (stations return "
                                                                     "to their previous version).")] = None,
+    token_file: TokenOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Publish a signed release of a task package to a hub, rolled out in stages (or withdraw one)."""
@@ -147,7 +196,10 @@ def release(
     if (package is None) == (rollback is None):
         raise PetahError("give a package to release, or --rollback RELEASE_ID")
     if rollback is not None:
-        result = withdraw_release(rollback, hub, key)
+        from petah.http import read_token
+
+        result = withdraw_release(rollback, hub, key, read_token(str(token_file) if token_file else None,
+                                                                 "--token-file"))
     else:
         try:
             percents = [int(s) for s in stages.split(",") if s.strip()]

@@ -78,11 +78,11 @@ def publish_release(package: str | Path, hub: str, key: str | Path, *, stages: l
     return json.loads(call(f"{hub}/v1/releases", "POST", body, {"Content-Type": content_type}))
 
 
-def withdraw_release(release_id: int, hub: str, key: str | Path) -> dict:
+def withdraw_release(release_id: int, hub: str, key: str | Path, token: str | None = None) -> dict:
     """Take a release out of the signed targets (release key) and mark it withdrawn: stations that
-    run it return to their previous version."""
+    run it return to their previous version (``token``: the hub's read token, where it has one)."""
     hub = check_hub_url(hub)
-    status = hub_status(hub)
+    status = hub_status(hub, token)
     found = [r for r in status["releases"] if r["id"] == release_id]
     if not found:
         raise PetahError(f"the hub has no release {release_id}")
@@ -93,8 +93,21 @@ def withdraw_release(release_id: int, hub: str, key: str | Path) -> dict:
     return {**result, "target": found[0]["target"]}
 
 
-def hub_status(hub: str) -> dict:
-    return json.loads(call(f"{check_hub_url(hub)}/v1/releases"))
+def bearer(token: str | None) -> dict:
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-__all__ = ["call", "check_hub_url", "hub_status", "publish_release", "sign_release", "withdraw_release"]
+def hub_status(hub: str, token: str | None = None) -> dict:
+    """Every release with its stage, counts and failures, the stations, the drifting tasks
+    (``token``: the hub's read or admin token, where it has one)."""
+    return json.loads(call(f"{check_hub_url(hub)}/v1/releases", headers=bearer(token)))
+
+
+def operate_release(release_id: int, action: str, hub: str, token: str) -> dict:
+    """An operator's pause / resume / halt of a release (the hub's admin token)."""
+    return json.loads(call(f"{check_hub_url(hub)}/v1/releases/{int(release_id)}/{action}", "POST", b"",
+                           bearer(token)))
+
+
+__all__ = ["call", "check_hub_url", "hub_status", "operate_release", "publish_release", "sign_release",
+           "withdraw_release"]

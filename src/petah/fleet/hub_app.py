@@ -17,7 +17,7 @@ from starlette.middleware import Middleware
 
 from petah.errors import PetahError
 from petah.fleet.hub import Hub
-from petah.fleet.routers import devices, health, releases, repository
+from petah.fleet.routers import devices, health, page, releases, repository
 from petah.http import listen
 from petah.http_app import add_error_handlers, new_app
 from petah.http_server import guarded_server
@@ -25,26 +25,30 @@ from petah.http_server import guarded_server
 HUB_MAX_REQUESTS = 1024  # requests in progress at once (each body is bounded); past it 503 with Retry-After
 
 
-def create_hub_app(hub: Hub, middleware: Sequence[Middleware] = ()) -> FastAPI:
+def create_hub_app(hub: Hub, middleware: Sequence[Middleware] = (), *, admin_token: str | None = None,
+                   read_token: str | None = None) -> FastAPI:
     """The hub's app; ``middleware`` wraps its routes (inside the error handlers: the fleet bench
-    injects its faults this way)."""
+    injects its faults this way); ``admin_token`` opens the operators' actions, ``read_token`` (or
+    the admin token) the fleet's status, open without one."""
     app = new_app("petah hub", middleware=list(middleware))  # the schema stays open at /openapi.json
     app.state.hub = hub
+    app.state.admin_token, app.state.read_token = admin_token, read_token
     add_error_handlers(app, "hub", framework_errors=False)
-    for router in (repository, releases, devices, health):  # in this order: the schema lists the paths so
+    for router in (repository, releases, devices, health, page):  # in this order: the schema lists the paths so
         app.include_router(router.router)
+    page.mount_static(app)
     return app
 
 
 @contextlib.contextmanager
 def running_hub(hub: Hub, *, middleware: Sequence[Middleware] = (), host: str = "127.0.0.1", port: int = 0,
-                log_level: str = "warning", **guards):
+                log_level: str = "warning", admin_token: str | None = None, read_token: str | None = None, **guards):
     """The hub served by uvicorn on a thread of this process (tests, ``petah bench fleet``); yields
-    its URL and the server (``server.should_exit``); ``middleware`` goes to ``create_hub_app``,
-    ``guards`` to ``guarded_server``."""
+    its URL and the server (``server.should_exit``); ``middleware`` and the tokens go to
+    ``create_hub_app``, ``guards`` to ``guarded_server``."""
     sock = listen(host, port)
-    server = guarded_server(create_hub_app(hub, middleware), max_requests=HUB_MAX_REQUESTS, log_level=log_level,
-                            lifespan="off", **guards)
+    app = create_hub_app(hub, middleware, admin_token=admin_token, read_token=read_token)
+    server = guarded_server(app, max_requests=HUB_MAX_REQUESTS, log_level=log_level, lifespan="off", **guards)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:

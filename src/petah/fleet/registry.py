@@ -9,7 +9,11 @@ The rollout rules live here, next to the data they read:
 - a release advances when at least ``min_healthy`` of its current stage's devices report it
   promoted, and halts when failures (gate rejections, health rollbacks, failed installs) among
   them reach ``max_failed`` of the stage; a halted or withdrawn release is taken out of every
-  device's desired set, so devices that had it return to their previous version.
+  device's desired set, so devices that had it return to their previous version;
+- an operator (the hub's admin token: its page or ``petah hub pause | resume | halt``) may pause a
+  rolling release (its stage's devices keep it, no stage advances), resume a paused or halted one,
+  or halt one (a roll back: devices return). A withdrawn release never comes back: that takes the
+  release key, which signed it out of the targets.
 """
 
 from __future__ import annotations
@@ -41,8 +45,11 @@ CREATE TABLE IF NOT EXISTS reports (
     device TEXT NOT NULL, release INTEGER, task TEXT, event TEXT NOT NULL, at REAL NOT NULL,
     detail TEXT, bytes INTEGER NOT NULL DEFAULT 0, retries INTEGER NOT NULL DEFAULT 0);
 """
-ACTIVE = ("rolling", "complete")
+ACTIVE = ("rolling", "complete", "paused")
+OPERATIONS = {"pause": ({"rolling"}, "paused"), "resume": ({"paused", "halted"}, "rolling"),
+              "halt": ({"rolling", "paused", "complete"}, "halted")}  # action: (from states, to state)
 FAILED_EVENTS = {"gate_rejected", "health_rollback", "install_failed"}
+PROBLEM_EVENTS = FAILED_EVENTS | {"download_failed", "incompatible"}
 EVENTS = {"downloaded", "gate_passed", "installed", "promoted", "incompatible", "returned", "download_failed",
           *FAILED_EVENTS}
 
@@ -176,6 +183,32 @@ class Registry:
     def set_state(self, release_id: int, state: str) -> None:
         self._tx(lambda db: db.execute("UPDATE releases SET state=? WHERE id=?", (state, release_id)))
 
+    def operate(self, release_id: int, action: str) -> str:
+        """An operator's pause / resume / halt (see the module's doc); the release's new state."""
+        if action not in OPERATIONS:
+            raise PetahError(f"unknown action {action!r} (one of {', '.join(OPERATIONS)})")
+        sources, target = OPERATIONS[action]
+
+        def operate(db):
+            row = db.execute("SELECT * FROM releases WHERE id=?", (release_id,)).fetchone()
+            if row is None:
+                raise KeyError(release_id)
+            if row["state"] not in sources:
+                raise PetahError(f"release {release_id} is {row['state']}: only a release that is "
+                                 f"{' or '.join(sorted(sources))} can {action}")
+            db.execute("UPDATE releases SET state=? WHERE id=?", (target, release_id))
+            if target == "rolling":
+                self._advance(db, Release.from_row({**dict(row), "state": target}))
+            return target
+        return self._tx(operate)
+
+    def failures(self, release_id: int, limit: int = 20) -> list[dict]:
+        """The newest reports of what went wrong with a release on devices, and why."""
+        rows = self._all("SELECT device, event, at, detail FROM reports WHERE release=? AND event IN "
+                         f"({','.join('?' * len(PROBLEM_EVENTS))}) ORDER BY at DESC LIMIT ?",
+                         (release_id, *sorted(PROBLEM_EVENTS), limit))
+        return [dict(r) for r in rows]
+
     def _stage_members(self, db, release: Release, stage: int) -> list[str]:
         ids = [r["id"] for r in db.execute("SELECT id FROM devices WHERE backbone=?", (release.backbone,))]
         ids.sort(key=stage_rank)
@@ -281,7 +314,7 @@ class Registry:
                              "min_healthy": release.min_healthy, "max_failed": release.max_failed,
                              "min_score": release.min_score, "created": release.created,
                              "stage_times": release.stage_times, "counts": self.stage_counts(release),
-                             "transfer": self.transfer(release.id)})
+                             "transfer": self.transfer(release.id), "failures": self.failures(release.id)})
         devices = self.devices()
         drifting: dict[str, list[str]] = {}
         for device in devices:
@@ -291,4 +324,4 @@ class Registry:
         return {"releases": releases, "devices": devices, "drifting": drifting}
 
 
-__all__ = ["EVENTS", "Registry", "Release", "check_rollout", "stage_rank", "token_hash"]
+__all__ = ["ACTIVE", "EVENTS", "OPERATIONS", "Registry", "Release", "check_rollout", "stage_rank", "token_hash"]

@@ -10,7 +10,7 @@ from fastapi import Depends, Request
 from petah.fleet.hub import Hub
 from petah.fleet.ids import check_device_id
 from petah.http import ClientError
-from petah.http_app import Authorization, bearer_token, unauthorized
+from petah.http_app import Authorization, bearer_matches, bearer_token, unauthorized
 
 
 def get_hub(request: Request) -> Hub:
@@ -31,6 +31,26 @@ def authenticated_device(device_id: str, hub: HubDep, authorization: Authorizati
 DeviceDep = Annotated[str, Depends(authenticated_device)]
 
 
+def require_hub_admin(request: Request, authorization: Authorization = None) -> None:
+    """The hub's admin token (``petah hub serve --admin-token-file``): operators' actions."""
+    token = request.app.state.admin_token
+    if token is None:
+        raise ClientError(401, "operator actions are disabled: start petah hub serve with --admin-token-file")
+    if not bearer_matches(authorization, token):
+        raise unauthorized("wrong or missing admin bearer token")
+
+
+def require_reader(request: Request, authorization: Authorization = None) -> None:
+    """With ``--read-token-file``, the fleet's status (device ids, versions, drift) takes that token
+    or the admin token; without one it is open, as a hub on loopback has been."""
+    state = request.app.state
+    if state.read_token is None:
+        return
+    if not any(token is not None and bearer_matches(authorization, token)
+               for token in (state.read_token, state.admin_token)):
+        raise unauthorized("wrong or missing read bearer token")
+
+
 def check_id(value, label: str) -> int:
     """A whole number that fits SQLite's integers (a request may carry any size)."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
@@ -38,4 +58,5 @@ def check_id(value, label: str) -> int:
     return value
 
 
-__all__ = ["DeviceDep", "HubDep", "authenticated_device", "check_id", "get_hub"]
+__all__ = ["DeviceDep", "HubDep", "authenticated_device", "check_id", "get_hub", "require_hub_admin",
+           "require_reader"]

@@ -1,13 +1,16 @@
 """Releases: publish (a package with its targets metadata signed by the release key: the hub needs
-no credential of its own to check it), withdraw, and the rollout status."""
+no credential of its own to check it), withdraw, the rollout status (``--read-token-file``: behind a
+token), and the operators' pause / resume / halt (the admin token)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from petah.fleet.routers.deps import HubDep, check_id
+from petah.errors import PetahError
+from petah.fleet.registry import OPERATIONS
+from petah.fleet.routers.deps import HubDep, check_id, require_hub_admin, require_reader
 from petah.http import ClientError, form_files, parse_json, read_body
 
 MAX_RELEASE_BYTES = 64 * 1024 * 1024
@@ -32,9 +35,24 @@ async def withdraw(release_id: int, request: Request, hub: HubDep):
     return await run_in_threadpool(hub.withdraw, release_id, body)
 
 
-@router.get("/v1/releases")
+@router.get("/v1/releases", dependencies=[Depends(require_reader)])
 def releases(hub: HubDep):
     return hub.registry.status()
+
+
+@router.post("/v1/releases/{release_id}/{action}", dependencies=[Depends(require_hub_admin)],
+             summary="An operator's pause (no stage advances), resume, or halt (stations return): the admin token")
+async def operate(release_id: int, action: str, hub: HubDep):
+    check_id(release_id, "the release id")
+    if action not in OPERATIONS:
+        raise ClientError(404, f"no action {action[:32]!r} (one of {', '.join(OPERATIONS)}, withdraw)")
+    try:
+        state = await run_in_threadpool(hub.registry.operate, release_id, action)
+    except KeyError:
+        raise ClientError(404, f"no release {release_id}") from None
+    except PetahError as exc:
+        raise ClientError(409, str(exc)) from None
+    return {"release": release_id, "state": state}
 
 
 @router.get("/v1/targets-metadata")
