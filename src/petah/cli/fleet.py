@@ -15,6 +15,8 @@ from petah.errors import PetahError
 hub_app = typer.Typer(no_args_is_help=True, help="The release hub: TUF metadata, staged rollouts, device reports.")
 RootOpt = Annotated[Path, typer.Option("--root", help="The hub's folder (metadata, targets, keys, hub.db).")]
 HubOpt = Annotated[str, typer.Option("--hub", help="The hub's URL, e.g. http://127.0.0.1:8600.")]
+DbOpt = Annotated[str | None, typer.Option("--db", help="The hub's tables in PostgreSQL (postgresql://USER@HOST/DB), "
+                                                        "shared by several hub processes; default: ROOT/hub.db.")]
 TokenOpt = Annotated[Path | None, typer.Option("--token-file", help="The hub's read (or admin) token, where it has "
                                                                     "one (petah hub serve --read-token-file).")]
 
@@ -53,6 +55,7 @@ def hub_serve(
     read_token_file: Annotated[Path | None, typer.Option(
         "--read-token-file", help="A token the fleet's status takes (device ids, versions, drift); open without.")
     ] = None,
+    db: DbOpt = None,
 ) -> None:
     """Serve the hub (its page at /) until SIGTERM / Ctrl-C."""
     from petah.fleet.hub_app import HUB_MAX_REQUESTS, Hub, create_hub_app
@@ -67,7 +70,7 @@ def hub_serve(
         raise PetahError(f"--port must be 0..65535, got {port}")
     admin_token = read_token(str(admin_token_file) if admin_token_file else None, "--admin-token-file")
     reader_token = read_token(str(read_token_file) if read_token_file else None, "--read-token-file")
-    hub = Hub(root)
+    hub = Hub(root, db)
     sock = listen(host, port)
     scheme = "https" if ssl_certfile else "http"
     print(f"petah hub: {root} on {scheme}://{host}:{sock.getsockname()[1]}/", file=sys.stdout, flush=True)
@@ -111,11 +114,12 @@ def hub_add_device(
     device_id: Annotated[str, typer.Argument(help="The device's id (1-64 of A-Z a-z 0-9 . _ -).")],
     token_file: Annotated[Path, typer.Option("--token-file", help="Where to write the device's new token (0600); "
                                                                   "copy it to the device as --device-token-file.")],
+    db: DbOpt = None,
 ) -> None:
     """Register a device and write its token."""
     from petah.fleet.hub import add_device
 
-    add_device(root, device_id, token_file)
+    add_device(root, device_id, token_file, db)
     out.print(f"device {device_id} registered; its token is in {token_file}", highlight=False, soft_wrap=True)
 
 

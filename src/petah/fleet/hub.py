@@ -7,7 +7,8 @@ Layout of ``--root DIR``::
     metadata/N.root.json, N.targets.json, N.snapshot.json, timestamp.json   (TUF, python-tuf)
     targets/TASK/SHA256.SHA256.petah                                         (release packages)
     keys/online.key                  the online snapshot + timestamp key (created by ``hub init``)
-    hub.db                           releases, devices, reports (SQLite, ``petah.fleet.registry``)
+    hub.db                           releases, devices, reports (SQLite, ``petah.fleet.registry``), or
+                                     ``--db postgresql://…`` shared by several hub processes
     incoming/petah-<16 hex>.tmp      temp files of writes in progress; leftovers of a killed hub
                                      are removed at the next start (``Repository.sweep_incoming``)
 
@@ -40,9 +41,9 @@ def finite_number(settings: dict, key: str, default):
     return float(value)
 
 
-def add_device(root: str | Path, device_id: str, token_file: str | Path) -> Path:
+def add_device(root: str | Path, device_id: str, token_file: str | Path, db: str | None = None) -> Path:
     """Register a device: a new random token written to ``token_file`` (mode 0600, never over a
-    file), its hash kept by the hub."""
+    file), its hash kept by the hub (in ``db`` where the hub's tables are not ``ROOT/hub.db``)."""
     import os
 
     check_device_id(device_id)
@@ -51,7 +52,7 @@ def add_device(root: str | Path, device_id: str, token_file: str | Path) -> Path
     if token_file.exists():
         raise PetahError(f"{token_file} exists; add-device never overwrites a token file")
     token = secrets.token_urlsafe(32)
-    registry = Registry(Path(root) / "hub.db")
+    registry = Registry(db or Path(root) / "hub.db")
     try:
         registry.add_device(device_id, token)
     finally:
@@ -65,11 +66,11 @@ def add_device(root: str | Path, device_id: str, token_file: str | Path) -> Path
 class Hub:
     """What the endpoints call: the metadata repository and the registry, usable without HTTP."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, db: str | None = None):
         self.root = Path(root)
         self.repository = Repository(self.root)
         self.repository.sweep_incoming()  # what a killed publish left (files petah names and no one holds)
-        self.registry = Registry(self.root / "hub.db")
+        self.registry = Registry(db or self.root / "hub.db")
         self._publish = threading.Lock()
 
     def publish(self, package: bytes, targets_metadata: bytes, settings: dict) -> dict:

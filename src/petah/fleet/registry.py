@@ -1,11 +1,10 @@
-"""The hub's state in SQLite: releases and their rollout stage, devices, their reports.
-
-Plain SQL on the standard library's sqlite3 (portable to PostgreSQL: no SQLite-only types).
-The rollout rules live here, next to the data they read:
+"""The hub's state: releases and their rollout stage, devices, their reports — on SQLite or
+PostgreSQL (``petah.fleet.database``). The rollout rules live here, next to the data they read:
 
 - a device joins a release's rollout by a stable hash of its id: the compatible devices (same
   backbone fingerprint) sorted by sha256(id); stage k holds the first ``ceil(stages[k] % * N)``
-  (at least one), so stages only grow and a device never leaves one;
+  (at least one), so stages only grow and a device never leaves one. The order is computed once
+  per backbone and device count, not per poll;
 - a release advances when at least ``min_healthy`` of its current stage's devices report it
   promoted, and halts when failures (gate rejections, health rollbacks, failed installs) among
   them reach ``max_failed`` of the stage; a halted or withdrawn release is taken out of every
@@ -21,30 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from petah.errors import PetahError
+from petah.fleet.database import Database
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS releases (
-    id INTEGER PRIMARY KEY, task TEXT NOT NULL, backbone TEXT NOT NULL, sha256 TEXT NOT NULL,
-    target TEXT NOT NULL, bytes INTEGER NOT NULL, stages TEXT NOT NULL, min_healthy REAL NOT NULL,
-    max_failed REAL NOT NULL, min_score REAL, stage INTEGER NOT NULL, state TEXT NOT NULL,
-    created REAL NOT NULL, stage_times TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS devices (
-    id TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL, backbone TEXT, last_seen REAL, state TEXT,
-    installed TEXT NOT NULL DEFAULT '{}', drift TEXT NOT NULL DEFAULT '{}');
-CREATE TABLE IF NOT EXISTS outcomes (
-    device TEXT NOT NULL, release INTEGER NOT NULL, outcome TEXT NOT NULL, at REAL NOT NULL,
-    PRIMARY KEY (device, release));
-CREATE TABLE IF NOT EXISTS reports (
-    device TEXT NOT NULL, release INTEGER, task TEXT, event TEXT NOT NULL, at REAL NOT NULL,
-    detail TEXT, bytes INTEGER NOT NULL DEFAULT 0, retries INTEGER NOT NULL DEFAULT 0);
-"""
 ACTIVE = ("rolling", "complete", "paused")
 OPERATIONS = {"pause": ({"rolling"}, "paused"), "resume": ({"paused", "halted"}, "rolling"),
               "halt": ({"rolling", "paused", "complete"}, "halted")}  # action: (from states, to state)
@@ -102,42 +84,24 @@ def check_rollout(stages: list[int], min_healthy: float, max_failed: float) -> N
 
 
 class Registry:
-    """One SQLite file; every method is one transaction (the hub serves requests on threads)."""
+    """The hub's tables (a SQLite file, or a ``postgresql://`` URL several hubs share); every
+    method is one transaction (the hub serves requests on threads, maybe in several processes)."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        # one connection for every thread: reads take the lock too (re-entrant: the rules read inside
-        # a transaction), so a reader never sees another thread's transaction half-done
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")  # a crash never leaves a half-written state
-        self._db.executescript(SCHEMA)
-        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(devices)")}
-        if "drift" not in columns:  # a hub folder made before stations reported drift
-            self._db.execute("ALTER TABLE devices ADD COLUMN drift TEXT NOT NULL DEFAULT '{}'")
+    def __init__(self, target: str | Path):
+        self.db = Database(target)
+        self._ranked: dict[str, tuple[int, dict[str, int]]] = {}  # backbone -> (devices, place by stage rank)
 
     def _tx(self, fn):
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(self._db)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-            return result
+        return self.db.transaction(fn)
 
     def _all(self, sql: str, params: tuple = ()) -> list:
-        with self._lock:
-            return self._db.execute(sql, params).fetchall()
+        return self.db.all(sql, params)
 
     def _one(self, sql: str, params: tuple = ()):
-        with self._lock:
-            return self._db.execute(sql, params).fetchone()
+        return self.db.one(sql, params)
 
     def close(self) -> None:
-        self._db.close()
+        self.db.close()
 
     # --- devices ----------------------------------------------------------------------------------
     def add_device(self, device_id: str, token: str) -> None:
@@ -164,11 +128,12 @@ class Registry:
         now = time.time()
 
         def add(db):
-            cursor = db.execute(
+            return db.execute(
                 "INSERT INTO releases (task, backbone, sha256, target, bytes, stages, min_healthy, max_failed, "
-                "min_score, stage, state, created, stage_times) VALUES (?,?,?,?,?,?,?,?,?,0,'rolling',?,'[]')",
-                (task, backbone, sha256, target, size, json.dumps(stages), min_healthy, max_failed, min_score, now))
-            return cursor.lastrowid
+                "min_score, stage, state, created, stage_times) VALUES (?,?,?,?,?,?,?,?,?,0,'rolling',?,'[]') "
+                "RETURNING id",
+                (task, backbone, sha256, target, size, json.dumps(stages), min_healthy, max_failed, min_score,
+                 now)).fetchone()["id"]
         return self.release(self._tx(add))
 
     def release(self, release_id: int) -> Release:
@@ -197,6 +162,7 @@ class Registry:
                 raise PetahError(f"release {release_id} is {row['state']}: only a release that is "
                                  f"{' or '.join(sorted(sources))} can {action}")
             db.execute("UPDATE releases SET state=? WHERE id=?", (target, release_id))
+            self._log_stage(db, release_id, row["stage"], target, f"operator: {action}")
             if target == "rolling":
                 self._advance(db, Release.from_row({**dict(row), "state": target}))
             return target
@@ -209,18 +175,34 @@ class Registry:
                          (release_id, *sorted(PROBLEM_EVENTS), limit))
         return [dict(r) for r in rows]
 
-    def _stage_members(self, db, release: Release, stage: int) -> list[str]:
-        ids = [r["id"] for r in db.execute("SELECT id FROM devices WHERE backbone=?", (release.backbone,))]
-        ids.sort(key=stage_rank)
-        if not ids:
-            return []
+    def _places(self, backbone: str) -> dict[str, int]:
+        """Each device of a backbone's place in every rollout's order: sorted again only when the
+        backbone's device count changed (a poll costs one indexed count, not a sort)."""
+        count = self._one("SELECT COUNT(*) AS n FROM devices WHERE backbone=?", (backbone,))["n"]
+        cached = self._ranked.get(backbone)
+        if cached is None or cached[0] != count:
+            ids = sorted((r["id"] for r in self._all("SELECT id FROM devices WHERE backbone=?", (backbone,))),
+                         key=stage_rank)
+            cached = self._ranked[backbone] = (len(ids), {device: place for place, device in enumerate(ids)})
+        return cached[1]
+
+    def _stage_size(self, release: Release, stage: int, devices: int) -> int:
         percent = release.stages[min(stage, len(release.stages) - 1)]
-        return ids[:max(1, math.ceil(percent / 100 * len(ids)))]
+        return max(1, math.ceil(percent / 100 * devices)) if devices else 0
+
+    def _in_stage(self, device_id: str, release: Release) -> bool:
+        places = self._places(release.backbone)
+        place = places.get(device_id)
+        return place is not None and place < self._stage_size(release, release.stage, len(places))
+
+    def _stage_members(self, release: Release, stage: int) -> list[str]:
+        places = self._places(release.backbone)
+        size = self._stage_size(release, stage, len(places))
+        return [device for device, place in places.items() if place < size]
 
     def stage_counts(self, release: Release) -> dict:
         """The current stage's devices and how many of them report the release promoted / failed."""
-        with self._lock:
-            members = self._stage_members(self._db, release, release.stage)
+        members = self._stage_members(release, release.stage)
         outcomes = {r["device"]: r["outcome"] for r in self._all(
             "SELECT device, outcome FROM outcomes WHERE release=?", (release.id,))}
         return {"devices": len(members),
@@ -237,6 +219,7 @@ class Registry:
                 return
             if counts["failed"] and counts["failed"] >= release.max_failed * members:
                 db.execute("UPDATE releases SET state='halted' WHERE id=?", (release.id,))
+                self._log_stage(db, release.id, release.stage, "halted", f"rules: {counts['failed']} failed")
                 return
             if counts["promoted"] < release.min_healthy * members:
                 return
@@ -246,6 +229,17 @@ class Registry:
                 release.state, release.stage = "complete", len(release.stages) - 1
             db.execute("UPDATE releases SET stage=?, state=?, stage_times=? WHERE id=?",
                        (release.stage, release.state, json.dumps(release.stage_times), release.id))
+            self._log_stage(db, release.id, release.stage, release.state, f"rules: {counts['promoted']} promoted")
+
+    @staticmethod
+    def _log_stage(db, release_id: int, stage: int, state: str, by: str) -> None:
+        db.execute("INSERT INTO stage_changes (release, stage, state, by, at) VALUES (?,?,?,?,?)",
+                   (release_id, stage, state, by, time.time()))
+
+    def stage_history(self, release_id: int) -> list[dict]:
+        """Every stage change of a release, oldest first: stage, state, by whom, when."""
+        return self._all("SELECT stage, state, by, at FROM stage_changes WHERE release=? ORDER BY at",
+                         (release_id,))
 
     # --- what devices say and get -----------------------------------------------------------------
     def poll(self, device_id: str, backbone: str, installed: dict[str, str], state: str,
@@ -268,7 +262,7 @@ class Registry:
                     continue
                 if release.task in desired:
                     continue
-                if release.state == "complete" or device_id in self._stage_members(db, release, release.stage):
+                if release.state == "complete" or self._in_stage(device_id, release):
                     desired[release.task] = {"release": release.id, "target": release.target,
                                              "sha256": release.sha256, "min_score": release.min_score}
             return {"desired": desired, "withdrawn": withdrawn}
@@ -281,12 +275,15 @@ class Registry:
 
         def report(db):
             now = time.time()
-            db.execute("INSERT INTO reports VALUES (?,?,?,?,?,?,?,?)",
+            db.execute("INSERT INTO reports (device, release, task, event, at, detail, bytes, retries) "
+                       "VALUES (?,?,?,?,?,?,?,?)",
                        (device_id, release_id, task, event, now, detail[:500], size, retries))
             db.execute("UPDATE devices SET last_seen=? WHERE id=?", (now, device_id))
             outcome = "promoted" if event == "promoted" else "failed" if event in FAILED_EVENTS else None
             if outcome and release_id is not None:
-                db.execute("INSERT OR REPLACE INTO outcomes VALUES (?,?,?,?)", (device_id, release_id, outcome, now))
+                db.execute("INSERT INTO outcomes (device, release, outcome, at) VALUES (?,?,?,?) ON CONFLICT "
+                           "(device, release) DO UPDATE SET outcome=excluded.outcome, at=excluded.at",
+                           (device_id, release_id, outcome, now))
                 row = db.execute("SELECT * FROM releases WHERE id=?", (release_id,)).fetchone()
                 if row is not None and row["state"] == "rolling":
                     self._advance(db, Release.from_row(row))
@@ -296,13 +293,13 @@ class Registry:
         """Bytes devices reported downloading for a release, and their retries (failed downloads too)."""
         row = self._one("SELECT COUNT(DISTINCT device) AS devices, COALESCE(SUM(bytes), 0) AS bytes "
                         "FROM reports WHERE release=? AND event='downloaded'", (release_id,))
-        retries = self._one("SELECT COALESCE(SUM(retries), 0) FROM reports WHERE release=?", (release_id,))[0]
-        return {**dict(row), "retries": retries}
+        retries = self._one("SELECT COALESCE(SUM(retries), 0) AS retries FROM reports WHERE release=?",
+                            (release_id,))["retries"]
+        return {"devices": int(row["devices"]), "bytes": int(row["bytes"]), "retries": int(retries)}
 
     def status(self) -> dict:
         """``petah hub status`` / ``GET /v1/releases``: every release with its stage and counts, and the devices."""
-        with self._lock:  # one consistent picture
-            return self._status()
+        return self.db.transaction(lambda _db: self._status(), write=False)  # one consistent picture
 
     def _status(self) -> dict:
         releases = []
@@ -314,7 +311,8 @@ class Registry:
                              "min_healthy": release.min_healthy, "max_failed": release.max_failed,
                              "min_score": release.min_score, "created": release.created,
                              "stage_times": release.stage_times, "counts": self.stage_counts(release),
-                             "transfer": self.transfer(release.id), "failures": self.failures(release.id)})
+                             "transfer": self.transfer(release.id), "failures": self.failures(release.id),
+                             "history": self.stage_history(release.id)})
         devices = self.devices()
         drifting: dict[str, list[str]] = {}
         for device in devices:
