@@ -263,6 +263,35 @@ def test_staged_rollout_gates_halts_withdraws_and_returns(tmp_path, keys, packag
                 agent.station.stop()
 
 
+def test_reports_queued_on_disk_reach_the_hub_after_a_restart(tmp_path, keys, golden, backbone):
+    """The hub away, the station killed with reports queued: a restarted agent sends them all."""
+    import socket
+
+    root, trusted = new_hub(tmp_path, keys)
+    hub = Hub(root)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    agent = station(backbone, tmp_path, f"http://127.0.0.1:{port}", root, trusted, "dev0", golden)
+    try:
+        agent.log("gate_passed", "digits", None, "before the restart")
+        with pytest.raises(PetahError, match="cannot reach"):
+            agent.flush()  # the hub is away: nothing lost
+        with open(agent.outbox.queue_path, "ab") as handle:
+            handle.write(b'{"event": "prom')  # killed mid-append: a torn line
+        restarted = Agent(agent.station)  # the station started again: the queue is on disk
+        restarted.log("promoted", "digits", None, "after the torn line")
+        with running_hub(hub, port=port):
+            restarted.flush()
+        reports = hub.registry.db.all("SELECT event, detail FROM reports WHERE device='dev0' ORDER BY at")
+        assert [(r["event"], r["detail"]) for r in reports] == [("gate_passed", "before the restart"),
+                                                                ("promoted", "after the torn line")]
+        assert restarted.outbox.backlog_bytes == 0
+        restarted.stop()
+    finally:
+        agent.station.stop()
+
+
 def test_fleet_simulation_with_faults_keeps_every_station_consistent(tmp_path):
     """The bench's outcome contract on 4 stations (one a child process killed with SIGKILL while it
     installs): dropped, truncated and corrupted downloads, delays, the hub down for a while."""

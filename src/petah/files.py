@@ -10,6 +10,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -169,3 +170,72 @@ def staged_folder(output: str | Path) -> Iterator[Path]:
         fsync_folder(output)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+class DiskQueue:
+    """Records (JSON lines) kept on disk until delivered, in order, at least once: appended to
+    ``FOLDER/queue.jsonl`` (an ``AppendLog``), read from a position kept in ``FOLDER/sent`` — a
+    fixed-width number rewritten in place (one small write a record; a crash leaves the old number
+    or the new one, and an old one only means a record sent again). ``max_bytes`` bounds what waits
+    (past it a new record is refused); a fully delivered queue past ``compact_bytes`` is emptied.
+    Used by the line's sinks and the fleet agent's reports."""
+
+    def __init__(self, folder: str | Path, *, max_bytes: int, sync: bool = False, compact_bytes: int = 1 << 20):
+        self.folder, self.max_bytes, self.compact_bytes = Path(folder), max_bytes, compact_bytes
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.queue_path, self.sent_path = self.folder / "queue.jsonl", self.folder / "sent"
+        self.sync = sync
+        self._log = AppendLog(self.queue_path, sync=sync)
+        self._lock = threading.Lock()
+        self.position = self._read_position()
+        self._mark_fd = os.open(self.sent_path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def _read_position(self) -> int:
+        try:
+            position = int(self.sent_path.read_bytes().strip() or 0)
+        except (OSError, ValueError):
+            position = 0
+        size = self.queue_path.stat().st_size if self.queue_path.exists() else 0
+        return position if 0 <= position <= size else 0  # emptied after the mark was written: start over
+
+    @property
+    def backlog_bytes(self) -> int:
+        size = self.queue_path.stat().st_size if self.queue_path.exists() else 0
+        return max(0, size - self.position)
+
+    def put(self, line: bytes) -> bool:
+        """Queue one record (a line ending in a newline); False when the queue is full. Raises
+        OSError when it cannot be written."""
+        with self._lock:
+            if self.backlog_bytes + len(line) > self.max_bytes:
+                return False
+            self._log.append(line)
+            return True
+
+    def next(self) -> bytes | None:
+        """The oldest record not yet delivered (with its newline), or None."""
+        if not self.queue_path.exists():
+            return None
+        with open(self.queue_path, "rb") as handle:
+            handle.seek(self.position)
+            line = handle.readline()
+        return line if line.endswith(b"\n") else None  # nothing new (or a line being appended)
+
+    def _write_mark(self, position: int) -> None:
+        os.pwrite(self._mark_fd, b"%020d\n" % position, 0)
+        if self.sync:
+            os.fsync(self._mark_fd)
+        self.position = position
+
+    def delivered(self, line: bytes) -> None:
+        """The record ``next`` gave is delivered: the position moves past it."""
+        self._write_mark(self.position + len(line))
+        if self.position >= self.compact_bytes:
+            with self._lock:
+                if self.backlog_bytes == 0:  # all delivered, nothing appended meanwhile: empty the queue
+                    os.truncate(self.queue_path, 0)  # a crash before the next line: the mark is past the end
+                    self._log = AppendLog(self.queue_path, sync=self.sync)
+                    self._write_mark(0)
+
+    def close(self) -> None:
+        os.close(self._mark_fd)

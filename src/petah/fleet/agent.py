@@ -32,14 +32,14 @@ import warnings
 from pathlib import Path
 
 from petah.errors import PetahError, PetahWarning
-from petah.files import AppendLog, atomic_write_bytes
+from petah.files import AppendLog, DiskQueue, atomic_write_bytes
 from petah.fleet.client import call, check_hub_url
 from petah.fleet.metadata import parse_metadata
 
 MAX_TRIES = 4  # per download: the first try and three retries
 MAX_BACKOFF_S = 30.0
 HEALTH_PROBES = 5
-MAX_OUTBOX = 1000
+MAX_OUTBOX_BYTES = 4 << 20  # reports waiting for the hub (~20,000); the audit log keeps all
 MAX_AUDIT_BYTES = 8 * 2**20  # the audit log rotates past this (one older file kept)
 MAX_REJECTED = 1000
 # probe latency, median over the window vs median before the install: coarser than the gate (which
@@ -110,7 +110,8 @@ class Agent:
         self.pending_file = self.folder / "pending.json"
         self.fetcher = fetcher
         self.rejected_file = self.folder / "rejected.json"
-        self.outbox: list[dict] = []  # reports the hub did not take yet (sent with the next step)
+        # reports the hub did not take yet, on disk (synced): sent with the next step, after a restart too
+        self.outbox = DiskQueue(self.folder / "outbox", max_bytes=MAX_OUTBOX_BYTES, sync=True)
         self.retries = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -137,6 +138,7 @@ class Agent:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(60)
+        self.outbox.close()
 
     def _loop(self) -> None:
         try:
@@ -159,8 +161,10 @@ class Agent:
         with self._audit_lock:
             self._audit_log.append((json.dumps(record) + "\n").encode())
         if send and event != "error":
-            self.outbox.append({k: record[k] for k in ("event", "task", "release", "detail")} | numbers)
-            del self.outbox[:-MAX_OUTBOX]  # a hub gone for days: keep the newest (the audit log keeps all)
+            report = {k: record[k] for k in ("event", "task", "release", "detail")} | numbers
+            if not self.outbox.put(json.dumps(report).encode() + b"\n"):  # a hub gone for weeks
+                self.log("error", detail="the report queue is full: this report stays in the audit log only",
+                         send=False)
 
     def _hub(self, path: str, payload: dict) -> dict:
         body = json.dumps(payload).encode()
@@ -169,14 +173,19 @@ class Agent:
                                timeout=15))
 
     def flush(self) -> None:
-        while self.outbox:
+        while (line := self.outbox.next()) is not None:
             try:
-                self._hub("report", self.outbox[0])
-            except PetahError as exc:
-                if "HTTP 4" not in str(exc):  # the hub is away: keep it for the next step
-                    raise
-                self.log("error", detail=f"the hub refused a report: {exc}", send=False)  # never blocks the rest
-            self.outbox.pop(0)
+                report = json.loads(line)
+            except ValueError:  # torn by a crash mid-append
+                report = None
+            if isinstance(report, dict):
+                try:
+                    self._hub("report", report)
+                except PetahError as exc:
+                    if "HTTP 4" not in str(exc):  # the hub is away: keep it for the next step
+                        raise
+                    self.log("error", detail=f"the hub refused a report: {exc}", send=False)  # never blocks the rest
+            self.outbox.delivered(line)
 
     # --- versions this station refused (kept across restarts) -----------------------------------
     def _load_rejected(self) -> set[str]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 import urllib.error
@@ -30,13 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from petah.errors import PetahError
-from petah.files import AppendLog
+from petah.files import AppendLog, DiskQueue
 from petah.serve import mqtt
 
 logger = logging.getLogger("petah.serve")
 SCHEMES = ("mqtt", "mqtts", "http", "https", "jsonl")
 BACKOFF_S = (0.5, 1, 2, 5, 10, 30)
-COMPACT_BYTES = 1 << 20  # a fully delivered queue past this is emptied
 
 
 @dataclass
@@ -182,17 +180,11 @@ class Sink:
 
     def __init__(self, spec: SinkSpec, folder: Path, max_queue_bytes: int, mqtt_ca: str | None = None):
         self.spec, self.folder, self.max_queue_bytes = spec, folder, max_queue_bytes
-        folder.mkdir(parents=True, exist_ok=True)
-        self.queue_path, self.sent_path = folder / "queue.jsonl", folder / "sent"
-        self.queue = AppendLog(self.queue_path, sync=False)
-        self.position = self._read_position()
-        # the mark: a fixed-width number rewritten in place (one small write a record; a crash
-        # leaves the old number or the new one, and an old one only means a record sent again)
-        self._mark_fd = os.open(self.sent_path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.queue = DiskQueue(folder, max_bytes=max_queue_bytes)  # not synced per record (see the module's doc)
         self.counts = {"queued": 0, "delivered": 0, "dropped": 0, "failed_tries": 0, "filtered": 0}
         self.cpu_s = 0.0  # the sender thread's own CPU (delivery measured apart from inference)
         self.state, self.error = "starting", None
-        self._lock = threading.Condition()
+        self._wake = threading.Condition()
         self._stop = threading.Event()
         scheme = spec.uri.split(":", 1)[0].lower()
         self.delivery: Delivery = (JsonlDelivery(spec.uri[len("jsonl:"):]) if scheme == "jsonl" else
@@ -201,18 +193,9 @@ class Sink:
         self._thread = threading.Thread(target=self._run, name=f"petah-sink-{spec.name}", daemon=True)
         self._thread.start()
 
-    def _read_position(self) -> int:
-        try:
-            position = int(self.sent_path.read_bytes().strip() or 0)
-        except (OSError, ValueError):
-            position = 0
-        size = self.queue_path.stat().st_size if self.queue_path.exists() else 0
-        return position if 0 <= position <= size else 0  # emptied after the mark was written: start over
-
     @property
     def backlog_bytes(self) -> int:
-        size = self.queue_path.stat().st_size if self.queue_path.exists() else 0
-        return max(0, size - self.position)
+        return self.queue.backlog_bytes
 
     def put(self, record: dict) -> None:
         chosen = self.spec.select(record)
@@ -220,59 +203,34 @@ class Sink:
             self.counts["filtered"] += 1
             return
         line = json.dumps(chosen, separators=(",", ":"), default=_plain).encode() + b"\n"
-        with self._lock:
-            if self.backlog_bytes + len(line) > self.max_queue_bytes:
-                self.counts["dropped"] += 1
-                return
-            try:
-                self.queue.append(line)
-            except OSError as exc:
-                self.counts["dropped"] += 1
-                self.error = f"its queue cannot be written ({exc.strerror or exc})"
-                return
-            self.counts["queued"] += 1
-            self._lock.notify()
-
-    def _next(self) -> tuple[bytes, int] | None:
-        with open(self.queue_path, "rb") as handle:
-            handle.seek(self.position)
-            line = handle.readline()
-        if not line.endswith(b"\n"):
-            return None  # nothing new (or a line being appended)
-        return line, len(line)
-
-    def _write_mark(self, position: int) -> None:
-        os.pwrite(self._mark_fd, b"%020d\n" % position, 0)
-        self.position = position
-
-    def _mark(self, position: int) -> None:
-        self._write_mark(position)
-        if position >= COMPACT_BYTES:
-            with self._lock:
-                if self.backlog_bytes == 0:  # all delivered, nothing appended meanwhile: empty the queue
-                    os.truncate(self.queue_path, 0)  # a crash before the next line: the mark is past the end
-                    self.queue = AppendLog(self.queue_path, sync=False)
-                    self._write_mark(0)
+        try:
+            queued = self.queue.put(line)
+        except OSError as exc:
+            queued = False
+            self.error = f"its queue cannot be written ({exc.strerror or exc})"
+        self.counts["queued" if queued else "dropped"] += 1
+        if queued:
+            with self._wake:
+                self._wake.notify()
 
     def _run(self) -> None:
         failures = 0
         while not self._stop.is_set():
-            with self._lock:
-                if not self.queue_path.exists() or self.backlog_bytes == 0:
+            line = self.queue.next()
+            if line is None:
+                if self.queue.backlog_bytes == 0:
                     self.state = "idle" if self.error is None else self.state
-                    self._lock.wait(0.5)
-                    continue
-            found = self._next()
-            if found is None:
-                time.sleep(0.01)
+                    with self._wake:
+                        self._wake.wait(0.5)
+                else:
+                    time.sleep(0.01)  # a line being appended
                 continue
-            line, size = found
             record = line.rstrip(b"\n")
             try:
                 data = json.loads(record)
                 suffix = "/".join(str(data[k]) for k in ("source", "region", "task") if data.get(k) is not None)
             except ValueError:  # a line torn by a crash: skipped
-                self._mark(self.position + size)
+                self.queue.delivered(line)
                 continue
             began = time.thread_time()
             try:
@@ -288,7 +246,7 @@ class Sink:
             failures = 0
             self.state, self.error = "delivering", None
             self.counts["delivered"] += 1
-            self._mark(self.position + size)
+            self.queue.delivered(line)
 
     def status(self) -> dict:
         return {"name": self.spec.name, "uri": self.spec.shown_uri, "state": self.state, "error": self.error,
@@ -297,11 +255,11 @@ class Sink:
 
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        with self._lock:
-            self._lock.notify_all()
+        with self._wake:
+            self._wake.notify_all()
         self._thread.join(timeout)
         self.delivery.close()
-        os.close(self._mark_fd)
+        self.queue.close()
 
 
 __all__ = ["SCHEMES", "Sink", "SinkSpec", "result_record"]
