@@ -166,3 +166,23 @@ def chromium_page():
             yield page
         finally:
             browser.close()
+
+
+class FolderFetcher:
+    """Serves a hub folder's files as its HTTP server would, to python-tuf's updater (the metadata
+    checks need no network). A ``tuf.ngclient.FetcherInterface``, made when first used."""
+
+    def __new__(cls, root):
+        from urllib.parse import urlsplit
+
+        from tuf.api import exceptions as tuf_errors
+        from tuf.ngclient import FetcherInterface
+
+        class Fetcher(FetcherInterface):
+            def _fetch(self, url: str):
+                path = root / urlsplit(url).path.lstrip("/")
+                if not path.is_file():
+                    raise tuf_errors.DownloadHTTPError("not found", 404)
+                yield path.read_bytes()
+
+        return Fetcher()

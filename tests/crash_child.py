@@ -101,8 +101,24 @@ def audit(root: Path, count: Path) -> None:
         log.append(f'{{"n": {i}, "pad": "{"x" * 40}"}}\n'.encode())
 
 
+def hub_init(root: Path, keys: Path) -> None:
+    """``petah hub init`` of ROOT/hub with KEYS/root.key and KEYS/release.key."""
+    from petah.fleet.metadata import init_repository
+
+    arm(root, LIMIT)
+    init_repository(root / "hub", keys / "root.key", keys / "release.key")
+
+
+def hub_rotate(root: Path, keys: Path) -> None:
+    """``petah hub rotate-key`` of ROOT/hub to KEYS/release2.key."""
+    from petah.fleet.metadata import rotate_targets_key
+
+    arm(root, LIMIT)
+    rotate_targets_key(root / "hub", keys / "root.key", keys / "release2.key")
+
+
 if __name__ == "__main__":
     operation, ROOT, LIMIT = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-    {"install": install, "rollback": rollback, "capture": capture, "audit": audit}[operation](
-        ROOT, *map(Path, sys.argv[4:]))
+    {"install": install, "rollback": rollback, "capture": capture, "audit": audit, "hub-init": hub_init,
+     "hub-rotate": hub_rotate}[operation](ROOT, *map(Path, sys.argv[4:]))
     sys.exit(0)

@@ -1,7 +1,8 @@
-"""Crash points: an install, a rollback, a capture with its review and an audit log's appends and
-rotations are each cut short at every file-system step they take (``tests/crash_child.py`` dies
-there as ``kill -9`` would leave it), and what a restart finds is checked: the old state or the new
-one, never a mix; nothing half-written kept; nothing already there lost; no leftovers that grow.
+"""Crash points: an install, a rollback, a capture with its review, an audit log's appends and
+rotations, a hub's init and its release-key rotation are each cut short at every file-system step
+they take (``tests/crash_child.py`` dies there as ``kill -9`` would leave it), and what a restart
+finds is checked: the old state or the new one, never a mix; nothing half-written kept; nothing
+already there lost; no leftovers that grow.
 (Process crashes: what a power cut can reorder below the file system is not simulated here.)"""
 
 import io
@@ -174,3 +175,67 @@ def test_an_append_log_starts_a_new_line_after_a_torn_one(tmp_path):
     assert log.append(b'{"n": 3}\n') == len(b'{"n": 3}\n') + 1
     assert path.read_bytes().splitlines()[-1] == b'{"n": 3}'
     assert AppendLog(path).append(b'{"n": 4}\n') == 9  # a whole last line: nothing added before it
+
+
+@pytest.fixture(scope="module")
+def hub_keys(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hub-keys")
+    for name in ("root", "release", "release2"):
+        generate_keypair(folder / name)
+    return folder
+
+
+def tuf_refresh(hub: Path, trusted: Path, tmp: Path):
+    """A station's first refresh from the hub's first root: the targets it trusts."""
+    from tuf.ngclient import Updater
+
+    from conftest import FolderFetcher
+
+    (tmp / "metadata").mkdir(parents=True)
+    shutil.copyfile(trusted, tmp / "metadata" / "root.json")
+    updater = Updater(str(tmp / "metadata"), "http://hub/metadata/", str(tmp / "targets"), "http://hub/targets/",
+                      fetcher=FolderFetcher(hub), bootstrap=None)
+    updater.refresh()
+    return updater
+
+
+def test_a_hub_init_cut_short_anywhere_leaves_no_hub_or_a_whole_one(tmp_path, hub_keys):
+    from petah.fleet.hub import Hub
+    from petah.fleet.metadata import init_repository
+
+    template = tmp_path / "template"
+    template.mkdir()
+    steps = 0
+    for root, completed in crash_runs("hub-init", template, tmp_path, hub_keys):
+        hub = root / "hub"
+        if not (hub / "metadata").exists():  # no hub: init runs again, and cleans up after the killed one
+            assert not completed
+            init_repository(hub, hub_keys / "root.key", hub_keys / "release.key")
+        Hub(hub).registry.close()
+        tuf_refresh(hub, hub / "metadata" / "1.root.json", root / "station")
+        assert sorted(p.name for p in hub.iterdir() if p.name.startswith(".init-")) == []
+        steps += 1
+    assert steps >= 6
+
+
+def test_a_key_rotation_cut_short_anywhere_is_finished_or_never_happened(tmp_path, hub_keys):
+    from petah.fleet.client import sign_release
+    from petah.fleet.hub import Hub
+    from petah.fleet.metadata import init_repository, rotate_targets_key
+
+    template = tmp_path / "template"
+    init_repository(template / "hub", hub_keys / "root.key", hub_keys / "release.key")
+    hub = Hub(template / "hub")
+    data, targets = sign_release(DIGITS, hub.repository.current_targets(), hub_keys / "release.key")
+    target = hub.publish(data, targets, {})["target"]
+    hub.registry.close()
+    outcomes = set()
+    for root, _completed in crash_runs("hub-rotate", template, tmp_path, hub_keys):
+        started = Hub(root / "hub")  # a start finishes a journaled rotation
+        started.registry.close()
+        updater = tuf_refresh(root / "hub", root / "hub" / "metadata" / "1.root.json", root / "station")
+        assert updater.get_targetinfo(target) is not None  # the release is still there, under either key
+        outcomes.add(started.repository.latest("root").signed.version)
+        assert rotate_targets_key(root / "hub", hub_keys / "root.key", hub_keys / "release2.key") == 2  # a rerun
+        tuf_refresh(root / "hub", root / "hub" / "metadata" / "1.root.json", root / "again")
+    assert outcomes == {1, 2}  # cut before the journal: as before; after it: finished at the start

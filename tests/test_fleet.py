@@ -10,13 +10,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import Metadata
-from tuf.ngclient import FetcherInterface, Updater
+from tuf.ngclient import Updater
 
+from conftest import FolderFetcher
 from petah.backbones import create_backbone, demo_backbone_path
 from petah.bench.fleet import digits_versions, golden_digits, sha256_file, wait_for
 from petah.errors import PetahError
@@ -30,19 +30,6 @@ from petah.packages import generate_keypair, read_package
 from petah.serve import ServeConfig, Station, demo_packages
 
 DIGITS = Path(next(p for p in demo_packages() if p.stem == "digits"))
-
-
-class FolderFetcher(FetcherInterface):
-    """Serves a hub folder's files as its HTTP server would (the metadata checks need no network)."""
-
-    def __init__(self, root: Path):
-        self.root = root
-
-    def _fetch(self, url: str):
-        path = self.root / urlsplit(url).path.lstrip("/")
-        if not path.is_file():
-            raise tuf_errors.DownloadHTTPError("not found", 404)
-        yield path.read_bytes()
 
 
 @pytest.fixture(scope="module")

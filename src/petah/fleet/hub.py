@@ -70,6 +70,9 @@ class Hub:
         self.root = Path(root)
         self.repository = Repository(self.root)
         self.repository.sweep_incoming()  # what a killed publish left (files petah names and no one holds)
+        self.repository.sweep_init_stages()  # what an init killed after its commit left
+        self.repository.finish_rotation()  # a key rotation killed half-way: finished, never left half
+        self.repository.refresh()  # a publish killed between its targets and their snapshot: snapshotted
         self.registry = Registry(db or self.root / "hub.db")
         self._publish = threading.Lock()
 

@@ -180,6 +180,41 @@ class Repository:
             os.replace(staged, path)
             fsync_folder(path.parent)
 
+    def sweep_init_stages(self) -> list[str]:
+        """Remove the staging folder an init killed after its commit left (``.init-<16 hex>``: the
+        hub exists, so no init can still be running in it). Returns the names removed."""
+        import shutil
+
+        removed = []
+        for entry in self.root_dir.iterdir():
+            if INIT_STAGE.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+                removed.append(entry.name)
+        return removed
+
+    def finish_rotation(self) -> bool:
+        """Apply a key rotation ``rotate_targets_key`` journaled and was killed in: the new root,
+        then the re-signed targets, each only if not applied yet; the journal removed last.
+        Whether there was one."""
+        import base64
+        import json
+
+        journal_path = self.incoming_dir / ROTATION
+        if not journal_path.is_file() or journal_path.is_symlink():
+            return False
+        journal = json.loads(journal_path.read_bytes())
+        root, targets = base64.b64decode(journal["root"]), base64.b64decode(journal["targets"])
+        with self._lock:
+            if parse_metadata(root, "root", "the journaled root").signed.version > self.latest("root").signed.version:
+                self.accept_root(root)
+            new_targets = parse_metadata(targets, "targets", "the journaled targets").signed.version
+            if new_targets > self.latest("targets").signed.version:
+                self._accept_targets(targets, {})
+            self._refresh(False, None)  # killed between the targets and their snapshot: snapshot them now
+        os.unlink(journal_path)
+        fsync_folder(self.incoming_dir)
+        return True
+
     def sweep_incoming(self) -> list[str]:
         """Remove what killed writers left in ``incoming/``: regular files named
         ``petah-<16 hex>.tmp`` that no live process holds locked. Anything else there (other names,
@@ -289,24 +324,38 @@ class Repository:
         return True
 
 
+INIT_STAGE = re.compile(r"\.init-[0-9a-f]{16}")  # a hub init's staging folder under the root
+ROTATION = "rotation.json"  # in incoming/: a key rotation's two files, written before either is applied
+
+
 def init_repository(root_dir: str | Path, root_key: str | Path, release_key: str | Path) -> Path:
     """A new hub root: ``1.root.json`` signed by the offline root key (roles: root -> that key,
     targets -> the release key, snapshot + timestamp -> a new online key written under the hub
     root), an empty ``1.targets.json`` signed by the release key, first snapshot and timestamp.
-    Returns the path of ``1.root.json``: the trusted root to provision stations with."""
+    Returns the path of ``1.root.json``: the trusted root to provision stations with.
+
+    Crash-atomic: everything is made in ``ROOT/.init-<16 hex>/``, the online key moved into
+    ``keys/``, then the whole ``metadata/`` folder renamed into place — the one step that makes
+    the folder a hub. Killed before it, there is no hub and init runs again (removing the killed
+    run's staging folder); after it, a whole one."""
+    import shutil
+
     from tuf.api.metadata import Metadata, MetaFile, Role, Root, Snapshot, Targets, Timestamp
 
     root_dir = Path(root_dir)
     if (root_dir / "metadata").exists():
         raise PetahError(f"{root_dir} already holds hub metadata; init never overwrites it")
     root_signer, release_signer = signer(root_key), signer(release_key)
-    (root_dir / "keys").mkdir(parents=True, exist_ok=True)
-    (root_dir / "metadata").mkdir()
-    (root_dir / "targets").mkdir(exist_ok=True)
-    online_path = root_dir / f"{ONLINE_KEY}.key"
-    if not online_path.exists():
-        generate_keypair(root_dir / ONLINE_KEY)
-    online_key = tuf_key(load_public_key(root_dir / f"{ONLINE_KEY}.pub"))
+    root_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in root_dir.iterdir():
+        if INIT_STAGE.fullmatch(leftover.name) and leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover)  # a killed init's (no hub refers to anything in it)
+    stage = root_dir / f".init-{secrets.token_hex(8)}"
+    (stage / "metadata").mkdir(parents=True)
+    (stage / "keys").mkdir()
+    generate_keypair(stage / ONLINE_KEY)
+    online = signer(stage / f"{ONLINE_KEY}.key")
+    online_key = tuf_key(load_public_key(stage / f"{ONLINE_KEY}.pub"))
     now = _utcnow()
     root = Root(1, SPEC_VERSION, now + EXPIRY["root"], consistent_snapshot=True)
     for role, key in (("root", root_signer.public_key), ("targets", release_signer.public_key),
@@ -320,7 +369,6 @@ def init_repository(root_dir: str | Path, root_key: str | Path, release_key: str
     targets = Metadata(Targets(1, SPEC_VERSION, now + EXPIRY["targets"]))
     targets.sign(release_signer)
     files["1.targets.json"] = targets.to_bytes()
-    online = signer(online_path)
     snapshot = Metadata(Snapshot(1, SPEC_VERSION, now + EXPIRY["snapshot"], {"targets.json": MetaFile(1)}))
     snapshot.sign(online)
     files["1.snapshot.json"] = snapshot.to_bytes()
@@ -328,7 +376,16 @@ def init_repository(root_dir: str | Path, root_key: str | Path, release_key: str
     timestamp.sign(online)
     files["timestamp.json"] = timestamp.to_bytes()
     for name, data in files.items():
-        atomic_write_bytes(root_dir / "metadata" / name, data)
+        atomic_write_bytes(stage / "metadata" / name, data)
+    (root_dir / "targets").mkdir(exist_ok=True)
+    keys = root_dir / Path(ONLINE_KEY).parent
+    keys.mkdir(exist_ok=True)
+    for suffix in (".key", ".pub"):  # a killed init's key here is replaced: no metadata names it
+        os.replace(stage / f"{ONLINE_KEY}{suffix}", root_dir / f"{ONLINE_KEY}{suffix}")
+    fsync_folder(keys)
+    os.replace(stage / "metadata", root_dir / "metadata")  # the commit
+    fsync_folder(root_dir)
+    shutil.rmtree(stage)
     return root_dir / "metadata" / "1.root.json"
 
 
@@ -367,21 +424,34 @@ def release_targets(current: bytes, key: str | Path, add: dict[str, tuple[bytes,
 def rotate_targets_key(root_dir: str | Path, root_key: str | Path, new_release_key: str | Path) -> int:
     """Hand the targets role to ``new_release_key`` alone: a new root version signed by the
     (unchanged) offline root key, then the current targets re-signed by the new key. Stations
-    follow both on their next refresh. Returns the new root version."""
+    follow both on their next refresh. Returns the root version that names the new key.
+
+    Crash-atomic: both files are signed first and written together to ``incoming/rotation.json``
+    (one durable write), then applied; a rotation killed after that is finished by the next hub
+    start or ``rotate-key`` (``Repository.finish_rotation``), one killed before it never happened."""
+    import base64
+    import json
+
     repository = Repository(root_dir)
+    repository.finish_rotation()
     old_root = repository.latest("root")
+    new_signer = signer(new_release_key)
+    if old_root.signed.roles["targets"].keyids == [new_signer.public_key.keyid]:
+        return old_root.signed.version  # done already (a rerun after a finished rotation)
     metadata = repository.latest("root")
     root = metadata.signed
     for keyid in list(root.roles["targets"].keyids):
         root.revoke_key(keyid, "targets")
-    root.add_key(signer(new_release_key).public_key, "targets")
+    root.add_key(new_signer.public_key, "targets")
     root.version += 1
     root.expires = _utcnow() + EXPIRY["root"]
     metadata.signatures.clear()
     metadata.sign(signer(root_key))
-    repository.accept_root(metadata.to_bytes())
-    repository.accept_targets(release_targets(repository.current_targets(), new_release_key,
-                                              current_signed_by=old_root), {})
+    targets = release_targets(repository.current_targets(), new_release_key, current_signed_by=old_root)
+    journal = {"root": base64.b64encode(metadata.to_bytes()).decode(), "targets": base64.b64encode(targets).decode()}
+    repository.incoming_dir.mkdir(exist_ok=True)
+    atomic_write_bytes(repository.incoming_dir / ROTATION, json.dumps(journal).encode())
+    repository.finish_rotation()
     return root.version
 
 
