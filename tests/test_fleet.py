@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -248,6 +249,19 @@ def test_staged_rollout_gates_halts_withdraws_and_returns(tmp_path, keys, packag
         finally:
             for agent in agents:
                 agent.station.stop()
+
+
+def test_the_publisher_refuses_to_build_on_targets_older_than_it_signed(tmp_path, keys, packages):
+    """A hub that rolls its metadata back to before a withdrawal (the withdrawn release listed
+    again, under a valid old signature of the release key) is caught by the publisher's pin."""
+    root, _trusted = new_hub(tmp_path, keys)
+    with running_hub(Hub(root)) as (url, _server):
+        first = publish_release(packages["good"], url, keys / "release.key", stages=[100])
+        withdraw_release(first["release"], url, keys / "release.key")  # targets version 3, without it
+        (root / "metadata" / "3.targets.json").unlink()  # the hub offers version 2 again: the release is back
+        with pytest.raises(PetahError, match="the hub offers targets version 2, but .* last signed version 3"):
+            publish_release(packages["again"], url, keys / "release.key", stages=[100])
+        assert json.loads((keys / "release.targets-pins.json").read_text())[url]["version"] == 3
 
 
 def test_reports_queued_on_disk_reach_the_hub_after_a_restart(tmp_path, keys, golden, backbone):

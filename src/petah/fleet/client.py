@@ -64,6 +64,51 @@ def sign_release(package: str | Path, current_targets: bytes, key: str | Path,
     return data, release_targets(current_targets, key, add={target_path(manifest.task.name, sha): (data, custom)})
 
 
+def pin_file(key: str | Path) -> Path:
+    """Where the publisher keeps, per hub, the last targets version its release key signed."""
+    key = Path(key)
+    return key.with_name(f"{key.stem}.targets-pins.json")
+
+
+def check_pin(key: str | Path, hub: str, current: bytes) -> None:
+    """Refuse to sign on top of a targets version older than (or another than) the last one this
+    key signed for this hub: a hub that rolls its metadata back (to re-add a withdrawn release,
+    say) is caught here, though the older version carries this key's valid signature."""
+    from petah.fleet.metadata import parse_metadata
+
+    try:
+        pins = json.loads(pin_file(key).read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as exc:
+        raise PetahError(f"{pin_file(key)} cannot be read ({exc}); it pins the targets versions this key signed") \
+            from None
+    pinned = pins.get(hub) if isinstance(pins, dict) else None
+    if not isinstance(pinned, dict):
+        return
+    version = parse_metadata(current, "targets", "the hub's targets metadata").signed.version
+    if version < pinned.get("version", 0) or (version == pinned.get("version")
+                                              and hashlib.sha256(current).hexdigest() != pinned.get("sha256")):
+        raise PetahError(f"the hub offers targets version {version}, but {key} last signed version "
+                         f"{pinned.get('version')} for it: refusing to build on an older one (was the hub rolled "
+                         f"back or tampered with?)")
+
+
+def save_pin(key: str | Path, hub: str, signed: bytes) -> None:
+    from petah.files import atomic_write_bytes
+    from petah.fleet.metadata import parse_metadata
+
+    path = pin_file(key)
+    try:
+        pins = json.loads(path.read_text())
+    except (OSError, ValueError):
+        pins = {}
+    pins = pins if isinstance(pins, dict) else {}
+    pins[hub] = {"version": parse_metadata(signed, "targets", "the signed targets").signed.version,
+                 "sha256": hashlib.sha256(signed).hexdigest()}
+    atomic_write_bytes(path, json.dumps(pins, indent=1).encode())
+
+
 def publish_release(package: str | Path, hub: str, key: str | Path, *, stages: list[int] = (10, 50, 100),
                     min_healthy: float = 0.9, max_failed: float = 0.2, min_score: float | None = None) -> dict:
     """Sign the hub's next targets metadata with the release key, naming this package (task,
@@ -72,10 +117,14 @@ def publish_release(package: str | Path, hub: str, key: str | Path, *, stages: l
 
     hub = check_hub_url(hub)
     check_rollout(list(stages), min_healthy, max_failed)
-    data, targets = sign_release(package, call(f"{hub}/v1/targets-metadata"), key, min_score)
+    current = call(f"{hub}/v1/targets-metadata")
+    check_pin(key, hub, current)
+    data, targets = sign_release(package, current, key, min_score)
     settings = {"stages": list(stages), "min_healthy": min_healthy, "max_failed": max_failed, "min_score": min_score}
     body, content_type = _multipart({"package": data, "targets": targets, "settings": json.dumps(settings).encode()})
-    return json.loads(call(f"{hub}/v1/releases", "POST", body, {"Content-Type": content_type}))
+    result = json.loads(call(f"{hub}/v1/releases", "POST", body, {"Content-Type": content_type}))
+    save_pin(key, hub, targets)
+    return result
 
 
 def withdraw_release(release_id: int, hub: str, key: str | Path, token: str | None = None) -> dict:
@@ -87,9 +136,12 @@ def withdraw_release(release_id: int, hub: str, key: str | Path, token: str | No
     if not found:
         raise PetahError(f"the hub has no release {release_id}")
     # release_targets refuses a target the signed metadata does not hold: only signed releases go
-    targets = release_targets(call(f"{hub}/v1/targets-metadata"), key, remove=(found[0]["target"],))
+    current = call(f"{hub}/v1/targets-metadata")
+    check_pin(key, hub, current)
+    targets = release_targets(current, key, remove=(found[0]["target"],))
     result = json.loads(call(f"{hub}/v1/releases/{release_id}/withdraw", "POST", targets,
                              {"Content-Type": "application/json"}))
+    save_pin(key, hub, targets)
     return {**result, "target": found[0]["target"]}
 
 
