@@ -11,9 +11,10 @@ import hmac
 from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import FastAPI, Header
+from fastapi import APIRouter, FastAPI, Header
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from petah.errors import PetahError
@@ -84,4 +85,22 @@ def add_error_handlers(app: FastAPI, server: str, *,
         return JSONResponse({"error": f"internal error (the {server}'s log has the details)"}, 500)
 
 
-__all__ = ["Authorization", "add_error_handlers", "bearer_matches", "bearer_token", "new_app", "unauthorized"]
+def static_page_router(folder) -> APIRouter:
+    """``/``: a page of static files, ``folder/index.html`` (no data in it, so no token: the page
+    asks the API with the token its user gives). Its script and style: ``mount_static``."""
+    router = APIRouter()
+
+    @router.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(str(folder / "index.html"))
+
+    return router
+
+
+def mount_static(app: FastAPI, folder) -> None:
+    """/static/: a page's script and style (a mount: routers do not carry one into the app)."""
+    app.mount("/static", StaticFiles(directory=str(folder)), name="static")
+
+
+__all__ = ["Authorization", "add_error_handlers", "bearer_matches", "bearer_token", "mount_static", "new_app",
+           "static_page_router", "unauthorized"]

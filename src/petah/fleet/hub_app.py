@@ -19,7 +19,7 @@ from petah.errors import PetahError
 from petah.fleet.hub import Hub
 from petah.fleet.routers import devices, health, page, releases, repository
 from petah.http import listen
-from petah.http_app import add_error_handlers, new_app
+from petah.http_app import add_error_handlers, mount_static, new_app
 from petah.http_server import guarded_server
 
 HUB_MAX_REQUESTS = 1024  # requests in progress at once (each body is bounded); past it 503 with Retry-After
@@ -36,7 +36,7 @@ def create_hub_app(hub: Hub, middleware: Sequence[Middleware] = (), *, admin_tok
     add_error_handlers(app, "hub", framework_errors=False)
     for router in (repository, releases, devices, health, page):  # in this order: the schema lists the paths so
         app.include_router(router.router)
-    page.mount_static(app)
+    mount_static(app, page.STATIC)
     return app
 
 

@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
 from petah.errors import BackboneMismatch, PetahError
-from petah.http_app import add_error_handlers, new_app
+from petah.http_app import add_error_handlers, mount_static, new_app
 from petah.packages import SignatureError
 from petah.serve.line import Line
 from petah.serve.routers import admin, captures, health, metrics, page, predict, schema, stats, tasks
@@ -82,7 +82,7 @@ def create_app(station: Station) -> FastAPI:
     # in this order: the schema lists the paths as they come
     for router in (health, metrics, tasks, stats, schema, predict, captures, line_router, admin, page):
         app.include_router(router.router)
-    page.mount_static(app)
+    mount_static(app, page.STATIC)
     return app
 
 

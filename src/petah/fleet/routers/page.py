@@ -6,20 +6,7 @@ from __future__ import annotations
 
 from importlib import resources
 
-from fastapi import APIRouter, FastAPI
-from fastapi.responses import FileResponse
-from fastapi.staticfiles import StaticFiles
+from petah.http_app import static_page_router
 
 STATIC = resources.files("petah") / "fleet" / "static"
-
-router = APIRouter()
-
-
-@router.get("/", include_in_schema=False)
-def page():
-    return FileResponse(str(STATIC / "index.html"))
-
-
-def mount_static(app: FastAPI) -> None:
-    """/static/: the page's script and style (a mount: routers do not carry one into the app)."""
-    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+router = static_page_router(STATIC)
