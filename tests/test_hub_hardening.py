@@ -140,7 +140,8 @@ def test_start_sweeps_what_a_killed_publish_left_and_nothing_else(tmp_path, keys
         assert (root / "targets" / "digits").is_dir() and result["target"].startswith("digits/")
         assert json.loads(call(f"{url}/healthz")) == {"status": "ok"}
     names = sorted(p.name for p in incoming.iterdir())
-    assert names == sorted([p.name for p in foreign[1:]] + [f"petah-{'cd' * 8}.tmp", f"petah-{'ef' * 8}.tmp"])
+    assert names == sorted([p.name for p in foreign[1:]] + [f"petah-{'cd' * 8}.tmp", f"petah-{'ef' * 8}.tmp",
+                                                              "hub.lock"])  # the root's lock file (kept, empty)
     os.close(go)
 
 

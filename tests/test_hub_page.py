@@ -60,6 +60,9 @@ def test_operators_pause_resume_and_roll_back_by_the_rules(fleet):
     assert registry.operate(release, "resume") == "rolling"
     assert registry.release(release).stage == 1  # resumed: the promotion it waited on counts
     assert registry.operate(release, "halt") == "halted"
+    registry.report(member, "gate_rejected", release, "digits", "again")
+    assert registry.operate(release, "resume") == "rolling"  # the failures were judged: they no longer halt it
+    assert registry.operate(release, "halt") == "halted"
     polled = registry.poll(member, backbone, {"digits": "x"}, "ok")
     assert polled["desired"] == {} and polled["withdrawn"]["digits"] == [registry.release(release).sha256]
     registry.set_state(release, "withdrawn")
@@ -94,6 +97,15 @@ def test_the_status_takes_a_read_token_and_actions_the_admin_token(fleet):
         assert again.returncode != 0 and "HTTP 409: release 1 is paused" in again.stderr
     with running_hub(fleet["hub"], admin_token=ADMIN) as (url, _server):
         assert hub_status(url)["releases"][0]["state"] == "paused"  # no read token: open, as before
+        poll = {"backbone": "x", "drift": {"digits": {"state": "drift\u0000ing", "estimated": float("nan")}},
+                "installed": {"digits": "a\u0000b"}}
+        call(f"{url}/v1/devices/line-1/poll", "POST", json.dumps(poll).encode(),
+             {"Authorization": "Bearer line-1-token-0123456789abcdef"})
+        line1 = next(d for d in hub_status(url)["devices"] if d["id"] == "line-1")  # NaN left out: still JSON
+        assert line1["drift"] == {"digits": {"state": "drifting"}} and line1["installed"] == {"digits": "ab"}
+    with running_hub(fleet["hub"]) as (url, _server):
+        with pytest.raises(PetahError, match="HTTP 403: operator actions are disabled"):
+            operate_release(fleet["release"], "resume", url, ADMIN)
 
 
 @pytest.mark.browser
@@ -121,3 +133,30 @@ def test_the_hub_page_shows_the_rollout_and_its_buttons_work(fleet):
             assert registry.release(release).state == state
         assert page.locator(f"#releases button[data-release='{release}']").all_text_contents() == ["Resume"]
         assert wait_for(lambda: page.locator("#error").text_content() == "", 5)
+
+
+def test_the_stage_order_follows_a_device_that_changes_backbone(tmp_path):
+    """One device leaves a backbone and another joins it (the count unchanged): the order is the
+    new set's, on every registry sharing the database."""
+    from petah.fleet.registry import Registry, stage_rank
+
+    first, second = Registry(tmp_path / "hub.db"), Registry(tmp_path / "hub.db")
+    try:
+        for device in ("a", "b", "c"):
+            first.add_device(device, f"{device}-token-0123456789abcdef")
+            first.poll(device, "X", {}, "ok")
+        release = first.add_release("t", "X", "s" * 64, "t/s.petah", 1, [100], 1.0, 1.0, None)
+        assert sorted(first._stage_members(release, 0)) == ["a", "b", "c"]
+        second.poll("a", "Y", {}, "ok")  # another hub process sees a move to another backbone
+        first.add_device("d", "d-token-0123456789abcdef")
+        second.poll("d", "X", {}, "ok")
+        for registry in (first, second):
+            assert sorted(registry._stage_members(release, 0), key=stage_rank) == sorted("bcd", key=stage_rank)
+        # paused: stations that run it keep it, none that has not taken it starts
+        assert "t" in first.poll("b", "X", {"t": "s" * 64}, "ok")["desired"]
+        first.operate(release.id, "pause")
+        assert "t" in first.poll("b", "X", {"t": "s" * 64}, "ok")["desired"]
+        assert first.poll("c", "X", {}, "ok")["desired"] == {}
+    finally:
+        first.close()
+        second.close()

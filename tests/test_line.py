@@ -60,6 +60,7 @@ def line_status(url: str) -> dict:
     ("cam=rtsp://h/x,fps=0", "fps must be a number in (0, 240]"),
     ("cam=rtsp://h/x,colour=red", "unknown option 'colour=red'"),
     ("cam=rtsp://h/x,width=big", "width must be a whole number of pixels in [16, 8192]"),
+    ("cam=rtsp://u:pw@cam:abc/x", "the port of 'rtsp://u:***@cam:abc/x' is not a number"),
     ("cam=folder:/tmp,width=320", "a folder's files are taken whole"),
     ("cam=rtsp://h/x,region=left:0:0:10", "write region=NAME:X:Y:W:H"),
     ("cam=rtsp://h/x,region=left:0:0:10:ten", "write region=NAME:X:Y:W:H"),

@@ -138,7 +138,8 @@ class Agent:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(60)
-        self.outbox.close()
+        if self._thread is None or not self._thread.is_alive():  # else its mark could go into a reused fd
+            self.outbox.close()
 
     def _loop(self) -> None:
         try:
@@ -208,7 +209,10 @@ class Agent:
     # --- one round ----------------------------------------------------------------------------
     def step(self) -> None:
         """Poll once and act on the answer, task by task (one task's failure does not stop the rest)."""
-        self.flush()
+        try:
+            self.flush()
+        except PetahError as exc:  # a report the hub cannot take now must not keep this station from polling
+            self.log("error", detail=f"reports wait: {str(exc).splitlines()[0][:200]}", send=False)
         entries = dict(self.station.state.entries)
         reply = self._hub("poll", {"backbone": self.station.backbone.fingerprint,
                                    "installed": {name: e.sha256 for name, e in entries.items()},

@@ -54,6 +54,10 @@ MIGRATIONS: list[list[str]] = [
             release {BIG} NOT NULL, stage {BIG} NOT NULL, state TEXT NOT NULL, by TEXT NOT NULL,
             at {FLOAT} NOT NULL)""",
     ],
+    [  # 4: a counter bumped whenever the set of devices of some backbone changes (the stage order's cache key)
+        "CREATE TABLE IF NOT EXISTS generations (name TEXT PRIMARY KEY, value {BIG} NOT NULL)",
+        "INSERT INTO generations (name, value) VALUES ('devices', 0)",
+    ],
 ]
 
 
@@ -70,21 +74,39 @@ class Database:
         self._lock = threading.RLock()
         if self.target.startswith(("postgresql://", "postgres://")):
             self.dialect = "postgresql"
-            try:
-                import psycopg
-                from psycopg.rows import dict_row
-            except ImportError:
-                raise PetahError("--db postgresql://… needs psycopg (pip install 'psycopg[binary]')") from None
-            try:
-                self._db = psycopg.connect(self.target, autocommit=True, row_factory=dict_row, connect_timeout=10)
-            except psycopg.Error as exc:
-                raise PetahError(f"--db: cannot connect to the database ({str(exc).strip().splitlines()[0]})") from None
+            self._db = self._connect()
         else:
             self.dialect = "sqlite"
             self._db = sqlite3.connect(self.target, check_same_thread=False, isolation_level=None)
             self._db.row_factory = _dict_row
             self._db.execute("PRAGMA journal_mode=WAL")  # a crash never leaves a half-written state
         self.migrate()
+
+    def _connect(self):
+        try:
+            import psycopg
+            from psycopg.rows import dict_row
+        except ImportError:
+            raise PetahError("--db postgresql://… needs psycopg (pip install 'psycopg[binary]')") from None
+        try:
+            return psycopg.connect(self.target, autocommit=True, row_factory=dict_row, connect_timeout=10)
+        except psycopg.Error as exc:
+            raise PetahError(f"--db: cannot connect to the database ({str(exc).strip().splitlines()[0]})") from None
+
+    def _again(self, work):
+        """``work()``; on PostgreSQL, once more on a new connection when the old one broke (the
+        server restarted): a failed transaction was rolled back, so running it again is safe."""
+        if self.dialect != "postgresql":
+            return work()
+        import psycopg
+
+        try:
+            return work()
+        except psycopg.OperationalError:
+            if not self._db.broken and not self._db.closed:
+                raise
+            self._db = self._connect()
+            return work()
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s") if self.dialect == "postgresql" else sql
@@ -96,9 +118,11 @@ class Database:
         """``fn(self)`` in one transaction under the database's lock (shared for readers)."""
         with self._lock:
             if self.dialect == "postgresql":
-                with self._db.transaction():
-                    self._db.execute(f"SELECT pg_advisory_xact_lock{'' if write else '_shared'}({LOCK_KEY})")
-                    return fn(self)
+                def work():
+                    with self._db.transaction():
+                        self._db.execute(f"SELECT pg_advisory_xact_lock{'' if write else '_shared'}({LOCK_KEY})")
+                        return fn(self)
+                return self._again(work)
             self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 result = fn(self)
@@ -110,11 +134,11 @@ class Database:
 
     def all(self, sql: str, params: tuple = ()) -> list[dict]:
         with self._lock:
-            return self.execute(sql, params).fetchall()
+            return self._again(lambda: self.execute(sql, params).fetchall())
 
     def one(self, sql: str, params: tuple = ()) -> dict | None:
         with self._lock:
-            return self.execute(sql, params).fetchone()
+            return self._again(lambda: self.execute(sql, params).fetchone())
 
     @property
     def version(self) -> int:

@@ -20,7 +20,6 @@ their own bearer token (``petah hub add-device``).
 from __future__ import annotations
 
 import secrets
-import threading
 from pathlib import Path
 
 from petah.errors import PetahError
@@ -74,7 +73,6 @@ class Hub:
         self.repository.finish_rotation()  # a key rotation killed half-way: finished, never left half
         self.repository.refresh()  # a publish killed between its targets and their snapshot: snapshotted
         self.registry = Registry(db or self.root / "hub.db")
-        self._publish = threading.Lock()
 
     def publish(self, package: bytes, targets_metadata: bytes, settings: dict) -> dict:
         """A release: the package, the next targets metadata (signed by the release key, naming the
@@ -102,8 +100,6 @@ class Hub:
         custom = new.signed.targets[path].unrecognized_fields.get("custom")
         if not isinstance(custom, dict):
             raise PetahError(f"target {path} carries no custom fields (task, backbone)")
-        if any(r.sha256 == sha and r.state in ACTIVE for r in self.registry.releases()):
-            raise PetahError(f"version {sha[:12]} is already released and active")
         with self.repository.staged(package) as staged:
             try:
                 manifest = read_package(staged).manifest
@@ -115,7 +111,9 @@ class Hub:
                              f"{target_path(manifest.task.name, sha)}")
         if custom.get("backbone") != manifest.backbone.fingerprint or custom.get("task") != manifest.task.name:
             raise PetahError("the targets metadata's task / backbone do not match the package's manifest")
-        with self._publish:
+        with self.repository.locked():  # hubs sharing the root (and its database) publish one at a time
+            if any(r.sha256 == sha and r.state in ACTIVE for r in self.registry.releases()):
+                raise PetahError(f"version {sha[:12]} is already released and active")
             self.repository.accept_targets(targets_metadata, {path: package})
             release = self.registry.add_release(manifest.task.name, manifest.backbone.fingerprint, sha, path,
                                                 len(package), stages, min_healthy, max_failed, min_score)
@@ -127,7 +125,7 @@ class Hub:
         new = parse_metadata(targets_metadata, "targets", "the uploaded targets metadata").signed
         if release.target in new.targets:
             raise PetahError(f"the targets metadata still names {release.target}")
-        with self._publish:
+        with self.repository.locked():
             self.repository.accept_targets(targets_metadata, {})
             self.registry.set_state(release_id, "withdrawn")
         return {"release": release_id, "state": "withdrawn"}

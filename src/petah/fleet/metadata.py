@@ -111,6 +111,7 @@ class Repository:
         self._online = signer(online)
         # one writer at a time: a timestamp re-signed on a GET must not race a publish
         self._lock = threading.RLock()
+        self._held = 0  # how deep this process holds the root's lock (re-entrant within one thread)
 
     # --- reading --------------------------------------------------------------------------------
     def latest(self, role: str):
@@ -192,6 +193,32 @@ class Repository:
                 removed.append(entry.name)
         return removed
 
+    @contextlib.contextmanager
+    def locked(self):
+        """The root's lock, for a change that must not interleave with another's — across the
+        threads of this process and across processes on one root (hubs sharing it, rotate-key):
+        ``incoming/hub.lock`` under flock, released by the kernel when a holder dies."""
+        import fcntl
+
+        with self._lock:
+            if self._held:
+                self._held += 1
+                try:
+                    yield
+                finally:
+                    self._held -= 1
+                return
+            fd = os.open(self._incoming() / "hub.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._held = 1
+                try:
+                    yield
+                finally:
+                    self._held = 0
+            finally:
+                os.close(fd)  # releases the flock
+
     def finish_rotation(self) -> bool:
         """Apply a key rotation ``rotate_targets_key`` journaled and was killed in: the new root,
         then the re-signed targets, each only if not applied yet; the journal removed last.
@@ -202,17 +229,24 @@ class Repository:
         journal_path = self.incoming_dir / ROTATION
         if not journal_path.is_file() or journal_path.is_symlink():
             return False
-        journal = json.loads(journal_path.read_bytes())
-        root, targets = base64.b64decode(journal["root"]), base64.b64decode(journal["targets"])
-        with self._lock:
-            if parse_metadata(root, "root", "the journaled root").signed.version > self.latest("root").signed.version:
-                self.accept_root(root)
+        with self.locked():
+            if not journal_path.is_file():
+                return False  # another process finished it meanwhile
+            journal = json.loads(journal_path.read_bytes())
+            root, targets = base64.b64decode(journal["root"]), base64.b64decode(journal["targets"])
+            root_applied = (parse_metadata(root, "root", "the journaled root").signed.version
+                            <= self.latest("root").signed.version)
             new_targets = parse_metadata(targets, "targets", "the journaled targets").signed.version
-            if new_targets > self.latest("targets").signed.version:
-                self._accept_targets(targets, {})
-            self._refresh(False, None)  # killed between the targets and their snapshot: snapshot them now
-        os.unlink(journal_path)
-        fsync_folder(self.incoming_dir)
+            if not root_applied and new_targets <= self.latest("targets").signed.version:
+                pass  # targets moved on under the old key since it was journaled: the rotation never happened
+            else:
+                if not root_applied:
+                    self.accept_root(root)
+                if new_targets > self.latest("targets").signed.version:
+                    self._accept_targets(targets, {})
+                self._refresh(False, None)  # killed between the targets and their snapshot: snapshot them now
+            os.unlink(journal_path)
+            fsync_folder(self.incoming_dir)
         return True
 
     def sweep_incoming(self) -> list[str]:
@@ -248,7 +282,7 @@ class Repository:
 
     # --- writing --------------------------------------------------------------------------------
     def accept_targets(self, data: bytes, packages: dict[str, bytes]) -> object:
-        with self._lock:
+        with self.locked():
             return self._accept_targets(data, packages)
 
     def _accept_targets(self, data: bytes, packages: dict[str, bytes]) -> object:
@@ -294,7 +328,7 @@ class Repository:
     def refresh(self, force: bool = False, lifetime: dict | None = None) -> bool:
         """Re-sign snapshot (when targets moved) and timestamp (when either moved, or half its
         lifetime has passed). Returns whether anything was written."""
-        with self._lock:
+        with self.locked():
             return self._refresh(force, lifetime)
 
     def _refresh(self, force: bool, lifetime: dict | None) -> bool:
@@ -429,11 +463,16 @@ def rotate_targets_key(root_dir: str | Path, root_key: str | Path, new_release_k
     Crash-atomic: both files are signed first and written together to ``incoming/rotation.json``
     (one durable write), then applied; a rotation killed after that is finished by the next hub
     start or ``rotate-key`` (``Repository.finish_rotation``), one killed before it never happened."""
+    repository = Repository(root_dir)
+    repository.finish_rotation()
+    with repository.locked():  # no publish of a running hub between reading the targets and the journal
+        return _rotate(repository, root_key, new_release_key)
+
+
+def _rotate(repository: Repository, root_key: str | Path, new_release_key: str | Path) -> int:
     import base64
     import json
 
-    repository = Repository(root_dir)
-    repository.finish_rotation()
     old_root = repository.latest("root")
     new_signer = signer(new_release_key)
     if old_root.signed.roles["targets"].keyids == [new_signer.public_key.keyid]:

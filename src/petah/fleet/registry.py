@@ -89,7 +89,7 @@ class Registry:
 
     def __init__(self, target: str | Path):
         self.db = Database(target)
-        self._ranked: dict[str, tuple[int, dict[str, int]]] = {}  # backbone -> (devices, place by stage rank)
+        self._ranked: dict[str, tuple[int, dict[str, int]]] = {}  # backbone -> (generation, place by stage rank)
 
     def _tx(self, fn):
         return self.db.transaction(fn)
@@ -109,7 +109,13 @@ class Registry:
             if db.execute("SELECT 1 FROM devices WHERE id=?", (device_id,)).fetchone():
                 raise PetahError(f"device {device_id} is already registered")
             db.execute("INSERT INTO devices (id, token_sha256) VALUES (?, ?)", (device_id, token_hash(token)))
+            self._bump(db)
         self._tx(add)
+
+    @staticmethod
+    def _bump(db) -> None:
+        """The set of devices of some backbone changed: every process sorts its stage order again."""
+        db.execute("UPDATE generations SET value = value + 1 WHERE name='devices'")
 
     def token_matches(self, device_id: str, token: str) -> bool:
         import hmac
@@ -128,12 +134,13 @@ class Registry:
         now = time.time()
 
         def add(db):
-            return db.execute(
-                "INSERT INTO releases (task, backbone, sha256, target, bytes, stages, min_healthy, max_failed, "
-                "min_score, stage, state, created, stage_times) VALUES (?,?,?,?,?,?,?,?,?,0,'rolling',?,'[]') "
-                "RETURNING id",
-                (task, backbone, sha256, target, size, json.dumps(stages), min_healthy, max_failed, min_score,
-                 now)).fetchone()["id"]
+            sql = ("INSERT INTO releases (task, backbone, sha256, target, bytes, stages, min_healthy, max_failed, "
+                   "min_score, stage, state, created, stage_times) VALUES (?,?,?,?,?,?,?,?,?,0,'rolling',?,'[]')")
+            values = (task, backbone, sha256, target, size, json.dumps(stages), min_healthy, max_failed, min_score,
+                      now)
+            if db.dialect == "sqlite":  # lastrowid: RETURNING needs SQLite 3.35
+                return db.execute(sql, values).lastrowid
+            return db.execute(sql + " RETURNING id", values).fetchone()["id"]
         return self.release(self._tx(add))
 
     def release(self, release_id: int) -> Release:
@@ -164,8 +171,11 @@ class Registry:
             db.execute("UPDATE releases SET state=? WHERE id=?", (target, release_id))
             self._log_stage(db, release_id, row["stage"], target, f"operator: {action}")
             if target == "rolling":
+                # the failures that halted it were the operator's to judge: they no longer count
+                # (their reports stay); stations must fail again to halt it
+                db.execute("DELETE FROM outcomes WHERE release=? AND outcome='failed'", (release_id,))
                 self._advance(db, Release.from_row({**dict(row), "state": target}))
-            return target
+            return db.execute("SELECT state FROM releases WHERE id=?", (release_id,)).fetchone()["state"]
         return self._tx(operate)
 
     def failures(self, release_id: int, limit: int = 20) -> list[dict]:
@@ -177,13 +187,14 @@ class Registry:
 
     def _places(self, backbone: str) -> dict[str, int]:
         """Each device of a backbone's place in every rollout's order: sorted again only when the
-        backbone's device count changed (a poll costs one indexed count, not a sort)."""
-        count = self._one("SELECT COUNT(*) AS n FROM devices WHERE backbone=?", (backbone,))["n"]
+        set of devices changed (a device added, or one reporting another backbone: the database's
+        ``devices`` generation, so every hub process sharing it notices), not per poll."""
+        generation = self._one("SELECT value FROM generations WHERE name='devices'")["value"]
         cached = self._ranked.get(backbone)
-        if cached is None or cached[0] != count:
+        if cached is None or cached[0] != generation:
             ids = sorted((r["id"] for r in self._all("SELECT id FROM devices WHERE backbone=?", (backbone,))),
                          key=stage_rank)
-            cached = self._ranked[backbone] = (len(ids), {device: place for place, device in enumerate(ids)})
+            cached = self._ranked[backbone] = (generation, {device: place for place, device in enumerate(ids)})
         return cached[1]
 
     def _stage_size(self, release: Release, stage: int, devices: int) -> int:
@@ -248,6 +259,9 @@ class Registry:
         returns what it should run (per task: the release it is in the rollout of, newest first)
         and which versions were withdrawn (to return from)."""
         def poll(db):
+            before = db.execute("SELECT backbone FROM devices WHERE id=?", (device_id,)).fetchone()
+            if before is not None and before["backbone"] != backbone:
+                self._bump(db)
             db.execute("UPDATE devices SET backbone=?, installed=?, state=?, drift=?, last_seen=? WHERE id=?",
                        (backbone, json.dumps(installed), state, json.dumps(drift or {}), time.time(), device_id))
             for release in self.releases():
@@ -262,6 +276,9 @@ class Registry:
                     continue
                 if release.task in desired:
                     continue
+                if release.state == "paused" and installed.get(release.task) != release.sha256 and not db.execute(
+                        "SELECT 1 FROM outcomes WHERE device=? AND release=?", (device_id, release.id)).fetchone():
+                    continue  # paused: no station that has not taken it yet starts now
                 if release.state == "complete" or self._in_stage(device_id, release):
                     desired[release.task] = {"release": release.id, "target": release.target,
                                              "sha256": release.sha256, "min_score": release.min_score}

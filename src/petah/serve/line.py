@@ -92,6 +92,8 @@ class SourceRun:
     listener: mqtt.Connection | None = None  # the trigger topic's subscription
 
     def trigger(self, trigger_id: str | None) -> Trigger:
+        if self.stopping:
+            raise PetahError(f"source {self.source.spec.name} is stopping")
         trigger = Trigger(time.time(), trigger_id)
         try:
             self.triggers.put_nowait(trigger)
@@ -320,8 +322,8 @@ class Line:
     def in_flight(self) -> int:
         """Sources with an item being answered or one ready to take: the batcher waits (up to
         --max-wait-ms) for their frames to share a batch, as it waits for requests being read."""
-        return sum(1 for run in list(self.runs.values())
-                   if run.busy or (run.triggers.qsize() if run.source.spec.trigger else run.source.ready()))
+        return sum(1 for run in list(self.runs.values())  # a triggered source: only while it answers (its camera
+                   if run.busy or (not run.source.spec.trigger and run.source.ready()))  # may be gone)
 
     def latest(self, name: str) -> dict | None:
         """The newest answered frame of a source as JPEG with its answers (rendered only when asked)."""
@@ -350,7 +352,7 @@ class Line:
 
     def status(self) -> dict:
         sources = []
-        for run in self.runs.values():
+        for run in list(self.runs.values()):  # an admin may replace a source meanwhile
             latencies = sorted(run.latency)
             spec = run.source.spec
             extra = {}

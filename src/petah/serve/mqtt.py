@@ -10,11 +10,12 @@ from petah.errors import PetahError
 
 
 def shown(uri: str) -> str:
-    """The URI without its password (for pages, logs and errors)."""
+    """The URI without its password (for pages, logs and errors); never raises, whatever the URI."""
     parsed = urllib.parse.urlsplit(uri)
-    if parsed.password is None:
+    userinfo, at, host = parsed.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return uri
-    netloc = f"{parsed.username}:***@{parsed.hostname}" + (f":{parsed.port}" if parsed.port else "")
+    netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
     return urllib.parse.urlunsplit(parsed._replace(netloc=netloc))
 
 

@@ -44,6 +44,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,6 +159,11 @@ class SourceSpec:
             raise PetahError(f"--source {name}: width= scales a stream's frames; a folder's files are taken whole")
         if spec.trigger and spec.trigger != "http":
             check_uri(spec.trigger, f"--source {name}: trigger")
+        if "://" in spec.uri:
+            try:
+                urllib.parse.urlsplit(spec.uri).port  # noqa: B018 - a port that is not a number is refused now
+            except ValueError:
+                raise PetahError(f"--source {name}: the port of {shown(spec.uri)!r} is not a number") from None
         spec.kind  # noqa: B018 - refuses an unknown kind of URI now, not at start
         return spec
 

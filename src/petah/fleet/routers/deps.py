@@ -35,7 +35,7 @@ def require_hub_admin(request: Request, authorization: Authorization = None) -> 
     """The hub's admin token (``petah hub serve --admin-token-file``): operators' actions."""
     token = request.app.state.admin_token
     if token is None:
-        raise ClientError(401, "operator actions are disabled: start petah hub serve with --admin-token-file")
+        raise ClientError(403, "operator actions are disabled: start petah hub serve with --admin-token-file")
     if not bearer_matches(authorization, token):
         raise unauthorized("wrong or missing admin bearer token")
 

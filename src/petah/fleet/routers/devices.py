@@ -3,6 +3,8 @@ happened)."""
 
 from __future__ import annotations
 
+import math
+
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
@@ -25,10 +27,13 @@ async def json_body(request: Request, what: str) -> dict:
 async def poll(device: DeviceDep, request: Request, hub: HubDep):
     data = await json_body(request, "the poll body")
     installed = data.get("installed", {})
-    if not isinstance(installed, dict) or not all(isinstance(v, str) for v in installed.values()):
-        raise ClientError(400, "installed must map task names to sha256 strings")
-    return await run_in_threadpool(hub.registry.poll, device, str(data.get("backbone", ""))[:64],
-                                   installed, str(data.get("state", ""))[:200], drift_report(data.get("drift", {})))
+    if not isinstance(installed, dict) or len(installed) > 256 or not all(isinstance(v, str)
+                                                                         for v in installed.values()):
+        raise ClientError(400, "installed must map at most 256 task names to sha256 strings")
+    installed = {text(k, 64): text(v, 64) for k, v in installed.items()}
+    drift = drift_report(data.get("drift", {}))
+    return await run_in_threadpool(hub.registry.poll, device, text(str(data.get("backbone", "")), 64),
+                                   installed, text(str(data.get("state", "")), 200), drift)
 
 
 DRIFT_KEYS = {"state": str, "estimated": float, "input_drift": float, "feature_drift": float, "alarms": int}
@@ -43,10 +48,17 @@ def drift_report(value) -> dict[str, dict]:
     for task, summary in value.items():
         if not isinstance(task, str) or len(task) > 64 or not isinstance(summary, dict):
             raise ClientError(400, "drift must map task names to summaries")
-        kept[task] = {key: (summary[key][:20] if kind is str else summary[key]) for key, kind in DRIFT_KEYS.items()
+        kept[task] = {key: (text(summary[key], 20) if kind is str else summary[key])
+                      for key, kind in DRIFT_KEYS.items()
                       if isinstance(summary.get(key), kind if kind is not float else int | float)
-                      and not isinstance(summary.get(key), bool)}
-    return kept
+                      and not isinstance(summary.get(key), bool)
+                      and (kind is str or math.isfinite(summary[key]))}  # NaN / Infinity: the status could not be JSON
+    return {text(task, 64): summary for task, summary in kept.items()}
+
+
+def text(value: str, most: int) -> str:
+    """A device's text as the hub keeps it: at most ``most`` characters, no NUL (PostgreSQL refuses it)."""
+    return value.replace("\x00", "")[:most]
 
 
 @router.post("/v1/devices/{device_id}/report")
@@ -57,6 +69,6 @@ async def report(device: DeviceDep, request: Request, hub: HubDep):
         check_id(release, "release")
     numbers = [check_id(data.get("bytes", 0), "bytes"), check_id(data.get("retries", 0), "retries")]
     await run_in_threadpool(hub.registry.report, device, str(data.get("event")), release,
-                            data.get("task") if isinstance(data.get("task"), str) else None,
-                            str(data.get("detail", "")), *numbers)
+                            text(data["task"], 64) if isinstance(data.get("task"), str) else None,
+                            text(str(data.get("detail", "")), 500), *numbers)
     return {"ok": True}

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
@@ -53,10 +55,12 @@ async def trigger(name: str, request: Request, station: StationDep):
         raise ClientError(404, f"no source {name[:64]!r}") from None
     except PetahError as exc:
         raise ClientError(409, str(exc)) from None
-    try:
-        records = await run_in_threadpool(pending.future.result, TRIGGER_FRAME_S + 120)
+    try:  # awaited, not a pool thread parked per trigger: waiting triggers never starve decoding
+        records = await asyncio.wait_for(asyncio.wrap_future(pending.future), TRIGGER_FRAME_S + 120)
     except PetahError as exc:
         raise ClientError(503, str(exc)) from None
+    except TimeoutError:
+        raise ClientError(504, f"source {name}: the trigger was not answered in time (the station is busy)") from None
     return {"source": name, "trigger": pending.id, "results": records}
 
 
