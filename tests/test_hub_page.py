@@ -132,6 +132,8 @@ def test_the_hub_page_shows_the_rollout_and_its_buttons_work(fleet):
             page.locator(f"#releases tr[data-release='{release}'][data-state='{state}']").wait_for()
             assert registry.release(release).state == state
         assert page.locator(f"#releases button[data-release='{release}']").all_text_contents() == ["Resume"]
+        history = page.locator(f"#releases tr[data-history='{release}']").text_content()
+        assert "paused (operator: pause)" in history and "halted (operator: halt)" in history
         assert wait_for(lambda: page.locator("#error").text_content() == "", 5)
 
 

@@ -52,6 +52,12 @@ function releaseRows(release) {
     el("td", {text: `${release.transfer.devices} · ${(release.transfer.bytes / 1024).toFixed(0)} KB`}),
     el("td", {}, ...buttons));
   const rows = [row];
+  if (release.history.length) {
+    const steps = release.history.map((h) => `${new Date(h.at * 1000).toLocaleTimeString()} ` +
+      `${h.state === "rolling" ? "stage " + (h.stage + 1) : h.state} (${h.by})`);
+    rows.push(el("tr", {"data-history": String(release.id)},
+      el("td", {}), el("td", {class: "muted small", colspan: "9", text: "history: " + steps.join(" · ")})));
+  }
   if (release.failures.length) {
     const list = release.failures.map((f) => `${f.device}: ${f.event}${f.detail ? " (" + f.detail + ")" : ""}`);
     rows.push(el("tr", {"data-failures": String(release.id)},
