@@ -191,12 +191,24 @@ class DiskQueue:
         self._mark_fd = os.open(self.sent_path, os.O_RDWR | os.O_CREAT, 0o644)
 
     def _read_position(self) -> int:
+        return self.read_position(self.folder)
+
+    @staticmethod
+    def read_position(folder: Path) -> int:
+        queue, sent = Path(folder) / "queue.jsonl", Path(folder) / "sent"
         try:
-            position = int(self.sent_path.read_bytes().strip() or 0)
+            position = int(sent.read_bytes().strip() or 0)
         except (OSError, ValueError):
             position = 0
-        size = self.queue_path.stat().st_size if self.queue_path.exists() else 0
+        size = queue.stat().st_size if queue.exists() else 0
         return position if 0 <= position <= size else 0  # emptied after the mark was written: start over
+
+    @staticmethod
+    def backlog_of(folder: str | Path) -> int:
+        """What a queue in ``folder`` still holds, read from outside (another process's queue)."""
+        queue = Path(folder) / "queue.jsonl"
+        size = queue.stat().st_size if queue.exists() else 0
+        return max(0, size - DiskQueue.read_position(Path(folder)))
 
     @property
     def backlog_bytes(self) -> int:

@@ -25,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from petah.errors import PetahError
+from petah.files import DiskQueue
 from petah.fleet.registry import FAILED_EVENTS
 from petah.serve.state import sha256_bytes
 
@@ -242,6 +243,9 @@ def run_fleet_bench(devices: int = 20, *, poll_s: float = 0.5, health_window_s: 
                 # the last stations finish their health windows and report
                 wait_for(lambda: all(check_state(tmp / f"state-{d}", backbone.fingerprint)[1].get("digits")
                                      == sha256_file(versions["again"]) for d in ids), 60, 0.5)
+                # and every station's queued reports reached the hub (the byte counts come from them)
+                wait_for(lambda: all(DiskQueue.backlog_of(tmp / f"state-{d}" / "agent" / "outbox") == 0 for d in ids),
+                         30, 0.2)
                 status = hub_status(url)
             finally:
                 for agent in agents:
