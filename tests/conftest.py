@@ -186,3 +186,10 @@ class FolderFetcher:
                 yield path.read_bytes()
 
         return Fetcher()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on now (for servers the tests start)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

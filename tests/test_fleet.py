@@ -17,7 +17,7 @@ from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import Metadata
 from tuf.ngclient import Updater
 
-from conftest import FolderFetcher
+from conftest import FolderFetcher, free_port
 from petah.backbones import create_backbone, demo_backbone_path
 from petah.bench.fleet import digits_versions, golden_digits, sha256_file, wait_for
 from petah.errors import PetahError
@@ -266,13 +266,9 @@ def test_the_publisher_refuses_to_build_on_targets_older_than_it_signed(tmp_path
 
 def test_reports_queued_on_disk_reach_the_hub_after_a_restart(tmp_path, keys, golden, backbone):
     """The hub away, the station killed with reports queued: a restarted agent sends them all."""
-    import socket
-
     root, trusted = new_hub(tmp_path, keys)
     hub = Hub(root)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     agent = station(backbone, tmp_path, f"http://127.0.0.1:{port}", root, trusted, "dev0", golden)
     try:
         agent.log("gate_passed", "digits", None, "before the restart")

@@ -13,7 +13,6 @@ import pwd
 import random
 import re
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLI_ENV
+from conftest import CLI_ENV, free_port
 from petah.errors import PetahError
 from petah.fleet.client import call, hub_status, publish_release
 from petah.fleet.database import MIGRATIONS, Database
@@ -35,12 +34,6 @@ from petah.serve import demo_packages
 
 pytestmark = pytest.mark.server
 DIGITS = next(Path(p) for p in demo_packages() if p.stem == "digits")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import chromium_page, chromium_path
+from conftest import chromium_page, chromium_path, free_port
 from petah.bench.fleet import wait_for
 from petah.errors import PetahError
 from petah.serve.client import StationClient, station_process
@@ -32,12 +32,6 @@ from petah.serve.sources import Region, SourceSpec
 
 pytestmark = pytest.mark.server
 STATION = ("--demo", "--engine", "device", "--threads", "1")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def png(seed: int, size: int = 64) -> bytes:
