@@ -165,14 +165,15 @@ def run_fleet_bench(devices: int = 20, *, poll_s: float = 0.5, health_window_s: 
         tmp = Path(tmp)
         backbone_path = demo_backbone_path()
         backbone = create_backbone(weights=str(backbone_path))
-        for name in ("root", "release"):
+        for name in ("root", "release", "director"):
             generate_keypair(tmp / name)
-        trusted = init_repository(tmp / "hub", tmp / "root.key", tmp / "release.key")
+        # with a director: every poll answer a signed assignment the stations check
+        trusted = init_repository(tmp / "hub", tmp / "root.key", tmp / "release.key", tmp / "director.pub")
         golden = golden_digits(tmp / "golden")
         versions = digits_versions(tmp, backbone)
         fault_plan = Faults(**{"drop": 0.08, "truncate": 0.05, "corrupt": 0.05, "delay": 0.03, "delay_s": 2.0,
                                **(faults or {})})
-        hub = Hub(tmp / "hub")
+        hub = Hub(tmp / "hub", director_key=tmp / "director.key")
         # the child station first in rollout order (the stable hash): it is in every first stage,
         # so it is installing when it is killed
         from petah.fleet.registry import stage_rank

@@ -28,13 +28,17 @@ def hub_init(
                                                                "Keep it off the hub afterwards.")],
     release_key: Annotated[Path, typer.Option("--release-key", help="The release key (NAME.key): signs targets "
                                                                      "metadata (petah release --key).")],
+    director_key: Annotated[Path | None, typer.Option(
+        "--director-key", help="The director key (NAME.pub or NAME.key): signs each station's assignment; stations "
+                               "then act on nothing the hub says without it. Keep its .key outside the hub's folder "
+                               "(petah hub serve --director-key).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Create a hub folder: root metadata (root key), empty targets (release key), and an online
     snapshot / timestamp key kept in the folder. Prints the root.json to provision stations with."""
     from petah.fleet.metadata import init_repository
 
-    trusted = init_repository(root, root_key, release_key)
+    trusted = init_repository(root, root_key, release_key, director_key)
     if json_out:
         emit_json({"root": str(root), "trust_root": str(trusted)})
         return
@@ -56,6 +60,9 @@ def hub_serve(
         "--read-token-file", help="A token the fleet's status takes (device ids, versions, drift); open without.")
     ] = None,
     db: DbOpt = None,
+    director_key: Annotated[Path | None, typer.Option(
+        "--director-key", help="The director's private key (NAME.key), required when the hub's root names one: "
+                               "signs each station's assignment.")] = None,
 ) -> None:
     """Serve the hub (its page at /) until SIGTERM / Ctrl-C."""
     from petah.fleet.hub_app import HUB_MAX_REQUESTS, Hub, create_hub_app
@@ -70,7 +77,7 @@ def hub_serve(
         raise PetahError(f"--port must be 0..65535, got {port}")
     admin_token = read_token(str(admin_token_file) if admin_token_file else None, "--admin-token-file")
     reader_token = read_token(str(read_token_file) if read_token_file else None, "--read-token-file")
-    hub = Hub(root, db)
+    hub = Hub(root, db, director_key)
     sock = listen(host, port)
     scheme = "https" if ssl_certfile else "http"
     print(f"petah hub: {root} on {scheme}://{host}:{sock.getsockname()[1]}/", file=sys.stdout, flush=True)
@@ -127,15 +134,27 @@ def hub_add_device(
 def hub_rotate_key(
     root: RootOpt,
     root_key: Annotated[Path, typer.Option("--root-key", help="The offline root key (signs the new root).")],
-    new_release_key: Annotated[Path, typer.Option("--new-release-key", help="The release key from now on.")],
+    new_release_key: Annotated[Path | None, typer.Option("--new-release-key", help="The release key from now on."
+                                                         )] = None,
+    new_director_key: Annotated[Path | None, typer.Option(
+        "--new-director-key", help="The director key from now on (NAME.pub or NAME.key); restart the hubs with "
+                                   "its .key.")] = None,
 ) -> None:
-    """Hand the targets (release) role to a new key: a new root version, signed by the root key,
-    and the current targets re-signed by the new key; stations follow on their next poll."""
-    from petah.fleet.metadata import rotate_targets_key
+    """Hand the targets (release) role or the director role to a new key (the old one revoked): a
+    new root version signed by the root key (and the current targets re-signed by a new release
+    key); stations follow on their next poll."""
+    from petah.fleet.metadata import rotate_director_key, rotate_targets_key
 
-    version = rotate_targets_key(root, root_key, new_release_key)
-    out.print(f"root version {version}: releases are now signed by {new_release_key}", highlight=False,
-              soft_wrap=True)
+    if new_release_key is None and new_director_key is None:
+        raise PetahError("give --new-release-key, --new-director-key or both")
+    if new_release_key is not None:
+        version = rotate_targets_key(root, root_key, new_release_key)
+        out.print(f"root version {version}: releases are now signed by {new_release_key}", highlight=False,
+                  soft_wrap=True)
+    if new_director_key is not None:
+        version = rotate_director_key(root, root_key, new_director_key)
+        out.print(f"root version {version}: assignments are now signed by {new_director_key}; restart each hub "
+                  f"with --director-key of its .key", highlight=False, soft_wrap=True)
 
 
 def _operate(action: str, release_id: int, hub: str, admin_token_file: Path, json_out: bool) -> None:

@@ -110,6 +110,7 @@ class Agent:
         self.pending_file = self.folder / "pending.json"
         self.fetcher = fetcher
         self.rejected_file = self.folder / "rejected.json"
+        self.counter_file = self.folder / "assignment.json"  # the last assignment counter taken (replays refused)
         # reports the hub did not take yet, on disk (synced): sent with the next step, after a restart too
         self.outbox = DiskQueue(self.folder / "outbox", max_bytes=MAX_OUTBOX_BYTES, sync=True)
         self.retries = 0
@@ -120,6 +121,7 @@ class Agent:
         self._audit_log = AppendLog(self.audit, max_bytes=MAX_AUDIT_BYTES)
         self.metadata_dir.mkdir(parents=True, exist_ok=True)
         self.rejected = self._load_rejected()  # versions this station refused: never tried again
+        self.last_counter = self._load_counter()
         self.downloads.mkdir(exist_ok=True)
         for leftover in self.downloads.iterdir():  # a download cut by a crash is never used
             leftover.unlink()
@@ -217,9 +219,7 @@ class Agent:
         reply = self._hub("poll", {"backbone": self.station.backbone.fingerprint,
                                    "installed": {name: e.sha256 for name, e in entries.items()},
                                    "state": "ok", "drift": self.drift()})
-        desired, withdrawn = reply.get("desired", {}), reply.get("withdrawn", {})
-        if not isinstance(desired, dict) or not isinstance(withdrawn, dict):
-            raise PetahError("the hub's poll answer is malformed")
+        desired, withdrawn = self.assigned(reply)
         for task, want in desired.items():
             entry = entries.get(task)
             try:
@@ -232,6 +232,66 @@ class Agent:
             if task not in desired and entry is not None and isinstance(versions, list) and entry.sha256 in versions:
                 self.step_back(task, "the hub withdrew or halted this version", avoid=set(versions))
         self.flush()
+
+    # --- the hub's answer, checked against the director key the trusted root names ---------------
+    def _trusted_root(self):
+        """The newest root this station trusts (python-tuf keeps it as ``metadata/root.json``)."""
+        path = self.metadata_dir / "root.json"
+        return parse_metadata(path.read_bytes(), "root", "the station's trusted root").signed
+
+    def _load_counter(self) -> int:
+        try:
+            counter = json.loads(self.counter_file.read_text(encoding="utf-8"))["counter"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+        return counter if isinstance(counter, int) else 0
+
+    def _acts_on(self, desired: dict, withdrawn: dict) -> bool:
+        """Whether an answer would change anything this station runs."""
+        entries = self.station.state.entries
+        for task, want in desired.items():
+            sha = want.get("sha256") if isinstance(want, dict) else None
+            if sha not in self.rejected and (task not in entries or entries[task].sha256 != sha):
+                return True
+        return any(task not in desired and task in entries and isinstance(versions, list)
+                   and entries[task].sha256 in versions for task, versions in withdrawn.items())
+
+    def assigned(self, reply: dict) -> tuple[dict, dict]:
+        """What the hub's answer asks this station to run (``desired``) and to return from
+        (``withdrawn``). Where the trusted root names a director key, only a signed assignment
+        for this device and backbone, newer than the last one taken and not expired, is acted on
+        (``petah.fleet.assignments``); before it changes anything the station refreshes its TUF
+        metadata (a rotated or revoked director key is then known) and checks it again."""
+        from petah.fleet.assignments import director_key, verify
+
+        if not isinstance(reply, dict):
+            raise PetahError("the hub's poll answer is malformed")
+        refreshed = False
+        while True:
+            key = director_key(self._trusted_root())
+            try:
+                if key is None:  # a hub without a director: its answer is its word (docs/deploy.md)
+                    desired, withdrawn, counter = reply.get("desired", {}), reply.get("withdrawn", {}), None
+                else:
+                    signed = verify(reply.get("assignment"), key, self.device_id, self.station.backbone.fingerprint,
+                                    self.last_counter)
+                    desired, withdrawn, counter = signed["desired"], signed["withdrawn"], signed["counter"]
+                if not isinstance(desired, dict) or not isinstance(withdrawn, dict):
+                    raise PetahError("the hub's poll answer is malformed")
+            except PetahError:
+                if refreshed:
+                    raise
+                self._updater()  # the root may have moved on (a new director key): follow it, then decide
+                refreshed = True
+                continue
+            if refreshed or not self._acts_on(desired, withdrawn):
+                break
+            self._updater()
+            refreshed = True
+        if counter is not None:
+            self.last_counter = counter
+            atomic_write_bytes(self.counter_file, json.dumps({"counter": counter}).encode())
+        return desired, withdrawn
 
     def step_back(self, task: str, reason: str, release: int | None = None, avoid: set[str] = frozenset()) -> None:
         """Return a task to its previous version (or stop serving it when it has none, or when

@@ -58,6 +58,9 @@ MIGRATIONS: list[list[str]] = [
         "CREATE TABLE IF NOT EXISTS generations (name TEXT PRIMARY KEY, value {BIG} NOT NULL)",
         "INSERT INTO generations (name, value) VALUES ('devices', 0)",
     ],
+    [  # 5: each device's assignment counter (``petah.fleet.assignments``: rises with every answer)
+        "ALTER TABLE devices ADD COLUMN assignment_counter {BIG} NOT NULL DEFAULT 0",
+    ],
 ]
 
 

@@ -23,8 +23,10 @@ import secrets
 from pathlib import Path
 
 from petah.errors import PetahError
+from petah.fleet.assignments import Director
+from petah.fleet.assignments import director_key as director_key_of
 from petah.fleet.ids import check_device_id
-from petah.fleet.metadata import Repository, parse_metadata, target_path, verify_role
+from petah.fleet.metadata import Repository, parse_metadata, signer, target_path, verify_role
 from petah.fleet.registry import ACTIVE, Registry, check_rollout
 
 
@@ -62,17 +64,50 @@ def add_device(root: str | Path, device_id: str, token_file: str | Path, db: str
     return token_file
 
 
-class Hub:
-    """What the endpoints call: the metadata repository and the registry, usable without HTTP."""
+class DirectorUnavailable(PetahError):
+    """This hub cannot sign assignments (its director key is no longer the one the root names)."""
 
-    def __init__(self, root: str | Path, db: str | None = None):
+
+class Hub:
+    """What the endpoints call: the metadata repository and the registry, usable without HTTP.
+    ``director_key``: the private key that signs each device's assignment, required exactly when
+    the hub's root metadata names one (``petah.fleet.assignments``)."""
+
+    def __init__(self, root: str | Path, db: str | None = None, director_key: str | Path | None = None):
         self.root = Path(root)
         self.repository = Repository(self.root)
+        trusted = self.repository.latest("root").signed
+        self._root_version = trusted.version
+        self.director = None
+        if director_key is not None:
+            self.director = Director(signer(director_key), director_key)
+            self.director.check_named_by(trusted)
+        elif director_key_of(trusted) is not None:
+            raise PetahError("this hub's root metadata names a director key: start the hub with --director-key "
+                             "(the director's .key file, kept outside the hub's folder and database)")
         self.repository.sweep_incoming()  # what a killed publish left (files petah names and no one holds)
         self.repository.sweep_init_stages()  # what an init killed after its commit left
         self.repository.finish_rotation()  # a key rotation killed half-way: finished, never left half
         self.repository.refresh()  # a publish killed between its targets and their snapshot: snapshotted
         self.registry = Registry(db or self.root / "hub.db")
+
+    def poll(self, device_id: str, backbone: str, installed: dict[str, str], state: str,
+             drift: dict[str, dict] | None = None) -> dict:
+        """A device's check-in (``Registry.poll``), answered with its assignment signed by the
+        director where the hub has one (then the answer is that alone: nothing unsigned to act on)."""
+        if self.director is not None and self.repository.file(f"{self._root_version + 1}.root.json").exists():
+            trusted = self.repository.latest("root").signed  # the root moved on: is this key still the director?
+            try:
+                self.director.check_named_by(trusted)
+            except PetahError as exc:
+                raise DirectorUnavailable(f"this hub's director key was rotated out ({exc}); restart the hub "
+                                          "with the new one") from None
+            self._root_version = trusted.version
+        answer = self.registry.poll(device_id, backbone, installed, state, drift)
+        counter = answer.pop("counter")
+        if self.director is None:
+            return answer
+        return {"assignment": self.director.sign(device_id, backbone, counter, answer)}
 
     def publish(self, package: bytes, targets_metadata: bytes, settings: dict) -> dict:
         """A release: the package, the next targets metadata (signed by the release key, naming the
@@ -131,4 +166,4 @@ class Hub:
         return {"release": release_id, "state": "withdrawn"}
 
 
-__all__ = ["Hub", "add_device"]
+__all__ = ["DirectorUnavailable", "Hub", "add_device"]

@@ -35,6 +35,8 @@ from pathlib import Path
 
 from petah.errors import PetahError
 from petah.files import atomic_write_bytes, fsync_folder, inside
+from petah.fleet.assignments import FIELD as DIRECTOR_FIELD
+from petah.fleet.assignments import director_entry
 from petah.packages.signing import generate_keypair, load_private_key, load_public_key
 
 SPEC_VERSION = "1.0.31"
@@ -362,11 +364,20 @@ INIT_STAGE = re.compile(r"\.init-[0-9a-f]{16}")  # a hub init's staging folder u
 ROTATION = "rotation.json"  # in incoming/: a key rotation's two files, written before either is applied
 
 
-def init_repository(root_dir: str | Path, root_key: str | Path, release_key: str | Path) -> Path:
+def public_key_of(path: str | Path):
+    """The public key of a ``petah keygen`` file: ``NAME.pub``, or derived from ``NAME.key``."""
+    path = Path(path)
+    return load_private_key(path).public_key() if path.suffix == ".key" else load_public_key(path)
+
+
+def init_repository(root_dir: str | Path, root_key: str | Path, release_key: str | Path,
+                    director_key: str | Path | None = None) -> Path:
     """A new hub root: ``1.root.json`` signed by the offline root key (roles: root -> that key,
     targets -> the release key, snapshot + timestamp -> a new online key written under the hub
-    root), an empty ``1.targets.json`` signed by the release key, first snapshot and timestamp.
-    Returns the path of ``1.root.json``: the trusted root to provision stations with.
+    root; with ``director_key`` (its .pub or .key), that key as the signer of per-device
+    assignments, ``petah.fleet.assignments``), an empty ``1.targets.json`` signed by the release
+    key, first snapshot and timestamp. Returns the path of ``1.root.json``: the trusted root to
+    provision stations with.
 
     Crash-atomic: everything is made in ``ROOT/.init-<16 hex>/``, the online key moved into
     ``keys/``, then the whole ``metadata/`` folder renamed into place — the one step that makes
@@ -380,6 +391,7 @@ def init_repository(root_dir: str | Path, root_key: str | Path, release_key: str
     if (root_dir / "metadata").exists():
         raise PetahError(f"{root_dir} already holds hub metadata; init never overwrites it")
     root_signer, release_signer = signer(root_key), signer(release_key)
+    director = director_entry(tuf_key(public_key_of(director_key))) if director_key is not None else None
     root_dir.mkdir(parents=True, exist_ok=True)
     for leftover in root_dir.iterdir():
         if INIT_STAGE.fullmatch(leftover.name) and leftover.is_dir() and not leftover.is_symlink():
@@ -396,6 +408,8 @@ def init_repository(root_dir: str | Path, root_key: str | Path, release_key: str
                       ("snapshot", online_key), ("timestamp", online_key)):
         root.roles.setdefault(role, Role([], 1))
         root.add_key(key, role)
+    if director is not None:
+        root.unrecognized_fields[DIRECTOR_FIELD] = director
     files = {}
     root_md = Metadata(root)
     root_md.sign(root_signer)
@@ -469,6 +483,28 @@ def rotate_targets_key(root_dir: str | Path, root_key: str | Path, new_release_k
         return _rotate(repository, root_key, new_release_key)
 
 
+def rotate_director_key(root_dir: str | Path, root_key: str | Path, new_director_key: str | Path) -> int:
+    """Name a new director key (its .pub or .key) in a new root version signed by the offline root
+    key: the old director key is revoked for every station that refreshes its metadata (each does
+    before acting on an assignment that changes anything). One file: atomic as it is. Returns the
+    root version that names the new key."""
+    repository = Repository(root_dir)
+    repository.finish_rotation()
+    entry = director_entry(tuf_key(public_key_of(new_director_key)))
+    with repository.locked():
+        metadata = repository.latest("root")
+        root = metadata.signed
+        if root.unrecognized_fields.get(DIRECTOR_FIELD, {}).get("keyid") == entry["keyid"]:
+            return root.version
+        root.unrecognized_fields[DIRECTOR_FIELD] = entry
+        root.version += 1
+        root.expires = _utcnow() + EXPIRY["root"]
+        metadata.signatures.clear()
+        metadata.sign(signer(root_key))
+        repository.accept_root(metadata.to_bytes())
+        return root.version
+
+
 def _rotate(repository: Repository, root_key: str | Path, new_release_key: str | Path) -> int:
     import base64
     import json
@@ -494,5 +530,5 @@ def _rotate(repository: Repository, root_key: str | Path, new_release_key: str |
     return root.version
 
 
-__all__ = ["EXPIRY", "Repository", "init_repository", "parse_metadata", "release_targets", "rotate_targets_key",
-           "signer", "target_path", "tuf_key", "verify_role"]
+__all__ = ["EXPIRY", "Repository", "init_repository", "parse_metadata", "public_key_of", "release_targets",
+           "rotate_director_key", "rotate_targets_key", "signer", "target_path", "tuf_key", "verify_role"]

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from petah.errors import PetahError
+from petah.fleet.assignments import next_counter
 from petah.fleet.database import Database
 
 ACTIVE = ("rolling", "complete", "paused")
@@ -256,12 +257,15 @@ class Registry:
     def poll(self, device_id: str, backbone: str, installed: dict[str, str], state: str,
              drift: dict[str, dict] | None = None) -> dict:
         """Record a device's check-in (``drift``: per task, its drift check's state and scores);
-        returns what it should run (per task: the release it is in the rollout of, newest first)
-        and which versions were withdrawn (to return from)."""
+        returns what it should run (per task: the release it is in the rollout of, newest first),
+        which versions were withdrawn (to return from) and the device's next assignment counter."""
         def poll(db):
-            before = db.execute("SELECT backbone FROM devices WHERE id=?", (device_id,)).fetchone()
+            before = db.execute("SELECT backbone, assignment_counter FROM devices WHERE id=?",
+                                (device_id,)).fetchone()
             if before is not None and before["backbone"] != backbone:
                 self._bump(db)
+            counter = next_counter(before["assignment_counter"] if before is not None else 0)
+            db.execute("UPDATE devices SET assignment_counter=? WHERE id=?", (counter, device_id))
             db.execute("UPDATE devices SET backbone=?, installed=?, state=?, drift=?, last_seen=? WHERE id=?",
                        (backbone, json.dumps(installed), state, json.dumps(drift or {}), time.time(), device_id))
             for release in self.releases():
@@ -282,7 +286,7 @@ class Registry:
                 if release.state == "complete" or self._in_stage(device_id, release):
                     desired[release.task] = {"release": release.id, "target": release.target,
                                              "sha256": release.sha256, "min_score": release.min_score}
-            return {"desired": desired, "withdrawn": withdrawn}
+            return {"desired": desired, "withdrawn": withdrawn, "counter": counter}
         return self._tx(poll)
 
     def report(self, device_id: str, event: str, release_id: int | None, task: str | None, detail: str,

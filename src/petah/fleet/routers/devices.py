@@ -8,6 +8,7 @@ import math
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
+from petah.fleet.hub import DirectorUnavailable
 from petah.fleet.routers.deps import DeviceDep, HubDep, check_id
 from petah.http import ClientError, parse_json, read_body
 
@@ -32,8 +33,11 @@ async def poll(device: DeviceDep, request: Request, hub: HubDep):
         raise ClientError(400, "installed must map at most 256 task names to sha256 strings")
     installed = {text(k, 64): text(v, 64) for k, v in installed.items()}
     drift = drift_report(data.get("drift", {}))
-    return await run_in_threadpool(hub.registry.poll, device, text(str(data.get("backbone", "")), 64),
-                                   installed, text(str(data.get("state", "")), 200), drift)
+    try:
+        return await run_in_threadpool(hub.poll, device, text(str(data.get("backbone", "")), 64),
+                                       installed, text(str(data.get("state", "")), 200), drift)
+    except DirectorUnavailable as exc:  # the operator's to fix (a restart with the new key), not the device's
+        raise ClientError(503, str(exc)) from None
 
 
 DRIFT_KEYS = {"state": str, "estimated": float, "input_drift": float, "feature_drift": float, "alarms": int}
