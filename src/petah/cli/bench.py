@@ -318,22 +318,43 @@ def bench_stream(
 
 @bench_app.command("fleet")
 def bench_fleet(
-    devices: Annotated[int, typer.Option("--devices", help="Stations (one of them a child process that is "
-                                                           "killed mid-install and restarted).")] = 20,
+    devices: Annotated[str, typer.Option("--devices", help="Stations (one of them a child process that is killed "
+                                                           "mid-install and restarted); with --sim, comma-separated "
+                                                           "counts.")] = "20",
     poll_s: Annotated[float, typer.Option("--poll-s", help="The stations' poll interval.")] = 0.5,
     timeout_s: Annotated[float, typer.Option("--timeout-s", help="Longest wait for one release to settle.")
                          ] = 240.0,
+    sim: Annotated[bool, typer.Option("--sim", help="Simulated stations (the protocol only, no model) against "
+                                                    "real hub processes: one on SQLite, one and two on PostgreSQL.")
+                   ] = False,
+    configs: Annotated[str, typer.Option("--configs", help="With --sim: which of sqlite-1, postgresql-1, "
+                                                           "postgresql-2 (database-hub processes).")
+                       ] = "sqlite-1,postgresql-1,postgresql-2",
+    seconds: Annotated[float, typer.Option("--seconds", help="With --sim: the steady phase's length.")] = 20.0,
+    connections: Annotated[int, typer.Option("--connections", help="With --sim: requests in flight at once.")] = 8,
     json_out: JsonOpt = False,
 ) -> None:
     """A hub and N stations on 127.0.0.1 with injected faults (dropped connections, truncated and
-    corrupted downloads, delays, the hub down, a station killed mid-install, a bad release)."""
+    corrupted downloads, delays, the hub down, a station killed mid-install, a bad release); with
+    --sim, hub processes under thousands of simulated stations."""
+    try:
+        counts = [int(n) for n in devices.split(",") if n.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < (1 if sim else 3) or max(counts) > 100_000:
+        raise PetahError(f"--devices {devices!r}: comma-separated counts, each 3..100000 (1.. with --sim)")
+    if sim:
+        _bench_fleet_sim(counts, configs, seconds, connections, timeout_s, json_out)
+        return
     from petah.bench.fleet import OUTCOMES, run_fleet_bench
 
-    result = run_fleet_bench(devices, poll_s=poll_s, timeout_s=timeout_s)
+    if len(counts) != 1:
+        raise PetahError("--devices takes one count without --sim")
+    result = run_fleet_bench(counts[0], poll_s=poll_s, timeout_s=timeout_s)
     if json_out:
         emit_json(result)
         return
-    table = Table(title=f"petah fleet, {devices} stations, faults {result['faults_injected']}")
+    table = Table(title=f"petah fleet, {counts[0]} stations, faults {result['faults_injected']}")
     for column in ("release", "state", "reached", "s to 50 %", "s to 100 %", "retries", "bytes/station",
                    "vs whole model"):
         table.add_column(column, justify="right")
@@ -343,6 +364,29 @@ def bench_fleet(
                       f"{row['bytes_vs_whole_model']:.1%}")
     out.print(table)
     out.print(", ".join(f"{k} = {result[k]}" for k in OUTCOMES))
+
+
+def _bench_fleet_sim(counts: list[int], configs: str, seconds: float, connections: int, timeout_s: float,
+                     json_out: bool) -> None:
+    from petah.bench.fleet_sim import run_fleet_sim
+
+    result = run_fleet_sim(counts, configs=tuple(c.strip() for c in configs.split(",") if c.strip()),
+                           seconds=seconds, connections=connections, timeout_s=timeout_s)
+    if json_out:
+        emit_json(result)
+        return
+    table = Table(title=f"hub processes under simulated stations ({connections} requests in flight)")
+    for column in ("stations", "config", "polls/s", "p50 / p99 ms", "hub CPU ms/poll", "db ms/poll",
+                   "lock wait ms/poll", "db server CPU ms/poll", "release to 100 % s", "stages once", "reports kept"):
+        table.add_column(column, justify="right")
+    for r in result["rows"]:
+        steady, release = r["steady"], r["release"]
+        table.add_row(str(r["devices"]), r["config"], str(steady["polls_per_s"]),
+                      f"{steady['latency_ms_p50']} / {steady['latency_ms_p99']}", str(steady["hub_cpu_ms_per_poll"]),
+                      str(steady["db_transaction_ms_per_poll"]), str(steady["lock_wait_ms_per_poll"]),
+                      str(steady.get("db_server_cpu_ms_per_poll", "-")), str(release["seconds_to_100"]),
+                      str(release["each_stage_once"]), str(release["no_report_lost"]))
+    out.print(table)
 
 
 @bench_app.command("prune")

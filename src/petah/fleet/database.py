@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 from petah.errors import PetahError
@@ -75,6 +76,7 @@ class Database:
     def __init__(self, target: str | Path):
         self.target = str(target)
         self._lock = threading.RLock()
+        self.stats = {"transactions": 0, "seconds": 0.0, "lock_wait_s": 0.0}  # this process's, since it started
         if self.target.startswith(("postgresql://", "postgres://")):
             self.dialect = "postgresql"
             self._db = self._connect()
@@ -118,22 +120,31 @@ class Database:
         return self._db.execute(self._sql(sql), params)
 
     def transaction(self, fn, write: bool = True):
-        """``fn(self)`` in one transaction under the database's lock (shared for readers)."""
+        """``fn(self)`` in one transaction under the database's lock (shared for readers). Counted
+        in ``stats``: transactions, their wall time, and the time spent waiting for the lock."""
         with self._lock:
-            if self.dialect == "postgresql":
-                def work():
-                    with self._db.transaction():
-                        self._db.execute(f"SELECT pg_advisory_xact_lock{'' if write else '_shared'}({LOCK_KEY})")
-                        return fn(self)
-                return self._again(work)
-            self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            started = time.perf_counter()
             try:
-                result = fn(self)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-            return result
+                if self.dialect == "postgresql":
+                    def work():
+                        with self._db.transaction():
+                            asked = time.perf_counter()
+                            self._db.execute(f"SELECT pg_advisory_xact_lock{'' if write else '_shared'}({LOCK_KEY})")
+                            self.stats["lock_wait_s"] += time.perf_counter() - asked
+                            return fn(self)
+                    return self._again(work)
+                self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                self.stats["lock_wait_s"] += time.perf_counter() - started
+                try:
+                    result = fn(self)
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+                return result
+            finally:
+                self.stats["transactions"] += 1
+                self.stats["seconds"] += time.perf_counter() - started
 
     def all(self, sql: str, params: tuple = ()) -> list[dict]:
         with self._lock:

@@ -20,6 +20,7 @@ their own bearer token (``petah hub add-device``).
 from __future__ import annotations
 
 import secrets
+import threading
 from pathlib import Path
 
 from petah.errors import PetahError
@@ -79,6 +80,8 @@ class Hub:
         trusted = self.repository.latest("root").signed
         self._root_version = trusted.version
         self.director = None
+        self.polls = 0
+        self._count_lock = threading.Lock()
         if director_key is not None:
             self.director = Director(signer(director_key), director_key)
             self.director.check_named_by(trusted)
@@ -104,6 +107,8 @@ class Hub:
                                           "with the new one") from None
             self._root_version = trusted.version
         answer = self.registry.poll(device_id, backbone, installed, state, drift)
+        with self._count_lock:
+            self.polls += 1
         counter = answer.pop("counter")
         if self.director is None:
             return answer

@@ -91,6 +91,7 @@ class Registry:
     def __init__(self, target: str | Path):
         self.db = Database(target)
         self._ranked: dict[str, tuple[int, dict[str, int]]] = {}  # backbone -> (generation, place by stage rank)
+        self._advanced_at: int | None = None  # the devices generation the rules last ran at in a poll
 
     def _tx(self, fn):
         return self.db.transaction(fn)
@@ -106,10 +107,15 @@ class Registry:
 
     # --- devices ----------------------------------------------------------------------------------
     def add_device(self, device_id: str, token: str) -> None:
+        self.add_devices([(device_id, token)])
+
+    def add_devices(self, devices: list[tuple[str, str]]) -> None:
+        """Register (id, token) pairs in one transaction: all or none."""
         def add(db):
-            if db.execute("SELECT 1 FROM devices WHERE id=?", (device_id,)).fetchone():
-                raise PetahError(f"device {device_id} is already registered")
-            db.execute("INSERT INTO devices (id, token_sha256) VALUES (?, ?)", (device_id, token_hash(token)))
+            for device_id, token in devices:
+                if db.execute("SELECT 1 FROM devices WHERE id=?", (device_id,)).fetchone():
+                    raise PetahError(f"device {device_id} is already registered")
+                db.execute("INSERT INTO devices (id, token_sha256) VALUES (?, ?)", (device_id, token_hash(token)))
             self._bump(db)
         self._tx(add)
 
@@ -268,11 +274,18 @@ class Registry:
             db.execute("UPDATE devices SET assignment_counter=? WHERE id=?", (counter, device_id))
             db.execute("UPDATE devices SET backbone=?, installed=?, state=?, drift=?, last_seen=? WHERE id=?",
                        (backbone, json.dumps(installed), state, json.dumps(drift or {}), time.time(), device_id))
-            for release in self.releases():
-                if release.state == "rolling":
-                    self._advance(db, release)
+            releases = self.releases()
+            generation = db.execute("SELECT value FROM generations WHERE name='devices'").fetchone()["value"]
+            if generation != self._advanced_at:
+                # stage sizes follow the device count: re-apply the rules when the devices changed
+                # (reports and operators apply them on every change of outcome or state)
+                for release in releases:
+                    if release.state == "rolling":
+                        self._advance(db, release)
+                releases = self.releases()
+                self._advanced_at = generation
             desired, withdrawn = {}, {}
-            for release in reversed(self.releases()):
+            for release in reversed(releases):
                 if release.backbone != backbone:
                     continue
                 if release.state not in ACTIVE:
