@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from petah.http import free_port  # noqa: F401  (the tests import it from here)
+
 try:
     import torch
 except ImportError:  # the device install (tests/test_device.py runs there): no build-side helper is used
@@ -188,8 +190,3 @@ class FolderFetcher:
         return Fetcher()
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on now (for servers the tests start)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

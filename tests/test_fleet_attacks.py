@@ -109,7 +109,7 @@ class Fleet:
     def signed(self, key: str, answer: dict, device: str = "dev0", counter: int | None = None) -> dict:
         """A poll answer with an assignment as ``key`` (a key file) would sign it."""
         director = Director(signer(key), key)
-        counter = counter if counter is not None else assignments.next_counter(self.agent.last_counter)
+        counter = counter if counter is not None else self.agent.last_counter + 1
         return {"assignment": director.sign(device, self.agent.station.backbone.fingerprint, counter, answer)}
 
     def audit(self) -> str:

@@ -114,6 +114,13 @@ def parse_json(body: bytes, what: str, limit: int = MAX_JSON_DEPTH):
         raise ClientError(400, f"{what} must be JSON") from None
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a child server told its port before it starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def listen(host: str, port: int) -> socket.socket:
     """A listening socket for uvicorn, bound before the server starts (so port 0 can be printed,
     and a taken port fails before anything loads)."""
@@ -144,5 +151,5 @@ def read_token(path: str | None, label: str) -> str | None:
     return token
 
 
-__all__ = ["MAX_JSON_DEPTH", "ClientError", "form_files", "json_too_deep", "listen", "parse_form", "parse_json",
-           "read_body", "read_token"]
+__all__ = ["MAX_JSON_DEPTH", "ClientError", "form_files", "free_port", "json_too_deep", "listen", "parse_form",
+           "parse_json", "read_body", "read_token"]

@@ -11,9 +11,12 @@ shipping the whole model, and the outcomes as booleans (a contract: scripts read
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -27,6 +30,7 @@ from pathlib import Path
 from petah.errors import PetahError
 from petah.files import DiskQueue
 from petah.fleet.registry import FAILED_EVENTS
+from petah.http import free_port
 from petah.serve.state import sha256_bytes
 
 OUTCOMES = ("all_consistent", "bad_release_halted_in_first_stage", "no_bad_package_served", "no_state_lost")
@@ -145,12 +149,77 @@ def check_state(state: Path, fingerprint: str) -> tuple[bool, dict[str, str]]:
     return not leftovers, {name: entry.sha256 for name, entry in entries.items()}
 
 
+def post_image(url: str, image: bytes) -> None:
+    from petah.fleet.client import call
+
+    call(url, "POST", image, {"Content-Type": "image/png"}, timeout=15)
+
+
+class RequestLoad:
+    """Each station's own traffic while it updates: a thread per station sending the probe image
+    to its task back to back, ``pause_s`` apart (in-process stations through ``predict_now``, the
+    child station over HTTP, which fails while it is killed)."""
+
+    def __init__(self, pause_s: float):
+        self.pause_s = pause_s
+        self.requests = self.errors = 0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def _run(self, send) -> None:
+        while not self._stop.is_set():
+            try:
+                send()
+                ok = True
+            except Exception:  # a station restarting, a task being swapped: counted, the load goes on
+                ok = False
+            with self._lock:
+                self.requests += ok
+                self.errors += not ok
+            self._stop.wait(self.pause_s)
+
+    def add(self, send) -> None:
+        thread = threading.Thread(target=self._run, args=(send,), daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+        return {"pause_s": self.pause_s, "requests": self.requests, "errors": self.errors}
+
+
+@contextlib.contextmanager
+def cpu_hogs(count: int):
+    """``count`` processes spinning on the CPU (another job on the device) while the block runs."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
 def run_fleet_bench(devices: int = 20, *, poll_s: float = 0.5, health_window_s: float = 1.0,
                     timeout_s: float = 240.0, faults: dict | None = None, hub_down_s: float = 4.0,
-                    workdir: str | Path | None = None) -> dict:
+                    workdir: str | Path | None = None, load_pause_s: float | None = None, hogs: int = 0) -> dict:
+    """``load_pause_s``: every station serves its own requests, this far apart, all along;
+    ``hogs``: processes spinning on the CPU beside the fleet."""
+    with cpu_hogs(hogs):
+        result = _run_fleet_bench(devices, poll_s, health_window_s, timeout_s, faults, hub_down_s, workdir,
+                                  load_pause_s)
+    result["settings"]["hogs"] = hogs
+    return result
+
+
+def _run_fleet_bench(devices: int, poll_s: float, health_window_s: float, timeout_s: float, faults: dict | None,
+                     hub_down_s: float, workdir: str | Path | None, load_pause_s: float | None) -> dict:
     from petah.backbones import create_backbone, demo_backbone_path
     from petah.bench.faults import Faults
-    from petah.fleet.agent import Agent
+    from petah.fleet.agent import Agent, probe_image
     from petah.fleet.client import hub_status, publish_release
     from petah.fleet.hub import Hub, add_device
     from petah.fleet.hub_app import running_hub
@@ -187,12 +256,15 @@ def run_fleet_bench(devices: int = 20, *, poll_s: float = 0.5, health_window_s: 
         with running_hub(hub, middleware=[fault_plan.middleware()], log_level="critical") as (url, _server):
             common = dict(hub=url, trust_root=str(trusted), golden=str(golden), poll_s=poll_s,
                           health_window_s=health_window_s, engine="torch", threads=1)
+            child_port = free_port()
             child = ChildStation(["-b", str(backbone_path), "--state-dir", str(tmp / f"state-{ids[0]}"),
+                                  "--port", str(child_port),
                                   "--hub", url, "--trust-root", str(trusted), "--device-id", ids[0],
                                   "--device-token-file", str(tmp / f"{ids[0]}.token"), "--golden", str(golden),
                                   "--poll-s", str(poll_s), "--health-window-s", str(health_window_s),
                                   "--engine", "torch", "--threads", "1"])
             child.start()
+            load = RequestLoad(load_pause_s) if load_pause_s is not None else None
             try:
                 for device in ids[1:]:
                     station = Station(backbone, tmp / f"state-{device}",
@@ -202,6 +274,11 @@ def run_fleet_bench(devices: int = 20, *, poll_s: float = 0.5, health_window_s: 
                     agent = Agent(station)
                     agents.append(agent)
                     agent.start()
+                    if load is not None:
+                        load.add(functools.partial(station.predict_now, [("load", probe_image())], ("digits",)))
+                if load is not None:
+                    load.add(functools.partial(post_image, f"http://127.0.0.1:{child_port}/v1/predict?tasks=digits",
+                                               probe_image()))
                 wait_for(lambda: sum(d["backbone"] is not None for d in hub.registry.devices()) == devices, 60)
 
                 def settle(release: int) -> str:
@@ -249,15 +326,26 @@ def run_fleet_bench(devices: int = 20, *, poll_s: float = 0.5, health_window_s: 
                          30, 0.2)
                 status = hub_status(url)
             finally:
+                load_numbers = load.stop() if load is not None else None
                 for agent in agents:
                     agent.stop()
                     agent.station.stop()
                 child.stop()
         result = summarize(tmp, ids, backbone, versions, timeline, status, fault_plan, kill_info)
+        result["request_load"] = load_numbers
     result["wall_s"] = round(time.time() - started, 1)
     result["settings"] = {"devices": devices, "poll_s": poll_s, "health_window_s": health_window_s,
-                          "hub_down_s": hub_down_s, **settings}
+                          "hub_down_s": hub_down_s, "load_pause_s": load_pause_s, **settings}
     return result
+
+
+def names_its_measurement(event: str, detail: str) -> bool:
+    """A gate rejection states the metric or time that failed and both versions' scores and times
+    (``metric value in N ms``); a health rollback the probes' slowdown or what the probes got."""
+    if event == "gate_rejected":
+        return bool(re.search(r"(candidate|current) \S+ [\d.]+ in \d+ ms", detail)) and bool(
+            re.match(r"(\S+ [\d.]+ (vs|is below)|[\d.]+x the current version's time|\S+ is not a number)", detail))
+    return bool(re.match(r"(probes took [\d.]+x as long|non-finite outputs|probe failed: )", detail))
 
 
 def summarize(tmp: Path, ids: list[str], backbone, versions: dict[str, Path], timeline: dict, status: dict,
@@ -292,6 +380,8 @@ def summarize(tmp: Path, ids: list[str], backbone, versions: dict[str, Path], ti
         served_bad |= any(e["event"] == "installed" and e["release"] == timeline["bad"][0]
                           for e in audit_events(tmp / f"state-{device}"))
     bad_row = by_id[timeline["bad"][0]]
+    refusals = [(e["event"], e["detail"]) for d in ids for e in audit_events(tmp / f"state-{d}")
+                if e["event"] in ("gate_rejected", "health_rollback")]
     outcomes = {
         "all_consistent": all(sha == final for sha in states.values()),
         "bad_release_halted_in_first_stage": bad_row["state"] == "halted" and bad_row["stage"] == 0,
@@ -300,6 +390,7 @@ def summarize(tmp: Path, ids: list[str], backbone, versions: dict[str, Path], ti
         "no_state_lost": intact,
     }
     return {"releases": releases, **outcomes, "faults_injected": dict(faults.counts), "child_station": kill_info,
+            "every_refusal_names_its_measurement": all(names_its_measurement(*r) for r in refusals),
             "final_versions": {k: (v or "none")[:12] for k, v in states.items()}}
 
 

@@ -10,19 +10,13 @@ import glob
 import itertools
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from petah.errors import PetahError
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from petah.http import free_port
 
 
 @contextlib.contextmanager
@@ -42,7 +36,7 @@ def throwaway_cluster() -> Iterator[Callable[[], str]]:
         os.chmod(folder, 0o755)
         os.chown(folder, nobody.pw_uid, nobody.pw_gid)
         as_user = ["runuser", "-u", "nobody", "--"]
-    port, data = _free_port(), folder / "data"
+    port, data = free_port(), folder / "data"
     try:
         subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "petah", "-A", "trust", "-E",
                         "UTF8", "--no-sync"], check=True, capture_output=True, timeout=120)

@@ -22,7 +22,6 @@ import contextlib
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,16 +32,11 @@ from pathlib import Path
 import numpy as np
 
 from petah.errors import PetahError
+from petah.http import free_port
 from petah.serve.client import StationClient
 
 ADMIN_TOKEN = "soak-admin-token-0123456789abcdef"
 WARMUP_FRACTION = 0.25
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -87,7 +81,7 @@ class SoakStation:
 
     def __init__(self, root: Path, python: str, args: list[str]):
         self.root, self.python, self.args = root, python, args
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.up = threading.Event()

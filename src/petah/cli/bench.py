@@ -332,6 +332,12 @@ def bench_fleet(
                        ] = "sqlite-1,postgresql-1,postgresql-2",
     seconds: Annotated[float, typer.Option("--seconds", help="With --sim: the steady phase's length.")] = 20.0,
     connections: Annotated[int, typer.Option("--connections", help="With --sim: requests in flight at once.")] = 8,
+    load_pause_s: Annotated[float | None, typer.Option(
+        "--load-pause-s", help="Every station serves its own requests all along, one after another this many "
+                               "seconds apart (a device serving while it updates).")] = None,
+    hogs: Annotated[int, typer.Option("--hogs", help="Processes spinning on the CPU beside the fleet.")] = 0,
+    runs: Annotated[int, typer.Option("--runs", help="Run the simulation this many times; count the runs in "
+                                                     "which each outcome held.")] = 1,
     json_out: JsonOpt = False,
 ) -> None:
     """A hub and N stations on 127.0.0.1 with injected faults (dropped connections, truncated and
@@ -350,7 +356,19 @@ def bench_fleet(
 
     if len(counts) != 1:
         raise PetahError("--devices takes one count without --sim")
-    result = run_fleet_bench(counts[0], poll_s=poll_s, timeout_s=timeout_s)
+    if runs < 1 or hogs < 0 or (load_pause_s is not None and load_pause_s < 0):
+        raise PetahError("--runs must be at least 1, --hogs and --load-pause-s not negative")
+    results = [run_fleet_bench(counts[0], poll_s=poll_s, timeout_s=timeout_s, load_pause_s=load_pause_s, hogs=hogs)
+               for _ in range(runs)]
+    if runs > 1:
+        held = {key: sum(bool(r[key]) for r in results) for key in (*OUTCOMES, "every_refusal_names_its_measurement")}
+        summary = {"runs": runs, "held": held, "results": results}
+        if json_out:
+            emit_json(summary)
+            return
+        out.print(", ".join(f"{k}: {v}/{runs}" for k, v in held.items()), highlight=False)
+        return
+    result = results[0]
     if json_out:
         emit_json(result)
         return

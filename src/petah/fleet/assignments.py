@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import time
 from pathlib import Path
 
 from petah.errors import PetahError
@@ -52,12 +51,6 @@ def director_key(root_signed):
         return SSlibKey.from_dict(entry.pop("keyid"), entry)
     except Exception:  # a root signed by the root key, but malformed: no director can be trusted
         raise PetahError(f"the root metadata's {FIELD} is not a key") from None
-
-
-def next_counter(previous: int) -> int:
-    """A counter above ``previous`` and at least the clock in milliseconds: a hub database restored
-    from a backup still counts above what stations saw."""
-    return max(previous + 1, time.time_ns() // 1_000_000)
 
 
 class Director:
@@ -129,4 +122,4 @@ def verify(assignment, key, device: str, backbone: str, last_counter: int) -> di
     return signed
 
 
-__all__ = ["FIELD", "LIFETIME", "Director", "director_entry", "director_key", "next_counter", "verify"]
+__all__ = ["FIELD", "LIFETIME", "Director", "director_entry", "director_key", "verify"]

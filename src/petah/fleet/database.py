@@ -119,9 +119,12 @@ class Database:
     def execute(self, sql: str, params: tuple = ()):
         return self._db.execute(self._sql(sql), params)
 
-    def transaction(self, fn, write: bool = True):
-        """``fn(self)`` in one transaction under the database's lock (shared for readers). Counted
-        in ``stats``: transactions, their wall time, and the time spent waiting for the lock."""
+    def transaction(self, fn, write: bool = True, shared: bool | None = None):
+        """``fn(self)`` in one transaction under the database's lock: exclusive for writers, shared
+        for readers and for writers whose rows no other transaction of the hub's rules reads
+        (``shared=True``; on SQLite every writer is exclusive). Counted in ``stats``: transactions,
+        their wall time, and the time spent waiting for the lock."""
+        shared = not write if shared is None else shared
         with self._lock:
             started = time.perf_counter()
             try:
@@ -129,7 +132,7 @@ class Database:
                     def work():
                         with self._db.transaction():
                             asked = time.perf_counter()
-                            self._db.execute(f"SELECT pg_advisory_xact_lock{'' if write else '_shared'}({LOCK_KEY})")
+                            self._db.execute(f"SELECT pg_advisory_xact_lock{'_shared' if shared else ''}({LOCK_KEY})")
                             self.stats["lock_wait_s"] += time.perf_counter() - asked
                             return fn(self)
                     return self._again(work)

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from petah.errors import PetahError
-from petah.fleet.assignments import next_counter
 from petah.fleet.database import Database
 
 ACTIVE = ("rolling", "complete", "paused")
@@ -192,11 +191,14 @@ class Registry:
                          (release_id, *sorted(PROBLEM_EVENTS), limit))
         return [dict(r) for r in rows]
 
+    def _generation(self) -> int:
+        return self._one("SELECT value FROM generations WHERE name='devices'")["value"]
+
     def _places(self, backbone: str) -> dict[str, int]:
         """Each device of a backbone's place in every rollout's order: sorted again only when the
         set of devices changed (a device added, or one reporting another backbone: the database's
         ``devices`` generation, so every hub process sharing it notices), not per poll."""
-        generation = self._one("SELECT value FROM generations WHERE name='devices'")["value"]
+        generation = self._generation()
         cached = self._ranked.get(backbone)
         if cached is None or cached[0] != generation:
             ids = sorted((r["id"] for r in self._all("SELECT id FROM devices WHERE backbone=?", (backbone,))),
@@ -265,18 +267,27 @@ class Registry:
         """Record a device's check-in (``drift``: per task, its drift check's state and scores);
         returns what it should run (per task: the release it is in the rollout of, newest first),
         which versions were withdrawn (to return from) and the device's next assignment counter."""
+        # The rules run in a poll only when the devices changed; otherwise a poll writes its own
+        # device's row alone and takes the lock's shared form, so polls through several hubs run
+        # side by side (reports, operators and rule-running polls take it exclusively).
+        rules = self._generation() != self._advanced_at
+
         def poll(db):
-            before = db.execute("SELECT backbone, assignment_counter FROM devices WHERE id=?",
-                                (device_id,)).fetchone()
+            before = db.execute("SELECT backbone FROM devices WHERE id=?", (device_id,)).fetchone()
             if before is not None and before["backbone"] != backbone:
                 self._bump(db)
-            counter = next_counter(before["assignment_counter"] if before is not None else 0)
-            db.execute("UPDATE devices SET assignment_counter=? WHERE id=?", (counter, device_id))
+            # the assignment counter rises with every answer and is floored by the clock in
+            # milliseconds, so a database restored from a backup still counts above what stations saw
+            greatest = "GREATEST" if db.dialect == "postgresql" else "MAX"
+            db.execute(f"UPDATE devices SET assignment_counter = {greatest}(assignment_counter + 1, ?) WHERE id=?",
+                       (time.time_ns() // 1_000_000, device_id))
+            counter = db.execute("SELECT assignment_counter FROM devices WHERE id=?",
+                                 (device_id,)).fetchone()["assignment_counter"]
             db.execute("UPDATE devices SET backbone=?, installed=?, state=?, drift=?, last_seen=? WHERE id=?",
                        (backbone, json.dumps(installed), state, json.dumps(drift or {}), time.time(), device_id))
             releases = self.releases()
-            generation = db.execute("SELECT value FROM generations WHERE name='devices'").fetchone()["value"]
-            if generation != self._advanced_at:
+            generation = self._generation()
+            if rules and generation != self._advanced_at:
                 # stage sizes follow the device count: re-apply the rules when the devices changed
                 # (reports and operators apply them on every change of outcome or state)
                 for release in releases:
@@ -300,7 +311,7 @@ class Registry:
                     desired[release.task] = {"release": release.id, "target": release.target,
                                              "sha256": release.sha256, "min_score": release.min_score}
             return {"desired": desired, "withdrawn": withdrawn, "counter": counter}
-        return self._tx(poll)
+        return self.db.transaction(poll, shared=not rules)
 
     def report(self, device_id: str, event: str, release_id: int | None, task: str | None, detail: str,
                size: int = 0, retries: int = 0) -> None:
