@@ -109,7 +109,7 @@ class Fleet:
     def signed(self, key: str, answer: dict, device: str = "dev0", counter: int | None = None) -> dict:
         """A poll answer with an assignment as ``key`` (a key file) would sign it."""
         director = Director(signer(key), key)
-        counter = counter if counter is not None else self.agent.last_counter + 1
+        counter = counter if counter is not None else self.agent.last_counter[1] + 1
         return {"assignment": director.sign(device, self.agent.station.backbone.fingerprint, counter, answer)}
 
     def audit(self) -> str:
@@ -176,6 +176,14 @@ def test_replayed_assignment_and_metadata_are_refused(fleet, packages, monkeypat
     fleet.impostor.answer = captured
     with pytest.raises(PetahError, match="is a replay: counter"):
         fleet.agent.step()
+
+    # a stolen key's counter far ahead would make every honest assignment after it a "replay"
+    ahead = int((dt.datetime.now(dt.UTC) + dt.timedelta(days=30)).timestamp() * 1000)
+    fleet.impostor.answer = fleet.signed(fleet.keys / "director.key", {"desired": {}, "withdrawn": {}}, counter=ahead)
+    with pytest.raises(PetahError, match="is ahead of this station's clock"):
+        fleet.agent.step()
+    fleet.impostor.answer = None
+    fleet.agent.step()  # honest answers still taken
 
     monkeypatch.setattr(assignments, "LIFETIME", dt.timedelta(seconds=-1))
     fleet.impostor.answer = fleet.signed(fleet.keys / "director.key", want(packages["again"]))
@@ -264,7 +272,7 @@ def test_a_director_key_revoked_and_recovered_through_the_root_key(fleet, packag
     assert version == 2
     with pytest.raises(PetahError, match="is not the director key the hub's root metadata names"):
         Hub(fleet.root, director_key=keys / "director.key")
-    with pytest.raises(PetahError, match="HTTP 503.*rotated out"):
+    with pytest.raises(PetahError, match="HTTP 503.*another director key than this hub process holds"):
         fleet.agent.step()  # the running hub noticed the new root
     fleet.impostor.answer = fleet.signed(keys / "director.key", want(packages["again"]))
     with pytest.raises(PetahError, match="not signed by the director key"):
@@ -291,3 +299,34 @@ def test_hub_refuses_to_serve_without_its_director_key(tmp_path, keys):
     init_repository(plain, keys / "root.key", keys / "release.key")
     with pytest.raises(PetahError, match="names no director key"):
         Hub(plain, director_key=keys / "director.key")
+
+
+def test_a_director_added_later_is_followed_by_stations_provisioned_before(tmp_path, keys, packages, golden,
+                                                                           backbone):
+    """A fleet started without a director; the root key names one: the hub without it stops
+    answering (503), and a station whose trusted root predates the director follows the root
+    chain on the first signed answer and takes it."""
+    root = tmp_path / "hub"
+    trusted = init_repository(root, keys / "root.key", keys / "release.key")
+    add_device(root, "dev0", tmp_path / "dev0.token")
+    config = ServeConfig(hub="http://127.0.0.1:1", trust_root=str(trusted), device_id="dev0",
+                         device_token_file=str(tmp_path / "dev0.token"), golden=str(golden),
+                         health_window_s=0.1, poll_s=0.1, engine="torch", threads=1)
+    station = Station(backbone, tmp_path / "state", config)
+    station.start()
+    agent = Agent(station)
+    try:
+        with running_hub(Hub(root)) as (url, _server):
+            agent.hub = url
+            agent.step()  # unsigned answers: no director yet
+            rotate_director_key(root, keys / "root.key", keys / "director.pub")
+            with pytest.raises(PetahError, match="HTTP 503.*another director key"):
+                agent.step()
+        with running_hub(Hub(root, director_key=keys / "director.key")) as (url, _server):
+            agent.hub = url
+            publish_release(packages["good"], url, keys / "release.key", stages=[100])
+            agent.step()
+        assert station.state.entries["digits"].sha256 == sha256_file(packages["good"])
+        assert agent.last_counter[0] == Director(signer(keys / "director.key"), "director.key").keyid
+    finally:
+        station.stop()

@@ -224,7 +224,7 @@ def test_bench_fleet_sim_drives_hubs_to_a_complete_release_without_losses(tmp_pa
     result = run_fleet_sim([60], configs=("sqlite-1", "postgresql-1", "postgresql-2"), seconds=1.0, connections=4,
                            timeout_s=60, workdir=tmp_path, new_database=postgres)
     for row in result["rows"]:
-        assert row["errors"] == 0 and row["unsigned_answers"] == 0, row
+        assert row["errors"] == 0 and row["unsigned_answers"] == 0 and row["counter_not_rising"] == 0, row
         assert row["steady"]["polls"] > 0 and row["steady"]["hub_cpu_ms_per_poll"] > 0, row
         release = row["release"]
         assert release["state"] == "complete" and release["each_stage_once"] and release["no_report_lost"], row

@@ -163,20 +163,23 @@ class RequestLoad:
     def __init__(self, pause_s: float):
         self.pause_s = pause_s
         self.requests = self.errors = 0
+        self.error_kinds: dict[str, int] = {}  # the first words of each kind of failure, counted
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
 
     def _run(self, send) -> None:
         while not self._stop.is_set():
+            kind = None
             try:
                 send()
-                ok = True
-            except Exception:  # a station restarting, a task being swapped: counted, the load goes on
-                ok = False
+            except Exception as exc:  # a station restarting, no task yet: counted by kind, the load goes on
+                kind = f"{type(exc).__name__}: {' '.join(str(exc).split()[:6])}"[:120]
             with self._lock:
-                self.requests += ok
-                self.errors += not ok
+                self.requests += kind is None
+                self.errors += kind is not None
+                if kind is not None:
+                    self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
             self._stop.wait(self.pause_s)
 
     def add(self, send) -> None:
@@ -188,13 +191,16 @@ class RequestLoad:
         self._stop.set()
         for thread in self._threads:
             thread.join(30)
-        return {"pause_s": self.pause_s, "requests": self.requests, "errors": self.errors}
+        top = dict(sorted(self.error_kinds.items(), key=lambda item: -item[1])[:5])
+        return {"pause_s": self.pause_s, "requests": self.requests, "errors": self.errors, "error_kinds": top}
 
 
 @contextlib.contextmanager
 def cpu_hogs(count: int):
     """``count`` processes spinning on the CPU (another job on the device) while the block runs."""
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    # each spins until its parent (this process) is gone, so a killed bench leaves none behind
+    spin = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    for _ in range(100000): pass"
+    hogs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(count)]
     try:
         yield
     finally:
@@ -391,6 +397,7 @@ def summarize(tmp: Path, ids: list[str], backbone, versions: dict[str, Path], ti
     }
     return {"releases": releases, **outcomes, "faults_injected": dict(faults.counts), "child_station": kill_info,
             "every_refusal_names_its_measurement": all(names_its_measurement(*r) for r in refusals),
+            "refusals": len(refusals),
             "final_versions": {k: (v or "none")[:12] for k, v in states.items()}}
 
 

@@ -32,16 +32,11 @@ import time
 from pathlib import Path
 
 from petah.errors import PetahError
+from petah.serve.metrics import quantile_ms
+from petah.serve.sources import process_cpu_s
 
 STAGES = [10, 50, 100]
 CONFIGS = ("sqlite-1", "postgresql-1", "postgresql-2")  # database and hub processes
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a live process (all its threads)."""
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def server_pids(data_dir: Path) -> list[int]:
@@ -55,11 +50,6 @@ def server_pids(data_dir: Path) -> list[int]:
                     if int(handle.read().rpartition(")")[2].split()[1]) == postmaster:
                         pids.append(int(entry))
     return pids
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 class Connection:
@@ -106,6 +96,9 @@ class Simulation:
     def __init__(self, urls: list[str], tokens: dict[str, str], backbone: str, connections: int):
         self.urls, self.tokens, self.backbone, self.connections = urls, tokens, backbone, connections
         self.installed: dict[str, dict[str, str]] = {device: {} for device in tokens}
+        self.counters: dict[str, int] = dict.fromkeys(tokens, 0)  # the last assignment counter each device got
+        self.counter_not_rising = 0  # answers whose counter was not above the device's last (must stay 0)
+        self.busy: set[str] = set()  # devices with a request in flight: a station polls one at a time
         self.order = itertools.cycle(list(tokens))
         self.latencies: list[float] = []
         self.polls = self.errors = self.reports_acknowledged = 0
@@ -118,59 +111,81 @@ class Simulation:
         try:
             while not self.stop:
                 device = next(self.order)
-                connection = rng.choice(connections)  # no sticky sessions
-                body = json.dumps({"backbone": self.backbone, "installed": self.installed[device],
-                                   "state": "ok"}).encode()
-                started = time.perf_counter()
+                if device in self.busy:
+                    await asyncio.sleep(0)
+                    continue
+                self.busy.add(device)
                 try:
-                    status, data = await connection.request(f"/v1/devices/{device}/poll", body, self.tokens[device])
-                except (OSError, IndexError, ValueError, asyncio.IncompleteReadError):
-                    self.errors += 1
-                    continue
-                self.latencies.append(time.perf_counter() - started)
-                if status != 200:
-                    self.errors += 1
-                    continue
-                self.polls += 1
-                answer = json.loads(data)
-                if "assignment" not in answer:
-                    self.unsigned += 1
-                    continue
-                signed = json.loads(answer["assignment"]["signed"])
-                for task, want in signed["desired"].items():
-                    if self.installed[device].get(task) != want["sha256"]:
-                        for event in ("downloaded", "installed", "promoted"):
-                            report = json.dumps({"event": event, "release": want["release"], "task": task,
-                                                 "bytes": 1000 if event == "downloaded" else 0}).encode()
-                            status, _ = await rng.choice(connections).request(
-                                f"/v1/devices/{device}/report", report, self.tokens[device])
-                            if status == 200:
-                                self.reports_acknowledged += 1
-                            else:
-                                self.errors += 1
-                        self.installed[device][task] = want["sha256"]
+                    await self._station(device, rng, connections)
+                finally:
+                    self.busy.discard(device)
         finally:
             for connection in connections:
                 connection.close()
 
-    async def run(self, until) -> None:
-        """Poll until ``until()`` (checked every 0.2 s) is true."""
+    async def _station(self, device: str, rng: random.Random, connections: list[Connection]) -> None:
+        """One poll of ``device`` and, on a new assignment, its three reports."""
+        connection = rng.choice(connections)  # no sticky sessions
+        body = json.dumps({"backbone": self.backbone, "installed": self.installed[device],
+                           "state": "ok"}).encode()
+        started = time.perf_counter()
+        try:
+            status, data = await connection.request(f"/v1/devices/{device}/poll", body, self.tokens[device])
+        except (OSError, IndexError, ValueError, asyncio.IncompleteReadError):
+            self.errors += 1
+            return
+        self.latencies.append(time.perf_counter() - started)
+        if status != 200:
+            self.errors += 1
+            return
+        self.polls += 1
+        answer = json.loads(data)
+        if "assignment" not in answer:
+            self.unsigned += 1
+            return
+        signed = json.loads(answer["assignment"]["signed"])
+        self.counter_not_rising += signed["counter"] <= self.counters[device]
+        self.counters[device] = max(self.counters[device], signed["counter"])
+        for task, want in signed["desired"].items():
+            if self.installed[device].get(task) != want["sha256"]:
+                for event in ("downloaded", "installed", "promoted"):
+                    report = json.dumps({"event": event, "release": want["release"], "task": task,
+                                         "bytes": 1000 if event == "downloaded" else 0}).encode()
+                    try:
+                        status, _ = await rng.choice(connections).request(
+                            f"/v1/devices/{device}/report", report, self.tokens[device])
+                    except (OSError, IndexError, ValueError, asyncio.IncompleteReadError):
+                        status = None
+                    if status == 200:
+                        self.reports_acknowledged += 1
+                    else:
+                        self.errors += 1
+                self.installed[device][task] = want["sha256"]
+
+    async def run(self, until, timeout_s: float) -> None:
+        """Poll until ``until()`` (checked every 0.2 s) is true, or ``timeout_s`` passed."""
         self.stop = False
         workers = [asyncio.create_task(self._worker(i)) for i in range(self.connections)]
-        while not until():
-            await asyncio.sleep(0.2)
-        self.stop = True
-        await asyncio.gather(*workers)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not until() and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+        finally:
+            self.stop = True
+            await asyncio.gather(*workers)
 
 
 def hub_process(root: Path, director_key: Path, db: str | None) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "petah", "hub", "serve", "--root", str(root), "--port", "0",
                "--director-key", str(director_key)] + (["--db", db] if db else [])
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tempfile.TemporaryFile()  # a pipe nobody reads would block a hub that logs much
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
     found = re.search(r"on (http://\S+)/", proc.stdout.readline())
     if not found:
         proc.kill()
-        raise PetahError(f"the hub did not start: {proc.stderr.read()[-1000:]}")
+        proc.wait()
+        log.seek(0)
+        raise PetahError(f"the hub did not start: {log.read()[-1000:].decode(errors='replace')}")
     return proc, found.group(1)
 
 
@@ -205,11 +220,14 @@ def measure(config: str, devices: int, *, seconds: float, connections: int, time
         server = server_pids(new_database.data_dir) if dialect == "postgresql" else []
         sim = Simulation(urls, tokens, backbone, connections)
         try:
-            checked_in = asyncio.run(_check_in(sim, devices))
+            checked_in = asyncio.run(_check_in(sim, devices, timeout_s))
+            if sim.polls < devices:
+                raise PetahError(f"{config}: {devices - sim.polls} stations got no answer within {timeout_s:g} s "
+                                 f"({sim.errors} errors)")
             before = _sample(processes, server, urls)
             sim.latencies, sim.polls = [], 0
             deadline = time.monotonic() + seconds
-            asyncio.run(sim.run(lambda: time.monotonic() >= deadline))
+            asyncio.run(sim.run(lambda: time.monotonic() >= deadline, seconds + 10))
             after = _sample(processes, server, urls)
             steady = _phase(sim, before, after, dialect)
 
@@ -217,8 +235,7 @@ def measure(config: str, devices: int, *, seconds: float, connections: int, time
                                       max_failed=0.2)["release"]
             sim.latencies, sim.polls, sim.reports_acknowledged = [], 0, 0
             before, started = _sample(processes, server, urls), time.monotonic()
-            asyncio.run(sim.run(lambda: registry.release(release).state != "rolling"
-                                or time.monotonic() - started > timeout_s))
+            asyncio.run(sim.run(lambda: registry.release(release).state != "rolling", timeout_s))
             rollout_s = time.monotonic() - started
             after = _sample(processes, server, urls)
             rollout = _phase(sim, before, after, dialect)
@@ -241,29 +258,23 @@ def measure(config: str, devices: int, *, seconds: float, connections: int, time
                         "each_stage_once": history == [(1, "rolling"), (2, "rolling"), (2, "complete")],
                         "reports_acknowledged": sim.reports_acknowledged, "reports_stored": stored,
                         "no_report_lost": stored == sim.reports_acknowledged, "promoted": promoted, **rollout},
-            "errors": sim.errors, "unsigned_answers": sim.unsigned}
+            "errors": sim.errors, "unsigned_answers": sim.unsigned, "counter_not_rising": sim.counter_not_rising}
 
 
-async def _check_in(sim: Simulation, devices: int) -> float:
+async def _check_in(sim: Simulation, devices: int, timeout_s: float) -> float:
     """Every station polls once (the hub learns its backbone); returns the seconds it took."""
     started = time.monotonic()
-    await sim.run(lambda: sim.polls >= devices)
+    await sim.run(lambda: sim.polls >= devices, timeout_s)
     return round(time.monotonic() - started, 1)
 
 
 def _sample(processes, server: list[int], urls: list[str]) -> dict:
     stats = [hub_stats(url) for url in urls]
-    return {"at": time.monotonic(), "hub_cpu": sum(cpu_seconds(p.pid) for p, _ in processes),
-            "db_cpu": sum(_cpu_or_zero(pid) for pid in server), "self_cpu": sum(os.times()[:2]),
+    return {"at": time.monotonic(), "hub_cpu": sum(process_cpu_s(p.pid) for p, _ in processes),
+            "db_cpu": sum(process_cpu_s(pid) for pid in server),  # 0 for a backend that ended meanwhile
+            "self_cpu": sum(os.times()[:2]),
             "polls": sum(s["polls"] for s in stats), "db_s": sum(s["seconds"] for s in stats),
             "lock_wait_s": sum(s["lock_wait_s"] for s in stats), "transactions": sum(s["transactions"] for s in stats)}
-
-
-def _cpu_or_zero(pid: int) -> float:
-    try:
-        return cpu_seconds(pid)
-    except OSError:  # a backend that ended meanwhile
-        return 0.0
 
 
 def _phase(sim: Simulation, before: dict, after: dict, dialect: str) -> dict:
@@ -273,7 +284,7 @@ def _phase(sim: Simulation, before: dict, after: dict, dialect: str) -> dict:
                    for key in ("hub_cpu", "db_s", "lock_wait_s")}
     result = {"polls": after["polls"] - before["polls"], "polls_per_s": round(polls / wall, 1),
               "latency_ms_p50": round(1000 * statistics.median(sim.latencies), 2) if sim.latencies else None,
-              "latency_ms_p99": round(1000 * percentile(sim.latencies, 0.99), 2) if sim.latencies else None,
+              "latency_ms_p99": quantile_ms(sorted(sim.latencies), 0.99),
               "hub_cpu_ms_per_poll": per_poll_ms["hub_cpu"], "db_transaction_ms_per_poll": per_poll_ms["db_s"],
               "lock_wait_ms_per_poll": per_poll_ms["lock_wait_s"],
               "transactions": after["transactions"] - before["transactions"],
@@ -295,6 +306,8 @@ def run_fleet_sim(devices: list[int], *, configs: tuple[str, ...] = CONFIGS, sec
     for config in configs:
         if config not in CONFIGS:
             raise PetahError(f"unknown configuration {config!r} (one of {', '.join(CONFIGS)})")
+    if connections < 1 or seconds <= 0 or timeout_s <= 0:
+        raise PetahError("--connections must be at least 1, --seconds and --timeout-s positive")
     rows = []
     started = time.time()
     with contextlib.ExitStack() as stack:

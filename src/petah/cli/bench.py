@@ -350,6 +350,8 @@ def bench_fleet(
     if not counts or min(counts) < (1 if sim else 3) or max(counts) > 100_000:
         raise PetahError(f"--devices {devices!r}: comma-separated counts, each 3..100000 (1.. with --sim)")
     if sim:
+        if runs != 1 or hogs or load_pause_s is not None:
+            raise PetahError("--runs, --hogs and --load-pause-s are for the stations' simulation, not --sim")
         _bench_fleet_sim(counts, configs, seconds, connections, timeout_s, json_out)
         return
     from petah.bench.fleet import OUTCOMES, run_fleet_bench

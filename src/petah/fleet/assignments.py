@@ -32,6 +32,7 @@ FIELD = "x-petah-director"  # the root metadata's custom field naming the direct
 TYPE = "petah-assignment"
 LIFETIME = dt.timedelta(hours=1)  # an assignment is refused after this (a captured one cannot wait for a reset)
 MAX_BYTES = 256 * 1024
+CLOCK_SKEW = dt.timedelta(days=1)  # how far a hub's clock may run ahead of a station's
 
 
 def director_entry(key) -> dict:
@@ -81,8 +82,10 @@ class Director:
 
 def verify(assignment, key, device: str, backbone: str, last_counter: int) -> dict:
     """An assignment from the hub (untrusted JSON) checked against the director ``key``: signed by
-    it, for this device and backbone, newer than ``last_counter``, not expired. Returns its signed
-    content; any failure is a one-line PetahError naming what failed."""
+    it, for this device and backbone, newer than ``last_counter`` and not ahead of the clock (a
+    stolen key cannot push the counter past every honest one), not expired and not expiring later
+    than petah signs. Returns its signed content; any failure is a one-line PetahError naming what
+    failed."""
     from securesystemslib.signer import Signature
 
     if not isinstance(assignment, dict) or not isinstance(assignment.get("signed"), str) or not isinstance(
@@ -114,10 +117,16 @@ def verify(assignment, key, device: str, backbone: str, last_counter: int) -> di
         raise PetahError(f"the hub's assignment is for device {str(signed.get('device'))[:64]!r}, not {device!r}")
     if signed.get("backbone") != backbone:
         raise PetahError("the hub's assignment is for another backbone than this station runs")
+    now = dt.datetime.now(dt.UTC)
+    if counter > (now + CLOCK_SKEW).timestamp() * 1000:  # the hub counts from its clock in ms: no further
+        raise PetahError(f"the hub's assignment counter {counter} is ahead of this station's clock by more than "
+                         f"{CLOCK_SKEW}: refused (it would make every later assignment look like a replay)")
+    if expires > now + LIFETIME + CLOCK_SKEW:
+        raise PetahError(f"the hub's assignment expires at {signed['expires']}, later than any petah signs")
     if counter <= last_counter:
         raise PetahError(f"the hub's assignment is a replay: counter {counter} is not above {last_counter}, the "
                          f"last this station accepted")
-    if expires <= dt.datetime.now(dt.UTC):
+    if expires <= now:
         raise PetahError(f"the hub's assignment expired at {signed['expires']}")
     return signed
 

@@ -121,9 +121,10 @@ class Database:
 
     def transaction(self, fn, write: bool = True, shared: bool | None = None):
         """``fn(self)`` in one transaction under the database's lock: exclusive for writers, shared
-        for readers and for writers whose rows no other transaction of the hub's rules reads
-        (``shared=True``; on SQLite every writer is exclusive). Counted in ``stats``: transactions,
-        their wall time, and the time spent waiting for the lock."""
+        for readers and for writers that change nothing the rollout rules decide by (``shared=True``:
+        a poll writing its own device's check-in and counter; on SQLite every writer is exclusive).
+        Counted in ``stats``: transactions, their wall time, and the time spent waiting for the
+        database's lock (not for this process's own threads)."""
         shared = not write if shared is None else shared
         with self._lock:
             started = time.perf_counter()

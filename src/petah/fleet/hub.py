@@ -98,13 +98,13 @@ class Hub:
              drift: dict[str, dict] | None = None) -> dict:
         """A device's check-in (``Registry.poll``), answered with its assignment signed by the
         director where the hub has one (then the answer is that alone: nothing unsigned to act on)."""
-        if self.director is not None and self.repository.file(f"{self._root_version + 1}.root.json").exists():
-            trusted = self.repository.latest("root").signed  # the root moved on: is this key still the director?
-            try:
-                self.director.check_named_by(trusted)
-            except PetahError as exc:
-                raise DirectorUnavailable(f"this hub's director key was rotated out ({exc}); restart the hub "
-                                          "with the new one") from None
+        if self.repository.file(f"{self._root_version + 1}.root.json").exists():
+            trusted = self.repository.latest("root").signed  # the root moved on: is this still its director?
+            named = director_key_of(trusted)
+            if (named.keyid if named else None) != (self.director.keyid if self.director else None):
+                # the details (which key file) are the operator's, in the hub's own start-up error
+                raise DirectorUnavailable("the hub's root names another director key than this hub process "
+                                          "holds (rotated): the operator must restart the hub with it")
             self._root_version = trusted.version
         answer = self.registry.poll(device_id, backbone, installed, state, drift)
         with self._count_lock:

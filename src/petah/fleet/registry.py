@@ -270,7 +270,10 @@ class Registry:
         # The rules run in a poll only when the devices changed; otherwise a poll writes its own
         # device's row alone and takes the lock's shared form, so polls through several hubs run
         # side by side (reports, operators and rule-running polls take it exclusively).
-        rules = self._generation() != self._advanced_at
+        seen = self._one("SELECT d.backbone AS backbone, g.value AS generation FROM devices d, generations g "
+                         "WHERE d.id=? AND g.name='devices'", (device_id,))
+        rules = seen is None or seen["backbone"] != backbone or seen["generation"] != self._advanced_at
+        advanced_at = []
 
         def poll(db):
             before = db.execute("SELECT backbone FROM devices WHERE id=?", (device_id,)).fetchone()
@@ -294,7 +297,7 @@ class Registry:
                     if release.state == "rolling":
                         self._advance(db, release)
                 releases = self.releases()
-                self._advanced_at = generation
+                advanced_at.append(generation)  # kept once the transaction committed
             desired, withdrawn = {}, {}
             for release in reversed(releases):
                 if release.backbone != backbone:
@@ -311,7 +314,10 @@ class Registry:
                     desired[release.task] = {"release": release.id, "target": release.target,
                                              "sha256": release.sha256, "min_score": release.min_score}
             return {"desired": desired, "withdrawn": withdrawn, "counter": counter}
-        return self.db.transaction(poll, shared=not rules)
+        answer = self.db.transaction(poll, shared=not rules)
+        if advanced_at:
+            self._advanced_at = advanced_at[-1]
+        return answer
 
     def report(self, device_id: str, event: str, release_id: int | None, task: str | None, detail: str,
                size: int = 0, retries: int = 0) -> None:
