@@ -330,3 +330,28 @@ def test_a_director_added_later_is_followed_by_stations_provisioned_before(tmp_p
         assert agent.last_counter[0] == Director(signer(keys / "director.key"), "director.key").keyid
     finally:
         station.stop()
+
+
+def test_the_gate_confirms_a_slowdown_before_it_refuses_by_time_alone(fleet, packages, monkeypatch):
+    """(Not an attack: the gate on a busy device.) A refusal by the time rule alone is timed again
+    and judged by each batch's fastest round: noise (slow medians, equal fastest rounds) passes, a
+    real slowdown (both) is refused, naming the measurement."""
+    from petah.fleet import gate
+
+    calls = []
+
+    def timed(candidate_median: float, candidate_fastest: float):
+        def score(*_args):
+            calls.append(1)
+            return {"candidate": gate.Score("accuracy", 96.0, candidate_median, candidate_fastest),
+                    "current": gate.Score("accuracy", 96.0, 0.100, 0.090)}
+        return score
+
+    path = fleet.root / "candidate.petah"
+    shutil.copyfile(packages["again"], path)
+    fleet.agent.rule = gate.GateRule()  # the station's default rule (the fixture's is lenient on time)
+    monkeypatch.setattr(gate, "score_versions", timed(0.125, 0.091))  # 1.25x by medians, 1.01x fastest
+    assert fleet.agent._check("digits", sha256_file(packages["again"]), 1, path, {}) is None and len(calls) == 2
+    monkeypatch.setattr(gate, "score_versions", timed(0.150, 0.140))  # slower either way
+    assert fleet.agent._check("digits", sha256_file(packages["again"]), 1, path, {}) == "gate_rejected"
+    assert "1.56x the current version's time on the golden set (at most 1.2x), timed twice" in fleet.audit()

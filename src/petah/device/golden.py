@@ -32,11 +32,12 @@ TIMING_ROUNDS = 3
 DECIMALS = 6  # the task kinds' evaluate rounds its metrics to 6 decimals, before the gate makes points of them
 
 
-def alternating_seconds(runs: dict[str, Callable[[object], object]], batches: list) -> dict[str, float]:
+def alternating_seconds(runs: dict[str, Callable[[object], object]], batches: list) -> dict[str, tuple[float, float]]:
     """Median time of a golden batch per version, each batch run by the versions back to back (the
     order alternating): a busy moment slows both sides of a pair. Whole passes timed one after the
-    other differed up to 1.9x between identical versions on a busy machine. Returns the seconds of
-    one pass (median x batches)."""
+    other differed up to 1.9x between identical versions on a busy machine. Returns per version the
+    seconds of one pass (median x batches) and of one pass from each batch's fastest round (what
+    the version costs without interference: other work on the device only adds time)."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     order = list(runs)
     for round_ in range(TIMING_ROUNDS):
@@ -45,7 +46,9 @@ def alternating_seconds(runs: dict[str, Callable[[object], object]], batches: li
                 started = time.perf_counter()
                 runs[name](batch)
                 times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) * len(batches) for name, values in times.items()}
+    count = len(batches)
+    return {name: (statistics.median(values) * count, sum(min(values[i::count]) for i in range(count)))
+            for name, values in times.items()}
 
 
 def load_class_folder(root: Path, labels: list[str], intensity: str) -> tuple[list[np.ndarray], np.ndarray]:
@@ -154,7 +157,7 @@ SCORERS = {"classification": _classification, "segmentation": _segmentation, "de
 
 
 def score_on_device(engine, packages: dict[str, Path], golden: str | Path) -> dict[str, tuple] | None:
-    """Per version: (metric, value in points, seconds of one pass), or None when the device keeps
+    """Per version: (metric, value in points, seconds of one pass, of one fastest pass), or None when the device keeps
     no golden set for the task. ``engine``: the station's ``DeviceEngine`` (its backbone, threads, trust)."""
     tasks = {name: engine.prepare(path, f"gate-{name}") for name, path in packages.items()}
     first = next(iter(tasks.values()))
@@ -173,7 +176,7 @@ def score_on_device(engine, packages: dict[str, Path], golden: str | Path) -> di
               for i in range(0, len(first_images), TIMING_BATCH)]
     runs = {name: (lambda batch, task=task: engine.outputs(task, batch)) for name, task in tasks.items()}
     seconds = alternating_seconds(runs, timing)
-    return {name: (*SCORERS[kind](engine, task, data[name]), seconds[name]) for name, task in tasks.items()}
+    return {name: (*SCORERS[kind](engine, task, data[name]), *seconds[name]) for name, task in tasks.items()}
 
 
 __all__ = ["BATCH", "SCORERS", "TIMING_BATCH", "GoldenSet", "alternating_seconds", "load_class_folder",

@@ -25,6 +25,7 @@ class Score:
     metric: str
     value: float  # in points (accuracy x 100, mIoU x 100, mAP50 x 100)
     seconds: float  # one pass over the golden set, from the median time of a batch
+    fastest: float = 0.0  # one pass from each batch's fastest round (the cost without interference)
 
 
 def score_versions(backbone, packages: dict[str, Path], golden: str | Path, engine=None) -> dict[str, Score] | None:

@@ -40,7 +40,7 @@ def _loader(task, data, batch_size: int) -> DataLoader:
     return DataLoader(view, batch_size=batch_size, shuffle=False, collate_fn=getattr(view, "collate", None))
 
 
-def _batch_seconds(tasks: dict, data) -> dict[str, float]:
+def _batch_seconds(tasks: dict, data) -> dict[str, tuple[float, float]]:
     batches = [batch[0] for batch in _loader(next(iter(tasks.values())), data, TIMING_BATCH)]  # images first
     with torch.inference_mode():
         return alternating_seconds({name: task.model for name, task in tasks.items()}, batches)
@@ -66,7 +66,7 @@ def score_with_torch(backbone, packages: dict[str, Path], golden: str | Path) ->
         metric = kind.primary_metric
         if metrics[metric] is None:  # anomaly AUROC on a golden set of one class only: its accuracy at the threshold
             metric = "accuracy"
-        scores[name] = (metric, 100 * float(metrics[metric]), seconds[name])
+        scores[name] = (metric, 100 * float(metrics[metric]), *seconds[name])
     return scores
 
 
