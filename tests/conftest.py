@@ -5,6 +5,7 @@ import resource
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -190,3 +191,25 @@ class FolderFetcher:
         return Fetcher()
 
 
+
+
+def fleet_station(backbone, tmp: Path, hub_url: str, hub_root: Path, trusted: Path, device: str, golden: Path):
+    """A device registered with the hub at ``hub_root`` and its station started (torch engine, fast
+    polls and health window, state in ``tmp/state-DEVICE``); returns its update agent."""
+    import dataclasses
+
+    from petah.fleet.agent import Agent
+    from petah.fleet.hub import add_device
+    from petah.serve import ServeConfig, Station
+
+    token = tmp / f"{device}.token"
+    add_device(hub_root, device, token)
+    config = ServeConfig(hub=hub_url, trust_root=str(trusted), device_id=device, device_token_file=str(token),
+                         golden=str(golden), health_window_s=0.1, poll_s=0.1, engine="torch", threads=1)
+    stn = Station(backbone, tmp / f"state-{device}", config)
+    stn.start()
+    agent = Agent(stn)
+    # these tests follow the rollout, not the gate's speed rule: two versions of one task timed on a
+    # 30-image golden set differed by up to 1.14x on a loaded machine, near the 1.2x limit
+    agent.rule = dataclasses.replace(agent.rule, max_slowdown=3.0)
+    return agent

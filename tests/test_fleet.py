@@ -3,7 +3,6 @@ rollout with gate, halt, withdraw and return, over a real hub on 127.0.0.1."""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -17,7 +16,7 @@ from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import Metadata
 from tuf.ngclient import Updater
 
-from conftest import FolderFetcher, free_port
+from conftest import FolderFetcher, fleet_station, free_port
 from petah.backbones import create_backbone, demo_backbone_path
 from petah.bench.fleet import digits_versions, golden_digits, sha256_file, wait_for
 from petah.errors import PetahError
@@ -28,7 +27,7 @@ from petah.fleet.hub_app import running_hub
 from petah.fleet.metadata import init_repository, rotate_targets_key, signer
 from petah.fleet.registry import stage_rank
 from petah.packages import generate_keypair, read_package
-from petah.serve import ServeConfig, Station, demo_packages
+from petah.serve import demo_packages
 
 DIGITS = Path(next(p for p in demo_packages() if p.stem == "digits"))
 
@@ -164,20 +163,6 @@ def test_hub_refuses_bad_uploads_and_follows_a_targets_key_rotation(tmp_path, ke
     assert Metadata.from_bytes((tmp_path / "client" / "metadata" / "root.json").read_bytes()).signed.version == 2
 
 
-def station(backbone, tmp: Path, hub_url: str, hub_root: Path, trusted: Path, device: str, golden: Path) -> Agent:
-    token = tmp / f"{device}.token"
-    add_device(hub_root, device, token)
-    config = ServeConfig(hub=hub_url, trust_root=str(trusted), device_id=device, device_token_file=str(token),
-                         golden=str(golden), health_window_s=0.1, poll_s=0.1, engine="torch", threads=1)
-    stn = Station(backbone, tmp / f"state-{device}", config)
-    stn.start()
-    agent = Agent(stn)
-    # these tests follow the rollout, not the gate's speed rule: two versions of one task timed on a
-    # 30-image golden set differed by up to 1.14x on a loaded machine, near the 1.2x limit
-    agent.rule = dataclasses.replace(agent.rule, max_slowdown=3.0)
-    return agent
-
-
 def versions(agents) -> list[str | None]:
     return [a.station.state.entries["digits"].sha256 if "digits" in a.station.state.entries else None
             for a in agents]
@@ -188,7 +173,7 @@ def versions(agents) -> list[str | None]:
 def test_staged_rollout_gates_halts_withdraws_and_returns(tmp_path, keys, packages, golden, backbone):
     root, trusted = new_hub(tmp_path, keys)
     with running_hub(Hub(root)) as (url, _server):
-        agents = [station(backbone, tmp_path, url, root, trusted, f"dev{i}", golden) for i in range(3)]
+        agents = [fleet_station(backbone, tmp_path, url, root, trusted, f"dev{i}", golden) for i in range(3)]
         try:
             for agent in agents:
                 agent.step()  # check in: the hub learns each backbone
@@ -269,7 +254,7 @@ def test_reports_queued_on_disk_reach_the_hub_after_a_restart(tmp_path, keys, go
     root, trusted = new_hub(tmp_path, keys)
     hub = Hub(root)
     port = free_port()
-    agent = station(backbone, tmp_path, f"http://127.0.0.1:{port}", root, trusted, "dev0", golden)
+    agent = fleet_station(backbone, tmp_path, f"http://127.0.0.1:{port}", root, trusted, "dev0", golden)
     try:
         agent.log("gate_passed", "digits", None, "before the restart")
         with pytest.raises(PetahError, match="cannot reach"):

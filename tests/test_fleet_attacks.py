@@ -19,6 +19,7 @@ import pytest
 from starlette.middleware import Middleware
 from tuf.api import exceptions as tuf_errors
 
+from conftest import fleet_station
 from petah.backbones import create_backbone, demo_backbone_path
 from petah.bench.fleet import digits_versions, golden_digits, sha256_file
 from petah.errors import PetahError
@@ -27,11 +28,10 @@ from petah.fleet import assignments
 from petah.fleet.agent import Agent
 from petah.fleet.assignments import Director
 from petah.fleet.client import publish_release, sign_release
-from petah.fleet.hub import Hub, add_device
+from petah.fleet.hub import Hub
 from petah.fleet.hub_app import running_hub
 from petah.fleet.metadata import init_repository, release_targets, rotate_director_key, signer, target_path
 from petah.packages import generate_keypair
-from petah.serve import ServeConfig, Station
 
 pytestmark = pytest.mark.server
 
@@ -131,14 +131,8 @@ def fleet(tmp_path, keys, packages, golden, backbone, monkeypatch):
     hub = Hub(root, director_key=keys / "director.key")
     impostor = Impostor()
     with running_hub(hub, middleware=[impostor.middleware()]) as (url, _server):
-        add_device(root, "dev0", tmp_path / "dev0.token")
-        config = ServeConfig(hub=url, trust_root=str(trusted), device_id="dev0",
-                             device_token_file=str(tmp_path / "dev0.token"), golden=str(golden),
-                             health_window_s=0.1, poll_s=0.1, engine="torch", threads=1)
-        station = Station(backbone, tmp_path / "state", config)
-        station.start()
-        agent = Agent(station)
-        agent.rule = dataclasses.replace(agent.rule, max_slowdown=3.0)  # the rollout, not the gate's timing
+        agent = fleet_station(backbone, tmp_path, url, root, trusted, "dev0", golden)
+        station = agent.station
         try:
             agent.step()
             publish_release(packages["good"], url, keys / "release.key", stages=[100])
@@ -308,13 +302,8 @@ def test_a_director_added_later_is_followed_by_stations_provisioned_before(tmp_p
     chain on the first signed answer and takes it."""
     root = tmp_path / "hub"
     trusted = init_repository(root, keys / "root.key", keys / "release.key")
-    add_device(root, "dev0", tmp_path / "dev0.token")
-    config = ServeConfig(hub="http://127.0.0.1:1", trust_root=str(trusted), device_id="dev0",
-                         device_token_file=str(tmp_path / "dev0.token"), golden=str(golden),
-                         health_window_s=0.1, poll_s=0.1, engine="torch", threads=1)
-    station = Station(backbone, tmp_path / "state", config)
-    station.start()
-    agent = Agent(station)
+    agent = fleet_station(backbone, tmp_path, "http://127.0.0.1:1", root, trusted, "dev0", golden)  # hub set below
+    station = agent.station
     try:
         with running_hub(Hub(root)) as (url, _server):
             agent.hub = url
