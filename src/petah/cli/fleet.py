@@ -1,5 +1,5 @@
 """Fleet verbs: ``petah hub init | serve | status | add-device | rotate-key | pause | resume | halt``
-and ``petah release``."""
+and ``petah release`` / ``petah release-backbone``."""
 
 from __future__ import annotations
 
@@ -238,4 +238,41 @@ def release(
     out.print(" ".join(f"{k}={v}" for k, v in result.items()), highlight=False, soft_wrap=True)
 
 
-COMMANDS = {"release": release}
+def release_backbone(
+    folder: Annotated[Path, typer.Argument(help="The new backbone's device folder (petah export --device).")],
+    package: Annotated[list[Path], typer.Option(
+        "--package", "-p", help="A package adapted on the new backbone; give every task the stations serve.")],
+    replaces: Annotated[str, typer.Option(
+        "--replaces", help="The backbone the stations run now: its fingerprint or its device folder.")],
+    hub: HubOpt = "http://127.0.0.1:8600",
+    key: Annotated[Path, typer.Option("--key", help="The release key (signs the targets metadata).")] = Path(
+        "release.key"),
+    stages: Annotated[str, typer.Option("--stages", help="Rollout stages, percent of devices.")] = "10,50,100",
+    min_healthy: Annotated[float, typer.Option("--min-healthy", help="Share of a stage's devices that must report "
+                                                                     "the release promoted before the next stage.")
+                           ] = 0.9,
+    max_failed: Annotated[float, typer.Option("--max-failed", help="Share of a stage's devices whose failure halts "
+                                                                   "the release (they move back).")] = 0.2,
+    json_out: JsonOpt = False,
+) -> None:
+    """Publish a new backbone and every task re-adapted on it as one release: stations move to the
+    pair together (each task gated against the pair it runs, then a health window) and move back
+    together when it fails, is halted or withdrawn (petah release --rollback ID)."""
+    from petah.fleet.client import publish_backbone
+
+    try:
+        percents = [int(s) for s in stages.split(",") if s.strip()]
+    except ValueError:
+        raise PetahError(f"--stages must be whole percents like 10,50,100, got {stages!r}") from None
+    for path in package:
+        if not path.is_file():
+            raise PetahError(f"package not found: {path}")
+    result = publish_backbone(folder, package, replaces, hub, key, stages=percents, min_healthy=min_healthy,
+                              max_failed=max_failed)
+    if json_out:
+        emit_json(result)
+        return
+    out.print(" ".join(f"{k}={v}" for k, v in result.items()), highlight=False, soft_wrap=True)
+
+
+COMMANDS = {"release": release, "release-backbone": release_backbone}

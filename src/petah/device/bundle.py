@@ -6,7 +6,9 @@ backbone's fingerprint, so a package trained on this backbone is known to fit.""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +41,7 @@ class DeviceBackbone:
     graph: bytes
     weights: dict[str, np.ndarray] = field(repr=False)
     path: Path | None = None
+    weights_file: str | None = None  # where the weights were read from, when not the folder's own file
     _value_types: dict | None = field(default=None, repr=False)
 
     def describe(self) -> str:
@@ -130,7 +133,7 @@ def read_device_backbone(path: str | Path, weights: str | Path | None = None) ->
             weights_bytes=int(backbone.get("weights_bytes") or 0), pruned=bool(backbone.get("pruned")),
             preprocessing=dict(info["preprocessing"]), num_features=int(info["num_features"]),
             outputs=dict(outputs), index={str(k): str(v) for k, v in dict(index).items()}, graph=graph,
-            weights=weights, path=path)
+            weights=weights, path=path, weights_file=None if weights is None else str(Path(weights).resolve()))
         Preprocess.from_dict(device.preprocessing)
     except PetahError:
         raise
@@ -148,5 +151,50 @@ def read_device_backbone(path: str | Path, weights: str | Path | None = None) ->
     return device
 
 
+def pack_device_backbone(backbone: DeviceBackbone, weights: str | Path | None = None) -> bytes:
+    """A device backbone folder as one file a release carries (an uncompressed tar of its three
+    files: weights do not compress). ``weights``: the weights file where it is not the folder's."""
+    if backbone.path is None:
+        raise PetahError(f"{backbone.describe()} was not read from a folder: nothing to pack")
+    files = {GRAPH_FILE: backbone.path / GRAPH_FILE, MANIFEST_FILE: backbone.path / MANIFEST_FILE,
+             WEIGHTS_FILE: Path(weights or backbone.weights_file or backbone.path / WEIGHTS_FILE)}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name, file in files.items():
+            data = file.read_bytes()
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def unpack_device_backbone(data: bytes, output: str | Path, fingerprint: str) -> DeviceBackbone:
+    """A packed backbone (untrusted bytes) written to ``output`` and read back verified: only the
+    three files a device folder holds, as plain files of this name (never a path, link or device
+    node), and the folder must be the backbone ``fingerprint``. Written beside and moved into
+    place only when all of it checks out."""
+    from petah.files import atomic_write_bytes, staged_folder
+
+    output = Path(output)
+    names = (GRAPH_FILE, WEIGHTS_FILE, MANIFEST_FILE)
+    try:
+        archive = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
+        members = archive.getmembers()
+    except (tarfile.TarError, EOFError) as exc:
+        raise PetahError(f"the backbone release is not a packed device backbone ({type(exc).__name__})") from None
+    with archive:
+        found = {m.name: m for m in members}
+        if sorted(found) != sorted(names) or len(members) != len(names) or not all(m.isfile() for m in members):
+            raise PetahError(f"the backbone release must hold exactly {', '.join(names)} as plain files")
+        with staged_folder(output) as staging:
+            for name in names:
+                atomic_write_bytes(staging / name, archive.extractfile(found[name]).read())
+            backbone = read_device_backbone(staging)  # hashes and fingerprint, before it is moved into place
+            if backbone.fingerprint != fingerprint:
+                raise PetahError(f"the backbone release is backbone {backbone.fingerprint[:16]}…, not the "
+                                 f"{fingerprint[:16]}… its signed metadata names")
+    return read_device_backbone(output)
+
+
 __all__ = ["BUNDLE_FORMAT", "BUNDLE_VERSION", "DeviceBackbone", "GRAPH_FILE", "MANIFEST_FILE", "WEIGHTS_FILE",
-           "read_device_backbone"]
+           "pack_device_backbone", "read_device_backbone", "unpack_device_backbone"]

@@ -35,6 +35,7 @@ from pathlib import Path
 from petah.errors import PetahError, PetahWarning
 from petah.files import AppendLog, DiskQueue, atomic_write_bytes
 from petah.fleet.client import call, check_hub_url
+from petah.fleet.ids import BACKBONE
 from petah.fleet.metadata import parse_metadata
 
 MAX_TRIES = 4  # per download: the first try and three retries
@@ -104,10 +105,10 @@ class Agent:
         self.device_id = config.device_id
         self.token = config.device_token
         self.rule = GateRule(config.gate_tolerance)
-        self.folder = station.state.root / "agent"
+        self.folder = station.home / "agent"
         self.metadata_dir = self.folder / "metadata"
         self.downloads = self.folder / "downloads"
-        self.audit = station.state.root / "audit.jsonl"
+        self.audit = station.home / "audit.jsonl"
         self.pending_file = self.folder / "pending.json"
         self.fetcher = fetcher
         self.rejected_file = self.folder / "rejected.json"
@@ -220,7 +221,19 @@ class Agent:
         reply = self._hub("poll", {"backbone": self.station.backbone.fingerprint,
                                    "installed": {name: e.sha256 for name, e in entries.items()},
                                    "state": "ok", "drift": self.drift()})
-        desired, withdrawn = self.assigned(reply)
+        desired, withdrawn, move = self.assigned(reply)
+        fingerprint = self.station.backbone.fingerprint
+        if isinstance(move, dict) and move.get("sha256") not in self.rejected:
+            try:
+                self.change_backbone(move)
+            except Exception as exc:  # a hostile answer or a bug: reported; the station keeps its pair
+                self.log("error", BACKBONE, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            self.flush()
+            return  # the tasks follow on the next poll, for whichever backbone then serves
+        if fingerprint in withdrawn.get(BACKBONE, []):
+            self.return_backbone("the hub halted or withdrew the backbone release")
+            self.flush()
+            return
         for task, want in desired.items():
             entry = entries.get(task)
             try:
@@ -249,8 +262,12 @@ class Agent:
             return None, 0
         return (keyid, counter) if isinstance(keyid, str) and isinstance(counter, int) else (None, 0)
 
-    def _acts_on(self, desired: dict, withdrawn: dict) -> bool:
+    def _acts_on(self, desired: dict, withdrawn: dict, move) -> bool:
         """Whether an answer would change anything this station runs."""
+        if isinstance(move, dict) and move.get("sha256") not in self.rejected:
+            return True
+        if self.station.backbone.fingerprint in withdrawn.get(BACKBONE, []):
+            return True
         entries = self.station.state.entries
         for task, want in desired.items():
             sha = want.get("sha256") if isinstance(want, dict) else None
@@ -259,12 +276,13 @@ class Agent:
         return any(task not in desired and task in entries and isinstance(versions, list)
                    and entries[task].sha256 in versions for task, versions in withdrawn.items())
 
-    def assigned(self, reply: dict) -> tuple[dict, dict]:
-        """What the hub's answer asks this station to run (``desired``) and to return from
-        (``withdrawn``). Where the trusted root names a director key, only a signed assignment
-        for this device and backbone, newer than the last one taken and not expired, is acted on
-        (``petah.fleet.assignments``); before it changes anything the station refreshes its TUF
-        metadata (a rotated or revoked director key is then known) and checks it again."""
+    def assigned(self, reply: dict) -> tuple[dict, dict, dict | None]:
+        """What the hub's answer asks this station to run (``desired``), to return from
+        (``withdrawn``) and which backbone to move to (a backbone release, or None). Where the
+        trusted root names a director key, only a signed assignment for this device and backbone,
+        newer than the last one taken and not expired, is acted on (``petah.fleet.assignments``);
+        before it changes anything the station refreshes its TUF metadata (a rotated or revoked
+        director key is then known) and checks it again."""
         from petah.fleet.assignments import director_key, verify
 
         if not isinstance(reply, dict):
@@ -279,12 +297,14 @@ class Agent:
                         raise PetahError("the hub answers with assignments but this station's trusted root names "
                                          "no director key")
                     desired, withdrawn, counter = reply.get("desired", {}), reply.get("withdrawn", {}), None
+                    move = reply.get(BACKBONE)
                 else:
                     # the counter of another key does not bind this one (a revoked key's counter is forgotten)
                     last = self.last_counter[1] if self.last_counter[0] == key.keyid else 0
                     signed = verify(reply.get("assignment"), key, self.device_id, self.station.backbone.fingerprint,
                                     last)
                     desired, withdrawn, counter = signed["desired"], signed["withdrawn"], signed["counter"]
+                    move = signed.get(BACKBONE)
                 if not isinstance(desired, dict) or not isinstance(withdrawn, dict):
                     raise PetahError("the hub's poll answer is malformed")
             except PetahError:
@@ -293,14 +313,14 @@ class Agent:
                 self._updater()  # the root may have moved on (a new director key): follow it, then decide
                 refreshed = True
                 continue
-            if refreshed or not self._acts_on(desired, withdrawn):
+            if refreshed or not self._acts_on(desired, withdrawn, move):
                 break
             self._updater()
             refreshed = True
         if counter is not None:
             self.last_counter = (key.keyid, counter)
             atomic_write_bytes(self.counter_file, json.dumps({"keyid": key.keyid, "counter": counter}).encode())
-        return desired, withdrawn
+        return desired, withdrawn, move
 
     def step_back(self, task: str, reason: str, release: int | None = None, avoid: set[str] = frozenset()) -> None:
         """Return a task to its previous version (or stop serving it when it has none, or when
@@ -351,29 +371,30 @@ class Agent:
         updater.refresh()
         return updater
 
-    def signed_target(self, want: dict, updater=None):
+    def signed_target(self, want: dict, updater=None, backbone: str | None = None):
         """The release's entry in the signed targets metadata (refreshed through TUF); a target the
         metadata does not list (yet: a cache may lag) is an error worth retrying, one for another
-        backbone a refusal."""
+        backbone (this station's, or ``backbone``) a refusal."""
         updater = updater or self._updater()
         info = updater.get_targetinfo(str(want["target"]))
         if info is None or info.hashes.get("sha256") != want["sha256"]:
             raise PetahError(f"{want['target']} is not in the hub's signed targets metadata")
         custom = info.unrecognized_fields.get("custom")
         custom = custom if isinstance(custom, dict) else {}
-        if custom.get("backbone") != self.station.backbone.fingerprint:
+        backbone = backbone or self.station.backbone.fingerprint
+        if custom.get("backbone") != backbone:
             raise Refused("incompatible", f"release for backbone {str(custom.get('backbone'))[:16]}…; this "
-                                          f"station runs {self.station.backbone.fingerprint[:16]}…")
+                                          f"station runs {backbone[:16]}…")
         return info, custom
 
-    def download(self, want: dict) -> tuple[Path, dict, int]:
+    def download(self, want: dict, backbone: str | None = None) -> tuple[Path, dict, int]:
         """The release's package file, verified by TUF; retried with backoff. Returns its path,
         its signed custom fields and the number of tries it took."""
         last = "no try"
         for attempt in range(1, MAX_TRIES + 1):
             try:
                 updater = self._updater()
-                info, custom = self.signed_target(want, updater)
+                info, custom = self.signed_target(want, updater, backbone)
                 part = self.downloads / f"{want['sha256']}.part"
                 updater.download_target(info, str(part))
                 return part, custom, attempt
@@ -402,7 +423,13 @@ class Agent:
         versions = {"candidate": path}
         if entry is not None:
             versions["current"] = self.station.state.package_path(entry.sha256)
-        scores = score_versions(self.station.backbone, versions, self.station.config.golden, self.station.engine)
+        return self._gate(task, release, custom, lambda: score_versions(
+            self.station.backbone, versions, self.station.config.golden, self.station.engine))
+
+    def _gate(self, task: str, release: int | None, custom: dict, score) -> str | None:
+        """The golden-set rule on ``score()`` ({"candidate": Score, "current": Score}, or None where
+        the device keeps no set for the task): None when it passes, else the event reported."""
+        scores = score()
         if scores is None:
             return None
         min_score = signed_min_score(custom)
@@ -413,7 +440,7 @@ class Agent:
             # versions 1.21x and 1.25x apart, beside a CPU hog 1.27x even in a second timing
             # (`petah bench fleet --load-pause-s / --hogs`): the slowdown must hold in a second timing,
             # judged by each batch's fastest round of both (other work on the device only adds time)
-            again = score_versions(self.station.backbone, versions, self.station.config.golden, self.station.engine)
+            again = score()
             scores = {k: dataclasses.replace(s, seconds=min(s.fastest, again[k].fastest)) for k, s in scores.items()}
             reason = self.rule.judge(scores["candidate"], scores.get("current"), min_score)
             reason = reason and f"{reason}, timed twice, fastest rounds"
@@ -450,27 +477,36 @@ class Agent:
         self.log("installed", task, release, f"version {sha[:12]}")
         self.watch(task, sha, release, baseline)
 
-    def watch(self, task: str, sha: str, release: int | None, baseline: float | None) -> None:
-        """The health window: probes spread over ``--health-window-s``; a failed one rolls back."""
+    def health(self, baselines: dict[str, float | None]) -> tuple[bool, str | None]:
+        """The health window over ``baselines``' tasks: probes spread over ``--health-window-s``.
+        (stopped, the problem found or None)."""
         window = self.station.config.health_window_s
-        problem = None
-        times = []
+        times: dict[str, list[float]] = {task: [] for task in baselines}
         for _ in range(HEALTH_PROBES):
             if self._stop.wait(window / HEALTH_PROBES):
-                return  # stopping: pending.json stays, the next start watches again
-            try:
-                seconds = self.probe_seconds(task)
-            except Exception as exc:
-                problem = f"probe failed: {str(exc).splitlines()[0][:200]}"
-                break
-            if seconds is None:
-                problem = "non-finite outputs"
-                break
-            times.append(seconds)
-        if problem is None and baseline and times:
-            median = statistics.median(times)
-            if median > HEALTH_SLOWDOWN * baseline and median - baseline > HEALTH_FLOOR_S:
-                problem = f"probes took {median / baseline:.1f}x as long as before the install (medians)"
+                return True, None  # stopping: pending.json stays, the next start watches again
+            for task in baselines:
+                where = f"task {task}: " if len(baselines) > 1 else ""
+                try:
+                    seconds = self.probe_seconds(task)
+                except Exception as exc:
+                    return False, f"{where}probe failed: {str(exc).splitlines()[0][:200]}"
+                if seconds is None:
+                    return False, f"{where}non-finite outputs"
+                times[task].append(seconds)
+        for task, baseline in baselines.items():
+            median = statistics.median(times[task]) if times[task] else None
+            if baseline and median and median > HEALTH_SLOWDOWN * baseline and median - baseline > HEALTH_FLOOR_S:
+                where = f"task {task}: " if len(baselines) > 1 else ""
+                return False, f"{where}probes took {median / baseline:.1f}x as long as before the install (medians)"
+        return False, None
+
+    def watch(self, task: str, sha: str, release: int | None, baseline: float | None) -> None:
+        """The health window of one task's new version; a failed one rolls back."""
+        window = self.station.config.health_window_s
+        stopped, problem = self.health({task: baseline})
+        if stopped:
+            return
         if problem:
             self.reject(sha)  # first: a restart from here on never installs it again
             self.step_back(task, f"health window failed: {problem}", release)
@@ -479,6 +515,134 @@ class Agent:
             self.log("promoted", task, release, f"version {sha[:12]} healthy for {window:g} s")
         self.station.candidates.pop(task, None)
         self.pending_file.unlink(missing_ok=True)  # last: a crash before it repeats the window
+
+    # --- a backbone release: a new backbone and every task adapted on it, as one change ---------
+    def change_backbone(self, move: dict) -> None:
+        """Move to the backbone a release assigns, with every task adapted on it: all of it
+        downloaded through TUF and verified, each task gated (the new pair against the pair it
+        replaces), swapped in at once, then the health window over every task; a failure at any
+        point leaves (or puts) the station on its old pair."""
+        from petah.device import DeviceBackbone
+
+        sha, fingerprint, tasks = str(move.get("sha256")), move.get("fingerprint"), move.get("tasks")
+        release = move.get("release") if isinstance(move.get("release"), int) else None
+        if not isinstance(fingerprint, str) or not isinstance(tasks, dict) or not all(
+                isinstance(m, dict) and {"sha256", "target"} <= set(m) for m in tasks.values()):
+            raise PetahError("the hub's backbone assignment is malformed")
+        refusal = None
+        if not isinstance(self.station.backbone, DeviceBackbone):
+            refusal = "this station serves a torch backbone; a backbone release carries a device backbone folder"
+        elif missing := sorted(set(self.station.tasks) - set(tasks)):
+            refusal = f"the release carries no package for task {missing[0]}, which this station serves"
+        if refusal:
+            self.reject(sha)
+            self.log("incompatible", BACKBONE, release, refusal)
+            return
+        files: dict[str, Path] = {}
+        try:
+            files[BACKBONE], custom, tries = self.download(move)
+            if custom.get("kind") != "backbone" or custom.get("fingerprint") != fingerprint or custom.get("tasks") != {
+                    task: member["sha256"] for task, member in tasks.items()}:
+                raise Refused("incompatible", "the signed targets do not name this backbone release as assigned")
+            for task, member in tasks.items():
+                files[task], _, more = self.download(member, backbone=fingerprint)
+                tries += more - 1
+        except Refused as exc:
+            self._discard(files)
+            self.reject(sha)
+            self.log(exc.event, BACKBONE, release, str(exc))
+            return
+        except PetahError as exc:
+            self._discard(files)
+            self.log("download_failed", BACKBONE, release, str(exc), retries=MAX_TRIES - 1)
+            return
+        try:
+            self.log("downloaded", BACKBONE, release, f"backbone {fingerprint[:12]} and {len(tasks)} task(s)",
+                     bytes=sum(f.stat().st_size for f in files.values()), retries=tries - 1)
+            baselines = self._switch(sha, fingerprint, release, files, custom)
+        finally:
+            self._discard(files)
+        if baselines is not None:
+            self.watch_backbone(sha, release, baselines)
+
+    def _discard(self, files: dict[str, Path]) -> None:
+        for path in files.values():
+            path.unlink(missing_ok=True)
+
+    def _switch(self, sha: str, fingerprint: str, release: int | None, files: dict[str, Path],
+                custom: dict) -> dict | None:
+        """Unpack, check, gate and swap in a downloaded backbone release; the health window's
+        baselines, or None when it was refused (reported)."""
+        from petah.device.bundle import unpack_device_backbone
+        from petah.fleet.gate import score_versions
+        from petah.packages import read_manifest
+
+        station = self.station
+        try:
+            backbone = unpack_device_backbone(files[BACKBONE].read_bytes(),
+                                              station.installed_backbone_folder(fingerprint), fingerprint)
+            packages = {task: path for task, path in files.items() if task != BACKBONE}
+            for task, path in packages.items():
+                manifest = read_manifest(path)
+                if manifest.backbone.fingerprint != fingerprint or manifest.task.name != task:
+                    raise Refused("incompatible", f"package {task}'s manifest names another backbone or task")
+            engine = station.new_engine(backbone, len(packages))
+            for task, path in packages.items():
+                entry = station.state.entries.get(task) if station.config.golden else None
+
+                def score(path=path, entry=entry):
+                    scores = score_versions(backbone, {"candidate": path}, station.config.golden, engine)
+                    if scores is not None and entry is not None:
+                        scores |= score_versions(station.backbone, {"current": station.state.package_path(
+                            entry.sha256)}, station.config.golden, station.engine) or {}
+                    return scores
+
+                refused = self._gate(task, release, custom, score) if station.config.golden else None
+                if refused:
+                    self.reject(sha)
+                    return None
+            baselines = {task: self.baseline_seconds(task) for task in station.tasks}
+            atomic_write_bytes(self.pending_file, json.dumps({"backbone": fingerprint, "sha256": sha,
+                                                              "release": release, "baselines": baselines}).encode())
+            station.change_backbone(backbone, {task: path.read_bytes() for task, path in packages.items()}, engine)
+        except Refused as exc:
+            self.reject(sha)
+            self.log(exc.event, BACKBONE, release, str(exc))
+            return None
+        except Exception as exc:  # a release that breaks the checks or the swap is a failed release
+            self.reject(sha)
+            self.pending_file.unlink(missing_ok=True)
+            self.log("install_failed", BACKBONE, release, f"{type(exc).__name__}: "
+                                                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''}")
+            return None
+        self.log("installed", BACKBONE, release, f"backbone {fingerprint[:12]} with {len(packages)} task(s)")
+        return baselines
+
+    def watch_backbone(self, sha: str, release: int | None, baselines: dict[str, float | None]) -> None:
+        """The health window after a backbone change, over every task; a failure moves back."""
+        stopped, problem = self.health(baselines)
+        if stopped:
+            return
+        fingerprint = self.station.backbone.fingerprint
+        if problem:
+            self.reject(sha)  # first: a restart from here on never moves again
+            self.return_backbone(f"health window failed: {problem}", release)
+            self.log("health_rollback", BACKBONE, release, problem)
+        else:
+            self.log("promoted", BACKBONE, release, f"backbone {fingerprint[:12]} and its {len(baselines)} task(s) "
+                                                    f"healthy for {self.station.config.health_window_s:g} s")
+            self.station.drop_standby()
+        self.pending_file.unlink(missing_ok=True)  # last: a crash before it repeats the window
+
+    def return_backbone(self, reason: str, release: int | None = None) -> None:
+        left = self.station.backbone.fingerprint
+        try:
+            self.station.return_backbone()
+        except PetahError as exc:
+            self.log("error", BACKBONE, release, f"{reason}, but returning failed: {str(exc).splitlines()[0][:200]}")
+            return
+        self.log("returned", BACKBONE, release, f"{reason}; left backbone {left[:12]}, now on "
+                                                f"{self.station.backbone.fingerprint[:12]}")
 
     def baseline_seconds(self, task: str) -> float | None:
         """The current version's probe time (median of three), before a candidate replaces it."""
@@ -506,10 +670,13 @@ class Agent:
             return
         try:
             pending = json.loads(self.pending_file.read_text(encoding="utf-8"))
-            task, sha = str(pending["task"]), str(pending["sha256"])
+            task, sha = str(pending.get("task")), str(pending["sha256"])
         except (OSError, ValueError, KeyError, TypeError):
             warnings.warn("agent: unreadable pending.json ignored", PetahWarning, stacklevel=2)
             self.pending_file.unlink(missing_ok=True)
+            return
+        if "backbone" in pending:
+            self._resume_backbone(pending)
             return
         entry = self.station.state.entries.get(task)
         if sha in self.rejected:  # it failed its window and the crash came before the rollback landed
@@ -523,6 +690,22 @@ class Agent:
         else:
             self.log("error", task, pending.get("release"), "an install was interrupted before it landed")
             self.pending_file.unlink(missing_ok=True)
+
+    def _resume_backbone(self, pending: dict) -> None:
+        """After a restart in the middle of a backbone change: watch the new pair again, or move
+        back where its window had failed, or forget a change that never landed."""
+        sha, release = str(pending.get("sha256")), pending.get("release")
+        moved = self.station.backbone.fingerprint == pending.get("backbone")
+        baselines = pending.get("baselines")
+        if moved and sha in self.rejected:
+            self.return_backbone("health window failed before a restart", release)
+        elif moved and isinstance(baselines, dict):
+            self.log("installed", BACKBONE, release, "resumed after a restart")
+            self.watch_backbone(sha, release, baselines)
+            return
+        elif not moved:
+            self.log("error", BACKBONE, release, "a backbone change was interrupted before it landed")
+        self.pending_file.unlink(missing_ok=True)
 
 
 __all__ = ["Agent", "Refused", "finite"]

@@ -127,6 +127,77 @@ def publish_release(package: str | Path, hub: str, key: str | Path, *, stages: l
     return result
 
 
+def sign_backbone_release(folder: str | Path, packages: list[str | Path], replaces: str, current_targets: bytes,
+                          key: str | Path, min_score: float | None = None) -> tuple[bytes, list[bytes], bytes]:
+    """A backbone release: the device backbone folder packed, the task packages adapted on it, and
+    the next targets metadata naming all of them (the backbone's entry: the fingerprint it
+    replaces and every task's sha256), signed by the release key. Everything is verified first."""
+    from petah.device.bundle import pack_device_backbone, read_device_backbone
+    from petah.fleet.ids import BACKBONE
+    from petah.fleet.metadata import backbone_target_path
+
+    backbone = read_device_backbone(folder)
+    if replaces == backbone.fingerprint:
+        raise PetahError("--replaces names the released backbone itself")
+    score = None if min_score is None else f"{float(min_score):.6g}"
+    add, tasks = {}, {}
+    for package in packages:
+        manifest = read_package(package).manifest
+        if manifest.backbone.fingerprint != backbone.fingerprint:
+            raise PetahError(f"{package}: adapted on backbone {manifest.backbone.fingerprint[:16]}…, not on "
+                             f"{backbone.describe()}")
+        if manifest.task.name in tasks:
+            raise PetahError(f"{package}: a second package of task {manifest.task.name}")
+        data = Path(package).read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        tasks[manifest.task.name] = sha
+        add[target_path(manifest.task.name, sha)] = (data, {"task": manifest.task.name,
+                                                            "backbone": backbone.fingerprint, "min_score": score})
+    if not tasks:
+        raise PetahError("a backbone release carries every task adapted on it: give at least one package")
+    packed = pack_device_backbone(backbone)
+    add[backbone_target_path(hashlib.sha256(packed).hexdigest())] = (packed, {
+        "kind": "backbone", "task": BACKBONE, "backbone": replaces, "fingerprint": backbone.fingerprint,
+        "tasks": tasks, "min_score": score})
+    return packed, [add[p][0] for p in add if not p.startswith("backbones/")], release_targets(current_targets, key,
+                                                                                               add=add)
+
+
+def replaced_fingerprint(spec: str) -> str:
+    """``--replaces``: a backbone fingerprint (64 hex digits) or a device backbone folder."""
+    import re
+
+    if re.fullmatch(r"[0-9a-f]{64}", spec):
+        return spec
+    from petah.device.bundle import read_device_backbone
+
+    return read_device_backbone(spec).fingerprint
+
+
+def publish_backbone(folder: str | Path, packages: list[str | Path], replaces: str, hub: str, key: str | Path, *,
+                     stages: list[int] = (10, 50, 100), min_healthy: float = 0.9, max_failed: float = 0.2,
+                     min_score: float | None = None) -> dict:
+    """Publish a new backbone and every task re-adapted on it as one release (staged like a task
+    release): stations of backbone ``replaces`` move to it, gated and watched, and move back
+    together when it is halted or withdrawn."""
+    from petah.fleet.registry import check_rollout
+
+    hub = check_hub_url(hub)
+    check_rollout(list(stages), min_healthy, max_failed)
+    replaces = replaced_fingerprint(replaces)
+    current = call(f"{hub}/v1/targets-metadata")
+    check_pin(key, hub, current)
+    packed, datas, targets = sign_backbone_release(folder, packages, replaces, current, key, min_score)
+    settings = {"stages": list(stages), "min_healthy": min_healthy, "max_failed": max_failed, "min_score": min_score}
+    fields = {"backbone": packed, "targets": targets, "settings": json.dumps(settings).encode()}
+    fields |= {f"package-{i}": data for i, data in enumerate(datas)}
+    body, content_type = _multipart(fields)
+    result = json.loads(call(f"{hub}/v1/backbone-releases", "POST", body, {"Content-Type": content_type},
+                             timeout=120))
+    save_pin(key, hub, targets)
+    return result
+
+
 def withdraw_release(release_id: int, hub: str, key: str | Path, token: str | None = None) -> dict:
     """Take a release out of the signed targets (release key) and mark it withdrawn: stations that
     run it return to their previous version (``token``: the hub's read token, where it has one)."""
@@ -138,7 +209,8 @@ def withdraw_release(release_id: int, hub: str, key: str | Path, token: str | No
     # release_targets refuses a target the signed metadata does not hold: only signed releases go
     current = call(f"{hub}/v1/targets-metadata")
     check_pin(key, hub, current)
-    targets = release_targets(current, key, remove=(found[0]["target"],))
+    members = tuple(m["target"] for m in (found[0].get("members") or {}).values())  # a backbone release's tasks
+    targets = release_targets(current, key, remove=(found[0]["target"], *members))
     result = json.loads(call(f"{hub}/v1/releases/{release_id}/withdraw", "POST", targets,
                              {"Content-Type": "application/json"}))
     save_pin(key, hub, targets)
@@ -161,5 +233,5 @@ def operate_release(release_id: int, action: str, hub: str, token: str) -> dict:
                            bearer(token)))
 
 
-__all__ = ["call", "check_hub_url", "hub_status", "operate_release", "publish_release", "sign_release",
-           "withdraw_release"]
+__all__ = ["call", "check_hub_url", "hub_status", "operate_release", "publish_backbone", "publish_release",
+           "sign_backbone_release", "sign_release", "withdraw_release"]

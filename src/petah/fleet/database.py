@@ -62,6 +62,11 @@ MIGRATIONS: list[list[str]] = [
     [  # 5: each device's assignment counter (``petah.fleet.assignments``: rises with every answer)
         "ALTER TABLE devices ADD COLUMN assignment_counter {BIG} NOT NULL DEFAULT 0",
     ],
+    [  # 6: a backbone release: a new backbone (``to_backbone``) and the tasks adapted on it (``members``)
+        "ALTER TABLE releases ADD COLUMN kind TEXT NOT NULL DEFAULT 'task'",
+        "ALTER TABLE releases ADD COLUMN to_backbone TEXT",
+        "ALTER TABLE releases ADD COLUMN members TEXT NOT NULL DEFAULT '{{}}'",
+    ],
 ]
 
 

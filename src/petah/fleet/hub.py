@@ -26,8 +26,8 @@ from pathlib import Path
 from petah.errors import PetahError
 from petah.fleet.assignments import Director
 from petah.fleet.assignments import director_key as director_key_of
-from petah.fleet.ids import check_device_id
-from petah.fleet.metadata import Repository, parse_metadata, signer, target_path, verify_role
+from petah.fleet.ids import BACKBONE, check_device_id
+from petah.fleet.metadata import Repository, backbone_target_path, parse_metadata, signer, target_path, verify_role
 from petah.fleet.registry import ACTIVE, Registry, check_rollout
 
 
@@ -114,15 +114,8 @@ class Hub:
             return answer
         return {"assignment": self.director.sign(device_id, backbone, counter, answer)}
 
-    def publish(self, package: bytes, targets_metadata: bytes, settings: dict) -> dict:
-        """A release: the package, the next targets metadata (signed by the release key, naming the
-        package), rollout settings. The cheap checks (settings, the signature, the package's hash
-        against its signed entry) come before the package is parsed; nothing is written unless all
-        pass."""
-        import hashlib
-
-        from petah.packages import read_package
-
+    @staticmethod
+    def _rollout(settings: dict) -> tuple[list[int], float, float, float | None]:
         stages = settings.get("stages", [10, 50, 100])
         if not isinstance(stages, list) or not all(type(s) is int for s in stages):
             raise PetahError("stages must be a list of whole percents")
@@ -130,16 +123,33 @@ class Hub:
                                    finite_number(settings, "max_failed", 0.2))
         min_score = finite_number(settings, "min_score", None)
         check_rollout(stages, min_healthy, max_failed)
+        return stages, min_healthy, max_failed, min_score
+
+    def _signed_targets(self, targets_metadata: bytes):
         new = parse_metadata(targets_metadata, "targets", "the uploaded targets metadata")
         verify_role(self.repository.latest("root"), "targets", new, "the uploaded targets metadata")
-        sha = hashlib.sha256(package).hexdigest()
-        named = [p for p, info in new.signed.targets.items() if info.hashes.get("sha256") == sha]
+        return new.signed
+
+    @staticmethod
+    def _named(signed, data: bytes, what: str) -> tuple[str, str, dict]:
+        """The target path, sha256 and custom fields the signed targets give these bytes."""
+        import hashlib
+
+        sha = hashlib.sha256(data).hexdigest()
+        named = [p for p, info in signed.targets.items() if info.hashes.get("sha256") == sha]
         if not named:
-            raise PetahError("the targets metadata does not name the uploaded package (by its sha256)")
-        path = named[0]
-        custom = new.signed.targets[path].unrecognized_fields.get("custom")
+            raise PetahError(f"the targets metadata does not name the uploaded {what} (by its sha256)")
+        custom = signed.targets[named[0]].unrecognized_fields.get("custom")
         if not isinstance(custom, dict):
-            raise PetahError(f"target {path} carries no custom fields (task, backbone)")
+            raise PetahError(f"target {named[0]} carries no custom fields (task, backbone)")
+        return named[0], sha, custom
+
+    def _package_target(self, signed, package: bytes, backbone: str | None = None):
+        """An uploaded package checked against its signed entry (and, given, the backbone it must be
+        adapted on): its manifest, target path and sha256."""
+        from petah.packages import read_package
+
+        path, sha, custom = self._named(signed, package, "package")
         with self.repository.staged(package) as staged:
             try:
                 manifest = read_package(staged).manifest
@@ -151,20 +161,83 @@ class Hub:
                              f"{target_path(manifest.task.name, sha)}")
         if custom.get("backbone") != manifest.backbone.fingerprint or custom.get("task") != manifest.task.name:
             raise PetahError("the targets metadata's task / backbone do not match the package's manifest")
-        with self.repository.locked():  # hubs sharing the root (and its database) publish one at a time
-            if any(r.sha256 == sha and r.state in ACTIVE for r in self.registry.releases()):
+        if backbone is not None and manifest.backbone.fingerprint != backbone:
+            raise PetahError(f"package {manifest.task.name} was adapted on backbone "
+                             f"{manifest.backbone.fingerprint[:16]}…, not on the released one {backbone[:16]}…")
+        return manifest, path, sha
+
+    def _check_new(self, shas: list[str]) -> None:
+        active = {r.sha256 for r in self.registry.releases() if r.state in ACTIVE}
+        for sha in shas:
+            if sha in active:
                 raise PetahError(f"version {sha[:12]} is already released and active")
+
+    def publish(self, package: bytes, targets_metadata: bytes, settings: dict) -> dict:
+        """A release: the package, the next targets metadata (signed by the release key, naming the
+        package), rollout settings. The cheap checks (settings, the signature, the package's hash
+        against its signed entry) come before the package is parsed; nothing is written unless all
+        pass."""
+        stages, min_healthy, max_failed, min_score = self._rollout(settings)
+        signed = self._signed_targets(targets_metadata)
+        manifest, path, sha = self._package_target(signed, package)
+        with self.repository.locked():  # hubs sharing the root (and its database) publish one at a time
+            self._check_new([sha])
             self.repository.accept_targets(targets_metadata, {path: package})
             release = self.registry.add_release(manifest.task.name, manifest.backbone.fingerprint, sha, path,
                                                 len(package), stages, min_healthy, max_failed, min_score)
         return {"release": release.id, "target": path, "version": sha[:12]}
 
+    def publish_backbone(self, backbone: bytes, packages: list[bytes], targets_metadata: bytes,
+                         settings: dict) -> dict:
+        """A backbone release: a packed device backbone (``petah.device.bundle``) and every task
+        package adapted on it, all named by one targets version signed by the release key (the
+        backbone's entry names the backbone it replaces and the tasks); staged as one release."""
+        import tempfile
+
+        from petah.device.bundle import unpack_device_backbone
+
+        stages, min_healthy, max_failed, min_score = self._rollout(settings)
+        signed = self._signed_targets(targets_metadata)
+        path, sha, custom = self._named(signed, backbone, "backbone")
+        fingerprint, replaces, tasks = custom.get("fingerprint"), custom.get("backbone"), custom.get("tasks")
+        if custom.get("kind") != "backbone" or custom.get("task") != BACKBONE or not isinstance(tasks, dict) or \
+                not all(isinstance(v, str) for v in (fingerprint, replaces)) or fingerprint == replaces:
+            raise PetahError(f"target {path} is not a backbone release's entry (kind, fingerprint, the backbone it "
+                             "replaces, tasks)")
+        if path != backbone_target_path(sha):
+            raise PetahError(f"the targets metadata names the backbone as {path}, not {backbone_target_path(sha)}")
+        with tempfile.TemporaryDirectory(prefix="petah-backbone-") as folder:  # outside the hub root
+            try:
+                unpack_device_backbone(backbone, Path(folder) / "device", fingerprint)
+            except PetahError as exc:
+                raise PetahError(f"the backbone release does not verify: {str(exc).replace(folder, 'the upload')}"
+                                 ) from None
+        members, files = {}, {path: backbone}
+        for package in packages:
+            manifest, member_path, member_sha = self._package_target(signed, package, fingerprint)
+            if manifest.task.name in members:
+                raise PetahError(f"two packages of task {manifest.task.name}")
+            members[manifest.task.name] = {"sha256": member_sha, "target": member_path}
+            files[member_path] = package
+        if {t: m["sha256"] for t, m in members.items()} != tasks:
+            raise PetahError("the uploaded packages are not the tasks the backbone's signed entry names")
+        if not members:
+            raise PetahError("a backbone release carries every task adapted on it: no package was uploaded")
+        with self.repository.locked():
+            self._check_new([sha])
+            self.repository.accept_targets(targets_metadata, files)
+            release = self.registry.add_release(BACKBONE, replaces, sha, path, sum(map(len, files.values())),
+                                                stages, min_healthy, max_failed, min_score,
+                                                to_backbone=fingerprint, members=members)
+        return {"release": release.id, "target": path, "version": sha[:12], "tasks": sorted(members)}
+
     def withdraw(self, release_id: int, targets_metadata: bytes) -> dict:
         """Withdraw a release by hand: the next targets metadata (release key) without its target."""
         release = self.registry.release(release_id)
         new = parse_metadata(targets_metadata, "targets", "the uploaded targets metadata").signed
-        if release.target in new.targets:
-            raise PetahError(f"the targets metadata still names {release.target}")
+        for path in [release.target, *(m["target"] for m in release.members.values())]:
+            if path in new.targets:
+                raise PetahError(f"the targets metadata still names {path}")
         with self.repository.locked():
             self.repository.accept_targets(targets_metadata, {})
             self.registry.set_state(release_id, "withdrawn")

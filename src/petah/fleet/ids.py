@@ -21,4 +21,7 @@ def check_device_id(device_id: str) -> str:
     return device_id
 
 
-__all__ = ["DEVICE_ID", "check_device_id"]
+BACKBONE = "@backbone"  # a backbone release: its task column and its key in a poll answer (no task name has @)
+
+
+__all__ = ["BACKBONE", "DEVICE_ID", "check_device_id"]

@@ -70,6 +70,11 @@ def target_path(task: str, sha256: str) -> str:
     return f"{task}/{sha256}.petah"
 
 
+def backbone_target_path(sha256: str) -> str:
+    """A backbone release's packed device backbone (its own extension: no task package is named so)."""
+    return f"backbones/{sha256}.tar"
+
+
 def parse_metadata(data: bytes, role: str, origin: str):
     """Untrusted bytes -> ``Metadata`` of ``role`` (one-line error otherwise)."""
     from tuf.api.metadata import Metadata
@@ -530,5 +535,6 @@ def _rotate(repository: Repository, root_key: str | Path, new_release_key: str |
     return root.version
 
 
-__all__ = ["EXPIRY", "Repository", "init_repository", "parse_metadata", "public_key_of", "release_targets",
-           "rotate_director_key", "rotate_targets_key", "signer", "target_path", "tuf_key", "verify_role"]
+__all__ = ["EXPIRY", "Repository", "backbone_target_path", "init_repository", "parse_metadata", "public_key_of",
+           "release_targets", "rotate_director_key", "rotate_targets_key", "signer", "target_path", "tuf_key",
+           "verify_role"]

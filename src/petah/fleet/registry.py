@@ -9,6 +9,12 @@ PostgreSQL (``petah.fleet.database``). The rollout rules live here, next to the 
   promoted, and halts when failures (gate rejections, health rollbacks, failed installs) among
   them reach ``max_failed`` of the stage; a halted or withdrawn release is taken out of every
   device's desired set, so devices that had it return to their previous version;
+- a backbone release (``kind`` "backbone") moves the devices of one backbone (``backbone``) to a
+  new one (``to_backbone``) together with every task adapted on it (``members``: task -> sha256
+  and target): its stages count the devices of both backbones (a device that moved stays in its
+  stage); a device of the old backbone in a stage is assigned the new backbone, one of the new
+  backbone runs the members (unless a newer task release for that backbone replaces one), and a
+  halted or withdrawn backbone release sends the devices that moved back (``withdrawn["@backbone"]``);
 - an operator (the hub's admin token: its page or ``petah hub pause | resume | halt``) may pause a
   rolling release (its stage's devices keep it, no stage advances), resume a paused or halted one,
   or halt one (a roll back: devices return). A withdrawn release never comes back: that takes the
@@ -26,6 +32,7 @@ from pathlib import Path
 
 from petah.errors import PetahError
 from petah.fleet.database import Database
+from petah.fleet.ids import BACKBONE
 
 ACTIVE = ("rolling", "complete", "paused")
 OPERATIONS = {"pause": ({"rolling"}, "paused"), "resume": ({"paused", "halted"}, "rolling"),
@@ -61,13 +68,22 @@ class Release:
     state: str
     created: float
     stage_times: list[float]
+    kind: str = "task"
+    to_backbone: str | None = None
+    members: dict = None  # a backbone release's tasks: name -> {"sha256", "target"}
 
     @classmethod
     def from_row(cls, row) -> Release:
         values = dict(row)
         values["stages"] = json.loads(values["stages"])
         values["stage_times"] = json.loads(values["stage_times"])
+        values["members"] = json.loads(values.get("members") or "{}")
         return cls(**values)
+
+    @property
+    def audience(self) -> tuple[str, ...]:
+        """The backbones whose devices its stages count."""
+        return (self.backbone, self.to_backbone) if self.kind == "backbone" else (self.backbone,)
 
     @property
     def percent(self) -> int:
@@ -89,7 +105,7 @@ class Registry:
 
     def __init__(self, target: str | Path):
         self.db = Database(target)
-        self._ranked: dict[str, tuple[int, dict[str, int]]] = {}  # backbone -> (generation, place by stage rank)
+        self._ranked: dict[tuple, tuple[int, dict[str, int]]] = {}  # backbones -> (generation, place by stage rank)
         self._advanced_at: int | None = None  # the devices generation the rules last ran at in a poll
 
     def _tx(self, fn):
@@ -135,15 +151,19 @@ class Registry:
 
     # --- releases ---------------------------------------------------------------------------------
     def add_release(self, task: str, backbone: str, sha256: str, target: str, size: int, stages: list[int],
-                    min_healthy: float, max_failed: float, min_score: float | None) -> Release:
+                    min_healthy: float, max_failed: float, min_score: float | None, *, to_backbone: str | None = None,
+                    members: dict | None = None) -> Release:
+        """A task release, or with ``to_backbone`` a backbone release (``task`` is then ``@backbone``)."""
         check_rollout(stages, min_healthy, max_failed)
         now = time.time()
+        kind = "task" if to_backbone is None else "backbone"
 
         def add(db):
             sql = ("INSERT INTO releases (task, backbone, sha256, target, bytes, stages, min_healthy, max_failed, "
-                   "min_score, stage, state, created, stage_times) VALUES (?,?,?,?,?,?,?,?,?,0,'rolling',?,'[]')")
+                   "min_score, stage, state, created, stage_times, kind, to_backbone, members) "
+                   "VALUES (?,?,?,?,?,?,?,?,?,0,'rolling',?,'[]',?,?,?)")
             values = (task, backbone, sha256, target, size, json.dumps(stages), min_healthy, max_failed, min_score,
-                      now)
+                      now, kind, to_backbone, json.dumps(members or {}))
             if db.dialect == "sqlite":  # lastrowid: RETURNING needs SQLite 3.35
                 return db.execute(sql, values).lastrowid
             return db.execute(sql + " RETURNING id", values).fetchone()["id"]
@@ -194,16 +214,16 @@ class Registry:
     def _generation(self) -> int:
         return self._one("SELECT value FROM generations WHERE name='devices'")["value"]
 
-    def _places(self, backbone: str) -> dict[str, int]:
-        """Each device of a backbone's place in every rollout's order: sorted again only when the
+    def _places(self, backbones: tuple[str, ...]) -> dict[str, int]:
+        """Each device of some backbones' place in every rollout's order: sorted again only when the
         set of devices changed (a device added, or one reporting another backbone: the database's
         ``devices`` generation, so every hub process sharing it notices), not per poll."""
         generation = self._generation()
-        cached = self._ranked.get(backbone)
+        cached = self._ranked.get(backbones)
         if cached is None or cached[0] != generation:
-            ids = sorted((r["id"] for r in self._all("SELECT id FROM devices WHERE backbone=?", (backbone,))),
-                         key=stage_rank)
-            cached = self._ranked[backbone] = (generation, {device: place for place, device in enumerate(ids)})
+            rows = self._all(f"SELECT id FROM devices WHERE backbone IN ({','.join('?' * len(backbones))})", backbones)
+            ids = sorted((r["id"] for r in rows), key=stage_rank)
+            cached = self._ranked[backbones] = (generation, {device: place for place, device in enumerate(ids)})
         return cached[1]
 
     def _stage_size(self, release: Release, stage: int, devices: int) -> int:
@@ -211,12 +231,12 @@ class Registry:
         return max(1, math.ceil(percent / 100 * devices)) if devices else 0
 
     def _in_stage(self, device_id: str, release: Release) -> bool:
-        places = self._places(release.backbone)
+        places = self._places(release.audience)
         place = places.get(device_id)
         return place is not None and place < self._stage_size(release, release.stage, len(places))
 
     def _stage_members(self, release: Release, stage: int) -> list[str]:
-        places = self._places(release.backbone)
+        places = self._places(release.audience)
         size = self._stage_size(release, stage, len(places))
         return [device for device, place in places.items() if place < size]
 
@@ -298,8 +318,11 @@ class Registry:
                         self._advance(db, release)
                 releases = self.releases()
                 advanced_at.append(generation)  # kept once the transaction committed
-            desired, withdrawn = {}, {}
+            desired, withdrawn, moves = {}, {}, {}
             for release in reversed(releases):
+                if release.kind == "backbone":
+                    self._backbone_answer(db, release, device_id, backbone, desired, withdrawn, moves)
+                    continue
                 if release.backbone != backbone:
                     continue
                 if release.state not in ACTIVE:
@@ -313,11 +336,34 @@ class Registry:
                 if release.state == "complete" or self._in_stage(device_id, release):
                     desired[release.task] = {"release": release.id, "target": release.target,
                                              "sha256": release.sha256, "min_score": release.min_score}
-            return {"desired": desired, "withdrawn": withdrawn, "counter": counter}
+            answer = {"desired": desired, "withdrawn": withdrawn, "counter": counter}
+            return answer | moves  # "backbone": the new backbone to move to, where one is assigned
         answer = self.db.transaction(poll, shared=not rules)
         if advanced_at:
             self._advanced_at = advanced_at[-1]
         return answer
+
+    def _backbone_answer(self, db, release: Release, device_id: str, backbone: str, desired: dict,
+                         withdrawn: dict, moves: dict) -> None:
+        """A backbone release's part of a device's answer (releases come newest first)."""
+        active = release.state in ACTIVE
+        if backbone == release.to_backbone:  # the device moved: it runs the members, or moves back
+            if not active:
+                withdrawn.setdefault(BACKBONE, []).append(release.to_backbone)
+                return
+            for task, member in release.members.items():
+                desired.setdefault(task, {"release": release.id, "target": member["target"],
+                                          "sha256": member["sha256"], "min_score": release.min_score})
+            return
+        if backbone != release.backbone or not active or BACKBONE in moves:
+            return
+        if release.state == "paused" and not db.execute("SELECT 1 FROM outcomes WHERE device=? AND release=?",
+                                                        (device_id, release.id)).fetchone():
+            return
+        if release.state == "complete" or self._in_stage(device_id, release):
+            moves[BACKBONE] = {"release": release.id, "target": release.target, "sha256": release.sha256,
+                               "fingerprint": release.to_backbone, "min_score": release.min_score,
+                               "tasks": release.members}
 
     def report(self, device_id: str, event: str, release_id: int | None, task: str | None, detail: str,
                size: int = 0, retries: int = 0) -> None:
@@ -355,7 +401,9 @@ class Registry:
     def _status(self) -> dict:
         releases = []
         for release in self.releases():
-            releases.append({"id": release.id, "task": release.task, "backbone": release.backbone[:16],
+            releases.append({"id": release.id, "task": release.task, "kind": release.kind,
+                             "to_backbone": release.to_backbone and release.to_backbone[:16],
+                             "members": release.members, "backbone": release.backbone[:16],
                              "version": release.sha256[:12], "sha256": release.sha256, "target": release.target,
                              "bytes": release.bytes, "state": release.state,
                              "stage": release.stage, "stages": release.stages, "percent": release.percent,

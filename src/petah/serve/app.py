@@ -42,7 +42,7 @@ def _status_of(exc: PetahError) -> tuple[int, dict]:
 def create_app(station: Station) -> FastAPI:
     config = station.config
 
-    line = Line(station, config.line, station.state.root)
+    line = Line(station, config.line, station.home)
     station.line = line
     station.metrics.watch_line(line.status)
 

@@ -5,6 +5,10 @@ Layout::
     STATE/station.json              {"format": 1, "backbone": FINGERPRINT,
                                      "tasks": {NAME: {"sha256", "previous", "loaded_at"}}}
     STATE/packages/SHA256.petah     every package a task or its rollback refers to
+    STATE/backbones/FP/             a backbone a fleet release installed (``device/``: its folder) and
+                                    its own station.json + packages/ (the tasks adapted on it)
+    STATE/active-backbone.json      which backbone serves (``current``) and the one before it
+                                    (``previous``), each {"fingerprint", "folder", "weights"}
 
 A package file is named by the sha256 of its bytes and written atomically before ``station.json``
 names it; ``station.json`` itself is replaced atomically. So a process killed at any moment leaves
@@ -204,4 +208,69 @@ class StateDir:
         self._sweep()
 
 
-__all__ = ["Entry", "StateDir", "StateUnwritable", "read_entries", "sha256_bytes"]
+ACTIVE_FILE = "active-backbone.json"
+
+
+def backbone_state_root(home: Path, fingerprint: str) -> Path:
+    """Where the tasks of a backbone live: ``home/backbones/FP`` for one a release installed, else
+    ``home`` (the backbone the station was first started on)."""
+    if not SHA256.fullmatch(fingerprint):
+        raise PetahError(f"not a backbone fingerprint: {fingerprint[:80]!r}")
+    installed = home / "backbones" / fingerprint
+    return installed if (installed / "station.json").is_file() else home
+
+
+def installed_backbone_folder(home: Path, fingerprint: str) -> Path:
+    """Where a release's backbone folder is kept (``petah.device.bundle.unpack_device_backbone``)."""
+    if not SHA256.fullmatch(fingerprint):
+        raise PetahError(f"not a backbone fingerprint: {fingerprint[:80]!r}")
+    return home / "backbones" / fingerprint / "device"
+
+
+@dataclass
+class BackboneRecord:
+    """A backbone a station served: its fingerprint, its device folder and weights file (None: the
+    folder's own). Kept so a restart, or a roll back after the backbone was freed, loads it again."""
+
+    fingerprint: str
+    folder: str | None
+    weights: str | None = None
+
+    @classmethod
+    def of(cls, backbone) -> BackboneRecord:
+        """The record of a loaded backbone (a torch backbone has no folder to load it from again)."""
+        folder = getattr(backbone, "path", None)
+        return cls(backbone.fingerprint, str(Path(folder).resolve()) if folder is not None else None,
+                   getattr(backbone, "weights_file", None))
+
+
+def read_active(home: Path) -> tuple[BackboneRecord, BackboneRecord | None] | None:
+    """The state dir's current and previous backbone (None where no release changed the backbone)."""
+    file = home / ACTIVE_FILE
+    if not file.exists():
+        return None
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+        records = [None if raw[k] is None else BackboneRecord(**raw[k]) for k in ("current", "previous")]
+        for record in records:
+            if record is not None and (not SHA256.fullmatch(record.fingerprint) or not all(
+                    v is None or isinstance(v, str) for v in (record.folder, record.weights))):
+                raise ValueError(record)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PetahError(f"state file {file} cannot be read ({type(exc).__name__}); it names the backbone a fleet "
+                         "release installed") from None
+    if records[0] is None:
+        raise PetahError(f"state file {file} names no current backbone")
+    return records[0], records[1]
+
+
+def write_active(home: Path, current: BackboneRecord, previous: BackboneRecord | None) -> None:
+    payload = {"format": STATE_FORMAT, "current": asdict(current), "previous": previous and asdict(previous)}
+    try:
+        atomic_write_bytes(home / ACTIVE_FILE, (json.dumps(payload, indent=1) + "\n").encode())
+    except OSError as exc:
+        raise _unwritable(exc) from None
+
+
+__all__ = ["ACTIVE_FILE", "BackboneRecord", "Entry", "StateDir", "StateUnwritable", "backbone_state_root",
+           "installed_backbone_folder", "read_active", "read_entries", "sha256_bytes", "write_active"]

@@ -31,7 +31,16 @@ from petah.serve.config import ServeConfig
 from petah.serve.drift import DriftMonitor, confidences
 from petah.serve.engine import choose_engine, engine_class
 from petah.serve.metrics import StationMetrics
-from petah.serve.state import Entry, StateDir, StateUnwritable
+from petah.serve.state import (
+    BackboneRecord,
+    Entry,
+    StateDir,
+    StateUnwritable,
+    backbone_state_root,
+    installed_backbone_folder,
+    read_active,
+    write_active,
+)
 from petah.serve.worker import BatchWorker, Busy, Job, Upload
 
 logger = logging.getLogger("petah.station")
@@ -61,6 +70,16 @@ class TaskRecord:
                 "version": self.version, "bytes": self.bytes, "metrics": self.manifest.metrics,
                 "loaded_at": self.loaded_at, "previous_version": self.previous and self.previous[:VERSION_CHARS],
                 "candidate_version": candidate and candidate[:VERSION_CHARS]}
+
+
+@dataclass
+class Serving:
+    """One backbone with its engine, its state folder and the tasks adapted on it."""
+
+    backbone: object
+    engine: object
+    state: StateDir
+    tasks: dict[str, TaskRecord]
 
 
 @dataclass
@@ -105,14 +124,12 @@ class Station:
                  packages: list[Path] = ()):
         """Serve the state folder's set, then install ``packages`` into it (as an admin upload would)."""
         self.config = config or ServeConfig()
-        self.backbone = backbone
-        self.state = StateDir(state_dir, backbone.fingerprint)
-        budget = self.config.memory_budget_mb * 2**20 or None
-        engine = choose_engine(self.config.engine, backbone, len(self.state.entries) + len(packages),
-                               budget or float("inf"))
-        trust = TrustPolicy.from_options(self.config.trust, self.config.require_signed)
-        self.engine = engine_class(engine)(backbone, self.config.inference_threads, trust, memory_budget_bytes=budget)
+        self.home = Path(state_dir)  # the --state-dir: the agent's and the line's files, every backbone's tasks
+        backbone = self._recorded_backbone(backbone)
+        self.state = StateDir(backbone_state_root(self.home, backbone.fingerprint), backbone.fingerprint)
+        self.engine = self.new_engine(backbone, len(self.state.entries) + len(packages))
         self.backbone = self.engine.backbone  # the engine's: the caller's copy can be freed
+        self.standby: Serving | None = None  # the backbone a release replaced, kept through its health window
         self.tasks: dict[str, TaskRecord] = {}  # changed only on the inference thread (with the engine)
         self.candidates: dict[str, str] = {}  # task -> sha256 of a release being installed / watched (agent)
         self.drift = DriftMonitor(self.config.drift)
@@ -130,6 +147,36 @@ class Station:
         self._restore()
         for path in packages:
             self.install(Path(path).read_bytes())
+
+    def new_engine(self, backbone, tasks: int):
+        """An engine of this station's settings for ``backbone`` (``tasks``: how many it will hold)."""
+        budget = self.config.memory_budget_mb * 2**20 or None
+        engine = choose_engine(self.config.engine, backbone, tasks, budget or float("inf"))
+        trust = TrustPolicy.from_options(self.config.trust, self.config.require_signed)
+        return engine_class(engine)(backbone, self.config.inference_threads, trust, memory_budget_bytes=budget)
+
+    def _recorded_backbone(self, backbone):
+        """The backbone to serve: the one a fleet release installed in place of ``backbone`` where
+        the state dir records that (a restart with the old ``-b`` serves the new pair), else
+        ``backbone`` (also where it is neither of the recorded two: the operator's choice)."""
+        from petah.device import read_device_backbone
+
+        active = read_active(self.home)
+        if active is None or backbone.fingerprint == active[0].fingerprint:
+            return backbone
+        current, previous = active
+        if previous is None or backbone.fingerprint != previous.fingerprint:
+            return backbone
+        if current.folder is None:
+            raise PetahError(f"state dir {self.home}: a release replaced this backbone by "
+                             f"{current.fingerprint[:16]}…, whose folder it does not record")
+        loaded = read_device_backbone(current.folder, current.weights)
+        if loaded.fingerprint != current.fingerprint:
+            raise PetahError(f"state dir {self.home}: the backbone folder it records is not "
+                             f"{current.fingerprint[:16]}…")
+        warnings.warn(f"serving {loaded.describe()}, which a fleet release installed in place of "
+                      f"{backbone.fingerprint[:12]} (state dir {self.home})", PetahWarning, stacklevel=3)
+        return loaded
 
     # --- life cycle --------------------------------------------------------------------------
     def _restore(self) -> None:
@@ -283,10 +330,96 @@ class Station:
             release_memory()
             self.metrics.swaps.labels("delete").inc()
 
+    # --- changing the backbone (a fleet release: a new backbone and every task adapted on it) ------
+    def change_backbone(self, backbone, packages: dict[str, bytes], engine=None) -> None:
+        """Serve ``packages`` (task name -> package bytes, each adapted on ``backbone``) on
+        ``backbone`` in place of the current pair, swapped between two batches; the current pair
+        stays in memory as ``standby`` (``return_backbone``) until ``drop_standby``. The new
+        pair's state is complete on disk before ``active-backbone.json`` names it, so a crash
+        leaves the old pair or the new one."""
+        with self._changes:
+            state = StateDir(self.home / "backbones" / backbone.fingerprint, backbone.fingerprint)
+            engine = engine or self.new_engine(backbone, len(packages))
+            loaded_at, tasks, entries = now_utc(), {}, {}
+            for name, data in packages.items():
+                sha, path = state.store(data)
+                manifest = engine.install(engine.prepare(path, name))
+                tasks[name] = TaskRecord(name, manifest, sha, len(data), loaded_at, None)
+                entries[name] = Entry(sha, None, loaded_at)
+            state.commit(entries)
+            leaving = Serving(self.backbone, self.engine, self.state, dict(self.tasks))
+            self._activate(Serving(engine.backbone, engine, state, tasks), leaving)
+            self.standby = leaving
+            self.metrics.swaps.labels("backbone").inc()
+
+    def return_backbone(self) -> None:
+        """Serve the previous backbone and its tasks again (the standby pair, or loaded from the
+        recorded folder once it was freed); the pair left is dropped."""
+        with self._changes:
+            active = read_active(self.home)
+            if active is None or active[1] is None:
+                raise PetahError("this station has no previous backbone to return to")
+            previous = active[1]
+            serving = self.standby if self.standby and self.standby.backbone.fingerprint == previous.fingerprint \
+                else self._load_serving(previous)
+            self._activate(serving, Serving(self.backbone, self.engine, self.state, dict(self.tasks)))
+            self.standby = None
+            release_memory()
+            self.metrics.swaps.labels("backbone").inc()
+
+    def drop_standby(self) -> None:
+        """Free the replaced backbone (its files stay: a later return loads them again)."""
+        self.standby = None
+        release_memory()
+
+    def _load_serving(self, record: BackboneRecord) -> Serving:
+        from petah.device import read_device_backbone
+
+        if record.folder is None:
+            raise PetahError(f"backbone {record.fingerprint[:16]}… was not loaded from a folder: it cannot be loaded "
+                             "again")
+        backbone = read_device_backbone(record.folder, record.weights)
+        if backbone.fingerprint != record.fingerprint:
+            raise PetahError(f"the backbone folder recorded for {record.fingerprint[:16]}… holds another backbone")
+        state = StateDir(backbone_state_root(self.home, backbone.fingerprint), backbone.fingerprint)
+        engine = self.new_engine(backbone, len(state.entries))
+        tasks = {}
+        for name, entry in state.entries.items():
+            path = state.package_path(entry.sha256)
+            manifest = engine.install(engine.prepare(path, name))
+            tasks[name] = TaskRecord(name, manifest, entry.sha256, path.stat().st_size, entry.loaded_at, entry.previous)
+        return Serving(engine.backbone, engine, state, tasks)
+
+    def _activate(self, serving: Serving, leaving: Serving) -> None:
+        """Record ``serving`` as the current backbone (``leaving`` as the previous), then swap it in
+        on the inference thread; a failed swap writes the record back."""
+        before = read_active(self.home)
+        write_active(self.home, BackboneRecord.of(serving.backbone), BackboneRecord.of(leaving.backbone))
+
+        def swap() -> None:
+            self.backbone, self.engine, self.state, self.tasks = (serving.backbone, serving.engine, serving.state,
+                                                                   dict(serving.tasks))
+            for name in set(leaving.tasks) - set(serving.tasks):
+                self.drift.forget(name)
+            for name, record in serving.tasks.items():
+                self.drift.watch(name, record.manifest)
+
+        try:
+            self.worker.call(swap).result() if self.worker.alive else swap()
+        except BaseException:
+            if before is None:
+                (self.home / "active-backbone.json").unlink(missing_ok=True)
+            else:
+                write_active(self.home, *before)
+            raise
+
+    def installed_backbone_folder(self, fingerprint: str) -> Path:
+        return installed_backbone_folder(self.home, fingerprint)
+
     def client_message(self, message: str) -> str:
         """An error message fit for a client: the station's own folders named by role, not path (the
         last line of defence: errors are meant to name the request's inputs already)."""
-        folders = [(self.state.root, "the state dir"), (self.config.trust, "the --trust folder"),
+        folders = [(self.home, "the state dir"), (self.config.trust, "the --trust folder"),
                    (self.config.golden, "the --golden folder")]
         spelled = [(str(form), role) for folder, role in folders if folder
                    for form in {Path(folder), Path(folder).resolve()}]
@@ -447,4 +580,4 @@ class Station:
         raise Busy("the station's queue stayed full for 10 s")
 
 
-__all__ = ["Prediction", "Station", "TaskRecord", "UnknownTask", "Upload"]
+__all__ = ["Prediction", "Serving", "Station", "TaskRecord", "UnknownTask", "Upload"]

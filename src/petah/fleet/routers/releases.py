@@ -14,6 +14,8 @@ from petah.fleet.routers.deps import HubDep, check_id, require_hub_admin, requir
 from petah.http import ClientError, form_files, parse_json, read_body
 
 MAX_RELEASE_BYTES = 64 * 1024 * 1024
+MAX_BACKBONE_RELEASE_BYTES = 512 * 1024 * 1024  # a device backbone (weights in float32) and its tasks
+MAX_BACKBONE_TASKS = 64
 
 router = APIRouter()
 
@@ -26,6 +28,27 @@ async def publish(request: Request, hub: HubDep):
     if not isinstance(settings, dict):
         raise ClientError(400, "settings must be a JSON object")
     return await run_in_threadpool(hub.publish, parts["package"], parts["targets"], settings)
+
+
+@router.post("/v1/backbone-releases", summary="A new backbone and every task adapted on it, staged as one release")
+async def publish_backbone(request: Request, hub: HubDep):
+    from starlette.datastructures import UploadFile
+
+    from petah.http import parse_form
+
+    body = await read_body(request, MAX_BACKBONE_RELEASE_BYTES)
+    form = await parse_form(request, body, MAX_BACKBONE_TASKS + 3)
+    parts = {}
+    for name, item in form.multi_items():
+        parts[name] = await item.read() if isinstance(item, UploadFile) else item.encode()
+    missing = [name for name in ("backbone", "targets", "settings") if name not in parts]
+    if missing:
+        raise ClientError(400, f"the multipart body has no field {missing[0]!r}")
+    settings = parse_json(parts["settings"] or b"{}", "settings")
+    if not isinstance(settings, dict):
+        raise ClientError(400, "settings must be a JSON object")
+    packages = [data for name, data in parts.items() if name.startswith("package-")]
+    return await run_in_threadpool(hub.publish_backbone, parts["backbone"], packages, parts["targets"], settings)
 
 
 @router.post("/v1/releases/{release_id}/withdraw")
