@@ -193,7 +193,8 @@ class FolderFetcher:
 
 
 
-def fleet_station(backbone, tmp: Path, hub_url: str, hub_root: Path, trusted: Path, device: str, golden: Path):
+def fleet_station(backbone, tmp: Path, hub_url: str, hub_root: Path, trusted: Path, device: str, golden: Path,
+                  engine: str = "torch", packages: tuple = ()):
     """A device registered with the hub at ``hub_root`` and its station started (torch engine, fast
     polls and health window, state in ``tmp/state-DEVICE``); returns its update agent."""
     import dataclasses
@@ -205,8 +206,8 @@ def fleet_station(backbone, tmp: Path, hub_url: str, hub_root: Path, trusted: Pa
     token = tmp / f"{device}.token"
     add_device(hub_root, device, token)
     config = ServeConfig(hub=hub_url, trust_root=str(trusted), device_id=device, device_token_file=str(token),
-                         golden=str(golden), health_window_s=0.1, poll_s=0.1, engine="torch", threads=1)
-    stn = Station(backbone, tmp / f"state-{device}", config)
+                         golden=str(golden), health_window_s=0.1, poll_s=0.1, engine=engine, threads=1)
+    stn = Station(backbone, tmp / f"state-{device}", config, packages=list(packages))
     stn.start()
     agent = Agent(stn)
     # these tests follow the rollout, not the gate's speed rule: two versions of one task timed on a

@@ -156,7 +156,10 @@ def test_tasks_contract_and_predict_every_kind(demo_station):
     assert surfaces["anomalous"] == (surfaces["score"] > surfaces["threshold"])
 
     only = client.predict([("one.png", image)], tasks=["digits"]).json()["images"][0]["tasks"]
-    assert list(only) == ["digits"] and only["digits"]["top"] == top  # same answer alone as with every task
+    # same answer alone as with every task (in a batch of one instead of two: on an AVX2-only CPU the
+    # kernels sum in another order, and a score moved by 1e-6)
+    assert list(only) == ["digits"] and [t["label"] for t in only["digits"]["top"]] == [t["label"] for t in top]
+    assert [t["score"] for t in only["digits"]["top"]] == pytest.approx([t["score"] for t in top], abs=1e-5)
     raw = client.request("POST", "/v1/predict?tasks=textures", image, {"Content-Type": "image/png"}).json()
     assert list(raw["images"][0]["tasks"]) == ["textures"]
 

@@ -98,6 +98,7 @@ def read_device_backbone(path: str | Path, weights: str | Path | None = None) ->
     demo backbone's file); its sha256 must still be the one the manifest names."""
     path = Path(path)
     files = {name: path / name for name in (GRAPH_FILE, WEIGHTS_FILE, MANIFEST_FILE)}
+    weights_file = None if weights is None else str(Path(weights).resolve())
     if weights is not None:
         files[WEIGHTS_FILE] = Path(weights)
     if not path.is_dir():
@@ -133,7 +134,7 @@ def read_device_backbone(path: str | Path, weights: str | Path | None = None) ->
             weights_bytes=int(backbone.get("weights_bytes") or 0), pruned=bool(backbone.get("pruned")),
             preprocessing=dict(info["preprocessing"]), num_features=int(info["num_features"]),
             outputs=dict(outputs), index={str(k): str(v) for k, v in dict(index).items()}, graph=graph,
-            weights=weights, path=path, weights_file=None if weights is None else str(Path(weights).resolve()))
+            weights=weights, path=path, weights_file=weights_file)
         Preprocess.from_dict(device.preprocessing)
     except PetahError:
         raise

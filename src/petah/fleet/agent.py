@@ -84,6 +84,13 @@ def signed_min_score(custom: dict) -> float | None:
     return score if score is not None and math.isfinite(score) else None
 
 
+def move_key(move: dict) -> str | None:
+    """What a backbone release is known by in ``rejected``: its target's name, a digest of the
+    backbone, the backbone it replaces and its tasks (one backbone may come in several releases)."""
+    name = str(move.get("target", "")).removeprefix("backbones/").removesuffix(".tar")
+    return name if len(name) == 64 and all(c in "0123456789abcdef" for c in name) else None
+
+
 def probe_image() -> bytes:
     """A textured test image for the health probes when the device keeps no golden set."""
     import numpy as np
@@ -223,7 +230,7 @@ class Agent:
                                    "state": "ok", "drift": self.drift()})
         desired, withdrawn, move = self.assigned(reply)
         fingerprint = self.station.backbone.fingerprint
-        if isinstance(move, dict) and move.get("sha256") not in self.rejected:
+        if isinstance(move, dict) and move_key(move) not in self.rejected:
             try:
                 self.change_backbone(move)
             except Exception as exc:  # a hostile answer or a bug: reported; the station keeps its pair
@@ -264,7 +271,7 @@ class Agent:
 
     def _acts_on(self, desired: dict, withdrawn: dict, move) -> bool:
         """Whether an answer would change anything this station runs."""
-        if isinstance(move, dict) and move.get("sha256") not in self.rejected:
+        if isinstance(move, dict) and move_key(move) not in self.rejected:
             return True
         if self.station.backbone.fingerprint in withdrawn.get(BACKBONE, []):
             return True
@@ -524,9 +531,9 @@ class Agent:
         point leaves (or puts) the station on its old pair."""
         from petah.device import DeviceBackbone
 
-        sha, fingerprint, tasks = str(move.get("sha256")), move.get("fingerprint"), move.get("tasks")
+        sha, fingerprint, tasks = move_key(move), move.get("fingerprint"), move.get("tasks")
         release = move.get("release") if isinstance(move.get("release"), int) else None
-        if not isinstance(fingerprint, str) or not isinstance(tasks, dict) or not all(
+        if sha is None or not isinstance(fingerprint, str) or not isinstance(tasks, dict) or not all(
                 isinstance(m, dict) and {"sha256", "target"} <= set(m) for m in tasks.values()):
             raise PetahError("the hub's backbone assignment is malformed")
         refusal = None

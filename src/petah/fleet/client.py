@@ -156,7 +156,7 @@ def sign_backbone_release(folder: str | Path, packages: list[str | Path], replac
     if not tasks:
         raise PetahError("a backbone release carries every task adapted on it: give at least one package")
     packed = pack_device_backbone(backbone)
-    add[backbone_target_path(hashlib.sha256(packed).hexdigest())] = (packed, {
+    add[backbone_target_path(hashlib.sha256(packed).hexdigest(), replaces, tasks)] = (packed, {
         "kind": "backbone", "task": BACKBONE, "backbone": replaces, "fingerprint": backbone.fingerprint,
         "tasks": tasks, "min_score": score})
     return packed, [add[p][0] for p in add if not p.startswith("backbones/")], release_targets(current_targets, key,

@@ -130,13 +130,14 @@ class Hub:
         verify_role(self.repository.latest("root"), "targets", new, "the uploaded targets metadata")
         return new.signed
 
-    @staticmethod
-    def _named(signed, data: bytes, what: str) -> tuple[str, str, dict]:
-        """The target path, sha256 and custom fields the signed targets give these bytes."""
+    def _named(self, signed, data: bytes, what: str, new: bool = False) -> tuple[str, str, dict]:
+        """The target path, sha256 and custom fields the signed targets give these bytes (``new``:
+        a target the hub does not list yet: one backbone comes in several releases)."""
         import hashlib
 
         sha = hashlib.sha256(data).hexdigest()
-        named = [p for p, info in signed.targets.items() if info.hashes.get("sha256") == sha]
+        listed = self.repository.latest("targets").signed.targets if new else {}
+        named = [p for p, info in signed.targets.items() if info.hashes.get("sha256") == sha and p not in listed]
         if not named:
             raise PetahError(f"the targets metadata does not name the uploaded {what} (by its sha256)")
         custom = signed.targets[named[0]].unrecognized_fields.get("custom")
@@ -198,14 +199,15 @@ class Hub:
 
         stages, min_healthy, max_failed, min_score = self._rollout(settings)
         signed = self._signed_targets(targets_metadata)
-        path, sha, custom = self._named(signed, backbone, "backbone")
+        path, sha, custom = self._named(signed, backbone, "backbone", new=True)
         fingerprint, replaces, tasks = custom.get("fingerprint"), custom.get("backbone"), custom.get("tasks")
         if custom.get("kind") != "backbone" or custom.get("task") != BACKBONE or not isinstance(tasks, dict) or \
                 not all(isinstance(v, str) for v in (fingerprint, replaces)) or fingerprint == replaces:
             raise PetahError(f"target {path} is not a backbone release's entry (kind, fingerprint, the backbone it "
                              "replaces, tasks)")
-        if path != backbone_target_path(sha):
-            raise PetahError(f"the targets metadata names the backbone as {path}, not {backbone_target_path(sha)}")
+        if path != backbone_target_path(sha, replaces, tasks):
+            raise PetahError(f"the targets metadata names the backbone as {path}, not "
+                             f"{backbone_target_path(sha, replaces, tasks)}")
         with tempfile.TemporaryDirectory(prefix="petah-backbone-") as folder:  # outside the hub root
             try:
                 unpack_device_backbone(backbone, Path(folder) / "device", fingerprint)

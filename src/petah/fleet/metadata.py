@@ -70,9 +70,15 @@ def target_path(task: str, sha256: str) -> str:
     return f"{task}/{sha256}.petah"
 
 
-def backbone_target_path(sha256: str) -> str:
-    """A backbone release's packed device backbone (its own extension: no task package is named so)."""
-    return f"backbones/{sha256}.tar"
+def backbone_target_path(sha256: str, replaces: str, tasks: dict[str, str]) -> str:
+    """A backbone release's packed device backbone (its own extension: no task package is named so),
+    named by what the release is: the same backbone released again over another backbone or with
+    other tasks is another target (a target's signed fields never change)."""
+    import hashlib
+    import json
+
+    release = json.dumps({"backbone": sha256, "replaces": replaces, "tasks": tasks}, sort_keys=True)
+    return f"backbones/{hashlib.sha256(release.encode()).hexdigest()}.tar"
 
 
 def parse_metadata(data: bytes, role: str, origin: str):

@@ -44,7 +44,9 @@ function releaseRows(release) {
   const stage = release.state === "complete" ? "100 %" :
     `${release.percent} % (stage ${release.stage + 1} of ${release.stages.length})`;
   const row = el("tr", {"data-release": String(release.id), "data-state": release.state},
-    el("td", {text: String(release.id)}), el("td", {text: release.task}),
+    el("td", {text: String(release.id)}), el("td", {text: release.kind === "backbone" ?
+      `backbone ${release.backbone.slice(0, 8)} → ${release.to_backbone.slice(0, 8)} with ` +
+      Object.keys(release.members).sort().join(", ") : release.task}),
     el("td", {class: "version", text: release.version}),
     el("td", {}, el("span", {class: "badge " + release.state, text: release.state})), el("td", {text: stage}),
     el("td", {text: String(c.devices)}), el("td", {text: String(c.promoted)}),
