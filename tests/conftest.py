@@ -42,10 +42,60 @@ FAMILY_MODELS = [
 CLI_ENV = {**os.environ, "PETAH_NO_PROGRESS": "1"}
 
 
+class CliServer:
+    """``tests/cli_server.py``, started on first use: each command a forked child of one process
+    that imported torch, timm, PEFT and petah once (see its doc)."""
+
+    def __init__(self):
+        import tempfile
+        import threading
+
+        self.proc = None
+        self.lock = threading.Lock()
+        self.folder = Path(tempfile.mkdtemp(prefix="petah-cli-"))
+
+    def start(self) -> bool:
+        if self.proc is None:
+            self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("cli_server.py"))],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=CLI_ENV)
+            if not self.proc.stdout.readline():  # it could not import what it preloads
+                self.proc.wait()
+        return self.proc.poll() is None
+
+    def run(self, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+        import signal
+        import threading
+
+        with self.lock:
+            out, err = self.folder / "stdout", self.folder / "stderr"
+            request = {"args": args, "env": CLI_ENV, "cwd": os.getcwd(), "stdout": str(out), "stderr": str(err)}
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            pid = json.loads(self.proc.stdout.readline())["pid"]
+            fired = []
+            watchdog = threading.Timer(timeout, lambda: (fired.append(True), os.kill(pid, signal.SIGKILL)))
+            watchdog.start()
+            try:
+                code = json.loads(self.proc.stdout.readline())["code"]  # the server answers once the child ended
+            finally:
+                watchdog.cancel()
+            if fired:
+                raise subprocess.TimeoutExpired(["petah", *args], timeout)
+            return subprocess.CompletedProcess(["petah", *args], code, out.read_text(), err.read_text())
+
+
+CLI_SERVER = CliServer()
+
+
 def petah_process(*args, ok=True):
-    """The CLI as a user runs it: a real process (exit codes, stderr and stdout as they are)."""
-    proc = subprocess.run([sys.executable, "-m", "petah", *map(str, args)], capture_output=True,
-                          text=True, env=CLI_ENV, timeout=600)
+    """The CLI as a user runs it: a real process (exit codes, stderr and stdout as they are) — a
+    fork of the tests' CLI server where torch is installed, else ``python -m petah``."""
+    args = [str(a) for a in args]
+    if torch is not None and CLI_SERVER.start():
+        proc = CLI_SERVER.run(args, timeout=600)
+    else:
+        proc = subprocess.run([sys.executable, "-m", "petah", *args], capture_output=True, text=True, env=CLI_ENV,
+                              timeout=600)
     if ok:
         assert proc.returncode == 0, proc.stderr
     return proc

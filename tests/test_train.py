@@ -104,3 +104,36 @@ def test_resume_with_other_settings_is_refused(backbone, image_folder, tmp_path)
     _adapt(backbone, image_folder, epochs=1, checkpoint_dir=str(ckpt))
     with pytest.raises(PetahError, match=r"other settings \(epochs\)"):
         _adapt(backbone, image_folder, epochs=3, checkpoint_dir=str(ckpt), resume=True)
+
+
+def test_the_linear_probe_is_fitted_on_features_and_ships_as_a_plain_linear_head():
+    """``--plan linear-probe`` of a classification task: the head fitted on the frozen backbone's
+    features (strength chosen on a held-out fifth), far above chance, and the package scores what
+    the fit scored (the standardisation is folded into the linear head)."""
+    backbone = create_backbone(weights=str(demo_backbone_path()))
+    train, val = load_dataset("builtin:digits")
+    train, val = train.subset(range(0, len(train), 4)), val.subset(range(0, len(val), 2))
+    result = api.adapt(backbone, train, val, plan=PlanConfig(preset="linear-probe"), config=TrainConfig(seed=1),
+                       adapter_dtype="float32")
+    probe = result.package.manifest.training["probe"]
+    assert probe["solver"] == "lbfgs" and len(probe["holdout_accuracy"]) == 5 and probe["iterations"] > 0
+    assert max(probe["holdout_accuracy"].values()) == probe["holdout_accuracy"][str(probe["strength"])]
+    assert result.metrics["accuracy"] > 0.85  # chance is 0.1
+    assert api.evaluate(backbone, result.package, val)["accuracy"] == pytest.approx(result.metrics["accuracy"])
+
+
+def test_a_probe_never_predicts_a_class_without_training_images():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from petah.train.probe import fit_linear_probe
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 3], 20)  # class 2 has no image
+    features = rng.normal(size=(60, 8)) + 3 * np.eye(8)[labels]
+    head = torch.nn.Linear(8, 4)
+    loader = DataLoader(TensorDataset(torch.tensor(features, dtype=torch.float32), torch.tensor(labels)),
+                        batch_size=16)
+    result, report = fit_linear_probe(torch.nn.Identity(), head, loader, 4, seed=0)
+    predicted = head(torch.tensor(features, dtype=torch.float32)).argmax(1).numpy()
+    assert (predicted == labels).mean() > 0.95 and 2 not in predicted and result.last_loss < 0.5
+    assert report["strength"] in (0.01, 0.1, 1.0, 10.0, 100.0)

@@ -215,28 +215,38 @@ def adapt(
         adapter = TaskAdapter(work, plan)
         head = kind.head_for(backbone, len(train.classes))
     model = kind.build_model(work.model, head)
-    trainer = Trainer(
-        model, adapter.trainable_parameters(), list(head.parameters()),
-        kind.loss(config.label_smoothing, dice, head=head, img_size=backbone.img_size), view, config,
-        set_train_mode=frozen_norms(work.model, adapter.norm_modes()), unused_parameters=kind is not Classification,
-    )
-    result = trainer.fit()
+    probe = None
+    if plan.preset == "linear-probe" and kind is Classification:  # a probe fitted, not trained (petah.train.probe)
+        from petah.train.probe import fit_linear_probe
+
+        features = DataLoader(kind.view(train, preprocess_for(backbone)), batch_size=EVAL_BATCH, shuffle=False)
+        result, probe = fit_linear_probe(work.model, head, features, len(train.classes), config.seed)
+    else:
+        trainer = Trainer(
+            model, adapter.trainable_parameters(), list(head.parameters()),
+            kind.loss(config.label_smoothing, dice, head=head, img_size=backbone.img_size), view, config,
+            set_train_mode=frozen_norms(work.model, adapter.norm_modes()), unused_parameters=kind is not Classification,
+        )
+        result = trainer.fit()
+        model = trainer.model
     trainable = sum(p.numel() for p in adapter.trainable_parameters()) + sum(p.numel() for p in head.parameters())
     package = build_package(backbone, adapter, head, task_name=task_name, labels=train.classes, kind=kind,
                             adapter_dtype=adapter_dtype, trainable_parameters=trainable,
                             preprocessing={**backbone.preprocessing(), "intensity": train.intensity})
     # Evaluate what ships: adapters round-tripped through the package dtype.
     adapter.load_state(torch_section(package, "adapter"), torch_section(package, "override"))
-    metrics = kind.evaluate(trainer.model, eval_loader(val, preprocess_for(backbone), kind), val.classes)
+    metrics = kind.evaluate(model, eval_loader(val, preprocess_for(backbone), kind), val.classes)
     package.manifest.metrics = metrics
     package.manifest.extra[REFERENCE_FIELD] = reference_profile(
-        kind, trainer.model, eval_loader(train, preprocess_for(backbone), kind),
+        kind, model, eval_loader(train, preprocess_for(backbone), kind),
         eval_loader(val, preprocess_for(backbone), kind), preprocess_for(backbone), metrics)
     package.manifest.training = {**config.to_dict(), "seconds": round(result.seconds, 2), "steps": result.steps,
                                  "images_per_second": round(result.images_per_second, 1),
                                  "train_data": train.source, "val_data": val.source, "train_images": len(train)}
     if allocation is not None:
         package.manifest.training["allocation"] = allocation.report
+    if probe is not None:
+        package.manifest.training["probe"] = probe
     adapted = AdaptResult(package, metrics, result)
     if output is not None:
         save_package(adapted, output)

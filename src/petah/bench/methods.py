@@ -40,7 +40,8 @@ class Method:
 
 _ADAPTER_RATES = ((1e-3, 1e-2), (3e-3, 1e-2))
 METHODS = {m.name: m for m in [
-    Method("linear-probe", {"preset": "linear-probe"}, ((1e-2, 1e-2), (3e-2, 3e-2))),
+    # fitted, not trained (petah.train.probe): the rates are not used, so one candidate
+    Method("linear-probe", {"preset": "linear-probe"}, ((1e-2, 1e-2),)),
     Method("bitfit", {"preset": "bitfit"}, ((3e-3, 1e-2), (1e-2, 1e-2))),
     Method("attn-lora", {"preset": "attn-lora", "rank": 8}, _ADAPTER_RATES),
     Method("peft-by-hand", None, _ADAPTER_RATES),

@@ -23,7 +23,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchmetrics.classification import BinaryAUROC
 
 from petah.backbones.features import feature_levels, level_indices, multi_scale_features
 from petah.device import decode
@@ -323,6 +322,8 @@ def auroc(scores: np.ndarray, truth: np.ndarray) -> float | None:
     distance above ~17 (measured: it understated AUROC where distances are large)."""
     if truth.all() or not truth.any():
         return None
+    from torchmetrics.classification import BinaryAUROC  # slow to import: only where a score is computed
+
     return round(float(BinaryAUROC()(torch.as_tensor(dense_ranks(scores), dtype=torch.float64),
                                      torch.as_tensor(truth, dtype=torch.long))), 6)
 

@@ -8,12 +8,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassConfusionMatrix,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
 
 from petah.device import decode
 
@@ -69,6 +63,14 @@ class Classification:
     @torch.no_grad()
     def evaluate(model: nn.Module, loader, classes: list[str]) -> dict:
         """Top-1 accuracy, per-class precision / recall and the confusion matrix."""
+        # imported here: torchmetrics (and the scipy it loads) took ~1 s of every CLI start, predict's too
+        from torchmetrics.classification import (
+            MulticlassAccuracy,
+            MulticlassConfusionMatrix,
+            MulticlassPrecision,
+            MulticlassRecall,
+        )
+
         n = len(classes)
         metrics = {
             "accuracy": MulticlassAccuracy(n, average="micro"),

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from petah.backbones.features import DENSE_STRIDES, feature_levels, level_indices, multi_scale_features
 from petah.data.segmentation import IGNORE, SegmentationView
@@ -107,6 +106,8 @@ class Segmentation:
     @staticmethod
     @torch.no_grad()
     def evaluate(model: nn.Module, loader, classes: list[str]) -> dict:
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex  # slow to import
+
         n = len(classes)
         # classes absent from both predictions and targets have no IoU (nan), not 0: they leave the mean
         metrics = {"iou": MulticlassJaccardIndex(n, average=None, ignore_index=IGNORE, zero_division=float("nan")),
