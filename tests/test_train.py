@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -137,3 +139,26 @@ def test_a_probe_never_predicts_a_class_without_training_images():
     predicted = head(torch.tensor(features, dtype=torch.float32)).argmax(1).numpy()
     assert (predicted == labels).mean() > 0.95 and 2 not in predicted and result.last_loss < 0.5
     assert report["strength"] in (0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+def test_lora_plus_trains_the_b_matrices_at_its_multiple_of_the_rate(backbone, image_folder):
+    from dataclasses import replace
+
+    from petah.adapters import TaskAdapter
+    from petah.tasks import Classification
+
+    train, _ = load_dataset(str(image_folder), val_split=0.25)
+    work = replace(backbone, model=copy.deepcopy(backbone.model))
+    adapter = TaskAdapter(work, PlanConfig())
+    head = Classification.head_for(work, len(train.classes))
+    config = TrainConfig(lr=1e-3, head_lr=1e-2, lora_plus=16, batch_size=8, progress=False)
+    trainer = Trainer(Classification.build_model(work.model, head), adapter.trainable_parameters(),
+                      list(head.parameters()), Classification.loss(), Classification.view(
+                          train, api.preprocess_for(backbone)), config, fast_params=adapter.lora_b_parameters())
+    rates = [(group["initial_lr"], {id(p) for p in group["params"]}) for group in trainer.optimizer.param_groups]
+    b = {id(p) for p in adapter.lora_b_parameters()}
+    assert b and [rate for rate, _ in rates] == [1e-3, 1.6e-2, 1e-2] and rates[1][1] == b
+    assert not rates[0][1] & b and rates[0][1] | b == {id(p) for p in adapter.trainable_parameters()}
+    assert _adapt(backbone, image_folder, epochs=1, lora_plus=16).train.steps > 0  # trains end to end
+    with pytest.raises(PetahError, match="lora-plus"):
+        TrainConfig(lora_plus=0)

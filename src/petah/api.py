@@ -226,6 +226,7 @@ def adapt(
             model, adapter.trainable_parameters(), list(head.parameters()),
             kind.loss(config.label_smoothing, dice, head=head, img_size=backbone.img_size), view, config,
             set_train_mode=frozen_norms(work.model, adapter.norm_modes()), unused_parameters=kind is not Classification,
+            fast_params=adapter.lora_b_parameters(),
         )
         result = trainer.fit()
         model = trainer.model

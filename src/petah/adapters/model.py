@@ -167,6 +167,10 @@ class TaskAdapter:
         tensors = self._named_tensors(self.model)
         return {k: tensors[k] for k in self.override_keys}
 
+    def lora_b_parameters(self) -> list[nn.Parameter]:
+        """LoRA's B matrices (LoRA+ trains them at a multiple of the rate)."""
+        return [p for name, p in self._adapter_params().items() if name.endswith(".lora_B")]
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         overrides = [t for t in self._override_tensors().values()
                      if isinstance(t, nn.Parameter) and t.is_floating_point()]

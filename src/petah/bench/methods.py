@@ -36,6 +36,7 @@ class Method:
     name: str
     plan: dict | None  # a petah PlanConfig as a dict; None for peft-by-hand
     rates: tuple[tuple[float, float], ...]  # (lr, head_lr) candidates, chosen on val
+    train: tuple[tuple[str, object], ...] = ()  # training options beside the rates (a TrainConfig's fields)
 
 
 _ADAPTER_RATES = ((1e-3, 1e-2), (3e-3, 1e-2))
@@ -46,6 +47,8 @@ METHODS = {m.name: m for m in [
     Method("attn-lora", {"preset": "attn-lora", "rank": 8}, _ADAPTER_RATES),
     Method("peft-by-hand", None, _ADAPTER_RATES),
     *[Method(f"petah-r{r}", {"preset": "petah", "rank": r}, _ADAPTER_RATES) for r in (2, 4, 8, 16)],
+    # LoRA+: B learns at 16x the rate (the paper's ratio); same plan, same bytes as petah-r8
+    Method("petah-r8-lora+", {"preset": "petah", "rank": 8}, _ADAPTER_RATES, (("lora_plus", 16.0),)),
     # the task also owns its BatchNorm statistics (and ships them): for targets far from the source
     Method("petah-r8-stats", {"preset": "petah", "rank": 8, "task_norm": "stats"}, _ADAPTER_RATES),
     Method("full", {"preset": "full"}, ((3e-4, 1e-2), (1e-3, 1e-2))),
@@ -312,8 +315,9 @@ def run_one(spec: dict) -> dict:
     backbone = create_backbone(weights=spec["backbone"])
     train, val, test = _splits(spec["task"], spec.get("shots"), spec.get("max_train"))
     lr, head_lr = spec["rates"]
+    training = dict(METHODS[spec["method"]].train) if spec["method"] in METHODS else {}
     config = TrainConfig(epochs=spec["epochs"], batch_size=spec["batch_size"], lr=lr, head_lr=head_lr,
-                         seed=spec["seed"], max_steps=spec.get("max_steps"), progress=False)
+                         seed=spec["seed"], max_steps=spec.get("max_steps"), progress=False, **training)
     budget = {}
     if "budget_percent" in spec:
         plans, equal = budget_plans(backbone, train, val, spec["budget_percent"])

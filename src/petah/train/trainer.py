@@ -29,7 +29,7 @@ from petah.train.distributed import DistContext, ResumableDistributedSampler, ch
 
 CHECKPOINT_NAME = "last.ckpt"
 # A resumed run must continue the same schedule over the same data order.
-RESUME_MUST_MATCH = ("epochs", "batch_size", "lr", "head_lr", "seed", "max_steps")
+RESUME_MUST_MATCH = ("epochs", "batch_size", "lr", "head_lr", "lora_plus", "seed", "max_steps")
 stderr = Console(stderr=True)
 
 
@@ -41,6 +41,10 @@ class TrainConfig:
     batch_size: int = option(64, help="Images per step.", cli="--batch-size")
     lr: float = option(2e-3, help="Peak learning rate.", cli="--lr")  # adapters / backbone
     head_lr: float | None = option(None, help="Peak learning rate of the head (default: --lr).", cli="--head-lr")
+    # LoRA+ (Hayou et al. 2024): B learns faster than A; PEFT's create_loraplus_optimizer gives every
+    # other parameter one rate, but petah's head has its own (--head-lr), so the groups are made here
+    lora_plus: float = option(1.0, help="LoRA+: the learning rate of LoRA's B matrices as a multiple of --lr "
+                                        "(1: plain LoRA; the LoRA+ paper uses 16).", cli="--lora-plus")
     weight_decay: float = option(0.01, help="AdamW weight decay.")
     warmup_fraction: float = option(0.05, help="Fraction of all steps of linear warm-up before the cosine decay.")
     label_smoothing: float = option(0.1, help="Label smoothing of the classification loss, in [0, 1).",
@@ -63,7 +67,7 @@ class TrainConfig:
                 raise PetahError(f"{name(key)} must be at least 1, got {getattr(self, key)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise PetahError(f"{name('max_steps')} must be at least 1, got {self.max_steps}")
-        for key in ("lr", "head_lr"):
+        for key in ("lr", "head_lr", "lora_plus"):
             require_positive(name(key), getattr(self, key))
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise PetahError(f"weight_decay must be >= 0, got {self.weight_decay}")
@@ -137,6 +141,7 @@ def to_device(targets, device):
 class Trainer:
     """Trains ``model`` on ``data``; only ``params`` (and ``head_params``) are optimised.
 
+    ``fast_params``: those of ``params`` that learn at ``--lora-plus`` times the rate (LoRA's B).
     ``set_train_mode(model)`` puts the model in its training mode: a frozen backbone keeps its
     BatchNorm layers in eval mode so the shared statistics never drift. ``after_step(step)`` runs
     after each optimizer step, while the step's gradients are still there (PEFT's AdaLoRA
@@ -155,6 +160,7 @@ class Trainer:
         sync_batchnorm: bool = False,
         unused_parameters: bool = False,
         after_step: Callable[[int], None] | None = None,
+        fast_params: list[nn.Parameter] = (),
     ):
         self.ctx = setup()
         self.unused_parameters = unused_parameters
@@ -167,7 +173,11 @@ class Trainer:
         self.rank_batch = config.batch_size // self.ctx.world_size
         self.model = model.to(self.ctx.device)  # the plain module: checkpoints hold its keys
         self.forward_model = self._wrap(self.model, sync_batchnorm)
-        groups = [{"params": params, "lr": config.lr}] if params else []
+        fast = {id(p) for p in fast_params} if config.lora_plus != 1 else set()  # LoRA's B matrices (LoRA+)
+        slow = [p for p in params if id(p) not in fast]
+        groups = [{"params": slow, "lr": config.lr}] if slow else []
+        if fast:
+            groups.append({"params": [p for p in params if id(p) in fast], "lr": config.lr * config.lora_plus})
         groups.append({"params": head_params, "lr": config.head_lr or config.lr})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
         self.sampler = make_sampler(data, config.seed, self.ctx)
@@ -237,7 +247,9 @@ class Trainer:
         try:  # our own file, still read with weights_only: no arbitrary pickle
             state = torch.load(str(path), map_location=self.ctx.device, weights_only=True)
             saved = state.get("config", {})
-            changed = [k for k in RESUME_MUST_MATCH if saved.get(k) != getattr(self.config, k)]
+            # a setting newer than the checkpoint was at its default there
+            defaults = {k: f.default for k, f in TrainConfig.__dataclass_fields__.items()}
+            changed = [k for k in RESUME_MUST_MATCH if saved.get(k, defaults[k]) != getattr(self.config, k)]
             if changed:
                 raise PetahError(f"cannot resume from {path}: it was written with other settings "
                                  f"({', '.join(changed)})")
