@@ -194,15 +194,32 @@ def hub_halt(release_id: ReleaseArg, admin_token_file: AdminOpt, hub: HubOpt = "
     _operate("halt", release_id, hub, admin_token_file, json_out)
 
 
+KeyOpt = Annotated[Path, typer.Option("--key", help="The release key (signs the targets metadata).")]
+StagesOpt = Annotated[str, typer.Option("--stages", help="Rollout stages, percent of devices.")]
+MinHealthyOpt = Annotated[float, typer.Option("--min-healthy", help="Share of a stage's devices that must report the "
+                                                                    "release promoted before the next stage.")]
+
+
+def stage_percents(stages: str) -> list[int]:
+    try:
+        return [int(s) for s in stages.split(",") if s.strip()]
+    except ValueError:
+        raise PetahError(f"--stages must be whole percents like 10,50,100, got {stages!r}") from None
+
+
+def print_result(result: dict, json_out: bool) -> None:
+    if json_out:
+        emit_json(result)
+        return
+    out.print(" ".join(f"{k}={v}" for k, v in result.items()), highlight=False, soft_wrap=True)
+
+
 def release(
     package: Annotated[Path | None, typer.Argument(help="The .petah package to release.")] = None,
     hub: HubOpt = "http://127.0.0.1:8600",
-    key: Annotated[Path, typer.Option("--key", help="The release key (signs the targets metadata).")] = Path(
-        "release.key"),
-    stages: Annotated[str, typer.Option("--stages", help="Rollout stages, percent of devices.")] = "10,50,100",
-    min_healthy: Annotated[float, typer.Option("--min-healthy", help="Share of a stage's devices that must report "
-                                                                     "the release promoted before the next stage.")
-                           ] = 0.9,
+    key: KeyOpt = Path("release.key"),
+    stages: StagesOpt = "10,50,100",
+    min_healthy: MinHealthyOpt = 0.9,
     max_failed: Annotated[float, typer.Option("--max-failed", help="Share of a stage's devices whose failure (gate "
                                                                    "rejection, health rollback) halts the release.")
                           ] = 0.2,
@@ -224,18 +241,12 @@ def release(
         result = withdraw_release(rollback, hub, key, read_token(str(token_file) if token_file else None,
                                                                  "--token-file"))
     else:
-        try:
-            percents = [int(s) for s in stages.split(",") if s.strip()]
-        except ValueError:
-            raise PetahError(f"--stages must be whole percents like 10,50,100, got {stages!r}") from None
+        percents = stage_percents(stages)
         if not package.is_file():
             raise PetahError(f"package not found: {package}")
         result = publish_release(package, hub, key, stages=percents, min_healthy=min_healthy,
                                  max_failed=max_failed, min_score=min_score)
-    if json_out:
-        emit_json(result)
-        return
-    out.print(" ".join(f"{k}={v}" for k, v in result.items()), highlight=False, soft_wrap=True)
+    print_result(result, json_out)
 
 
 def release_backbone(
@@ -245,12 +256,9 @@ def release_backbone(
     replaces: Annotated[str, typer.Option(
         "--replaces", help="The backbone the stations run now: its fingerprint or its device folder.")],
     hub: HubOpt = "http://127.0.0.1:8600",
-    key: Annotated[Path, typer.Option("--key", help="The release key (signs the targets metadata).")] = Path(
-        "release.key"),
-    stages: Annotated[str, typer.Option("--stages", help="Rollout stages, percent of devices.")] = "10,50,100",
-    min_healthy: Annotated[float, typer.Option("--min-healthy", help="Share of a stage's devices that must report "
-                                                                     "the release promoted before the next stage.")
-                           ] = 0.9,
+    key: KeyOpt = Path("release.key"),
+    stages: StagesOpt = "10,50,100",
+    min_healthy: MinHealthyOpt = 0.9,
     max_failed: Annotated[float, typer.Option("--max-failed", help="Share of a stage's devices whose failure halts "
                                                                    "the release (they move back).")] = 0.2,
     json_out: JsonOpt = False,
@@ -260,19 +268,13 @@ def release_backbone(
     together when it fails, is halted or withdrawn (petah release --rollback ID)."""
     from petah.fleet.client import publish_backbone
 
-    try:
-        percents = [int(s) for s in stages.split(",") if s.strip()]
-    except ValueError:
-        raise PetahError(f"--stages must be whole percents like 10,50,100, got {stages!r}") from None
+    percents = stage_percents(stages)
     for path in package:
         if not path.is_file():
             raise PetahError(f"package not found: {path}")
     result = publish_backbone(folder, package, replaces, hub, key, stages=percents, min_healthy=min_healthy,
                               max_failed=max_failed)
-    if json_out:
-        emit_json(result)
-        return
-    out.print(" ".join(f"{k}={v}" for k, v in result.items()), highlight=False, soft_wrap=True)
+    print_result(result, json_out)
 
 
 COMMANDS = {"release": release, "release-backbone": release_backbone}

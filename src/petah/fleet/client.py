@@ -155,12 +155,12 @@ def sign_backbone_release(folder: str | Path, packages: list[str | Path], replac
                                                             "backbone": backbone.fingerprint, "min_score": score})
     if not tasks:
         raise PetahError("a backbone release carries every task adapted on it: give at least one package")
+    datas = [data for data, _ in add.values()]  # the packages (a task may be named "backbones")
     packed = pack_device_backbone(backbone)
     add[backbone_target_path(hashlib.sha256(packed).hexdigest(), replaces, tasks)] = (packed, {
         "kind": "backbone", "task": BACKBONE, "backbone": replaces, "fingerprint": backbone.fingerprint,
         "tasks": tasks, "min_score": score})
-    return packed, [add[p][0] for p in add if not p.startswith("backbones/")], release_targets(current_targets, key,
-                                                                                               add=add)
+    return packed, datas, release_targets(current_targets, key, add=add)
 
 
 def replaced_fingerprint(spec: str) -> str:
