@@ -67,8 +67,9 @@ def test_round_trip_keeps_manifest_tensors_and_an_empty_signature(package_path):
     package = read_package(package_path)
     header, raw, tensors = raw_parts(package_path)
     assert set(header) == {"format", "manifest", "signature"} and header["signature"] == ""
-    # a package without a head graph is written as version 2 (older readers keep reading it); 3 adds one
-    assert raw["format_version"] == package.manifest.format_version == 2 and FORMAT_VERSION == 3
+    # a package without a head graph is written as version 2 (older readers keep reading it); 3 adds
+    # one, 4 int8 adapters (tests/test_adapter_forms.py)
+    assert raw["format_version"] == package.manifest.format_version == 2 and FORMAT_VERSION == 4
     assert package.manifest.to_dict() == raw  # the typed manifest is lossless
     assert package.manifest.plan.to_dict()["targets"] == raw["plan"]["targets"]
     assert all(isinstance(t, list) and len(t) == 3 for t in raw["plan"]["targets"])

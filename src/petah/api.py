@@ -362,8 +362,9 @@ def _allocate(work: Backbone, plan: PlanConfig, config: TrainConfig, kind, head:
     context = ProbeContext(model, work.model, head, kind.loss(config.label_smoothing, dice, head=head,
                                                                 img_size=work.img_size),
                            view, config, frozen_norms(work.model), schedule_steps(config, len(view)))
+    check_dtype("adapter_dtype", adapter_dtype)
     return allocate_budget(context, plan, work, budget_bytes(plan.budget, work.weights_bytes), package_bytes,
-                           check_dtype("adapter_dtype", adapter_dtype))
+                           adapter_dtype)
 
 
 def save_package(result: AdaptResult | TaskPackage, path: str | Path) -> Path:

@@ -32,8 +32,9 @@ WeightsOpt = Annotated[str, typer.Option(
 SizeOpt = Annotated[int | None, typer.Option("--img-size", help="Input size (fixed when the backbone is built).")]
 StrictOpt = Annotated[bool, typer.Option("--strict", help="Fail on the first bad sample instead of skipping it "
                                                           "(dense data).")]
-AdapterDtypeOpt = Annotated[str, typer.Option("--adapter-dtype",
-                                              help="Stored adapter precision: float16 | bfloat16 | float32.")]
+AdapterDtypeOpt = Annotated[str, typer.Option(
+    "--adapter-dtype", help="Stored adapter precision: float16 | bfloat16 | float32 | int8 (LoRA factors in 8 bits "
+                            "with a float32 scale per rank term: about half the bytes of float16).")]
 _DATA_HELP = ("An image folder (class sub-folders; train/ + val/ or --val-split), a segmentation folder (images/ + "
               "masks/ + classes.txt), a COCO JSON (or a folder with annotations.json), or builtin:NAME.")
 DataArg = Annotated[str | None, typer.Argument(help=_DATA_HELP, show_default=False)]

@@ -24,6 +24,7 @@ from petah.device.bundle import DeviceBackbone
 from petah.device.task import GRAPH_HEAD_KINDS, HEAD_KINDS, graph_head, linear_head, lora_scaling
 from petah.errors import EngineCannotRun, PetahError
 from petah.packages import TaskPackage
+from petah.packages.quantized import adapter_arrays
 from petah.plans import CHANNEL_SCALE, LORA
 
 FLOAT = 1  # onnx.TensorProto.FLOAT
@@ -155,7 +156,7 @@ def base_adapters(backbone: DeviceBackbone, package: TaskPackage, origin: str) -
     if package.section("override"):
         raise NotOnBase("it owns backbone tensors (norm statistics or whole weights)")
     sites = adapter_sites(backbone)
-    adapters = package.section("adapter")
+    adapters = adapter_arrays(package, origin)
     scaling = np.float32(lora_scaling(manifest.plan.plan_config()))
     tensors: dict[str, tuple[str, np.ndarray]] = {}
     seen: set[str] = set()

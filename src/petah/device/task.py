@@ -17,6 +17,7 @@ import numpy as np
 from petah.device.bundle import DeviceBackbone
 from petah.errors import EngineCannotRun, PetahError
 from petah.packages import Manifest, TaskPackage
+from petah.packages.quantized import adapter_arrays
 from petah.plans import CHANNEL_SCALE, LORA, PlanConfig
 
 LOGITS = "logits"
@@ -62,7 +63,7 @@ def merged_weights(backbone: DeviceBackbone, package: TaskPackage, origin: str) 
             raise PetahError(f"{origin}: override {key} has shape {tuple(value.shape)}, the backbone's "
                              f"{tuple(have.shape)}")
         changed[key] = np.asarray(value, dtype=have.dtype)
-    adapters = package.section("adapter")
+    adapters = adapter_arrays(package, origin)
     config = manifest.plan.plan_config()
     scaling = lora_scaling(config)
     for target in manifest.plan.targets:

@@ -17,13 +17,15 @@ from typing import Any
 from petah import __version__
 from petah.errors import PetahError
 from petah.imaging import Preprocess
+from petah.packages.quantized import QUANTIZED_DTYPES, scale_names
 from petah.plans import CHANNEL_SCALE, LORA, MAX_RANK, PlanConfig, Target
 
 FORMAT = "petah-task"
-FORMAT_VERSION = 3  # the newest: v2 + a head graph (``graph/head``) for heads a device runs as a graph
-GRAPH_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
-CURRENT_VERSIONS = (2, 3)  # hashed manifests: signable; a package without a head graph is written as v2
+FORMAT_VERSION = 4  # the newest: v3 + LoRA factors stored in int8 with their scales (petah.packages.quantized)
+GRAPH_VERSION = 3  # v2 + a head graph (``graph/head``) for heads a device runs as a graph
+QUANTIZED_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
+CURRENT_VERSIONS = (2, 3, 4)  # hashed manifests: signable; each package is written in the oldest version it needs
 GRAPH_TENSOR = "graph/head"
 HASH_FIELD = "content_sha256"  # v2: covers the manifest (all but this field) and the tensors
 V1_HASH_FIELD = "payload_sha256"  # v1: covered the tensors only
@@ -36,7 +38,7 @@ MAX_HEAD_NUMBER = MAX_LABELS  # any width or count a head description declares (
 METHODS = (LORA, CHANNEL_SCALE)
 # the task kinds a package may hold (petah.tasks implements each; a test keeps the two equal)
 TASK_KIND_NAMES = ("classification", "segmentation", "detection", "anomaly")
-ADAPTER_DTYPES = ("float16", "bfloat16", "float32")  # how adapter tensors may be stored
+ADAPTER_DTYPES = ("float16", "bfloat16", "float32", *QUANTIZED_DTYPES)  # how adapter tensors may be stored
 CORE_FIELDS = ("format", "format_version", "petah_version", "task", "backbone", "preprocessing", "plan", "head",
                "adapter_dtype", "trainable_parameters", "metrics", "training", "created_at", HASH_FIELD, V1_HASH_FIELD)
 
@@ -213,8 +215,10 @@ class Manifest:
     extra: dict = field(default_factory=dict)  # fields this petah does not know: kept (and hashed) as they are
 
     def written_version(self) -> int:
-        """The version this manifest is written as: v3 only where it needs v3 (a head graph), so
-        stations of the petah before it keep reading every other package."""
+        """The version this manifest is written as: v4 only where it needs v4 (int8 adapters), v3 only
+        where it needs v3 (a head graph), so stations of older petahs keep reading every other package."""
+        if self.adapter_dtype in QUANTIZED_DTYPES:
+            return QUANTIZED_VERSION
         return GRAPH_VERSION if self.head.get("graph") else 2
 
     @property
@@ -233,6 +237,8 @@ class Manifest:
         for target in self.plan.targets:
             suffixes = ("lora_A", "lora_B") if target.method == LORA else ("scale_delta",)
             names |= {f"adapter/{target.module}.{s}" for s in suffixes}
+            if target.method == LORA and self.adapter_dtype in QUANTIZED_DTYPES:
+                names |= {f"adapter/{name}" for name in scale_names(target.module)}
         names |= {f"override/{k}" for k in self.plan.overrides}
         names |= {f"head/{k}" for k in self.head["tensors"]}
         if self.head.get("graph"):
@@ -315,10 +321,14 @@ class Manifest:
                              f"for a head of {outputs} outputs")
 
         known = {k: v for k, v in root.data.items() if k not in CORE_FIELDS}
+        adapter_dtype = _choice(root, "adapter_dtype", ADAPTER_DTYPES, "float32")
+        if adapter_dtype in QUANTIZED_DTYPES and version < QUANTIZED_VERSION:
+            raise root.fail("adapter_dtype", f"a float type in a format-{version} package ({adapter_dtype} "
+                                             f"adapters are format {QUANTIZED_VERSION})")
         return cls(
             task=task, backbone=backbone, preprocessing=preprocessing,
             plan=PlanRecord(config, tuple(targets), tuple(overrides)), head=head,
-            adapter_dtype=_choice(root, "adapter_dtype", ADAPTER_DTYPES, "float32"),
+            adapter_dtype=adapter_dtype,
             trainable_parameters=root.count("trainable_parameters", default=0),
             metrics=root.obj("metrics", {}), training=root.obj("training", {}),
             created_at=root.get("created_at", (str, type(None)), "a string", None),

@@ -32,10 +32,11 @@ from petah.packages import (
 )
 from petah.packages.format import NORM_STATISTICS, statistics_dtype
 from petah.packages.manifest import GRAPH_TENSOR
+from petah.packages.quantized import LORA_FACTORS, QUANTIZED_DTYPES, SCALE_SUFFIX, adapter_arrays, quantize_factor
 from petah.runtime.graphs import GRAPH_HEADS, head_graph
 from petah.tasks import Classification, task_kind
 
-DTYPES = {name: getattr(torch, name) for name in ADAPTER_DTYPES}  # "float16" -> torch.float16 …
+DTYPES = {name: getattr(torch, name) for name in ADAPTER_DTYPES}  # "float16" -> torch.float16 …, "int8" -> torch.int8
 
 
 def check_dtype(option: str, dtype: str) -> torch.dtype:
@@ -55,10 +56,21 @@ def backbone_ref(backbone: Backbone) -> BackboneRef:
 
 
 def pack_tensors(adapters: dict, overrides: dict, head: dict, adapter_dtype: str) -> dict:
-    """A package's arrays: adapters in ``adapter_dtype``; owned norm statistics fp16 unless adapters
-    are fp32 (measured, docs/format.md); other overrides and the head stay as trained."""
-    stored, stats = DTYPES[adapter_dtype], DTYPES[statistics_dtype(adapter_dtype)]
-    out = {f"adapter/{k}": to_numpy(v.detach().to(stored)) for k, v in adapters.items()}
+    """A package's arrays: adapters in ``adapter_dtype`` (int8: LoRA factors quantized with a scale
+    per rank term, channel scales fp16); owned norm statistics fp16 unless adapters are fp32
+    (measured, docs/format.md); other overrides and the head stay as trained."""
+    stats = DTYPES[statistics_dtype(adapter_dtype)]
+    if adapter_dtype in QUANTIZED_DTYPES:
+        out = {}
+        for key, value in adapters.items():
+            factor = key.rpartition(".")[2]
+            if factor in LORA_FACTORS:
+                out[f"adapter/{key}"], out[f"adapter/{key}{SCALE_SUFFIX}"] = quantize_factor(to_numpy(value.detach()),
+                                                                                            factor)
+            else:
+                out[f"adapter/{key}"] = to_numpy(value.detach().to(torch.float16))
+    else:
+        out = {f"adapter/{k}": to_numpy(v.detach().to(DTYPES[adapter_dtype])) for k, v in adapters.items()}
     out.update({f"override/{k}": to_numpy(v.detach().to(stats) if k.endswith(NORM_STATISTICS) else v.detach())
                 for k, v in overrides.items()})
     out.update({f"head/{k}": to_numpy(v.detach()) for k, v in head.items()})
@@ -66,8 +78,10 @@ def pack_tensors(adapters: dict, overrides: dict, head: dict, adapter_dtype: str
 
 
 def torch_section(package: TaskPackage, name: str) -> dict[str, torch.Tensor]:
-    """One section of a package as torch tensors (sharing the arrays' memory)."""
-    return {k: to_torch(v) for k, v in package.section(name).items()}
+    """One section of a package as torch tensors (sharing the arrays' memory); the adapter section
+    as numbers to merge (int8 factors dequantized)."""
+    arrays = adapter_arrays(package) if name == "adapter" else package.section(name)
+    return {k: to_torch(v) for k, v in arrays.items()}
 
 
 def build_package(backbone: Backbone, adapter: TaskAdapter, head: nn.Module, *, task_name: str, labels: list[str],

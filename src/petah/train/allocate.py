@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from petah.adapters.targets import NORM_TYPES, resolve_targets, weight_matrix_shape
 from petah.errors import PetahError
 from petah.packages.format import statistics_dtype
+from petah.packages.quantized import QUANTIZED_DTYPES, scale_names
 from petah.plans import CHANNEL_SCALE, LORA, PlanConfig, Target, stage_function
 from petah.plans.budget import Ladder, allocate, stage_summary
 
@@ -62,19 +63,26 @@ def _entry_bytes(name: str) -> int:
 
 
 class _Pricing:
-    """Bytes of each choice as the package stores it."""
+    """Bytes of each choice as the package stores it (``adapter_dtype`` as the API names it)."""
 
-    def __init__(self, adapter_dtype: torch.dtype):
-        self.adapter = torch.finfo(adapter_dtype).bits // 8
-        self.stats = 4 if statistics_dtype(str(adapter_dtype).removeprefix("torch.")) == "float32" else 2
+    def __init__(self, adapter_dtype: str):
+        self.quantized = adapter_dtype in QUANTIZED_DTYPES
+        self.adapter = getattr(torch, adapter_dtype).itemsize
+        self.channel = 2 if self.quantized else self.adapter  # int8 packages keep channel scales in fp16
+        self.stats = 4 if statistics_dtype(adapter_dtype) == "float32" else 2
 
     def lora(self, target: Target, layer: nn.Module) -> tuple[int, int]:
-        """(bytes of one rank, what the layer's first rank adds on top: two tensor entries)."""
+        """(bytes of one rank, what the layer's first rank adds on top: its tensor entries)."""
         out_dim, in_dim = weight_matrix_shape(layer)
-        return (out_dim + in_dim) * self.adapter, _entry_bytes(f"adapter/{target.module}.lora_A") * 2
+        names = [f"adapter/{target.module}.lora_A", f"adapter/{target.module}.lora_B"]
+        per_rank = (out_dim + in_dim) * self.adapter
+        if self.quantized:  # a float32 scale per rank term and factor
+            names += [f"adapter/{name}" for name in scale_names(target.module)]
+            per_rank += 2 * 4
+        return per_rank, sum(_entry_bytes(name) for name in names)
 
     def scale(self, target: Target, layer: nn.Module) -> int:
-        return layer.out_channels * self.adapter + _entry_bytes(f"adapter/{target.module}.scale_delta")
+        return layer.out_channels * self.channel + _entry_bytes(f"adapter/{target.module}.scale_delta")
 
     def norm(self, name: str, module: nn.Module) -> int:
         cost = 0
@@ -246,7 +254,7 @@ def _ladders(context: ProbeContext, candidates: list[Target], gains: dict[str, l
 
 
 def allocate_budget(context: ProbeContext, plan: PlanConfig, backbone, budget: int, package_bytes,
-                    adapter_dtype: torch.dtype) -> Allocation:
+                    adapter_dtype: str) -> Allocation:
     """Probe, then choose ranks, scales and owned norms whose package fits ``budget`` bytes.
 
     ``package_bytes(plan, targets)``: the exact bytes of the package these choices make (head,

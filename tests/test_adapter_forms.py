@@ -1,0 +1,139 @@
+"""How a task's adapters are stored and trained beyond plain fp16 LoRA (issue 29): each form
+round-trips package → load → merge → ONNX and device parity, and bad stored tensors are refused."""
+
+import numpy as np
+import pytest
+import torch
+
+from petah import api
+from petah.backbones import create_backbone, demo_backbone_path
+from petah.errors import PetahError
+from petah.packages import read_package, write_package
+from petah.packages.quantized import LEVELS, dequantize_factor, quantize_factor
+from petah.runtime.attach import build_package, head_from_package
+from petah.serve import demo_packages
+
+
+@pytest.mark.parametrize("factor, shape", [
+    ("lora_A", (8, 40)), ("lora_B", (24, 8)),  # linear: A (rank, in), B (out, rank)
+    ("lora_A", (4, 16, 3, 3)), ("lora_B", (32, 4, 1, 1)),  # conv: A (rank, in, kh, kw), B (out, rank, 1, 1)
+    ("lora_B", (6, 1)),
+])
+def test_int8_factors_come_back_within_half_a_step_per_rank_term(factor, shape):
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=shape).astype(np.float32) * rng.uniform(1e-5, 1.0, size=shape).astype(np.float32)
+    axis = {"lora_A": 0, "lora_B": 1}[factor]
+    np.moveaxis(values, axis, 0)[-1] = 0.0  # a rank term that never trained: scale 0, values 0
+    q, scale = quantize_factor(values, factor)
+    assert q.dtype == np.int8 and q.shape == values.shape and scale.dtype == np.float32
+    assert scale.shape == (shape[axis],) and scale[-1] == 0.0
+    back = dequantize_factor(q, scale, factor, "package t", f"m.{factor}")
+    step = np.moveaxis(np.broadcast_to(scale.reshape([-1 if i == axis else 1 for i in range(len(shape))]), shape),
+                       axis, 0)
+    assert np.all(np.abs(np.moveaxis(back - values, axis, 0)) <= step / 2 + 1e-12)
+    peak = np.abs(np.moveaxis(values, axis, 0).reshape(shape[axis], -1)).max(axis=1)
+    assert np.allclose(scale * LEVELS, peak)  # every term uses the full range
+
+
+@pytest.fixture(scope="module")
+def int8_digits(tmp_path_factory):
+    """The demo's digits task stored again with int8 factors, beside its fp16 package."""
+    backbone = create_backbone(weights=str(demo_backbone_path()))
+    fp16_path = next(p for p in demo_packages() if p.stem == "digits")
+    fp16 = read_package(fp16_path)
+    task = api.load_task(backbone, fp16)
+    package = build_package(backbone, task.adapter, head_from_package(fp16, "digits"), task_name="digits",
+                            labels=fp16.manifest.labels, adapter_dtype="int8")
+    path = write_package(tmp_path_factory.mktemp("int8") / "digits.petah", package)
+    return backbone, fp16_path, path
+
+
+def test_an_int8_package_is_format_4_and_holds_half_the_adapter_bytes(int8_digits):
+    _, fp16_path, path = int8_digits
+    package, fp16 = read_package(path), read_package(fp16_path)
+    assert package.manifest.format_version == 4 and package.manifest.adapter_dtype == "int8"
+    adapters = package.section("adapter")
+    factors = {k: v for k, v in adapters.items() if k.endswith((".lora_A", ".lora_B"))}
+    assert factors and {v.dtype for v in factors.values()} == {np.dtype(np.int8)}
+    assert {adapters[k + "_scale"].dtype for k in factors} == {np.dtype(np.float32)}
+    int8_bytes = sum(v.nbytes for v in adapters.values())
+    fp16_bytes = sum(v.nbytes for v in fp16.section("adapter").values())
+    assert int8_bytes < 0.55 * fp16_bytes
+    assert path.stat().st_size < 0.6 * fp16_path.stat().st_size
+
+
+def test_an_int8_package_scores_as_its_fp16_original_and_merges_exactly(int8_digits, tmp_path):
+    from petah.data import load_builtin
+    from petah.export.onnx import export_merged
+
+    backbone, fp16_path, path = int8_digits
+    _, val = load_builtin("digits")
+    val = val.subset(list(range(300)), "digits val (first 300)")
+    scores = {name: api.evaluate(backbone, p, val)["accuracy"] for name, p in (("fp16", fp16_path), ("int8", path))}
+    assert abs(scores["int8"] - scores["fp16"]) <= 0.01, scores
+    exported = export_merged(backbone, path, tmp_path / "digits.onnx")  # merged graph vs the unmerged torch task
+    assert exported.max_abs_error <= 1e-4
+
+
+def test_the_device_merges_int8_factors_as_torch_does(int8_digits):
+    from petah.serve import demo_device_backbone
+    from petah.serve.engine import DeviceEngine
+
+    backbone, _, path = int8_digits
+    device = demo_device_backbone()
+    merged = DeviceEngine(device, threads=1)
+    on_base = DeviceEngine(device, threads=1, memory_budget_bytes=1.5 * device.resident_bytes)
+    images = [np.random.default_rng(i).integers(0, 256, (3, 64, 64), dtype=np.uint8) for i in range(3)]
+    model = api.load_task(backbone, path).model.eval()
+    outputs = {}
+    for form, engine in (("merged", merged), ("shared base", on_base)):
+        engine.install(engine.prepare(path, "digits"))
+        if form == "shared base":
+            engine._demote(["digits"])  # what a memory budget does to a task without traffic
+        assert engine.held("digits")["form"] == form
+        task = engine.tasks["digits"]
+        batch = task.preprocess.array_batch(images)
+        outputs[form] = engine.outputs(task, batch)
+        with torch.no_grad():
+            want = model(torch.from_numpy(np.asarray(batch))).numpy()
+        assert np.abs(outputs[form] - want).max() < 1e-4, form
+
+
+def test_stored_int8_tensors_are_checked_before_use(int8_digits, tmp_path):
+    _, _, path = int8_digits
+    package = read_package(path)
+    name = next(k for k in package.tensors if k.endswith(".lora_A_scale"))
+    package.tensors[name] = package.tensors[name][:-1]  # one scale short of the factor's rank
+    bad = write_package(tmp_path / "bad.petah", package)
+    with pytest.raises(PetahError, match=r"lora_A_scale must be \d+ finite float32 values"):
+        api.load_task(create_backbone(weights=str(demo_backbone_path())), bad)
+    manifest = read_package(path).manifest.to_dict(with_hash=False)
+    manifest["format_version"] = 2
+    from petah.packages import Manifest
+
+    with pytest.raises(PetahError, match="adapter_dtype must be a float type in a format-2 package"):
+        Manifest.from_dict(manifest, "package digits")
+
+
+def test_a_byte_budget_buys_more_rank_with_int8_factors():
+    from petah.data import load_builtin
+    from petah.packages import encode_package
+    from petah.plans import LORA, PlanConfig
+    from petah.plans.budget import budget_bytes
+    from petah.train import TrainConfig
+
+    torch.manual_seed(0)
+    backbone = create_backbone("efficientformerv2_s0", 32)
+    train, val = load_builtin("digits")
+    train, val = train.subset(range(64)), val.subset(range(32))
+    budget = budget_bytes("3%", backbone.weights_bytes)
+    ranks = {}
+    for dtype in ("float16", "int8"):
+        # activation allocation buys only LoRA ranks and channel scales (gradient also buys norms)
+        plan = PlanConfig(budget="3%", allocation="activation")
+        result = api.adapt(backbone, train, val, plan=plan, task_name="digits",
+                           config=TrainConfig(max_steps=1, batch_size=16), adapter_dtype=dtype)
+        size = len(encode_package(result.package))
+        assert 0.85 * budget <= size <= budget, (dtype, size, budget)  # priced exactly: spent, never over
+        ranks[dtype] = sum(t.rank for t in result.package.manifest.plan.targets if t.method == LORA)
+    assert ranks["int8"] >= 1.5 * ranks["float16"], ranks
