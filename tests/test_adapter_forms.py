@@ -137,3 +137,121 @@ def test_a_byte_budget_buys_more_rank_with_int8_factors():
         assert 0.85 * budget <= size <= budget, (dtype, size, budget)  # priced exactly: spent, never over
         ranks[dtype] = sum(t.rank for t in result.package.manifest.plan.targets if t.method == LORA)
     assert ranks["int8"] >= 1.5 * ranks["float16"], ranks
+
+
+@pytest.fixture(scope="module")
+def rslora_task(tmp_path_factory):
+    """A tiny task whose layers have three ranks, scaled the rsLoRA way; adapters made non-zero."""
+    from conftest import perturb_adapters
+    from petah.data import load_builtin
+    from petah.plans import PlanConfig
+    from petah.train import TrainConfig
+
+    torch.manual_seed(0)
+    backbone = create_backbone("efficientformerv2_s0", 32)
+    train, val = load_builtin("digits")
+    plan = PlanConfig(rank=4, stage_ranks={0: 2, 3: 8}, rslora=True)
+    result = api.adapt(backbone, train.subset(range(32)), val.subset(range(16)), plan=plan, task_name="rs",
+                       config=TrainConfig(max_steps=1, batch_size=16), adapter_dtype="float32")
+    perturb_adapters(result.package)
+    root = tmp_path_factory.mktemp("rslora")
+    return backbone, api.save_package(result, root / "rs.petah"), root
+
+
+def test_rslora_scales_each_layer_by_its_rank_and_merges_exactly_everywhere(rslora_task):
+    from peft.tuners.lora import LoraLayer
+
+    from petah.device.bundle import read_device_backbone
+    from petah.device.task import merged_weights
+    from petah.export.device import export_device
+    from petah.export.onnx import export_merged
+
+    backbone, path, root = rslora_task
+    package = read_package(path)
+    assert package.manifest.format_version == 4 and package.manifest.plan.config["rslora"] is True
+    task = api.load_task(backbone, path)
+    layers = [m for m in task.model.modules() if isinstance(m, LoraLayer)]
+    ranks = {layer.r["default"] for layer in layers}
+    assert ranks == {2, 4, 8}
+    assert all(layer.scaling["default"] == pytest.approx(8 / layer.r["default"] ** 0.5) for layer in layers)  # alpha 8
+    real = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        unmerged = task.model(real)
+        task.adapter.merge()
+        merged_state = {k: v.clone() for k, v in task.model.backbone.state_dict().items()}
+        assert torch.allclose(task.model(real), unmerged, atol=1e-4)
+        task.adapter.unmerge()
+    assert export_merged(backbone, path, root / "rs.onnx", real).max_abs_error < 1e-4
+    export_device(backbone, root / "device")
+    on_device = merged_weights(read_device_backbone(root / "device"), package, "rs")
+    plain = {k.replace(".base_layer.", "."): v for k, v in merged_state.items()}
+    assert on_device and all(np.abs(value - plain[key].numpy()).max() < 1e-5 for key, value in on_device.items())
+
+
+def test_rslora_crosses_to_peft_and_onnx_runtime_adapters(rslora_task, tmp_path):
+    import copy
+    import json
+
+    from peft import PeftModel
+
+    from petah.export import export_base_and_adapters
+    from petah.export.peft_interop import export_peft
+
+    backbone, path, _ = rslora_task
+    real = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = api.load_task(backbone, path).model(real)
+    export_peft(backbone, path, tmp_path / "peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["use_rslora"] is True
+    model = copy.deepcopy(backbone.model)
+    model.reset_classifier(10)
+    with torch.no_grad():
+        assert torch.allclose(PeftModel.from_pretrained(model, str(tmp_path / "peft")).eval()(real), expected,
+                              atol=1e-4)
+    result = export_base_and_adapters(backbone, [path], tmp_path / "ort", real)
+    assert all(r["max_abs_error"] < 1e-4 for r in result.tasks)
+
+
+@pytest.fixture(scope="module")
+def demo_digits():
+    from petah.data import load_builtin
+
+    backbone = create_backbone(weights=str(demo_backbone_path()))
+    train, val = load_builtin("digits")
+    return backbone, train.subset(range(0, 600, 3), "digits (200)"), val.subset(range(100), "digits val (100)")
+
+
+@pytest.mark.parametrize("option", [
+    {"train": {"lora_plus": 16.0}}, {"plan": {"rslora": True}}, {"train": {"lp_ft": True}},
+    {"adapt": {"adapter_dtype": "int8"}},
+], ids=["lora+", "rslora", "lp-ft", "int8"])
+def test_each_training_option_learns(demo_digits, option):
+    from petah.plans import PlanConfig
+    from petah.train import TrainConfig
+
+    backbone, train, val = demo_digits
+    torch.manual_seed(0)
+    config = TrainConfig(max_steps=8, batch_size=32, lr=3e-3, head_lr=1e-2, progress=False, **option.get("train", {}))
+    result = api.adapt(backbone, train, val, plan=PlanConfig(**option.get("plan", {})), config=config,
+                       task_name="digits", **option.get("adapt", {}))
+    assert result.metrics["accuracy"] > 0.3  # 10 classes: chance is 0.1
+    assert result.train.last_loss < 2.0  # below the untrained head's ~2.3
+
+
+def test_lp_ft_starts_from_the_fitted_probe_and_is_refused_where_it_cannot_apply(demo_digits):
+    from petah.data import load_builtin
+    from petah.plans import PlanConfig
+    from petah.train import TrainConfig
+
+    backbone, train, val = demo_digits
+    probe = api.adapt(backbone, train, val, plan=PlanConfig(preset="linear-probe"), task_name="digits")
+    frozen = TrainConfig(max_steps=1, batch_size=32, lr=1e-12, head_lr=1e-12, lp_ft=True, progress=False)
+    started = api.adapt(backbone, train, val, config=frozen, task_name="digits")  # one step at rate ~0
+    assert started.metrics["accuracy"] == pytest.approx(probe.metrics["accuracy"], abs=0.011)
+    chosen = [r.package.manifest.training["probe"]["strength"] for r in (started, probe)]
+    assert chosen[0] == chosen[1]
+    with pytest.raises(PetahError, match="--lp-ft .* not --plan linear-probe"):
+        api.adapt(backbone, train, val, plan=PlanConfig(preset="linear-probe"), config=frozen)
+    masks, mask_val = load_builtin("defects")
+    with pytest.raises(PetahError, match="--lp-ft .* not segmentation"):
+        api.adapt(backbone, masks.subset(range(4)), mask_val.subset(range(2)), config=frozen)

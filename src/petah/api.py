@@ -200,6 +200,10 @@ def adapt(
     plan, config = plan or PlanConfig(), config or TrainConfig()
     if kind is Anomaly:
         return _fit_anomaly(backbone, train, val, plan, config, task_name, anomaly or AnomalyConfig(), output)
+    if config.lp_ft and (kind is not Classification or plan.preset == "linear-probe"):
+        instead = kind.kind if kind is not Classification else "--plan linear-probe"
+        raise PetahError(f"--lp-ft fits a linear head before training adapters: it applies to classification "
+                         f"tasks with adapters, not {instead}")
     _check_ranks(config, train, val, plan=plan.to_dict(), task=task_name,
                  backbone=backbone.identity(), dtype=adapter_dtype,
                  kind=kind.kind, dice=dice)
@@ -216,12 +220,13 @@ def adapt(
         head = kind.head_for(backbone, len(train.classes))
     model = kind.build_model(work.model, head)
     probe = None
-    if plan.preset == "linear-probe" and kind is Classification:  # a probe fitted, not trained (petah.train.probe)
+    if kind is Classification and (plan.preset == "linear-probe" or config.lp_ft):
+        # a probe fitted, not trained (petah.train.probe): the whole task, or LP-FT's starting head
         from petah.train.probe import fit_linear_probe
 
         features = DataLoader(kind.view(train, preprocess_for(backbone)), batch_size=EVAL_BATCH, shuffle=False)
         result, probe = fit_linear_probe(work.model, head, features, len(train.classes), config.seed)
-    else:
+    if plan.preset != "linear-probe" or kind is not Classification:
         trainer = Trainer(
             model, adapter.trainable_parameters(), list(head.parameters()),
             kind.loss(config.label_smoothing, dice, head=head, img_size=backbone.img_size), view, config,
@@ -230,6 +235,8 @@ def adapt(
         )
         result = trainer.fit()
         model = trainer.model
+        if probe is not None:  # LP-FT: the fit is part of the training time
+            result = replace(result, seconds=result.seconds + probe["feature_seconds"] + probe["fit_seconds"])
     trainable = sum(p.numel() for p in adapter.trainable_parameters()) + sum(p.numel() for p in head.parameters())
     package = build_package(backbone, adapter, head, task_name=task_name, labels=train.classes, kind=kind,
                             adapter_dtype=adapter_dtype, trainable_parameters=trainable,

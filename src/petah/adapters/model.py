@@ -46,13 +46,15 @@ def lora_config(targets: list[Target], config: PlanConfig) -> LoraConfig | None:
         # A regex string is full-matched by PEFT; a list would also match name suffixes
         # ("conv1" would catch "layer1.0.conv1").
         target_modules=_exact([t.module for t in lora]),
-        # Keep alpha / rank constant across per-stage ranks so a stage's update scale is stable.
         rank_pattern={"^" + re.escape(t.module): t.rank for t in lora if t.rank != config.rank},
-        alpha_pattern={
+        # Keep alpha / rank constant across per-stage ranks so a stage's update scale is stable;
+        # rsLoRA instead scales each layer by alpha / sqrt(its rank) (PlanConfig.lora_scaling).
+        alpha_pattern={} if config.rslora else {
             "^" + re.escape(t.module): config.lora_alpha * t.rank / config.rank
             for t in lora
             if t.rank != config.rank
         },
+        use_rslora=config.rslora,
     )
 
 

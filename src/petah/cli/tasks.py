@@ -43,7 +43,8 @@ from petah.train.distributed import is_main_process
 from petah.train.trainer import TrainConfig
 
 
-@config_options(TrainConfig, "training", exclude=("head_lr", "lora_plus"), defaults={"epochs": 5, "batch_size": 128})
+@config_options(TrainConfig, "training", exclude=("head_lr", "lora_plus", "lp_ft"),
+                defaults={"epochs": 5, "batch_size": 128})
 def prepare(
     model: Annotated[str, typer.Argument(help="timm model name, e.g. efficientformerv2_s0.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Backbone file to write (.safetensors).")],

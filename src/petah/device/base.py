@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from petah.device.bundle import DeviceBackbone
-from petah.device.task import GRAPH_HEAD_KINDS, HEAD_KINDS, graph_head, linear_head, lora_scaling
+from petah.device.task import GRAPH_HEAD_KINDS, HEAD_KINDS, graph_head, linear_head
 from petah.errors import EngineCannotRun, PetahError
 from petah.packages import TaskPackage
 from petah.packages.quantized import adapter_arrays
@@ -157,7 +157,7 @@ def base_adapters(backbone: DeviceBackbone, package: TaskPackage, origin: str) -
         raise NotOnBase("it owns backbone tensors (norm statistics or whole weights)")
     sites = adapter_sites(backbone)
     adapters = adapter_arrays(package, origin)
-    scaling = np.float32(lora_scaling(manifest.plan.plan_config()))
+    config = manifest.plan.plan_config()
     tensors: dict[str, tuple[str, np.ndarray]] = {}
     seen: set[str] = set()
     for target in manifest.plan.targets:
@@ -177,7 +177,7 @@ def base_adapters(backbone: DeviceBackbone, package: TaskPackage, origin: str) -
             if rank < 1 or a.size != rank * inner or b.size != out * rank:
                 raise PetahError(f"{origin}: LoRA factors {a.shape} / {b.shape} do not fit {target.module} "
                                  f"of shape {site.shape}")
-            b = b.reshape(out, rank) * scaling
+            b = b.reshape(out, rank) * np.float32(config.lora_scaling(rank))
             if site.norm_scale is not None:
                 b = b * site.norm_scale[:, None]
             if site.kind == "conv":

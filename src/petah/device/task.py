@@ -18,7 +18,7 @@ from petah.device.bundle import DeviceBackbone
 from petah.errors import EngineCannotRun, PetahError
 from petah.packages import Manifest, TaskPackage
 from petah.packages.quantized import adapter_arrays
-from petah.plans import CHANNEL_SCALE, LORA, PlanConfig
+from petah.plans import CHANNEL_SCALE, LORA
 
 LOGITS = "logits"
 OUTPUTS = "outputs"
@@ -28,12 +28,6 @@ FEATURES = "features"  # a task graph's second output: what a station's drift ch
 HEAD_KINDS = ("classification", "segmentation", "detection", "anomaly")
 GRAPH_HEAD_KINDS = ("segmentation", "detection", "anomaly")
 RENAMED = "head::"  # the head graph's own value names, kept apart from the backbone's
-
-
-def lora_scaling(config: PlanConfig) -> float:
-    """PEFT's scaling of every layer of a plan: alpha / rank, with petah's per-layer alpha kept at
-    ``alpha · rank_layer / rank`` (petah.adapters.model.lora_config), so it is one number."""
-    return config.lora_alpha / config.rank
 
 
 def lora_delta(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -65,14 +59,13 @@ def merged_weights(backbone: DeviceBackbone, package: TaskPackage, origin: str) 
         changed[key] = np.asarray(value, dtype=have.dtype)
     adapters = adapter_arrays(package, origin)
     config = manifest.plan.plan_config()
-    scaling = lora_scaling(config)
     for target in manifest.plan.targets:
         key = f"{target.module}.weight"
         weight = current(key)
         if target.method == LORA:
             a = np.asarray(adapters[f"{target.module}.lora_A"], dtype=np.float32)
             b = np.asarray(adapters[f"{target.module}.lora_B"], dtype=np.float32)
-            changed[key] = weight + np.float32(scaling) * lora_delta(a, b, weight.shape)
+            changed[key] = weight + np.float32(config.lora_scaling(a.shape[0])) * lora_delta(a, b, weight.shape)
         elif target.method == CHANNEL_SCALE:
             scale = 1.0 + np.asarray(adapters[f"{target.module}.scale_delta"], dtype=np.float32)
             if scale.shape != (weight.shape[0],):
@@ -361,5 +354,5 @@ def _cut_types(backbone: DeviceBackbone, cut: list[str]) -> list:
 
 
 __all__ = ["FEATURES", "GRAPH_HEAD_KINDS", "HEAD_KINDS", "HEAD_OPS", "LOGITS", "OUTPUTS", "TaskGraph", "Trunk",
-           "check_head_graph", "deepest_read", "feature_output", "lora_delta", "lora_scaling", "merged_weights",
+           "check_head_graph", "deepest_read", "feature_output", "lora_delta", "merged_weights",
            "task_graph"]

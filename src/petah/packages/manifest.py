@@ -21,9 +21,11 @@ from petah.packages.quantized import QUANTIZED_DTYPES, scale_names
 from petah.plans import CHANNEL_SCALE, LORA, MAX_RANK, PlanConfig, Target
 
 FORMAT = "petah-task"
-FORMAT_VERSION = 4  # the newest: v3 + LoRA factors stored in int8 with their scales (petah.packages.quantized)
+# the newest: v3 + adapter forms an older reader would merge wrongly: LoRA factors stored in int8
+# with their scales (petah.packages.quantized), rsLoRA's per-layer scaling (plan.config.rslora)
+FORMAT_VERSION = 4
 GRAPH_VERSION = 3  # v2 + a head graph (``graph/head``) for heads a device runs as a graph
-QUANTIZED_VERSION = 4
+FORMS_VERSION = 4
 READABLE_VERSIONS = (1, 2, 3, 4)
 CURRENT_VERSIONS = (2, 3, 4)  # hashed manifests: signable; each package is written in the oldest version it needs
 GRAPH_TENSOR = "graph/head"
@@ -215,10 +217,11 @@ class Manifest:
     extra: dict = field(default_factory=dict)  # fields this petah does not know: kept (and hashed) as they are
 
     def written_version(self) -> int:
-        """The version this manifest is written as: v4 only where it needs v4 (int8 adapters), v3 only
-        where it needs v3 (a head graph), so stations of older petahs keep reading every other package."""
-        if self.adapter_dtype in QUANTIZED_DTYPES:
-            return QUANTIZED_VERSION
+        """The version this manifest is written as: v4 only where it needs v4 (int8 adapters, rsLoRA
+        scaling), v3 only where it needs v3 (a head graph), so stations of older petahs keep reading
+        every other package (and refuse, not misread, the rest)."""
+        if self.adapter_dtype in QUANTIZED_DTYPES or self.plan.config.get("rslora"):
+            return FORMS_VERSION
         return GRAPH_VERSION if self.head.get("graph") else 2
 
     @property
@@ -322,9 +325,11 @@ class Manifest:
 
         known = {k: v for k, v in root.data.items() if k not in CORE_FIELDS}
         adapter_dtype = _choice(root, "adapter_dtype", ADAPTER_DTYPES, "float32")
-        if adapter_dtype in QUANTIZED_DTYPES and version < QUANTIZED_VERSION:
+        if adapter_dtype in QUANTIZED_DTYPES and version < FORMS_VERSION:
             raise root.fail("adapter_dtype", f"a float type in a format-{version} package ({adapter_dtype} "
-                                             f"adapters are format {QUANTIZED_VERSION})")
+                                             f"adapters are format {FORMS_VERSION})")
+        if config.get("rslora") is not None and (type(config["rslora"]) is not bool or version < FORMS_VERSION):
+            raise plan_fields.fail("config.rslora", f"true or false, in a package of format {FORMS_VERSION}")
         return cls(
             task=task, backbone=backbone, preprocessing=preprocessing,
             plan=PlanRecord(config, tuple(targets), tuple(overrides)), head=head,

@@ -85,6 +85,10 @@ class PlanConfig:
     targets: list[str] = option(default_factory=list, cli="--target", cli_type=list[str],
                                 help="Regex naming layers to adapt (a generic plan for any timm model). Repeatable.")
     dropout: float = option(0.0, help="LoRA dropout, in [0, 1).", cli="--dropout")
+    # rsLoRA (Kalajievski 2023): every layer's update is scaled by alpha / sqrt(its rank) instead of
+    # petah's alpha / rank with alpha kept proportional to each layer's rank (one scaling for all)
+    rslora: bool = option(False, cli="--rslora", help=(
+        "Rank-stabilised scaling (rsLoRA): each layer's update is scaled by alpha / sqrt(its rank)."))
     # modules whose every tensor the task owns (PEFT's modules_to_save, kept by import-peft; the
     # norm layers a budget allocation gives the task)
     override_modules: list[str] = option(default_factory=list, help="Modules whose every tensor the task owns.")
@@ -142,7 +146,13 @@ class PlanConfig:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["stage_ranks"] = {str(k): v for k, v in self.stage_ranks.items()}
+        if not self.rslora:  # absent unless used: packages without it stay readable by older petahs
+            del data["rslora"]
         return data
+
+    def lora_scaling(self, rank: int) -> float:
+        """The factor of a LoRA layer of ``rank``'s update B @ A (what PEFT computes from this plan)."""
+        return self.lora_alpha / (rank ** 0.5 if self.rslora else self.rank)
 
     @classmethod
     def from_dict(cls, data: dict) -> PlanConfig:

@@ -29,7 +29,7 @@ from petah.train.distributed import DistContext, ResumableDistributedSampler, ch
 
 CHECKPOINT_NAME = "last.ckpt"
 # A resumed run must continue the same schedule over the same data order.
-RESUME_MUST_MATCH = ("epochs", "batch_size", "lr", "head_lr", "lora_plus", "seed", "max_steps")
+RESUME_MUST_MATCH = ("epochs", "batch_size", "lr", "head_lr", "lora_plus", "lp_ft", "seed", "max_steps")
 stderr = Console(stderr=True)
 
 
@@ -45,6 +45,10 @@ class TrainConfig:
     # other parameter one rate, but petah's head has its own (--head-lr), so the groups are made here
     lora_plus: float = option(1.0, help="LoRA+: the learning rate of LoRA's B matrices as a multiple of --lr "
                                         "(1: plain LoRA; the LoRA+ paper uses 16).", cli="--lora-plus")
+    # LP-FT (Kumar et al. 2022): the head starts as the fitted linear probe, so the adapters are not
+    # first pulled around by a random head's gradients
+    lp_ft: bool = option(False, help="LP-FT: fit the head as a linear probe on the frozen features first, "
+                                     "then train adapters and head from it (classification).", cli="--lp-ft")
     weight_decay: float = option(0.01, help="AdamW weight decay.")
     warmup_fraction: float = option(0.05, help="Fraction of all steps of linear warm-up before the cosine decay.")
     label_smoothing: float = option(0.1, help="Label smoothing of the classification loss, in [0, 1).",
