@@ -1,6 +1,6 @@
 """A few methods of ``petah bench methods`` on its main grid, side by side, without the rest of it.
 
-    python benchmarks/methods_subset.py --methods petah-r8,petah-r8-lora+ [--seeds 3] [--out FILE.json]
+    python benchmarks/methods_subset.py --methods petah-r8-plain,petah-r8 [--seeds 3] [--out FILE.json]
 
 The same grid as the bench's default mode on the demo backbone (tasks digits / textures / faces,
 3 epochs, at most 600 training images, each method's rate chosen on val with seed 0, then the

@@ -51,6 +51,7 @@ def det(tmp_path_factory):
     result = api.adapt(backbone, train, val, plan=PlanConfig(rank=4), config=TrainConfig(max_steps=2, batch_size=8),
                        task_name="digits",
                        adapter_dtype="float32")
+    assert result.package.manifest.training["lora_plus"] == 1.0  # detection's default: plain LoRA (measured)
     perturb_adapters(result.package)
     return {"backbone": backbone, "package": api.save_package(result, root / "digits.petah"),
             "val": val, "metrics": result.metrics}

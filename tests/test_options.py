@@ -79,7 +79,7 @@ def _options(*path):
 @pytest.mark.parametrize("path, cls, only, exclude, defaults", [
     (("adapt",), TrainConfig, None, (), {}),
     (("adapt",), PlanConfig, None, (), {}),
-    (("prepare",), TrainConfig, None, ("head_lr", "lora_plus"), {"epochs": 5, "batch_size": 128}),
+    (("prepare",), TrainConfig, None, ("head_lr", "lora_plus", "lp_ft"), {"epochs": 5, "batch_size": 128}),
     (("prune",), PruneConfig, None, (), {}),
     (("plan", "show"), PlanConfig, None, ("dropout",), {}),
     (("bench", "prune"), PruneConfig, ("recover_epochs",), (), {"recover_epochs": 3}),

@@ -159,6 +159,7 @@ def test_lora_plus_trains_the_b_matrices_at_its_multiple_of_the_rate(backbone, i
     b = {id(p) for p in adapter.lora_b_parameters()}
     assert b and [rate for rate, _ in rates] == [1e-3, 1.6e-2, 1e-2] and rates[1][1] == b
     assert not rates[0][1] & b and rates[0][1] | b == {id(p) for p in adapter.trainable_parameters()}
-    assert _adapt(backbone, image_folder, epochs=1, lora_plus=16).train.steps > 0  # trains end to end
+    trained = _adapt(backbone, image_folder, epochs=1)  # end to end, at the task kind's default ratio
+    assert trained.train.steps > 0 and trained.package.manifest.training["lora_plus"] == Classification.lora_plus == 16
     with pytest.raises(PetahError, match="lora-plus"):
         TrainConfig(lora_plus=0)

@@ -204,6 +204,8 @@ def adapt(
         instead = kind.kind if kind is not Classification else "--plan linear-probe"
         raise PetahError(f"--lp-ft fits a linear head before training adapters: it applies to classification "
                          f"tasks with adapters, not {instead}")
+    if config.lora_plus is None:  # the task kind's measured default
+        config = replace(config, lora_plus=kind.lora_plus)
     _check_ranks(config, train, val, plan=plan.to_dict(), task=task_name,
                  backbone=backbone.identity(), dtype=adapter_dtype,
                  kind=kind.kind, dice=dice)

@@ -28,6 +28,9 @@ class Classification:
 
     kind = "classification"
     primary_metric = "accuracy"
+    # LoRA+ ratio when --lora-plus is not given: 16 raised every bench and demo classification task
+    # (docs/benchmarks.md, "LoRA+")
+    lora_plus = 16.0
 
     @staticmethod
     def build_head(num_features: int, num_classes: int) -> nn.Module:

@@ -95,6 +95,7 @@ def _anchors(outputs: torch.Tensor, img_size: int, head: DetectionHead) -> tuple
 class Detection:
     kind = "detection"
     primary_metric = "mAP50"
+    lora_plus = 1.0  # plain LoRA: LoRA+ 16 lowered digit-boxes' mAP50 (docs/benchmarks.md, "LoRA+")
 
     @staticmethod
     def head_for(backbone, classes: int) -> DetectionHead:

@@ -43,8 +43,9 @@ class TrainConfig:
     head_lr: float | None = option(None, help="Peak learning rate of the head (default: --lr).", cli="--head-lr")
     # LoRA+ (Hayou et al. 2024): B learns faster than A; PEFT's create_loraplus_optimizer gives every
     # other parameter one rate, but petah's head has its own (--head-lr), so the groups are made here
-    lora_plus: float = option(1.0, help="LoRA+: the learning rate of LoRA's B matrices as a multiple of --lr "
-                                        "(1: plain LoRA; the LoRA+ paper uses 16).", cli="--lora-plus")
+    lora_plus: float | None = option(None, cli="--lora-plus", help=(
+        "LoRA+: the learning rate of LoRA's B matrices as a multiple of --lr (1: plain LoRA). Default: the "
+        "task kind's, 16 for classification and segmentation, 1 for detection (measured)."))
     # LP-FT (Kumar et al. 2022): the head starts as the fitted linear probe, so the adapters are not
     # first pulled around by a random head's gradients
     lp_ft: bool = option(False, help="LP-FT: fit the head as a linear probe on the frozen features first, "
@@ -177,11 +178,12 @@ class Trainer:
         self.rank_batch = config.batch_size // self.ctx.world_size
         self.model = model.to(self.ctx.device)  # the plain module: checkpoints hold its keys
         self.forward_model = self._wrap(self.model, sync_batchnorm)
-        fast = {id(p) for p in fast_params} if config.lora_plus != 1 else set()  # LoRA's B matrices (LoRA+)
+        ratio = config.lora_plus or 1.0  # unset outside a task's adapt (a backbone's training): plain
+        fast = {id(p) for p in fast_params} if ratio != 1 else set()  # LoRA's B matrices (LoRA+)
         slow = [p for p in params if id(p) not in fast]
         groups = [{"params": slow, "lr": config.lr}] if slow else []
         if fast:
-            groups.append({"params": [p for p in params if id(p) in fast], "lr": config.lr * config.lora_plus})
+            groups.append({"params": [p for p in params if id(p) in fast], "lr": config.lr * ratio})
         groups.append({"params": head_params, "lr": config.head_lr or config.lr})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
         self.sampler = make_sampler(data, config.seed, self.ctx)
@@ -253,6 +255,7 @@ class Trainer:
             saved = state.get("config", {})
             # a setting newer than the checkpoint was at its default there
             defaults = {k: f.default for k, f in TrainConfig.__dataclass_fields__.items()}
+            defaults["lora_plus"] = 1.0  # a checkpoint from before --lora-plus trained plain LoRA
             changed = [k for k in RESUME_MUST_MATCH if saved.get(k, defaults[k]) != getattr(self.config, k)]
             if changed:
                 raise PetahError(f"cannot resume from {path}: it was written with other settings "
