@@ -6,7 +6,8 @@ BitFit biases, or everything for ``full``) are *overrides*: the backbone's origi
 so that removing the task restores the shared backbone bit for bit.
 
 Adapter tensors are stored under names that do not depend on PEFT internals:
-``<module>.lora_A``, ``<module>.lora_B`` and ``<module>.scale_delta``.
+``<module>.lora_A``, ``<module>.lora_B``, ``<module>.lora_magnitude`` (DoRA; flat, one value per
+output row) and ``<module>.scale_delta``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from petah.adapters.targets import override_names, resolve_targets
 from petah.backbones import Backbone
 from petah.errors import PetahError
 from petah.plans import CHANNEL_SCALE, LORA, PlanConfig, Target
-from petah.plans.base import plain_name
+from petah.plans.base import MAGNITUDE, plain_name
 
 ADAPTER = "default"  # the adapter name of a model that holds a single task
 
@@ -55,6 +56,7 @@ def lora_config(targets: list[Target], config: PlanConfig) -> LoraConfig | None:
             if t.rank != config.rank
         },
         use_rslora=config.rslora,
+        use_dora=config.dora,
     )
 
 
@@ -159,6 +161,8 @@ class TaskAdapter:
             if target.method == LORA:
                 params[f"{target.module}.lora_A"] = layer.lora_A[self.name].weight
                 params[f"{target.module}.lora_B"] = layer.lora_B[self.name].weight
+                if self.config.dora:  # PEFT holds a conv's as (1, out, 1, 1): stored flat
+                    params[f"{target.module}.{MAGNITUDE}"] = layer.lora_magnitude_vector[self.name].weight
             else:
                 params[f"{target.module}.scale_delta"] = layer.deltas[self.name]
         return params
@@ -191,7 +195,8 @@ class TaskAdapter:
 
     # --- state -------------------------------------------------------------------------
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self._adapter_params().items()}
+        return {k: v.detach().clone().reshape(-1) if k.endswith(MAGNITUDE) else v.detach().clone()
+                for k, v in self._adapter_params().items()}
 
     def override_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self._override_tensors().items()}
@@ -205,6 +210,8 @@ class TaskAdapter:
             if missing or extra:
                 raise PetahError(f"{what} tensors do not match the plan: missing {missing[:3]}, unexpected {extra[:3]}")
             for key, tensor in dest.items():
+                if key.endswith(MAGNITUDE) and tuple(source[key].shape) == (tensor.numel(),):
+                    source = {**source, key: source[key].reshape(tensor.shape)}
                 if tuple(source[key].shape) != tuple(tensor.shape):
                     raise PetahError(f"{what} tensor {key} has shape {tuple(source[key].shape)}, expected "
                                      f"{tuple(tensor.shape)}")

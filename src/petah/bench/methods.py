@@ -49,6 +49,9 @@ METHODS = {m.name: m for m in [
     *[Method(f"petah-r{r}", {"preset": "petah", "rank": r}, _ADAPTER_RATES) for r in (2, 4, 8, 16)],
     # plain LoRA (no LoRA+, which petah-r8 has by default on classification); same plan, same bytes
     Method("petah-r8-plain", {"preset": "petah", "rank": 8}, _ADAPTER_RATES, (("lora_plus", 1.0),)),
+    Method("petah-r8-rslora", {"preset": "petah", "rank": 8, "rslora": True}, _ADAPTER_RATES),  # alpha / sqrt(r)
+    # LP-FT: the head starts as the fitted probe
+    Method("petah-r8-lp-ft", {"preset": "petah", "rank": 8}, _ADAPTER_RATES, (("lp_ft", True),)),
     # the task also owns its BatchNorm statistics (and ships them): for targets far from the source
     Method("petah-r8-stats", {"preset": "petah", "rank": 8, "task_norm": "stats"}, _ADAPTER_RATES),
     Method("full", {"preset": "full"}, ((3e-4, 1e-2), (1e-3, 1e-2))),
@@ -58,7 +61,7 @@ TASKS = ("digits", "textures", "faces")
 # is given in % of the backbone; the uniform petah plan takes the rank whose package is nearest to
 # it, and that package's bytes are the budget of the others (so all sit within a few % of it).
 # adalora is PEFT's AdaLoRA on the same LoRA layers, its target_r searched to those bytes.
-BUDGET_METHODS = ("uniform", "budget-gradient", "budget-activation", "adalora", "attn-lora")
+BUDGET_METHODS = ("uniform", "budget-gradient", "budget-int8", "budget-activation", "adalora", "attn-lora")
 BUDGET_RATES = (3e-3, 1e-2)  # the rate every petah plan chose on val in the method grid (methods-2026-11-29.json)
 DEFAULT_BUDGETS = (1.0, 2.0, 3.0)
 # Dense tasks: their heads alone are 1.8-2.4 % of the backbone, so larger budgets, and the demo's
@@ -296,6 +299,8 @@ def budget_plans(backbone, train, val, percent: float) -> tuple[dict[str, dict],
         "uniform": {"preset": "petah", "rank": rank},
         "budget-gradient": {"preset": "petah", "budget": str(equal)},
         "budget-activation": {"preset": "petah", "budget": str(equal), "allocation": "activation"},
+        # gradient allocation with LoRA factors stored in int8: about twice the rank for the bytes
+        "budget-int8": {"preset": "petah", "budget": str(equal), "adapter_dtype": "int8"},
         "attn-lora": {"preset": "attn-lora", "rank": _nearest_rank(sizes("attn-lora"), equal, range(1, 65))},
     }, equal
 
@@ -334,9 +339,11 @@ def run_one(spec: dict) -> dict:
         with _TrainingMemory() as memory:
             model, result, trainable, stored, unshipped = _peft_by_hand(backbone, train, config)
     else:
+        plan = dict(method.plan)
+        adapter_dtype = plan.pop("adapter_dtype", "float16")  # how the package stores adapters (budget-int8)
         with _TrainingMemory() as memory:
-            adapted = api.adapt(backbone, train, val, plan=PlanConfig(**method.plan), config=config,
-                                task_name=spec["task"])
+            adapted = api.adapt(backbone, train, val, plan=PlanConfig(**plan), config=config,
+                                task_name=spec["task"], adapter_dtype=adapter_dtype)
         with tempfile.TemporaryDirectory() as tmp:
             stored = api.save_package(adapted, Path(tmp) / "t.petah").stat().st_size
         model = api.load_task(backbone, adapted.package).model

@@ -155,6 +155,8 @@ def base_adapters(backbone: DeviceBackbone, package: TaskPackage, origin: str) -
     manifest = package.manifest
     if package.section("override"):
         raise NotOnBase("it owns backbone tensors (norm statistics or whole weights)")
+    if manifest.plan.config.get("dora"):
+        raise NotOnBase("DoRA rescales its layers' whole weights, which no branch carries")
     sites = adapter_sites(backbone)
     adapters = adapter_arrays(package, origin)
     config = manifest.plan.plan_config()

@@ -19,6 +19,7 @@ from petah.errors import EngineCannotRun, PetahError
 from petah.packages import Manifest, TaskPackage
 from petah.packages.quantized import adapter_arrays
 from petah.plans import CHANNEL_SCALE, LORA
+from petah.plans.base import MAGNITUDE
 
 LOGITS = "logits"
 OUTPUTS = "outputs"
@@ -36,6 +37,17 @@ def lora_delta(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> np.ndarr
     if rank < 1 or b.size != shape[0] * rank or a.size * shape[0] != int(np.prod(shape)) * rank:
         raise PetahError(f"LoRA factors {a.shape} / {b.shape} do not fit a weight of shape {shape}")
     return (b.reshape(shape[0], rank) @ a.reshape(rank, -1)).reshape(shape)
+
+
+def dora_rows(weight: np.ndarray, magnitude: np.ndarray, origin: str, module: str) -> np.ndarray:
+    """DoRA's merge (PEFT's): each output row of the LoRA-updated weight rescaled to its trained
+    magnitude, ``m / ‖W + s·B·A‖`` row by row (the bias stays as it is)."""
+    magnitude = np.asarray(magnitude, dtype=np.float32)
+    if magnitude.shape != (weight.shape[0],) or not np.all(np.isfinite(magnitude)):
+        raise PetahError(f"{origin}: the DoRA magnitude of {module} must be {weight.shape[0]} finite values, "
+                         f"got shape {magnitude.shape}")
+    norms = np.sqrt(np.square(weight.reshape(weight.shape[0], -1)).sum(axis=1))
+    return weight * (magnitude / norms).reshape((-1,) + (1,) * (weight.ndim - 1))
 
 
 def merged_weights(backbone: DeviceBackbone, package: TaskPackage, origin: str) -> dict[str, np.ndarray]:
@@ -65,7 +77,10 @@ def merged_weights(backbone: DeviceBackbone, package: TaskPackage, origin: str) 
         if target.method == LORA:
             a = np.asarray(adapters[f"{target.module}.lora_A"], dtype=np.float32)
             b = np.asarray(adapters[f"{target.module}.lora_B"], dtype=np.float32)
-            changed[key] = weight + np.float32(config.lora_scaling(a.shape[0])) * lora_delta(a, b, weight.shape)
+            updated = weight + np.float32(config.lora_scaling(a.shape[0])) * lora_delta(a, b, weight.shape)
+            if config.dora:
+                updated = dora_rows(updated, adapters[f"{target.module}.{MAGNITUDE}"], origin, target.module)
+            changed[key] = updated
         elif target.method == CHANNEL_SCALE:
             scale = 1.0 + np.asarray(adapters[f"{target.module}.scale_delta"], dtype=np.float32)
             if scale.shape != (weight.shape[0],):

@@ -220,6 +220,9 @@ def export_base_and_adapters(backbone: Backbone, packages: list, output: str | P
         if manifest.task.kind != "classification":
             raise PetahError(f"{path}: a {manifest.task.kind} task; the shared base graph holds classification heads "
                              "— export it merged")
+        if manifest.plan.config.get("dora"):
+            raise PetahError(f"{path}: DoRA rescales each adapted layer's whole weight, which an adapter branch of a "
+                             "shared base graph cannot do — export it merged")
         if manifest.plan.overrides:
             raise PetahError(f"{path}: its plan owns norm / bias tensors, which a shared base graph cannot switch; "
                              "export it merged")

@@ -39,6 +39,7 @@ from petah.errors import PetahError
 from petah.files import check_writable, inside
 from petah.packages import TaskPackage, TrustPolicy, read_package, read_trusted
 from petah.plans import CHANNEL_SCALE, LORA, PlanConfig, Target
+from petah.plans.base import MAGNITUDE
 from petah.runtime.attach import build_package, load_task
 from petah.tasks import Classification
 
@@ -140,6 +141,9 @@ def export_peft(backbone: Backbone, package: TaskPackage | str | Path, output: s
             layer = inner.get_submodule(module)
             layer.lora_A[PEFT_ADAPTER].weight.copy_(adapters[f"{module}.lora_A"])
             layer.lora_B[PEFT_ADAPTER].weight.copy_(adapters[f"{module}.lora_B"])
+            if config.dora:  # stored flat; PEFT holds a conv's as (1, out, 1, 1)
+                magnitude = layer.lora_magnitude_vector[PEFT_ADAPTER].weight
+                magnitude.copy_(adapters[f"{module}.{MAGNITUDE}"].reshape(magnitude.shape))
         head = task.model.head.state_dict()
         for module in classifiers:
             inner.get_submodule(module).modules_to_save[PEFT_ADAPTER].load_state_dict(head)
@@ -182,8 +186,8 @@ def _read_peft_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise PetahError(f"{config_path}: not valid JSON ({exc})") from exc
     if config.get("peft_type") != "LORA":
         raise PetahError(f"{config_path}: peft_type {config.get('peft_type')!r}; petah imports LoRA adapters only")
-    if config.get("use_dora"):
-        raise PetahError(f"{config_path}: DoRA adapters have no petah equivalent")
+    if config.get("use_dora"):  # petah's own DoRA packages export to PEFT; importing one is not built
+        raise PetahError(f"{config_path}: importing DoRA adapters is not supported (petah adapt --dora trains them)")
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
         raise PetahError(f"{config_path}: trained biases (bias={config.get('bias')!r}, lora_bias) "
                          "have no petah equivalent")

@@ -19,10 +19,12 @@ from petah.errors import PetahError
 from petah.imaging import Preprocess
 from petah.packages.quantized import QUANTIZED_DTYPES, scale_names
 from petah.plans import CHANNEL_SCALE, LORA, MAX_RANK, PlanConfig, Target
+from petah.plans.base import LORA_FORMS, MAGNITUDE
 
 FORMAT = "petah-task"
 # the newest: v3 + adapter forms an older reader would merge wrongly: LoRA factors stored in int8
-# with their scales (petah.packages.quantized), rsLoRA's per-layer scaling (plan.config.rslora)
+# with their scales (petah.packages.quantized), rsLoRA's per-layer scaling and DoRA's magnitudes
+# (plan.config.rslora / dora)
 FORMAT_VERSION = 4
 GRAPH_VERSION = 3  # v2 + a head graph (``graph/head``) for heads a device runs as a graph
 FORMS_VERSION = 4
@@ -218,9 +220,9 @@ class Manifest:
 
     def written_version(self) -> int:
         """The version this manifest is written as: v4 only where it needs v4 (int8 adapters, rsLoRA
-        scaling), v3 only where it needs v3 (a head graph), so stations of older petahs keep reading
+        scaling, DoRA), v3 only where it needs v3 (a head graph), so stations of older petahs keep reading
         every other package (and refuse, not misread, the rest)."""
-        if self.adapter_dtype in QUANTIZED_DTYPES or self.plan.config.get("rslora"):
+        if self.adapter_dtype in QUANTIZED_DTYPES or any(self.plan.config.get(form) for form in LORA_FORMS):
             return FORMS_VERSION
         return GRAPH_VERSION if self.head.get("graph") else 2
 
@@ -242,6 +244,8 @@ class Manifest:
             names |= {f"adapter/{target.module}.{s}" for s in suffixes}
             if target.method == LORA and self.adapter_dtype in QUANTIZED_DTYPES:
                 names |= {f"adapter/{name}" for name in scale_names(target.module)}
+            if target.method == LORA and self.plan.config.get("dora"):
+                names.add(f"adapter/{target.module}.{MAGNITUDE}")
         names |= {f"override/{k}" for k in self.plan.overrides}
         names |= {f"head/{k}" for k in self.head["tensors"]}
         if self.head.get("graph"):
@@ -328,8 +332,9 @@ class Manifest:
         if adapter_dtype in QUANTIZED_DTYPES and version < FORMS_VERSION:
             raise root.fail("adapter_dtype", f"a float type in a format-{version} package ({adapter_dtype} "
                                              f"adapters are format {FORMS_VERSION})")
-        if config.get("rslora") is not None and (type(config["rslora"]) is not bool or version < FORMS_VERSION):
-            raise plan_fields.fail("config.rslora", f"true or false, in a package of format {FORMS_VERSION}")
+        for form in LORA_FORMS:
+            if config.get(form) is not None and (type(config[form]) is not bool or version < FORMS_VERSION):
+                raise plan_fields.fail(f"config.{form}", f"true or false, in a package of format {FORMS_VERSION}")
         return cls(
             task=task, backbone=backbone, preprocessing=preprocessing,
             plan=PlanRecord(config, tuple(targets), tuple(overrides)), head=head,

@@ -23,6 +23,8 @@ CHANNEL_SCALE = "channel_scale"
 PRESETS = ("petah", "attn-lora", "bitfit", "linear-probe", "full")
 TASK_NORM_CHOICES = ("none", "affine", "stats")
 ALLOCATIONS = ("gradient", "activation")
+LORA_FORMS = ("rslora", "dora")  # plan switches that change how LoRA layers merge (package format 4)
+MAGNITUDE = "lora_magnitude"  # DoRA's per-row magnitude of a LoRA layer, as a package stores it
 DEFAULT_RANK = 8
 DEFAULT_MAX_RANK = 32
 
@@ -89,6 +91,10 @@ class PlanConfig:
     # petah's alpha / rank with alpha kept proportional to each layer's rank (one scaling for all)
     rslora: bool = option(False, cli="--rslora", help=(
         "Rank-stabilised scaling (rsLoRA): each layer's update is scaled by alpha / sqrt(its rank)."))
+    # DoRA (Liu et al. 2024, PEFT's use_dora): a LoRA layer's weight is split into a trained per-row
+    # magnitude and a direction that LoRA changes; merges exactly (each row rescaled)
+    dora: bool = option(False, cli="--dora", help=(
+        "DoRA: each LoRA layer also trains a magnitude per output row (weight-decomposed LoRA)."))
     # modules whose every tensor the task owns (PEFT's modules_to_save, kept by import-peft; the
     # norm layers a budget allocation gives the task)
     override_modules: list[str] = option(default_factory=list, help="Modules whose every tensor the task owns.")
@@ -124,6 +130,9 @@ class PlanConfig:
             raise PetahError(f"unknown --allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         if not 1 <= self.max_rank <= MAX_RANK:
             raise PetahError(f"--max-rank must be 1 to {MAX_RANK}, got {self.max_rank}")
+        lora_forms = [flag for flag, on in (("--rslora", self.rslora), ("--dora", self.dora)) if on]
+        if lora_forms and self.preset in ("bitfit", "linear-probe", "full"):
+            raise PetahError(f"{lora_forms[0]} changes LoRA layers; --plan {self.preset} has none")
         if self.budget is not None:
             self._check_budget()
 
@@ -146,8 +155,9 @@ class PlanConfig:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["stage_ranks"] = {str(k): v for k, v in self.stage_ranks.items()}
-        if not self.rslora:  # absent unless used: packages without it stay readable by older petahs
-            del data["rslora"]
+        for form in LORA_FORMS:  # absent unless used: packages without them stay readable by older petahs
+            if not data[form]:
+                del data[form]
         return data
 
     def lora_scaling(self, rank: int) -> float:

@@ -33,6 +33,7 @@ from petah.packages import (
 from petah.packages.format import NORM_STATISTICS, statistics_dtype
 from petah.packages.manifest import GRAPH_TENSOR
 from petah.packages.quantized import LORA_FACTORS, QUANTIZED_DTYPES, SCALE_SUFFIX, adapter_arrays, quantize_factor
+from petah.plans.base import MAGNITUDE
 from petah.runtime.graphs import GRAPH_HEADS, head_graph
 from petah.tasks import Classification, task_kind
 
@@ -57,20 +58,19 @@ def backbone_ref(backbone: Backbone) -> BackboneRef:
 
 def pack_tensors(adapters: dict, overrides: dict, head: dict, adapter_dtype: str) -> dict:
     """A package's arrays: adapters in ``adapter_dtype`` (int8: LoRA factors quantized with a scale
-    per rank term, channel scales fp16); owned norm statistics fp16 unless adapters are fp32
+    per rank term, channel scales fp16; DoRA magnitudes float32); owned norm statistics fp16 unless adapters are fp32
     (measured, docs/format.md); other overrides and the head stay as trained."""
     stats = DTYPES[statistics_dtype(adapter_dtype)]
-    if adapter_dtype in QUANTIZED_DTYPES:
-        out = {}
-        for key, value in adapters.items():
-            factor = key.rpartition(".")[2]
-            if factor in LORA_FACTORS:
-                out[f"adapter/{key}"], out[f"adapter/{key}{SCALE_SUFFIX}"] = quantize_factor(to_numpy(value.detach()),
-                                                                                            factor)
-            else:
-                out[f"adapter/{key}"] = to_numpy(value.detach().to(torch.float16))
-    else:
-        out = {f"adapter/{k}": to_numpy(v.detach().to(DTYPES[adapter_dtype])) for k, v in adapters.items()}
+    quantized = adapter_dtype in QUANTIZED_DTYPES
+    out = {}
+    for key, value in adapters.items():
+        factor, value = key.rpartition(".")[2], value.detach()
+        if quantized and factor in LORA_FACTORS:
+            out[f"adapter/{key}"], out[f"adapter/{key}{SCALE_SUFFIX}"] = quantize_factor(to_numpy(value), factor)
+        elif factor == MAGNITUDE:  # float32 always: it rescales whole weight rows (fp16 would move untrained ones)
+            out[f"adapter/{key}"] = to_numpy(value.float())
+        else:
+            out[f"adapter/{key}"] = to_numpy(value.to(torch.float16 if quantized else DTYPES[adapter_dtype]))
     out.update({f"override/{k}": to_numpy(v.detach().to(stats) if k.endswith(NORM_STATISTICS) else v.detach())
                 for k, v in overrides.items()})
     out.update({f"head/{k}": to_numpy(v.detach()) for k, v in head.items()})

@@ -35,6 +35,7 @@ from petah.errors import PetahError
 from petah.packages.format import statistics_dtype
 from petah.packages.quantized import QUANTIZED_DTYPES, scale_names
 from petah.plans import CHANNEL_SCALE, LORA, PlanConfig, Target, stage_function
+from petah.plans.base import MAGNITUDE
 from petah.plans.budget import Ladder, allocate, stage_summary
 
 # Probe length as a share of the training steps (the issue's cap: +15 % of training time), with
@@ -65,8 +66,8 @@ def _entry_bytes(name: str) -> int:
 class _Pricing:
     """Bytes of each choice as the package stores it (``adapter_dtype`` as the API names it)."""
 
-    def __init__(self, adapter_dtype: str):
-        self.quantized = adapter_dtype in QUANTIZED_DTYPES
+    def __init__(self, adapter_dtype: str, dora: bool = False):
+        self.quantized, self.dora = adapter_dtype in QUANTIZED_DTYPES, dora
         self.adapter = getattr(torch, adapter_dtype).itemsize
         self.channel = 2 if self.quantized else self.adapter  # int8 packages keep channel scales in fp16
         self.stats = 4 if statistics_dtype(adapter_dtype) == "float32" else 2
@@ -76,10 +77,14 @@ class _Pricing:
         out_dim, in_dim = weight_matrix_shape(layer)
         names = [f"adapter/{target.module}.lora_A", f"adapter/{target.module}.lora_B"]
         per_rank = (out_dim + in_dim) * self.adapter
+        first = 0
         if self.quantized:  # a float32 scale per rank term and factor
             names += [f"adapter/{name}" for name in scale_names(target.module)]
             per_rank += 2 * 4
-        return per_rank, sum(_entry_bytes(name) for name in names)
+        if self.dora:  # a float32 magnitude per output row
+            names.append(f"adapter/{target.module}.{MAGNITUDE}")
+            first += out_dim * 4
+        return per_rank, first + sum(_entry_bytes(name) for name in names)
 
     def scale(self, target: Target, layer: nn.Module) -> int:
         return layer.out_channels * self.channel + _entry_bytes(f"adapter/{target.module}.scale_delta")
@@ -274,7 +279,7 @@ def allocate_budget(context: ProbeContext, plan: PlanConfig, backbone, budget: i
     gains = probe(context, candidates)
     context.head.load_state_dict(head_state)
     probe_seconds = time.monotonic() - started
-    ladders = _ladders(context, candidates, gains, _Pricing(adapter_dtype))
+    ladders = _ladders(context, candidates, gains, _Pricing(adapter_dtype, plan.dora))
     by_name = {t.module: t for t in candidates}
     room = budget - base
     for _ in range(6):  # the prices are close, not exact: shrink by any excess and choose again
