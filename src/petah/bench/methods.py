@@ -50,6 +50,7 @@ METHODS = {m.name: m for m in [
     # plain LoRA (no LoRA+, which petah-r8 has by default on classification); same plan, same bytes
     Method("petah-r8-plain", {"preset": "petah", "rank": 8}, _ADAPTER_RATES, (("lora_plus", 1.0),)),
     Method("petah-r8-rslora", {"preset": "petah", "rank": 8, "rslora": True}, _ADAPTER_RATES),  # alpha / sqrt(r)
+    Method("petah-r8-dora", {"preset": "petah", "rank": 8, "dora": True}, _ADAPTER_RATES),  # + a magnitude per row
     # LP-FT: the head starts as the fitted probe
     Method("petah-r8-lp-ft", {"preset": "petah", "rank": 8}, _ADAPTER_RATES, (("lp_ft", True),)),
     # the task also owns its BatchNorm statistics (and ships them): for targets far from the source
