@@ -60,7 +60,7 @@ def test_bench_methods_quick(tmp_path):
     assert all(r["peak_rss_bytes"] > 50 * 2**20 and r["train_peak_rss_bytes"] <= r["peak_rss_bytes"]
                and r["train_rss_rise_bytes"] > 0 and r["images_per_second"] > 0 and r["latency_ms"] > 0
                for r in rows.values())
-    assert len(main["runs"]) == 10 and all(r["max_steps"] == 3 for r in main["runs"])
+    assert len(main["runs"]) == 11 and all(r["max_steps"] == 3 for r in main["runs"])
     # the budget grid: every method at the uniform plan's bytes (within 5 %; attn-lora at its nearest rank)
     point = main["budgets"]["digits"]["2.0"]
     assert set(point) == {"uniform", "budget-gradient", "budget-int8", "budget-activation", "adalora", "attn-lora"}
