@@ -229,6 +229,7 @@ def adapt(
         features = DataLoader(kind.view(train, preprocess_for(backbone)), batch_size=EVAL_BATCH, shuffle=False)
         result, probe = fit_linear_probe(work.model, head, features, len(train.classes), config.seed)
     if plan.preset != "linear-probe" or kind is not Classification:
+        fitted = result if probe is not None else None
         trainer = Trainer(
             model, adapter.trainable_parameters(), list(head.parameters()),
             kind.loss(config.label_smoothing, dice, head=head, img_size=backbone.img_size), view, config,
@@ -237,8 +238,8 @@ def adapt(
         )
         result = trainer.fit()
         model = trainer.model
-        if probe is not None:  # LP-FT: the fit is part of the training time
-            result = replace(result, seconds=result.seconds + probe["feature_seconds"] + probe["fit_seconds"])
+        if fitted is not None:  # LP-FT: the fit is part of the training time
+            result = replace(result, seconds=result.seconds + fitted.seconds)
     trainable = sum(p.numel() for p in adapter.trainable_parameters()) + sum(p.numel() for p in head.parameters())
     package = build_package(backbone, adapter, head, task_name=task_name, labels=train.classes, kind=kind,
                             adapter_dtype=adapter_dtype, trainable_parameters=trainable,
@@ -371,7 +372,6 @@ def _allocate(work: Backbone, plan: PlanConfig, config: TrainConfig, kind, head:
     context = ProbeContext(model, work.model, head, kind.loss(config.label_smoothing, dice, head=head,
                                                                 img_size=work.img_size),
                            view, config, frozen_norms(work.model), schedule_steps(config, len(view)))
-    check_dtype("adapter_dtype", adapter_dtype)
     return allocate_budget(context, plan, work, budget_bytes(plan.budget, work.weights_bytes), package_bytes,
                            adapter_dtype)
 

@@ -210,12 +210,13 @@ class TaskAdapter:
             if missing or extra:
                 raise PetahError(f"{what} tensors do not match the plan: missing {missing[:3]}, unexpected {extra[:3]}")
             for key, tensor in dest.items():
-                if key.endswith(MAGNITUDE) and tuple(source[key].shape) == (tensor.numel(),):
-                    source = {**source, key: source[key].reshape(tensor.shape)}
-                if tuple(source[key].shape) != tuple(tensor.shape):
-                    raise PetahError(f"{what} tensor {key} has shape {tuple(source[key].shape)}, expected "
+                value = source[key]
+                if key.endswith(MAGNITUDE) and tuple(value.shape) == (tensor.numel(),):  # stored flat
+                    value = value.reshape(tensor.shape)
+                if tuple(value.shape) != tuple(tensor.shape):
+                    raise PetahError(f"{what} tensor {key} has shape {tuple(value.shape)}, expected "
                                      f"{tuple(tensor.shape)}")
-                tensor.copy_(source[key].to(tensor.dtype))
+                tensor.copy_(value.to(tensor.dtype))
         refresh_attention_caches(self.model)
 
     # --- several tasks in one model ------------------------------------------------------

@@ -59,7 +59,7 @@ def adapter_arrays(package, origin: str | None = None) -> dict[str, np.ndarray]:
     origin = origin or f"package {package.manifest.task.name}"
     out = {}
     for name, value in stored.items():
-        module, _, factor = name.rpartition(".")
+        factor = name.rpartition(".")[2]
         if factor in LORA_FACTORS:
             out[name] = dequantize_factor(value, stored[f"{name}{SCALE_SUFFIX}"], factor, origin, name)
         elif not factor.endswith(SCALE_SUFFIX):

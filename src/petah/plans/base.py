@@ -130,7 +130,7 @@ class PlanConfig:
             raise PetahError(f"unknown --allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         if not 1 <= self.max_rank <= MAX_RANK:
             raise PetahError(f"--max-rank must be 1 to {MAX_RANK}, got {self.max_rank}")
-        lora_forms = [flag for flag, on in (("--rslora", self.rslora), ("--dora", self.dora)) if on]
+        lora_forms = [f"--{form}" for form in LORA_FORMS if getattr(self, form)]
         if lora_forms and self.preset in ("bitfit", "linear-probe", "full"):
             raise PetahError(f"{lora_forms[0]} changes LoRA layers; --plan {self.preset} has none")
         if self.budget is not None:
