@@ -236,7 +236,8 @@ def demo_digits():
     # diverged here (accuracy 0.1), so it learns at plain LoRA's rate ratio
     {"plan": {"rslora": True}, "train": {"lora_plus": 1.0}},
     {"plan": {"dora": True}}, {"train": {"lp_ft": True}}, {"adapt": {"adapter_dtype": "int8"}},
-], ids=["lora+", "rslora", "dora", "lp-ft", "int8"])
+    {"plan": {"lora_init": "eva"}},
+], ids=["lora+", "rslora", "dora", "lp-ft", "int8", "eva"])
 def test_each_training_option_learns(demo_digits, option):
     from petah.plans import PlanConfig
     from petah.train import TrainConfig
@@ -259,7 +260,7 @@ def test_lp_ft_starts_from_the_fitted_probe_and_is_refused_where_it_cannot_apply
     backbone, train, val = demo_digits
     probe = api.adapt(backbone, train, val, plan=PlanConfig(preset="linear-probe"), task_name="digits")
     frozen = TrainConfig(max_steps=1, batch_size=32, lr=1e-12, head_lr=1e-12, lp_ft=True, progress=False)
-    started = api.adapt(backbone, train, val, config=frozen, task_name="digits")  # one step at rate ~0
+    started = api.adapt(backbone, train, val, plan=PlanConfig(), config=frozen, task_name="digits")  # rate ~0
     assert started.metrics["accuracy"] == pytest.approx(probe.metrics["accuracy"], abs=0.011)
     chosen = [r.package.manifest.training["probe"]["strength"] for r in (started, probe)]
     assert chosen[0] == chosen[1]
@@ -268,3 +269,78 @@ def test_lp_ft_starts_from_the_fitted_probe_and_is_refused_where_it_cannot_apply
     masks, mask_val = load_builtin("defects")
     with pytest.raises(PetahError, match="--lp-ft .* not segmentation"):
         api.adapt(backbone, masks.subset(range(4)), mask_val.subset(range(2)), config=frozen)
+
+
+def test_eva_starts_a_at_the_inputs_top_directions_and_leaves_outputs_unchanged(demo_digits):
+    """EVA: A's rows orthogonal, of one length, and per unit length capturing far more of each
+    layer's input energy than PEFT's random start; B zero, so the adapted model still computes the
+    backbone's outputs."""
+    import copy
+    from dataclasses import replace
+
+    import torch.nn.functional as F
+
+    from petah.adapters import TaskAdapter
+    from petah.data import Preprocess
+    from petah.plans import LORA, PlanConfig
+    from petah.tasks import Classification
+    from petah.train import TrainConfig
+    from petah.train.eva import eva_init
+    from petah.train.trainer import schedule_steps
+
+    backbone, train, _val = demo_digits
+    images = Preprocess(backbone.img_size, backbone.mean, backbone.std).batch(train.images[:32])
+    plan = PlanConfig(lora_init="eva", stage_ranks={0: 2, 3: 6})  # two ranks: conv stem and attention / MLP
+    adapters = {}
+    for init in ("default", "eva"):
+        torch.manual_seed(0)
+        work = replace(backbone, model=copy.deepcopy(backbone.model))
+        adapters[init] = TaskAdapter(work, plan)
+    view = Classification.view(train, Preprocess(backbone.img_size, backbone.mean, backbone.std), None, 0)
+    config = TrainConfig(batch_size=32, epochs=1)
+    with torch.no_grad():
+        before = adapters["eva"].model.eval()(images)
+        assert eva_init(adapters["eva"], view, config, schedule_steps(config, len(view))) > 0
+        assert torch.equal(adapters["eva"].model.eval()(images), before)
+    inputs = {}
+
+    def keep(name):
+        def hook(_module, args, _out):
+            inputs[name] = args[0]
+        return hook
+    hooks = [adapters["eva"].model.get_submodule(t.module).register_forward_hook(keep(t.module))  # as called
+             for t in adapters["eva"].targets if t.method == LORA]
+    with torch.no_grad():
+        adapters["eva"].model(images)
+    for hook in hooks:
+        hook.remove()
+    ratios = []
+    for name, x in inputs.items():
+        layer = {init: adapters[init].model.get_submodule(name) for init in adapters}
+        base = layer["eva"].get_base_layer()
+        if isinstance(base, torch.nn.Conv2d):
+            x = F.unfold(x, base.kernel_size, base.dilation, base.padding, base.stride).transpose(1, 2)
+        x = x.reshape(-1, x.shape[-1])
+        captured = {}
+        for init in adapters:
+            a = layer[init].lora_A["default"].weight.detach().flatten(1)
+            a = a / a.norm(dim=1, keepdim=True)  # the energy per unit direction
+            captured[init] = float(((x @ a.T) ** 2).sum())
+            assert not layer[init].lora_B["default"].weight.any()
+        eva = layer["eva"].lora_A["default"].weight.detach()
+        eva = eva.reshape(eva.shape[0], -1)
+        gram = eva @ eva.T  # orthogonal rows of one length
+        assert torch.allclose(gram, gram[0, 0] * torch.eye(eva.shape[0]), atol=1e-5 * float(gram[0, 0]))
+        ratios.append(captured["eva"] / captured["default"])
+    assert len(ratios) > 10 and min(ratios) > 1.5, ratios
+
+
+def test_lora_init_is_recorded_and_refused_where_there_is_no_lora():
+    from petah.plans import PlanConfig
+
+    assert PlanConfig(lora_init="eva").to_dict()["lora_init"] == "eva"
+    assert "lora_init" not in PlanConfig().to_dict()  # manifests as before when unused
+    with pytest.raises(PetahError, match="--lora-init eva changes LoRA layers; --plan bitfit has none"):
+        PlanConfig(preset="bitfit", lora_init="eva")
+    with pytest.raises(PetahError, match="unknown --lora-init 'pissa'"):
+        PlanConfig(lora_init="pissa")

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import one_json, perturb_adapters, petah_process
+from conftest import one_json, perturb_adapters, petah_process, write_pattern_folder
 from petah import api
 from petah.backbones import create_backbone
 from petah.data import Preprocess, load_builtin
 from petah.errors import PetahError
 from petah.plans import LORA, PlanConfig
 from petah.plans.budget import Ladder, allocate, budget_bytes
+from petah.tasks import TASK_KINDS
 from petah.train import TrainConfig
 
 SIZE = 32
@@ -175,6 +176,24 @@ def test_peft_export_carries_per_layer_ranks(budget_tasks, tmp_path):
         assert torch.allclose(api.load_task(backbone, imported).model(real), expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind,given,classes,budget", [
+    ("classification", set(), 10, "3%"),  # the measured default (docs/benchmarks.md, "recipe search")
+    ("classification", {"dropout", "dora", "max_rank"}, 10, "3%"),  # options a budget plan takes
+    ("classification", {"rank"}, 10, None),  # --rank 8 given: the uniform plan it names
+    ("classification", {"stage_ranks"}, 10, None),
+    ("classification", {"task_norm"}, 10, None),
+    ("classification", {"preset"}, 10, None),
+    ("classification", {"targets"}, 10, None),
+    ("classification", set(), 2000, None),  # the head alone would take over half of 3 %
+    ("segmentation", set(), 3, None),
+    ("detection", set(), 3, None),
+    ("anomaly", set(), 2, None),
+])
+def test_default_plan_per_kind(budget_tasks, kind, given, classes, budget):
+    plan = api.default_plan(TASK_KINDS[kind], budget_tasks["backbone"], classes, PlanConfig(dropout=0.1), given)
+    assert plan.budget == budget and plan.dropout == 0.1 and plan.rank == 8
+
+
 def test_a_budget_below_the_head_names_the_minimum(budget_tasks):
     with pytest.raises(PetahError, match=r"the smallest budget for it is [\d,]+ bytes"):
         api.adapt(budget_tasks["backbone"], budget_tasks["train"], budget_tasks["val"],
@@ -196,3 +215,10 @@ def test_cli_budget_errors_write_nothing_and_plan_show_reads_a_package(budget_ta
     assert set(shown["stages"]) == {"0", "1", "2", "3"}
     proc = petah_process("plan", "show", "efficientformerv2_s0", "--budget", "3%", ok=False)
     assert proc.returncode != 0 and "petah plan show --package" in proc.stderr
+    # the classification default is the 3 % budget; naming a rank gives the uniform plan instead
+    shapes = write_pattern_folder(tmp_path / "shapes", 6, seed=3)
+    for args, budget in [([], "3%"), (["--rank", "8"], None)]:
+        petah_process("adapt", shapes, "-b", "efficientformerv2_s0", "--img-size", SIZE, "--val-split", "0.25",
+                      "--max-steps", 1, "--batch-size", 8, "-o", package, *args)
+        info = one_json(petah_process("inspect", package, "--json"))
+        assert info["plan"]["budget"] == budget and (info["ratio"] <= 0.03) == (budget is not None)

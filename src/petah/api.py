@@ -25,7 +25,8 @@ from petah.packages import TaskPackage, check_task_name, describe_package, write
 from petah.packages.manifest import MAX_LABEL_CHARS, MAX_LABELS
 from petah.packages.reference import FIELD as REFERENCE_FIELD
 from petah.packages.reference import REFERENCE_ROOM
-from petah.plans import PlanConfig
+from petah.plans import LAYOUT_OPTIONS, PlanConfig
+from petah.plans.budget import budget_bytes
 from petah.runtime.attach import (
     LoadedTask,
     attach_package,
@@ -167,6 +168,23 @@ class AdaptResult:
     train: TrainResult
 
 
+def default_plan(kind, backbone: Backbone, classes: int, plan: PlanConfig | None = None,
+                 given: frozenset[str] | set[str] = frozenset()) -> PlanConfig:
+    """The plan a task gets from ``petah adapt`` when no option chose its layers (``given``: the
+    PlanConfig fields set by the caller; ``plan``: those settings): the task kind's default budget
+    (``kind.default_budget``), or the uniform plan where the kind has none, where a layout option
+    was given, or where the head alone would take more than half the budget (a many-class head on a
+    small backbone: the adapters would get too little to be worth a probe)."""
+    plan = plan or PlanConfig()
+    budget = kind.default_budget
+    if budget is None or set(given) & LAYOUT_OPTIONS:
+        return plan
+    head_bytes = 2 * sum(p.numel() for p in kind.head_for(backbone, classes).parameters())  # float16
+    if head_bytes > budget_bytes(budget, backbone.weights_bytes) / 2:
+        return plan
+    return replace(plan, budget=budget)
+
+
 def adapt(
     backbone: Backbone,
     train: LabeledImages,
@@ -188,7 +206,8 @@ def adapt(
     (segmentation; ``dice`` adds a soft-dice term to the cross-entropy). ``task``, when given, must
     agree with it. With ``output`` the package is written there, and the path is checked before
     any training. Anomaly data (good images to learn from) is fitted instead (``anomaly``: its
-    bank and threshold settings; see ``_fit_anomaly``).
+    bank and threshold settings; see ``_fit_anomaly``). Without ``plan``, the task kind's default
+    (``default_plan``: a 3 % budget for classification, the uniform rank-8 plan otherwise).
     """
     check_dtype("adapter_dtype", adapter_dtype)
     if output is not None:
@@ -197,7 +216,9 @@ def adapt(
     _check_labels(train, val)
     _check_label_limits(train)  # the validation set names the same classes
     kind = check_task(task, train)
-    plan, config = plan or PlanConfig(), config or TrainConfig()
+    config = config or TrainConfig()
+    if plan is None:
+        plan = default_plan(kind, backbone, len(train.classes))
     if kind is Anomaly:
         return _fit_anomaly(backbone, train, val, plan, config, task_name, anomaly or AnomalyConfig(), output)
     if config.lp_ft and (kind is not Classification or plan.preset == "linear-probe"):
@@ -220,6 +241,11 @@ def adapt(
     else:
         adapter = TaskAdapter(work, plan)
         head = kind.head_for(backbone, len(train.classes))
+    eva_seconds = 0.0
+    if plan.lora_init == "eva":
+        from petah.train.eva import eva_init
+
+        eva_seconds = eva_init(adapter, view, config, schedule_steps(config, len(view)))
     model = kind.build_model(work.model, head)
     probe = None
     if kind is Classification and (plan.preset == "linear-probe" or config.lp_ft):
@@ -238,8 +264,8 @@ def adapt(
         )
         result = trainer.fit()
         model = trainer.model
-        if fitted is not None:  # LP-FT: the fit is part of the training time
-            result = replace(result, seconds=result.seconds + fitted.seconds)
+        # LP-FT's fit and EVA's probe are part of the training time
+        result = replace(result, seconds=result.seconds + eva_seconds + (fitted.seconds if fitted else 0.0))
     trainable = sum(p.numel() for p in adapter.trainable_parameters()) + sum(p.numel() for p in head.parameters())
     package = build_package(backbone, adapter, head, task_name=task_name, labels=train.classes, kind=kind,
                             adapter_dtype=adapter_dtype, trainable_parameters=trainable,
@@ -284,8 +310,6 @@ def _fit_anomaly(backbone: Backbone, train, val, plan: PlanConfig, config: Train
     dim = sum(head.in_channels)
     budget = None
     if plan.budget is not None:
-        from petah.plans.budget import budget_bytes
-
         one_row = planned_bytes(backbone, head_only, train, val, head=head, task_name=task_name)
         budget = budget_bytes(plan.budget, backbone.weights_bytes) - one_row + dim * 2
     fitted = Anomaly.fit(backbone.model, head, eval_loader(train, preprocess, Anomaly),
@@ -361,7 +385,6 @@ def _allocate(work: Backbone, plan: PlanConfig, config: TrainConfig, kind, head:
               task_name: str, train: LabeledImages, val: LabeledImages, adapter_dtype: str):
     """``--budget``: choose the plan's ranks, channel scales and owned norms on this task's data
     (``petah.train.allocate``), pricing each choice by the package it would write."""
-    from petah.plans.budget import budget_bytes
     from petah.train.allocate import ProbeContext, allocate_budget
 
     def package_bytes(trial_plan: PlanConfig, targets: list) -> int:

@@ -64,7 +64,9 @@ def run_demo(output: str | Path, tasks=DEMO_TASKS, plans=DEMO_PLANS, backbone_pa
             config = TrainConfig(epochs=task.epochs, batch_size=task.batch_size, max_steps=max_steps,
                                  progress=False, **rates)
             stderr.print(f"adapting {task.name} ({len(train)} images) with plan {plan} ...")
-            result = api.adapt(backbone, train, val, plan=PlanConfig(preset=plan), config=config, task_name=task.name,
+            # "petah": what `petah adapt` gives the task's kind by default (classification: a 3 % budget)
+            chosen = None if plan == "petah" else PlanConfig(preset=plan)
+            result = api.adapt(backbone, train, val, plan=chosen, config=config, task_name=task.name,
                                augment=Augment(), dice=task.dice)
             path = api.save_package(result, output / f"{task.name}-{plan}.petah")
             rows.append(_row(task, plan, result, path, backbone, train))

@@ -51,6 +51,8 @@ METHODS = {m.name: m for m in [
     Method("petah-r8-plain", {"preset": "petah", "rank": 8}, _ADAPTER_RATES, (("lora_plus", 1.0),)),
     Method("petah-r8-rslora", {"preset": "petah", "rank": 8, "rslora": True}, _ADAPTER_RATES),  # alpha / sqrt(r)
     Method("petah-r8-dora", {"preset": "petah", "rank": 8, "dora": True}, _ADAPTER_RATES),  # + a magnitude per row
+    # EVA: A starts at the top directions of each layer's inputs (petah.train.eva)
+    Method("petah-r8-eva", {"preset": "petah", "rank": 8, "lora_init": "eva"}, _ADAPTER_RATES),
     # LP-FT: the head starts as the fitted probe
     Method("petah-r8-lp-ft", {"preset": "petah", "rank": 8}, _ADAPTER_RATES, (("lp_ft", True),)),
     # the task also owns its BatchNorm statistics (and ships them): for targets far from the source

@@ -135,6 +135,14 @@ def _option_type(field, hint, default):
     return Optional[kind] if default is None else kind  # noqa: UP045
 
 
+def given_options(context: typer.Context, into: str) -> set[str]:
+    """The fields of the config built as parameter ``into`` (``config_options``) that the running
+    command was given on its command line: a default can then depend on what was not."""
+    prefix = f"{into}__"
+    return {name.removeprefix(prefix) for name in context.params if name.startswith(prefix)
+            and context.get_parameter_source(name).name != "DEFAULT"}
+
+
 def config_options(cls: type, into: str, *, only: tuple[str, ...] | None = None, exclude: tuple[str, ...] = (),
                    defaults: dict | None = None):
     """Give a command one option per CLI field of config dataclass ``cls`` (flag, help and default

@@ -29,6 +29,7 @@ from petah.cli.common import (
     data_spec,
     emit_json,
     err,
+    given_options,
     out,
     trust_policy,
     warn_skipped,
@@ -128,6 +129,7 @@ IntensityOpt = Annotated[str, typer.Option(
 @config_options(TrainConfig, "training")
 @config_options(AnomalyConfig, "anomaly")
 def adapt(
+    context: typer.Context,
     backbone_spec: BackboneOpt,
     output: Annotated[Path, typer.Option("--output", "-o", help="Package file to write (.petah).")],
     data: DataArg = None,
@@ -168,6 +170,7 @@ def adapt(
     train, val = load_dataset(data_spec(data, data_opt), val_split, training.seed, strict, intensity=intensity,
                               task=task)
     kind = api.check_task(task, train)  # refused before any training (api.adapt checks again)
+    plan = api.default_plan(kind, bb, len(train.classes), plan, given_options(context, "plan"))
     warn_skipped(train)
     task_name = name or output.stem
     result = api.adapt(bb, train, val, plan=plan, config=training, task_name=task_name,

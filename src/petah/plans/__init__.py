@@ -3,6 +3,7 @@
 from petah.plans import efficientformer, efficientformer_v2, efficientvit, fastvit, mobilenet, mobilevit, resnet, vit
 from petah.plans.base import (
     CHANNEL_SCALE,
+    LAYOUT_OPTIONS,
     LORA,
     MAX_RANK,
     PRESETS,
@@ -37,6 +38,6 @@ def stage_function(model_name: str):
 
 
 __all__ = [
-    "CHANNEL_SCALE", "FAMILIES", "LORA", "MAX_RANK", "PRESETS", "Family", "PlanConfig", "Target",
+    "CHANNEL_SCALE", "FAMILIES", "LAYOUT_OPTIONS", "LORA", "MAX_RANK", "PRESETS", "Family", "PlanConfig", "Target",
     "family_for", "stage_function",
 ]

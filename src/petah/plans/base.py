@@ -24,6 +24,7 @@ PRESETS = ("petah", "attn-lora", "bitfit", "linear-probe", "full")
 TASK_NORM_CHOICES = ("none", "affine", "stats")
 ALLOCATIONS = ("gradient", "activation")
 LORA_FORMS = ("rslora", "dora")  # plan switches that change how LoRA layers merge (package format 4)
+LORA_INITS = ("default", "eva")  # how A starts (petah.train.eva); merging is the same either way
 MAGNITUDE = "lora_magnitude"  # DoRA's per-row magnitude of a LoRA layer, as a package stores it
 DEFAULT_RANK = 8
 DEFAULT_MAX_RANK = 32
@@ -95,13 +96,17 @@ class PlanConfig:
     # magnitude and a direction that LoRA changes; merges exactly (each row rescaled)
     dora: bool = option(False, cli="--dora", help=(
         "DoRA: each LoRA layer also trains a magnitude per output row (weight-decomposed LoRA)."))
+    lora_init: str = option("default", cli="--lora-init", help=(
+        "How LoRA's A starts: default (PEFT's random A) | eva (the top principal directions of each "
+        "layer's inputs on the training data). B starts at zero either way."))
     # modules whose every tensor the task owns (PEFT's modules_to_save, kept by import-peft; the
     # norm layers a budget allocation gives the task)
     override_modules: list[str] = option(default_factory=list, help="Modules whose every tensor the task owns.")
     budget: str | None = option(None, cli="--budget", help=(
         f"Bytes the package may take: {BUDGET_FORMS}. The plan's layers then get each their own "
         "rank (0 = not adapted), channel scale or not, and the task owns the norm layers that pay, "
-        "chosen by a short probe on the training data."))
+        "chosen by a short probe on the training data. Default: 3% for classification; a uniform --rank "
+        "plan for the other kinds, and for any task given --plan, --rank, --stage-rank, --task-norm or --target."))
     max_rank: int = option(DEFAULT_MAX_RANK, cli="--max-rank",
                            help="With --budget: the largest rank any one layer may get.")
     allocation: str = option("gradient", cli="--allocation", help=(
@@ -130,7 +135,10 @@ class PlanConfig:
             raise PetahError(f"unknown --allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         if not 1 <= self.max_rank <= MAX_RANK:
             raise PetahError(f"--max-rank must be 1 to {MAX_RANK}, got {self.max_rank}")
+        if self.lora_init not in LORA_INITS:
+            raise PetahError(f"unknown --lora-init {self.lora_init!r}; choose one of {', '.join(LORA_INITS)}")
         lora_forms = [f"--{form}" for form in LORA_FORMS if getattr(self, form)]
+        lora_forms += ["--lora-init eva"] * (self.lora_init != "default")
         if lora_forms and self.preset in ("bitfit", "linear-probe", "full"):
             raise PetahError(f"{lora_forms[0]} changes LoRA layers; --plan {self.preset} has none")
         if self.budget is not None:
@@ -158,6 +166,8 @@ class PlanConfig:
         for form in LORA_FORMS:  # absent unless used: packages without them stay readable by older petahs
             if not data[form]:
                 del data[form]
+        if data["lora_init"] == "default":  # absent unless used: manifests as before
+            del data["lora_init"]
         return data
 
     def lora_scaling(self, rank: int) -> float:
@@ -168,6 +178,11 @@ class PlanConfig:
     def from_dict(cls, data: dict) -> PlanConfig:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+
+# The options that choose which layers adapt and at what rank: given any of them, a task kind's
+# default budget gives way to the plan they describe (petah.api.default_plan)
+LAYOUT_OPTIONS = frozenset({"preset", "rank", "stage_ranks", "task_norm", "targets", "override_modules", "budget"})
 
 
 @dataclass(frozen=True)

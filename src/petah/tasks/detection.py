@@ -96,6 +96,7 @@ class Detection:
     kind = "detection"
     primary_metric = "mAP50"
     lora_plus = 1.0  # plain LoRA: LoRA+ 16 lowered digit-boxes' mAP50 (docs/benchmarks.md, "LoRA+")
+    default_budget = None  # the uniform plan: a dense head alone is about 2 % of the backbone
 
     @staticmethod
     def head_for(backbone, classes: int) -> DetectionHead:

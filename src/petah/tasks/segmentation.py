@@ -69,6 +69,7 @@ class Segmentation:
     kind = "segmentation"
     primary_metric = "mIoU"
     lora_plus = 16.0  # LoRA+ raised the demo's defects mIoU (docs/benchmarks.md, "LoRA+")
+    default_budget = None  # the uniform plan: a dense head alone is about 2 % of the backbone
 
     @staticmethod
     def head_for(backbone, classes: int) -> FPNSegHead:

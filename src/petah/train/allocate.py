@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
 from torch.utils.data import DataLoader
 
 from petah.adapters.targets import NORM_TYPES, resolve_targets, weight_matrix_shape
@@ -186,35 +187,48 @@ def _layer_inputs(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _activation_gains(context, candidates: list[Target]) -> dict[str, list[float]]:
-    backbone_model = context.backbone_model
-    lora = [t for t in candidates if t.method == LORA]
+def input_moments(backbone_model: nn.Module, layers: dict[str, nn.Module], view, config, total_steps: int,
+                  option: str, instead: str) -> dict[str, torch.Tensor]:
+    """Each layer's input second moment X^T X, X's rows the vectors its weight multiplies (a
+    conv's unfolded patches), over a few shuffled training batches through the frozen backbone in
+    eval mode (inputs as inference sees them), summed over the ranks under torchrun. Where a conv
+    cannot be unfolded, ``option`` is refused, suggesting ``instead``. A PEFT LoRA layer is watched
+    as called (petah's inference forward never calls its base layer) and unfolded as its base layer."""
     moments: dict[str, torch.Tensor] = {}
     hooks = []
-    for target in lora:
-        layer = backbone_model.get_submodule(target.module)
-        if isinstance(layer, nn.Conv2d) and not isinstance(layer.padding, tuple):  # "same" / "valid" strings
-            raise PetahError(f"--allocation activation cannot unfold {target.module} (padding "
-                             f"{layer.padding!r}); use --allocation gradient")
+    for name, layer in layers.items():
+        plain = layer.get_base_layer() if isinstance(layer, LoraLayer) else layer
+        if isinstance(plain, nn.Conv2d) and not isinstance(plain.padding, tuple):  # "same" / "valid" strings
+            raise PetahError(f"{option} cannot unfold {name} (padding {plain.padding!r}); use {instead}")
 
-        def record(module, args, _out, name=target.module):
-            rows = _layer_inputs(module, args[0].float())
+        def record(_module, args, _out, name=name, plain=plain):
+            rows = _layer_inputs(plain, args[0].float())
             moment = rows.T @ rows
             moments[name] = moments[name] + moment if name in moments else moment
         hooks.append(layer.register_forward_hook(record))
     try:
-        backbone_model.eval()  # frozen: inputs as inference sees them
+        backbone_model.eval()
         device = next(backbone_model.parameters()).device
-        for images, _ in _batches(context.view, context.config.batch_size, context.config.seed + 1,
-                                  _steps(PROBE_BATCHES, context.total_steps)):
+        for images, _ in _batches(view, config.batch_size, config.seed + 1, _steps(PROBE_BATCHES, total_steps)):
             backbone_model(images.to(device))
     finally:
         for hook in hooks:
             hook.remove()
+    return {name: _all_reduce(moment) for name, moment in moments.items()}
+
+
+def _activation_gains(context, candidates: list[Target]) -> dict[str, list[float]]:
+    lora = [t for t in candidates if t.method == LORA]
+    try:
+        moments = input_moments(context.backbone_model,
+                                {t.module: context.backbone_model.get_submodule(t.module) for t in lora},
+                                context.view, context.config, context.total_steps, "--allocation activation",
+                                "--allocation gradient")
+    finally:
         context.model.eval()
     gains: dict[str, list[float]] = {}
     for target in lora:
-        eigen = torch.linalg.eigvalsh(_all_reduce(moments[target.module]).double()).flip(0).clamp_min(0)
+        eigen = torch.linalg.eigvalsh(moments[target.module].double()).flip(0).clamp_min(0)
         gains[target.module] = (eigen[: target.rank] / eigen.sum().clamp_min(1e-30)).tolist()
     top = max((g[0] for g in gains.values() if g), default=1.0)
     for target in candidates:  # channel scales ride along, as in the uniform plan: first in line
