@@ -50,7 +50,8 @@ def parse_variant(text: str) -> tuple[str, dict, dict, dict]:
     plan, train, adapt = {}, {}, {}
     for item in filter(None, (s.strip() for s in body.split(","))):
         key, _, raw = item.partition("=")
-        value = raw if key in ("preset", "budget", "allocation", "task_norm", "adapter_dtype") else json.loads(raw)
+        text_keys = ("preset", "budget", "allocation", "task_norm", "lora_init", "adapter_dtype")
+        value = raw if key in text_keys else json.loads(raw)
         if key == "adapter_dtype":
             adapt[key] = value
         elif key in plan_fields:
