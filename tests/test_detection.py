@@ -16,6 +16,7 @@ from petah.data.builtin import defects, digit_boxes
 from petah.data.detection import load_coco
 from petah.errors import PetahError
 from petah.export import export_merged
+from petah.packages import read_manifest
 from petah.plans import PlanConfig
 from petah.runtime import Runtime
 from petah.train import TrainConfig
@@ -160,6 +161,9 @@ def test_cli_adapt_eval_predict_on_a_coco_folder(tmp_path):
                              "--val-split", "0.3", "--max-steps", "2", "--batch-size", "4",
                              "-o", tmp_path / "parts.petah", "--json"))
     assert adapted["kind"] == "detection" and "mAP50" in adapted
+    # no --epochs / --head-lr: detection's first-run defaults (at least 300 steps, at most 50 epochs)
+    training = read_manifest(tmp_path / "parts.petah").training
+    assert (training["epochs"], training["head_lr"], training["steps"]) == (50, 1e-2, 2)
     report = one_json(petah("eval", tmp_path / "parts.petah", data / "annotations.json",
                             "-b", bb, "--val-split", "0.3", "--json"))
     assert {"mAP", "mAP50"} <= set(report["metrics"])

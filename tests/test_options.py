@@ -293,3 +293,20 @@ def test_api_checks_outputs_before_training(small_backbone, shapes, tmp_path):
 def test_keyword_only_options():
     with pytest.raises(TypeError):
         api.adapt(None, None, None, PlanConfig())  # options by name only: a positional one is a mistake
+
+
+# --- defaults a task kind takes where the user set none ----------------------------------------
+@pytest.mark.parametrize("kind, images, given, epochs, head_lr", [
+    ("detection", 384, set(), 50, 1e-2),  # builtin:digit-boxes at batch 64: 6 steps an epoch
+    ("detection", 576, set(), 34, 1e-2),  # 9 steps an epoch: 306 steps
+    ("detection", 20000, set(), 10, 1e-2),  # a large set: the usual 10 epochs are steps enough
+    ("detection", 384, {"epochs"}, 10, 1e-2),  # --epochs given (here 10): kept
+    ("detection", 384, {"head_lr"}, 50, None),  # --head-lr given (here unset in the config): kept
+    ("classification", 384, set(), 10, None),
+    ("segmentation", 384, set(), 10, None),
+])
+def test_default_training_per_kind(kind, images, given, epochs, head_lr):
+    from petah.tasks import TASK_KINDS
+
+    config = api.default_training(TASK_KINDS[kind], images, TrainConfig(lr=3e-3), given)
+    assert (config.epochs, config.head_lr, config.lr) == (epochs, head_lr, 3e-3)

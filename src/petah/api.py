@@ -185,6 +185,25 @@ def default_plan(kind, backbone: Backbone, classes: int, plan: PlanConfig | None
     return replace(plan, budget=budget)
 
 
+def default_training(kind, images: int, config: TrainConfig | None = None,
+                     given: frozenset[str] | set[str] = frozenset()) -> TrainConfig:
+    """The training settings a task gets where the caller set none (``given``: the TrainConfig
+    fields set; ``config``: those settings): a kind with a ``first_run`` trains for at least its
+    ``min_steps`` optimizer steps over ``images`` images (10 to ``max_epochs`` epochs) with its
+    head rate, so a small data set's first run does not stop after a few dozen steps."""
+    config = config or TrainConfig()
+    rule = kind.first_run
+    if rule is None:
+        return config
+    chosen = {}
+    if "epochs" not in given:
+        per_epoch = math.ceil(images / config.batch_size)
+        chosen["epochs"] = max(config.epochs, min(rule.max_epochs, math.ceil(rule.min_steps / per_epoch)))
+    if "head_lr" not in given:
+        chosen["head_lr"] = rule.head_lr
+    return replace(config, **chosen)
+
+
 def adapt(
     backbone: Backbone,
     train: LabeledImages,
@@ -207,7 +226,8 @@ def adapt(
     agree with it. With ``output`` the package is written there, and the path is checked before
     any training. Anomaly data (good images to learn from) is fitted instead (``anomaly``: its
     bank and threshold settings; see ``_fit_anomaly``). Without ``plan``, the task kind's default
-    (``default_plan``: a 3 % budget for classification, the uniform rank-8 plan otherwise).
+    (``default_plan``: a 3 % budget for classification, the uniform rank-8 plan otherwise); without
+    ``config``, the kind's training defaults for this data (``default_training``).
     """
     check_dtype("adapter_dtype", adapter_dtype)
     if output is not None:
@@ -216,7 +236,8 @@ def adapt(
     _check_labels(train, val)
     _check_label_limits(train)  # the validation set names the same classes
     kind = check_task(task, train)
-    config = config or TrainConfig()
+    if config is None:
+        config = default_training(kind, len(train))
     if plan is None:
         plan = default_plan(kind, backbone, len(train.classes))
     if kind is Anomaly:

@@ -411,8 +411,11 @@ def suite(mode: str, main_backbone: str, references: str = "default", seeds: int
     if seeds < 1:
         raise PetahError("--seeds must be at least 1")
     if mode == "quick":  # CI smoke: the structure, not the numbers
+        # the budget point's three ways of spending bytes (its int8 and activation rows are the
+        # gradient row's code with one option more, tested in test_budget / test_adapter_forms)
         return [Grid(main_backbone, ("linear-probe", "attn-lora", "peft-by-hand", "petah-r8", "full"), ("digits",),
-                     seeds=1, epochs=1, max_train=128, max_steps=3, choose_rate=False, budgets=(2.0,)),
+                     seeds=1, epochs=1, max_train=128, max_steps=3, choose_rate=False, budgets=(2.0,),
+                     budget_methods=("uniform", "budget-gradient", "adalora")),
                 Grid(None, REFERENCE_METHODS, ("digits",), seeds=1, epochs=1, max_train=64, max_steps=2,
                      choose_rate=False, source=Source("mobilenetv2_100", 32, data="mnist5k", images=256, max_steps=2))]
     main = Grid(main_backbone, tuple(METHODS), seeds=seeds, shots=(10, 50, 100, None), budgets=DEFAULT_BUDGETS,
@@ -513,6 +516,7 @@ class Grid:
     source: Source | None = None
     budgets: tuple[float, ...] = ()  # % of the backbone: the budget grid's points (BUDGET_METHODS, 1 seed)
     budgets_only: bool = False  # skip the method grid (and its shots), run the budget grid alone
+    budget_methods: tuple[str, ...] = BUDGET_METHODS
     label_suffix: str = ""  # tells apart two grids on one backbone (the dense budget grid)
 
 
@@ -608,7 +612,7 @@ def run_budget_grid(grid: Grid, run: Runner, base: dict, runs: list, methods_tab
     """task -> budget % -> method -> summary: the methods of one budget point at equal bytes. Where
     the method grid did not run full fine-tuning (``budgets_only``), one seed of it is the reference."""
     model = grid.source.model if grid.source else _model_name(base["backbone"])
-    every, _ = _applicable(BUDGET_METHODS, model)
+    every, _ = _applicable(grid.budget_methods, model)
     table: dict = {}
     for task in grid.tasks if grid.budgets else ():
         methods = [m for m in every if not (m == "adalora" and task in DENSE_TASKS)]

@@ -171,6 +171,7 @@ def adapt(
                               task=task)
     kind = api.check_task(task, train)  # refused before any training (api.adapt checks again)
     plan = api.default_plan(kind, bb, len(train.classes), plan, given_options(context, "plan"))
+    training = api.default_training(kind, len(train), training, given_options(context, "training"))
     warn_skipped(train)
     task_name = name or output.stem
     result = api.adapt(bb, train, val, plan=plan, config=training, task_name=task_name,

@@ -210,6 +210,7 @@ class Anomaly:
     primary_metric = "image_auroc"
     lora_plus = 1.0  # never trained: its bank is fitted on the frozen backbone
     default_budget = None  # the bank takes what it needs unless --budget bounds it
+    first_run = None  # nothing is trained
     fitted = True  # no gradient training: ``petah.api.adapt`` fits the bank instead
 
     @staticmethod

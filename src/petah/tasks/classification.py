@@ -34,6 +34,7 @@ class Classification:
     # The plan when no option chose one (petah.api.default_plan): a 3 % budget beat the uniform rank-8
     # plan on the bench tasks by 2.1 points (6.4 SE) at 0.75x its bytes (docs/benchmarks.md, "recipe search")
     default_budget = "3%"
+    first_run = None  # training defaults from the data's size (petah.api.default_training): none needed
 
     @staticmethod
     def build_head(num_features: int, num_classes: int) -> nn.Module:

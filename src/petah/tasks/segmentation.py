@@ -70,6 +70,7 @@ class Segmentation:
     primary_metric = "mIoU"
     lora_plus = 16.0  # LoRA+ raised the demo's defects mIoU (docs/benchmarks.md, "LoRA+")
     default_budget = None  # the uniform plan: a dense head alone is about 2 % of the backbone
+    first_run = None  # training defaults from the data's size (petah.api.default_training): not measured
 
     @staticmethod
     def head_for(backbone, classes: int) -> FPNSegHead:
