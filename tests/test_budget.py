@@ -194,6 +194,21 @@ def test_default_plan_per_kind(budget_tasks, kind, given, classes, budget):
     assert plan.budget == budget and plan.dropout == 0.1 and plan.rank == 8
 
 
+def test_the_default_plan_trains_as_the_3_percent_budget_it_names(budget_tasks):
+    """api.adapt(plan=None) on a classification task is --budget 3%, run for run (choosing it
+    leaves the seeded training's random state alone)."""
+    from petah.runtime.attach import torch_section
+
+    runs = []
+    for plan in (None, PlanConfig(budget="3%")):
+        torch.manual_seed(0)
+        runs.append(api.adapt(budget_tasks["backbone"], budget_tasks["train"], budget_tasks["val"], plan=plan,
+                              config=TrainConfig(max_steps=1, batch_size=16), task_name="t"))
+    assert runs[0].package.manifest.plan.config["budget"] == "3%"
+    tensors = [{**torch_section(r.package, "adapter"), **torch_section(r.package, "head")} for r in runs]
+    assert tensors[0].keys() == tensors[1].keys() and all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0])
+
+
 def test_a_budget_below_the_head_names_the_minimum(budget_tasks):
     with pytest.raises(PetahError, match=r"the smallest budget for it is [\d,]+ bytes"):
         api.adapt(budget_tasks["backbone"], budget_tasks["train"], budget_tasks["val"],

@@ -179,7 +179,8 @@ def default_plan(kind, backbone: Backbone, classes: int, plan: PlanConfig | None
     budget = kind.default_budget
     if budget is None or set(given) & LAYOUT_OPTIONS:
         return plan
-    head_bytes = 2 * sum(p.numel() for p in kind.head_for(backbone, classes).parameters())  # float16
+    with torch.random.fork_rng(devices=[]):  # a head built to be counted must not move the seeded training's RNG
+        head_bytes = 2 * sum(p.numel() for p in kind.head_for(backbone, classes).parameters())  # float16
     if head_bytes > budget_bytes(budget, backbone.weights_bytes) / 2:
         return plan
     return replace(plan, budget=budget)
