@@ -263,11 +263,11 @@ def adapt(
     else:
         adapter = TaskAdapter(work, plan)
         head = kind.head_for(backbone, len(train.classes))
-    eva_seconds = 0.0
+    before_training = 0.0  # seconds of EVA's probe and LP-FT's fit: part of the training time
     if plan.lora_init == "eva":
         from petah.train.eva import eva_init
 
-        eva_seconds = eva_init(adapter, view, config, schedule_steps(config, len(view)))
+        before_training += eva_init(adapter, view, config, schedule_steps(config, len(view)))
     model = kind.build_model(work.model, head)
     probe = None
     if kind is Classification and (plan.preset == "linear-probe" or config.lp_ft):
@@ -276,8 +276,8 @@ def adapt(
 
         features = DataLoader(kind.view(train, preprocess_for(backbone)), batch_size=EVAL_BATCH, shuffle=False)
         result, probe = fit_linear_probe(work.model, head, features, len(train.classes), config.seed)
+        before_training += result.seconds
     if plan.preset != "linear-probe" or kind is not Classification:
-        fitted = result if probe is not None else None
         trainer = Trainer(
             model, adapter.trainable_parameters(), list(head.parameters()),
             kind.loss(config.label_smoothing, dice, head=head, img_size=backbone.img_size), view, config,
@@ -286,8 +286,7 @@ def adapt(
         )
         result = trainer.fit()
         model = trainer.model
-        # LP-FT's fit and EVA's probe are part of the training time
-        result = replace(result, seconds=result.seconds + eva_seconds + (fitted.seconds if fitted else 0.0))
+        result = replace(result, seconds=result.seconds + before_training)
     trainable = sum(p.numel() for p in adapter.trainable_parameters()) + sum(p.numel() for p in head.parameters())
     package = build_package(backbone, adapter, head, task_name=task_name, labels=train.classes, kind=kind,
                             adapter_dtype=adapter_dtype, trainable_parameters=trainable,

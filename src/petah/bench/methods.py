@@ -514,7 +514,7 @@ class Grid:
     shots_task: str = "digits"
     choose_rate: bool = True  # False: each method's first candidate rate
     source: Source | None = None
-    budgets: tuple[float, ...] = ()  # % of the backbone: the budget grid's points (BUDGET_METHODS, 1 seed)
+    budgets: tuple[float, ...] = ()  # % of the backbone: the budget grid's points (budget_methods, 1 seed)
     budgets_only: bool = False  # skip the method grid (and its shots), run the budget grid alone
     budget_methods: tuple[str, ...] = BUDGET_METHODS
     label_suffix: str = ""  # tells apart two grids on one backbone (the dense budget grid)
